@@ -1,0 +1,233 @@
+"""Model configuration: `ModelConfig`, presets, Hugging Face config import, analytic size and FLOPs.
+
+Everything here is plain Python (no JAX) so configs can be built and checked anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+FAMILIES = ("gpt2", "llama")
+ACTIVATIONS = ("gelu_new", "silu")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "minimal")
+ROPE_SCALING_TYPES = ("llama3",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and numerics of a decoder-only transformer.
+
+  `family` picks the block layout: "gpt2" (learned positions, LayerNorm with bias, biases everywhere,
+  gelu MLP, tied embeddings) or "llama" (RMSNorm, rotary positions, grouped-query attention, SwiGLU;
+  Qwen2 is "llama" with `qkv_bias=True`).
+  """
+  family: str = "llama"
+  vocab_size: int = 64  # real vocabulary; the embedding table is rounded up to `padded_vocab_size`
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  mlp_dim: int = 128
+  max_position_embeddings: int = 512
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # Llama 3.1-style frequency scaling, as sorted (key, value) pairs of HF's `rope_scaling` dict
+  # (hashable so the config stays frozen); None = plain rotary.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  tie_embeddings: bool = True
+  qkv_bias: bool = False
+  activation: str = "silu"
+  dtype: str = "float32"  # compute dtype of activations and matmuls
+  param_dtype: str = "float32"  # storage dtype of the parameters (master weights)
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  pad_vocab_multiple: int = 128
+  init_std: float = 0.02  # std of the normal initialiser for kernels and embeddings
+
+  def __post_init__(self):
+    def check(ok, msg):
+      if not ok:
+        raise ValueError(f"ModelConfig: {msg}")
+
+    check(self.family in FAMILIES, f"family={self.family!r}, expected one of {FAMILIES}")
+    check(self.activation in ACTIVATIONS, f"activation={self.activation!r}, expected one of {ACTIVATIONS}")
+    check(self.dtype in DTYPES, f"dtype={self.dtype!r}, expected one of {DTYPES}")
+    check(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r}, expected one of {DTYPES}")
+    check(self.remat_policy in REMAT_POLICIES,
+          f"remat_policy={self.remat_policy!r}, expected one of {REMAT_POLICIES}")
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_dim", "max_position_embeddings", "pad_vocab_multiple"):
+      value = getattr(self, name)
+      check(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive int")
+    check(self.num_heads % self.num_kv_heads == 0,
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.family == "gpt2":
+      check(self.num_kv_heads == self.num_heads, "gpt2 has no grouped-query attention (num_kv_heads must equal num_heads)")
+      check(self.rope_scaling is None, "gpt2 has no rotary embeddings (rope_scaling must be None)")
+    if self.rope_scaling is not None:
+      kind = dict(self.rope_scaling).get("rope_type")
+      check(kind in ROPE_SCALING_TYPES, f"rope_scaling type {kind!r} not supported (supported: {ROPE_SCALING_TYPES})")
+    if self.head_dim % 2 and self.family == "llama":
+      raise ValueError(f"ModelConfig: rotary embeddings need an even head_dim, got {self.head_dim}")
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Embedding rows: vocab_size rounded up to a multiple of pad_vocab_multiple."""
+    m = self.pad_vocab_multiple
+    return -(-self.vocab_size // m) * m
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+_PRESETS: dict[str, ModelConfig] = {
+    # ~0.1M params, for tests and CPU runs with a character vocabulary.
+    "tiny-llama": ModelConfig(
+        family="llama", vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, mlp_dim=128, max_position_embeddings=512, pad_vocab_multiple=128),
+    "tiny-gpt2": ModelConfig(
+        family="gpt2", vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4,
+        head_dim=16, mlp_dim=256, max_position_embeddings=512, activation="gelu_new",
+        qkv_bias=True, pad_vocab_multiple=128),
+    "smollm2-135m": ModelConfig(
+        family="llama", vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3,
+        head_dim=64, mlp_dim=1536, max_position_embeddings=8192, rope_theta=100000.0,
+        tie_embeddings=True),
+    "smollm2-1.7b": ModelConfig(
+        family="llama", vocab_size=49152, d_model=2048, num_layers=24, num_heads=32,
+        num_kv_heads=32, head_dim=64, mlp_dim=8192, max_position_embeddings=8192,
+        rope_theta=130000.0, tie_embeddings=True),
+    "llama3-8b": ModelConfig(
+        family="llama", vocab_size=128256, d_model=4096, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, mlp_dim=14336, max_position_embeddings=8192,
+        rope_theta=500000.0, tie_embeddings=False, dtype="bfloat16", scan_layers=True),
+    "llama-70b": ModelConfig(
+        family="llama", vocab_size=128256, d_model=8192, num_layers=80, num_heads=64,
+        num_kv_heads=8, head_dim=128, mlp_dim=28672, max_position_embeddings=8192,
+        rope_theta=500000.0, tie_embeddings=False, dtype="bfloat16", scan_layers=True,
+        remat_policy="full"),
+    "gpt2-small": ModelConfig(
+        family="gpt2", vocab_size=50257, d_model=768, num_layers=12, num_heads=12,
+        num_kv_heads=12, head_dim=64, mlp_dim=3072, max_position_embeddings=1024,
+        activation="gelu_new", qkv_bias=True, tie_embeddings=True),
+}
+
+
+def preset_names() -> tuple[str, ...]:
+  return tuple(_PRESETS)
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+  """A named preset, optionally with fields replaced (`get_preset("tiny-llama", vocab_size=40)`)."""
+  if name not in _PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known: {', '.join(_PRESETS)}")
+  return _PRESETS[name].replace(**overrides)
+
+
+def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
+  """ModelConfig from a Hugging Face config.json dict (model_type gpt2, llama or qwen2).
+
+  `overrides` replace fields afterwards (e.g. dtype, scan_layers, remat_policy).
+  """
+  model_type = hf.get("model_type")
+
+  def need(key):
+    if key not in hf:
+      raise ValueError(f"HF config (model_type={model_type!r}): missing field {key!r}")
+    return hf[key]
+
+  if model_type == "gpt2":
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+      raise ValueError(f"HF config: gpt2 activation_function={act!r} not supported (gelu_new only)")
+    d_model, heads = need("n_embd"), need("n_head")
+    config = ModelConfig(
+        family="gpt2", vocab_size=need("vocab_size"), d_model=d_model,
+        num_layers=need("n_layer"), num_heads=heads, num_kv_heads=heads, head_dim=d_model // heads,
+        mlp_dim=hf.get("n_inner") or 4 * d_model, max_position_embeddings=need("n_positions"),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation="gelu_new", qkv_bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True))
+  elif model_type in ("llama", "qwen2", "mistral"):
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+      raise ValueError(f"HF config: hidden_act={act!r} not supported (silu only)")
+    d_model, heads = need("hidden_size"), need("num_attention_heads")
+    head_dim = hf.get("head_dim") or d_model // heads
+    # Old config.json files carry rope_theta / rope_scaling at top level; transformers 5 writes
+    # them together as rope_parameters = {"rope_type", "rope_theta", scaling fields...}.
+    rope_params = dict(hf.get("rope_parameters") or {})
+    rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    scaling = dict(hf.get("rope_scaling") or {}) or {
+        k: v for k, v in rope_params.items() if k != "rope_theta"}
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    rope_scaling = None if rope_type == "default" else tuple(sorted({**scaling, "rope_type": rope_type}.items()))
+    if model_type == "qwen2":
+      qkv_bias = True
+    else:
+      qkv_bias = bool(hf.get("attention_bias", False))
+    if hf.get("mlp_bias", False):
+      raise ValueError("HF config: mlp_bias=True is not supported")
+    config = ModelConfig(
+        family="llama", vocab_size=need("vocab_size"), d_model=d_model,
+        num_layers=need("num_hidden_layers"), num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
+        mlp_dim=need("intermediate_size"),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias, activation="silu")
+  else:
+    raise ValueError(f"HF config: model_type={model_type!r} not supported (gpt2, llama, qwen2, mistral)")
+  return config.replace(**overrides)
+
+
+def layer_param_count(config: ModelConfig) -> int:
+  """Parameters of one transformer block (kernels, biases, norms)."""
+  c = config
+  q = c.d_model * c.num_heads * c.head_dim
+  kv = 2 * c.d_model * c.num_kv_heads * c.head_dim
+  o = c.num_heads * c.head_dim * c.d_model
+  gpt2 = c.family == "gpt2"
+  mlp = (2 if gpt2 else 3) * c.d_model * c.mlp_dim
+  norms = 2 * c.d_model * (2 if gpt2 else 1)
+  biases = 0
+  if gpt2 or c.qkv_bias:
+    biases += (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+  if gpt2:
+    biases += c.d_model + c.mlp_dim + c.d_model  # o, up, down
+  return q + kv + o + mlp + norms + biases
+
+
+def param_count(config: ModelConfig) -> int:
+  """Total parameters of `Transformer(config)`, padded vocabulary rows included."""
+  c = config
+  embed = c.padded_vocab_size * c.d_model
+  pos = c.max_position_embeddings * c.d_model if c.family == "gpt2" else 0
+  final_norm = c.d_model * (2 if c.family == "gpt2" else 1)
+  lm_head = 0 if c.tie_embeddings else c.d_model * c.padded_vocab_size
+  return embed + pos + c.num_layers * layer_param_count(config) + final_norm + lm_head
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Analytic forward-pass FLOPs per token (training costs about 3x this).
+
+    2 * (matmul weights per token)  +  num_layers * 2 * 2 * seq_len * (num_heads * head_dim)
+
+  Matmul weights: every attention/MLP kernel plus the unembedding [d_model, padded_vocab_size]
+  (the padded columns are computed too); the embedding lookup is a gather and costs nothing.
+  Attention: q.k scores and the probability-weighted sum of values, each 2 * seq_len * H * Dh per
+  token, counted over the full (non-causal) length as in the PaLM/MaxText MFU convention.
+  """
+  c = config
+  per_layer = (c.d_model * c.num_heads * c.head_dim  # q
+               + 2 * c.d_model * c.num_kv_heads * c.head_dim  # k, v
+               + c.num_heads * c.head_dim * c.d_model  # o
+               + (2 if c.family == "gpt2" else 3) * c.d_model * c.mlp_dim)
+  matmul_params = c.num_layers * per_layer + c.d_model * c.padded_vocab_size
+  attention = c.num_layers * 2 * 2 * seq_len * c.num_heads * c.head_dim
+  return float(2 * matmul_params + attention)

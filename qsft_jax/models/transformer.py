@@ -1,0 +1,429 @@
+"""Decoder-only transformer in flax.linen: GPT-2 and Llama families, logical axis names, KV cache.
+
+Shapes: B batch, L new tokens, S key slots (S = L without a cache, the cache length with one),
+D d_model, H query heads, K kv heads (G = H / K queries per kv head), Dh head_dim, F mlp_dim,
+V padded vocabulary.
+
+Attention masks: without a cache, query i attends to key j iff j <= i and both have the same segment
+id (packing; padding has segment 0 and therefore only ever sees padding). With a cache, every slot
+written by a token with nonzero segment id is marked valid, and the query in slot s attends to valid
+slots <= s; segment ids then only distinguish padding (0) from real tokens (nonzero), one sequence
+per row.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qsft_jax.models.config import ModelConfig
+from qsft_jax.sharding import logical_constraint
+
+# Padded vocabulary columns get this logit: large, finite (no inf - inf = nan), and applied after the
+# cast to float32 so it cannot overflow a bf16 value.
+PAD_LOGIT = float(np.finfo(np.float32).min / 2)
+_MASKED_SCORE = float(np.finfo(np.float32).min)
+
+
+def _normal(config: ModelConfig):
+  return nn.initializers.normal(stddev=config.init_std)
+
+
+def _param(module: nn.Module, name: str, shape, axes, init):
+  dtype = jnp.dtype(module.config.param_dtype)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Embed(nn.Module):
+  """Lookup table [num_embeddings, D] -> activations in the compute dtype."""
+  config: ModelConfig
+  num_embeddings: int
+  axes: tuple[str | None, str]
+
+  def setup(self):
+    self.embedding = _param(self, "embedding", (self.num_embeddings, self.config.d_model), self.axes,
+                            _normal(self.config))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """ids [B, L] int -> [B, L, D]."""
+    return jnp.take(self.embedding, ids, axis=0).astype(self.config.dtype)
+
+
+class LMHead(nn.Module):
+  """Untied unembedding kernel [D, V]."""
+  config: ModelConfig
+
+  def setup(self):
+    self.kernel = _param(self, "kernel", (self.config.d_model, self.config.padded_vocab_size),
+                         ("embed", "vocab"), _normal(self.config))
+
+
+class Norm(nn.Module):
+  """LayerNorm with bias (gpt2) or RMSNorm (llama), computed in float32. [..., D] -> [..., D]."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    x32 = x.astype(jnp.float32)
+    scale = _param(self, "scale", (c.d_model,), ("embed",), nn.initializers.ones)
+    if c.family == "gpt2":
+      bias = _param(self, "bias", (c.d_model,), ("embed",), nn.initializers.zeros)
+      centred = x32 - x32.mean(-1, keepdims=True)
+      y = centred * jax.lax.rsqrt((centred * centred).mean(-1, keepdims=True) + c.norm_eps)
+      y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    else:
+      y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + c.norm_eps)
+      y = y * scale.astype(jnp.float32)
+    return y.astype(c.dtype)
+
+
+def rotary_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Rotary inverse frequencies [Dh / 2] (float64 numpy), with Llama 3.1 scaling if configured."""
+  dh = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+  if config.rope_scaling is None:
+    return inv_freq
+  s = dict(config.rope_scaling)
+  factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+  old_len = s["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return np.where(medium, smoothed, scaled)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.Array:
+  """HF rotate_half convention. x [B, L, N, Dh], positions [B, L] -> [B, L, N, Dh]."""
+  inv_freq = jnp.asarray(rotary_inv_freq(config), jnp.float32)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, Dh]
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query self-attention with an optional per-layer KV cache."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache, cache_index):
+    """x [B, L, D]; positions [B, L]; mask [B, L, S] bool; layer_cache None or (k, v) each
+    [B, S, K, Dh]; cache_index int32 scalar (slot of the first new token).
+
+    Returns (out [B, L, D], new layer_cache or None).
+    """
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    gpt2 = c.family == "gpt2"
+    qkv_bias = gpt2 or c.qkv_bias
+
+    def dense_in(name, num, axis):
+      return _DenseIn(c, num, axis, qkv_bias, name=name)(x)
+
+    q = dense_in("q", c.num_heads, "heads")
+    k = dense_in("k", c.num_kv_heads, "kv_heads")
+    v = dense_in("v", c.num_kv_heads, "kv_heads")
+    if c.family == "llama":
+      q = apply_rotary(q, positions, c)
+      k = apply_rotary(k, positions, c)
+    q = logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+    k = logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+
+    new_cache = None
+    if layer_cache is not None:
+      cache_k, cache_v = layer_cache
+      start = (0, cache_index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+      new_cache = (cache_k, cache_v)
+      k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+
+    b, l = q.shape[:2]
+    groups = c.num_heads // c.num_kv_heads
+    # Query head h = kv_head * groups + g, as HF's repeat_kv.
+    q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(c.head_dim)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, c.num_heads, c.head_dim)
+    out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+
+    out = _DenseOut(c, name="o")(out)
+    return out, new_cache
+
+
+class _DenseIn(nn.Module):
+  """[B, L, D] -> [B, L, N, Dh] with kernel [D, N, Dh] (+ bias [N, Dh])."""
+  config: ModelConfig
+  num: int
+  axis: str
+  with_bias: bool
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    kernel = _param(self, "kernel", (c.d_model, self.num, c.head_dim), ("embed", self.axis, "head_dim"),
+                    _normal(c))
+    y = jnp.einsum("bld,dnh->blnh", x, kernel.astype(c.dtype))
+    if self.with_bias:
+      bias = _param(self, "bias", (self.num, c.head_dim), (self.axis, "head_dim"), nn.initializers.zeros)
+      y = y + bias.astype(c.dtype)
+    return y
+
+
+class _DenseOut(nn.Module):
+  """Attention output projection [B, L, H, Dh] -> [B, L, D], kernel [H, Dh, D] (+ bias [D] gpt2)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    kernel = _param(self, "kernel", (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"),
+                    _normal(c))
+    y = jnp.einsum("blhk,hkd->bld", x, kernel.astype(c.dtype))
+    if c.family == "gpt2":
+      y = y + _param(self, "bias", (c.d_model,), ("embed",), nn.initializers.zeros).astype(c.dtype)
+    return y
+
+
+class _Dense(nn.Module):
+  """[..., n_in] -> [..., n_out] with kernel [n_in, n_out] (+ bias [n_out])."""
+  config: ModelConfig
+  shape: tuple[int, int]
+  axes: tuple[str, str]
+  with_bias: bool
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    kernel = _param(self, "kernel", self.shape, self.axes, _normal(c))
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(c.dtype))
+    if self.with_bias:
+      y = y + _param(self, "bias", self.shape[1:], self.axes[1:], nn.initializers.zeros).astype(c.dtype)
+    return y
+
+
+class Mlp(nn.Module):
+  """SwiGLU (llama) or gelu_new MLP with biases (gpt2). [B, L, D] -> [B, L, D]."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    gpt2 = c.family == "gpt2"
+    up = _Dense(c, (c.d_model, c.mlp_dim), ("embed", "mlp"), gpt2, name="up")(x)
+    if gpt2:
+      h = jax.nn.gelu(up, approximate=True)  # gelu_new is the tanh approximation
+    else:
+      gate = _Dense(c, (c.d_model, c.mlp_dim), ("embed", "mlp"), False, name="gate")(x)
+      act = jax.nn.silu if c.activation == "silu" else lambda t: jax.nn.gelu(t, approximate=True)
+      h = act(gate) * up
+    h = logical_constraint(h, ("batch", "length", "mlp"))
+    return _Dense(c, (c.mlp_dim, c.d_model), ("mlp", "embed"), gpt2, name="down")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block; signature shaped for nn.scan (carry x, then per-layer cache)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache, cache_index):
+    """x [B, L, D] -> (x [B, L, D], new layer_cache or None)."""
+    c = self.config
+    attn_out, new_cache = Attention(c, name="attn")(Norm(c, name="attn_norm")(x), positions, mask,
+                                                    layer_cache, cache_index)
+    x = x + attn_out
+    x = x + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x))
+    x = logical_constraint(x, ("batch", "length", "embed"))
+    return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_class(config: ModelConfig):
+  if config.remat_policy == "none":
+    return Block
+  # prevent_cse is only needed outside scan (scan already stops CSE across the remat boundary).
+  return nn.remat(Block, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. See the module docstring for masking; `config.family` picks the layout."""
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    self.embed = Embed(c, c.padded_vocab_size, ("vocab", "embed"))
+    if c.family == "gpt2":
+      self.pos_embed = Embed(c, c.max_position_embeddings, (None, "embed"))
+    block = _block_class(c)
+    if c.scan_layers:
+      self.layers = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(c)
+    else:
+      # A list attribute in setup names its modules layers_0, layers_1, ...
+      self.layers = [block(c) for _ in range(c.num_layers)]
+    self.final_norm = Norm(c)
+    if not c.tie_embeddings:
+      self.lm_head = LMHead(c)
+
+  def _forward(self, tokens, positions, segment_ids, cache):
+    c = self.config
+    if tokens.ndim != 2 or positions.shape != tokens.shape or segment_ids.shape != tokens.shape:
+      raise ValueError(f"tokens, positions, segment_ids must all be [B, L]; got {tokens.shape}, "
+                       f"{positions.shape}, {segment_ids.shape}")
+    x = self.embed(tokens)
+    if c.family == "gpt2":
+      x = x + self.pos_embed(positions)
+    x = logical_constraint(x, ("batch", "length", "embed"))
+
+    length = tokens.shape[1]
+    if cache is None:
+      causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+      mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, L, L]
+      index = jnp.zeros((), jnp.int32)
+      kv = None
+    else:
+      index = jnp.asarray(cache["index"], jnp.int32)
+      valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index))
+      slots = jnp.arange(valid.shape[1])
+      query_slots = index + jnp.arange(length)
+      mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])  # [B, L, S]
+      kv = (cache["k"], cache["v"])
+
+    if c.scan_layers:
+      x, new_kv = self.layers(x, positions, mask, kv, index)
+    else:
+      new_layers = []
+      for i, layer in enumerate(self.layers):
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        x, layer_new = layer(x, positions, mask, layer_kv, index)
+        new_layers.append(layer_new)
+      new_kv = None if kv is None else (jnp.stack([k for k, _ in new_layers]),
+                                        jnp.stack([v for _, v in new_layers]))
+    hidden = self.final_norm(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": valid, "index": index + length}
+    return hidden, new_cache
+
+  def hidden_states(self, tokens, positions, segment_ids):
+    """Final-normed hidden states [B, L, D] in the compute dtype."""
+    return self._forward(tokens, positions, segment_ids, None)[0]
+
+  def unembedding_matrix(self) -> jax.Array:
+    """[D, V]: the embedding table transposed (tied) or the lm_head kernel."""
+    if self.config.tie_embeddings:
+      return self.embed.embedding.T
+    return self.lm_head.kernel
+
+  def __call__(self, tokens, positions, segment_ids, cache=None):
+    """tokens, positions, segment_ids [B, L] int32 -> logits [B, L, V] float32 (padded columns
+    = PAD_LOGIT); with `cache` (see init_cache) returns (logits, new_cache)."""
+    hidden, new_cache = self._forward(tokens, positions, segment_ids, cache)
+    logits = logits_from_hidden(hidden, self.unembedding_matrix(), self.config.vocab_size)
+    logits = logical_constraint(logits, ("batch", "length", "vocab"))
+    return logits if cache is None else (logits, new_cache)
+
+
+def _inner(params: Mapping[str, Any]) -> Mapping[str, Any]:
+  """Accepts the variables dict {"params": tree} or the tree itself."""
+  if "params" in params and "embed" not in params:
+    return params["params"]
+  return params
+
+
+def unembedding(params: Mapping[str, Any], config: ModelConfig | None = None) -> jax.Array:
+  """The unembedding matrix [D, V] from params (variables dict or inner tree), no module needed.
+
+  Tied embeddings: the embedding table transposed; untied: the lm_head kernel. Without `config`,
+  tying is read off the tree (an lm_head present means untied).
+  """
+  tree = _inner(params)
+  tied = ("lm_head" not in tree) if config is None else config.tie_embeddings
+  return tree["embed"]["embedding"].T if tied else tree["lm_head"]["kernel"]
+
+
+def mask_padded_vocab(logits: jax.Array, vocab_size: int, vocab_offset: int = 0) -> jax.Array:
+  """Sets columns whose vocabulary id (vocab_offset + column) >= vocab_size to PAD_LOGIT.
+
+  logits [..., Vc] float32 (Vc may be a chunk of the vocabulary starting at vocab_offset).
+  """
+  ids = vocab_offset + jnp.arange(logits.shape[-1])
+  return jnp.where(ids < vocab_size, logits, PAD_LOGIT)
+
+
+def logits_from_hidden(hidden: jax.Array, unembed: jax.Array, vocab_size: int,
+                       vocab_offset: int = 0) -> jax.Array:
+  """hidden [..., D] @ unembed [D, Vc] -> float32 logits [..., Vc] with padded columns masked.
+
+  The matmul runs in hidden's dtype with float32 accumulation. The shared piece for the model's
+  own logits and for losses that compute logits chunk by chunk.
+  """
+  logits = jnp.einsum("...d,dv->...v", hidden, unembed.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+  return mask_padded_vocab(logits.astype(jnp.float32), vocab_size, vocab_offset)
+
+
+def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None) -> dict:
+  """Empty KV cache: {"k", "v": [num_layers, B, S, K, Dh], "valid": [B, S] bool, "index": int32 []}.
+
+  dtype defaults to the compute dtype. The cache has a fixed length S so decode steps never
+  recompile; writing past S is not checked inside jit (keep index + L <= S).
+  """
+  dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+  shape = (config.num_layers, batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "valid": jnp.zeros((batch_size, cache_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def cache_logical_axes() -> dict:
+  """Logical axis names of the cache pytree, for sharding it by the rule table."""
+  kv = ("layers", "batch", "length", "kv_heads", "head_dim")
+  return {"k": kv, "v": kv, "valid": ("batch", "length"), "index": ()}
+
+
+def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict:
+  """Unscanned layout (layers_0 .. layers_{n-1}) -> scanned layout ("layers" with leading axis n).
+
+  Accepts and returns the same form (variables dict or inner tree). Works for numpy or jax leaves.
+  """
+  tree = _inner(params)
+  missing = [f"layers_{i}" for i in range(num_layers) if f"layers_{i}" not in tree]
+  if missing:
+    raise ValueError(f"stack_layers: params lack {missing}")
+  out = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+  layer_trees = [tree[f"layers_{i}"] for i in range(num_layers)]
+  stack = jnp.stack if isinstance(jax.tree.leaves(layer_trees[0])[0], jax.Array) else np.stack
+  out["layers"] = jax.tree.map(lambda *xs: stack(xs), *layer_trees)
+  return {"params": out} if tree is not params else out
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict:
+  """Scanned layout ("layers" with a leading layer axis) -> layers_0 .. layers_{n-1}."""
+  tree = _inner(params)
+  if "layers" not in tree:
+    raise ValueError("unstack_layers: params have no scanned 'layers' subtree")
+  out = {k: v for k, v in tree.items() if k != "layers"}
+  num_layers = jax.tree.leaves(tree["layers"])[0].shape[0]
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], tree["layers"])
+  return {"params": out} if tree is not params else out
