@@ -1,0 +1,244 @@
+"""The data config, the one per-episode path (parse -> validate -> transform rewards -> tokenise -> fit to
+length -> arrays) shared by the validator, ``load_episodes`` and the grain pipeline, and the summary.
+
+Data config fields (``DataConfig``; a dict or ``ml_collections.ConfigDict`` with these keys works too):
+
+- ``path``: JSONL file, glob, directory, or a list of them (source = "jsonl");
+- ``source``: "jsonl" or "tfds"; for tfds: ``tfds_name`` (a dataset name registered by importing its
+  builder, or a builder directory such as ``data/maze``), ``tfds_data_dir``, ``split`` (default "train");
+- ``max_length`` (L, row length, BOS included), ``overlong``: "truncate" | "drop";
+- ``pack``: first-fit several episodes per row (True) or one episode per row (False); ``pack_window``:
+  episodes considered together by first-fit (larger = fuller rows, more memory);
+- ``reward_transform``: see ``rewards.RewardTransform`` (a spec string or a dict);
+- ``gamma`` (across turns), ``gamma_token`` (inside an utterance);
+- ``observation_template``, ``action_template``: format strings with ``{text}``;
+- ``shuffle_seed``; ``num_epochs`` (None = repeat forever); ``num_workers`` (grain worker processes, 0 =
+  in-process).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from qsft_jax.data import episodes as episodes_lib
+from qsft_jax.data import mdp
+from qsft_jax.data.episodes import Episode, EpisodeError, Problem
+from qsft_jax.data.rewards import RETURN_TOLERANCE, RewardTransform, transform_rewards
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str | tuple[str, ...] = ""
+    source: str = "jsonl"
+    tfds_name: str = ""
+    tfds_data_dir: str = ""
+    split: str = "train"
+    max_length: int = 256
+    overlong: str = "truncate"
+    pack: bool = True
+    pack_window: int = 64
+    reward_transform: RewardTransform = dataclasses.field(default_factory=RewardTransform)
+    gamma: float = 1.0
+    gamma_token: float = 1.0
+    observation_template: str = "{text}"
+    action_template: str = "{text}"
+    shuffle_seed: int = 0
+    num_epochs: int | None = 1
+    num_workers: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "reward_transform", RewardTransform.from_config(self.reward_transform))
+        if isinstance(self.path, list):
+            object.__setattr__(self, "path", tuple(self.path))
+        if self.source not in ("jsonl", "tfds"):
+            raise ValueError(f"data.source: expected 'jsonl' or 'tfds', got {self.source!r}")
+        if self.pack_window < 1:
+            raise ValueError(f"data.pack_window: must be >= 1, got {self.pack_window}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"data.num_epochs: must be >= 1 or None, got {self.num_epochs}")
+        self.mdp  # validates max_length, gamma, templates, overlong
+
+    @property
+    def mdp(self) -> mdp.MDPConfig:
+        return mdp.MDPConfig(
+            max_length=self.max_length,
+            gamma=self.gamma,
+            gamma_token=self.gamma_token,
+            overlong=self.overlong,
+            observation_template=self.observation_template,
+            action_template=self.action_template,
+        )
+
+    @classmethod
+    def from_config(cls, config: Any = None, **overrides) -> "DataConfig":
+        """From a DataConfig, a dict or a ConfigDict (unknown keys are an error), plus keyword overrides."""
+        if config is None:
+            fields = {}
+        elif isinstance(config, cls):
+            fields = dataclasses.asdict(config)
+            fields["reward_transform"] = config.reward_transform
+        else:
+            if hasattr(config, "to_dict"):
+                config = config.to_dict()
+            if not isinstance(config, Mapping):
+                raise TypeError(f"data config: expected a mapping, got {type(config).__name__}")
+            fields = dict(config)
+        fields.update(overrides)
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"data config: unknown fields {sorted(unknown)}")
+        return cls(**fields)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What happened to one episode. status: kept | truncated | dropped | invalid."""
+
+    status: str
+    arrays: dict[str, np.ndarray] | None = None  # per-episode arrays [n] when kept or truncated
+    episode: Episode | None = None
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+    reason: str = ""  # why it was dropped
+
+
+@dataclasses.dataclass
+class Summary:
+    read: int = 0
+    kept: int = 0  # including truncated ones
+    truncated: int = 0
+    invalid: int = 0
+    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # reason -> count
+
+    def add(self, outcome: Outcome) -> None:
+        self.read += 1
+        if outcome.status in ("kept", "truncated"):
+            self.kept += 1
+            self.truncated += outcome.status == "truncated"
+        elif outcome.status == "dropped":
+            self.dropped[outcome.reason] += 1
+        else:
+            self.invalid += 1
+
+    @property
+    def ok(self) -> bool:
+        return self.invalid == 0
+
+    def format(self) -> str:
+        lines = [
+            f"episodes read: {self.read}",
+            f"kept: {self.kept} (of which truncated: {self.truncated})",
+            f"dropped: {sum(self.dropped.values())}",
+        ]
+        lines += [f"  {n} {reason}" for reason, n in sorted(self.dropped.items())]
+        lines.append(f"invalid: {self.invalid}")
+        return "\n".join(lines)
+
+
+class EpisodeProcessor:
+    """Runs one record through every check and, with a tokenizer, into arrays.
+
+    Without a tokenizer only the format and reward checks run (no length checks, no arrays).
+    """
+
+    def __init__(self, config: DataConfig, tokenizer=None):
+        self.config = config
+        self.mdp_config = config.mdp
+        self.tokenizer = tokenizer
+
+    def __call__(self, record: bytes | str | dict | Episode, file: str = "<memory>", line: int = 0) -> Outcome:
+        if isinstance(record, Episode):
+            episode, problems = record, []
+        elif isinstance(record, dict):
+            episode, problems = episodes_lib.parse_episode(record, file, line)
+        else:
+            episode, problems = episodes_lib.parse_line(record, file, line)
+        if problems:
+            return Outcome("invalid", problems=problems)
+        turn_rewards, problems = transform_rewards(episode, self.config.reward_transform, self.config.gamma)
+        if problems:
+            return Outcome("invalid", episode=episode, problems=problems)
+        if self.tokenizer is None:
+            return Outcome("kept", episode=episode)
+        tokenized, problems = mdp.tokenize_episode(episode, turn_rewards, self.tokenizer, self.mdp_config)
+        if problems:
+            return Outcome("invalid", episode=episode, problems=problems)
+        fitted, status = mdp.fit_to_length(tokenized, self.mdp_config.max_length, self.mdp_config.overlong)
+        if fitted is None:
+            return Outcome("dropped", episode=episode, reason=status)
+        arrays = mdp.episode_arrays(fitted, self.mdp_config.gamma, self.mdp_config.gamma_token)
+        rtg = arrays["returns_to_go"]
+        bad = np.flatnonzero((rtg < -RETURN_TOLERANCE) | (rtg > 1 + RETURN_TOLERANCE))
+        if len(bad):  # only reachable with negative rewards and gamma_token < 1 (turn-level check passed)
+            i = bad[0]
+            return Outcome(
+                "invalid",
+                episode=episode,
+                problems=[Problem(file, line, "turns", f"token-level return-to-go {rtg[i]:g} at token {i} "
+                                  f"(action turn {arrays['turn_index'][i]}) outside [0, 1] with gamma_token="
+                                  f"{self.mdp_config.gamma_token:g}")],
+            )
+        return Outcome(status, arrays=arrays, episode=episode)
+
+
+def validate_paths(paths: str | Sequence[str], config: DataConfig, tokenizer=None) -> tuple[list[Problem], Summary]:
+    """Checks every episode of the files; returns all problems and the summary. Never raises on bad data."""
+    processor = EpisodeProcessor(config, tokenizer)
+    problems: list[Problem] = []
+    summary = Summary()
+    for file, line, raw in episodes_lib.iter_lines(paths):
+        outcome = processor(raw, file, line)
+        summary.add(outcome)
+        problems.extend(outcome.problems)
+    return problems, summary
+
+
+@dataclasses.dataclass
+class LoadedEpisodes:
+    episodes: list[Episode]  # kept episodes, in file order
+    arrays: list[dict[str, np.ndarray]]  # their per-episode arrays [n] (empty without a tokenizer)
+    summary: Summary
+
+
+def load_episodes(paths: str | Sequence[str], config: DataConfig | Mapping | None = None, tokenizer=None) -> LoadedEpisodes:
+    """Reads, validates and (with a tokenizer) tokenises episodes. Raises ``EpisodeError`` listing every
+    problem when any episode is invalid; dropped episodes are counted in the summary."""
+    config = DataConfig.from_config(config)
+    processor = EpisodeProcessor(config, tokenizer)
+    kept, arrays, problems, summary = [], [], [], Summary()
+    for file, line, raw in episodes_lib.iter_lines(paths):
+        outcome = processor(raw, file, line)
+        summary.add(outcome)
+        problems.extend(outcome.problems)
+        if outcome.status in ("kept", "truncated"):
+            kept.append(outcome.episode)
+            if outcome.arrays is not None:
+                arrays.append(outcome.arrays)
+    if problems:
+        raise EpisodeError(problems)
+    return LoadedEpisodes(kept, arrays, summary)
+
+
+def episodes_to_batch(
+    episodes: Iterable[dict | Episode], config: DataConfig | Mapping, tokenizer, *, pack: bool | None = None
+) -> dict[str, np.ndarray]:
+    """In-memory episodes (dicts in the JSONL format) -> one batch dict of [B, L] arrays (for analysis and
+    tests). Raises ``EpisodeError`` on invalid episodes and ValueError when one is dropped."""
+    config = DataConfig.from_config(config)
+    processor = EpisodeProcessor(config, tokenizer)
+    per_episode, problems = [], []
+    for i, ep in enumerate(episodes):
+        outcome = processor(ep, "<episodes>", i + 1)
+        problems.extend(outcome.problems)
+        if outcome.status == "dropped":
+            raise ValueError(f"<episodes>:{i + 1}: episode dropped: {outcome.reason}")
+        if outcome.arrays is not None:
+            per_episode.append(outcome.arrays)
+    if problems:
+        raise EpisodeError(problems)
+    pack = config.pack if pack is None else pack
+    L, pad = config.max_length, tokenizer.pad_id
+    rows = mdp.pack_episodes(per_episode, L, pad) if pack else [mdp.pad_episode(a, L, pad) for a in per_episode]
+    return mdp.stack_rows(rows)

