@@ -2,7 +2,8 @@
 ``python -m qsft_jax.data build BUILDER_DIR --data_dir=DIR [--config NAME] [--gen KEY=VALUE ...]``.
 
 validate prints every problem as ``FILE:LINE: field: message``, then a summary; exit status 1 when any
-episode is invalid (truncated or dropped over-long episodes are reported and counted, not errors).
+episode is invalid or when no episode is kept (truncated or dropped over-long episodes are reported
+and counted, not errors).
 Without --max-length only the format and rewards are checked; with it, episodes are tokenised
 (``--tokenizer``, default char) and their lengths checked too.
 """
@@ -32,6 +33,9 @@ def _validate(args) -> int:
     for p in problems:
         print(p)
     print(summary.format())
+    if summary.kept == 0:
+        print("error: no episode is left to train on", file=sys.stderr)
+        return 1
     return 0 if summary.ok else 1
 
 

@@ -174,7 +174,7 @@ def parse_episode(obj: Any, file: str = "<memory>", line: int = 0) -> tuple[Epis
 def parse_line(text: str | bytes, file: str = "<memory>", line: int = 0) -> tuple[Episode | None, list[Problem]]:
     """Decodes one JSON line and checks it (see ``parse_episode``)."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text.rstrip())  # without the newline, so a column past the end is reported as such
     except json.JSONDecodeError as e:
         return None, [Problem(file, line, "json", f"malformed JSON: {e.msg} (column {e.colno})")]
     except UnicodeDecodeError as e:
