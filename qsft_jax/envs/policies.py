@@ -1,0 +1,243 @@
+"""Behaviour policies that generate the bundled datasets.
+
+A policy acts with privileged access to the environment object (the maze's BFS distances, the Wordle
+feedback history, the chess board) and with a ``random.Random`` owned by the generator, so a dataset
+is a deterministic function of its seed. Interface: ``begin_episode(env, rng)`` once after each reset
+(per-episode choices, e.g. a strength), ``act(env, rng) -> action text`` (ending with the stop
+string), ``close()``.
+
+Two kinds per task (DESIGN.md section 8, issue 7):
+
+- "paper": like the paper's datasets; uniform noise, so the most frequent action in a state is
+  usually a good one.
+- "trap" (maze) and "biased" (wordle): the most frequent action is wrong in some states while the data
+  still covers the right ones, so greedy behaviour cloning cannot be optimal and reweighting by value
+  (stitching the minority of good moves) is what improves on the data.
+"""
+from __future__ import annotations
+
+import random
+
+from qsft_jax.envs.chess_env import ChessEnv, engine_move, open_stockfish
+from qsft_jax.envs.maze import MOVES, Cell, MazeEnv
+from qsft_jax.envs.wordle import INVALID_FEEDBACK, WordleEnv, allowed_words, feedback
+
+
+class BehaviourPolicy:
+    """Base class; see the module docstring."""
+
+    task: str = ""
+    name: str = ""
+
+    def begin_episode(self, env, rng: random.Random) -> None:
+        """Called after each reset; the default keeps no per-episode state."""
+
+    def act(self, env, rng: random.Random) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release external resources (a chess engine); a no-op by default."""
+
+    def _check_env(self, env, env_type: type) -> None:
+        if not isinstance(env, env_type):
+            raise TypeError(f"{type(self).__name__} acts in a {env_type.__name__}, got {type(env).__name__}")
+
+
+def _check_probability(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------- maze
+class MazePaperPolicy(BehaviourPolicy):
+    """Per move: with probability ``optimal_prob`` (default 0.2) a shortest-path move (uniform among
+    them), otherwise a uniformly random move of the four. The setting measured in DESIGN.md section 8."""
+
+    task, name = "maze", "paper"
+
+    def __init__(self, optimal_prob: float = 0.2):
+        self.optimal_prob = _check_probability("optimal_prob", optimal_prob)
+
+    def _noisy_optimal_move(self, env: MazeEnv, rng: random.Random) -> str:
+        best = env.shortest_path_moves(env.position)
+        if best and rng.random() < self.optimal_prob:
+            return rng.choice(best)
+        return rng.choice(MOVES)
+
+    def act(self, env: MazeEnv, rng: random.Random) -> str:
+        self._check_env(env, MazeEnv)
+        return env.action_texts[self._noisy_optimal_move(env, rng)] + env.action_stop
+
+
+def default_trap_moves(env: MazeEnv) -> dict[Cell, str]:
+    """Trap cells and their trap moves for a layout: every junction (a cell with three or more free
+    neighbours, G excluded) that has a move into a free cell farther from G; the trap move is the one
+    leading farthest from G (ties: the first in ``MOVES``). In the default layout these send the
+    agent into the dead ends and the long way round the loop."""
+    traps = {}
+    for cell in sorted(env.free - {env.goal}):
+        neighbours = {m: env.next_cell(cell, m) for m in MOVES}
+        free_moves = [m for m in MOVES if neighbours[m] != cell]
+        if len(free_moves) < 3:
+            continue
+        farther = [m for m in free_moves if env.distances[neighbours[m]] > env.distances[cell]]
+        if farther:
+            traps[cell] = max(farther, key=lambda m: (env.distances[neighbours[m]], -MOVES.index(m)))
+    return traps
+
+
+class MazeTrapPolicy(MazePaperPolicy):
+    """A behaviour whose most frequent move at the trap cells is wrong.
+
+    At a trap cell (``default_trap_moves`` unless ``traps`` maps "r,c" to a move): the trap move with
+    probability ``trap_prob`` (default 0.5), otherwise as elsewhere. Elsewhere: a shortest-path move with
+    probability ``optimal_prob`` (default 0.8), otherwise a uniformly random move. With the defaults the
+    trap move has frequency 0.525 at a trap cell against at most 0.425 for a shortest-path move, so
+    greedy BC walks into the trap (and, at a dead end, back out and in again) while the successful
+    episodes come from the minority of shortest-path moves.
+    """
+
+    task, name = "maze", "trap"
+
+    def __init__(self, trap_prob: float = 0.5, optimal_prob: float = 0.8, traps: dict | None = None):
+        super().__init__(optimal_prob)
+        self.trap_prob = _check_probability("trap_prob", trap_prob)
+        self.traps_option = traps
+        self._traps: dict[Cell, str] | None = None
+        self._traps_env: MazeEnv | None = None
+
+    def trap_moves(self, env: MazeEnv) -> dict[Cell, str]:
+        """The trap cells of ``env`` with their trap moves (computed once per environment)."""
+        if self._traps_env is not env:
+            if self.traps_option is None:
+                traps = default_trap_moves(env)
+            else:
+                traps = {}
+                for key, move in self.traps_option.items():
+                    cell = tuple(int(x) for x in key.split(",")) if isinstance(key, str) else tuple(key)
+                    if cell not in env.free or move not in MOVES:
+                        raise ValueError(f"maze trap {key!r}: {move!r} must be a move of {MOVES} at a free cell")
+                    traps[cell] = move
+            self._traps, self._traps_env = traps, env
+        return self._traps
+
+    def act(self, env: MazeEnv, rng: random.Random) -> str:
+        self._check_env(env, MazeEnv)
+        trap = self.trap_moves(env).get(env.position)
+        if trap is not None and rng.random() < self.trap_prob:
+            return env.action_texts[trap] + env.action_stop
+        return env.action_texts[self._noisy_optimal_move(env, rng)] + env.action_stop
+
+
+# -------------------------------------------------------------------------------------------- wordle
+class _WordleCandidates(BehaviourPolicy):
+    """Keeps the answer-list words consistent with the episode's feedback so far, incrementally."""
+
+    task = "wordle"
+
+    def begin_episode(self, env: WordleEnv, rng: random.Random) -> None:
+        self._check_env(env, WordleEnv)
+        self._candidates = list(env.answers)
+        self._seen = 0
+
+    def candidates(self, env: WordleEnv) -> list[str]:
+        """Answer words consistent with every valid (guess, feedback) of ``env.history``."""
+        for guess, pattern in env.history[self._seen :]:
+            if pattern != INVALID_FEEDBACK:
+                self._candidates = [w for w in self._candidates if feedback(guess, w) == pattern]
+        self._seen = len(env.history)
+        return self._candidates
+
+
+class WordlePaperPolicy(_WordleCandidates):
+    """Per guess: with probability ``consistent_prob`` a uniformly random answer word consistent with
+    all feedback so far, otherwise a uniformly random allowed word. The default 0.55 puts the mean
+    return near the paper's dataset (-4.12); see tests/test_env_generate.py for the measurement."""
+
+    name = "paper"
+
+    def __init__(self, consistent_prob: float = 0.55):
+        self.consistent_prob = _check_probability("consistent_prob", consistent_prob)
+
+    def act(self, env: WordleEnv, rng: random.Random) -> str:
+        if rng.random() < self.consistent_prob:
+            return rng.choice(self.candidates(env)) + env.action_stop
+        return rng.choice(allowed_words()) + env.action_stop
+
+
+class WordleBiasedPolicy(_WordleCandidates):
+    """A systematically poor behaviour whose consistent guesses are still in the data.
+
+    First guess: the fixed poor word ``opening`` (default "immix", not an answer) with probability
+    ``bias_prob`` (default 0.5). Later guesses: a repeat of the previous guess (no new information, a
+    wasted -1) with probability ``bias_prob``. Otherwise a uniformly random answer word consistent with
+    the feedback so far. The fixed opening and the repeat are each the single most frequent action of
+    their situations, so greedy BC opens with "immix" and then repeats it to the end (return -6),
+    while the data's consistent guesses solve most games.
+    """
+
+    name = "biased"
+
+    def __init__(self, bias_prob: float = 0.5, opening: str = "immix"):
+        self.bias_prob = _check_probability("bias_prob", bias_prob)
+        if opening not in allowed_words():
+            raise ValueError(f"wordle biased policy: opening {opening!r} is not an allowed word")
+        self.opening = opening
+
+    def act(self, env: WordleEnv, rng: random.Random) -> str:
+        if rng.random() < self.bias_prob:
+            return (env.history[-1][0] if env.history else self.opening) + env.action_stop
+        return rng.choice(self.candidates(env)) + env.action_stop
+
+
+# --------------------------------------------------------------------------------------------- chess
+class ChessPaperPolicy(BehaviourPolicy):
+    """Stockfish at a strength drawn per game, against the environment's fixed-strength opponent.
+
+    Per game: a node budget from ``nodes_choices`` and a random-move probability from
+    ``random_choices`` (uniformly, from the generator's seed); per move: a uniformly random legal move
+    with that probability, else Stockfish's move after that many nodes. Searches are deterministic (see
+    chess_env), so the dataset is reproducible from its seed, unlike Stockfish's Skill Level.
+    """
+
+    task, name = "chess", "paper"
+
+    def __init__(
+        self,
+        nodes_choices: tuple[int, ...] = (50, 200, 800),
+        random_choices: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5),
+        engine_path: str | None = None,
+    ):
+        if not nodes_choices or any(not isinstance(n, int) or n < 1 for n in nodes_choices):
+            raise ValueError(f"nodes_choices must be positive ints, got {nodes_choices!r}")
+        self.nodes_choices = tuple(nodes_choices)
+        self.random_choices = tuple(_check_probability("random_choices", p) for p in random_choices)
+        if not self.random_choices:
+            raise ValueError("random_choices must not be empty")
+        self.engine = open_stockfish(engine_path) if engine_path else open_stockfish()
+        self.nodes, self.random_prob = self.nodes_choices[0], self.random_choices[0]
+        self._game: object = object()
+
+    def begin_episode(self, env: ChessEnv, rng: random.Random) -> None:
+        self._check_env(env, ChessEnv)
+        self.nodes = rng.choice(self.nodes_choices)
+        self.random_prob = rng.choice(self.random_choices)
+        self._game = object()
+
+    def act(self, env: ChessEnv, rng: random.Random) -> str:
+        if self.engine is None:
+            raise RuntimeError("chess policy: closed")
+        move = engine_move(self.engine, env.board, self.nodes, self._game, rng, self.random_prob)
+        return move.uci() + env.action_stop
+
+    def close(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.quit()
+
+
+POLICIES: dict[tuple[str, str], type[BehaviourPolicy]] = {
+    (cls.task, cls.name): cls
+    for cls in (MazePaperPolicy, MazeTrapPolicy, WordlePaperPolicy, WordleBiasedPolicy, ChessPaperPolicy)
+}

@@ -1,0 +1,16 @@
+"""Environments by name."""
+from __future__ import annotations
+
+from qsft_jax.envs.base import TextEnv
+from qsft_jax.envs.chess_env import ChessEnv
+from qsft_jax.envs.maze import MazeEnv
+from qsft_jax.envs.wordle import WordleEnv
+
+ENVS: dict[str, type[TextEnv]] = {"wordle": WordleEnv, "chess": ChessEnv, "maze": MazeEnv}
+
+
+def make_env(name: str, **kwargs) -> TextEnv:
+    """The environment called ``name`` ("wordle", "chess", "maze") built with ``kwargs``."""
+    if name not in ENVS:
+        raise ValueError(f"unknown environment {name!r}; known: {sorted(ENVS)}")
+    return ENVS[name](**kwargs)
