@@ -86,13 +86,13 @@ class ModelConfig:
 
 
 _PRESETS: dict[str, ModelConfig] = {
-    # ~0.1M params, for tests and CPU runs with a character vocabulary.
+    # A few hundred thousand params (~0.31M / ~0.48M), for tests and CPU runs with a character vocabulary.
     "tiny-llama": ModelConfig(
-        family="llama", vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=16, mlp_dim=128, max_position_embeddings=512, pad_vocab_multiple=128),
+        family="llama", vocab_size=64, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=32, mlp_dim=256, max_position_embeddings=512, pad_vocab_multiple=128),
     "tiny-gpt2": ModelConfig(
-        family="gpt2", vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4,
-        head_dim=16, mlp_dim=256, max_position_embeddings=512, activation="gelu_new",
+        family="gpt2", vocab_size=64, d_model=128, num_layers=2, num_heads=4, num_kv_heads=4,
+        head_dim=32, mlp_dim=512, max_position_embeddings=512, activation="gelu_new",
         qkv_bias=True, pad_vocab_multiple=128),
     "smollm2-135m": ModelConfig(
         family="llama", vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3,
