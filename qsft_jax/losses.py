@@ -1,0 +1,463 @@
+"""Q-SFT losses: Bellman values and targets, weighted cross-entropy (WCE), BC, chunked drivers.
+
+All pure functions. Notation (DESIGN.md section 2, docs/architecture.md): the model's output row k
+predicts token k + 1, so action token i is trained through row i - 1. Arrays indexed by token are
+"token space" ([B, L], e.g. `action_mask`, `rewards`, the Bellman targets); arrays indexed by output
+row are "row space" ([B, L], e.g. the state values V(k), and the per-row labels/weights the loss
+drivers take). `to_rows` maps token space to row space.
+
+Vocabulary: logits have V_pad >= vocab_size columns (the embedding table is rounded up); columns
+>= vocab_size are padding and are excluded from every sum, max and softmax here, whatever values
+they hold.
+
+The WCE loss of one row with logits z, taken token x and target weight w is
+
+    l = -[ w log p(x) + (1 - w) / (V - 1) * sum_{a != x, a real} log p(a) ]
+      = lse(z) - w z_x - (1 - w) (sum_real(z) - z_x) / (V - 1)
+
+(V = vocab_size, log p = z - lse), i.e. cross-entropy against the soft target t = w at x and
+(1 - w) / (V - 1) on every other real token; d l / d z = softmax(z) - t. The dummy-token variant
+puts all of 1 - w on one designated token d: l = lse(z) - w z_x - (1 - w) z_d. BC is the case w = 1.
+Only lse(z), z_x and sum_real(z) (or z_d) are needed, so the chunked drivers never build a
+[B, L, V] array, in the forward or the backward pass.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from qsft_jax.models.transformer import logits_from_hidden
+
+# exp() of a larger log-ratio overflows float32 (log(float32 max) ~ 88.7). Values are only ever
+# used inside clip(r + gamma * V, 0, 1), so any V above 1 + |r| gives the same target.
+LOG_VALUE_CAP = 80.0
+
+TARGET_MODES = ("token", "turn", "ones")
+
+
+def real_vocab_mask(num_columns: int, vocab_size: int) -> jax.Array:
+  """[V_pad] bool: True for the real vocabulary columns (id < vocab_size)."""
+  if not 1 <= vocab_size <= num_columns:
+    raise ValueError(f"vocab_size={vocab_size} must be in [1, {num_columns}] (the logits' last dim)")
+  return jnp.arange(num_columns) < vocab_size
+
+
+def real_log_softmax(logits: jax.Array, vocab_size: int) -> jax.Array:
+  """log_softmax over the real vocabulary only. logits [..., V_pad] -> float32 [..., V_pad], with
+  padded columns set to -inf."""
+  z = logits.astype(jnp.float32)
+  real = real_vocab_mask(z.shape[-1], vocab_size)
+  z = jnp.where(real, z, -jnp.inf)
+  return z - jax.scipy.special.logsumexp(z, axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Bellman values and targets
+
+
+def bellman_log_values(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_size: int,
+                       support_min: float) -> jax.Array:
+  """log V per row: max over supported real tokens of log p_bar(a) - log pi_phi(a).
+
+  target_logits, behaviour_logits: [..., V_pad] (theta_bar's and phi's logits of the same rows).
+  Returns float32 [...].
+
+  Supported tokens: pi_phi(a) >= min(support_min, max_a pi_phi(a)). Taking the min with the most
+  likely behaviour token's probability keeps the set non-empty when support_min exceeds every
+  token's probability (possible when support_min > 1 / vocab_size): then only the behaviour
+  policy's most likely token(s) count. support_min = 0 admits every real token.
+  """
+  if support_min < 0:
+    raise ValueError(f"support_min={support_min} must be >= 0")
+  if target_logits.shape != behaviour_logits.shape:
+    raise ValueError(f"target_logits {target_logits.shape} and behaviour_logits "
+                     f"{behaviour_logits.shape} must have the same shape")
+  log_p_bar = real_log_softmax(target_logits, vocab_size)
+  log_pi = real_log_softmax(behaviour_logits, vocab_size)
+  log_threshold = jnp.log(jnp.float32(support_min)) if support_min > 0 else -jnp.inf
+  log_threshold = jnp.minimum(log_threshold, jnp.max(log_pi, axis=-1, keepdims=True))
+  supported = jnp.isfinite(log_pi) & (log_pi >= log_threshold)
+  log_ratio = jnp.where(supported, log_p_bar - log_pi, -jnp.inf)
+  return jnp.max(log_ratio, axis=-1)
+
+
+def bellman_values(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_size: int,
+                   support_min: float) -> jax.Array:
+  """V per row = max over supported real tokens a of p_bar(a) / pi_phi(a), float32 [...].
+
+  See `bellman_log_values` for the support rule. Computed in log space; returned as a ratio, capped
+  at exp(LOG_VALUE_CAP) so it stays finite (the cap never changes a clipped target).
+  """
+  log_v = bellman_log_values(target_logits, behaviour_logits, vocab_size, support_min)
+  return jnp.exp(jnp.minimum(log_v, LOG_VALUE_CAP))
+
+
+def gather_rows(values: jax.Array, rows: jax.Array) -> jax.Array:
+  """values [B, L] (row space), rows [B, L] int (-1 = none) -> values[b, rows[b, i]] or 0."""
+  picked = jnp.take_along_axis(values, jnp.maximum(rows, 0), axis=1)
+  return jnp.where(rows >= 0, picked, 0.0)
+
+
+def bellman_targets(values: jax.Array, rewards: jax.Array, discounts: jax.Array,
+                    next_action_row: jax.Array, action_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Clipped one-step Bellman targets in token space.
+
+  w_i = clip(r_i + gamma_i * V(next_action_row_i), 0, 1) on action tokens, V(-1) := 0; 0 elsewhere.
+
+  Args:
+    values: [B, L] float, V of each output row (row space).
+    rewards, discounts: [B, L] float (token space).
+    next_action_row: [B, L] int, the row whose value bootstraps token i, -1 for none.
+    action_mask: [B, L] bool.
+  Returns:
+    targets [B, L] float32 (0 off actions) and clipped [B, L] bool (action tokens whose unclipped
+    target was outside [0, 1]; above 1 exactly where clipped & (targets == 1)).
+
+  The same function serves the per-turn bootstrap (pass turn rewards, `turn_discounts` and
+  `next_turn_row`; see `compute_targets`).
+  """
+  values = values.astype(jnp.float32)
+  bootstrap = gather_rows(values, next_action_row)
+  # where, not multiply: a zero discount must silence the value even when it is huge.
+  discounted = jnp.where(next_action_row >= 0, discounts.astype(jnp.float32) * bootstrap, 0.0)
+  raw = rewards.astype(jnp.float32) + discounted
+  targets = jnp.clip(raw, 0.0, 1.0)
+  clipped = action_mask & ((raw > 1.0) | (raw < 0.0))
+  return jnp.where(action_mask, targets, 0.0), clipped
+
+
+def turn_rewards(rewards: jax.Array, discounts: jax.Array, next_action_row: jax.Array,
+                 action_mask: jax.Array, turn_index: jax.Array) -> jax.Array:
+  """Discounted reward from action token i to the end of its action turn, [B, L] float32.
+
+  R_i = r_i + gamma_i * R_{i+1} while token i + 1 continues the same action turn (it is token i's
+  next action, n(i) = i + 1, with the same turn_index), else r_i. This is the reward collected
+  before the per-turn bootstrap point (the next turn's first action token).
+  """
+  rewards = rewards.astype(jnp.float32)
+  length = rewards.shape[1]
+  row = jnp.arange(length)[None, :]
+  next_turn_index = jnp.concatenate([turn_index[:, 1:], jnp.full_like(turn_index[:, :1], -2)], 1)
+  continues = action_mask & (next_action_row == row) & (next_turn_index == turn_index)
+  step_discount = jnp.where(continues, discounts.astype(jnp.float32), 0.0)
+
+  def back(carry, xs):  # reverse scan over positions, carry = R_{i+1} [B]
+    r, g = xs
+    out = r + g * carry
+    return out, out
+
+  _, out = jax.lax.scan(back, jnp.zeros(rewards.shape[0], jnp.float32),
+                        (rewards.T, step_discount.T), reverse=True)
+  return jnp.where(action_mask, out.T, 0.0)
+
+
+def compute_targets(values: jax.Array, batch: Mapping[str, jax.Array],
+                    mode: str = "token") -> tuple[jax.Array, jax.Array]:
+  """Targets [B, L] and clipped [B, L] for a batch of token-level MDP arrays.
+
+  mode: "token" (bootstrap from the next action token, the paper's), "turn" (bootstrap from the
+  first action token of the next action turn, with the reward to the end of this turn and
+  `turn_discounts`), or "ones" (control: every action target is 1, i.e. BC on theta).
+  values: [B, L] row-space V (unused for "ones").
+  """
+  mask = batch["action_mask"]
+  if mode == "token":
+    return bellman_targets(values, batch["rewards"], batch["discounts"], batch["next_action_row"], mask)
+  if mode == "turn":
+    rewards = turn_rewards(batch["rewards"], batch["discounts"], batch["next_action_row"], mask,
+                           batch["turn_index"])
+    return bellman_targets(values, rewards, batch["turn_discounts"], batch["next_turn_row"], mask)
+  if mode == "ones":
+    return mask.astype(jnp.float32), jnp.zeros_like(mask)
+  raise ValueError(f"targets mode {mode!r} unknown; expected one of {TARGET_MODES}")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token losses from logits
+
+
+def _row_terms(logits: jax.Array, labels: jax.Array, vocab_size: int,
+               dummy_token: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(lse, z_label, z_other) per row, float32 [...]: z_other is the mean logit of the real tokens
+  other than the label (even spread) or the dummy token's logit."""
+  z = logits.astype(jnp.float32)
+  real = real_vocab_mask(z.shape[-1], vocab_size)
+  lse = jax.scipy.special.logsumexp(jnp.where(real, z, -jnp.inf), axis=-1)
+  z_label = jnp.take_along_axis(z, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  if dummy_token is None:
+    if vocab_size < 2:
+      raise ValueError("the even-spread WCE needs vocab_size >= 2")
+    z_sum = jnp.sum(jnp.where(real, z, 0.0), axis=-1)
+    z_other = (z_sum - z_label) / (vocab_size - 1)
+  else:
+    if not 0 <= dummy_token < vocab_size:
+      raise ValueError(f"dummy_token={dummy_token} must be a real token id (< vocab_size={vocab_size})")
+    z_other = z[..., dummy_token]
+  return lse, z_label, z_other
+
+
+def wce_per_token(logits: jax.Array, labels: jax.Array, weights: jax.Array, vocab_size: int,
+                  dummy_token: int | None = None) -> jax.Array:
+  """Weighted cross-entropy per row (module docstring).
+
+  logits [..., V_pad]; labels [...] int (the taken token, < vocab_size); weights [...] (targets w in
+  [0, 1]). Returns float32 [...]. dummy_token: put all of 1 - w on this token instead of spreading it.
+  """
+  lse, z_label, z_other = _row_terms(logits, labels, vocab_size, dummy_token)
+  w = weights.astype(jnp.float32)
+  return lse - w * z_label - (1.0 - w) * z_other
+
+
+def bc_per_token(logits: jax.Array, labels: jax.Array, vocab_size: int) -> jax.Array:
+  """Cross-entropy -log p(label) over the real vocabulary, float32 [...] (WCE with w = 1)."""
+  return wce_per_token(logits, labels, jnp.ones(labels.shape, jnp.float32), vocab_size)
+
+
+def soft_targets(labels: jax.Array, weights: jax.Array, num_columns: int, vocab_size: int,
+                 dummy_token: int | None = None) -> jax.Array:
+  """The WCE's soft target distribution [..., num_columns] float32 (0 on padded columns).
+
+  Dense: used per chunk in the fused backward pass and by tests, never for a whole batch.
+  """
+  w = weights.astype(jnp.float32)[..., None]
+  onehot = jax.nn.one_hot(labels, num_columns, dtype=jnp.float32)
+  if dummy_token is None:
+    real = real_vocab_mask(num_columns, vocab_size).astype(jnp.float32)
+    rest = (real - onehot) / (vocab_size - 1)
+  else:
+    rest = jax.nn.one_hot(dummy_token, num_columns, dtype=jnp.float32)
+  return w * onehot + (1.0 - w) * rest
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked drivers: from hidden states [B, L, D] and the unembedding [D, V_pad]
+
+
+def to_rows(token_array: jax.Array, fill: Any = 0) -> jax.Array:
+  """Token space -> row space: out[:, k] = x[:, k + 1], the last row gets `fill`. [B, L] -> [B, L]."""
+  pad = jnp.full_like(token_array[:, :1], fill)
+  return jnp.concatenate([token_array[:, 1:], pad], axis=1)
+
+
+def action_token_count(action_mask: jax.Array) -> jax.Array:
+  """Loss normaliser: number of action tokens (>= 1), float32 []. Call it on the GLOBAL batch."""
+  return jnp.maximum(jnp.sum(action_mask.astype(jnp.float32)), 1.0)
+
+
+def _chunk(x: jax.Array, chunk_size: int) -> jax.Array:
+  """[B, L, ...] -> [N, B, C, ...] with L zero-padded up to N * C."""
+  b, length = x.shape[:2]
+  n = -(-length // chunk_size)
+  x = jnp.pad(x, [(0, 0), (0, n * chunk_size - length)] + [(0, 0)] * (x.ndim - 2))
+  x = x.reshape((b, n, chunk_size) + x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _unchunk(x: jax.Array, length: int) -> jax.Array:
+  """[N, B, C, ...] -> [B, L, ...] (drops the padding)."""
+  x = jnp.moveaxis(x, 0, 1)
+  x = x.reshape((x.shape[0], -1) + x.shape[3:])
+  return x[:, :length]
+
+
+def _check_chunk_size(chunk_size: int, length: int) -> int:
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+  return min(chunk_size, length)
+
+
+def _wce_chunk_forward(h, unembed, labels, weights, mask, vocab_size, dummy_token):
+  """One chunk: logits [B, C, V_pad] f32, masked per-row losses [B, C], label log-probs [B, C]."""
+  logits = logits_from_hidden(h, unembed, vocab_size)
+  lse, z_label, z_other = _row_terms(logits, labels, vocab_size, dummy_token)
+  w = weights.astype(jnp.float32)
+  rows = (lse - w * z_label - (1.0 - w) * z_other) * mask
+  return logits, lse, rows, z_label - lse
+
+
+def _wce_primal(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size, dummy_token):
+  """Forward only: (loss [], label log-probs [B, L])."""
+  length = hidden.shape[1]
+  xs = tuple(_chunk(a, chunk_size) for a in (hidden, labels, weights, mask))
+
+  def body(total, x):
+    h, lab, w, m = x
+    _, _, rows, logp = _wce_chunk_forward(h, unembed, lab, w, m, vocab_size, dummy_token)
+    return total + jnp.sum(rows), logp
+
+  total, logp = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+  return total / normaliser, _unchunk(logp, length)
+
+
+def _wce_fwd(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size, dummy_token):
+  """Forward with the gradient computed alongside, chunk by chunk (fused cross-entropy).
+
+  d loss / d z = (softmax(z) - t) * mask / normaliser per row; from it the chunk's contribution to
+  d hidden ([B, C, D]) and d unembed ([D, V_pad], accumulated) are formed at once, so no logits are
+  kept or recomputed: the loss costs 3 unembedding matmuls in all, as a plain training pass would.
+  """
+  length = hidden.shape[1]
+  xs = tuple(_chunk(a, chunk_size) for a in (hidden, labels, weights, mask))
+  columns = unembed.shape[-1]
+
+  def body(carry, x):
+    total, d_unembed = carry
+    h, lab, w, m = x
+    logits, lse, rows, logp = _wce_chunk_forward(h, unembed, lab, w, m, vocab_size, dummy_token)
+    probs = jnp.exp(logits - lse[..., None])  # padded columns: exp(PAD_LOGIT - lse) = 0
+    scale = m.astype(jnp.float32) / normaliser
+    d_logits = (probs - soft_targets(lab, w, columns, vocab_size, dummy_token)) * scale[..., None]
+    d_h = jnp.einsum("bcv,dv->bcd", d_logits, unembed.astype(jnp.float32)).astype(hidden.dtype)
+    d_unembed = d_unembed + jnp.einsum("bcd,bcv->dv", h.astype(jnp.float32), d_logits)
+    return (total + jnp.sum(rows), d_unembed), (logp, d_h)
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(unembed.shape, jnp.float32))
+  (total, d_unembed), (logp, d_hidden) = jax.lax.scan(body, init, xs)
+  loss = total / normaliser
+  out = (loss, _unchunk(logp, length))
+  unembed_dtype = jnp.zeros((), unembed.dtype)  # a dtype carrier: residuals must be arrays
+  return out, (_unchunk(d_hidden, length), d_unembed, unembed_dtype, loss, normaliser)
+
+
+def _wce_bwd(vocab_size, chunk_size, dummy_token, residuals, cotangents):
+  d_hidden, d_unembed, unembed_dtype, loss, normaliser = residuals
+  g_loss, _ = cotangents  # the log-prob output is stop-gradient in the public wrapper
+  g_loss = g_loss.astype(jnp.float32)
+  d_hidden = (g_loss * d_hidden.astype(jnp.float32)).astype(d_hidden.dtype)
+  d_unembed = (g_loss * d_unembed).astype(unembed_dtype.dtype)
+  # Labels, weights and mask get no gradient (weights are targets: stop-gradient by definition);
+  # d loss / d normaliser = -loss / normaliser (normally a constant, but keep it exact).
+  return d_hidden, d_unembed, None, None, None, -g_loss * loss / normaliser
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _wce_fused(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size, dummy_token):
+  return _wce_primal(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size,
+                     dummy_token)
+
+
+def _wce_fused_fwd(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size,
+                   dummy_token):
+  out, res = _wce_fwd(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size,
+                      dummy_token)
+  return out, res
+
+
+_wce_fused.defvjp(_wce_fused_fwd, _wce_bwd)
+
+
+def chunked_wce_loss(hidden: jax.Array, unembed: jax.Array, row_labels: jax.Array,
+                     row_weights: jax.Array, row_mask: jax.Array, normaliser: jax.Array, *,
+                     vocab_size: int, chunk_size: int = 128,
+                     dummy_token: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """WCE summed over trained rows / normaliser, computed chunk by chunk along the sequence.
+
+  Args:
+    hidden: [B, L, D] final hidden states (any float dtype).
+    unembed: [D, V_pad] unembedding matrix.
+    row_labels: [B, L] int, the token row k predicts (= to_rows(tokens)).
+    row_weights: [B, L] float, its target w (= to_rows(targets)); treated as a constant.
+    row_mask: [B, L] bool/float, rows that are trained (= to_rows(action_mask)).
+    normaliser: [] float, the GLOBAL action-token count (`action_token_count`), so that sharding
+      and gradient accumulation leave the loss and gradient unchanged.
+    vocab_size: real vocabulary size; chunk_size: rows per chunk (L is padded up to a multiple).
+    dummy_token: the dummy-token variant's token id, or None for the even spread.
+  Returns:
+    loss [] float32, and log p(row_labels) [B, L] float32 (stop-gradient; for metrics).
+
+  Differentiable in hidden and unembed through a custom VJP that forms the gradient in the forward
+  scan (see `_wce_fwd`): neither pass holds more than one [B, C, V_pad] chunk of logits.
+  """
+  if hidden.ndim != 3 or unembed.ndim != 2 or hidden.shape[-1] != unembed.shape[0]:
+    raise ValueError(f"hidden {hidden.shape} must be [B, L, D] and unembed {unembed.shape} [D, V_pad]")
+  for name, a in (("row_labels", row_labels), ("row_weights", row_weights), ("row_mask", row_mask)):
+    if a.shape != hidden.shape[:2]:
+      raise ValueError(f"{name} has shape {a.shape}, expected [B, L] = {hidden.shape[:2]}")
+  chunk_size = _check_chunk_size(chunk_size, hidden.shape[1])
+  loss, logp = _wce_fused(hidden, unembed, row_labels.astype(jnp.int32),
+                          jax.lax.stop_gradient(row_weights.astype(jnp.float32)),
+                          row_mask.astype(jnp.float32),
+                          jnp.asarray(normaliser, jnp.float32), vocab_size, chunk_size, dummy_token)
+  return loss, jax.lax.stop_gradient(logp)
+
+
+def chunked_bc_loss(hidden: jax.Array, unembed: jax.Array, row_labels: jax.Array,
+                    row_mask: jax.Array, normaliser: jax.Array, *, vocab_size: int,
+                    chunk_size: int = 128) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy on trained rows / normaliser: `chunked_wce_loss` with all weights 1.
+
+  Shapes as `chunked_wce_loss`; returns (loss [], log p(row_labels) [B, L])."""
+  ones = jnp.ones(row_labels.shape, jnp.float32)
+  return chunked_wce_loss(hidden, unembed, row_labels, ones, row_mask, normaliser,
+                          vocab_size=vocab_size, chunk_size=chunk_size)
+
+
+def chunked_bellman_values(target_hidden: jax.Array, target_unembed: jax.Array,
+                           behaviour_hidden: jax.Array, behaviour_unembed: jax.Array,
+                           row_labels: jax.Array, *, vocab_size: int, support_min: float,
+                           chunk_size: int = 128) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-row Bellman values from theta_bar's and phi's hidden states, chunk by chunk (no gradient).
+
+  Args:
+    target_hidden, behaviour_hidden: [B, L, D]; target_unembed, behaviour_unembed: [D, V_pad].
+    row_labels: [B, L] int, the token each row predicts (for the metrics below).
+  Returns (all float32 [B, L], stop-gradient):
+    values V(k) (see `bellman_values`), log pi_phi(row_labels), log p_theta_bar(row_labels).
+  """
+  length = target_hidden.shape[1]
+  chunk_size = _check_chunk_size(chunk_size, length)
+  xs = tuple(_chunk(jax.lax.stop_gradient(a), chunk_size)
+             for a in (target_hidden, behaviour_hidden, row_labels))
+  target_unembed = jax.lax.stop_gradient(target_unembed)
+  behaviour_unembed = jax.lax.stop_gradient(behaviour_unembed)
+
+  def body(_, x):
+    h_bar, h_phi, lab = x
+    z_bar = logits_from_hidden(h_bar, target_unembed, vocab_size)
+    z_phi = logits_from_hidden(h_phi, behaviour_unembed, vocab_size)
+    values = bellman_values(z_bar, z_phi, vocab_size, support_min)
+    lab = lab[..., None].astype(jnp.int32)
+    logp_phi = jnp.take_along_axis(real_log_softmax(z_phi, vocab_size), lab, -1)[..., 0]
+    logp_bar = jnp.take_along_axis(real_log_softmax(z_bar, vocab_size), lab, -1)[..., 0]
+    return None, (values, logp_phi, logp_bar)
+
+  _, out = jax.lax.scan(body, None, xs)
+  return tuple(_unchunk(o, length) for o in out)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole Q-SFT loss of one (micro)batch
+
+
+def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: jax.Array,
+              target_unembed: jax.Array, behaviour_hidden: jax.Array, behaviour_unembed: jax.Array,
+              batch: Mapping[str, jax.Array], normaliser: jax.Array, *, vocab_size: int,
+              support_min: float, targets_mode: str = "token", chunk_size: int = 128,
+              dummy_token: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Q-SFT loss: values from theta_bar and phi -> Bellman targets -> WCE on theta.
+
+  Args:
+    theta_hidden, target_hidden, behaviour_hidden: [B, L, D] hidden states of theta, theta_bar, phi
+      (only theta's carry a gradient); *_unembed: [D, V_pad].
+    batch: the [B, L] token-level MDP arrays (docs/architecture.md).
+    normaliser: [] GLOBAL action-token count.
+  Returns:
+    loss [] and aux: "targets", "clipped" (token space [B, L]); "values", "logp_theta",
+    "logp_behaviour" (row space [B, L]: V(k) and the log-probs of the token row k predicts).
+  """
+  tokens = batch["tokens"]
+  row_labels = to_rows(tokens)
+  # Also for targets_mode="ones": the control then logs the same diagnostics at the same cost.
+  values, logp_behaviour, _ = chunked_bellman_values(
+      target_hidden, target_unembed, behaviour_hidden, behaviour_unembed, row_labels,
+      vocab_size=vocab_size, support_min=support_min, chunk_size=chunk_size)
+  targets, clipped = compute_targets(values, batch, targets_mode)
+  loss, logp_theta = chunked_wce_loss(
+      theta_hidden, theta_unembed, row_labels, to_rows(targets), to_rows(batch["action_mask"], False),
+      normaliser, vocab_size=vocab_size, chunk_size=chunk_size, dummy_token=dummy_token)
+  aux = {"targets": targets, "clipped": clipped, "values": values, "logp_theta": logp_theta,
+         "logp_behaviour": logp_behaviour}
+  return loss, aux

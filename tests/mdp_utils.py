@@ -1,0 +1,239 @@
+"""Test helpers: token-level MDP arrays built from token-level episodes, and small tabular MDPs.
+
+`episode_arrays` is written from docs/architecture.md's table, independently of qsft_jax.data, so
+the loss tests do not depend on the data layer (and would disagree with it if either misread the
+contract). An episode here is (turns, done) with turns = [(token ids, is_action, reward), ...].
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import numpy as np
+
+KEYS_INT = ("tokens", "positions", "segment_ids", "next_action_row", "next_turn_row", "turn_index")
+KEYS_FLOAT = ("rewards", "discounts", "turn_discounts", "returns_to_go")
+KEYS_BOOL = ("action_mask", "done")
+PAD_VALUES = {"next_action_row": -1, "next_turn_row": -1, "turn_index": -1}
+
+
+def episode_arrays(turns, done: bool, gamma: float = 1.0, gamma_token: float = 1.0) -> dict:
+  """The [n] arrays of one episode (segment id 1, rows relative to the episode start)."""
+  tokens, is_action, turn_of, rewards = [], [], [], []
+  for t, (ids, act, reward) in enumerate(turns):
+    assert len(ids) > 0
+    assert act or reward == 0.0
+    for j, tok in enumerate(ids):
+      tokens.append(tok)
+      is_action.append(act)
+      turn_of.append(t)
+      rewards.append(reward if (act and j == len(ids) - 1) else 0.0)
+  n = len(tokens)
+  assert not is_action[0], "episodes start with an observation"
+  assert done or not is_action[-1], "truncated episodes end with an observation"
+  out = {k: np.full(n, PAD_VALUES.get(k, 0), np.int32) for k in KEYS_INT}
+  out.update({k: np.zeros(n, np.float32) for k in KEYS_FLOAT})
+  out.update({k: np.zeros(n, bool) for k in KEYS_BOOL})
+  out["tokens"][:] = tokens
+  out["positions"][:] = np.arange(n)
+  out["segment_ids"][:] = 1
+  out["done"][:] = done
+  out["action_mask"][:] = is_action
+  out["rewards"][:] = rewards
+  actions = [i for i in range(n) if is_action[i]]
+  action_turns = sorted({turn_of[i] for i in actions})
+  for i in actions:
+    out["turn_index"][i] = action_turns.index(turn_of[i])
+    later = [j for j in actions if j > i]
+    if later:
+      nxt = later[0]
+      out["next_action_row"][i] = nxt - 1
+      out["discounts"][i] = gamma_token if turn_of[nxt] == turn_of[i] else gamma
+    elif not done:
+      out["next_action_row"][i] = n - 1
+      out["discounts"][i] = gamma
+    # per-turn bootstrap: the first action token of the next action turn
+    later_turn = [j for j in actions if turn_of[j] > turn_of[i]]
+    left_in_turn = sum(1 for j in actions if j > i and turn_of[j] == turn_of[i])
+    if later_turn:
+      out["next_turn_row"][i] = later_turn[0] - 1
+      out["turn_discounts"][i] = gamma_token ** left_in_turn * gamma
+    elif not done:
+      out["next_turn_row"][i] = n - 1
+      out["turn_discounts"][i] = gamma_token ** left_in_turn * gamma
+  # Monte Carlo returns along the next-action chain (observed rewards only).
+  for i in reversed(actions):
+    nxt = out["next_action_row"][i] + 1
+    follow = out["returns_to_go"][nxt] if (out["next_action_row"][i] >= 0 and nxt < n and is_action[nxt]) else 0.0
+    out["returns_to_go"][i] = out["rewards"][i] + out["discounts"][i] * follow
+  return out
+
+
+def pack_rows(rows: Sequence[Sequence[dict]], length: int) -> dict:
+  """[B, L] batch from rows of episode arrays (several episodes per row are packed)."""
+  batch = {k: np.full((len(rows), length), PAD_VALUES.get(k, 0), np.int32) for k in KEYS_INT}
+  batch.update({k: np.zeros((len(rows), length), np.float32) for k in KEYS_FLOAT})
+  batch.update({k: np.zeros((len(rows), length), bool) for k in KEYS_BOOL})
+  for b, episodes in enumerate(rows):
+    offset = 0
+    for seg, ep in enumerate(episodes, start=1):
+      n = len(ep["tokens"])
+      assert offset + n <= length
+      for k, v in ep.items():
+        v = v.copy()
+        if k in ("next_action_row", "next_turn_row"):
+          v = np.where(v >= 0, v + offset, -1)
+        if k == "segment_ids":
+          v = np.full(n, seg)
+        batch[k][b, offset:offset + n] = v
+      offset += n
+  return batch
+
+
+def random_batch(rng: np.random.Generator, num_rows: int, length: int, vocab_size: int,
+                 gamma: float = 0.9, gamma_token: float = 0.95) -> dict:
+  """Random packed episodes: several turns, random turn lengths, done and truncated episodes,
+  adjacent action turns; rewards small enough that most (not all) targets stay inside [0, 1]."""
+  rows = []
+  for _ in range(num_rows):
+    episodes, used = [], 0
+    while True:
+      num_turns = int(rng.integers(2, 6))
+      turns, act = [], False
+      for t in range(num_turns):
+        act = t > 0 and bool(rng.random() < 0.6)
+        ids = list(rng.integers(1, vocab_size, size=int(rng.integers(1, 4))))
+        turns.append((ids, act, float(rng.uniform(0, 0.5)) if act else 0.0))
+      if not any(a for _, a, _ in turns):
+        turns.append(([int(rng.integers(1, vocab_size))], True, 0.3))
+      done = bool(rng.random() < 0.5) if not turns[-1][1] else True
+      ep = episode_arrays(turns, done, gamma, gamma_token)
+      if used + len(ep["tokens"]) > length:
+        break
+      episodes.append(ep)
+      used += len(ep["tokens"])
+    rows.append(episodes)
+  return pack_rows(rows, length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tabular MDPs on tokens
+
+
+class TokenMDP:
+  """A finite-horizon token-level MDP with a fixed turn layout.
+
+  layout: a sequence of ("act", n_tokens) and ("obs", 1) entries after a BOS token; every action
+  token is drawn from `action_tokens`, every observation token from `obs_tokens` with probabilities
+  `obs_probs(history)`. Rewards `turn_reward(history)` arrive on the last token of each action turn;
+  turn boundaries discount by `gamma`, tokens inside a turn by 1. The behaviour policy
+  `behaviour(history)` gives probabilities over `action_tokens`. All probabilities are multiples of
+  1/4 so that an exact-proportion dataset exists (`exact_dataset`).
+  """
+
+  def __init__(self, layout, action_tokens, obs_tokens, behaviour, obs_probs, turn_reward,
+               gamma=1.0, bos=1):
+    self.layout, self.action_tokens, self.obs_tokens = list(layout), list(action_tokens), list(obs_tokens)
+    self.behaviour, self.obs_probs, self.turn_reward = behaviour, obs_probs, turn_reward
+    self.gamma, self.bos = gamma, bos
+    # token position -> (kind, last token of its turn?)
+    self.kinds = []
+    for kind, n in self.layout:
+      self.kinds += [(kind, j == n - 1) for j in range(n)]
+
+  def q_star(self) -> dict:
+    """Exact Q*(history, action token) by backward induction, history a tuple of tokens (BOS first)."""
+    q = {}
+
+    def value(history):  # V* of the state before position len(history) - 1 of the layout
+      pos = len(history) - 1
+      if pos == len(self.kinds):
+        return 0.0
+      kind, last = self.kinds[pos]
+      if kind == "obs":
+        probs = self.obs_probs(history)
+        return sum(p * value(history + (o,)) for o, p in zip(self.obs_tokens, probs))
+      best = -np.inf
+      for a in self.action_tokens:
+        h = history + (a,)
+        r = self.turn_reward(h) if last else 0.0
+        g = self.gamma if last else 1.0
+        q[(history, a)] = r + g * value(h)
+        best = max(best, q[(history, a)])
+      return best
+
+    value((self.bos,))
+    return q
+
+  def trajectories(self):
+    """Every complete trajectory with its probability under the behaviour policy."""
+    def walk(history, prob):
+      pos = len(history) - 1
+      if pos == len(self.kinds):
+        yield history, prob
+        return
+      kind, _ = self.kinds[pos]
+      if kind == "obs":
+        choices = zip(self.obs_tokens, self.obs_probs(history))
+      else:
+        choices = zip(self.action_tokens, self.behaviour(history))
+      for tok, p in choices:
+        if p > 0:
+          yield from walk(history + (tok,), prob * p)
+    yield from walk((self.bos,), 1.0)
+
+  def episode(self, tokens, truncate_after: int | None = None):
+    """(turns, done) of one trajectory; truncate_after: keep that many layout entries (must end
+    on an observation) and mark the episode unfinished."""
+    turns, pos = [([tokens[0]], False, 0.0)], 1
+    layout = self.layout if truncate_after is None else self.layout[:truncate_after]
+    for kind, n in layout:
+      ids = list(tokens[pos:pos + n])
+      pos += n
+      reward = self.turn_reward(tuple(tokens[:pos])) if kind == "act" else 0.0
+      turns.append((ids, kind == "act", reward))
+    return turns, truncate_after is None
+
+  def exact_dataset(self, truncate_after: int | None = None, truncated_share: int = 0):
+    """Episodes in exact behaviour proportions: each trajectory repeated prob * 4^depth times.
+
+    With truncate_after, also `truncated_share` copies per complete-prefix mass unit of every
+    trajectory cut after that many layout entries (at most one per distinct prefix weight)."""
+    depth = len(self.kinds)
+    episodes = []
+    for tokens, prob in self.trajectories():
+      count = prob * 4 ** depth
+      assert abs(count - round(count)) < 1e-9, "probabilities must be multiples of 1/4"
+      episodes += [self.episode(tokens)] * int(round(count))
+    if truncate_after is not None and truncated_share:
+      cut = 1 + sum(n for _, n in self.layout[:truncate_after])
+      prefixes = {}
+      for tokens, prob in self.trajectories():
+        prefixes[tokens[:cut]] = prefixes.get(tokens[:cut], 0.0) + prob
+      for prefix, prob in prefixes.items():
+        count = prob * 4 ** (cut - 1) * truncated_share
+        assert abs(count - round(count)) < 1e-9
+        full = prefix + (0,) * (len(self.kinds) + 1 - cut)  # tail unused by episode()
+        episodes += [self.episode(full, truncate_after)] * int(round(count))
+    return episodes
+
+
+def state_ids(tokens: np.ndarray, segment_ids: np.ndarray, index: dict) -> np.ndarray:
+  """[B, L] id of the state each row's output describes: the segment's prefix up to that row.
+
+  index maps prefix tuples to ids (extended in place); padding rows get id 0 (a padding state)."""
+  out = np.zeros(tokens.shape, np.int32)
+  for b in range(tokens.shape[0]):
+    start = 0
+    for k in range(tokens.shape[1]):
+      if segment_ids[b, k] == 0:
+        continue
+      if k > 0 and segment_ids[b, k] != segment_ids[b, k - 1]:
+        start = k
+      prefix = tuple(int(t) for t in tokens[b, start:k + 1])
+      out[b, k] = index.setdefault(prefix, len(index) + 1)
+  return out
+
+
+def all_sequences(tokens, n):
+  return list(itertools.product(tokens, repeat=n))

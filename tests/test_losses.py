@@ -1,0 +1,344 @@
+"""qsft_jax.losses against plain numpy references written here (dense log-softmax, explicit loops)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsft_jax import losses
+from tests import mdp_utils
+
+jax.config.update("jax_enable_x64", False)
+
+VOCAB, V_PAD = 13, 16
+
+
+# ------------------------------------------------------------------ numpy references
+
+
+def np_log_softmax_real(z, vocab):
+  z = np.asarray(z, np.float64)[..., :vocab]
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def np_values(z_bar, z_phi, vocab, support_min):
+  lp_bar, lp_phi = np_log_softmax_real(z_bar, vocab), np_log_softmax_real(z_phi, vocab)
+  out = np.zeros(z_bar.shape[:-1])
+  for idx in np.ndindex(out.shape):
+    pi = np.exp(lp_phi[idx])
+    threshold = min(support_min, pi.max())
+    ok = pi >= threshold
+    out[idx] = np.max(np.exp(lp_bar[idx][ok]) / pi[ok])
+  return out
+
+
+def np_targets(values, rewards, discounts, next_rows, mask):
+  targets, clipped = np.zeros(rewards.shape), np.zeros(rewards.shape, bool)
+  for b in range(rewards.shape[0]):
+    for i in range(rewards.shape[1]):
+      if not mask[b, i]:
+        continue
+      row = next_rows[b, i]
+      raw = rewards[b, i] + (discounts[b, i] * values[b, row] if row >= 0 else 0.0)
+      targets[b, i] = min(max(raw, 0.0), 1.0)
+      clipped[b, i] = raw > 1.0 or raw < 0.0
+  return targets, clipped
+
+
+def np_turn_rewards(batch):
+  """Reward from token i to the end of its turn: explicit walk along the turn's tokens."""
+  out = np.zeros(batch["rewards"].shape)
+  mask, turn = batch["action_mask"], batch["turn_index"]
+  for b in range(out.shape[0]):
+    for i in range(out.shape[1]):
+      if not mask[b, i]:
+        continue
+      total, factor, j = 0.0, 1.0, i
+      while True:
+        total += factor * batch["rewards"][b, j]
+        nxt = j + 1
+        if (nxt < out.shape[1] and mask[b, nxt] and turn[b, nxt] == turn[b, i]
+            and batch["segment_ids"][b, nxt] == batch["segment_ids"][b, i]):
+          factor *= batch["discounts"][b, j]
+          j = nxt
+        else:
+          break
+      out[b, i] = total
+  return out
+
+
+def np_wce(z, label, w, vocab, dummy=None):
+  lp = np_log_softmax_real(z, vocab)
+  if dummy is None:
+    others = [a for a in range(vocab) if a != label]
+    return -(w * lp[label] + (1 - w) / (vocab - 1) * sum(lp[a] for a in others))
+  return -(w * lp[label] + (1 - w) * lp[dummy])
+
+
+def np_soft_target(label, w, vocab, v_pad, dummy=None):
+  t = np.zeros(v_pad)
+  if dummy is None:
+    t[:vocab] = (1 - w) / (vocab - 1)
+    t[label] = w
+  else:
+    t[dummy] += 1 - w
+    t[label] += w
+  return t
+
+
+def np_softmax_real(z, vocab, v_pad):
+  p = np.zeros(v_pad)
+  p[:vocab] = np.exp(np_log_softmax_real(z, vocab))
+  return p
+
+
+# ------------------------------------------------------------------ values and targets
+
+
+def random_logits(rng, shape, scale=2.0):
+  z = rng.normal(size=shape + (V_PAD,)) * scale
+  z[..., VOCAB:] = rng.normal(size=shape + (V_PAD - VOCAB,)) * 50 + 30  # junk in padded columns
+  return z.astype(np.float32)
+
+
+@pytest.mark.parametrize("support_min", [0.0, 1e-2, 0.05])
+def test_bellman_values_match_numpy(support_min):
+  rng = np.random.default_rng(0)
+  z_bar, z_phi = random_logits(rng, (3, 7)), random_logits(rng, (3, 7), scale=3.0)
+  got = losses.bellman_values(z_bar, z_phi, VOCAB, support_min)
+  np.testing.assert_allclose(got, np_values(z_bar, z_phi, VOCAB, support_min), rtol=2e-5)
+  assert got.dtype == jnp.float32 and got.shape == (3, 7)
+
+
+def test_bellman_values_support_fallback_and_cap():
+  # support_min above every probability: only the behaviour's most likely token counts.
+  z_phi = np.zeros((1, V_PAD), np.float32)
+  z_phi[0, 4] = 0.5  # most likely, but below 0.9
+  z_bar = np.zeros((1, V_PAD), np.float32)
+  z_bar[0, 7] = 10.0
+  lp_bar, lp_phi = np_log_softmax_real(z_bar, VOCAB), np_log_softmax_real(z_phi, VOCAB)
+  got = losses.bellman_values(z_bar, z_phi, VOCAB, support_min=0.9)
+  np.testing.assert_allclose(got, np.exp(lp_bar[:, 4] - lp_phi[:, 4]), rtol=1e-5)
+  # with the threshold off, the unsupported token 7 wins
+  got0 = losses.bellman_values(z_bar, z_phi, VOCAB, support_min=0.0)
+  np.testing.assert_allclose(got0, np.exp(lp_bar[:, 7] - lp_phi[:, 7]), rtol=1e-5)
+  # an enormous ratio stays finite and gives a clipped target of 1; a zero discount silences it
+  z_phi2 = np.zeros((1, V_PAD), np.float32)
+  z_phi2[0, 3] = -200.0
+  z_bar2 = np.zeros((1, V_PAD), np.float32)
+  z_bar2[0, 3] = 200.0
+  v = losses.bellman_values(z_bar2, z_phi2, VOCAB, 0.0)
+  assert np.isfinite(v).all() and v[0] > 1e30
+  values = jnp.concatenate([v, jnp.zeros(1)])[None]  # row 0 has the huge value
+  targets, clipped = losses.bellman_targets(values, jnp.array([[0.2, 0.0]]), jnp.array([[1.0, 0.0]]),
+                                            jnp.array([[0, 0]]), jnp.array([[True, True]]))
+  np.testing.assert_array_equal(targets, [[1.0, 0.0]])
+  np.testing.assert_array_equal(clipped, [[True, False]])
+  with pytest.raises(ValueError, match="support_min"):
+    losses.bellman_values(z_bar, z_phi, VOCAB, -1.0)
+
+
+def test_bellman_targets_match_numpy_on_packed_episodes():
+  rng = np.random.default_rng(1)
+  batch = mdp_utils.random_batch(rng, num_rows=6, length=40, vocab_size=VOCAB)
+  assert (~batch["done"] & batch["action_mask"]).any(), "need truncated episodes"
+  assert (batch["next_action_row"][batch["action_mask"]] == -1).any(), "need done episodes"
+  crosses = batch["action_mask"] & (batch["next_action_row"] >= 0) & (
+      batch["next_action_row"] != np.arange(40)[None])
+  assert crosses.any(), "need turn boundaries"
+  values = rng.uniform(0, 1.2, size=(6, 40)).astype(np.float32)
+  got_t, got_c = losses.bellman_targets(values, batch["rewards"], batch["discounts"],
+                                        batch["next_action_row"], batch["action_mask"])
+  want_t, want_c = np_targets(values, batch["rewards"], batch["discounts"], batch["next_action_row"],
+                              batch["action_mask"])
+  np.testing.assert_allclose(got_t, want_t, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(got_c, want_c)
+  assert want_c.any() and not want_c.all()
+
+
+def test_compute_targets_turn_and_ones_modes():
+  rng = np.random.default_rng(2)
+  batch = mdp_utils.random_batch(rng, num_rows=6, length=40, vocab_size=VOCAB)
+  values = rng.uniform(0, 1.1, size=(6, 40)).astype(np.float32)
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  # per-turn: the reward to the end of the turn, bootstrapped from the next turn's first action
+  turn_r = np_turn_rewards(batch)
+  np.testing.assert_allclose(
+      losses.turn_rewards(jbatch["rewards"], jbatch["discounts"], jbatch["next_action_row"],
+                          jbatch["action_mask"], jbatch["turn_index"]), turn_r, rtol=1e-6, atol=1e-7)
+  want_t, want_c = np_targets(values, turn_r, batch["turn_discounts"], batch["next_turn_row"],
+                              batch["action_mask"])
+  got_t, got_c = losses.compute_targets(values, jbatch, "turn")
+  np.testing.assert_allclose(got_t, want_t, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(got_c, want_c)
+  # with gamma_token = 1 and one reward per turn, the two modes agree on each turn's last token
+  got_tok, _ = losses.compute_targets(values, jbatch, "token")
+  last = batch["action_mask"] & (batch["next_action_row"] != np.arange(40)[None])
+  np.testing.assert_allclose(np.asarray(got_tok)[last], np.asarray(got_t)[last], rtol=1e-6)
+  ones_t, ones_c = losses.compute_targets(values, jbatch, "ones")
+  np.testing.assert_array_equal(ones_t, batch["action_mask"].astype(np.float32))
+  assert not np.asarray(ones_c).any()
+  with pytest.raises(ValueError, match="targets mode"):
+    losses.compute_targets(values, jbatch, "nstep")
+
+
+# ------------------------------------------------------------------ per-token WCE / BC
+
+
+@pytest.mark.parametrize("dummy", [None, 11])
+def test_wce_value_and_gradient_match_numpy(dummy):
+  rng = np.random.default_rng(3)
+  z = random_logits(rng, (4, 5))
+  labels = rng.integers(0, VOCAB, size=(4, 5))
+  labels[0, 0] = dummy if dummy is not None else 0  # the label may be the dummy token itself
+  w = rng.uniform(size=(4, 5)).astype(np.float32)
+  got = losses.wce_per_token(z, labels, w, VOCAB, dummy_token=dummy)
+  grad = jax.grad(lambda z: jnp.sum(losses.wce_per_token(z, labels, w, VOCAB, dummy_token=dummy)))(z)
+  for idx in np.ndindex(4, 5):
+    np.testing.assert_allclose(got[idx], np_wce(z[idx], labels[idx], w[idx], VOCAB, dummy), rtol=2e-5)
+    want_g = np_softmax_real(z[idx], VOCAB, V_PAD) - np_soft_target(labels[idx], w[idx], VOCAB, V_PAD, dummy)
+    np.testing.assert_allclose(grad[idx], want_g, atol=2e-6)
+    assert np.all(np.asarray(grad[idx])[VOCAB:] == 0)  # padded columns get no gradient
+  np.testing.assert_allclose(
+      losses.soft_targets(labels, w, V_PAD, VOCAB, dummy),
+      np.stack([np_soft_target(labels[i], w[i], VOCAB, V_PAD, dummy) for i in np.ndindex(4, 5)]).reshape(4, 5, V_PAD),
+      atol=1e-7)
+
+
+def test_bc_is_cross_entropy():
+  rng = np.random.default_rng(4)
+  z = random_logits(rng, (3, 4))
+  labels = rng.integers(0, VOCAB, size=(3, 4))
+  want = -np.take_along_axis(np_log_softmax_real(z, VOCAB), labels[..., None], -1)[..., 0]
+  np.testing.assert_allclose(losses.bc_per_token(z, labels, VOCAB), want, rtol=2e-5)
+
+
+# ------------------------------------------------------------------ chunked drivers
+
+
+def make_driver_inputs(rng, b=3, length=37, d=8, dtype=np.float32):
+  batch = mdp_utils.random_batch(rng, num_rows=b, length=length, vocab_size=VOCAB)
+  hidden = rng.normal(size=(b, length, d)).astype(dtype)
+  unembed = (rng.normal(size=(d, V_PAD)) * 0.7).astype(np.float32)
+  targets = rng.uniform(size=(b, length)).astype(np.float32)
+  return batch, hidden, unembed, targets
+
+
+def np_chunk_reference(batch, hidden, unembed, targets, dummy):
+  """Loss, d loss/d hidden, d loss/d unembed of the WCE over action tokens, dense in numpy."""
+  h = hidden.astype(np.float64)
+  z = h @ unembed.astype(np.float64)
+  n = max(batch["action_mask"].sum(), 1)
+  loss, dz = 0.0, np.zeros_like(z)
+  bsz, length = batch["tokens"].shape
+  for b in range(bsz):
+    for i in range(1, length):  # token i through row i - 1
+      if batch["action_mask"][b, i]:
+        x, w = batch["tokens"][b, i], targets[b, i]
+        loss += np_wce(z[b, i - 1], x, w, VOCAB, dummy) / n
+        dz[b, i - 1] = (np_softmax_real(z[b, i - 1], VOCAB, V_PAD)
+                        - np_soft_target(x, w, VOCAB, V_PAD, dummy)) / n
+  return loss, dz @ unembed.T.astype(np.float64), h.reshape(-1, h.shape[-1]).T @ dz.reshape(-1, V_PAD)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, 64])
+@pytest.mark.parametrize("dummy", [None, 12])
+def test_chunked_wce_matches_dense_numpy(chunk_size, dummy):
+  rng = np.random.default_rng(5)
+  batch, hidden, unembed, targets = make_driver_inputs(rng)
+  n = losses.action_token_count(batch["action_mask"])
+
+  def loss_fn(h, u):
+    return losses.chunked_wce_loss(
+        h, u, losses.to_rows(batch["tokens"]), losses.to_rows(targets),
+        losses.to_rows(batch["action_mask"], False), n, vocab_size=VOCAB, chunk_size=chunk_size,
+        dummy_token=dummy)
+
+  (loss, logp), grads = jax.jit(jax.value_and_grad(loss_fn, (0, 1), has_aux=True))(hidden, unembed)
+  want_loss, want_dh, want_du = np_chunk_reference(batch, hidden, unembed, targets, dummy)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(grads[0], want_dh, atol=1e-6)
+  np.testing.assert_allclose(grads[1], want_du, atol=1e-6)
+  assert np.all(np.asarray(grads[1])[:, VOCAB:] == 0)
+  # the forward-only path (no custom VJP involved) gives the same loss and log-probs
+  loss2, logp2 = jax.jit(loss_fn)(hidden, unembed)
+  np.testing.assert_allclose(loss2, loss, rtol=1e-6)
+  np.testing.assert_allclose(logp2, logp, rtol=1e-6)
+  z = hidden.astype(np.float64) @ unembed
+  lp = np_log_softmax_real(z, VOCAB)
+  want_logp = np.take_along_axis(lp, losses.to_rows(batch["tokens"])[..., None].__array__(), -1)[..., 0]
+  np.testing.assert_allclose(logp, want_logp, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_wce_second_order_cotangent_and_bf16_hidden():
+  rng = np.random.default_rng(6)
+  batch, hidden, unembed, targets = make_driver_inputs(rng, length=20)
+  n = losses.action_token_count(batch["action_mask"])
+  args = (losses.to_rows(batch["tokens"]), losses.to_rows(targets), losses.to_rows(batch["action_mask"], False))
+
+  def loss_fn(h, u, scale):
+    return scale * losses.chunked_wce_loss(h, u, *args, n, vocab_size=VOCAB, chunk_size=6)[0]
+
+  # the upstream cotangent (here 2.5) multiplies the stored gradient
+  g = jax.grad(loss_fn, (0, 1))(hidden, unembed, 2.5)
+  g1 = jax.grad(loss_fn, (0, 1))(hidden, unembed, 1.0)
+  np.testing.assert_allclose(g[0], 2.5 * np.asarray(g1[0]), rtol=1e-6)
+  # bf16 hidden states: gradient dtype follows the input, values close to the f32 computation
+  gb = jax.grad(loss_fn, (0, 1))(jnp.asarray(hidden, jnp.bfloat16), unembed, 1.0)
+  assert gb[0].dtype == jnp.bfloat16 and gb[1].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(gb[0], np.float32), g1[0], atol=3e-3)
+
+
+def test_chunked_bellman_values_match_numpy():
+  rng = np.random.default_rng(7)
+  b, length, d = 2, 19, 6
+  h_bar, h_phi = rng.normal(size=(2, b, length, d)).astype(np.float32)
+  u_bar, u_phi = (rng.normal(size=(2, d, V_PAD)) * 0.8).astype(np.float32)
+  labels = rng.integers(0, VOCAB, size=(b, length))
+  z_bar, z_phi = h_bar @ u_bar, h_phi @ u_phi
+  want_v = np_values(z_bar, z_phi, VOCAB, 0.02)
+  want_lp = np.take_along_axis(np_log_softmax_real(z_phi, VOCAB), labels[..., None], -1)[..., 0]
+  for chunk in (1, 4, 19, 50):
+    v, lp_phi, lp_bar = losses.chunked_bellman_values(
+        h_bar, u_bar, h_phi, u_phi, labels, vocab_size=VOCAB, support_min=0.02, chunk_size=chunk)
+    np.testing.assert_allclose(v, want_v, rtol=3e-5)
+    np.testing.assert_allclose(lp_phi, want_lp, rtol=1e-5, atol=1e-5)
+    want_bar = np.take_along_axis(np_log_softmax_real(z_bar, VOCAB), labels[..., None], -1)[..., 0]
+    np.testing.assert_allclose(lp_bar, want_bar, rtol=1e-5, atol=1e-5)
+
+
+def test_qsft_loss_end_to_end_matches_numpy():
+  """values from (theta_bar, phi) -> targets at next-action rows -> WCE on theta, all in numpy."""
+  rng = np.random.default_rng(8)
+  batch, h_theta, u_theta, _ = make_driver_inputs(rng, b=4, length=30)
+  h_bar, h_phi = rng.normal(size=(2,) + h_theta.shape).astype(np.float32)
+  u_bar, u_phi = (rng.normal(size=(2,) + u_theta.shape) * 0.5).astype(np.float32)
+  n = losses.action_token_count(batch["action_mask"])
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+  def loss_fn(h, u):
+    return losses.qsft_loss(h, u, h_bar, u_bar, h_phi, u_phi, jbatch, n, vocab_size=VOCAB,
+                            support_min=1e-3, chunk_size=7)
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(h_theta, u_theta)
+  values = np_values(h_bar @ u_bar, h_phi @ u_phi, VOCAB, 1e-3)
+  targets, clipped = np_targets(values, batch["rewards"], batch["discounts"], batch["next_action_row"],
+                                batch["action_mask"])
+  np.testing.assert_allclose(aux["targets"], targets, rtol=2e-5, atol=1e-6)
+  np.testing.assert_array_equal(aux["clipped"], clipped)
+  want_loss, want_dh, want_du = np_chunk_reference(batch, h_theta, u_theta, targets, None)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(grads[0], want_dh, atol=2e-6)
+  np.testing.assert_allclose(grads[1], want_du, atol=2e-6)
+
+
+def test_driver_shape_errors():
+  h = jnp.zeros((2, 5, 4))
+  u = jnp.zeros((4, V_PAD))
+  bad = jnp.zeros((2, 6))
+  with pytest.raises(ValueError, match="row_labels"):
+    losses.chunked_wce_loss(h, u, bad, jnp.zeros((2, 5)), jnp.zeros((2, 5)), 1.0, vocab_size=VOCAB)
+  with pytest.raises(ValueError, match="vocab_size"):
+    losses.wce_per_token(jnp.zeros((2, V_PAD)), jnp.zeros(2, int), jnp.zeros(2), V_PAD + 1)
+  with pytest.raises(ValueError, match="dummy_token"):
+    losses.wce_per_token(jnp.zeros((2, V_PAD)), jnp.zeros(2, int), jnp.zeros(2), VOCAB, dummy_token=VOCAB)
