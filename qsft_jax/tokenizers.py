@@ -132,18 +132,18 @@ class HFTokenizer:
 
     @classmethod
     def from_folder(cls, path: str) -> "HFTokenizer":
-        from transformers import AutoTokenizer
-
         if not os.path.isdir(path):
             raise FileNotFoundError(f"hf tokenizer folder not found: {path}")
+        from transformers import AutoTokenizer  # slow import, only once a folder is there
+
         return cls(AutoTokenizer.from_pretrained(path, local_files_only=True), name=path)
 
     @classmethod
     def from_gguf(cls, path: str) -> "HFTokenizer":
-        from transformers import AutoTokenizer
-
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file not found: {path}")
+        from transformers import AutoTokenizer
+
         folder, name = os.path.split(os.path.abspath(path))
         return cls(AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True), name=path)
 
