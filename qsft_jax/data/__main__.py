@@ -1,5 +1,6 @@
 """Command line: ``python -m qsft_jax.data validate PATH... [options]`` and
-``python -m qsft_jax.data build BUILDER_DIR --data_dir=DIR [--config NAME] [--gen KEY=VALUE ...]``.
+``python -m qsft_jax.data build BUILDER_DIR --data_dir=DIR [--config NAME] [--manual_dir JSONL_DIR]
+[--gen KEY=VALUE ...]`` (prepares a TFDS dataset as array_record without TensorFlow; prints its directory).
 
 validate prints every problem as ``FILE:LINE: field: message``, then a summary; exit status 1 when any
 episode is invalid or when no episode is kept (truncated or dropped over-long episodes are reported
@@ -49,7 +50,11 @@ def _build(args) -> int:
             print(f"error: --gen expects KEY=VALUE, got {item!r}", file=sys.stderr)
             return 1
         gen_kwargs[key] = value
-    path = build_dataset(args.builder, data_dir=args.data_dir, config=args.config, **gen_kwargs)
+    try:
+        path = build_dataset(args.builder, data_dir=args.data_dir, config=args.config, manual_dir=args.manual_dir, overwrite=args.overwrite, **gen_kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 
@@ -70,7 +75,9 @@ def main(argv=None) -> int:
     b.add_argument("builder", help="builder directory (data/maze, data/jsonl_episodes, ...)")
     b.add_argument("--data_dir", "--data-dir", required=True)
     b.add_argument("--config", default=None, help="builder config name")
-    b.add_argument("--gen", action="append", help="KEY=VALUE passed to the builder (e.g. path=DIR for jsonl_episodes)")
+    b.add_argument("--manual_dir", "--manual-dir", default=None, help="the JSONL directory, for data/jsonl_episodes")
+    b.add_argument("--overwrite", action="store_true", help="rebuild even if the dataset is already prepared")
+    b.add_argument("--gen", action="append", help="KEY=VALUE overriding a config field (num_train=100, options='{...}')")
     b.set_defaults(func=_build)
     args = parser.parse_args(argv)
     return args.func(args)

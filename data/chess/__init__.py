@@ -1,0 +1,1 @@
+"""TFDS builder for generated chess episodes (see chess_dataset_builder.py)."""

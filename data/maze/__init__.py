@@ -1,0 +1,1 @@
+"""TFDS builder for generated maze episodes (see maze_dataset_builder.py)."""

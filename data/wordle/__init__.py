@@ -1,0 +1,1 @@
+"""TFDS builder for generated wordle episodes (see wordle_dataset_builder.py)."""
