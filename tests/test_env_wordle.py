@@ -1,7 +1,6 @@
 """Wordle: feedback against an independent counting reference, the word lists, rewards, termination."""
 import itertools
 import random
-from collections import Counter
 
 import pytest
 

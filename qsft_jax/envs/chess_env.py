@@ -170,6 +170,8 @@ class ChessEnv(TextEnv):
         self._rng = random.Random(seed)
         self._game_token = object()  # a new game for python-chess: ucinewgame, hash cleared
         opponent_move = self._opponent_moves() if self.board.turn != self.agent_color else None
+        if self._game_over_result() is not None:
+            raise ValueError(f"chess: the game from start_fen ended with the opponent's first move {opponent_move}")
         return self.prompt + self._state_text(opponent_move)
 
     def _game_over_result(self) -> str | None:
