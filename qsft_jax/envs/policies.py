@@ -201,6 +201,9 @@ class ChessPaperPolicy(BehaviourPolicy):
     ``random_choices`` (uniformly, from the generator's seed); per move: a uniformly random legal move
     with that probability, else Stockfish's move after that many nodes. Searches are deterministic (see
     chess_env), so the dataset is reproducible from its seed, unlike Stockfish's Skill Level.
+    Against the default opponent (200 nodes): mean return 0.20 (success 0.20), about 43 agent moves
+    per game, 4.8 episodes/s on a loaded 2-core machine (``python -m qsft_jax.envs.generate --task
+    chess --episodes 100 --seed 0 --out C.jsonl``).
     """
 
     task, name = "chess", "paper"
