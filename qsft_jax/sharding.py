@@ -15,7 +15,7 @@ dimension is replicated instead of failing. Unassigned dimensions are replicated
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from qsft_jax.models.config import ModelConfig
+if TYPE_CHECKING:  # qsft_jax.models imports this module; avoid the import cycle
+  from qsft_jax.models.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
