@@ -8,6 +8,9 @@ Every tokenizer offers:
   table may be padded beyond it;
 - ``bos_id``, ``eos_id``, ``pad_id``: ints.
 
+Optional, for speed: ``encode_pieces(texts) -> (ids [sum n_j], lengths [J])`` encodes several texts
+separately in one call (the data layer falls back to ``encode`` per text).
+
 ``CharTokenizer`` is for games trained from scratch (pad=0, bos=1, eos=2, unk=3, then one id per
 character). ``HFTokenizer`` wraps a transformers tokenizer loaded from a local folder or a GGUF file.
 ``load_tokenizer(spec)`` builds either from a string spec (see its docstring).
@@ -82,6 +85,13 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
+    def encode_pieces(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes texts separately, in one call: (concatenated ids int32 [sum n_j], lengths int64 [J]).
+
+        One character is one token, so the concatenation is encoded at once.
+        """
+        return self.encode_array("".join(texts)), np.array([len(t) for t in texts], dtype=np.int64)
+
     def decode(self, ids: Sequence[int]) -> str:
         out = []
         for i in ids:
@@ -149,6 +159,15 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
+
+    def encode_pieces(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes texts separately (one batched call): (concatenated ids int32 [sum n_j], lengths int64 [J])."""
+        if not texts:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
+        pieces = self.hf(list(texts), add_special_tokens=False)["input_ids"]
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        ids = np.fromiter((i for p in pieces for i in p), dtype=np.int32, count=int(lengths.sum()))
+        return ids, lengths
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode([int(i) for i in ids])

@@ -29,6 +29,8 @@ def test_char_tokenizer_unknown_characters_and_explicit_alphabet(tmp_path):
     assert tok.vocab_size == 7
     assert tok.encode("ab\nc\u00e9\U0001F600") == [4, 5, 6, 3, 3, 3]  # one unk per unknown code point
     np.testing.assert_array_equal(tok.encode_array("ba"), np.array([5, 4], dtype=np.int32))
+    ids, lengths = tok.encode_pieces(["ab", "", "c\n"])
+    assert ids.tolist() == tok.encode("ab") + tok.encode("c\n") and lengths.tolist() == [2, 0, 2]
     assert tok.encode("") == []
     path = str(tmp_path / "tok.json")
     tok.save(path)
@@ -88,6 +90,10 @@ def test_smollm2_gguf_tokenizer_matches_gguf_vocabulary(smollm2):
     assert smollm2.bos_id not in ids  # no special tokens added
     assert bytes(byte_of[c] for i in ids for c in vocab[i]).decode("utf-8") == text
     assert smollm2.decode(ids) == text
+    pieces = ["Wordle.\n", "crane\n", "", " b y\n"]
+    ids, lengths = smollm2.encode_pieces(pieces)
+    assert lengths.tolist() == [len(smollm2.encode(p)) for p in pieces]
+    assert ids.tolist() == [i for p in pieces for i in smollm2.encode(p)]
 
 
 def test_hf_folder_round_trip(smollm2, tmp_path):

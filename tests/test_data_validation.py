@@ -9,7 +9,6 @@ import pytest
 
 from qsft_jax.data import DataConfig, EpisodeError, load_episodes, validate_paths
 from qsft_jax.data.episodes import parse_episode, resolve_paths
-from qsft_jax.tokenizers import CharTokenizer
 
 BAD_DIR = os.path.join(os.path.dirname(__file__), "data_bad")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,9 +115,11 @@ def test_paths_file_glob_directory(tmp_path):
 
 
 def test_action_that_encodes_to_nothing_is_an_error():
-    class DropsEverything(CharTokenizer):
-        def encode_array(self, text):
-            return super().encode_array("")
+    class DropsEverything:  # a tokenizer without encode_pieces: exercises the per-text fallback too
+        vocab_size, bos_id, eos_id, pad_id = 8, 1, 2, 0
+
+        def encode(self, text):
+            return [4] if text == "a" else []
 
     ep = {"turns": [{"text": "a", "action": False}, {"text": "b", "action": True}], "done": True}
     from qsft_jax.data.loading import EpisodeProcessor

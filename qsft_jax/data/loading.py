@@ -13,7 +13,8 @@ Data config fields (``DataConfig``; a dict or ``ml_collections.ConfigDict`` with
 - ``gamma`` (across turns), ``gamma_token`` (inside an utterance);
 - ``observation_template``, ``action_template``: format strings with ``{text}``;
 - ``shuffle_seed``; ``num_epochs`` (None = repeat forever); ``num_workers`` (grain worker processes, 0 =
-  in-process).
+  in-process); ``read_threads`` (grain reader threads per process: 0 for in-memory JSONL, where threads
+  only contend for the GIL; a few for array_record files on slow disks).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class DataConfig:
     shuffle_seed: int = 0
     num_epochs: int | None = 1
     num_workers: int = 0
+    read_threads: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "reward_transform", RewardTransform.from_config(self.reward_transform))

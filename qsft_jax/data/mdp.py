@@ -99,32 +99,35 @@ class TokenizedEpisode:
         return len(self.tokens)
 
 
-def _encode(tokenizer, text: str) -> np.ndarray:
-    encode_array = getattr(tokenizer, "encode_array", None)  # CharTokenizer: one numpy gather
-    if encode_array is not None:
-        return encode_array(text)
-    return np.asarray(tokenizer.encode(text), dtype=np.int32)
+def encode_turns(tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each text encoded on its own: (concatenated ids int32 [sum n_j], lengths int64 [J])."""
+    encode_pieces = getattr(tokenizer, "encode_pieces", None)  # one call for all turns, when offered
+    if encode_pieces is not None:
+        ids, lengths = encode_pieces(texts)
+        return np.asarray(ids, dtype=np.int32), np.asarray(lengths, dtype=np.int64)
+    pieces = [np.asarray(tokenizer.encode(t), dtype=np.int32) for t in texts]
+    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)), lengths
 
 
 def tokenize_episode(
     episode: Episode, turn_rewards: np.ndarray, tokenizer, config: MDPConfig
 ) -> tuple[TokenizedEpisode | None, list[Problem]]:
     """Encodes each turn separately behind one BOS. turn_rewards: float [T] (already transformed)."""
-    pieces = [np.array([tokenizer.bos_id], dtype=np.int32)]
-    problems = []
-    for j, turn in enumerate(episode.turns):
-        template = config.action_template if turn.action else config.observation_template
-        ids = _encode(tokenizer, template.format(text=turn.text))
-        if turn.action and len(ids) == 0:
-            problems.append(Problem(episode.file, episode.line, f"turns[{j}].text", "action text encodes to no tokens"))
-        pieces.append(ids)
+    texts = [(config.action_template if t.action else config.observation_template).format(text=t.text) for t in episode.turns]
+    ids, lengths = encode_turns(tokenizer, texts)
+    is_action = np.array([t.action for t in episode.turns], dtype=bool)
+    problems = [
+        Problem(episode.file, episode.line, f"turns[{j}].text", "action text encodes to no tokens")
+        for j in np.flatnonzero(is_action & (lengths == 0))
+    ]
     if problems:
         return None, problems
     return (
         TokenizedEpisode(
-            tokens=np.concatenate(pieces).astype(np.int32),
-            turn_lengths=np.array([len(p) for p in pieces[1:]], dtype=np.int64),
-            turn_is_action=np.array([t.action for t in episode.turns], dtype=bool),
+            tokens=np.concatenate([np.array([tokenizer.bos_id], dtype=np.int32), ids]),
+            turn_lengths=lengths,
+            turn_is_action=is_action,
             turn_rewards=np.asarray(turn_rewards, dtype=np.float64),
             done=episode.done,
         ),

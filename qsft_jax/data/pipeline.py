@@ -204,7 +204,8 @@ def make_dataset(
     ds = ds.shuffle(seed=seed).repeat(config.num_epochs)
     ds = ds.map(_ProcessRecord(config, tokenizer, stats if stats is not None else PipelineStats()))
     it_ds = PackIterDataset(
-        ds.to_iter_dataset(allow_nones=True),  # None = dropped episode; the packer skips it
+        # None = dropped episode; the packer skips it.
+        ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads), allow_nones=True),
         window=config.pack_window,
         max_length=config.max_length,
         pad_id=tokenizer.pad_id,
