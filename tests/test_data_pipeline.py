@@ -116,3 +116,17 @@ def test_bad_arguments():
         make_train_iterator(DataConfig(path="x"), TOK, process_index=2, process_count=2, batch_size_per_process=1)
     with pytest.raises(ValueError, match="data.path: empty"):
         make_train_iterator(DataConfig(), TOK, batch_size_per_process=1)
+
+
+@pytest.mark.slow  # starts grain worker processes twice (~15-20 s on 2 busy cores)
+def test_worker_processes_are_deterministic_and_resumable(jsonl):
+    cfg = DataConfig(path=jsonl, max_length=96, pack_window=8, num_epochs=2, num_workers=2)
+    uninterrupted = list(make_train_iterator(cfg, TOK, batch_size_per_process=4))
+    names = [n for b in uninterrupted for n in episode_names(b)]
+    assert sorted(names) == sorted(list(range(NUM_EPISODES)) * 2)
+    it = make_train_iterator(cfg, TOK, batch_size_per_process=4)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(iterator_state(it)))
+    resumed = restore_iterator(make_train_iterator(cfg, TOK, batch_size_per_process=4), state)
+    assert_batches_equal(list(resumed), uninterrupted[5:])

@@ -15,6 +15,10 @@ Order of the stages and why:
    iterator yields exactly the batches an uninterrupted one would.
 5. ``batch(batch_size_per_process, drop_remainder=True)`` with ``mdp.stack_rows``.
 
+6. Optionally (``num_workers > 0``) grain's ``mp_prefetch`` runs stages 1-5 in worker processes, each on
+   its own slice, and interleaves their batches: deterministic and resumable for a fixed num_workers, but a
+   different order than in-process, and changing num_workers changes the order.
+
 Checkpointing: ``iterator_state(it)`` returns a JSON-serialisable dict (``it.get_state()``) that the
 trainer stores (e.g. in orbax as a JSON item), ``restore_iterator(it, state)`` calls ``it.set_state``.
 """
@@ -213,6 +217,10 @@ def make_dataset(
     )
     it_ds = it_ds.batch(batch_size_per_process, drop_remainder=True, batch_fn=mdp.stack_rows)
     if config.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
     return it_ds
 
