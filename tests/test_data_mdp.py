@@ -291,6 +291,15 @@ def test_transform_spec_parsing_and_errors():
         RewardTransform.from_config("affine:0,1").horizon(1.0)
     with pytest.raises(ValueError, match="unknown fields"):
         DataConfig.from_config({"max_length": 8, "gama": 0.9})
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"path": ["a.jsonl", "b.jsonl"], "max_length": 64, "gamma": 0.95,
+                                     "reward_transform": {"kind": "terminal_return", "low": -20.0, "high": 0.0}})
+    data = DataConfig.from_config(cfg, shuffle_seed=3)
+    assert data.path == ("a.jsonl", "b.jsonl") and data.shuffle_seed == 3 and data.mdp.gamma == 0.95
+    assert data.reward_transform == RewardTransform("terminal_return", -20.0, 0.0)
+    with pytest.raises(ValueError, match="overlong"):
+        DataConfig(overlong="cut")
 
 
 def test_token_level_return_check_with_gamma_token():

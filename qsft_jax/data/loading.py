@@ -4,8 +4,10 @@ length -> arrays) shared by the validator, ``load_episodes`` and the grain pipel
 Data config fields (``DataConfig``; a dict or ``ml_collections.ConfigDict`` with these keys works too):
 
 - ``path``: JSONL file, glob, directory, or a list of them (source = "jsonl");
-- ``source``: "jsonl" or "tfds"; for tfds: ``tfds_name`` (a dataset name registered by importing its
-  builder, or a builder directory such as ``data/maze``), ``tfds_data_dir``, ``split`` (default "train");
+- ``source``: "jsonl" or "tfds"; for tfds: ``tfds_name`` (a prepared dataset under ``tfds_data_dir``:
+  ``NAME``, ``NAME/CONFIG`` or ``NAME/CONFIG/VERSION``, or the prepared directory itself; build it first
+  with ``python -m qsft_jax.data build data/NAME --data_dir=DIR``), ``tfds_data_dir``, ``split`` (default
+  "train");
 - ``max_length`` (L, row length, BOS included), ``overlong``: "truncate" | "drop";
 - ``pack``: first-fit several episodes per row (True) or one episode per row (False); ``pack_window``:
   episodes considered together by first-fit (larger = fuller rows, more memory);
