@@ -53,8 +53,14 @@ def main(argv=None) -> dict:
     folder = tempfile.mkdtemp(prefix="qsft_input_bench_")
     path = os.path.join(folder, f"{args.task}.jsonl")
     write_jsonl(path, episodes_for(args.task, args.episodes, seed=0))
-    # Maze rewards are -1 per step: a transform maps them into [0, 1], as a real run would configure.
-    transform = "terminal_return:-40,0" if args.task == "maze" else "none"
+    # Maze rewards are negative per move: the normalised terminal return over the environment's declared
+    # return bounds maps them into [0, 1], as a real run would configure.
+    transform = "none"
+    if args.task == "maze":
+        from qsft_jax.envs import make_env
+
+        low, high = make_env("maze").return_bounds
+        transform = f"terminal_return:{low},{high}"
     config = DataConfig(
         path=path, max_length=args.max_length, pack=True, pack_window=args.pack_window, num_epochs=args.epochs,
         reward_transform=transform, num_workers=args.num_workers,
