@@ -399,6 +399,12 @@ def _gguf_field(reader, key: str, file: str, default: Any = ...) -> Any:
   return field.contents()
 
 
+def _float32_field(value) -> float:
+  """GGUF stores these floats as float32: take the shortest decimal that rounds to the same float32
+  (1e-05, not 9.999999747378752e-06), which is the value the original config held."""
+  return float(str(np.float32(value)))
+
+
 def _gguf_hf_config(reader, file: str, tensor_names: set[str]) -> dict:
   """The GGUF architecture metadata as a Hugging Face config.json dict."""
   arch = _gguf_field(reader, "general.architecture", file)
@@ -426,8 +432,8 @@ def _gguf_hf_config(reader, file: str, tensor_names: set[str]) -> dict:
       "head_dim": int(head_dim),
       "intermediate_size": int(get("feed_forward_length")),
       "max_position_embeddings": int(get("context_length")),
-      "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-      "rope_theta": float(get("rope.freq_base", 10000.0)),
+      "rms_norm_eps": _float32_field(get("attention.layer_norm_rms_epsilon")),
+      "rope_theta": _float32_field(get("rope.freq_base", 10000.0)),
       "tie_word_embeddings": "output.weight" not in tensor_names,
       "attention_bias": "blk.0.attn_q.bias" in tensor_names,
   }
@@ -497,7 +503,9 @@ def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
   """A transformers-loadable config.json dict for `config`: GPT2LMHeadModel (gpt2),
   Qwen2ForCausalLM (llama family with qkv_bias: q/k/v biases only), else LlamaForCausalLM."""
   c = config
-  special = {}
+  # Without a tokenizer the ids are unknown; None keeps transformers from assuming its defaults
+  # (GPT-2's 50256 would lie outside a small vocabulary).
+  special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
   if tokenizer is not None:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
       if getattr(tokenizer, key, None) is not None:
