@@ -309,3 +309,13 @@ def test_token_level_return_check_with_gamma_token():
     outcome = EpisodeProcessor(DataConfig(max_length=16, gamma_token=0.1), TOK)(ep, "f", 3)
     assert outcome.status == "invalid"
     assert "token-level return-to-go -0.4 at token 2" in str(outcome.problems[0])
+
+
+def test_turn_templates_wrap_each_turn():
+    cfg = config(pack=False, observation_template="{text}\n", action_template="z{text}")
+    batch = episodes_to_batch([{"turns": [obs("x"), act("ab", 1.0)], "done": True}], cfg, TOK)
+    np.testing.assert_array_equal(batch["tokens"][0, :6], [1, 7, 10, 9, 4, 5])  # BOS x \n | z a b
+    np.testing.assert_array_equal(batch["action_mask"][0, :6], [0, 0, 0, 1, 1, 1])
+    np.testing.assert_allclose(batch["rewards"][0, :6], [0, 0, 0, 0, 0, 1.0])
+    with pytest.raises(ValueError, match="must contain"):
+        config(action_template="no text")

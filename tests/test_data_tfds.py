@@ -117,3 +117,12 @@ def test_task_builders_store_the_generated_episodes(task, num, tmp_path):
     assert sorted(normalised(e) for e in stored) == sorted(normalised(e) for e in expected)
     validation = [json.loads(r["episode"]) for r in load_data_source(out, split="validation")]
     assert [normalised(e) for e in validation] == [normalised(e) for e in generate_episodes(task, 1, 1)]
+
+
+def test_same_file_name_in_two_folders(tmp_path):
+    manual = tmp_path / "manual"
+    for sub, seed in (("a", 1), ("b", 2)):
+        (manual / sub).mkdir(parents=True)
+        write_jsonl(str(manual / sub / "train.jsonl"), wordle_like_episodes(3, seed=seed))
+    build_dataset(os.path.join(BUILDERS, "jsonl_episodes"), str(tmp_path / "out"), manual_dir=str(manual))
+    assert len(load_data_source("jsonl_episodes", str(tmp_path / "out"), "train")) == 6

@@ -107,12 +107,12 @@ class JsonlEpisodeBuilder(EpisodeBuilder, skip_registration=True):
                 f"{folder}: some files start with {SPLIT_PREFIXES} and others do not: {by_split[None][:3]}; "
                 "name every file after its split or none"
             )
-        return {split: self._records(paths) for split, paths in by_split.items()}
+        return {split: self._records(paths, folder) for split, paths in by_split.items()}
 
     @staticmethod
-    def _records(paths):
+    def _records(paths, folder):
         for file, line, raw in iter_lines(paths):
-            yield f"{os.path.basename(file)}:{line}", file, line, raw
+            yield f"{os.path.relpath(file, folder)}:{line}", file, line, raw  # unique key per line
 
 
 @dataclasses.dataclass(eq=False)
