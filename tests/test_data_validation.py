@@ -89,6 +89,8 @@ def test_cli_good_file_exits_0_and_reports_overlong(tmp_path):
     result = _cli(str(path), "--max-length", "4")
     assert "  2 no prefix of whole turns ending on an observation fits in max_length=4" in result.stdout
     assert "kept: 0" in result.stdout and result.returncode == 1  # nothing left to train on
+    result = _cli(str(tmp_path / "missing.jsonl"))
+    assert result.returncode == 1 and "missing.jsonl: no such file" in result.stderr
     # A return above 1 passes once a transform maps it into [0, 1].
     bad = os.path.join(BAD_DIR, "return_above_one.jsonl")
     assert _cli(bad).returncode == 1

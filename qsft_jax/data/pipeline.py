@@ -19,6 +19,13 @@ Order of the stages and why:
    its own slice, and interleaves their batches: deterministic and resumable for a fixed num_workers, but a
    different order than in-process, and changing num_workers changes the order.
 
+Multi-host: shards hold len // process_count or one more records and pack differently, so with a finite
+``num_epochs`` hosts can run out after different numbers of batches; a trainer that steps all hosts
+together should use ``num_epochs=None`` (repeat forever) and stop by step count.
+
+JSONL sources are read into memory (raw lines); for data sets larger than memory, prepare a TFDS
+array_record dataset (``tfds_builders.py``) and set ``source="tfds"``.
+
 Checkpointing: ``iterator_state(it)`` returns a JSON-serialisable dict (``it.get_state()``) that the
 trainer stores (e.g. in orbax as a JSON item), ``restore_iterator(it, state)`` calls ``it.set_state``.
 """
@@ -270,6 +277,4 @@ def _to_builtin(x):
         return float(x)
     if isinstance(x, np.ndarray):
         return x.tolist()
-    if isinstance(x, bytes):
-        return x.decode("latin-1")
     raise TypeError(f"iterator state holds a {type(x).__name__}, which is not JSON-serialisable")
