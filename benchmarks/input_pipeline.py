@@ -20,7 +20,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
 
 from qsft_jax.data import DataConfig, write_jsonl
 from qsft_jax.data.pipeline import PipelineStats, make_train_iterator

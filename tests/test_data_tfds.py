@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 from qsft_jax.data import DataConfig, parse_episode, write_jsonl
