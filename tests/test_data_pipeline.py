@@ -72,6 +72,23 @@ def test_restored_iterator_yields_the_same_batches(jsonl, stop_after):
     assert_batches_equal(list(resumed), uninterrupted[stop_after:])
 
 
+def test_orbax_checkpoint_of_the_iterator(jsonl, tmp_path):
+    """The trainer's path: grain's checkpoint handler inside an orbax CheckpointManager."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    uninterrupted = list(make(jsonl, num_epochs=2))
+    it = make(jsonl, num_epochs=2)
+    for _ in range(5):
+        next(it)
+    manager = ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data",))
+    manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    fresh = make(jsonl, num_epochs=2)
+    manager.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    assert_batches_equal(list(fresh), uninterrupted[5:])
+
+
 def test_epoch_boundary_is_crossed_in_the_checked_range(jsonl):
     batches = list(make(jsonl, num_epochs=2))
     names = [n for b in batches[:12] for n in episode_names(b)]

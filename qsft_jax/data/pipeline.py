@@ -27,7 +27,11 @@ JSONL sources are read into memory (raw lines); for data sets larger than memory
 array_record dataset (``tfds_builders.py``) and set ``source="tfds"``.
 
 Checkpointing: ``iterator_state(it)`` returns a JSON-serialisable dict (``it.get_state()``) that the
-trainer stores (e.g. in orbax as a JSON item), ``restore_iterator(it, state)`` calls ``it.set_state``.
+trainer stores, ``restore_iterator(it, state)`` calls ``it.set_state``. With an orbax
+``CheckpointManager(..., item_names=(..., "data"))``, grain's own handler writes one JSON file per process:
+``mgr.save(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it)))`` and
+``mgr.restore(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointRestore(fresh_it)))``
+(tested in tests/test_data_pipeline.py).
 """
 from __future__ import annotations
 
