@@ -25,6 +25,8 @@ def _validate(args) -> int:
             reward_transform=args.reward_transform,
             gamma=args.gamma,
             gamma_token=args.gamma_token,
+            observation_template=args.observation_template,
+            action_template=args.action_template,
         )
         tokenizer = load_tokenizer(args.tokenizer) if args.max_length else None
         problems, summary = validate_paths(args.paths, config, tokenizer)
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     v.add_argument("--reward-transform", default="none", help="none | affine:LOW,HIGH[,MAX_TURNS] | terminal_return:RMIN,RMAX")
     v.add_argument("--gamma", type=float, default=1.0)
     v.add_argument("--gamma-token", type=float, default=1.0)
+    v.add_argument("--observation-template", default="{text}", help="format string around observation texts")
+    v.add_argument("--action-template", default="{text}", help="format string around action texts")
     v.set_defaults(func=_validate)
     b = sub.add_parser("build", help="prepare a TFDS dataset as array_record, without TensorFlow")
     b.add_argument("builder", help="builder directory (data/maze, data/jsonl_episodes, ...)")
