@@ -161,40 +161,53 @@ def fit_to_length(ep: TokenizedEpisode, max_length: int, overlong: str) -> tuple
 
 
 def episode_arrays(ep: TokenizedEpisode, gamma: float, gamma_token: float) -> dict[str, np.ndarray]:
-    """The token-level MDP arrays of one episode, each [n] (see the module docstring); segment id 1."""
+    """The token-level MDP arrays of one episode, each [n] (see the module docstring); segment id 1.
+
+    Vectorised over tokens; the only python loop runs over action turns, on scalars.
+    """
     n = ep.length
     out = {key: np.full(n, pad, dtype=dtype) for key, (dtype, pad) in ARRAY_SPECS.items()}
     out["tokens"][:] = ep.tokens
     out["positions"][:] = np.arange(n)
     out["segment_ids"][:] = 1
     out["done"][:] = ep.done
-    starts = 1 + np.concatenate([[0], np.cumsum(ep.turn_lengths)[:-1]])  # first token of each turn
-    action_turns = [j for j in np.flatnonzero(ep.turn_is_action) if ep.turn_lengths[j] > 0]
-    # Bootstrap row after the last action turn: none when done, else the final row (n - 1).
-    end_row = -1 if ep.done else n - 1
-    end_discount = 0.0 if ep.done else gamma
-    rtg_next_start = 0.0  # returns_to_go at the first token of the following action turn
-    for k in range(len(action_turns) - 1, -1, -1):  # backwards, so the next turn's return is known
-        j = action_turns[k]
-        s, e = int(starts[j]), int(starts[j] + ep.turn_lengths[j] - 1)  # inclusive token span
-        if k + 1 < len(action_turns):
-            next_row, cross = int(starts[action_turns[k + 1]]) - 1, gamma
-        else:
-            next_row, cross = end_row, end_discount
-        steps_left = np.arange(e - s, -1, -1)  # tokens after i inside the turn: e - i
-        out["action_mask"][s : e + 1] = True
-        out["turn_index"][s : e + 1] = k
-        out["rewards"][e] = ep.turn_rewards[j]
-        out["next_action_row"][s:e] = np.arange(s, e)  # n(i) = i + 1, row n(i) - 1 = i
-        out["discounts"][s:e] = gamma_token
-        out["next_action_row"][e] = next_row
-        out["discounts"][e] = cross if next_row >= 0 else 0.0
-        out["next_turn_row"][s : e + 1] = next_row
-        out["turn_discounts"][s : e + 1] = (gamma_token**steps_left) * cross if next_row >= 0 else 0.0
-        # Truncated: no observed rewards beyond the cut, so the last turn's return is just its reward.
-        g_end = ep.turn_rewards[j] + (gamma * rtg_next_start if k + 1 < len(action_turns) else 0.0)
-        out["returns_to_go"][s : e + 1] = (gamma_token**steps_left) * g_end
-        rtg_next_start = float(gamma_token ** (e - s) * g_end)
+    starts = 1 + np.concatenate([[0], np.cumsum(ep.turn_lengths)[:-1]]).astype(np.int64)  # first token per turn
+    action_turns = np.flatnonzero(ep.turn_is_action & (ep.turn_lengths > 0))  # [m]
+    m = len(action_turns)
+    if m == 0:
+        return out
+    a_start = starts[action_turns]  # [m] first token of each action turn
+    a_end = a_start + ep.turn_lengths[action_turns] - 1  # [m] last token (inclusive)
+    a_reward = ep.turn_rewards[action_turns]  # [m]
+    # Where each action turn's last token bootstraps: the row before the next action turn; after the last
+    # one, none when done, else the final row (n - 1), the state in which the agent acts next.
+    next_row = np.empty(m, dtype=np.int64)
+    next_row[:-1] = a_start[1:] - 1
+    next_row[-1] = -1 if ep.done else n - 1
+    cross = np.where(next_row >= 0, gamma, 0.0)  # [m] discount across the turn boundary
+    # Return at each turn's last token: G_k = r_k + gamma * gamma_token^(len_{k+1} - 1) * G_{k+1}; a
+    # truncated episode's last turn has no observed reward beyond it.
+    g_end = np.empty(m, dtype=np.float64)
+    acc = 0.0
+    for k in range(m - 1, -1, -1):
+        acc = a_reward[k] + (gamma * gamma_token ** float(a_end[k + 1] - a_start[k + 1]) * acc if k + 1 < m else 0.0)
+        g_end[k] = acc
+    # Token level: turn ordinal k of every action token, and its distance to the turn's last token.
+    lengths = a_end - a_start + 1
+    k_of = np.repeat(np.arange(m), lengths)  # [num action tokens]
+    offset_in_turn = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    idx = np.repeat(a_start, lengths) + offset_in_turn  # [num action tokens] token index
+    steps_left = a_end[k_of] - idx
+    inside = steps_left > 0
+    decay = gamma_token ** steps_left.astype(np.float64)
+    out["action_mask"][idx] = True
+    out["turn_index"][idx] = k_of
+    out["rewards"][a_end] = a_reward
+    out["next_action_row"][idx] = np.where(inside, idx, next_row[k_of])  # inside: n(i) - 1 = i
+    out["discounts"][idx] = np.where(inside, gamma_token, cross[k_of])
+    out["next_turn_row"][idx] = next_row[k_of]
+    out["turn_discounts"][idx] = decay * cross[k_of]
+    out["returns_to_go"][idx] = decay * g_end[k_of]
     return out
 
 
