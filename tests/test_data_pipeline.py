@@ -147,3 +147,18 @@ def test_worker_processes_are_deterministic_and_resumable(jsonl):
     state = json.loads(json.dumps(iterator_state(it)))
     resumed = restore_iterator(make_train_iterator(cfg, TOK, batch_size_per_process=4), state)
     assert_batches_equal(list(resumed), uninterrupted[5:])
+
+
+def test_benchmark_script_prints_its_figures_last(capsys):
+    """Smoke run of benchmarks/input_pipeline.py (not a timing test): the last line is the JSON record."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "input_pipeline.py")
+    spec = importlib.util.spec_from_file_location("input_pipeline_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--task", "wordle_like", "--episodes", "40", "--epochs", "1", "--batch", "2", "--train-tokens-per-s", "1000"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) == {"episodes_per_s", "tokens_per_s", "headroom"} and last == result
+    assert last["tokens_per_s"] > 0 and last["headroom"] == pytest.approx(last["tokens_per_s"] / 1000)
