@@ -103,3 +103,20 @@ def test_hf_folder_round_trip(smollm2, tmp_path):
     text = "slope\nthe cat sat"
     assert folder.encode(text) == smollm2.encode(text)
     assert (folder.vocab_size, folder.bos_id, folder.eos_id) == (smollm2.vocab_size, smollm2.bos_id, smollm2.eos_id)
+
+
+def test_smollm2_action_tokens_decode_to_the_action_texts(smollm2):
+    """Turns are encoded separately, so action tokens are exactly the action turns' tokens, with BPE too."""
+    from qsft_jax.data import DataConfig, episodes_to_batch
+
+    episode = {"turns": [{"text": "Wordle. Guess the word.\n", "action": False},
+                         {"text": "crane\n", "action": True, "reward": 0.0},
+                         {"text": "b y b b g\n", "action": False},
+                         {"text": "slope\n", "action": True, "reward": 1.0}], "done": True}
+    batch = episodes_to_batch([episode], DataConfig(max_length=48, pack=False), smollm2)
+    tokens, mask, turn = batch["tokens"][0], batch["action_mask"][0], batch["turn_index"][0]
+    assert tokens[0] == smollm2.bos_id
+    assert smollm2.decode(tokens[turn == 0]) == "crane\n" and smollm2.decode(tokens[turn == 1]) == "slope\n"
+    real = batch["segment_ids"][0] > 0
+    assert smollm2.decode(tokens[real & ~mask][1:]) == "Wordle. Guess the word.\nb y b b g\n"
+    assert (tokens[~real] == smollm2.pad_id).all()
