@@ -14,6 +14,7 @@ dimension is replicated instead of failing. Unassigned dimensions are replicated
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -142,25 +143,34 @@ def logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-def _abstract_init(model: nn.Module, config: ModelConfig):
-  """Boxed (LogicallyPartitioned) abstract variables of model.init on a tiny dummy batch."""
+@functools.lru_cache(maxsize=32)
+def _abstract_init(config: ModelConfig):
+  """Boxed (LogicallyPartitioned) abstract variables of Transformer(config).init; cached per config."""
+  from qsft_jax.models.transformer import Transformer  # the model module imports this one
   dummy = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(lambda rng: model.init(rng, dummy, dummy, dummy + 1), jax.random.key(0))
+  return jax.eval_shape(lambda rng: Transformer(config).init(rng, dummy, dummy, dummy + 1), jax.random.key(0))
 
 
-def param_logical_specs(model: nn.Module, config: ModelConfig) -> Any:
+def _config_of(model: nn.Module, config: ModelConfig | None) -> ModelConfig:
+  config = model.config if config is None else config
+  if model.config != config:
+    raise ValueError("model.config and config differ")
+  return config
+
+
+def param_logical_specs(model: nn.Module, config: ModelConfig | None = None) -> Any:
   """Pytree (like the params) of PartitionSpecs holding each parameter's logical axis names."""
-  return nn.get_partition_spec(_abstract_init(model, config))
+  return nn.get_partition_spec(_abstract_init(_config_of(model, config)))
 
 
-def param_shapes(model: nn.Module, config: ModelConfig) -> Any:
+def param_shapes(model: nn.Module, config: ModelConfig | None = None) -> Any:
   """Pytree of ShapeDtypeStructs of the (unboxed) params, without allocating anything."""
-  return nn.unbox(_abstract_init(model, config))
+  return nn.unbox(_abstract_init(_config_of(model, config)))
 
 
-def param_shardings(model: nn.Module, config: ModelConfig, mesh: Mesh, rules: Rules) -> Any:
+def param_shardings(model: nn.Module, config: ModelConfig | None, mesh: Mesh, rules: Rules) -> Any:
   """NamedSharding for every parameter of `model` (a `Transformer(config)`) on `mesh`."""
-  boxed = _abstract_init(model, config)
+  boxed = _abstract_init(_config_of(model, config))
   return logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules, shapes=nn.unbox(boxed))
 
 
@@ -169,7 +179,7 @@ def init_params_sharded(config: ModelConfig, rng: jax.Array, mesh: Mesh, rules: 
 
   Init is jitted with out_shardings, so no device ever holds a full copy of a sharded parameter.
   """
-  from qsft_jax.models.transformer import Transformer  # the model module imports this one
+  from qsft_jax.models.transformer import Transformer
   model = Transformer(config)
   shardings = param_shardings(model, config, mesh, rules)
   dummy = jnp.zeros((1, 1), jnp.int32)

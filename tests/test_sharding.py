@@ -45,6 +45,8 @@ MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}]
 
 
 def _contract_axes(path: str):
+  if path.startswith("layers/"):  # scanned layout: a leading "layers" axis
+    return ("layers",) + _contract_axes("layers_0/" + path[len("layers/"):])
   for pattern, axes in CONTRACT_AXES:
     if re.fullmatch(pattern, path):
       return axes
@@ -158,18 +160,22 @@ def test_sharded_init_forward_and_gradient_match_single_device(mesh_shape, refer
                grad, shardings)
 
 
-def test_indivisible_kv_heads_fall_back_to_replication():
-  config = CONFIG.replace(num_heads=6, num_kv_heads=3)  # kv_heads=3 over tensor=2
+def test_indivisible_kv_heads_fall_back_to_replication_scanned_remat():
+  # kv_heads=3 over tensor=2; also the scanned + rematerialised layout under a mesh.
+  config = CONFIG.replace(num_heads=6, num_kv_heads=3, num_layers=2, scan_layers=True, remat_policy="full")
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  params_ref, batch, loss_ref, logits_ref, _ = _single_device_reference(config)
+  params_ref, batch, loss_ref, logits_ref, grad_ref = _single_device_reference(config)
   params = sharding.shard_params(jax.tree.map(np.asarray, params_ref), config, mesh, RULES)
-  layer = params["params"]["layers_0"]["attn"]
-  assert layer["k"]["kernel"].addressable_shards[0].data.shape == (16, 3, 8)
-  assert layer["q"]["kernel"].addressable_shards[0].data.shape == (16, 3, 8)  # 6 heads / tensor 2
+  layers = params["params"]["layers"]["attn"]
+  assert layers["k"]["kernel"].addressable_shards[0].data.shape == (2, 16, 3, 8)  # kv_heads replicated
+  assert layers["q"]["kernel"].addressable_shards[0].data.shape == (2, 16, 3, 8)  # 6 heads / tensor 2
+  _check_shard_shapes_follow_rule_table(params, mesh)
   global_batch = sharding.global_batch_from_host_local(batch, mesh, RULES)
   with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-    loss, logits = jax.jit(_loss, static_argnums=2)(params, global_batch, config)
+    (loss, logits), grad = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnums=2)(
+        params, global_batch, config)
   np.testing.assert_allclose(logits, logits_ref, atol=1e-5, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grad, grad_ref)
 
 
 def test_fsdp_parameter_bytes_shrink_as_one_over_n():

@@ -3,6 +3,8 @@
 Golden references: Hugging Face's PyTorch Llama / Qwen2 / GPT-2 with the same (random) weights, and
 transformers' own config classes and parameter counts.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,14 +32,19 @@ def randomized_params(config, seed=0, scale=0.1):
   return jax.tree.unflatten(treedef, leaves)
 
 
+def apply(config, method=None):
+  """model.apply, run op by op: for these tiny one-off calls that beats compiling each shape."""
+  return functools.partial(Transformer(config).apply, method=method)
+
+
 def forward(config, params, tokens, positions=None, segment_ids=None):
   tokens = jnp.asarray(tokens, jnp.int32)
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   if segment_ids is None:
     segment_ids = jnp.ones_like(tokens)
-  return Transformer(config).apply(params, tokens, jnp.asarray(positions, jnp.int32),
-                                   jnp.asarray(segment_ids, jnp.int32))
+  return apply(config)(params, tokens, jnp.asarray(positions, jnp.int32),
+                              jnp.asarray(segment_ids, jnp.int32))
 
 
 def random_tokens(shape, config, seed=0):
@@ -193,7 +200,7 @@ def test_padded_vocab_masked_and_logits_equal_hidden_times_unembedding(family, t
   assert logits.dtype == np.float32 and logits.shape == (2, 6, config.padded_vocab_size)
   assert np.all(logits[..., config.vocab_size:] == PAD_LOGIT)
   assert np.all(np.isfinite(logits)) and np.abs(logits[..., :config.vocab_size]).max() < 100
-  hidden = Transformer(config).apply(params, tokens, positions, np.ones_like(tokens), method="hidden_states")
+  hidden = apply(config, "hidden_states")(params, tokens, positions, np.ones_like(tokens))
   assert hidden.shape == (2, 6, config.d_model)
   unembed = unembedding(params, config)
   assert unembed.shape == (config.d_model, config.padded_vocab_size)
@@ -231,22 +238,22 @@ def _loss_and_grad(config, params, tokens):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("policy,scan", [("full", False), ("dots_saveable", True), ("minimal", False),
-                                         ("full", True)])
-def test_remat_gives_same_gradient(policy, scan):
+@pytest.mark.parametrize("scan,policies", [(False, ("full", "minimal")), (True, ("dots_saveable", "full"))])
+def test_remat_gives_same_gradient(scan, policies):
   config = LLAMA.replace(scan_layers=scan)
   params = randomized_params(LLAMA)
   if scan:
     params = stack_layers(params, config.num_layers)
   tokens = jnp.asarray(random_tokens((2, 8), config))
   value, grad = _loss_and_grad(config, params, tokens)
-  value_r, grad_r = _loss_and_grad(config.replace(remat_policy=policy), params, tokens)
-  np.testing.assert_allclose(value_r, value, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grad_r, grad)
-  # Remat really is in the program: the differentiated jaxpr contains a checkpoint (remat) primitive.
-  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: forward(config.replace(remat_policy=policy), p,
-                                                        tokens).sum()))(params))
-  assert "remat" in jaxpr or "checkpoint" in jaxpr
+  for policy in policies:
+    value_r, grad_r = _loss_and_grad(config.replace(remat_policy=policy), params, tokens)
+    np.testing.assert_allclose(value_r, value, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grad_r, grad)
+    # Remat really is in the program: the differentiated jaxpr contains a checkpoint (remat) primitive.
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: Transformer(config.replace(remat_policy=policy)).apply(
+        p, tokens, tokens, tokens).sum()))(params))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -255,8 +262,8 @@ def test_bf16_compute_close_to_fp32(family):
   params = randomized_params(config)
   tokens = random_tokens((2, 8), config)
   bf16 = config.replace(dtype="bfloat16")
-  hidden = Transformer(bf16).apply(params, tokens, np.broadcast_to(np.arange(8), (2, 8)),
-                                   np.ones_like(tokens), method="hidden_states")
+  hidden = apply(bf16, "hidden_states")(params, tokens, np.broadcast_to(np.arange(8), (2, 8)),
+                                               np.ones_like(tokens))
   assert hidden.dtype == jnp.bfloat16  # really computing in bf16
   assert jax.tree.leaves(params)[0].dtype == jnp.float32  # master weights stay fp32
   v = config.vocab_size
@@ -295,7 +302,7 @@ def _decode_matches_full_forward(config, params, padding):
     return model.apply(params, tokens, positions, segments, cache=cache)
 
   cache = init_cache(config, batch, cache_len)
-  prefill_logits, cache = model.apply(params, tokens, positions, segments, cache=cache)
+  prefill_logits, cache = jax.jit(model.apply)(params, tokens, positions, segments, cache=cache)
   assert int(cache["index"]) == width
   np.testing.assert_array_equal(cache["valid"][:, :width], segments != 0)
   decoded = []
@@ -335,8 +342,9 @@ def test_kv_cache_multi_token_chunks_and_bf16_cache_dtype():
   model = Transformer(config)
   cache = init_cache(config, 2, 12)
   ones = np.ones((2, 4), np.int32)
-  first, cache = model.apply(params, tokens[:, :4], np.broadcast_to(np.arange(4), (2, 4)), ones, cache=cache)
-  second, cache = model.apply(params, tokens[:, 4:], np.broadcast_to(np.arange(4, 9), (2, 5)),
+  apply = jax.jit(model.apply)
+  first, cache = apply(params, tokens[:, :4], np.broadcast_to(np.arange(4), (2, 4)), ones, cache=cache)
+  second, cache = apply(params, tokens[:, 4:], np.broadcast_to(np.arange(4, 9), (2, 5)),
                               np.ones((2, 5), np.int32), cache=cache)
   reference = np.asarray(forward(config, params, tokens))
   np.testing.assert_allclose(np.concatenate([first, second], 1), reference, atol=1e-5, rtol=1e-5)
