@@ -1,0 +1,302 @@
+"""Train states, target-network updates and the jitted BC and Q-SFT train steps.
+
+Train state (docs/architecture.md): a plain dict. BC: {"step", "params", "opt_state"}; Q-SFT adds
+"target_params" (theta_bar) and "behaviour_params" (phi, frozen). "params" is the Flax variables dict
+{"params": tree} of `Transformer(config)`; every array is sharded by the config's rule table.
+
+A step is one jitted pure function (state, batch) -> (state, metrics) with explicit in/out shardings
+and the state donated. The batch is the dict of [B, L] token-level MDP arrays. Gradient accumulation
+splits the global batch into `microbatches` parts and scans over them; every part's loss is divided
+by the GLOBAL action-token count, so the summed gradient is exactly the full batch's.
+
+Q-SFT step: theta_bar and phi forward (no gradient) -> per-row values V (chunked) -> targets at the
+next-action rows -> WCE on theta (chunked, fused gradient) -> optimizer update -> target update
+(Polyak with tau, or a hard copy every `target_update_every` steps).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qsft_jax import losses
+from qsft_jax import sharding as qsharding
+from qsft_jax.models.config import ModelConfig
+from qsft_jax.models.transformer import unembedding
+
+BC_KEYS = ("step", "params", "opt_state")
+QSFT_KEYS = BC_KEYS + ("target_params", "behaviour_params")
+
+
+# ----------------------------------------------------------------------------------------------
+# State
+
+
+def init_bc_state(params: Any, optimizer: optax.GradientTransformation) -> dict:
+  """{"step": int32 0, "params", "opt_state"} (call under jit with out_shardings to shard it)."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+
+def init_qsft_state(params: Any, behaviour_params: Any, optimizer: optax.GradientTransformation,
+                    target_params: Any = None) -> dict:
+  """BC state of theta plus "target_params" (default: theta) and "behaviour_params".
+
+  theta_bar and phi are copied, so that no buffer appears twice in the donated state even when
+  theta starts from phi (the same arrays).
+  """
+  state = init_bc_state(params, optimizer)
+  state["target_params"] = jax.tree.map(jnp.copy, params if target_params is None else target_params)
+  state["behaviour_params"] = jax.tree.map(jnp.copy, behaviour_params)
+  return state
+
+
+def state_shardings(model: nn.Module, model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                    mesh: Mesh, rules, kind: str) -> dict:
+  """NamedShardings of a train state ("bc" or "qsft") from the rule table.
+
+  Optimizer-state leaves that mirror a parameter (Adam moments, ...) take that parameter's
+  sharding; the rest (counts, scalars) are replicated.
+  """
+  if kind not in ("bc", "qsft"):
+    raise ValueError(f"state kind {kind!r}: expected 'bc' or 'qsft'")
+  params = qsharding.param_shardings(model, model_config, mesh, rules)
+  shapes = qsharding.param_shapes(model, model_config)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_opt = jax.eval_shape(optimizer.init, shapes)
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
+                              transform_non_params=lambda _: replicated,
+                              is_leaf=lambda x: isinstance(x, NamedSharding))
+  out = {"step": replicated, "params": params, "opt_state": opt}
+  if kind == "qsft":
+    out["target_params"] = params
+    out["behaviour_params"] = params
+  return out
+
+
+def polyak_update(target: Any, online: Any, tau: float | jax.Array) -> Any:
+  """theta_bar <- (1 - tau) * theta_bar + tau * theta, leaf by leaf in the target's dtype."""
+  def mix(t, o):
+    tau_t = jnp.asarray(tau, t.dtype)
+    return (1 - tau_t) * t + tau_t * o.astype(t.dtype)
+  return jax.tree.map(mix, target, online)
+
+
+def update_target(target: Any, online: Any, step: jax.Array, tau: float,
+                  target_update_every: int = 0) -> Any:
+  """The target-network update after optimizer step number `step` (1-based: the step just taken).
+
+  target_update_every > 0: hard copy theta_bar <- theta when step % target_update_every == 0, else
+  unchanged (tau ignored). target_update_every == 0: Polyak with tau every step.
+  """
+  if target_update_every < 0:
+    raise ValueError(f"target_update_every={target_update_every} must be >= 0")
+  if target_update_every == 0:
+    return polyak_update(target, online, tau)
+  copy = (step % target_update_every) == 0
+  return jax.tree.map(lambda t, o: jnp.where(copy, o.astype(t.dtype), t), target, online)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFn:
+  """A jitted step that runs under its mesh and logical-axis rules (needed when it is traced).
+
+  Call it like the function; `.lower(state, batch)` lowers it (for cost and memory analysis).
+  """
+  jitted: Callable
+  mesh: Mesh
+  rules: Any
+
+  def __call__(self, state, batch):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jitted(state, batch)
+
+  def lower(self, state, batch):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jitted.lower(state, batch)
+
+
+def _split_microbatches(batch: Mapping[str, jax.Array], microbatches: int, row_sharding) -> dict:
+  """[B, ...] -> [M, B / M, ...]. Microbatch m takes rows m, m + M, m + 2M, ...: each device's
+  contiguous block of rows then holds rows of every microbatch, so no rows move between devices."""
+  def split(x):
+    rows = x.shape[0]
+    if rows % microbatches:
+      raise ValueError(f"batch of {rows} rows does not split into {microbatches} microbatches")
+    return jnp.swapaxes(x.reshape((rows // microbatches, microbatches) + x.shape[1:]), 0, 1)
+  return {k: split(v) for k, v in batch.items()}
+
+
+def _constrain_rows(batch, row_sharding):
+  return {k: jax.lax.with_sharding_constraint(v, row_sharding) if v.ndim == 2 else v
+          for k, v in batch.items()}
+
+
+def _hidden(model, params, batch):
+  return model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                     method="hidden_states")
+
+
+def _apply_update(state, grads, loss, optimizer, skip_nonfinite):
+  """Optimizer update; with skip_nonfinite, a step with a non-finite loss or gradient leaves
+  params and optimizer state unchanged. Returns (new state fields, grad norm, skipped flag)."""
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  skipped = jnp.zeros((), jnp.bool_)
+  if skip_nonfinite:
+    skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skipped, o, n), new, old)
+    params = keep(params, state["params"])
+    opt_state = keep(opt_state, state["opt_state"])
+  return params, opt_state, grad_norm, skipped
+
+
+def _accumulate(micro_fn, batch, microbatches, row_sharding, params):
+  """Sums (loss, grads, metric sums) of micro_fn over microbatches (a scan when M > 1)."""
+  if microbatches == 1:
+    return micro_fn(params, batch)
+  parts = _split_microbatches(batch, microbatches, row_sharding)
+
+  def body(carry, part):
+    out = micro_fn(params, _constrain_rows(part, row_sharding))
+    return jax.tree.map(jnp.add, carry, out), None
+
+  zeros = jax.eval_shape(lambda: micro_fn(params, jax.tree.map(lambda v: v[0], parts)))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+  total, _ = jax.lax.scan(body, zeros, parts)
+  return total
+
+
+def _count_metrics(batch):
+  return {"action_tokens": jnp.sum(batch["action_mask"].astype(jnp.float32)),
+          "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))}
+
+
+def _jit_step(step_fn, model, model_config, optimizer, mesh, rules, kind):
+  shardings = state_shardings(model, model_config, optimizer, mesh, rules, kind)
+  rows = qsharding.batch_sharding(mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(step_fn, in_shardings=(shardings, rows), out_shardings=(shardings, replicated),
+                   donate_argnums=0)
+  return StepFn(jitted, mesh, rules)
+
+
+def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                 mesh: Mesh, rules, *, chunk_size: int = 128, microbatches: int = 1,
+                 skip_nonfinite: bool = False) -> StepFn:
+  """Jitted BC (cross-entropy on action tokens) step: (state, batch) -> (state, metrics).
+
+  metrics (floats, replicated): loss, grad_norm, mean_logp (mean log p of the taken action tokens),
+  action_tokens, tokens, skipped (1.0 when a non-finite step was skipped; 0 unless skip_nonfinite).
+  """
+  rows = qsharding.batch_sharding(mesh, rules)
+  vocab = model_config.vocab_size
+
+  def step(state, batch):
+    normaliser = losses.action_token_count(batch["action_mask"])
+
+    def micro(params, part):
+      def loss_fn(p):
+        hidden = _hidden(model, p, part)
+        loss, logp = losses.chunked_bc_loss(
+            hidden, unembedding(p, model_config), losses.to_rows(part["tokens"]),
+            losses.to_rows(part["action_mask"], False), normaliser, vocab_size=vocab,
+            chunk_size=chunk_size)
+        return loss, logp
+      (loss, logp), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      row_mask = losses.to_rows(part["action_mask"], False)
+      return loss, grads, {"sum_logp": jnp.sum(jnp.where(row_mask, logp, 0.0)), **_count_metrics(part)}
+
+    loss, grads, sums = _accumulate(micro, batch, microbatches, rows, state["params"])
+    params, opt_state, grad_norm, skipped = _apply_update(state, grads, loss, optimizer, skip_nonfinite)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "mean_logp": sums["sum_logp"] / jnp.maximum(sums["action_tokens"], 1.0),
+               "action_tokens": sums["action_tokens"], "tokens": sums["tokens"],
+               "skipped": skipped.astype(jnp.float32)}
+    return new_state, metrics
+
+  return _jit_step(step, model, model_config, optimizer, mesh, rules, "bc")
+
+
+def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                   mesh: Mesh, rules, *, support_min: float = 1e-4, tau: float = 0.005,
+                   target_update_every: int = 0, targets_mode: str = "token",
+                   dummy_token: int | None = None, chunk_size: int = 128, microbatches: int = 1,
+                   skip_nonfinite: bool = False) -> StepFn:
+  """Jitted Q-SFT step: (state, batch) -> (state, metrics). See the module docstring.
+
+  metrics (floats, replicated; means over the action tokens of the global batch): loss,
+  mean_target, clipped_above / clipped_below (fraction of targets clipped at 1 / at 0),
+  mean_p_theta and mean_pi_phi (probabilities of the taken tokens), mean_ratio (p_theta / pi_phi),
+  grad_norm, action_tokens, tokens, skipped.
+  """
+  if targets_mode not in losses.TARGET_MODES:
+    raise ValueError(f"targets_mode={targets_mode!r}: expected one of {losses.TARGET_MODES}")
+  if target_update_every < 0 or not 0.0 <= tau <= 1.0:
+    raise ValueError(f"target_update_every={target_update_every} must be >= 0 and tau={tau} in [0, 1]")
+  rows = qsharding.batch_sharding(mesh, rules)
+  vocab = model_config.vocab_size
+
+  def step(state, batch):
+    normaliser = losses.action_token_count(batch["action_mask"])
+    target_params = jax.lax.stop_gradient(state["target_params"])
+    behaviour_params = jax.lax.stop_gradient(state["behaviour_params"])
+
+    def micro(params, part):
+      target_hidden = _hidden(model, target_params, part)
+      behaviour_hidden = _hidden(model, behaviour_params, part)
+
+      def loss_fn(p):
+        return losses.qsft_loss(
+            _hidden(model, p, part), unembedding(p, model_config), target_hidden,
+            unembedding(target_params, model_config), behaviour_hidden,
+            unembedding(behaviour_params, model_config), part, normaliser, vocab_size=vocab,
+            support_min=support_min, targets_mode=targets_mode, chunk_size=chunk_size,
+            dummy_token=dummy_token)
+
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      mask = part["action_mask"]
+      row_mask = losses.to_rows(mask, False)
+      targets, clipped = aux["targets"], aux["clipped"]
+      log_ratio = aux["logp_theta"] - aux["logp_behaviour"]
+      row_sum = lambda x: jnp.sum(jnp.where(row_mask, x, 0.0))
+      sums = {"sum_target": jnp.sum(jnp.where(mask, targets, 0.0)),
+              "clipped_above": jnp.sum(clipped & (targets >= 1.0)).astype(jnp.float32),
+              "clipped_below": jnp.sum(clipped & (targets <= 0.0)).astype(jnp.float32),
+              "sum_p_theta": row_sum(jnp.exp(aux["logp_theta"])),
+              "sum_pi_phi": row_sum(jnp.exp(aux["logp_behaviour"])),
+              "sum_ratio": row_sum(jnp.exp(jnp.minimum(log_ratio, losses.LOG_VALUE_CAP))),
+              **_count_metrics(part)}
+      return loss, grads, sums
+
+    loss, grads, sums = _accumulate(micro, batch, microbatches, rows, state["params"])
+    params, opt_state, grad_norm, skipped = _apply_update(state, grads, loss, optimizer, skip_nonfinite)
+    new_step = state["step"] + 1
+    target = update_target(state["target_params"], params, new_step, tau, target_update_every)
+    if skip_nonfinite:
+      target = jax.tree.map(lambda n, o: jnp.where(skipped, o, n), target, state["target_params"])
+    new_state = {"step": new_step, "params": params, "opt_state": opt_state,
+                 "target_params": target, "behaviour_params": state["behaviour_params"]}
+    count = jnp.maximum(sums["action_tokens"], 1.0)
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "mean_target": sums["sum_target"] / count,
+               "clipped_above": sums["clipped_above"] / count,
+               "clipped_below": sums["clipped_below"] / count,
+               "mean_p_theta": sums["sum_p_theta"] / count,
+               "mean_pi_phi": sums["sum_pi_phi"] / count,
+               "mean_ratio": sums["sum_ratio"] / count,
+               "action_tokens": sums["action_tokens"], "tokens": sums["tokens"],
+               "skipped": skipped.astype(jnp.float32)}
+    return new_state, metrics
+
+  return _jit_step(step, model, model_config, optimizer, mesh, rules, "qsft")

@@ -1,0 +1,215 @@
+"""BC and Q-SFT train steps: sharding invariance, gradient accumulation, target updates, donation,
+and the step's loss/gradient against a dense (unchunked) computation from the model's full logits."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from qsft_jax import losses, sharding, train_steps
+from qsft_jax.models.config import get_preset
+from qsft_jax.models.transformer import Transformer
+from tests import mdp_utils
+
+CONFIG = get_preset("tiny-llama")
+MODEL = Transformer(CONFIG)
+RULES = sharding.DEFAULT_RULES
+MESHES = {"data8": {"data": 8}, "data2-fsdp2-tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+          "fsdp4-tensor2": {"fsdp": 4, "tensor": 2}}
+QSFT_KW = dict(support_min=1e-3, tau=0.1, chunk_size=8)
+
+
+def optimizer():
+  # eps well above float32 rounding of tiny gradients, so Adam does not amplify rounding noise
+  return optax.adam(3e-3, eps=1e-4)
+
+
+@functools.lru_cache(maxsize=None)
+def host_params(seed):
+  one = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  params = sharding.init_params_sharded(CONFIG, jax.random.key(seed), one, RULES)
+  return jax.tree.map(np.asarray, params)
+
+
+@functools.lru_cache(maxsize=None)
+def host_batch(rows=16, length=32, seed=0):
+  return mdp_utils.random_batch(np.random.default_rng(seed), rows, length, CONFIG.vocab_size)
+
+
+def mesh_of(shape):
+  if shape == "one":
+    return sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  return sharding.make_mesh(MESHES[shape])
+
+
+def make_state(mesh, kind, opt):
+  shardings = train_steps.state_shardings(MODEL, CONFIG, opt, mesh, RULES, kind)
+  theta = sharding.shard_params(host_params(0), CONFIG, mesh, RULES)
+  if kind == "bc":
+    return jax.jit(lambda p: train_steps.init_bc_state(p, opt), out_shardings=shardings)(theta)
+  phi = sharding.shard_params(host_params(1), CONFIG, mesh, RULES)
+  bar = sharding.shard_params(host_params(2), CONFIG, mesh, RULES)
+  init = lambda p, f, t: train_steps.init_qsft_state(p, f, opt, target_params=t)
+  return jax.jit(init, out_shardings=shardings)(theta, phi, bar)
+
+
+def put_batch(mesh, batch):
+  return sharding.global_batch_from_host_local(batch, mesh, RULES)
+
+
+def run(mesh_shape, kind, steps=3, microbatches=1, **kw):
+  mesh, opt = mesh_of(mesh_shape), optimizer()
+  make = train_steps.make_bc_step if kind == "bc" else train_steps.make_qsft_step
+  step = make(MODEL, CONFIG, opt, mesh, RULES, microbatches=microbatches,
+              **({"chunk_size": 8} if kind == "bc" else QSFT_KW), **kw)
+  state, batch = make_state(mesh, kind, opt), put_batch(mesh, host_batch())
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    history.append(jax.tree.map(float, metrics))
+  return jax.tree.map(np.asarray, state), history
+
+
+def assert_trees_close(a, b, atol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=1e-5), a, b)
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  return {kind: run("one", kind) for kind in ("bc", "qsft")}
+
+
+@pytest.mark.parametrize("mesh_shape", list(MESHES))
+@pytest.mark.parametrize("kind", ["bc", "qsft"])
+def test_sharded_steps_match_one_device(single_device, mesh_shape, kind):
+  state, history = run(mesh_shape, kind)
+  want_state, want_history = single_device[kind]
+  assert_trees_close(state["params"], want_state["params"], atol=2e-5)
+  if kind == "qsft":
+    assert_trees_close(state["target_params"], want_state["target_params"], atol=2e-5)
+  for got, want in zip(history, want_history):
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  assert int(state["step"]) == 3
+  assert history[-1]["loss"] < history[0]["loss"]  # the steps do train
+
+
+@pytest.mark.parametrize("kind,microbatches", [("bc", 2), ("qsft", 2), ("qsft", 4)])
+def test_gradient_accumulation_matches_full_batch(kind, microbatches):
+  shape = "data8" if microbatches == 2 else "data2-fsdp2-tensor2"  # 16 rows / M over the batch axes
+  full_state, full_history = run(shape, kind, steps=2)
+  acc_state, acc_history = run(shape, kind, steps=2, microbatches=microbatches)
+  assert_trees_close(acc_state["params"], full_state["params"], atol=2e-5)
+  for got, want in zip(acc_history, full_history):
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def dense_qsft_loss(params, phi, bar, batch):
+  """The Q-SFT loss from full [B, L, V] logits, per-token functions only (no chunked driver)."""
+  logits = lambda p: MODEL.apply(p, batch["tokens"], batch["positions"], batch["segment_ids"])
+  values = losses.bellman_values(logits(bar), logits(phi), CONFIG.vocab_size, QSFT_KW["support_min"])
+  targets, _ = losses.bellman_targets(values, batch["rewards"], batch["discounts"],
+                                      batch["next_action_row"], batch["action_mask"])
+  z = logits(params)[:, :-1]  # row i - 1 predicts token i
+  per_token = losses.wce_per_token(z, batch["tokens"][:, 1:], targets[:, 1:], CONFIG.vocab_size)
+  mask = batch["action_mask"][:, 1:]
+  return jnp.sum(jnp.where(mask, per_token, 0.0)) / jnp.sum(mask), targets
+
+
+def test_qsft_step_loss_gradient_and_metrics_match_dense_computation():
+  """With SGD(lr=1), params_new = params - grad: compare to jax.grad of the dense loss."""
+  mesh, opt = mesh_of("data2-fsdp2-tensor2"), optax.sgd(1.0)
+  step = train_steps.make_qsft_step(MODEL, CONFIG, opt, mesh, RULES, **QSFT_KW)
+  state = make_state(mesh, "qsft", opt)
+  batch = host_batch()
+  params, phi, bar = host_params(0), host_params(1), host_params(2)
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  (want_loss, targets), grads = jax.value_and_grad(dense_qsft_loss, has_aux=True)(params, phi, bar, jb)
+  new_state, metrics = step(state, put_batch(mesh, batch))
+  np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
+  want_params = jax.tree.map(lambda p, g: p - g, params, grads)
+  assert_trees_close(jax.tree.map(np.asarray, new_state["params"]), want_params, atol=1e-6)
+  mask = batch["action_mask"]
+  np.testing.assert_allclose(metrics["mean_target"], np.asarray(targets)[mask].mean(), rtol=1e-5)
+  assert metrics["action_tokens"] == mask.sum() and metrics["tokens"] == (batch["segment_ids"] > 0).sum()
+  assert 0 < metrics["mean_p_theta"] < 1 and 0 < metrics["mean_pi_phi"] < 1
+  # Polyak with tau = 0.1 from theta_bar towards the new theta
+  want_bar = jax.tree.map(lambda t, p: 0.9 * t + 0.1 * p, bar, want_params)
+  assert_trees_close(jax.tree.map(np.asarray, new_state["target_params"]), want_bar, atol=1e-6)
+  # phi never moves
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state["behaviour_params"]), phi)
+
+
+def test_qsft_metrics_when_all_three_models_coincide():
+  mesh, opt = mesh_of("data8"), optimizer()
+  step = train_steps.make_qsft_step(MODEL, CONFIG, opt, mesh, RULES, **QSFT_KW)
+  theta = sharding.shard_params(host_params(0), CONFIG, mesh, RULES)
+  state = train_steps.init_qsft_state(theta, theta, opt)  # copies: no buffer donated twice
+  _, metrics = step(state, put_batch(mesh, host_batch()))
+  np.testing.assert_allclose(metrics["mean_ratio"], 1.0, rtol=1e-5)
+  np.testing.assert_allclose(metrics["mean_p_theta"], metrics["mean_pi_phi"], rtol=1e-5)
+  assert 0 <= metrics["clipped_above"] <= 1 and metrics["clipped_below"] == 0  # rewards >= 0
+
+
+def test_polyak_and_hard_updates_are_exact():
+  rng = np.random.default_rng(0)
+  target = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+  online = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(np.float32), target)
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), b)
+  same(train_steps.polyak_update(target, online, 0.0), target)
+  same(train_steps.polyak_update(target, online, 1.0), online)
+  tau = np.float32(0.005)
+  want = jax.tree.map(lambda t, o: (np.float32(1) - tau) * t + tau * o, target, online)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-7, atol=1e-8),
+               train_steps.polyak_update(target, online, tau), want)
+  for step in range(1, 7):
+    got = train_steps.update_target(target, online, jnp.int32(step), 0.5, target_update_every=3)
+    same(got, online if step % 3 == 0 else target)
+  with pytest.raises(ValueError, match="target_update_every"):
+    train_steps.update_target(target, online, 1, 0.5, target_update_every=-1)
+
+
+def test_hard_target_updates_inside_the_step_and_donation():
+  mesh, opt = mesh_of("data8"), optimizer()
+  step = train_steps.make_qsft_step(MODEL, CONFIG, opt, mesh, RULES, target_update_every=2, **QSFT_KW)
+  state = make_state(mesh, "qsft", opt)
+  bar0 = jax.tree.map(np.asarray, state["target_params"])
+  batch = put_batch(mesh, host_batch())
+  old = state
+  state, _ = step(state, batch)
+  leaves = jax.tree.leaves(old)
+  assert all(x.is_deleted() for x in leaves), "the state must be donated"
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["target_params"]), bar0)
+  state, _ = step(state, batch)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["target_params"]),
+               jax.tree.map(np.asarray, state["params"]))
+  assert int(state["step"]) == 2
+
+
+def test_nonfinite_step_is_skipped():
+  mesh, opt = mesh_of("data8"), optimizer()
+  step = train_steps.make_qsft_step(MODEL, CONFIG, opt, mesh, RULES, skip_nonfinite=True, **QSFT_KW)
+  state = make_state(mesh, "qsft", opt)
+  before = jax.tree.map(np.asarray, state)
+  bad = dict(host_batch())
+  bad["rewards"] = np.where(bad["action_mask"], np.nan, 0.0).astype(np.float32)
+  state, metrics = step(state, put_batch(mesh, bad))
+  assert metrics["skipped"] == 1.0 and not np.isfinite(metrics["loss"])
+  for key in ("params", "opt_state", "target_params"):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state[key]), before[key])
+  state, metrics = step(state, put_batch(mesh, host_batch()))
+  assert metrics["skipped"] == 0.0 and np.isfinite(metrics["loss"])
+
+
+def test_bad_arguments():
+  mesh = mesh_of("data8")
+  with pytest.raises(ValueError, match="targets_mode"):
+    train_steps.make_qsft_step(MODEL, CONFIG, optimizer(), mesh, RULES, targets_mode="nstep")
+  with pytest.raises(ValueError, match="state kind"):
+    train_steps.state_shardings(MODEL, CONFIG, optimizer(), mesh, RULES, "ppo")
+  step = train_steps.make_bc_step(MODEL, CONFIG, optimizer(), mesh, RULES, microbatches=3)
+  with pytest.raises(ValueError, match="microbatches"):
+    step(make_state(mesh, "bc", optimizer()), put_batch(mesh, host_batch()))
