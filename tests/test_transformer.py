@@ -417,6 +417,9 @@ def test_from_hf_config_gpt2_llama_qwen2_fields():
     from_hf_config({"model_type": "bert"})
   with pytest.raises(ValueError, match="missing field 'hidden_size'"):
     from_hf_config({"model_type": "llama"})
+  with pytest.raises(ValueError, match="sliding-window attention"):
+    from_hf_config({**old, "model_type": "mistral", "sliding_window": 4096})
+  assert from_hf_config({**old, "model_type": "mistral", "sliding_window": None}).family == "llama"
   with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
     from_hf_config({**old, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
 

@@ -145,6 +145,8 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
       raise ValueError(f"HF config: gpt2 activation_function={act!r} not supported (gelu_new only)")
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+      raise ValueError("HF config: gpt2 with non-standard attention scaling is not supported")
     d_model, heads = need("n_embd"), need("n_head")
     config = ModelConfig(
         family="gpt2", vocab_size=need("vocab_size"), d_model=d_model,
@@ -170,6 +172,9 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
       qkv_bias = True
     else:
       qkv_bias = bool(hf.get("attention_bias", False))
+    if hf.get("use_sliding_window", model_type == "mistral" and hf.get("sliding_window") is not None):
+      raise ValueError(f"HF config: sliding-window attention (sliding_window={hf.get('sliding_window')}) "
+                       "is not supported")
     if hf.get("mlp_bias", False):
       raise ValueError("HF config: mlp_bias=True is not supported")
     config = ModelConfig(

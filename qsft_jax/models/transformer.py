@@ -8,7 +8,27 @@ Attention masks: without a cache, query i attends to key j iff j <= i and both h
 id (packing; padding has segment 0 and therefore only ever sees padding). With a cache, every slot
 written by a token with nonzero segment id is marked valid, and the query in slot s attends to valid
 slots <= s; segment ids then only distinguish padding (0) from real tokens (nonzero), one sequence
-per row.
+per row. Positions index the rotary angles (llama) or the learned position table (gpt2, where
+positions >= max_position_embeddings are clamped by the lookup, not checked).
+
+Parameter tree (unboxed; the weights module fills exactly this):
+
+  embed/embedding            [V, D]        (vocab, embed)
+  pos_embed/embedding        [P, D]        (None, embed)              gpt2 only
+  layers_{i}/attn_norm/scale [D]           (embed,)                   + bias [D] for gpt2
+  layers_{i}/attn/q/kernel   [D, H, Dh]    (embed, heads, head_dim)   + bias [H, Dh] (gpt2 or qkv_bias)
+  layers_{i}/attn/k/kernel   [D, K, Dh]    (embed, kv_heads, head_dim) + bias [K, Dh]
+  layers_{i}/attn/v/kernel   [D, K, Dh]    (embed, kv_heads, head_dim) + bias [K, Dh]
+  layers_{i}/attn/o/kernel   [H, Dh, D]    (heads, head_dim, embed)   + bias [D] for gpt2
+  layers_{i}/mlp_norm/scale  [D]           (embed,)                   + bias [D] for gpt2
+  layers_{i}/mlp/gate/kernel [D, F]        (embed, mlp)               llama only
+  layers_{i}/mlp/up/kernel   [D, F]        (embed, mlp)               + bias [F] for gpt2
+  layers_{i}/mlp/down/kernel [F, D]        (mlp, embed)               + bias [D] for gpt2
+  final_norm/scale           [D]           (embed,)                   + bias [D] for gpt2
+  lm_head/kernel             [D, V]        (embed, vocab)             untied only
+
+With config.scan_layers the layers_{i} subtrees are stacked under `layers/` with a leading
+num_layers axis (logical name "layers"); see stack_layers / unstack_layers.
 """
 from __future__ import annotations
 
