@@ -148,7 +148,7 @@ def _hidden(model, params, batch):
 def _apply_update(state, grads, loss, optimizer, skip_nonfinite):
   """Optimizer update; with skip_nonfinite, a step with a non-finite loss or gradient leaves
   params and optimizer state unchanged. Returns (new state fields, grad norm, skipped flag)."""
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   skipped = jnp.zeros((), jnp.bool_)

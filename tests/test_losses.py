@@ -241,7 +241,7 @@ def np_chunk_reference(batch, hidden, unembed, targets, dummy):
   return loss, dz @ unembed.T.astype(np.float64), h.reshape(-1, h.shape[-1]).T @ dz.reshape(-1, V_PAD)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, 64])
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
 @pytest.mark.parametrize("dummy", [None, 12])
 def test_chunked_wce_matches_dense_numpy(chunk_size, dummy):
   rng = np.random.default_rng(5)

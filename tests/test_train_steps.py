@@ -16,8 +16,7 @@ from tests import mdp_utils
 CONFIG = get_preset("tiny-llama")
 MODEL = Transformer(CONFIG)
 RULES = sharding.DEFAULT_RULES
-MESHES = {"data8": {"data": 8}, "data2-fsdp2-tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
-          "fsdp4-tensor2": {"fsdp": 4, "tensor": 2}}
+MESHES = {"data8": {"data": 8}, "data2-fsdp2-tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
 QSFT_KW = dict(support_min=1e-3, tau=0.1, chunk_size=8)
 
 
@@ -59,11 +58,19 @@ def put_batch(mesh, batch):
   return sharding.global_batch_from_host_local(batch, mesh, RULES)
 
 
-def run(mesh_shape, kind, steps=3, microbatches=1, **kw):
+@functools.lru_cache(maxsize=None)
+def get_step(mesh_shape, kind, microbatches=1, **kw):
+  """Steps are cached: each distinct one costs a compilation (seconds on 2 cores)."""
   mesh, opt = mesh_of(mesh_shape), optimizer()
   make = train_steps.make_bc_step if kind == "bc" else train_steps.make_qsft_step
   step = make(MODEL, CONFIG, opt, mesh, RULES, microbatches=microbatches,
-              **({"chunk_size": 8} if kind == "bc" else QSFT_KW), **kw)
+              **({"chunk_size": 8} if kind == "bc" else {**QSFT_KW, **kw}))
+  return step, mesh, opt
+
+
+@functools.lru_cache(maxsize=None)
+def run(mesh_shape, kind, steps=3, microbatches=1):
+  step, mesh, opt = get_step(mesh_shape, kind, microbatches)
   state, batch = make_state(mesh, kind, opt), put_batch(mesh, host_batch())
   history = []
   for _ in range(steps):
@@ -99,8 +106,8 @@ def test_sharded_steps_match_one_device(single_device, mesh_shape, kind):
 @pytest.mark.parametrize("kind,microbatches", [("bc", 2), ("qsft", 2), ("qsft", 4)])
 def test_gradient_accumulation_matches_full_batch(kind, microbatches):
   shape = "data8" if microbatches == 2 else "data2-fsdp2-tensor2"  # 16 rows / M over the batch axes
-  full_state, full_history = run(shape, kind, steps=2)
-  acc_state, acc_history = run(shape, kind, steps=2, microbatches=microbatches)
+  full_state, full_history = run(shape, kind)
+  acc_state, acc_history = run(shape, kind, microbatches=microbatches)
   assert_trees_close(acc_state["params"], full_state["params"], atol=2e-5)
   for got, want in zip(acc_history, full_history):
     for key in want:
@@ -144,8 +151,7 @@ def test_qsft_step_loss_gradient_and_metrics_match_dense_computation():
 
 
 def test_qsft_metrics_when_all_three_models_coincide():
-  mesh, opt = mesh_of("data8"), optimizer()
-  step = train_steps.make_qsft_step(MODEL, CONFIG, opt, mesh, RULES, **QSFT_KW)
+  step, mesh, opt = get_step("data8", "qsft")
   theta = sharding.shard_params(host_params(0), CONFIG, mesh, RULES)
   state = train_steps.init_qsft_state(theta, theta, opt)  # copies: no buffer donated twice
   _, metrics = step(state, put_batch(mesh, host_batch()))
@@ -173,10 +179,9 @@ def test_polyak_and_hard_updates_are_exact():
 
 
 def test_hard_target_updates_inside_the_step_and_donation():
-  mesh, opt = mesh_of("data8"), optimizer()
-  step = train_steps.make_qsft_step(MODEL, CONFIG, opt, mesh, RULES, target_update_every=2, **QSFT_KW)
+  step, mesh, opt = get_step("data8", "qsft", target_update_every=2, skip_nonfinite=True)
   state = make_state(mesh, "qsft", opt)
-  bar0 = jax.tree.map(np.asarray, state["target_params"])
+  bar0 = jax.tree.map(np.array, state["target_params"])  # a copy: a numpy view would pin the buffer
   batch = put_batch(mesh, host_batch())
   old = state
   state, _ = step(state, batch)
@@ -190,10 +195,9 @@ def test_hard_target_updates_inside_the_step_and_donation():
 
 
 def test_nonfinite_step_is_skipped():
-  mesh, opt = mesh_of("data8"), optimizer()
-  step = train_steps.make_qsft_step(MODEL, CONFIG, opt, mesh, RULES, skip_nonfinite=True, **QSFT_KW)
+  step, mesh, opt = get_step("data8", "qsft", target_update_every=2, skip_nonfinite=True)
   state = make_state(mesh, "qsft", opt)
-  before = jax.tree.map(np.asarray, state)
+  before = jax.tree.map(np.array, state)
   bad = dict(host_batch())
   bad["rewards"] = np.where(bad["action_mask"], np.nan, 0.0).astype(np.float32)
   state, metrics = step(state, put_batch(mesh, bad))
