@@ -4,10 +4,11 @@ Shapes: B batch, L new tokens, S key slots (S = L without a cache, the cache len
 D d_model, H query heads, K kv heads (G = H / K queries per kv head), Dh head_dim, F mlp_dim,
 V padded vocabulary.
 
-Attention masks: without a cache, query i attends to key j iff j <= i and both have the same segment
-id (packing; padding has segment 0 and therefore only ever sees padding). With a cache, every slot
-written by a token with nonzero segment id is marked valid, and the query in slot s attends to valid
-slots <= s; segment ids then only distinguish padding (0) from real tokens (nonzero), one sequence
+Attention masks: query i attends to new key j iff j <= i and both have the same segment id (packing;
+padding has segment 0 and therefore only ever sees padding). With a cache, a query also attends to
+every earlier cache slot that is valid (written by a token with nonzero segment id); the new tokens'
+K/V are written to slots [index, index + L) after all layers ran, with one in-place update. Segment
+ids therefore only separate padding from real tokens across calls: one sequence per row when decoding
 per row. Positions index the rotary angles (llama) or the learned position table (gpt2, where
 positions >= max_position_embeddings are clamped by the lookup, not checked).
 
@@ -135,23 +136,18 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_index):
-    """x [B, L, D]; positions [B, L]; mask [B, L, S] bool; layer_cache None or (k, v) each
-    [B, S, K, Dh]; cache_index int32 scalar (slot of the first new token).
+  def __call__(self, x, positions, mask, layer_cache, cache_mask):
+    """x [B, L, D]; positions [B, L]; mask [B, L, L] bool over the new tokens; layer_cache None or
+    (k, v) each [B, S, K, Dh] (read only); cache_mask [B, 1, S] bool: cache slots every new token sees.
 
-    Returns (out [B, L, D], new layer_cache or None).
+    Returns (out [B, L, D], (k, v) of the new tokens, each [B, L, K, Dh]; None without a cache).
     """
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    gpt2 = c.family == "gpt2"
-    qkv_bias = gpt2 or c.qkv_bias
-
-    def dense_in(name, num, axis):
-      return _DenseIn(c, num, axis, qkv_bias, name=name)(x)
-
-    q = dense_in("q", c.num_heads, "heads")
-    k = dense_in("k", c.num_kv_heads, "kv_heads")
-    v = dense_in("v", c.num_kv_heads, "kv_heads")
+    qkv_bias = c.family == "gpt2" or c.qkv_bias
+    q = _DenseIn(c, c.num_heads, "heads", qkv_bias, name="q")(x)
+    k = _DenseIn(c, c.num_kv_heads, "kv_heads", qkv_bias, name="k")(x)
+    v = _DenseIn(c, c.num_kv_heads, "kv_heads", qkv_bias, name="v")(x)
     if c.family == "llama":
       q = apply_rotary(q, positions, c)
       k = apply_rotary(k, positions, c)
@@ -159,28 +155,26 @@ class Attention(nn.Module):
     k = logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
     v = logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
 
-    new_cache = None
-    if layer_cache is not None:
-      cache_k, cache_v = layer_cache
-      start = (0, cache_index, 0, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-      new_cache = (cache_k, cache_v)
-      k, v = cache_k.astype(dtype), cache_v.astype(dtype)
-
     b, l = q.shape[:2]
     groups = c.num_heads // c.num_kv_heads
     # Query head h = kv_head * groups + g, as HF's repeat_kv.
     q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(c.head_dim)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+    blocks = [(k, v, mask)]
+    if layer_cache is not None:
+      # Cached keys first; one softmax over [cache slots, new tokens] (no copy of the cache).
+      blocks.insert(0, (layer_cache[0].astype(dtype), layer_cache[1].astype(dtype), cache_mask))
+    scores = jnp.concatenate([
+        jnp.where(m[:, None, None], jnp.einsum("blkgd,bskd->bkgls", q, bk, preferred_element_type=jnp.float32),
+                  _MASKED_SCORE) for bk, _, m in blocks], axis=-1) / np.sqrt(c.head_dim)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, c.num_heads, c.head_dim)
+    out, offset = 0, 0
+    for bk, bv, _ in blocks:
+      width = bk.shape[1]
+      out = out + jnp.einsum("bkgls,bskd->blkgd", probs[..., offset:offset + width], bv)
+      offset += width
+    out = out.reshape(b, l, c.num_heads, c.head_dim)
     out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-
-    out = _DenseOut(c, name="o")(out)
-    return out, new_cache
+    return _DenseOut(c, name="o")(out), None if layer_cache is None else (k, v)
 
 
 class _DenseIn(nn.Module):
@@ -258,15 +252,15 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_index):
-    """x [B, L, D] -> (x [B, L, D], new layer_cache or None)."""
+  def __call__(self, x, positions, mask, layer_cache, cache_mask):
+    """x [B, L, D] -> (x [B, L, D], new tokens' (k, v)); arguments as Attention's."""
     c = self.config
-    attn_out, new_cache = Attention(c, name="attn")(Norm(c, name="attn_norm")(x), positions, mask,
-                                                    layer_cache, cache_index)
+    attn_out, new_kv = Attention(c, name="attn")(Norm(c, name="attn_norm")(x), positions, mask,
+                                                 layer_cache, cache_mask)
     x = x + attn_out
     x = x + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x))
     x = logical_constraint(x, ("batch", "length", "embed"))
-    return x, new_cache
+    return x, new_kv
 
 
 _REMAT_POLICIES = {
@@ -316,33 +310,33 @@ class Transformer(nn.Module):
     x = logical_constraint(x, ("batch", "length", "embed"))
 
     length = tokens.shape[1]
-    if cache is None:
-      causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
-      mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, L, L]
-      index = jnp.zeros((), jnp.int32)
-      kv = None
-    else:
+    causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+    mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, L, L]
+    kv, cache_mask = None, None
+    if cache is not None:
       index = jnp.asarray(cache["index"], jnp.int32)
-      valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index))
-      slots = jnp.arange(valid.shape[1])
-      query_slots = index + jnp.arange(length)
-      mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])  # [B, L, S]
+      slots = jnp.arange(cache["valid"].shape[1])
+      cache_mask = (cache["valid"] & (slots < index)[None])[:, None, :]  # [B, 1, S]
       kv = (cache["k"], cache["v"])
 
     if c.scan_layers:
-      x, new_kv = self.layers(x, positions, mask, kv, index)
+      x, new_kv = self.layers(x, positions, mask, kv, cache_mask)
     else:
-      new_layers = []
+      per_layer = []
       for i, layer in enumerate(self.layers):
-        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        x, layer_new = layer(x, positions, mask, layer_kv, index)
-        new_layers.append(layer_new)
-      new_kv = None if kv is None else (jnp.stack([k for k, _ in new_layers]),
-                                        jnp.stack([v for _, v in new_layers]))
+        x, layer_kv = layer(x, positions, mask, None if kv is None else (kv[0][i], kv[1][i]), cache_mask)
+        per_layer.append(layer_kv)
+      new_kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*per_layer))  # [layers, B, L, K, Dh]
     hidden = self.final_norm(x)
     new_cache = None
     if cache is not None:
-      new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": valid, "index": index + length}
+      new_k, new_v = new_kv
+      start = (0, 0, index, 0, 0)
+      new_cache = {
+          "k": jax.lax.dynamic_update_slice(cache["k"], new_k.astype(cache["k"].dtype), start),
+          "v": jax.lax.dynamic_update_slice(cache["v"], new_v.astype(cache["v"].dtype), start),
+          "valid": jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index)),
+          "index": index + length}
     return hidden, new_cache
 
   def hidden_states(self, tokens, positions, segment_ids):
