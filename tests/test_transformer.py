@@ -328,10 +328,11 @@ def test_kv_cache_decoding_matches_full_forward(family, padding):
   _decode_matches_full_forward(config, randomized_params(config), padding)
 
 
-def test_kv_cache_decoding_with_scanned_layers_and_qkv_bias():
+def test_kv_cache_decoding_with_scanned_remat_layers_and_qkv_bias():
+  # Decoding uses the training config as is, remat included (a no-op without gradients).
   config = LLAMA.replace(qkv_bias=True, num_layers=3)
   params = stack_layers(randomized_params(config), config.num_layers)
-  _decode_matches_full_forward(config.replace(scan_layers=True), params, "left")
+  _decode_matches_full_forward(config.replace(scan_layers=True, remat_policy="full"), params, "left")
 
 
 def test_kv_cache_multi_token_chunks_and_bf16_cache_dtype():
