@@ -215,6 +215,14 @@ def shard_params(host_params: Any, config: ModelConfig, mesh: Mesh, rules: Rules
   return out["params"] if wrapped else out
 
 
+def cache_shardings(config: ModelConfig, batch_size: int, cache_len: int, mesh: Mesh, rules: Rules,
+                    dtype=None) -> dict:
+  """NamedShardings of init_cache(config, batch_size, cache_len, dtype) by its logical axes."""
+  from qsft_jax.models.transformer import cache_logical_axes, init_cache
+  shapes = jax.eval_shape(lambda: init_cache(config, batch_size, cache_len, dtype))
+  return logical_to_sharding(cache_logical_axes(), mesh, rules, shapes=shapes)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Sharding of [B, L] batch arrays: rows over the `batch` rule's mesh axes, length by `length`."""
   return NamedSharding(mesh, logical_to_mesh_spec(("batch", "length"), None, dict(mesh.shape), rules))

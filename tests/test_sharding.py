@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from qsft_jax import sharding
 from qsft_jax.models.config import get_preset
-from qsft_jax.models.transformer import Transformer
+from qsft_jax.models.transformer import Transformer, init_cache
 
 # heads=4 and kv_heads=2 divide tensor=2; vocab 128 and d_model 32 divide every mesh below.
 # One layer keeps the 8-device compiles short; layer stacking is covered by test_transformer.
@@ -176,6 +176,29 @@ def test_indivisible_kv_heads_fall_back_to_replication_scanned_remat():
         params, global_batch, config)
   np.testing.assert_allclose(logits, logits_ref, atol=1e-5, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grad, grad_ref)
+
+
+def test_sharded_kv_cache_decoding_matches_full_forward(reference):
+  params_ref, batch, _, _, _ = reference
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  params = sharding.shard_params(jax.tree.map(np.asarray, params_ref), CONFIG, mesh, RULES)
+  tokens = batch["tokens"][:4, :7]  # 4 rows over data x fsdp; prefill 5, then 2 decode steps
+  cache_sharding = sharding.cache_shardings(CONFIG, 4, 8, mesh, RULES)
+  assert cache_sharding["k"].spec == P(None, ("data", "fsdp"), None, "tensor", None)
+  cache = jax.device_put(init_cache(CONFIG, 4, 8), cache_sharding)
+  model = Transformer(CONFIG)
+  step = jax.jit(lambda p, c, t, pos: model.apply(p, t, pos, jnp.ones_like(t), cache=c),
+                 out_shardings=(None, cache_sharding), donate_argnums=1)
+  positions = np.broadcast_to(np.arange(7), (4, 7)).astype(np.int32)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    prefill, cache = step(params, cache, tokens[:, :5], positions[:, :5])
+    decoded = [prefill]
+    for t in (5, 6):
+      logits, cache = step(params, cache, tokens[:, t:t + 1], positions[:, t:t + 1])
+      decoded.append(logits)
+  assert cache["k"].sharding.is_equivalent_to(cache_sharding["k"], 5)
+  full = model.apply(params_ref, tokens, positions, np.ones_like(tokens))
+  np.testing.assert_allclose(np.concatenate(decoded, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_fsdp_parameter_bytes_shrink_as_one_over_n():
