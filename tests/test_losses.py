@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qsft_jax import losses
-from tests import mdp_utils
+import mdp_utils  # tests/mdp_utils.py (pytest puts tests/ on sys.path)
 
 jax.config.update("jax_enable_x64", False)
 

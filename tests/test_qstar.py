@@ -25,7 +25,7 @@ import optax
 import pytest
 
 from qsft_jax import losses
-from tests import mdp_utils
+import mdp_utils  # tests/mdp_utils.py (pytest puts tests/ on sys.path)
 
 PAD, BOS, A, B, C, X, Y, DUMMY = range(8)
 # (real vocabulary, padded columns): a character-game-sized vocabulary where the even spread's bias

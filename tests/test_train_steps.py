@@ -11,7 +11,7 @@ import pytest
 from qsft_jax import losses, sharding, train_steps
 from qsft_jax.models.config import get_preset
 from qsft_jax.models.transformer import Transformer
-from tests import mdp_utils
+import mdp_utils  # tests/mdp_utils.py (pytest puts tests/ on sys.path)
 
 CONFIG = get_preset("tiny-llama")
 MODEL = Transformer(CONFIG)
