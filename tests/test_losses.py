@@ -342,3 +342,52 @@ def test_driver_shape_errors():
     losses.wce_per_token(jnp.zeros((2, V_PAD)), jnp.zeros(2, int), jnp.zeros(2), V_PAD + 1)
   with pytest.raises(ValueError, match="dummy_token"):
     losses.wce_per_token(jnp.zeros((2, V_PAD)), jnp.zeros(2, int), jnp.zeros(2), VOCAB, dummy_token=VOCAB)
+
+
+def test_test_arrays_agree_with_the_data_layer():
+  """The arrays these tests build (tests/mdp_utils.py, written from docs/architecture.md) are the
+  data layer's: the losses are tested on the layout they will be fed."""
+  from qsft_jax.data import mdp as data_mdp
+  rng = np.random.default_rng(9)
+  for _ in range(30):
+    turns = [([1], False, 0.0)]  # BOS
+    for t in range(int(rng.integers(1, 6))):
+      act = bool(rng.random() < 0.6)
+      ids = [int(x) for x in rng.integers(2, VOCAB, size=int(rng.integers(1, 4)))]
+      turns.append((ids, act, float(rng.uniform(0, 0.5)) if act else 0.0))
+    if not any(a for _, a, _ in turns):
+      turns.append(([3], True, 0.2))
+    done = True if turns[-1][1] else bool(rng.random() < 0.5)
+    gamma, gamma_token = 0.9, 0.95
+    ours = mdp_utils.episode_arrays(turns, done, gamma, gamma_token)
+    episode = data_mdp.TokenizedEpisode(
+        tokens=np.array([1] + [i for ids, _, _ in turns[1:] for i in ids], np.int32),
+        turn_lengths=np.array([len(ids) for ids, _, _ in turns[1:]]),
+        turn_is_action=np.array([a for _, a, _ in turns[1:]]),
+        turn_rewards=np.array([r for _, _, r in turns[1:]]), done=done)
+    theirs = data_mdp.episode_arrays(episode, gamma, gamma_token)
+    for key, value in ours.items():
+      np.testing.assert_allclose(theirs[key], value, rtol=1e-6, err_msg=key)
+
+
+def test_qsft_loss_ones_mode_is_bc_and_turn_mode_uses_turn_targets():
+  rng = np.random.default_rng(10)
+  batch, h, u, _ = make_driver_inputs(rng, b=3, length=24)
+  h_bar, h_phi = rng.normal(size=(2,) + h.shape).astype(np.float32)
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  n = losses.action_token_count(batch["action_mask"])
+
+  def qsft(h, u, mode):
+    return losses.qsft_loss(h, u, h_bar, u, h_phi, u * 0.5, jbatch, n, vocab_size=VOCAB,
+                            support_min=1e-3, targets_mode=mode, chunk_size=5)
+
+  bc = lambda h, u: losses.chunked_bc_loss(h, u, losses.to_rows(jbatch["tokens"]),
+                                           losses.to_rows(jbatch["action_mask"], False), n,
+                                           vocab_size=VOCAB, chunk_size=5)[0]
+  (loss_ones, _), g_ones = jax.value_and_grad(lambda h, u: qsft(h, u, "ones"), (0, 1), has_aux=True)(h, u)
+  loss_bc, g_bc = jax.value_and_grad(bc, (0, 1))(h, u)
+  np.testing.assert_allclose(loss_ones, loss_bc, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), g_ones, g_bc)
+  _, aux = qsft(h, u, "turn")
+  want, _ = losses.compute_targets(aux["values"], jbatch, "turn")
+  np.testing.assert_array_equal(aux["targets"], want)
