@@ -1,6 +1,10 @@
 """Sharding on 8 simulated CPU devices: meshes, rule resolution, sharded init, batches."""
 import math
 import re
+import socket
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -250,3 +254,49 @@ def test_global_batch_from_host_local_round_trip():
       assert shard.data.shape[0] == 2
       np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
   assert sharding.batch_sharding(mesh, RULES).spec == P(("data", "fsdp"), None)
+
+
+_TWO_PROCESS_WORKER = textwrap.dedent("""
+    import os, sys
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    port, pid = sys.argv[1], int(sys.argv[2])
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    import numpy as np
+    from qsft_jax import sharding
+    mesh = sharding.make_mesh({"data": -1})  # the 4 devices of both processes
+    full = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+    local = full[pid * 4:(pid + 1) * 4]  # this process's rows of the global batch
+    x = sharding.global_batch_from_host_local({"tokens": local}, mesh, sharding.DEFAULT_RULES)["tokens"]
+    assert x.shape == (8, 3), x.shape
+    # A computation over the global array sees every row in its global place.
+    total = jax.jit(lambda a: (a * jax.numpy.arange(1, 9)[:, None]).sum())(x)
+    assert int(total) == int((full * np.arange(1, 9)[:, None]).sum()), int(total)
+    for shard in x.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+      assert shard.index[0].start // 4 == pid
+    print("OK", pid, jax.process_count(), len(jax.devices()))
+""")
+
+
+def test_global_batch_from_host_local_two_processes(tmp_path):
+  """Two local processes joined by jax.distributed (gloo on the CPU) build one global batch."""
+  script = tmp_path / "worker.py"
+  script.write_text(_TWO_PROCESS_WORKER)
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = str(sock.getsockname()[1])
+  procs = [subprocess.Popen([sys.executable, str(script), port, str(i)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  for proc in procs:
+    try:
+      out, _ = proc.communicate(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    outputs.append(out)
+  for i, (proc, out) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0 and f"OK {i} 2 4" in out, out[-3000:]
