@@ -13,8 +13,8 @@ import pytest
 
 from qsft_jax.models import config as config_lib
 from qsft_jax.models.config import ModelConfig, flops_per_token, from_hf_config, get_preset, param_count
-from qsft_jax.models.transformer import (PAD_LOGIT, Transformer, init_cache, rotary_inv_freq, stack_layers,
-                                         unembedding, unstack_layers)
+from qsft_jax.models.transformer import (PAD_LOGIT, Transformer, init_cache, logits_from_hidden, rotary_inv_freq,
+                                         stack_layers, unembedding, unstack_layers)
 
 # Small enough to compile in about a second; GQA (4 query heads over 2 kv heads) in the llama one.
 LLAMA = get_preset("tiny-llama", d_model=32, head_dim=8, mlp_dim=64, vocab_size=50, pad_vocab_multiple=64)
@@ -207,6 +207,10 @@ def test_padded_vocab_masked_and_logits_equal_hidden_times_unembedding(family, t
   np.testing.assert_array_equal(unembed, unembedding(params))  # tying read off the tree agrees
   np.testing.assert_allclose(np.asarray(hidden @ unembed)[..., :config.vocab_size],
                              logits[..., :config.vocab_size], atol=1e-5, rtol=1e-5)
+  # A vocabulary chunk (columns 40..63, straddling vocab_size=50) is masked by its global ids.
+  chunk = np.asarray(logits_from_hidden(hidden, unembed[:, 40:], config.vocab_size, vocab_offset=40))
+  np.testing.assert_allclose(chunk, logits[..., 40:], atol=1e-5, rtol=1e-5)
+  assert np.all(chunk[..., 10:] == PAD_LOGIT) and np.all(chunk[..., :10] > PAD_LOGIT)
 
 
 # ---------------------------------------------------------------- layouts and numerics
