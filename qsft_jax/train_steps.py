@@ -124,7 +124,7 @@ class StepFn:
       return self.jitted.lower(state, batch)
 
 
-def _split_microbatches(batch: Mapping[str, jax.Array], microbatches: int, row_sharding) -> dict:
+def _split_microbatches(batch: Mapping[str, jax.Array], microbatches: int) -> dict:
   """[B, ...] -> [M, B / M, ...]. Microbatch m takes rows m, m + M, m + 2M, ...: each device's
   contiguous block of rows then holds rows of every microbatch, so no rows move between devices."""
   def split(x):
@@ -164,7 +164,7 @@ def _accumulate(micro_fn, batch, microbatches, row_sharding, params):
   """Sums (loss, grads, metric sums) of micro_fn over microbatches (a scan when M > 1)."""
   if microbatches == 1:
     return micro_fn(params, batch)
-  parts = _split_microbatches(batch, microbatches, row_sharding)
+  parts = _split_microbatches(batch, microbatches)
 
   def body(carry, part):
     out = micro_fn(params, _constrain_rows(part, row_sharding))
