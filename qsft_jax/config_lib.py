@@ -1,0 +1,203 @@
+"""Shared config defaults and the checks that run before anything compiles.
+
+Every file in configs/ starts from `base_config()` and overrides what its task and scale need
+(big_vision style: one `get_config()` per file, `--config.FIELD=VALUE` on the command line).
+`check_config(config, device_count)` rejects a bad config with a message that names the field.
+
+Fields (defaults in brackets):
+
+  seed [0]                      seed of parameter init and of the data order.
+  task ["maze"]                 bundled environment (maze | wordle | chess) used to generate data and to
+                                evaluate; "" for a user dataset with no environment.
+  env                           keyword arguments of `qsft_jax.envs.make_env(task, **env)`.
+  dataset.generate [True]       generate train/held-out JSONL from `task` into WORKDIR/data when
+                                data.path is empty (deterministic; skipped when the files exist).
+  dataset.policy ["paper"]      behaviour policy of the generator (see qsft_jax/envs/policies.py).
+  dataset.num_episodes [2000]   training episodes; dataset.heldout_episodes [200] for diagnostics.
+  dataset.seed [0]              generator seed (held-out episodes use seed + 1).
+  dataset.options {}            extra generator options (`generate_episodes(..., **options)`).
+  tokenizer ["char"]            "char", "char:PATH.json", "hf:PATH", "gguf:PATH", "smollm2".
+  data.*                        `qsft_jax.data.DataConfig` fields: path, max_length [256], pack [True],
+                                overlong [truncate], reward_transform ["none"; or "affine:LO,HI[,MAX_TURNS]",
+                                "terminal_return:RMIN,RMAX"], gamma [1.0], gamma_token [1.0], ...
+  data_shards [0]               logical data shards the global batch is built from (0: one per process).
+                                Process p reads only its own shards; with a fixed value the batches
+                                do not depend on the process count (which must divide it).
+  model.preset ["tiny-llama"]   `qsft_jax.models.config.get_preset` name.
+  model.init ["random"]         "random", "hf:PATH", "gguf:PATH" or "smollm2" (pretrained weights).
+  model.overrides {}            ModelConfig fields to replace (dtype, scan_layers, remat_policy, ...).
+                                With a char tokenizer and random init, vocab_size is the tokenizer's.
+  mesh.shape {data:-1,fsdp:1,tensor:1}   device mesh; -1 takes the remaining devices.
+  mesh.rules                    logical-axis rule table (`qsft_jax.sharding.DEFAULT_RULES`).
+  distributed.enabled [False]   call jax.distributed.initialize (also when QSFT_DISTRIBUTED=1);
+  distributed.coordinator_address / num_processes / process_id: passed through when set.
+  phases [("bc", "qsft")]       phases to run, in order.
+  bc.* / qsft.*                 steps, batch_size (global rows), microbatches [1], learning_rate,
+                                warmup_steps, weight_decay, grad_clip, b1, b2.
+  qsft.tau [0.005]              Polyak rate; qsft.target_update_every [0] (>0: hard copy every N steps).
+  qsft.support_min [1e-4]       behaviour-support threshold of the Bellman max.
+  qsft.targets_mode ["token"]   "token" (per-token bootstrap), "turn" (per-turn), "ones" (the control).
+  qsft.theta_init ["phi"]       "pretrained" (model.init), "phi" (the BC result), "fresh" (random).
+  qsft.dummy_token [-1]         >= 0: put all of 1 - w on this token (small vocabularies).
+  loss.chunk_size [128]         rows per chunk of the chunked losses.
+  on_nonfinite ["stop"]         "stop": fail naming the step and metric; "skip": skip that update.
+  checkpoint.every_steps [200], keep [2], keep_every [0] (also keep every K-th step), async [True].
+  log.every_steps [20], log.progress_bar [True], log.tensorboard [True].
+  eval.episodes [100], eval.seed [10000], eval.betas [(0, 1, 4, 16)], eval.max_new_tokens [16],
+  eval.batch_size [64]; eval.enabled [True] (needs a task).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from qsft_jax.sharding import DEFAULT_RULES
+
+PHASES = ("bc", "qsft")
+TASKS = ("", "maze", "wordle", "chess")
+TARGET_MODES = ("token", "turn", "ones")
+THETA_INITS = ("pretrained", "phi", "fresh")
+
+
+def _optim(steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      steps=steps, batch_size=batch_size, microbatches=1, learning_rate=learning_rate,
+      warmup_steps=20, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.95))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The shared defaults (see the module docstring for every field)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = "maze"
+  c.env = ml_collections.ConfigDict()
+  c.dataset = ml_collections.ConfigDict(dict(
+      generate=True, policy="paper", num_episodes=2000, heldout_episodes=200, seed=0,
+      options=ml_collections.ConfigDict()))
+  c.tokenizer = "char"
+  c.data = ml_collections.ConfigDict(dict(
+      path="", max_length=256, pack=True, pack_window=64, overlong="truncate",
+      reward_transform="none",
+      gamma=1.0, gamma_token=1.0, num_workers=0))
+  c.model = ml_collections.ConfigDict(dict(
+      preset="tiny-llama", init="random", overrides=ml_collections.ConfigDict()))
+  c.data_shards = 0
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+      rules=tuple(DEFAULT_RULES)))
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=0, process_id=-1))
+  c.phases = PHASES
+  c.bc = _optim(steps=300, batch_size=16, learning_rate=1e-3)
+  c.qsft = _optim(steps=300, batch_size=16, learning_rate=1e-3)
+  c.qsft.update(dict(tau=0.005, target_update_every=0, support_min=1e-4, targets_mode="token",
+                     theta_init="phi", dummy_token=-1))
+  c.loss = ml_collections.ConfigDict(dict(chunk_size=128))
+  c.on_nonfinite = "stop"
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, keep_every=0, async_save=True))
+  c.log = ml_collections.ConfigDict(dict(every_steps=20, progress_bar=True, tensorboard=True))
+  c.eval = ml_collections.ConfigDict(dict(
+      enabled=True, episodes=100, seed=10000, betas=(0.0, 1.0, 4.0, 16.0), max_new_tokens=16,
+      batch_size=64))
+  return c
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the field."""
+
+
+def _fail(field: str, message: str):
+  raise ConfigError(f"config.{field}: {message}")
+
+
+def resolved_mesh_shape(shape: Any, device_count: int) -> dict:
+  """mesh.shape with its -1 filled in; ConfigError when it cannot match device_count."""
+  shape = dict(shape)
+  if set(shape) != {"data", "fsdp", "tensor"}:
+    _fail("mesh.shape", f"needs exactly the axes data, fsdp, tensor; got {sorted(shape)}")
+  free = [k for k, v in shape.items() if v == -1]
+  if len(free) > 1:
+    _fail("mesh.shape", f"at most one axis may be -1; got {shape}")
+  if any(v == 0 or v < -1 for v in shape.values()):
+    _fail("mesh.shape", f"sizes must be positive or -1; got {shape}")
+  fixed = math.prod(v for v in shape.values() if v != -1)
+  if free:
+    if device_count % fixed:
+      _fail("mesh.shape", f"{shape} cannot fill {device_count} devices ({fixed} does not divide it)")
+    shape[free[0]] = device_count // fixed
+  if math.prod(shape.values()) != device_count:
+    _fail("mesh.shape", f"{shape} has {math.prod(shape.values())} devices but {device_count} are "
+          "available")
+  return shape
+
+
+def check_config(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> dict:
+  """Rejects what cannot run before anything compiles; returns the resolved mesh shape."""
+  known = set(base_config().keys())
+  unknown = set(config.keys()) - known
+  if unknown:
+    _fail(sorted(unknown)[0], f"unknown field; known top-level fields: {', '.join(sorted(known))}")
+  for section in ("dataset", "data", "model", "mesh", "distributed", "bc", "qsft", "loss",
+                  "checkpoint", "log", "eval"):
+    base = base_config()[section]
+    extra = set(config[section].keys()) - set(base.keys())
+    if section in ("data",):  # data fields are checked by DataConfig itself, which knows them all
+      continue
+    if extra:
+      _fail(f"{section}.{sorted(extra)[0]}", f"unknown field; known: {', '.join(sorted(base.keys()))}")
+
+  mesh = resolved_mesh_shape(config.mesh.shape, device_count)
+  if config.task not in TASKS:
+    _fail("task", f"{config.task!r} is not a bundled task {TASKS[1:]} (use \"\" for none)")
+  phases = tuple(config.phases)
+  if not phases or any(p not in PHASES for p in phases) or len(set(phases)) != len(phases):
+    _fail("phases", f"must be a non-empty ordered subset of {PHASES}; got {phases}")
+  if "qsft" in phases and "bc" not in phases:
+    _fail("phases", "the qsft phase needs phi from the bc phase: add 'bc' before it")
+  if not config.data.path and not (config.task and config.dataset.generate):
+    _fail("data.path", "is empty and no bundled task generates data (set data.path or task)")
+
+  batch_divisor = mesh["data"] * mesh["fsdp"]
+  for name in phases:
+    p = config[name]
+    if p.steps < 1:
+      _fail(f"{name}.steps", f"must be >= 1; got {p.steps}")
+    if p.learning_rate <= 0:
+      _fail(f"{name}.learning_rate", f"must be > 0; got {p.learning_rate}")
+    if p.microbatches < 1 or p.batch_size % p.microbatches:
+      _fail(f"{name}.microbatches", f"{p.microbatches} must be >= 1 and divide {name}.batch_size="
+            f"{p.batch_size}")
+    micro = p.batch_size // p.microbatches
+    if micro % batch_divisor:
+      _fail(f"{name}.batch_size", f"{p.batch_size} rows ({micro} per microbatch) do not divide "
+            f"across the mesh's data x fsdp = {batch_divisor} devices")
+    shards = config.data_shards or process_count
+    if shards % process_count:
+      _fail("data_shards", f"{shards} is not a multiple of the {process_count} processes")
+    if p.batch_size % shards or (p.batch_size // p.microbatches) % shards:
+      _fail(f"{name}.batch_size", f"{p.batch_size} rows do not divide across {shards} data shards")
+  q = config.qsft
+  if "qsft" in phases:
+    if not 0.0 <= q.tau <= 1.0:
+      _fail("qsft.tau", f"must be in [0, 1]; got {q.tau}")
+    if q.tau == 0.0 and q.target_update_every == 0:
+      _fail("qsft.tau", "is 0 and target_update_every is 0: the target network would never move")
+    if q.target_update_every < 0:
+      _fail("qsft.target_update_every", f"must be >= 0; got {q.target_update_every}")
+    if q.targets_mode not in TARGET_MODES:
+      _fail("qsft.targets_mode", f"{q.targets_mode!r} is not one of {TARGET_MODES}")
+    if q.theta_init not in THETA_INITS:
+      _fail("qsft.theta_init", f"{q.theta_init!r} is not one of {THETA_INITS}")
+    if q.theta_init == "pretrained" and config.model.init == "random":
+      _fail("qsft.theta_init", "is 'pretrained' but model.init is 'random': use 'fresh' or load weights")
+    if not 0.0 <= q.support_min < 1.0:
+      _fail("qsft.support_min", f"must be in [0, 1); got {q.support_min}")
+  if config.on_nonfinite not in ("stop", "skip"):
+    _fail("on_nonfinite", f"must be 'stop' or 'skip'; got {config.on_nonfinite!r}")
+  if config.checkpoint.every_steps < 1 or config.checkpoint.keep < 1:
+    _fail("checkpoint.every_steps", "every_steps and keep must be >= 1")
+  if config.loss.chunk_size < 1:
+    _fail("loss.chunk_size", f"must be >= 1; got {config.loss.chunk_size}")
+  return mesh

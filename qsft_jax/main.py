@@ -1,0 +1,369 @@
+"""The trainer: one config file -> phase 1 (BC for phi) -> phase 2 (Q-SFT for theta) -> evaluation.
+
+    python -m qsft_jax.main --config=configs/maze_cpu.py --workdir=/tmp/maze [--config.FIELD=VALUE ...]
+
+Read top to bottom: set-up (distributed, config checks, tokenizer, data, mesh, model), then each
+phase in `run_phase`, then evaluation. Running the same command again on the same workdir resumes
+from whatever it holds: a finished phase is not re-run, an unfinished one restarts from its latest
+complete checkpoint with the data iterator at the same position, so the result equals an
+uninterrupted run's. SIGTERM (preemption) saves a checkpoint at the current step and exits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from qsft_jax import checkpoints
+from qsft_jax import config_lib
+from qsft_jax import sharding as qsharding
+from qsft_jax import train_steps
+from qsft_jax.models import config as model_config_lib
+from qsft_jax.models.transformer import Transformer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+
+PHASE_SEED_OFFSET = {"bc": 0, "qsft": 1}
+
+
+class NonFiniteError(FloatingPointError):
+  """A train step produced a non-finite metric; nothing from that state was checkpointed."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """jax.distributed.initialize, only when the config or QSFT_DISTRIBUTED=1 asks for it.
+
+  On Cloud TPU and SLURM the arguments are discovered automatically; otherwise set
+  distributed.coordinator_address / num_processes / process_id (or the JAX_* environment).
+  """
+  d = config.distributed
+  if not (d.enabled or os.environ.get("QSFT_DISTRIBUTED") == "1"):
+    return
+  if os.environ.get("QSFT_CPU_COLLECTIVES"):  # two local CPU processes (tests, laptops)
+    jax.config.update("jax_cpu_collectives_implementation", os.environ["QSFT_CPU_COLLECTIVES"])
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs["coordinator_address"] = d.coordinator_address
+  if d.num_processes:
+    kwargs["num_processes"] = d.num_processes
+  if d.process_id >= 0:
+    kwargs["process_id"] = d.process_id
+  jax.distributed.initialize(**kwargs)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, default=str)
+  os.replace(tmp, path)
+
+
+def prepare_tokenizer(config, workdir):
+  from qsft_jax.tokenizers import CharTokenizer, load_tokenizer
+  tokenizer = load_tokenizer(checkpoints.tokenizer_spec(workdir, config))
+  if isinstance(tokenizer, CharTokenizer) and config.tokenizer == "char":
+    path = os.path.join(workdir, "tokenizer.json")
+    if not os.path.exists(path) and jax.process_index() == 0:
+      tokenizer.save(path)
+  return tokenizer
+
+
+def dataset_files(workdir: str) -> dict:
+  return {"train": os.path.join(workdir, "data", "train.jsonl"),
+          "heldout": os.path.join(workdir, "data", "heldout.jsonl")}
+
+
+def prepare_data(config, workdir):
+  """The DataConfig of the run. A bundled task with an empty data.path generates its JSONL first
+  (deterministic, so every process may write it; each write is atomic)."""
+  from qsft_jax.data import DataConfig, write_jsonl
+  data = config.data.to_dict()
+  if not data["path"]:
+    from qsft_jax.envs import generate_episodes
+    files = dataset_files(workdir)
+    os.makedirs(os.path.dirname(files["train"]), exist_ok=True)
+    d = config.dataset
+    options = {**config.env.to_dict(), **d.options.to_dict()}
+    for split, count, seed in (("train", d.num_episodes, d.seed), ("heldout", d.heldout_episodes, d.seed + 1)):
+      if count and not os.path.exists(files[split]):
+        episodes = list(generate_episodes(config.task, count, seed, policy=d.policy, **options))
+        tmp = f"{files[split]}.tmp{os.getpid()}"
+        write_jsonl(tmp, episodes)
+        os.replace(tmp, files[split])
+    data["path"] = files["train"]
+  data["num_epochs"] = None  # phases stop by step count; every host sees the same number of batches
+  return DataConfig.from_config(data, shuffle_seed=config.seed)
+
+
+def build_model(config, tokenizer, mesh, rules):
+  """(ModelConfig, initial params or None). Pretrained weights are loaded straight into shards."""
+  if config.model.init == "random":
+    model_config = checkpoints.model_config_from(config, tokenizer)
+    return model_config, None
+  from qsft_jax.models.weights import load_params
+  model_config, params = load_params(config.model.init, mesh, rules, **config.model.overrides.to_dict())
+  if model_config.vocab_size < tokenizer.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.tokenizer: {config.tokenizer!r} has {tokenizer.vocab_size} tokens but the weights of "
+        f"{config.model.init!r} have {model_config.vocab_size}")
+  return model_config, {"params": params} if "params" not in params else params
+
+
+def make_optimizer(p: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW with linear warm-up then cosine decay to 10%, after global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, p.learning_rate, warmup_steps=max(1, min(p.warmup_steps, p.steps)),
+      decay_steps=max(p.steps, p.warmup_steps + 1), end_value=0.1 * p.learning_rate)
+  parts = [optax.clip_by_global_norm(p.grad_clip)] if p.grad_clip > 0 else []
+  parts.append(optax.adamw(schedule, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay))
+  return optax.chain(*parts), schedule
+
+
+def device_peak_flops() -> float | None:
+  """Peak dense bf16 FLOP/s of one device, or None where unknown (the CPU reports throughput only)."""
+  try:
+    from qsft_jax.chips import peak_flops_for_device
+  except ImportError:
+    return None
+  return peak_flops_for_device(jax.devices()[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# One phase
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop polls: save at the current step, then exit."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. a notebook): no handler
+      pass
+
+  def _handler(self, signum, frame):
+    logging.warning("SIGTERM: saving a checkpoint at the current step, then exiting")
+    self.requested = True
+
+
+class MetricsLog:
+  """Host-side metrics: checks for non-finite values, writes TensorBoard, drives the progress bar."""
+
+  def __init__(self, config, workdir, phase, total_steps, start_step, step_flops, schedule):
+    self.phase, self.schedule, self.step_flops = phase, schedule, step_flops
+    self.pending: list[tuple[int, dict]] = []
+    self.last_time, self.last_step, self.tokens = time.time(), start_step, 0.0
+    self.peak = device_peak_flops()
+    self.writer = None
+    if config.log.tensorboard and jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(checkpoints.phase_dir(workdir, phase), "tensorboard"))
+    self.bar = None
+    if config.log.progress_bar and jax.process_index() == 0:
+      from tqdm import tqdm
+      self.bar = tqdm(total=total_steps, initial=start_step, desc=phase, dynamic_ncols=True,
+                      file=sys.stderr, mininterval=1.0)
+    self.history: list[dict] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, metrics))  # device arrays: fetching them later keeps dispatch async
+
+  def flush(self) -> dict | None:
+    """Fetches pending metrics; raises NonFiniteError naming the first bad step and metric."""
+    if not self.pending:
+      return None
+    fetched = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending = []
+    for step, metrics in zip(steps, fetched):
+      for name, value in metrics.items():
+        if not np.isfinite(value):
+          raise NonFiniteError(f"{self.phase} step {step}: metric {name} = {float(value)} is not finite; "
+                               "no checkpoint was written from this state (set on_nonfinite='skip' to "
+                               "skip such steps instead)")
+    now = time.time()
+    seconds = max(now - self.last_time, 1e-9)
+    tokens = sum(float(m["tokens"]) for m in fetched)
+    rate = {"tokens_per_s": tokens / seconds, "steps_per_s": (steps[-1] - self.last_step) / seconds}
+    if self.step_flops:
+      achieved = self.step_flops * (steps[-1] - self.last_step) / seconds / jax.device_count()
+      rate["model_flops_per_s_per_device"] = achieved
+      if self.peak:
+        rate["mfu"] = achieved / self.peak
+    self.last_time, self.last_step = now, steps[-1]
+    last = {k: float(v) for k, v in fetched[-1].items()}
+    last.update(rate, learning_rate=float(self.schedule(steps[-1] - 1)), step=steps[-1])
+    self.history.append(last)
+    if self.writer is not None:
+      for step, metrics in zip(steps, fetched):
+        for name, value in metrics.items():
+          self.writer.add_scalar(f"{self.phase}/{name}", float(value), step)
+        self.writer.add_scalar(f"{self.phase}/learning_rate", float(self.schedule(step - 1)), step)
+      for name, value in rate.items():
+        self.writer.add_scalar(f"{self.phase}/{name}", value, steps[-1])
+      self.writer.flush()
+    if self.bar is not None:
+      self.bar.update(steps[-1] - self.bar.n)
+      self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate['tokens_per_s']:.0f}")
+    return last
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def abstract_with_shardings(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, tokenizer, data_config,
+              initial_params: Callable[[], Any], preemption: Preemption) -> dict:
+  """Trains one phase to config[phase].steps (resuming if possible) and returns its final state.
+
+  `initial_params()` -> the params a fresh phase starts from: BC: theta_0; Q-SFT: (theta_0, phi).
+  """
+  from qsft_jax.data.sharded import ShardedBatchIterator
+
+  p = config[phase]
+  model = Transformer(model_config)
+  optimizer, schedule = make_optimizer(p)
+  common = dict(chunk_size=config.loss.chunk_size, microbatches=p.microbatches,
+                skip_nonfinite=config.on_nonfinite == "skip")
+  if phase == "bc":
+    step_fn = train_steps.make_bc_step(model, model_config, optimizer, mesh, rules, **common)
+    init_state = lambda params: train_steps.init_bc_state(params, optimizer)
+  else:
+    q = config.qsft
+    step_fn = train_steps.make_qsft_step(
+        model, model_config, optimizer, mesh, rules, support_min=q.support_min, tau=q.tau,
+        target_update_every=q.target_update_every, targets_mode=q.targets_mode,
+        dummy_token=None if q.dummy_token < 0 else q.dummy_token, **common)
+    init_state = lambda params: train_steps.init_qsft_state(params[0], params[1], optimizer)
+  shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, phase)
+
+  iterator = ShardedBatchIterator(
+      data_config, tokenizer, global_batch_size=p.batch_size,
+      num_shards=config.data_shards or jax.process_count(), process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=config.seed + PHASE_SEED_OFFSET[phase])
+  manager = checkpoints.make_manager(workdir, phase, config)
+  latest = manager.latest_step()
+  if latest is not None:
+    param_shapes = qsharding.param_shapes(model, model_config)
+    shapes = jax.eval_shape(init_state, param_shapes if phase == "bc" else (param_shapes, param_shapes))
+    state = checkpoints.restore(manager, latest, abstract_with_shardings(shapes, shardings), iterator)
+    if jax.process_index() == 0:
+      print(f"{phase}: resumed from the checkpoint of step {latest}", flush=True)
+  else:
+    with jax.set_mesh(mesh):
+      state = jax.jit(init_state, out_shardings=shardings)(initial_params())
+    latest = 0
+  if latest >= p.steps:
+    manager.close()
+    return state
+
+  tokens_per_step = p.batch_size * data_config.max_length
+  forward = model_config_lib.flops_per_token(model_config, data_config.max_length) * tokens_per_step
+  step_flops = forward * (3 if phase == "bc" else 5)  # training pass = 3 forwards; Q-SFT adds 2
+  log = MetricsLog(config, workdir, phase, p.steps, latest, step_flops, schedule)
+  try:
+    for step in range(latest + 1, p.steps + 1):
+      batch = qsharding.global_batch_from_host_local(next(iterator), mesh, rules)
+      state, metrics = step_fn(state, batch)
+      log.add(step, metrics)
+      save_now = step % config.checkpoint.every_steps == 0 or step == p.steps or preemption.requested
+      if save_now or step % config.log.every_steps == 0:
+        last = log.flush()  # before any save: a non-finite state is never checkpointed
+        if last is not None and jax.process_index() == 0 and step % config.log.every_steps == 0:
+          print(f"{phase} step {step}: " + ", ".join(
+              f"{k}={v:.4g}" for k, v in last.items() if k != "step"), flush=True)
+      if save_now:
+        checkpoints.save(manager, step, state, iterator)
+      if preemption.requested:
+        manager.wait_until_finished()
+        logging.warning("%s: saved step %d after SIGTERM; exiting", phase, step)
+        sys.exit(143)
+    manager.wait_until_finished()
+  finally:
+    log.close()
+    manager.close()
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json"), log.history)
+  checkpoints.mark_done(workdir, phase, p.steps)
+  return state
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) every configured phase, then evaluation. Returns the final states by phase."""
+  maybe_initialize_distributed(config)
+  mesh_shape = config_lib.check_config(config, jax.device_count(), jax.process_count())
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+  tokenizer = prepare_tokenizer(config, workdir)
+  data_config = prepare_data(config, workdir)
+  mesh = qsharding.make_mesh(mesh_shape)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  model_config, pretrained = build_model(config, tokenizer, mesh, rules)
+  checkpoints.save_model_config(workdir, model_config)
+  preemption = Preemption()
+
+  def fresh_params(offset: int):
+    return qsharding.init_params_sharded(model_config, jax.random.key(config.seed + offset), mesh, rules)
+
+  states = {}
+  for phase in config.phases:
+    if phase == "bc":
+      initial = lambda: pretrained if pretrained is not None else fresh_params(0)
+    else:
+      def initial():
+        phi = states["bc"]["params"]
+        theta = {"phi": phi, "pretrained": pretrained}.get(config.qsft.theta_init)
+        return (fresh_params(1) if theta is None else theta), phi
+    states[phase] = run_phase(phase, config, workdir, mesh, rules, model_config, tokenizer,
+                              data_config, initial, preemption)
+
+  if config.task and config.eval.enabled:
+    from qsft_jax import evaluate
+    evaluate.evaluate_workdir(workdir)
+  return states
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("both --config=configs/NAME.py and --workdir=DIR are required")
+  # Orbax and grain log every save at INFO; --verbosity=0 brings them back.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
