@@ -23,7 +23,7 @@ One model and batch (a Llama-style config with a 50k vocabulary, batch 4 x 256 b
 Prints a table, then as the LAST line one JSON object with qsft_over_bc_time, bc_flops_ratio,
 qsft_flops_ratio, chunked_over_naive_memory.
 
-    python benchmarks/step_cost.py [--batch 4] [--length 256] [--iters 5]
+    python benchmarks/step_cost.py [--batch 4] [--length 256] [--iters 7]
 """
 from __future__ import annotations
 
@@ -74,16 +74,21 @@ def compiled_flops(compiled) -> float:
   return float(cost["flops"])
 
 
-def time_step(step, state, batch, iters):
-  state, metrics = step(state, batch)  # compile + warm up
-  jax.block_until_ready(metrics)
-  times = []
+def time_steps(steps, states, batch, iters):
+  """Median seconds per call of each step, calls interleaved (A, B, A, B, ...) so that load from
+  other processes on the machine affects both alike. Returns (times, last metrics)."""
+  states, metrics = list(states), [None] * len(steps)
+  for i, step in enumerate(steps):  # compile + warm up
+    states[i], metrics[i] = step(states[i], batch)
+    jax.block_until_ready(metrics[i])
+  times = [[] for _ in steps]
   for _ in range(iters):
-    start = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), state, metrics
+    for i, step in enumerate(steps):
+      start = time.perf_counter()
+      states[i], metrics[i] = step(states[i], batch)
+      jax.block_until_ready((states[i], metrics[i]))
+      times[i].append(time.perf_counter() - start)
+  return [float(np.median(t)) for t in times], metrics
 
 
 def naive_wce(hidden, unembed, row_labels, row_weights, row_mask, normaliser, vocab):
@@ -99,7 +104,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--length", type=int, default=256)
-  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--iters", type=int, default=7)
   parser.add_argument("--chunk", type=int, default=64, help="chunk size for timing and memory")
   args = parser.parse_args(argv)
 
@@ -137,8 +142,8 @@ def main(argv=None):
 
   # 2. step time
   bc_step, qsft_step = steps(args.chunk)
-  bc_time, _, bc_metrics = time_step(bc_step, fresh_state("bc"), batch, args.iters)
-  qsft_time, _, qsft_metrics = time_step(qsft_step, fresh_state("qsft"), batch, args.iters)
+  (bc_time, qsft_time), (bc_metrics, qsft_metrics) = time_steps(
+      [bc_step, qsft_step], [fresh_state("bc"), fresh_state("qsft")], batch, args.iters)
 
   # 3. loss memory, value and gradient: chunked vs naive
   rng = np.random.default_rng(1)

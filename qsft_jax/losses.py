@@ -58,6 +58,32 @@ def real_log_softmax(logits: jax.Array, vocab_size: int) -> jax.Array:
 # Bellman values and targets
 
 
+def _bellman_terms(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_size: int,
+                   support_min: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(log V, lse of the target logits, lse of the behaviour logits), each float32 [...].
+
+  log p_bar(a) - log pi(a) = (z_bar(a) - z_phi(a)) + (lse_phi - lse_bar), and
+  pi(a) >= t  <=>  z_phi(a) >= log t + lse_phi, so one masked max over z_bar - z_phi suffices: no
+  [..., V] log-softmax is materialised (the values cost a few passes over the chunk's logits).
+  """
+  if support_min < 0:
+    raise ValueError(f"support_min={support_min} must be >= 0")
+  if target_logits.shape != behaviour_logits.shape:
+    raise ValueError(f"target_logits {target_logits.shape} and behaviour_logits "
+                     f"{behaviour_logits.shape} must have the same shape")
+  real = real_vocab_mask(target_logits.shape[-1], vocab_size)
+  z_bar = jnp.where(real, target_logits.astype(jnp.float32), -jnp.inf)
+  z_phi = jnp.where(real, behaviour_logits.astype(jnp.float32), -jnp.inf)
+  lse_bar = jax.scipy.special.logsumexp(z_bar, axis=-1)
+  lse_phi = jax.scipy.special.logsumexp(z_phi, axis=-1)
+  log_threshold = jnp.log(jnp.float32(support_min)) if support_min > 0 else -jnp.inf
+  # min(.., max z_phi): the behaviour's most likely token always passes (the set is never empty)
+  cut = jnp.minimum(log_threshold + lse_phi, jnp.max(z_phi, axis=-1))
+  supported = real & (z_phi >= cut[..., None])
+  best = jnp.max(jnp.where(supported, z_bar - z_phi, -jnp.inf), axis=-1)
+  return best + lse_phi - lse_bar, lse_bar, lse_phi
+
+
 def bellman_log_values(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_size: int,
                        support_min: float) -> jax.Array:
   """log V per row: max over supported real tokens of log p_bar(a) - log pi_phi(a).
@@ -70,18 +96,7 @@ def bellman_log_values(target_logits: jax.Array, behaviour_logits: jax.Array, vo
   token's probability (possible when support_min > 1 / vocab_size): then only the behaviour
   policy's most likely token(s) count. support_min = 0 admits every real token.
   """
-  if support_min < 0:
-    raise ValueError(f"support_min={support_min} must be >= 0")
-  if target_logits.shape != behaviour_logits.shape:
-    raise ValueError(f"target_logits {target_logits.shape} and behaviour_logits "
-                     f"{behaviour_logits.shape} must have the same shape")
-  log_p_bar = real_log_softmax(target_logits, vocab_size)
-  log_pi = real_log_softmax(behaviour_logits, vocab_size)
-  log_threshold = jnp.log(jnp.float32(support_min)) if support_min > 0 else -jnp.inf
-  log_threshold = jnp.minimum(log_threshold, jnp.max(log_pi, axis=-1, keepdims=True))
-  supported = jnp.isfinite(log_pi) & (log_pi >= log_threshold)
-  log_ratio = jnp.where(supported, log_p_bar - log_pi, -jnp.inf)
-  return jnp.max(log_ratio, axis=-1)
+  return _bellman_terms(target_logits, behaviour_logits, vocab_size, support_min)[0]
 
 
 def bellman_values(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_size: int,
@@ -91,7 +106,10 @@ def bellman_values(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_
   See `bellman_log_values` for the support rule. Computed in log space; returned as a ratio, capped
   at exp(LOG_VALUE_CAP) so it stays finite (the cap never changes a clipped target).
   """
-  log_v = bellman_log_values(target_logits, behaviour_logits, vocab_size, support_min)
+  return _ratio_from_log(bellman_log_values(target_logits, behaviour_logits, vocab_size, support_min))
+
+
+def _ratio_from_log(log_v: jax.Array) -> jax.Array:
   return jnp.exp(jnp.minimum(log_v, LOG_VALUE_CAP))
 
 
@@ -418,10 +436,11 @@ def chunked_bellman_values(target_hidden: jax.Array, target_unembed: jax.Array,
     h_bar, h_phi, lab = x
     z_bar = logits_from_hidden(h_bar, target_unembed, vocab_size)
     z_phi = logits_from_hidden(h_phi, behaviour_unembed, vocab_size)
-    values = bellman_values(z_bar, z_phi, vocab_size, support_min)
+    log_v, lse_bar, lse_phi = _bellman_terms(z_bar, z_phi, vocab_size, support_min)
+    values = _ratio_from_log(log_v)
     lab = lab[..., None].astype(jnp.int32)
-    logp_phi = jnp.take_along_axis(real_log_softmax(z_phi, vocab_size), lab, -1)[..., 0]
-    logp_bar = jnp.take_along_axis(real_log_softmax(z_bar, vocab_size), lab, -1)[..., 0]
+    logp_phi = jnp.take_along_axis(z_phi, lab, -1)[..., 0] - lse_phi
+    logp_bar = jnp.take_along_axis(z_bar, lab, -1)[..., 0] - lse_bar
     return None, (values, logp_phi, logp_bar)
 
   _, out = jax.lax.scan(body, None, xs)
