@@ -1,0 +1,401 @@
+"""Jitted two-model sampler: Q-SFT policy extraction with the KV caches of pi_phi and p_theta.
+
+Shapes: B batch bucket, P prompt bucket, S cache length, T = S - P output slots, V padded vocabulary
+(`config.padded_vocab_size`), V_real = `config.vocab_size`.
+
+One call of `Sampler.decode` runs one compiled program: ragged prompts are left-padded into a [B, P]
+bucket (real tokens at positions 0..n-1, padding with segment id 0 so no cache slot is written for it),
+both models prefill their caches, then a `lax.while_loop` decodes token by token with both caches in
+lockstep until every row has emitted a stop token or `max_new_tokens` tokens. B and P are powers of two
+(B also a multiple of the mesh's batch axes), S is fixed per sampler, and everything else (beta,
+temperature, top-k, top-p, support_min, max_new_tokens, the stop-token mask, the rng) is a traced
+argument, so a second call with the same (B, P, mode, sampling kind) bucket never retraces.
+
+Token scores per decode step (z_phi, z_theta: the two models' logits of the row that predicts the
+next token; log-softmaxes over the real vocabulary only, padded columns get -inf):
+
+  mode "extract": log_softmax(z_phi) + beta * softmax(z_theta)       (DESIGN.md section 2)
+                  beta = 0 is the BC policy pi_phi alone; theta is then never run ("bc" kind).
+  mode "bc":      log_softmax(z_phi)                                  (theta_params may be None)
+  mode "theta":   log_softmax(z_theta)                                (behaviour_params may be None)
+  mode "ratio":   log p_theta - log pi_phi on tokens with pi_phi >= min(support_min, max pi_phi)
+                  (the support rule of `losses.bellman_log_values`), -inf elsewhere; always greedy.
+
+Then greedy argmax, or scores / temperature, top-k (keep the k highest; ties with the k-th are kept),
+top-p (smallest set of the highest tokens whose probability after top-k reaches top_p), and a
+categorical draw.
+
+Stops. `stop_token_ids` end a row on device. For tokenizers whose tokens carry several characters,
+`stop_token_mask(tokenizer, stop_strings)` marks every token whose own text contains a stop string (a
+char tokenizer emits "\\n" as one token; a BPE token may be ".\\n"), and `Sampler.generate_text` cuts
+the decoded text right after the first stop string. A stop string split over two tokens is found by
+that cut but does not end decoding early (the environments' stop string "\\n" is one character, which
+byte-level BPE never splits).
+
+Sharding: with a mesh, params are placed by `sharding.param_shardings`, the caches are created inside
+the program with `sharding.cache_shardings`, and the model's activation constraints apply (the program
+runs under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qsft_jax import sharding
+from qsft_jax.losses import real_log_softmax
+from qsft_jax.models.config import ModelConfig
+from qsft_jax.models.transformer import Transformer, init_cache, logits_from_hidden, unembedding
+
+MODES = ("extract", "bc", "theta", "ratio")
+
+
+def next_power_of_two(n: int) -> int:
+  """Smallest power of two >= max(n, 1)."""
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+  """What a compiled decode program is specialised on."""
+  batch: int  # B
+  prompt_len: int  # P
+  kind: str  # "bc" | "extract" | "theta" | "ratio"
+  sampling: str  # "greedy" | "sample" | "filter" (sample with top-k / top-p)
+  record: bool  # also return per-step logits
+
+
+@dataclasses.dataclass
+class DecodeOutput:
+  """Result of `Sampler.decode` for the real rows (n = number of prompts).
+
+  tokens: int32 [n, T] generated tokens (pad id after a row stopped); num_generated: int32 [n], tokens
+  of each row up to and including its stop token. With record=True, per decode step t (the row that
+  predicts generated token t): phi_logits / theta_logits float32 [n, T, V] (None for a model that did
+  not run) and scores float32 [n, T, V] (the mode's token scores before temperature / filtering);
+  entries at t >= num_generated are undefined.
+  """
+  tokens: np.ndarray
+  num_generated: np.ndarray
+  phi_logits: np.ndarray | None = None
+  theta_logits: np.ndarray | None = None
+  scores: np.ndarray | None = None
+
+  def sequences(self) -> list[list[int]]:
+    """Generated tokens of each row as lists, stop token included."""
+    return [row[:n].tolist() for row, n in zip(self.tokens, self.num_generated)]
+
+
+def token_scores(kind: str, z_phi: jax.Array | None, z_theta: jax.Array | None, vocab_size: int,
+                 beta: jax.Array, support_min: jax.Array) -> jax.Array:
+  """The mode's scores over the vocabulary. z_phi, z_theta [B, V] -> float32 [B, V]; -inf on padded
+  columns (and, for "ratio", on tokens outside pi_phi's support). See the module docstring."""
+  if kind == "bc":
+    return real_log_softmax(z_phi, vocab_size)
+  if kind == "theta":
+    return real_log_softmax(z_theta, vocab_size)
+  log_pi = real_log_softmax(z_phi, vocab_size)
+  log_p = real_log_softmax(z_theta, vocab_size)
+  if kind == "extract":
+    return log_pi + beta * jnp.exp(log_p)
+  if kind == "ratio":
+    # Support rule of losses.bellman_log_values, with a traced support_min.
+    log_threshold = jnp.where(support_min > 0, jnp.log(jnp.maximum(support_min, 1e-38)), -jnp.inf)
+    log_threshold = jnp.minimum(log_threshold, jnp.max(log_pi, axis=-1, keepdims=True))
+    supported = jnp.isfinite(log_pi) & (log_pi >= log_threshold)
+    return jnp.where(supported, log_p - log_pi, -jnp.inf)
+  raise ValueError(f"unknown score kind {kind!r}")
+
+
+def filter_top_k_top_p(scores: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Keeps the top_k highest scores (0 = all), then the smallest prefix of those, by descending score,
+  whose softmax probability reaches top_p; others become -inf. scores [B, V] -> [B, V].
+
+  Ties with the threshold score are kept (so more than k tokens can survive on exact ties).
+  """
+  v = scores.shape[-1]
+  ordered = -jnp.sort(-scores, axis=-1)  # [B, V] descending
+  rank = jnp.arange(v)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+  ordered = jnp.where(rank < k, ordered, -jnp.inf)
+  probs = jax.nn.softmax(ordered, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each rank
+  keep = (rank < k) & ((before < top_p) | (top_p >= 1))  # top_p = 1: float32 cumsum may reach 1 early
+  keep = keep.at[:, 0].set(True)  # never empty
+  last = jnp.sum(keep, axis=-1) - 1  # [B]
+  threshold = jnp.take_along_axis(ordered, last[:, None], axis=-1)  # [B, 1]
+  return jnp.where(scores >= threshold, scores, -jnp.inf)
+
+
+def stop_token_mask(tokenizer, stop_strings: Sequence[str], num_columns: int | None = None) -> np.ndarray:
+  """bool [num_columns or vocab_size]: tokens whose own decoded text contains a stop string."""
+  num_columns = tokenizer.vocab_size if num_columns is None else num_columns
+  mask = np.zeros(num_columns, bool)
+  stop_strings = [s for s in stop_strings if s]
+  if not stop_strings:
+    return mask
+  for i in range(tokenizer.vocab_size):
+    text = tokenizer.decode([i])
+    mask[i] = any(s in text for s in stop_strings)
+  return mask
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+  """text up to and including the earliest occurrence of any stop string (text itself if none)."""
+  ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
+  return text[:min(ends)] if ends else text
+
+
+class Sampler:
+  """Samples continuations of ragged prompts from pi_phi, p_theta or the Q-SFT extracted policy.
+
+  Args:
+    model_config: the ModelConfig of both models (phi and theta share the architecture).
+    mesh, rules: optional mesh and logical-axis rule table (default `sharding.DEFAULT_RULES`).
+    cache_len: S, the fixed KV-cache length; prompt bucket + max_new_tokens must fit in it.
+    min_prompt_bucket, min_batch_bucket: smallest buckets (powers of two).
+    pad_id: token id used for left padding and after a row stopped.
+  """
+
+  def __init__(self, model_config: ModelConfig, mesh=None, rules=None, *, cache_len: int = 512,
+               min_prompt_bucket: int = 16, min_batch_bucket: int = 1, pad_id: int = 0):
+    if cache_len < 2:
+      raise ValueError(f"cache_len={cache_len} must be >= 2")
+    self.config = model_config
+    self.model = Transformer(model_config)
+    self.mesh = mesh
+    self.rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
+    self.cache_len = int(cache_len)
+    self.min_prompt_bucket = next_power_of_two(min_prompt_bucket)
+    self.min_batch_bucket = next_power_of_two(min_batch_bucket)
+    self.pad_id = int(pad_id)
+    self.trace_count = 0  # incremented each time a decode program is traced (for tests)
+    self._compiled: dict[_Key, Any] = {}
+    self._param_shardings = None
+    self._batch_multiple = 1
+    if mesh is not None:
+      self._param_shardings = sharding.param_shardings(self.model, model_config, mesh, self.rules)
+      spec = sharding.logical_to_mesh_spec(("batch",), None, dict(mesh.shape), self.rules)
+      axes = spec[0] if spec and spec[0] is not None else ()
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      self._batch_multiple = math.prod(mesh.shape[a] for a in axes)
+
+  # ------------------------------------------------------------------ buckets
+  def buckets(self, num_prompts: int, longest_prompt: int, max_new_tokens: int) -> tuple[int, int]:
+    """(B, P) for a call: powers of two (B rounded up to a multiple of the mesh's batch axes; P
+    capped at cache_len - max_new_tokens)."""
+    b = max(next_power_of_two(num_prompts), self.min_batch_bucket)
+    b = -(-b // self._batch_multiple) * self._batch_multiple
+    room = self.cache_len - max_new_tokens
+    if longest_prompt > room:
+      raise ValueError(f"a prompt of {longest_prompt} tokens plus max_new_tokens={max_new_tokens} does not "
+                       f"fit cache_len={self.cache_len}; raise cache_len or shorten the prompt")
+    p = min(max(next_power_of_two(longest_prompt), self.min_prompt_bucket), room)
+    return b, p
+
+  # ------------------------------------------------------------------ the compiled program
+  def _forward(self, params, tokens, positions, segments, cache):
+    """hidden of the last column -> float32 logits [B, V], and the updated cache."""
+    hidden, cache = self.model.apply(params, tokens, positions, segments, cache, method=Transformer._forward)
+    logits = logits_from_hidden(hidden[:, -1], unembedding(params, self.config), self.config.vocab_size)
+    return logits, cache
+
+  def _new_cache(self, batch):
+    cache = init_cache(self.config, batch, self.cache_len)
+    if self.mesh is not None:
+      cache = jax.lax.with_sharding_constraint(
+          cache, sharding.cache_shardings(self.config, batch, self.cache_len, self.mesh, self.rules))
+    return cache
+
+  def _program(self, key: _Key):
+    c = self.config
+    b, p, t_max = key.batch, key.prompt_len, self.cache_len - key.prompt_len
+    use_phi = key.kind != "theta"
+    use_theta = key.kind != "bc"
+    v = c.padded_vocab_size
+
+    def run(phi_params, theta_params, tokens, lengths, active, stop_mask, beta, temperature, top_k, top_p,
+            support_min, max_new, rng):
+      self.trace_count += 1  # python side effect: runs only while tracing
+      columns = jnp.arange(p)
+      pad_cols = (p - lengths)[:, None]  # [B, 1]
+      positions = jnp.maximum(columns[None] - pad_cols, 0).astype(jnp.int32)
+      segments = (columns[None] >= pad_cols).astype(jnp.int32)
+      models = []
+      if use_phi:
+        models.append(phi_params)
+      if use_theta:
+        models.append(theta_params)
+      caches, logits = [], []
+      for params in models:
+        z, cache = self._forward(params, tokens, positions, segments, self._new_cache(b))
+        caches.append(cache)
+        logits.append(z)
+
+      def select(logits, rng):
+        z_phi = logits[0] if use_phi else None
+        z_theta = logits[-1] if use_theta else None
+        scores = token_scores(key.kind, z_phi, z_theta, c.vocab_size, beta, support_min)
+        if key.sampling == "greedy":
+          tok = jnp.argmax(scores, axis=-1)
+        else:
+          s = scores / temperature
+          if key.sampling == "filter":
+            s = filter_top_k_top_p(s, top_k, top_p)
+          tok = jax.random.categorical(rng, s, axis=-1)
+        return tok.astype(jnp.int32), scores
+
+      def record(buffers, t, logits, scores):
+        if not key.record:
+          return buffers
+        new = list(logits) + [scores]
+        return [jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, t, 0))
+                for buf, x in zip(buffers, new)]
+
+      rng, sub = jax.random.split(rng)
+      tok, scores = select(logits, sub)
+      done = ~active | stop_mask[tok] | (max_new <= 1)
+      out = jnp.full((b, t_max), self.pad_id, jnp.int32).at[:, 0].set(tok)
+      count = active.astype(jnp.int32)
+      buffers = [jnp.zeros((b, t_max, v), jnp.float32) for _ in range(len(models) + 1)] if key.record else []
+      buffers = record(buffers, 0, logits, scores)
+
+      def cond(state):
+        t, _, done, *_ = state
+        return (t < max_new) & ~jnp.all(done)
+
+      def body(state):
+        t, tok, done, out, count, caches, rng, buffers = state
+        step_pos = (lengths + t - 1)[:, None]
+        seg = jnp.ones((b, 1), jnp.int32)
+        new_caches, logits = [], []
+        for params, cache in zip(models, caches):
+          z, cache = self._forward(params, tok[:, None], step_pos, seg, cache)
+          new_caches.append(cache)
+          logits.append(z)
+        rng, sub = jax.random.split(rng)
+        new_tok, scores = select(logits, sub)
+        new_tok = jnp.where(done, self.pad_id, new_tok)
+        out = jax.lax.dynamic_update_slice(out, new_tok[:, None], (0, t))
+        count = count + (~done).astype(jnp.int32)
+        buffers = record(buffers, t, logits, scores)
+        done = done | stop_mask[new_tok]
+        return t + 1, new_tok, done, out, count, new_caches, rng, buffers
+
+      state = (jnp.int32(1), tok, done, out, count, caches, rng, buffers)
+      _, _, _, out, count, _, _, buffers = jax.lax.while_loop(cond, body, state)
+      return out, count, buffers
+
+    return jax.jit(run)
+
+  def _place(self, params):
+    if params is None:
+      return None
+    params = nn.unbox(params)  # accepts boxed (LogicallyPartitioned) variables from model.init too
+    if self.mesh is None:
+      return params
+    return jax.device_put(params, self._param_shardings)
+
+  # ------------------------------------------------------------------ public API
+  def decode(self, behaviour_params, theta_params, prompts: Sequence[Sequence[int]], *, mode: str = "extract",
+             beta: float = 1.0, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, support_min: float = 1e-4, max_new_tokens: int = 32,
+             stop_token_ids: Sequence[int] = (), stop_mask: np.ndarray | None = None, rng=None,
+             record: bool = False) -> DecodeOutput:
+    """Decodes every prompt (lists of token ids, BOS included, each non-empty) in one compiled call.
+
+    mode: see the module docstring ("extract" with beta = 0 runs pi_phi alone). greedy: argmax instead
+    of sampling (mode "ratio" is always greedy). top_k = 0 and top_p = 1 disable those filters.
+    stop_token_ids and/or stop_mask (bool [V] or [V_real]) end a row; the stop token is kept.
+    rng: a jax key or an int seed (default 0). record: also return per-step logits (tests).
+    """
+    if mode not in MODES:
+      raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+    kind = "bc" if (mode == "extract" and beta == 0) else mode
+    if kind in ("bc", "extract", "ratio") and behaviour_params is None:
+      raise ValueError(f"mode {mode!r} needs behaviour_params (pi_phi)")
+    if kind in ("extract", "theta", "ratio") and theta_params is None:
+      raise ValueError(f"mode {mode!r} (beta={beta}) needs theta_params (p_theta)")
+    if not prompts:
+      raise ValueError("no prompts")
+    lengths = [len(x) for x in prompts]
+    if min(lengths) < 1:
+      raise ValueError("every prompt needs at least one token (the BOS)")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    greedy = greedy or kind == "ratio"
+    if not greedy and not temperature > 0:
+      raise ValueError(f"temperature={temperature} must be > 0 (use greedy=True for argmax)")
+    if top_k < 0 or not 0 < top_p <= 1:
+      raise ValueError(f"top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]")
+    if support_min < 0:
+      raise ValueError(f"support_min={support_min} must be >= 0")
+    sampling = "greedy" if greedy else ("filter" if top_k > 0 or top_p < 1 else "sample")
+    b, p = self.buckets(len(prompts), max(lengths), max_new_tokens)
+    key = _Key(b, p, kind, sampling, bool(record))
+    if key not in self._compiled:
+      self._compiled[key] = self._program(key)
+
+    tokens = np.full((b, p), self.pad_id, np.int32)
+    for i, prompt in enumerate(prompts):
+      tokens[i, p - len(prompt):] = prompt
+    vocab = self.config.vocab_size
+    if tokens.max() >= vocab or tokens.min() < 0:
+      raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    lens = np.ones(b, np.int32)
+    lens[:len(prompts)] = lengths
+    active = np.arange(b) < len(prompts)
+    mask = np.zeros(self.config.padded_vocab_size, bool)
+    if stop_mask is not None:
+      stop_mask = np.asarray(stop_mask, bool)
+      mask[:len(stop_mask)] = stop_mask
+    for i in stop_token_ids:
+      if not 0 <= int(i) < vocab:
+        raise ValueError(f"stop token id {i} outside [0, {vocab})")
+      mask[int(i)] = True
+    if rng is None:
+      rng = 0
+    if isinstance(rng, (int, np.integer)):
+      rng = jax.random.key(int(rng))
+
+    args = (self._place(behaviour_params) if kind != "theta" else None,
+            self._place(theta_params) if kind != "bc" else None,
+            tokens, lens, active, mask, np.float32(beta), np.float32(temperature), np.int32(top_k),
+            np.float32(top_p), np.float32(support_min), np.int32(max_new_tokens), rng)
+    if self.mesh is not None:
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        out, count, buffers = self._compiled[key](*args)
+    else:
+      out, count, buffers = self._compiled[key](*args)
+    n = len(prompts)
+    result = DecodeOutput(np.asarray(out)[:n], np.asarray(count)[:n])
+    if record:
+      arrays = [np.asarray(x)[:n] for x in buffers]
+      result.scores = arrays[-1]
+      if kind != "theta":
+        result.phi_logits = arrays[0]
+      if kind != "bc":
+        result.theta_logits = arrays[-2]
+    return result
+
+  def generate(self, behaviour_params, theta_params, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
+    """Generated token ids per prompt (stop token included); keyword arguments as `decode`."""
+    return self.decode(behaviour_params, theta_params, prompts, **kwargs).sequences()
+
+  def generate_text(self, behaviour_params, theta_params, prompts: Sequence[Sequence[int]], tokenizer, *,
+                    stop_strings: Sequence[str] = ("\n",), **kwargs) -> list[str]:
+    """Decoded continuations, each cut right after its first stop string (kept). Decoding on device
+    stops at tokens that contain a stop string (`stop_token_mask`) and at `stop_token_ids`."""
+    mask = self._stop_mask(tokenizer, tuple(stop_strings))
+    seqs = self.generate(behaviour_params, theta_params, prompts, stop_mask=mask, **kwargs)
+    return [cut_at_stop(tokenizer.decode(s), stop_strings) for s in seqs]
+
+  @functools.lru_cache(maxsize=8)
+  def _stop_mask(self, tokenizer, stop_strings: tuple[str, ...]) -> np.ndarray:
+    return stop_token_mask(tokenizer, stop_strings, self.config.padded_vocab_size)

@@ -1,0 +1,221 @@
+"""Sampler: KV-cached two-model decoding against full forward passes and numpy references."""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from qsft_jax import sharding
+from qsft_jax.models import Transformer, get_preset
+from qsft_jax.sampler import Sampler, cut_at_stop, filter_top_k_top_p, stop_token_mask
+from qsft_jax.tokenizers import CharTokenizer
+
+# Real vocabulary 40 of 128 padded columns; a large init std so that distributions are peaked (greedy
+# comparisons are not decided by float noise).
+CONFIG = get_preset("tiny-llama", vocab_size=40, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                    mlp_dim=64, init_std=0.4)
+V = CONFIG.vocab_size
+PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 4, 4, 4, 4, 4, 4, 30, 31, 32, 33], [1, 20, 21]]
+
+
+def _init(seed, config=CONFIG):
+  d = np.zeros((1, 1), np.int32)
+  return nn.unbox(Transformer(config).init(jax.random.key(seed), d, d, d + 1))
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _init(0), _init(1)
+
+
+@jax.jit
+def _forward(params, tokens, segments):
+  return Transformer(CONFIG).apply(params, tokens, np.arange(tokens.shape[1])[None], segments)
+
+
+def full_logits(params, seq):
+  """Independent reference: one uncached forward pass over the whole sequence -> [n, V_pad].
+
+  The sequence is right-padded to 32 tokens (segment 0; causal attention never looks right) so the
+  reference compiles once.
+  """
+  n = len(seq)
+  tokens = np.zeros((1, 32), np.int32)
+  tokens[0, :n] = seq
+  return np.asarray(_forward(params, tokens, (np.arange(32) < n)[None].astype(np.int32)))[0, :n]
+
+
+def np_log_softmax(z):
+  z = z.astype(np.float64)
+  m = z.max()
+  return z - m - np.log(np.exp(z - m).sum())
+
+
+def test_extraction_step_logits_equal_full_forward(params):
+  phi, theta = params
+  sampler = Sampler(CONFIG, cache_len=64)
+  beta = 3.0
+  out = sampler.decode(phi, theta, PROMPTS, mode="extract", beta=beta, temperature=1.5, max_new_tokens=9,
+                       stop_token_ids=[11], rng=3, record=True)
+  assert out.tokens.shape[0] == len(PROMPTS)
+  for i, prompt in enumerate(PROMPTS):
+    gen = out.sequences()[i]
+    n = out.num_generated[i]
+    assert 1 <= n <= 9 and len(gen) == n
+    assert (n == 9) or gen[-1] == 11, "a row ends at max_new_tokens or at its stop token"
+    assert 11 not in gen[:-1]
+    assert all(0 <= t < V for t in gen), "padded vocabulary columns are never sampled"
+    seq = prompt + gen
+    z_phi, z_theta = full_logits(phi, seq), full_logits(theta, seq)
+    for t in range(n):
+      row = len(prompt) - 1 + t  # the row that predicts generated token t
+      np.testing.assert_allclose(out.phi_logits[i, t], z_phi[row], atol=2e-4, rtol=1e-4)
+      np.testing.assert_allclose(out.theta_logits[i, t], z_theta[row], atol=2e-4, rtol=1e-4)
+      lp, lq = np_log_softmax(z_phi[row, :V]), np_log_softmax(z_theta[row, :V])
+      expected = lp + beta * np.exp(lq)  # log_softmax(z_phi) + beta * softmax(z_theta), real vocab
+      np.testing.assert_allclose(out.scores[i, t, :V], expected, atol=2e-4, rtol=1e-4)
+      assert np.all(np.isneginf(out.scores[i, t, V:])), "padded columns excluded"
+
+
+def test_greedy_beta_zero_equals_plain_greedy_of_pi_phi(params):
+  phi, _ = params
+  sampler = Sampler(CONFIG, cache_len=64)
+  stop = 11
+  got = sampler.generate(phi, None, PROMPTS, mode="extract", beta=0.0, greedy=True, max_new_tokens=8,
+                         stop_token_ids=[stop])  # theta_params=None: beta = 0 never runs theta
+  for prompt, gen in zip(PROMPTS, got):
+    seq, expected = list(prompt), []
+    for _ in range(8):  # plain Python greedy loop, full forward each step, real vocabulary only
+      nxt = int(np.argmax(full_logits(phi, seq)[-1, :V]))
+      expected.append(nxt)
+      seq.append(nxt)
+      if nxt == stop:
+        break
+    assert gen == expected
+  with pytest.raises(ValueError, match="needs theta_params"):
+    sampler.generate(phi, None, PROMPTS, mode="extract", beta=1.0)
+
+
+def _allowed(scores, temperature, top_k, top_p):
+  """numpy reference of the filter: the set of token ids that may be drawn. scores [V_real]."""
+  s = scores.astype(np.float64) / temperature
+  order = np.argsort(-s, kind="stable")
+  if top_k > 0:
+    order = order[:top_k]
+  p = np.exp(s[order] - s[order].max())
+  p /= p.sum()
+  before = np.cumsum(p) - p
+  return set(order[before < top_p].tolist()) | {int(order[0])}
+
+
+def test_top_k_top_p_never_emit_excluded_tokens_and_do_not_retrace(params):
+  _, theta = params
+  sampler = Sampler(CONFIG, cache_len=64)
+  prompts = [[1, 2 + i, 7, 3 + 2 * i][: 1 + i % 4] for i in range(8)]
+  counts = []
+  for top_k, top_p, temperature in [(3, 1.0, 2.0), (0, 0.5, 1.0), (5, 0.7, 3.0)]:
+    out = sampler.decode(None, theta, prompts, mode="theta", top_k=top_k, top_p=top_p, temperature=temperature,
+                         max_new_tokens=10, rng=top_k, record=True)
+    counts.append(sampler.trace_count)
+    for i, prompt in enumerate(prompts):
+      z_theta = full_logits(theta, prompt + out.sequences()[i])
+      for t in range(out.num_generated[i]):
+        row = len(prompt) - 1 + t
+        np.testing.assert_allclose(out.scores[i, t, :V], np_log_softmax(z_theta[row, :V]), atol=2e-4, rtol=1e-4)
+        allowed = _allowed(out.scores[i, t, :V], temperature, top_k, top_p)
+        assert out.tokens[i, t] in allowed
+        if top_k:
+          assert len(allowed) <= top_k
+  assert counts == [1, 1, 1], "top_k / top_p / temperature are traced values: one compilation"
+
+
+def test_filter_function_matches_numpy():
+  rng = np.random.default_rng(0)
+  scores = rng.normal(size=(6, 50)).astype(np.float32) * 3
+  for top_k, top_p in [(1, 1.0), (4, 1.0), (0, 0.3), (7, 0.6), (0, 1.0)]:
+    got = np.asarray(filter_top_k_top_p(scores, np.int32(top_k), np.float32(top_p)))
+    for r in range(6):
+      kept = set(np.flatnonzero(np.isfinite(got[r])).tolist())
+      assert kept == _allowed(scores[r], 1.0, top_k, top_p)
+
+
+class _PieceTokenizer:
+  """A tokenizer whose tokens are multi-character pieces (like BPE), for stop-string tests."""
+
+  def __init__(self, pieces):
+    self.pieces = pieces
+    self.vocab_size = len(pieces)
+
+  def decode(self, ids):
+    return "".join(self.pieces[i] for i in ids)
+
+
+def test_stop_strings_end_sequences(params):
+  phi, theta = params
+  pieces = ["", "<s>", "ab", ".\nx", "c", "\n", "d\n\n"] + [chr(ord("e") + i) for i in range(V - 7)]
+  tok = _PieceTokenizer(pieces)
+  mask = stop_token_mask(tok, ["\n"])
+  assert np.flatnonzero(mask).tolist() == [3, 5, 6]
+  assert cut_at_stop("ab.\nxc\nd", ["\n"]) == "ab.\n"
+  assert cut_at_stop("abc", ["\n"]) == "abc"
+  assert cut_at_stop("a;b\nc;", ["\n", ";"]) == "a;"
+  sampler = Sampler(CONFIG, cache_len=64)
+  # Every 3rd token stops: with sampling at a high temperature, rows stop early.
+  many = [[1, 2 + i % 30] for i in range(16)]
+  texts = sampler.generate_text(phi, theta, many, tok, stop_strings=["\n"], beta=1.0, temperature=5.0,
+                                max_new_tokens=12, rng=1)
+  seqs = sampler.generate(phi, theta, many, stop_mask=mask, beta=1.0, temperature=5.0, max_new_tokens=12, rng=1)
+  stopped = 0
+  for text, seq in zip(texts, seqs):
+    assert [mask[t] for t in seq[:-1]] == [False] * (len(seq) - 1)
+    if mask[seq[-1]]:
+      stopped += 1
+      assert text.endswith("\n") and text.count("\n") == 1  # cut right after the first stop string
+      assert text == cut_at_stop(tok.decode(seq), ["\n"])
+    else:
+      assert len(seq) == 12 and "\n" not in text
+  assert stopped >= 8
+
+  char = CharTokenizer()
+  char_mask = stop_token_mask(char, ["\n"])
+  assert np.flatnonzero(char_mask).tolist() == char.encode("\n")
+
+
+def test_no_retrace_within_a_bucket(params):
+  phi, theta = params
+  sampler = Sampler(CONFIG, cache_len=64, min_prompt_bucket=16)
+  sampler.generate(phi, theta, PROMPTS, beta=1.0, max_new_tokens=5, rng=0)
+  assert sampler.trace_count == 1
+  # Other prompt lengths (same 16-token bucket), batch 3 (bucket 4), beta, temperature, max_new, stops, rng.
+  sampler.generate(phi, theta, [[1, 2, 3] * 5, [1], [1, 2]], beta=7.0, temperature=0.5, max_new_tokens=20,
+                   stop_token_ids=[4, 5], rng=jax.random.key(9))
+  assert sampler.trace_count == 1
+  sampler.generate(phi, theta, [[1] * 17], beta=7.0, max_new_tokens=3)  # prompt bucket 32, batch 1
+  assert sampler.trace_count == 2
+  with pytest.raises(ValueError, match="does not fit cache_len"):
+    sampler.generate(phi, theta, [[1] * 60], max_new_tokens=5)
+
+
+def test_ratio_greedy_on_a_mesh_matches_numpy_and_unsharded(params):
+  phi, theta = params
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding.DEFAULT_RULES
+  phi_s = sharding.shard_params(jax.tree.map(np.asarray, phi), CONFIG, mesh, rules)
+  theta_s = sharding.shard_params(jax.tree.map(np.asarray, theta), CONFIG, mesh, rules)
+  sampler = Sampler(CONFIG, mesh=mesh, rules=rules, cache_len=64)
+  support_min = 0.02
+  out = sampler.decode(phi_s, theta_s, PROMPTS, mode="ratio", support_min=support_min, max_new_tokens=6)
+  assert sampler.buckets(len(PROMPTS), 11, 6)[0] == 4  # batch bucket divisible by data x fsdp
+  for i, prompt in enumerate(PROMPTS):
+    seq = list(prompt)
+    for t in range(6):  # plain loop: argmax of log p_theta - log pi_phi over pi_phi's support
+      lp = np_log_softmax(full_logits(phi, seq)[-1, :V])
+      lq = np_log_softmax(full_logits(theta, seq)[-1, :V])
+      supported = lp >= min(np.log(support_min), lp.max())
+      nxt = int(np.argmax(np.where(supported, lq - lp, -np.inf)))
+      assert out.tokens[i, t] == nxt
+      seq.append(nxt)
+  # Sharded extraction sampling equals the unsharded sampler's (same rng, same program up to sharding).
+  kwargs = dict(beta=2.0, temperature=1.0, top_k=8, max_new_tokens=6, rng=5)
+  sharded = sampler.generate(phi_s, theta_s, PROMPTS, **kwargs)
+  plain = Sampler(CONFIG, cache_len=64).generate(phi, theta, PROMPTS, **kwargs)
+  assert sharded == plain
