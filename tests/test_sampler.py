@@ -17,14 +17,21 @@ V = CONFIG.vocab_size
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 4, 4, 4, 4, 4, 4, 30, 31, 32, 33], [1, 20, 21]]
 
 
-def _init(seed, config=CONFIG):
+@jax.jit
+def _init(rng):
   d = np.zeros((1, 1), np.int32)
-  return nn.unbox(Transformer(config).init(jax.random.key(seed), d, d, d + 1))
+  return nn.unbox(Transformer(CONFIG).init(rng, d, d, d + 1))
 
 
 @pytest.fixture(scope="module")
 def params():
-  return _init(0), _init(1)
+  return _init(jax.random.key(0)), _init(jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def sampler():
+  """One sampler for the module, so that tests share its compiled programs (trace counts are deltas)."""
+  return Sampler(CONFIG, cache_len=64, min_prompt_bucket=16)
 
 
 @jax.jit
@@ -50,9 +57,8 @@ def np_log_softmax(z):
   return z - m - np.log(np.exp(z - m).sum())
 
 
-def test_extraction_step_logits_equal_full_forward(params):
+def test_extraction_step_logits_equal_full_forward(params, sampler):
   phi, theta = params
-  sampler = Sampler(CONFIG, cache_len=64)
   beta = 3.0
   out = sampler.decode(phi, theta, PROMPTS, mode="extract", beta=beta, temperature=1.5, max_new_tokens=9,
                        stop_token_ids=[11], rng=3, record=True)
@@ -76,9 +82,8 @@ def test_extraction_step_logits_equal_full_forward(params):
       assert np.all(np.isneginf(out.scores[i, t, V:])), "padded columns excluded"
 
 
-def test_greedy_beta_zero_equals_plain_greedy_of_pi_phi(params):
+def test_greedy_beta_zero_equals_plain_greedy_of_pi_phi(params, sampler):
   phi, _ = params
-  sampler = Sampler(CONFIG, cache_len=64)
   stop = 11
   got = sampler.generate(phi, None, PROMPTS, mode="extract", beta=0.0, greedy=True, max_new_tokens=8,
                          stop_token_ids=[stop])  # theta_params=None: beta = 0 never runs theta
@@ -107,15 +112,15 @@ def _allowed(scores, temperature, top_k, top_p):
   return set(order[before < top_p].tolist()) | {int(order[0])}
 
 
-def test_top_k_top_p_never_emit_excluded_tokens_and_do_not_retrace(params):
+def test_top_k_top_p_never_emit_excluded_tokens_and_do_not_retrace(params, sampler):
   _, theta = params
-  sampler = Sampler(CONFIG, cache_len=64)
+  before = sampler.trace_count
   prompts = [[1, 2 + i, 7, 3 + 2 * i][: 1 + i % 4] for i in range(8)]
   counts = []
   for top_k, top_p, temperature in [(3, 1.0, 2.0), (0, 0.5, 1.0), (5, 0.7, 3.0)]:
     out = sampler.decode(None, theta, prompts, mode="theta", top_k=top_k, top_p=top_p, temperature=temperature,
                          max_new_tokens=10, rng=top_k, record=True)
-    counts.append(sampler.trace_count)
+    counts.append(sampler.trace_count - before)
     for i, prompt in enumerate(prompts):
       z_theta = full_logits(theta, prompt + out.sequences()[i])
       for t in range(out.num_generated[i]):
@@ -149,7 +154,7 @@ class _PieceTokenizer:
     return "".join(self.pieces[i] for i in ids)
 
 
-def test_stop_strings_end_sequences(params):
+def test_stop_strings_end_sequences(params, sampler):
   phi, theta = params
   pieces = ["", "<s>", "ab", ".\nx", "c", "\n", "d\n\n"] + [chr(ord("e") + i) for i in range(V - 7)]
   tok = _PieceTokenizer(pieces)
@@ -158,7 +163,6 @@ def test_stop_strings_end_sequences(params):
   assert cut_at_stop("ab.\nxc\nd", ["\n"]) == "ab.\n"
   assert cut_at_stop("abc", ["\n"]) == "abc"
   assert cut_at_stop("a;b\nc;", ["\n", ";"]) == "a;"
-  sampler = Sampler(CONFIG, cache_len=64)
   # Every 3rd token stops: with sampling at a high temperature, rows stop early.
   many = [[1, 2 + i % 30] for i in range(16)]
   texts = sampler.generate_text(phi, theta, many, tok, stop_strings=["\n"], beta=1.0, temperature=5.0,
@@ -180,31 +184,32 @@ def test_stop_strings_end_sequences(params):
   assert np.flatnonzero(char_mask).tolist() == char.encode("\n")
 
 
-def test_no_retrace_within_a_bucket(params):
+def test_no_retrace_within_a_bucket(params, sampler):
   phi, theta = params
-  sampler = Sampler(CONFIG, cache_len=64, min_prompt_bucket=16)
   sampler.generate(phi, theta, PROMPTS, beta=1.0, max_new_tokens=5, rng=0)
-  assert sampler.trace_count == 1
+  count = sampler.trace_count
   # Other prompt lengths (same 16-token bucket), batch 3 (bucket 4), beta, temperature, max_new, stops, rng.
   sampler.generate(phi, theta, [[1, 2, 3] * 5, [1], [1, 2]], beta=7.0, temperature=0.5, max_new_tokens=20,
                    stop_token_ids=[4, 5], rng=jax.random.key(9))
-  assert sampler.trace_count == 1
-  sampler.generate(phi, theta, [[1] * 17], beta=7.0, max_new_tokens=3)  # prompt bucket 32, batch 1
-  assert sampler.trace_count == 2
+  assert sampler.trace_count == count
+  assert sampler.buckets(3, 15, 20) == (4, 16)
+  assert sampler.buckets(5, 17, 3) == (8, 32)  # the next buckets up: a new program
+  assert sampler.buckets(1, 40, 20) == (1, 44)  # capped at cache_len - max_new_tokens
   with pytest.raises(ValueError, match="does not fit cache_len"):
     sampler.generate(phi, theta, [[1] * 60], max_new_tokens=5)
 
 
-def test_ratio_greedy_on_a_mesh_matches_numpy_and_unsharded(params):
+@pytest.mark.slow
+def test_ratio_greedy_on_a_mesh_matches_numpy_and_unsharded(params, sampler):
   phi, theta = params
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rules = sharding.DEFAULT_RULES
   phi_s = sharding.shard_params(jax.tree.map(np.asarray, phi), CONFIG, mesh, rules)
   theta_s = sharding.shard_params(jax.tree.map(np.asarray, theta), CONFIG, mesh, rules)
-  sampler = Sampler(CONFIG, mesh=mesh, rules=rules, cache_len=64)
+  mesh_sampler = Sampler(CONFIG, mesh=mesh, rules=rules, cache_len=64, min_prompt_bucket=16)
   support_min = 0.02
-  out = sampler.decode(phi_s, theta_s, PROMPTS, mode="ratio", support_min=support_min, max_new_tokens=6)
-  assert sampler.buckets(len(PROMPTS), 11, 6)[0] == 4  # batch bucket divisible by data x fsdp
+  out = mesh_sampler.decode(phi_s, theta_s, PROMPTS, mode="ratio", support_min=support_min, max_new_tokens=6)
+  assert mesh_sampler.buckets(len(PROMPTS), 11, 6)[0] == 4  # batch bucket divisible by data x fsdp
   for i, prompt in enumerate(PROMPTS):
     seq = list(prompt)
     for t in range(6):  # plain loop: argmax of log p_theta - log pi_phi over pi_phi's support
@@ -215,7 +220,7 @@ def test_ratio_greedy_on_a_mesh_matches_numpy_and_unsharded(params):
       assert out.tokens[i, t] == nxt
       seq.append(nxt)
   # Sharded extraction sampling equals the unsharded sampler's (same rng, same program up to sharding).
-  kwargs = dict(beta=2.0, temperature=1.0, top_k=8, max_new_tokens=6, rng=5)
-  sharded = sampler.generate(phi_s, theta_s, PROMPTS, **kwargs)
-  plain = Sampler(CONFIG, cache_len=64).generate(phi, theta, PROMPTS, **kwargs)
+  kwargs = dict(beta=2.0, temperature=1.0, max_new_tokens=6, rng=5)
+  sharded = mesh_sampler.generate(phi_s, theta_s, PROMPTS, **kwargs)
+  plain = sampler.generate(phi, theta, PROMPTS, **kwargs)
   assert sharded == plain
