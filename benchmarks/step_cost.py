@@ -76,19 +76,22 @@ def compiled_flops(compiled) -> float:
 
 def time_steps(steps, states, batch, iters):
   """Median seconds per call of each step, calls interleaved (A, B, A, B, ...) so that load from
-  other processes on the machine affects both alike. Returns (times, last metrics)."""
+  other processes on the machine affects both alike. Returns (wall times, CPU times of this
+  process, all threads: less sensitive to other processes' load, last metrics)."""
   states, metrics = list(states), [None] * len(steps)
   for i, step in enumerate(steps):  # compile + warm up
     states[i], metrics[i] = step(states[i], batch)
     jax.block_until_ready(metrics[i])
-  times = [[] for _ in steps]
+  times, cpu_times = [[] for _ in steps], [[] for _ in steps]
   for _ in range(iters):
     for i, step in enumerate(steps):
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       states[i], metrics[i] = step(states[i], batch)
       jax.block_until_ready((states[i], metrics[i]))
       times[i].append(time.perf_counter() - start)
-  return [float(np.median(t)) for t in times], metrics
+      cpu_times[i].append(time.process_time() - cpu_start)
+  median = lambda ts: [float(np.median(t)) for t in ts]
+  return median(times), median(cpu_times), metrics
 
 
 def naive_wce(hidden, unembed, row_labels, row_weights, row_mask, normaliser, vocab):
@@ -142,7 +145,7 @@ def main(argv=None):
 
   # 2. step time
   bc_step, qsft_step = steps(args.chunk)
-  (bc_time, qsft_time), (bc_metrics, qsft_metrics) = time_steps(
+  (bc_time, qsft_time), (bc_cpu, qsft_cpu), (bc_metrics, qsft_metrics) = time_steps(
       [bc_step, qsft_step], [fresh_state("bc"), fresh_state("qsft")], batch, args.iters)
 
   # 3. loss memory, value and gradient: chunked vs naive
@@ -179,6 +182,7 @@ def main(argv=None):
       ("BC step time (s)", f"{bc_time:.3f}", ""),
       ("Q-SFT step time (s)", f"{qsft_time:.3f}", ""),
       ("Q-SFT / BC time", f"{result['qsft_over_bc_time']:.3f}", "<= 1.8"),
+      ("Q-SFT / BC CPU time (this process)", f"{qsft_cpu / bc_cpu:.3f} ({bc_cpu:.2f} s, {qsft_cpu:.2f} s)", ""),
       ("BC FLOPs compiled / analytic (3F)", f"{bc_flops:.4g} / {bc_analytic:.4g} = {result['bc_flops_ratio']:.3f}", "0.9-1.1"),
       ("Q-SFT FLOPs compiled / analytic (5F)", f"{qsft_flops:.4g} / {qsft_analytic:.4g} = {result['qsft_flops_ratio']:.3f}", "0.9-1.1"),
       ("Q-SFT / BC compiled FLOPs", f"{qsft_flops / bc_flops:.3f}", "~10/6"),
