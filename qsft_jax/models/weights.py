@@ -164,8 +164,9 @@ def _ignorable(hf_name: str) -> bool:
 class _TensorSource:
   """A read-only set of named tensors in Hugging Face naming, loaded lazily."""
 
-  def __init__(self, description: str):
+  def __init__(self, description: str, files: Sequence[str]):
     self.description = description  # the folder or file, for messages
+    self.files = list(files)  # the files the tensors come from, for "missing" messages
     self._location: dict[str, str] = {}
     self._shape: dict[str, tuple[int, ...]] = {}
     self._load: dict[str, Callable[[], np.ndarray]] = {}
@@ -205,7 +206,8 @@ def _params_from_source(source: _TensorSource, config: ModelConfig, dtype: str,
   missing = [e.hf_name for e in entries if e.hf_name not in present]
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    raise ValueError(f"{source.description}: tensor {missing[0]!r} is missing{more}; "
+    searched = ", ".join(pathlib.Path(f).name for f in source.files)
+    raise ValueError(f"{source.description}: tensor {missing[0]!r} is missing from {searched}{more}; "
                      f"{config_origin} describes a model that needs it")
   for e in entries:
     if source.shape(e.hf_name) != e.hf_shape:
@@ -270,7 +272,7 @@ def _safetensors_source(folder: pathlib.Path, model_type: str | None) -> _Tensor
   if not files:
     raise FileNotFoundError(f"{folder}: no *.safetensors files (PyTorch .bin checkpoints are not read; "
                             f"convert them with save_pretrained(safe_serialization=True))")
-  source = _TensorSource(str(folder))
+  source = _TensorSource(str(folder), [str(f) for f in files])
   seen: set[str] = set()
   for file in files:
     with safe_open(str(file), framework="numpy") as handle:
@@ -466,7 +468,7 @@ def load_gguf(path: str | pathlib.Path, *, scan_layers: bool | None = None, dtyp
   if hf["model_type"] == "llama":
     permute_heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
 
-  source = _TensorSource(file)
+  source = _TensorSource(file, [file])
   for name, tensor in by_name.items():
     # GGUF lists dimensions fastest-first; reversed they are torch's [out, in] order.
     shape = tuple(int(n) for n in reversed(tensor.shape))
