@@ -201,3 +201,14 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
   if config.loss.chunk_size < 1:
     _fail("loss.chunk_size", f"must be >= 1; got {config.loss.chunk_size}")
   return mesh
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file given by path (configs build on one another with this, so they
+  work from any current directory)."""
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(f"qsft_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
