@@ -82,7 +82,9 @@ def prepare_tokenizer(config, workdir):
   if isinstance(tokenizer, CharTokenizer) and config.tokenizer == "char":
     path = os.path.join(workdir, "tokenizer.json")
     if not os.path.exists(path) and jax.process_index() == 0:
-      tokenizer.save(path)
+      tmp = f"{path}.tmp{os.getpid()}"  # atomic: other processes may read it on a resume
+      tokenizer.save(tmp)
+      os.replace(tmp, path)
   return tokenizer
 
 
@@ -183,6 +185,7 @@ class MetricsLog:
       self.bar = tqdm(total=total_steps, initial=start_step, desc=phase, dynamic_ncols=True,
                       file=sys.stderr, mininterval=1.0)
     self.history: list[dict] = []
+    self.skipped_steps = 0  # non-finite steps skipped by this process (on_nonfinite="skip")
 
   def add(self, step: int, metrics: dict) -> None:
     self.pending.append((step, metrics))  # device arrays: fetching them later keeps dispatch async
@@ -195,6 +198,9 @@ class MetricsLog:
     steps = [s for s, _ in self.pending]
     self.pending = []
     for step, metrics in zip(steps, fetched):
+      if float(metrics.get("skipped", 0.0)) > 0:  # on_nonfinite="skip": the update was not applied
+        self.skipped_steps += 1
+        continue
       for name, value in metrics.items():
         if not np.isfinite(value):
           raise NonFiniteError(f"{self.phase} step {step}: metric {name} = {float(value)} is not finite; "
@@ -211,7 +217,8 @@ class MetricsLog:
         rate["mfu"] = achieved / self.peak
     self.last_time, self.last_step = now, steps[-1]
     last = {k: float(v) for k, v in fetched[-1].items()}
-    last.update(rate, learning_rate=float(self.schedule(steps[-1] - 1)), step=steps[-1])
+    last.update(rate, learning_rate=float(self.schedule(steps[-1] - 1)), step=steps[-1],
+                skipped_steps=self.skipped_steps)
     self.history.append(last)
     if self.writer is not None:
       for step, metrics in zip(steps, fetched):
