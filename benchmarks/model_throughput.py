@@ -167,8 +167,8 @@ def main(argv=None) -> dict:
       "scan_layers": args.scan_layers,
   }
 
-  def fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+  def fmt(x, spec):  # spec like "10.3f"; "-" (right-aligned to the width) for a side not run
+    return "-".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
 
   print(f"SmolLM2-135M float32, batch {args.batch} x seq {args.seq}, median of {args.steps} steps "
         f"after {args.warmup} warm-up, {args.threads} threads")
