@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -372,5 +373,20 @@ def main(argv):
   run(_CONFIG.value, _WORKDIR.value)
 
 
+def parse_flags(argv):
+  """absl's parser, but a --config.FIELD override naming no field (a typo) fails in one clear line
+  instead of a traceback through ml_collections."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # e.g. --config.bc.steps=abc
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.")
+  except (AttributeError, KeyError) as e:
+    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+    text = str(e)
+    hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    detail = f"{hint[2]!r}; did you mean {hint[1]!r}?" if hint else text
+    sys.exit(f"FATAL: bad --config override ({overrides}): the config has no field {detail}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -62,8 +62,11 @@ def main_command(workdir: str, *overrides: str, config: str = TINY) -> list[str]
 
 def start(workdir: str, *overrides: str, device_count: int = 8, env: dict | None = None,
           log_name: str = "log") -> subprocess.Popen:
-  """Starts the trainer; stdout and stderr go to WORKDIR.<log_name>.txt (read with `output`)."""
-  log = open(f"{workdir}.{log_name}.txt", "ab")
+  """Starts the trainer; stdout and stderr go to a new WORKDIR.<log_name>N.txt (read with `output`)."""
+  n = 0
+  while os.path.exists(f"{workdir}.{log_name}{n}.txt"):
+    n += 1
+  log = open(f"{workdir}.{log_name}{n}.txt", "wb")
   proc = subprocess.Popen(main_command(workdir, *overrides), cwd=REPO, stdout=log,
                           stderr=subprocess.STDOUT, env=env or subprocess_env(device_count))
   proc.log_path = log.name
