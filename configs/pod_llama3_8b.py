@@ -1,0 +1,32 @@
+"""Llama-3-8B-shaped Q-SFT on a TPU v5p-128 slice (v5p:4x4x8, 128 chips of 95 GiB).
+
+    python -m qsft_jax.aot --config=configs/pod_llama3_8b.py
+
+Choices: 8.03B parameters (untied 128256-token embedding and unembedding); theta, theta_bar, phi and
+AdamW's two moments in float32 are 5 x 32.1 GB = 161 GB, plus 32 GB of gradients: 1.5 GB per chip
+under FSDP over all 128 chips, so the state is small next to 95 GiB and the batch can be large:
+256 rows x 2048 tokens (2 rows per chip), bf16 compute, scanned layers with full remat.
+Compiled per-chip memory and roofline MFU: docs/scaling.md.
+
+Random init (the shape only); point model.init at an HF folder (hf:PATH) of Llama-3-8B and the
+tokenizer at the same folder to train it.
+"""
+from qsft_jax import config_lib
+
+AOT_TOPOLOGY = "v5p:4x4x8"
+AOT_NUM_SLICES = 1
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.task = "wordle"
+  c.tokenizer = "smollm2"
+  c.data.max_length = 2048
+  c.model.preset = "llama3-8b"
+  c.model.overrides = {"vocab_size": 128256, "dtype": "bfloat16", "scan_layers": True,
+                       "remat_policy": "full"}
+  c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
+  c.bc.batch_size = c.qsft.batch_size = 256
+  c.qsft.theta_init = "fresh"
+  c.loss.chunk_size = 128
+  return c

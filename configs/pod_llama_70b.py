@@ -1,0 +1,30 @@
+"""Llama-70B-shaped Q-SFT on a TPU v5p-128 slice (v5p:4x4x8, 128 chips of 95 GiB).
+
+    python -m qsft_jax.aot --config=configs/pod_llama_70b.py
+
+Choices: 70.6B parameters; theta, theta_bar, phi and AdamW's two moments in float32 are
+5 x 282 GB = 1.41 TB, plus 282 GB of gradients: 13.2 GB per chip under FSDP over 128 chips.
+128 rows x 2048 tokens (one row per chip), bf16 compute, scanned layers with full remat.
+Compiled per-chip memory and roofline MFU: docs/scaling.md.
+
+Random init (the shape only); point model.init at an HF folder (hf:PATH) to train real weights.
+"""
+from qsft_jax import config_lib
+
+AOT_TOPOLOGY = "v5p:4x4x8"
+AOT_NUM_SLICES = 1
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.task = "wordle"
+  c.tokenizer = "smollm2"
+  c.data.max_length = 2048
+  c.model.preset = "llama-70b"
+  c.model.overrides = {"vocab_size": 128256, "dtype": "bfloat16", "scan_layers": True,
+                       "remat_policy": "full"}
+  c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
+  c.bc.batch_size = c.qsft.batch_size = 128
+  c.qsft.theta_init = "fresh"
+  c.loss.chunk_size = 128
+  return c

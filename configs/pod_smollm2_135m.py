@@ -1,0 +1,33 @@
+"""SmolLM2-135M Q-SFT on a TPU v5e-4 slice (v5e:2x2): the pod-config template at the smallest scale.
+
+Check it on a CPU machine before launching (libtpu installed; compiles BC, Q-SFT and decode steps):
+
+    python -m qsft_jax.aot --config=configs/pod_smollm2_135m.py
+
+Choices: 4 chips of 16 GiB; all three parameter sets (theta, theta_bar, phi) and AdamW's two moments
+in float32 are 5 x 0.54 GB = 2.7 GB, so plain data parallelism would fit, but FSDP over the 4 chips
+costs nothing at this size and keeps the layout of the larger configs. bf16 compute, no remat.
+Compiled per-chip memory of the Q-SFT step: see docs/scaling.md (row "smollm2-135m / v5e:2x2").
+
+Train with the pretrained weights: python -m qsft_jax.main --config=configs/pod_smollm2_135m.py
+--workdir=gs://... (model.init = "smollm2": the bundled SmolLM2-135M-Instruct GGUF).
+"""
+from qsft_jax import config_lib
+
+AOT_TOPOLOGY = "v5e:2x2"  # read by qsft_jax.aot and scripts/scaling_table.py
+AOT_NUM_SLICES = 1
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.task = "wordle"
+  c.tokenizer = "smollm2"
+  c.data.max_length = 1024
+  c.model.preset = "smollm2-135m"
+  c.model.init = "smollm2"
+  c.model.overrides = {"dtype": "bfloat16", "scan_layers": True, "remat_policy": "none"}
+  c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
+  c.bc.batch_size = c.qsft.batch_size = 32
+  c.qsft.theta_init = "pretrained"
+  c.loss.chunk_size = 256
+  return c

@@ -1,0 +1,30 @@
+"""SmolLM2-1.7B-shaped Q-SFT on a TPU v5e-16 slice (v5e:4x4).
+
+    python -m qsft_jax.aot --config=configs/pod_smollm2_1p7b.py
+
+Choices: Q-SFT holds theta, theta_bar, phi and AdamW's two moments: 5 x 1.71B x 4 bytes = 34 GB in
+float32, plus 6.8 GB of gradients: 2.6 GB per chip under FSDP over 16 chips (v5e: 16 GiB each).
+bf16 compute, layers scanned with full rematerialisation (saves one [rows, L, D] activation per layer),
+64 rows x 2048 tokens (4 rows per chip). Compiled per-chip memory: docs/scaling.md.
+
+Random init (the shape only); point model.init at an HF folder (hf:PATH) of SmolLM2-1.7B to train it.
+"""
+from qsft_jax import config_lib
+
+AOT_TOPOLOGY = "v5e:4x4"
+AOT_NUM_SLICES = 1
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.task = "wordle"
+  c.tokenizer = "smollm2"
+  c.data.max_length = 2048
+  c.model.preset = "smollm2-1.7b"
+  c.model.overrides = {"vocab_size": 49152, "dtype": "bfloat16", "scan_layers": True,
+                       "remat_policy": "full"}
+  c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
+  c.bc.batch_size = c.qsft.batch_size = 64
+  c.qsft.theta_init = "fresh"
+  c.loss.chunk_size = 256
+  return c
