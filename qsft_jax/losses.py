@@ -142,9 +142,7 @@ def bellman_targets(values: jax.Array, rewards: jax.Array, discounts: jax.Array,
   # where, not multiply: a zero discount must silence the value even when it is huge.
   discounted = jnp.where(next_action_row >= 0, discounts.astype(jnp.float32) * bootstrap, 0.0)
   raw = rewards.astype(jnp.float32) + discounted
-  targets = jnp.clip(raw, 0.0, 1.0)
-  clipped = action_mask & ((raw > 1.0) | (raw < 0.0))
-  return jnp.where(action_mask, targets, 0.0), clipped
+  return _clip_targets(raw, action_mask)
 
 
 def turn_rewards(rewards: jax.Array, discounts: jax.Array, next_action_row: jax.Array,
@@ -172,25 +170,141 @@ def turn_rewards(rewards: jax.Array, discounts: jax.Array, next_action_row: jax.
   return jnp.where(action_mask, out.T, 0.0)
 
 
-def compute_targets(values: jax.Array, batch: Mapping[str, jax.Array],
-                    mode: str = "token") -> tuple[jax.Array, jax.Array]:
+def _chain_continues(next_row: jax.Array, action_mask: jax.Array) -> jax.Array:
+  """[B, L] bool: the bootstrap row `next_row` is followed by an action token of the same episode.
+
+  Row k's output is the state before token k + 1. The data contract (docs/architecture.md) has
+  `action_mask` false at the first token of every segment, so token next_row + 1 being an action
+  token means it is the next action of the SAME episode; otherwise next_row is a truncated episode's
+  final row (or -1): the chain ends there.
+  """
+  length = action_mask.shape[1]
+  nxt = next_row + 1
+  picked = jnp.take_along_axis(action_mask, jnp.clip(nxt, 0, length - 1), axis=1)
+  return (next_row >= 0) & (nxt < length) & picked
+
+
+def n_step_returns(values: jax.Array, rewards: jax.Array, discounts: jax.Array,
+                   next_row: jax.Array, action_mask: jax.Array, n_step: int) -> jax.Array:
+  """Unclipped n-step bootstrapped returns in token space, float32 [B, L] (0 off actions).
+
+  Follows the chain i_0 = i, i_{k+1} = next_row[i_k] + 1 (the next action token, or the next turn's
+  first action token in turn mode) for up to n_step links:
+
+      G^(n)_i = sum_{k<m} (prod_{j<k} d_{i_j}) r_{i_k} + (prod_{j<m} d_{i_j}) V(next_row[i_{m-1}])
+
+  with m = n_step, or fewer where the chain ends first: at a done episode's last action (next_row
+  = -1: no bootstrap term) or at a truncated episode's final row (bootstrap from it). n_step = 1 is
+  the one-step target r_i + d_i V(next_row_i) of `bellman_targets`.
+
+  Args:
+    values: [B, L] row-space V; rewards, discounts: [B, L] per link (token space); next_row: [B, L]
+      int (-1 = none); action_mask: [B, L] bool; n_step: int >= 1 (static: n_step gathers).
+  """
+  check_propagation_options(0.0, n_step)
+  values = values.astype(jnp.float32)
+  rewards = rewards.astype(jnp.float32)
+  discounts = discounts.astype(jnp.float32)
+  take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1)
+  cur = jnp.broadcast_to(jnp.arange(rewards.shape[1], dtype=jnp.int32)[None], rewards.shape)
+  active = action_mask
+  acc = jnp.zeros(rewards.shape, jnp.float32)    # discounted rewards collected so far
+  scale = jnp.ones(rewards.shape, jnp.float32)   # discount from i to the current link
+  out = jnp.zeros(rewards.shape, jnp.float32)
+  for k in range(n_step):
+    row = take(next_row, cur)
+    d = take(discounts, cur)
+    acc = acc + scale * take(rewards, cur)
+    cont = active & _chain_continues(row, action_mask) if k < n_step - 1 else jnp.zeros_like(active)
+    # where, not multiply: a zero discount must silence the value even when it is huge.
+    boot = jnp.where(row >= 0, d * gather_rows(values, row), 0.0)
+    out = jnp.where(active & ~cont, acc + scale * boot, out)
+    scale = scale * d
+    cur = jnp.where(cont, row + 1, cur)
+    active = cont
+  return out
+
+
+def monte_carlo_returns(values: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Monte Carlo returns, completed by a bootstrap where an episode was truncated, float32 [B, L].
+
+  G_i = returns_to_go_i + D_i * V(e_i): D_i is the product of the per-token `discounts` along the
+  next-action chain from i to the episode's end and e_i the row the chain ends at. A done episode's
+  last action has discount 0, so D_i = 0 and G_i = returns_to_go_i (the observed return); a truncated
+  episode's chain ends at its final row (the state in which the agent acts next), whose value stands
+  for the unobserved rest, as in every other target. G_i is the n-step return with n = infinity.
+  0 off actions. values: [B, L] row space; batch: the token-level MDP arrays.
+  """
+  mask = batch["action_mask"]
+  next_row = batch["next_action_row"]
+  discounts = batch["discounts"].astype(jnp.float32)
+  cont = mask & _chain_continues(next_row, mask)
+
+  def back(carry, xs):  # reverse scan over positions; carry = (D, end row) of the last action seen
+    d_next, e_next = carry
+    m, c, d, row = xs
+    d_i = jnp.where(c, d * d_next, d)
+    e_i = jnp.where(c, e_next, row)
+    new = (jnp.where(m, d_i, d_next), jnp.where(m, e_i, e_next))
+    return new, new
+
+  b = mask.shape[0]
+  init = (jnp.zeros(b, jnp.float32), jnp.full(b, -1, next_row.dtype))
+  _, (tail_discount, end_row) = jax.lax.scan(back, init, (mask.T, cont.T, discounts.T, next_row.T),
+                                             reverse=True)
+  tail_discount, end_row = tail_discount.T, end_row.T
+  boot = jnp.where(end_row >= 0, tail_discount * gather_rows(values.astype(jnp.float32), end_row), 0.0)
+  return jnp.where(mask, batch["returns_to_go"].astype(jnp.float32) + boot, 0.0)
+
+
+def _clip_targets(raw: jax.Array, action_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(clip(raw, 0, 1) on action tokens, 0 elsewhere; clipped = action tokens with raw outside [0, 1])."""
+  targets = jnp.clip(raw, 0.0, 1.0)
+  clipped = action_mask & ((raw > 1.0) | (raw < 0.0))
+  return jnp.where(action_mask, targets, 0.0), clipped
+
+
+def check_propagation_options(mc_mix: float, n_step: int) -> None:
+  """Raises ValueError unless 0 <= mc_mix <= 1 and n_step is an int >= 1."""
+  if not 0.0 <= mc_mix <= 1.0:
+    raise ValueError(f"mc_mix={mc_mix!r} must be in [0, 1] (0 = pure bootstrap, 1 = Monte Carlo)")
+  if isinstance(n_step, bool) or not isinstance(n_step, int) or n_step < 1:
+    raise ValueError(f"n_step={n_step!r} must be an int >= 1")
+
+
+def compute_targets(values: jax.Array, batch: Mapping[str, jax.Array], mode: str = "token", *,
+                    mc_mix: float = 0.0, n_step: int = 1) -> tuple[jax.Array, jax.Array]:
   """Targets [B, L] and clipped [B, L] for a batch of token-level MDP arrays.
 
   mode: "token" (bootstrap from the next action token, the paper's), "turn" (bootstrap from the
   first action token of the next action turn, with the reward to the end of this turn and
-  `turn_discounts`), or "ones" (control: every action target is 1, i.e. BC on theta).
-  values: [B, L] row-space V (unused for "ones").
+  `turn_discounts`), or "ones" (control: every action target is 1, i.e. BC on theta; mc_mix and
+  n_step are ignored). values: [B, L] row-space V (unused for "ones").
+
+  n_step: chain the bootstrap n_step links (tokens in "token" mode, turns in "turn" mode), see
+  `n_step_returns`. mc_mix = lam in [0, 1]: w = clip((1 - lam) * G^(n) + lam * G^MC, 0, 1) with
+  G^MC the Monte Carlo return to the episode's end (`monte_carlo_returns`: `returns_to_go`, plus a
+  bootstrap where the episode was truncated). The defaults (0, 1) are the one-step target exactly.
+  docs/value_propagation.md gives each setting's fixed point.
   """
+  check_propagation_options(mc_mix, n_step)
   mask = batch["action_mask"]
-  if mode == "token":
-    return bellman_targets(values, batch["rewards"], batch["discounts"], batch["next_action_row"], mask)
-  if mode == "turn":
-    rewards = turn_rewards(batch["rewards"], batch["discounts"], batch["next_action_row"], mask,
-                           batch["turn_index"])
-    return bellman_targets(values, rewards, batch["turn_discounts"], batch["next_turn_row"], mask)
   if mode == "ones":
     return mask.astype(jnp.float32), jnp.zeros_like(mask)
-  raise ValueError(f"targets mode {mode!r} unknown; expected one of {TARGET_MODES}")
+  if mode == "token":
+    rewards, discounts, next_row = batch["rewards"], batch["discounts"], batch["next_action_row"]
+  elif mode == "turn":
+    rewards = turn_rewards(batch["rewards"], batch["discounts"], batch["next_action_row"], mask,
+                           batch["turn_index"])
+    discounts, next_row = batch["turn_discounts"], batch["next_turn_row"]
+  else:
+    raise ValueError(f"targets mode {mode!r} unknown; expected one of {TARGET_MODES}")
+  if n_step == 1 and mc_mix == 0.0:
+    return bellman_targets(values, rewards, discounts, next_row, mask)
+  raw = n_step_returns(values, rewards, discounts, next_row, mask, n_step)
+  if mc_mix > 0.0:
+    raw = (1.0 - mc_mix) * raw + mc_mix * monte_carlo_returns(values, batch)
+  return _clip_targets(raw, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +569,8 @@ def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: 
               target_unembed: jax.Array, behaviour_hidden: jax.Array, behaviour_unembed: jax.Array,
               batch: Mapping[str, jax.Array], normaliser: jax.Array, *, vocab_size: int,
               support_min: float, targets_mode: str = "token", chunk_size: int = 128,
-              dummy_token: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+              dummy_token: int | None = None, mc_mix: float = 0.0,
+              n_step: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Q-SFT loss: values from theta_bar and phi -> Bellman targets -> WCE on theta.
 
   Args:
@@ -463,6 +578,7 @@ def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: 
       (only theta's carry a gradient); *_unembed: [D, V_pad].
     batch: the [B, L] token-level MDP arrays (docs/architecture.md).
     normaliser: [] GLOBAL action-token count.
+    targets_mode, mc_mix, n_step: how values propagate (`compute_targets`).
   Returns:
     loss [] and aux: "targets", "clipped" (token space [B, L]); "values", "logp_theta",
     "logp_behaviour" (row space [B, L]: V(k) and the log-probs of the token row k predicts).
@@ -473,7 +589,7 @@ def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: 
   values, logp_behaviour, _ = chunked_bellman_values(
       target_hidden, target_unembed, behaviour_hidden, behaviour_unembed, row_labels,
       vocab_size=vocab_size, support_min=support_min, chunk_size=chunk_size)
-  targets, clipped = compute_targets(values, batch, targets_mode)
+  targets, clipped = compute_targets(values, batch, targets_mode, mc_mix=mc_mix, n_step=n_step)
   loss, logp_theta = chunked_wce_loss(
       theta_hidden, theta_unembed, row_labels, to_rows(targets), to_rows(batch["action_mask"], False),
       normaliser, vocab_size=vocab_size, chunk_size=chunk_size, dummy_token=dummy_token)

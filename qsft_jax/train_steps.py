@@ -232,8 +232,12 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
                    mesh: Mesh, rules, *, support_min: float = 1e-4, tau: float = 0.005,
                    target_update_every: int = 0, targets_mode: str = "token",
                    dummy_token: int | None = None, chunk_size: int = 128, microbatches: int = 1,
-                   skip_nonfinite: bool = False) -> StepFn:
+                   skip_nonfinite: bool = False, mc_mix: float = 0.0, n_step: int = 1) -> StepFn:
   """Jitted Q-SFT step: (state, batch) -> (state, metrics). See the module docstring.
+
+  Value propagation (docs/value_propagation.md): targets_mode "token" | "turn" | "ones", n_step
+  (links chained before bootstrapping), mc_mix (weight of the Monte Carlo return in the target),
+  and the target update: Polyak with tau, or a hard copy every target_update_every steps.
 
   metrics (floats, replicated; means over the action tokens of the global batch): loss,
   mean_target, clipped_above / clipped_below (fraction of targets clipped at 1 / at 0),
@@ -244,6 +248,7 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
     raise ValueError(f"targets_mode={targets_mode!r}: expected one of {losses.TARGET_MODES}")
   if target_update_every < 0 or not 0.0 <= tau <= 1.0:
     raise ValueError(f"target_update_every={target_update_every} must be >= 0 and tau={tau} in [0, 1]")
+  losses.check_propagation_options(mc_mix, n_step)
   rows = qsharding.batch_sharding(mesh, rules)
   vocab = model_config.vocab_size
 
@@ -262,7 +267,7 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
             unembedding(target_params, model_config), behaviour_hidden,
             unembedding(behaviour_params, model_config), part, normaliser, vocab_size=vocab,
             support_min=support_min, targets_mode=targets_mode, chunk_size=chunk_size,
-            dummy_token=dummy_token)
+            dummy_token=dummy_token, mc_mix=mc_mix, n_step=n_step)
 
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       mask = part["action_mask"]

@@ -165,6 +165,77 @@ class TokenMDP:
     value((self.bos,))
     return q
 
+  def propagation_q(self, mode: str = "token", n_step: int = 1, mc_mix: float = 0.0) -> dict:
+    """The fixed point Q_set(history, action token) of a value-propagation setting, by DP on the model.
+
+    The WCE fixed point of docs/value_propagation.md on data that covers every behaviour trajectory
+    (done episodes, no truncation), with V_set(h) = max_a Q_set(h, a) over the action tokens:
+
+      Q_set(h, a) = (1 - mc_mix) * E_beta[ rewards over n_step links + discount * V_set(h_n) ]
+                    + mc_mix * Q^beta(h, a)
+
+    A link is one token (mode "token") or the rest of the current turn (mode "turn": the tokens left
+    in the utterance follow the behaviour policy); the links after the first follow the behaviour;
+    an episode that ends inside the window adds no bootstrap term. ("token", 1, 0) is `q_star`.
+    """
+    memo_q, memo_v, memo_qb = {}, {}, {}
+
+    def states_after(h):  # [(prob, next agent state)] after the observations that follow h
+      pos = len(h) - 1
+      if pos == len(self.kinds):
+        return []
+      if self.kinds[pos][0] == "act":
+        return [(1.0, h)]
+      return [(p * q, h2) for o, p in zip(self.obs_tokens, self.obs_probs(h)) if p > 0
+              for q, h2 in states_after(h + (o,))]
+
+    def step(h, a):  # (reward, discount, last token of its turn?)
+      last = self.kinds[len(h) - 1][1]
+      h1 = h + (a,)
+      return (self.turn_reward(h1) if last else 0.0), (self.gamma if last else 1.0), last
+
+    def behaviour_mean(h, f):
+      return sum(p * f(h, b) for b, p in zip(self.action_tokens, self.behaviour(h)) if p > 0)
+
+    def qb(h, a):
+      if (h, a) not in memo_qb:
+        r, g, _ = step(h, a)
+        memo_qb[(h, a)] = r + g * sum(p * behaviour_mean(h2, qb) for p, h2 in states_after(h + (a,)))
+      return memo_qb[(h, a)]
+
+    def v(h):
+      if h not in memo_v:
+        memo_v[h] = max(q(h, a) for a in self.action_tokens)
+      return memo_v[h]
+
+    def links(h, a, k):  # expected return of k more links starting with a at h, then V_set
+      r, g, last = step(h, a)
+      h1 = h + (a,)
+      if mode == "turn" and not last:  # the same link goes on through the utterance
+        return r + g * behaviour_mean(h1, lambda h2, b: links(h2, b, k))
+      if k == 1:
+        follow = lambda h2: v(h2)
+      else:
+        follow = lambda h2: behaviour_mean(h2, lambda h3, b: links(h3, b, k - 1))
+      return r + g * sum(p * follow(h2) for p, h2 in states_after(h1))
+
+    def q(h, a):
+      if (h, a) not in memo_q:
+        memo_q[(h, a)] = (1 - mc_mix) * links(h, a, n_step) + mc_mix * qb(h, a)
+      return memo_q[(h, a)]
+
+    assert mode in ("token", "turn") and n_step >= 1 and 0 <= mc_mix <= 1
+    for _, h in states_after((self.bos,)):
+      v(h)
+    # every agent state of the tree (not only those the max visits first)
+    def visit(h):
+      for _, h2 in states_after(h):
+        for a in self.action_tokens:
+          q(h2, a)
+          visit(h2 + (a,))
+    visit((self.bos,))
+    return dict(memo_q)
+
   def trajectories(self):
     """Every complete trajectory with its probability under the behaviour policy."""
     def walk(history, prob):
