@@ -9,7 +9,6 @@ import re
 import os
 import shutil
 import signal
-import time
 
 import jax
 import numpy as np
@@ -80,10 +79,10 @@ def _resumed_from(text: str, phase: str) -> int | None:
 
 
 def _fake_partial_checkpoint(checkpoint_dir: str, complete_step: int, step: int) -> str:
-  """What a write killed half-way leaves: the step's files under `N.orbax-checkpoint-tmp-<ts>`, with
-  no finalisation marker and a truncated array file."""
+  """What a write killed half-way leaves: the step's files under `N.orbax-checkpoint-tmp` (the name
+  orbax 0.12 writes to before its rename), with no finalisation marker and a truncated array file."""
   src = os.path.join(checkpoint_dir, str(complete_step))
-  dst = os.path.join(checkpoint_dir, f"{step}.orbax-checkpoint-tmp-{int(time.time() * 1e6)}")
+  dst = os.path.join(checkpoint_dir, f"{step}.orbax-checkpoint-tmp")
   shutil.copytree(src, dst)
   for marker in ("commit_success.txt", "_CHECKPOINT_METADATA"):
     if os.path.exists(os.path.join(dst, marker)):
@@ -146,10 +145,12 @@ def test_kill_sigterm_and_resume_are_bit_identical(tmp_path):
   assert complete < STEPS
   leftovers = tu.tmp_checkpoints(workdir, "qsft")
   real_kill_in_write = bool(leftovers)
-  if not leftovers:  # the write finished before the signal landed: leave one as such a kill would
-    leftovers = [_fake_partial_checkpoint(qsft_ckpts, complete, complete + 2)]
+  print(f"kill during a checkpoint write left: {leftovers or 'nothing (the write had finished)'}")
+  # Always also leave one as a kill during a later write would (so that both cases are exercised
+  # whether or not the real kill landed inside a write).
+  leftovers.append(_fake_partial_checkpoint(qsft_ckpts, complete, complete + 4))
   leftover_steps = [int(os.path.basename(p).split(".")[0]) for p in leftovers]
-  assert max(leftover_steps) > complete, (leftovers, complete)
+  assert min(leftover_steps) > complete, (leftovers, complete)
 
   # E: resumes from the last complete checkpoint, never the partial one, and finishes.
   text = tu.run_ok(workdir, *SHARED_OVERRIDES)
