@@ -138,7 +138,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--lr", type=float, default=1e-5)
   parser.add_argument("--weight-decay", type=float, default=0.01)
   parser.add_argument("--skip-torch", action="store_true", help="only our model (ratios are then null)")
+  parser.add_argument("--platform", default="cpu",
+                      help="JAX platform for our model (default cpu: the comparison is CPU against CPU)")
   args = parser.parse_args(argv)
+  import jax
+  # Before any computation: keeps JAX off accelerators (and off a merely installed libtpu's start-up).
+  jax.config.update("jax_platforms", args.platform)
 
   # SmolLM2's real ids; random tokens cost the same as text.
   tokens = np.random.default_rng(0).integers(0, 49152, (args.batch, args.seq)).astype(np.int32)
@@ -164,7 +169,7 @@ def main(argv=None) -> dict:
       "torch_train_tokens_per_s": rate(torch_train),
       "train_ratio": None if torch_train is None else torch_train / ours_train,
       "batch": args.batch, "seq": args.seq, "steps": args.steps, "threads": args.threads,
-      "scan_layers": args.scan_layers,
+      "scan_layers": args.scan_layers, "platform": args.platform,
   }
 
   def fmt(x, spec):  # spec like "10.3f"; "-" (right-aligned to the width) for a side not run
