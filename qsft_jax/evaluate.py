@@ -1,0 +1,259 @@
+"""Evaluation: play a bundled environment with BC, Q-SFT extraction at several beta, and the ratio policy.
+
+    python -m qsft_jax.evaluate --workdir=DIR [--episodes N] [--seed S] [--betas 0,1,4,16]
+        [--batch_size B] [--max_new_tokens T] [--temperature 0] [--no_ratio] [--dataset_mean_return X]
+
+Every policy plays the same N episodes: episode i resets its environment with seed S + i. A policy acts
+through `qsft_jax.sampler.Sampler`: each history (the episode's turns so far, ending with an
+observation) becomes prompt tokens exactly as the data layer tokenises training episodes (BOS, then
+each turn's text through the data config's templates, encoded separately and concatenated:
+`qsft_jax.data.mdp.tokenize_episode`), and the continuation is cut after the environment's action stop
+string ("\\n"). The tokenizer's pad, BOS and EOS ids are never emitted (no training action holds them),
+and an action that decodes to no text is sent as an empty line (the stop string).
+
+Policies (names in results.json):
+- "bc": extraction with beta = 0, i.e. pi_phi alone (theta never runs);
+- "qsft_beta{b}": log_softmax(z_phi) + b * softmax(z_theta), for each b > 0 of --betas;
+- "ratio": greedy argmax of p_theta / pi_phi over pi_phi's support (qsft.support_min).
+Without theta (only phase 1 done) only "bc" is played. Decoding is greedy by default
+(--temperature > 0 samples instead; "ratio" is always greedy).
+
+Writes DIR/eval/results.json (DESIGN.md section 7):
+
+    {"env": NAME, "episodes": N, "dataset_mean_return": x,
+     "policies": {NAME: {"mean_return": x, "stderr": x, "success_rate": x, "beta": x}}}
+
+with returns in the task's original units (the environments report them so; rewards are only
+transformed for training), stderr = sample standard deviation (ddof = 1) / sqrt(N) (null for N = 1),
+beta null for "ratio"; the same as a markdown table in DIR/eval/results.md, and each policy's episodes
+in DIR/eval/episodes_NAME.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from qsft_jax.data import DataConfig, load_episodes
+from qsft_jax.data.episodes import Episode, Turn
+from qsft_jax.data.mdp import tokenize_episode
+from qsft_jax.envs import make_env, play_batch
+from qsft_jax.sampler import Sampler
+
+DEFAULT_BETAS = (0.0, 1.0, 4.0, 16.0)
+
+
+def history_tokens(history: Sequence[Mapping[str, Any]], tokenizer, data_config: DataConfig) -> list[int]:
+  """Prompt token ids of a history (turn dicts of the episode format), tokenised by the data layer's
+  own path (`mdp.tokenize_episode`: BOS + each templated turn encoded separately), so acting sees the
+  token sequences training saw."""
+  episode = Episode(turns=tuple(Turn(str(t["text"]), bool(t["action"])) for t in history), done=False)
+  tokenized, problems = tokenize_episode(episode, np.zeros(len(history)), tokenizer, data_config.mdp)
+  if problems:
+    raise ValueError("cannot tokenise history: " + "; ".join(str(p) for p in problems))
+  return tokenized.tokens.tolist()
+
+
+def policy_specs(betas: Sequence[float], ratio: bool = True, have_theta: bool = True) -> list[dict]:
+  """[{"name", "mode", "beta"}]: "bc" for beta 0, "qsft_beta{b}" for each b > 0, then "ratio".
+  Without theta only "bc"."""
+  specs = [{"name": "bc", "mode": "extract", "beta": 0.0}]
+  if not have_theta:
+    return specs
+  for b in betas:
+    if b < 0:
+      raise ValueError(f"beta={b} must be >= 0")
+    if b > 0:
+      specs.append({"name": f"qsft_beta{b:g}", "mode": "extract", "beta": float(b)})
+  if ratio:
+    specs.append({"name": "ratio", "mode": "ratio", "beta": None})
+  return specs
+
+
+def summarize(returns: Sequence[float], successes: Sequence[bool]) -> dict:
+  """mean_return, stderr (ddof = 1 standard deviation / sqrt(n); None for n < 2), success_rate."""
+  r = np.asarray(returns, np.float64)
+  n = len(r)
+  if n == 0:
+    raise ValueError("no episodes to summarize")
+  stderr = float(r.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+  return {"mean_return": float(r.mean()), "stderr": stderr, "success_rate": float(np.mean(successes))}
+
+
+def dataset_mean_return(paths, data_config: DataConfig | Mapping | None = None) -> float:
+  """Mean undiscounted episode return in original units (sum of the action turns' rewards) of JSONL files."""
+  loaded = load_episodes(paths, DataConfig.from_config(data_config))
+  if not loaded.episodes:
+    raise ValueError(f"no episodes in {paths}")
+  return float(np.mean([sum(t.reward for t in ep.turns if t.action) for ep in loaded.episodes]))
+
+
+def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, tokenizer, behaviour_params,
+                      theta_params, *, policies: Sequence[Mapping], episodes: int, seed: int,
+                      data_config: DataConfig | Mapping | None = None, batch_size: int = 64,
+                      max_new_tokens: int = 16, temperature: float = 0.0, support_min: float = 1e-4,
+                      dataset_mean_return: float | None = None, mesh=None, rules=None,
+                      sampler: Sampler | None = None, record: dict | None = None) -> dict:
+  """Plays `episodes` episodes (seeds seed .. seed + episodes - 1) with every policy of `policies`
+  ({"name", "mode", "beta"}, see `policy_specs`) and returns the results.json dict.
+
+  data_config: the training data config (templates, max_length); temperature 0 = greedy.
+  `record`, when a dict, receives each policy's played episodes (name -> list of episode dicts).
+  """
+  if episodes < 1:
+    raise ValueError(f"episodes={episodes} must be >= 1")
+  data_config = DataConfig.from_config(data_config)
+  env_kwargs = dict(env_kwargs or {})
+  seeds = [seed + i for i in range(episodes)]
+  envs = [make_env(env_name, **env_kwargs) for _ in range(min(batch_size, episodes))]
+  stop = envs[0].action_stop
+  # Training actions never contain the special tokens (the data layer adds only a BOS, in front).
+  suppress = sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id})
+  if sampler is None:
+    sampler = Sampler(model_config, mesh=mesh, rules=rules, pad_id=tokenizer.pad_id,
+                      cache_len=data_config.max_length + max_new_tokens,
+                      min_batch_bucket=min(batch_size, 8))
+  results = {"env": env_name, "episodes": episodes, "dataset_mean_return": dataset_mean_return, "policies": {}}
+  try:
+    for spec in policies:
+      calls = [0]
+
+      def act(histories, spec=spec, calls=calls):
+        prompts = [history_tokens(h, tokenizer, data_config) for h in histories]
+        rng = jax.random.fold_in(jax.random.key(seed), calls[0])
+        calls[0] += 1
+        texts = sampler.generate_text(
+            behaviour_params, theta_params, prompts, tokenizer, stop_strings=(stop,), mode=spec["mode"],
+            beta=0.0 if spec["beta"] is None else spec["beta"], greedy=temperature <= 0,
+            temperature=temperature if temperature > 0 else 1.0, support_min=support_min,
+            max_new_tokens=max_new_tokens, suppress_token_ids=suppress, rng=rng)
+        # An action that decodes to nothing is an empty line: the same for the environment, and it still
+        # tokenises (the data layer rejects actions without tokens).
+        return [t if t else stop for t in texts]
+
+      played = []
+      for start in range(0, episodes, len(envs)):
+        chunk = seeds[start:start + len(envs)]
+        played.extend(play_batch(envs[:len(chunk)], chunk, act))
+      summary = summarize([ep["meta"]["return"] for ep in played], [ep["meta"]["success"] for ep in played])
+      results["policies"][spec["name"]] = {**summary, "beta": spec["beta"]}
+      if record is not None:
+        record[spec["name"]] = played
+  finally:
+    for env in envs:
+      env.close()
+  return results
+
+
+def results_markdown(results: Mapping) -> str:
+  """The results dict as a markdown table (returns in original units)."""
+  def fmt(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+  lines = [f"# Evaluation: {results['env']}, {results['episodes']} episodes per policy", "",
+           f"Dataset mean return: {fmt(results['dataset_mean_return'])}", "",
+           "| policy | beta | mean return | stderr | success rate |", "| --- | --- | --- | --- | --- |"]
+  for name, r in results["policies"].items():
+    beta = "-" if r["beta"] is None else f"{r['beta']:g}"
+    lines.append(f"| {name} | {beta} | {fmt(r['mean_return'])} | {fmt(r['stderr'])} | {fmt(r['success_rate'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: str, results: Mapping, record: Mapping | None = None) -> str:
+  """Writes WORKDIR/eval/results.json, results.md and (with `record`) episodes_NAME.jsonl; returns the
+  eval directory."""
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(results_markdown(results))
+  for name, played in (record or {}).items():
+    with open(os.path.join(out, f"episodes_{name}.jsonl"), "w") as f:
+      for ep in played:
+        f.write(json.dumps(ep) + "\n")
+  return out
+
+
+def training_data_paths(workdir: str, config) -> list[str]:
+  """The training data files of a run: data.path, or the generated WORKDIR/data/train.jsonl."""
+  path = config.data.get("path", "") if hasattr(config.data, "get") else ""
+  if path:
+    return list(path) if isinstance(path, (list, tuple)) else [path]
+  generated = os.path.join(workdir, "data", "train.jsonl")
+  return [generated] if os.path.exists(generated) else []
+
+
+def run(workdir: str, loaded: Mapping, *, episodes: int | None = None, seed: int | None = None,
+        betas: Sequence[float] | None = None, ratio: bool = True, batch_size: int | None = None,
+        max_new_tokens: int | None = None, temperature: float = 0.0,
+        dataset_return: float | None = None) -> dict:
+  """Evaluates a loaded run (`checkpoints.load_for_inference(workdir)`'s dict) and writes the results.
+
+  Unset options come from the run's config (`eval.*`, `task`, `env`, `data`, `qsft.support_min`).
+  """
+  config = loaded["config"]
+  ev = config.get("eval", {}) if hasattr(config, "get") else {}
+  task = config.task
+  if not task:
+    raise ValueError("config.task is empty: there is no environment to evaluate on")
+  episodes = episodes or ev.get("episodes", 100)
+  seed = ev.get("seed", 10000) if seed is None else seed
+  betas = tuple(ev.get("betas", DEFAULT_BETAS)) if betas is None else tuple(betas)
+  batch_size = batch_size or ev.get("batch_size", 64)
+  max_new_tokens = max_new_tokens or ev.get("max_new_tokens", 16)
+  support_min = config.qsft.support_min if "qsft" in config else 1e-4
+  data_fields = {k: v for k, v in dict(config.data).items() if k in DataConfig.__dataclass_fields__}
+  data_config = DataConfig.from_config(data_fields)
+  if dataset_return is None:
+    paths = training_data_paths(workdir, config)
+    dataset_return = dataset_mean_return(paths, data_config) if paths else None
+  specs = policy_specs(betas, ratio=ratio, have_theta=loaded["theta_params"] is not None)
+  record: dict = {}
+  results = evaluate_policies(
+      task, dict(config.get("env", {})), loaded["model_config"], loaded["tokenizer"], loaded["behaviour_params"],
+      loaded["theta_params"], policies=specs, episodes=episodes, seed=seed, data_config=data_config,
+      batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, support_min=support_min,
+      dataset_mean_return=dataset_return, mesh=loaded.get("mesh"), rules=loaded.get("rules"), record=record)
+  write_results(workdir, results, record)
+  return results
+
+
+def evaluate_workdir(workdir: str, **options) -> dict:
+  """Loads the latest checkpoints of a workdir (`checkpoints.load_for_inference`) and runs `run` on
+  them (options as `run`'s); what the trainer calls at the end and the command line does."""
+  from qsft_jax.checkpoints import load_for_inference
+
+  return run(workdir, load_for_inference(workdir), **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m qsft_jax.evaluate", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--episodes", type=int, default=None, help="episodes per policy [config eval.episodes]")
+  parser.add_argument("--seed", type=int, default=None, help="first environment seed [config eval.seed]")
+  parser.add_argument("--betas", default=None, help="comma-separated betas, e.g. 0,1,4,16 [config eval.betas]")
+  parser.add_argument("--batch_size", type=int, default=None, help="episodes played together")
+  parser.add_argument("--max_new_tokens", type=int, default=None, help="longest action in tokens")
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+  parser.add_argument("--no_ratio", action="store_true", help="skip the greedy p_theta / pi_phi policy")
+  parser.add_argument("--dataset_mean_return", type=float, default=None,
+                      help="the dataset's mean return (default: read from the run's training data)")
+  args = parser.parse_args(argv)
+  betas = None if args.betas is None else [float(b) for b in args.betas.split(",") if b.strip()]
+  results = evaluate_workdir(args.workdir, episodes=args.episodes, seed=args.seed, betas=betas,
+                ratio=not args.no_ratio, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, dataset_return=args.dataset_mean_return)
+  print(results_markdown(results))
+  print(f"wrote {os.path.join(args.workdir, 'eval', 'results.json')}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,126 @@
+"""Checkpoint analysis on a tiny workdir built here (config, tokenizer, bc/ and qsft/ checkpoints)."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from qsft_jax import analysis, checkpoints, config_lib
+from qsft_jax.data import DataConfig, episodes_to_batch
+from qsft_jax.envs import generate_episodes
+from qsft_jax.models import Transformer
+from qsft_jax.tokenizers import CharTokenizer
+
+ALPHABET = "".join(sorted(set("Maze. Reach G. Moves: u d l r.\n#,0123456789")))
+NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "analyze_checkpoint.ipynb")
+
+
+def make_workdir(path: str) -> dict:
+  """A workdir as the trainer lays it out (checkpoints.py docstring), with random phi and theta."""
+  config = config_lib.base_config()
+  config.task = "maze"
+  config.env = {"max_steps": 4}
+  config.data.max_length = 160
+  config.data.reward_transform = "terminal_return:-8,0"
+  config.model.overrides = {"d_model": 32, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "mlp_dim": 64}
+  config.checkpoint.async_save = False
+  os.makedirs(os.path.join(path, "data"), exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f)
+  tokenizer = CharTokenizer(ALPHABET)
+  tokenizer.save(os.path.join(path, "tokenizer.json"))
+  model_config = checkpoints.model_config_from(config, tokenizer)
+  checkpoints.save_model_config(path, model_config)
+  d = np.zeros((1, 1), np.int32)
+  init = jax.jit(lambda r: nn.unbox(Transformer(model_config).init(r, d, d, d + 1)))
+  phi, theta = init(jax.random.key(0)), init(jax.random.key(1))
+  for phase, state in [("bc", {"step": 1, "params": phi}),
+                       ("qsft", {"step": 1, "params": theta, "target_params": theta, "behaviour_params": phi})]:
+    manager = checkpoints.make_manager(path, phase, config)
+    checkpoints.save(manager, 1, state)
+    manager.wait_until_finished()
+    manager.close()
+  with open(os.path.join(path, "data", "heldout.jsonl"), "w") as f:
+    for ep in generate_episodes("maze", 3, seed=5, max_steps=4):
+      f.write(json.dumps(ep) + "\n")
+  return dict(config=config, tokenizer=tokenizer, model_config=model_config, phi=phi, theta=theta)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("run"))
+  return path, make_workdir(path)
+
+
+def _log_softmax(z):
+  z = np.asarray(z, np.float64)
+  return z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_token_values_against_a_full_forward(workdir):
+  path, made = workdir
+  run = analysis.load(path)
+  assert run.env_name == "maze" and run.theta_params is not None
+  episode = next(generate_episodes("maze", 1, seed=11, max_steps=4))
+  values = run.token_values(episode)
+  # The listed tokens are exactly the action turns' text, in order.
+  assert "".join(v["text"] for v in values) == "".join(t["text"] for t in episode["turns"] if t["action"])
+  # Independent: a plain forward over the data layer's row, log-softmax over the real vocabulary in numpy.
+  row = episodes_to_batch([episode], DataConfig.from_config(made["config"].data.to_dict()), made["tokenizer"],
+                          pack=False)
+  n = int((row["segment_ids"][0] > 0).sum())
+  tokens = row["tokens"][:, :n]
+  positions = np.arange(n)[None]
+  vocab = made["model_config"].vocab_size
+  model = Transformer(made["model_config"])
+  lp_phi = _log_softmax(np.asarray(model.apply(made["phi"], tokens, positions, np.ones_like(tokens)))[0, :, :vocab])
+  lp_theta = _log_softmax(np.asarray(model.apply(made["theta"], tokens, positions, np.ones_like(tokens)))[0, :, :vocab])
+  for v in values:
+    i, tok = v["index"], v["token"]
+    assert tokens[0, i] == tok
+    np.testing.assert_allclose(v["pi_phi"], np.exp(lp_phi[i - 1, tok]), rtol=1e-4)
+    np.testing.assert_allclose(v["p_theta"], np.exp(lp_theta[i - 1, tok]), rtol=1e-4)
+    np.testing.assert_allclose(v["ratio"], v["p_theta"] / v["pi_phi"], rtol=1e-4)
+    assert 0 <= v["return_to_go"] <= 1
+
+  state = {"turns": episode["turns"][:3], "done": False}
+  top = run.next_token_values(state, top_k=5)
+  m = len(run_tokens := [made["tokenizer"].bos_id] + made["tokenizer"].encode("".join(t["text"] for t in state["turns"])))
+  seq = np.array([run_tokens])
+  last_phi = _log_softmax(np.asarray(model.apply(made["phi"], seq, np.arange(m)[None], np.ones_like(seq)))[0, -1, :vocab])
+  last_theta = _log_softmax(np.asarray(model.apply(made["theta"], seq, np.arange(m)[None], np.ones_like(seq)))[0, -1, :vocab])
+  assert [t["token"] for t in top] == np.argsort(-last_theta, kind="stable")[:5].tolist()
+  for t in top:
+    np.testing.assert_allclose(t["pi_phi"], np.exp(last_phi[t["token"]]), rtol=1e-4)
+    np.testing.assert_allclose(t["p_theta"], np.exp(last_theta[t["token"]]), rtol=1e-4)
+  by_phi = run.next_token_values(state, top_k=3, by="phi")
+  assert [t["token"] for t in by_phi] == np.argsort(-last_phi, kind="stable")[:3].tolist()
+
+  fig = run.heatmap(episode)
+  assert len(fig.axes[0].texts) == n - 1  # one box per token after the BOS
+  table = analysis.format_table(values[:3], ["index", "text", "ratio"])
+  assert len(table.splitlines()) == 4
+
+
+def test_play_uses_the_runs_environment(workdir):
+  path, _ = workdir
+  run = analysis.load(path)
+  played = run.play(seed=3, beta=2.0)
+  assert played["meta"]["seed"] == 3 and len([t for t in played["turns"] if t["action"]]) <= 4
+  assert played == run.play(seed=3, beta=2.0), "greedy play is deterministic"
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom(workdir, monkeypatch):
+  import nbclient
+  import nbformat
+
+  path, _ = workdir
+  monkeypatch.setenv("QSFT_WORKDIR", path)
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
+  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+  assert path in outputs and "corr(ratio, return-to-go)" in outputs and "beta=4.0: return" in outputs

@@ -1,0 +1,101 @@
+"""Evaluation on the maze with a tiny random model: results.json schema and numbers, tokenisation."""
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from qsft_jax import evaluate
+from qsft_jax.data import DataConfig, episodes_to_batch
+from qsft_jax.envs import generate_episodes, make_env
+from qsft_jax.models import Transformer, get_preset
+from qsft_jax.tokenizers import CharTokenizer
+
+# Only the characters the maze uses: random sampling then hits a move character often enough that
+# returns vary across episodes.
+ALPHABET = "".join(sorted(set("Maze. Reach G. Moves: u d l r.\n#,0123456789")))
+TOKENIZER = CharTokenizer(ALPHABET)
+CONFIG = get_preset("tiny-llama", vocab_size=TOKENIZER.vocab_size, d_model=32, num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=64)
+ENV_KWARGS = {"max_steps": 4}
+DATA = {"max_length": 160, "reward_transform": "terminal_return:-8,0", "observation_template": "{text}",
+        "action_template": "{text}"}
+
+
+def _params(seed):
+  d = np.zeros((1, 1), np.int32)
+  return jax.jit(lambda r: nn.unbox(Transformer(CONFIG).init(r, d, d, d + 1)))(jax.random.key(seed))
+
+
+def test_history_tokens_equal_the_data_layers_episode_tokens():
+  episode = next(generate_episodes("maze", 1, seed=3, **ENV_KWARGS))
+  for templates in [{}, {"observation_template": "obs {text}", "action_template": "> {text}"}]:
+    config = DataConfig.from_config({**DATA, **templates}, pack=False)
+    row = episodes_to_batch([episode], config, TOKENIZER)
+    n = int((row["segment_ids"][0] > 0).sum())
+    expected = row["tokens"][0, :n].tolist()
+    assert evaluate.history_tokens(episode["turns"], TOKENIZER, config) == expected
+    # a prefix of the turns (what the agent sees before acting) is a prefix of the tokens
+    prefix = evaluate.history_tokens(episode["turns"][:3], TOKENIZER, config)
+    assert prefix == expected[:len(prefix)] and prefix[0] == TOKENIZER.bos_id
+
+
+def test_policy_specs():
+  names = [s["name"] for s in evaluate.policy_specs([0, 1, 4.5])]
+  assert names == ["bc", "qsft_beta1", "qsft_beta4.5", "ratio"]
+  assert [s["name"] for s in evaluate.policy_specs([0, 1], have_theta=False)] == ["bc"]
+  with pytest.raises(ValueError, match="beta"):
+    evaluate.policy_specs([-1])
+
+
+@pytest.mark.slow
+def test_results_json_schema_and_numbers_on_the_maze(tmp_path):
+  workdir = str(tmp_path)
+  os.makedirs(os.path.join(workdir, "data"))
+  dataset = list(generate_episodes("maze", 12, seed=0, **ENV_KWARGS))
+  with open(os.path.join(workdir, "data", "train.jsonl"), "w") as f:
+    f.writelines(json.dumps(ep) + "\n" for ep in dataset)
+  config = ml_collections.ConfigDict({
+      "task": "maze", "env": ENV_KWARGS, "data": {**DATA, "path": ""}, "qsft": {"support_min": 1e-3},
+      "eval": {"episodes": 7, "seed": 100, "betas": (0.0, 2.0), "max_new_tokens": 1, "batch_size": 4}})
+  loaded = dict(config=config, model_config=CONFIG, tokenizer=TOKENIZER, behaviour_params=_params(0),
+                theta_params=_params(1))
+  results = evaluate.run(workdir, loaded, temperature=1.0)
+
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk == json.loads(json.dumps(results))
+  assert set(on_disk) == {"env", "episodes", "dataset_mean_return", "policies"}
+  assert on_disk["env"] == "maze" and on_disk["episodes"] == 7
+  assert on_disk["dataset_mean_return"] == pytest.approx(np.mean([ep["meta"]["return"] for ep in dataset]))
+  assert list(on_disk["policies"]) == ["bc", "qsft_beta2", "ratio"]
+  low, high = make_env("maze", **ENV_KWARGS).return_bounds
+  markdown = open(os.path.join(workdir, "eval", "results.md")).read()
+  spread = 0.0
+  for name, r in on_disk["policies"].items():
+    assert set(r) == {"mean_return", "stderr", "success_rate", "beta"}
+    assert r["beta"] == {"bc": 0.0, "qsft_beta2": 2.0, "ratio": None}[name]
+    with open(os.path.join(workdir, "eval", f"episodes_{name}.jsonl")) as f:
+      played = [json.loads(line) for line in f]
+    assert [ep["meta"]["seed"] for ep in played] == list(range(100, 107)), "same seeds for every policy"
+    returns = np.array([sum(t["reward"] for t in ep["turns"] if t["action"]) for ep in played])
+    assert np.all((returns >= low) & (returns <= high)), (returns, (low, high))
+    np.testing.assert_allclose([ep["meta"]["return"] for ep in played], returns)
+    assert r["mean_return"] == pytest.approx(returns.mean())
+    assert r["stderr"] == pytest.approx(np.std(returns, ddof=1) / math.sqrt(len(returns)))
+    assert r["success_rate"] == pytest.approx(np.mean([ep["meta"]["success"] for ep in played]))
+    for ep in played:
+      assert all(t["text"].count("\n") <= 1 for t in ep["turns"] if t["action"]), "actions cut at the stop"
+    spread = max(spread, returns.std())
+    assert f"| {name} |" in markdown
+  assert spread > 0, "returns should vary across episodes for the stderr check to mean something"
+
+
+def test_summarize_edge_cases():
+  assert evaluate.summarize([-3.0], [True]) == {"mean_return": -3.0, "stderr": None, "success_rate": 1.0}
+  with pytest.raises(ValueError):
+    evaluate.summarize([], [])
