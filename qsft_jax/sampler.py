@@ -79,7 +79,7 @@ class DecodeOutput:
   of each row up to and including its stop token. With record=True, per decode step t (the row that
   predicts generated token t): phi_logits / theta_logits float32 [n, T, V] (None for a model that did
   not run) and scores float32 [n, T, V] (the mode's token scores before temperature / filtering);
-  entries at t >= num_generated are undefined.
+  entries at t >= num_generated are undefined. Scores are after suppression (suppressed tokens -inf).
   """
   tokens: np.ndarray
   num_generated: np.ndarray
@@ -220,8 +220,8 @@ class Sampler:
     use_theta = key.kind != "bc"
     v = c.padded_vocab_size
 
-    def run(phi_params, theta_params, tokens, lengths, active, stop_mask, beta, temperature, top_k, top_p,
-            support_min, max_new, rng):
+    def run(phi_params, theta_params, tokens, lengths, active, stop_mask, suppress_mask, beta, temperature, top_k,
+            top_p, support_min, max_new, rng):
       self.trace_count += 1  # python side effect: runs only while tracing
       columns = jnp.arange(p)
       pad_cols = (p - lengths)[:, None]  # [B, 1]
@@ -242,6 +242,7 @@ class Sampler:
         z_phi = logits[0] if use_phi else None
         z_theta = logits[-1] if use_theta else None
         scores = token_scores(key.kind, z_phi, z_theta, c.vocab_size, beta, support_min)
+        scores = jnp.where(suppress_mask, -jnp.inf, scores)
         if key.sampling == "greedy":
           tok = jnp.argmax(scores, axis=-1)
         else:
@@ -306,13 +307,14 @@ class Sampler:
   def decode(self, behaviour_params, theta_params, prompts: Sequence[Sequence[int]], *, mode: str = "extract",
              beta: float = 1.0, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, support_min: float = 1e-4, max_new_tokens: int = 32,
-             stop_token_ids: Sequence[int] = (), stop_mask: np.ndarray | None = None, rng=None,
-             record: bool = False) -> DecodeOutput:
+             stop_token_ids: Sequence[int] = (), stop_mask: np.ndarray | None = None,
+             suppress_token_ids: Sequence[int] = (), rng=None, record: bool = False) -> DecodeOutput:
     """Decodes every prompt (lists of token ids, BOS included, each non-empty) in one compiled call.
 
     mode: see the module docstring ("extract" with beta = 0 runs pi_phi alone). greedy: argmax instead
     of sampling (mode "ratio" is always greedy). top_k = 0 and top_p = 1 disable those filters.
     stop_token_ids and/or stop_mask (bool [V] or [V_real]) end a row; the stop token is kept.
+    suppress_token_ids are never emitted (their score is -inf before greedy / filtering / sampling).
     rng: a jax key or an int seed (default 0). record: also return per-step logits (tests).
     """
     if mode not in MODES:
@@ -359,6 +361,11 @@ class Sampler:
       if not 0 <= int(i) < vocab:
         raise ValueError(f"stop token id {i} outside [0, {vocab})")
       mask[int(i)] = True
+    suppress = np.zeros(self.config.padded_vocab_size, bool)
+    for i in suppress_token_ids:
+      if not 0 <= int(i) < vocab:
+        raise ValueError(f"suppressed token id {i} outside [0, {vocab})")
+      suppress[int(i)] = True
     if rng is None:
       rng = 0
     if isinstance(rng, (int, np.integer)):
@@ -366,7 +373,7 @@ class Sampler:
 
     args = (self._place(behaviour_params) if kind != "theta" else None,
             self._place(theta_params) if kind != "bc" else None,
-            tokens, lens, active, mask, np.float32(beta), np.float32(temperature), np.int32(top_k),
+            tokens, lens, active, mask, suppress, np.float32(beta), np.float32(temperature), np.int32(top_k),
             np.float32(top_p), np.float32(support_min), np.int32(max_new_tokens), rng)
     if self.mesh is not None:
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):

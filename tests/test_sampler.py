@@ -119,13 +119,16 @@ def test_top_k_top_p_never_emit_excluded_tokens_and_do_not_retrace(params, sampl
   counts = []
   for top_k, top_p, temperature in [(3, 1.0, 2.0), (0, 0.5, 1.0), (5, 0.7, 3.0)]:
     out = sampler.decode(None, theta, prompts, mode="theta", top_k=top_k, top_p=top_p, temperature=temperature,
-                         max_new_tokens=10, rng=top_k, record=True)
+                         max_new_tokens=10, rng=top_k, record=True, suppress_token_ids=[0, 1, 2])
     counts.append(sampler.trace_count - before)
+    assert not np.isin(out.tokens, [1, 2]).any() and (out.tokens[:, :out.num_generated.min()] != 0).all()
     for i, prompt in enumerate(prompts):
       z_theta = full_logits(theta, prompt + out.sequences()[i])
       for t in range(out.num_generated[i]):
         row = len(prompt) - 1 + t
-        np.testing.assert_allclose(out.scores[i, t, :V], np_log_softmax(z_theta[row, :V]), atol=2e-4, rtol=1e-4)
+        expected = np_log_softmax(z_theta[row, :V])
+        expected[[0, 1, 2]] = -np.inf  # suppressed
+        np.testing.assert_allclose(out.scores[i, t, :V], expected, atol=2e-4, rtol=1e-4)
         allowed = _allowed(out.scores[i, t, :V], temperature, top_k, top_p)
         assert out.tokens[i, t] in allowed
         if top_k:
