@@ -124,3 +124,19 @@ def test_notebook_runs_top_to_bottom(workdir, monkeypatch):
                           resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
   assert path in outputs and "corr(ratio, return-to-go)" in outputs and "beta=4.0: return" in outputs
+
+
+def test_evaluate_command_line_on_the_workdir(workdir, capsys):
+  from qsft_jax import evaluate
+
+  path, _ = workdir
+  assert evaluate.main(["--workdir", path, "--episodes", "3", "--seed", "40", "--betas", "0,2", "--no_ratio",
+                        "--max_new_tokens", "2", "--dataset_mean_return", "-5.5"]) == 0
+  with open(os.path.join(path, "eval", "results.json")) as f:
+    results = json.load(f)
+  assert results["env"] == "maze" and results["episodes"] == 3 and results["dataset_mean_return"] == -5.5
+  assert list(results["policies"]) == ["bc", "qsft_beta2"]
+  for name in results["policies"]:
+    with open(os.path.join(path, "eval", f"episodes_{name}.jsonl")) as f:
+      assert [json.loads(line)["meta"]["seed"] for line in f] == [40, 41, 42]
+  assert "| qsft_beta2 | 2 |" in capsys.readouterr().out
