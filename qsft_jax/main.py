@@ -154,7 +154,13 @@ def device_peak_flops() -> float | None:
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop polls: save at the current step, then exit."""
+  """Turns SIGTERM into a flag the loop polls: save at the current step, then exit.
+
+  With several processes the notice may reach them at different steps (or only some of them), but
+  the save is collective, so they agree first: at every log or checkpoint step (where all processes
+  sync with their devices anyway) each one's flag is all-gathered, and all stop together if any saw
+  SIGTERM. One process polls its flag at every step.
+  """
 
   def __init__(self):
     self.requested = False
@@ -166,6 +172,15 @@ class Preemption:
   def _handler(self, signum, frame):
     logging.warning("SIGTERM: saving a checkpoint at the current step, then exiting")
     self.requested = True
+
+  def should_stop(self, sync_point: bool) -> bool:
+    """Called at every step by every process; `sync_point` must be the same on all of them."""
+    if jax.process_count() == 1:
+      return self.requested
+    if not sync_point:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
 class MetricsLog:
@@ -288,6 +303,8 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
     latest = 0
   if latest >= p.steps:
     manager.close()
+    if not checkpoints.is_done(workdir, phase):  # killed between its last save and the marker
+      checkpoints.mark_done(workdir, phase, p.steps)
     return state
 
   tokens_per_step = p.batch_size * data_config.max_length
@@ -299,7 +316,9 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
       batch = qsharding.global_batch_from_host_local(next(iterator), mesh, rules)
       state, metrics = step_fn(state, batch)
       log.add(step, metrics)
-      save_now = step % config.checkpoint.every_steps == 0 or step == p.steps or preemption.requested
+      periodic = step % config.checkpoint.every_steps == 0 or step == p.steps
+      stop = preemption.should_stop(periodic or step % config.log.every_steps == 0)
+      save_now = periodic or stop
       if save_now or step % config.log.every_steps == 0:
         last = log.flush()  # before any save: a non-finite state is never checkpointed
         if last is not None and jax.process_index() == 0 and step % config.log.every_steps == 0:
@@ -307,7 +326,7 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
               f"{k}={v:.4g}" for k, v in last.items() if k != "step"), flush=True)
       if save_now:
         checkpoints.save(manager, step, state, iterator)
-      if preemption.requested:
+      if stop:
         manager.wait_until_finished()
         logging.warning("%s: saved step %d after SIGTERM; exiting", phase, step)
         sys.exit(143)
