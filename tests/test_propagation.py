@@ -121,7 +121,7 @@ def test_option_errors():
 
 # ------------------------------------------------------------------ fixed points on tabular MDPs
 
-STEPS_PER_ROUND, ROUNDS = 250, 4  # two_turns: 3 action tokens per episode, so 4 hard rounds suffice
+STEPS_PER_ROUND, ROUNDS = 200, 4  # two_turns: 3 action tokens per episode, so 4 hard rounds suffice
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "tau", "every", "mode", "mc_mix", "n_step"))
@@ -190,7 +190,7 @@ SETTINGS = {  # name: (run_setting kwargs, DP kwargs)
     "token_hard": (dict(), dict()),
     "token_hard_from_phi": (dict(init="phi"), dict()),
     "token_hard_from_random": (dict(init="random"), dict()),
-    "token_polyak": (dict(tau=0.05, every=0, steps=1500), dict()),
+    "token_polyak": (dict(tau=0.05, every=0, steps=1000), dict()),
     "turn": (dict(mode="turn"), dict(mode="turn")),
     "mc_0.5": (dict(mc_mix=0.5), dict(mc_mix=0.5)),
     "mc_1": (dict(mc_mix=1.0), dict(mc_mix=1.0)),
@@ -234,8 +234,10 @@ def np_wce_fixed_point(batch, states, pi, mode, n, lam, rounds):
   return p
 
 
-@pytest.mark.parametrize("mode,n_step,mc_mix", [("token", 2, 0.5), ("turn", 1, 0.7)])
+@pytest.mark.parametrize("mode,n_step,mc_mix", [("turn", 1, 0.5)])
 def test_truncated_episodes_reach_the_closed_form_fixed_point(mode, n_step, mc_mix):
+  """Truncated episodes bootstrap from their last row, in the per-turn chain and in the Monte Carlo
+  return alike (the n-step walk through truncated episodes is checked on random batches above)."""
   mdp, batch, one_hot, index, phi = tabular(True)
   assert not batch["done"].all()
   theta, pi = run_setting(True, mode=mode, mc_mix=mc_mix, n_step=n_step)
