@@ -1,0 +1,250 @@
+"""Builds docs/scaling.md: model shape x TPU slice, compiled ahead of time on this CPU machine.
+
+    python scripts/scaling_table.py                 # compile the rows missing from the cache, write the doc
+    python scripts/scaling_table.py --rows 8b-v5p   # (re)compile only these rows
+    python scripts/scaling_table.py --doc-only      # rewrite docs/scaling.md from the cache
+
+Every row runs `qsft_jax.aot.run` (BC and Q-SFT train steps; the decode step for the rows that ask
+for it) and its figures are cached in docs/scaling_results.json, keyed by row name, with the time
+each compile took; the doc is rendered from that cache, so an interrupted run keeps its finished rows.
+Each row's "command" column is the `python -m qsft_jax.aot ...` line that reproduces it.
+Needs the libtpu package (jax 0.10.2: libtpu==0.0.42.1).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qsft_jax import aot  # noqa: E402
+from qsft_jax.models.config import get_preset, param_count  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, "docs", "scaling_results.json")
+DOC = os.path.join(ROOT, "docs", "scaling.md")
+
+# name -> (config file or None, extra `python -m qsft_jax.aot` flags, steps)
+ROWS: dict[str, tuple[str | None, list[str], str]] = {
+    "135m-v5e4": ("configs/pod_smollm2_135m.py", [], "bc,qsft,decode"),
+    "1.7b-v5e16": ("configs/pod_smollm2_1p7b.py", [], "bc,qsft"),
+    "1.7b-2xv5e16": ("configs/pod_smollm2_1p7b.py", ["--num_slices=2", "--mesh=data:2,fsdp:-1,tensor:1",
+                                                      "--batch=128"], "bc,qsft"),
+    "8b-v5p128": ("configs/pod_llama3_8b.py", [], "bc,qsft"),
+    "8b-v5e16": ("configs/pod_llama3_8b.py", ["--topology=v5e:4x4", "--batch=16"], "qsft"),
+    "70b-v5p128": ("configs/pod_llama_70b.py", [], "bc,qsft"),
+}
+
+
+def command(name: str) -> str:
+  config, flags, steps = ROWS[name]
+  parts = ["python -m qsft_jax.aot"] + ([f"--config={config}"] if config else []) + flags
+  return " ".join(parts + [f"--steps={steps}"])
+
+
+def run_row(name: str) -> dict:
+  """Compiles one row; a program that cannot be built (e.g. over HBM) is recorded with its error."""
+  config, flags, steps = ROWS[name]
+  argv = ([f"--config={config}"] if config else []) + flags + [f"--steps={steps}"]
+  t0 = time.time()
+  try:
+    result = aot.main(argv)
+  except Exception as e:  # noqa: BLE001 — recorded in the table, with the compiler's message
+    message = str(e).strip().splitlines()
+    result = {"error": f"{type(e).__name__}: {' '.join(message[:3])[:600]}"}
+  result["wall_s"] = round(time.time() - t0, 1)
+  result["command"] = command(name)
+  return result
+
+
+def _gib(x) -> str:
+  return f"{x / 2**30:.1f}"
+
+
+def _pct(x) -> str:
+  return f"{100 * x:.0f}%"
+
+
+def render(results: dict) -> str:
+  """docs/scaling.md from the cached results."""
+  out = [HEADER]
+  out.append("| row | model (params) | slice | mesh | batch x L | Q-SFT fits | Q-SFT GiB/chip (args + temp) "
+             "| BC GiB/chip | MFU BC | MFU Q-SFT | Q-SFT / BC time | bound | compile s |")
+  out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for name in ROWS:
+    r = results.get(name)
+    if r is None:
+      out.append(f"| {name} | not run | | | | | | | | | | | |")
+      continue
+    if "error" in r:
+      out.append(f"| {name} | | | | | **no**: {r['error'][:300]} | | | | | | | {r['wall_s']} |")
+      continue
+    q, b = r["steps"].get("qsft"), r["steps"].get("bc")
+    slice_ = r["topology"] + (f" x {r['num_slices']}" if r["num_slices"] > 1 else "") + f" ({r['chips']} chips)"
+    mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items())
+    cells = [name, f"{r['model']} ({r['params'] / 1e9:.2f}B)", slice_, mesh, f"{r['batch']} x {r['seq']}"]
+    if q:
+      cells += ["yes" if q["fits"] else "**no**",
+                f"{_gib(q['peak_bytes'])} ({_gib(q['argument_bytes'])} + {_gib(q['temp_bytes'])}) "
+                f"of {_gib(q['hbm_bytes'])}"]
+    else:
+      cells += ["-", "-"]
+    cells.append(_gib(b["peak_bytes"]) if b else "-")
+    cells.append(_pct(b["mfu"]) if b else "-")
+    cells.append(_pct(q["mfu"]) if q else "-")
+    cells.append(f"{q['step_s'] / b['step_s']:.2f}" if q and b else "-")
+    cells.append(q["bound"] if q else b["bound"])
+    cells.append(f"{r['wall_s']}")
+    out.append("| " + " | ".join(cells) + " |")
+  out.append("\nCommands (each reproduces its row; add `--steps=bc,qsft,decode` for the decode step):\n")
+  for name in ROWS:
+    out.append(f"- `{name}`: `{command(name)}`")
+  out.append("\n### Per-step figures (per chip)\n")
+  out.append("| row | step | FLOPs compiled | FLOPs analytic | ratio | HBM bytes | ICI bytes | DCN bytes "
+             "| compute ms | HBM ms | ICI ms | DCN ms | step ms |")
+  out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for name, r in results.items():
+    for kind, s in r.get("steps", {}).items():
+      out.append(f"| {name} | {kind} | {s['flops_per_chip']:.3g} | {s['analytic_flops_per_chip']:.3g} | "
+                 f"{s['flops_ratio']:.2f} | {s['hbm_bytes_per_chip']:.3g} | {s['ici_bytes_per_chip']:.3g} | "
+                 f"{s['dcn_bytes_per_chip']:.3g} | {s['compute_s'] * 1e3:.1f} | {s['hbm_s'] * 1e3:.1f} | "
+                 f"{s['ici_s'] * 1e3:.1f} | {s['dcn_s'] * 1e3:.1f} | {s['step_s'] * 1e3:.1f} |")
+  total = sum(r.get("wall_s", 0) for r in results.values())
+  out.append(f"\nWall time of the compiles above on this machine (2 shared CPU cores): {total:.0f} s in all.\n")
+  out.append(qsft_cost_section(results))
+  return "\n".join(out) + "\n"
+
+
+HEADER = """# Scaling: Q-SFT on TPU pod slices, compiled ahead of time
+
+Every figure here comes from the real TPU program, compiled on a CPU machine for a described slice
+(`qsft_jax.aot`, libtpu's compile-only devices): nothing ran on a TPU. Generated by
+`python scripts/scaling_table.py` (figures cached in `docs/scaling_results.json`).
+
+How to read it:
+- **GiB/chip** is the compiled program's peak: arguments (the sharded train state and batch) +
+  temporaries + outputs not aliased to donated arguments (`compiled.memory_analysis()`), against
+  the chip's HBM (v5e 16 GiB, v6e 32 GiB, v4 32 GiB, v5p 95 GiB; `qsft_jax/chips.py`).
+- **FLOPs / bytes** per step are XLA's cost analysis of the compiled program. XLA counts a while-loop
+  body once, so steps with scanned layers or chunked losses take their costs from loop-free probe
+  programs (1 and 2 unrolled layers, extrapolated linearly to N layers; `qsft_jax/aot.py`). Compiled
+  FLOPs include remat recomputation (full remat: ~4/3 of the analytic train FLOPs of theta).
+- **MFU** is a roofline estimate, not a measurement: analytic model FLOPs (BC 3F, Q-SFT 5F per token,
+  F = `flops_per_token`) / (peak x max(compute, HBM, ICI, DCN time)). ICI time assumes every link of
+  the chip busy both ways, so it is a lower bound; real MFU is lower (no overlap is perfect, and the
+  roofline ignores latency). Treat it as an upper bound that ranks configurations.
+- State dtypes: float32 master weights for theta, theta_bar and phi, float32 AdamW moments,
+  bf16 compute. A config's own numbers are in its docstring.
+
+Setup: `pip install libtpu==0.0.42.1` (the version `jax[tpu]==0.10.2` resolves; install it alone so
+that jax stays 0.10.2). Slices are described with
+`jax.experimental.topologies.get_topology_desc("v5p:4x4x8", "tpu", chip_config_name="megacore",
+num_slices=N)` (megacore for v4/v5p: one device per chip); the CPU stays JAX's default backend. libtpu
+holds /tmp/libtpu_lockfile while any JAX process that did not set JAX_PLATFORMS=cpu is alive, so
+`qsft_jax.aot` sets ALLOW_MULTIPLE_LIBTPU_LOAD=1 on machines without TPU chips. Multi-slice meshes
+(`--num_slices`) put the slices on the `data` axis; collectives whose device groups span slices are
+counted as DCN traffic.
+
+"""
+
+
+def qsft_cost_section(results: dict) -> str:
+  """What Q-SFT costs over BC, quantified from the rows, and ways to cut it."""
+  lines = ["## What Q-SFT costs over BC at scale\n"]
+  lines.append("Q-SFT trains theta like BC (forward + backward = 3 forward passes) and adds two "
+               "forward-only passes (theta_bar and phi) and two parameter sets. Analytic FLOPs: "
+               "5/3 = 1.67x BC. Measured on the compiled programs:\n")
+  lines.append("| row | Q-SFT / BC FLOPs (compiled) | Q-SFT / BC roofline time | state GiB/chip BC -> Q-SFT "
+               "| extra GiB/chip |")
+  lines.append("|---|---|---|---|---|")
+  for name, r in results.items():
+    s = r.get("steps", {})
+    if "bc" in s and "qsft" in s:
+      b, q = s["bc"], s["qsft"]
+      lines.append(f"| {name} | {q['flops_per_chip'] / b['flops_per_chip']:.2f} | "
+                   f"{q['step_s'] / b['step_s']:.2f} | {_gib(b['argument_bytes'])} -> "
+                   f"{_gib(q['argument_bytes'])} | {_gib(q['argument_bytes'] - b['argument_bytes'])} |")
+  lines.append(CUTS)
+  for name in ("8b-v5p128", "70b-v5p128"):
+    r = results.get(name)
+    if not r or "params" not in r:
+      continue
+    p, chips = r["params"], r["chips"]
+    lines.append(f"- {name} ({p / 1e9:.1f}B params, {chips} chips): theta_bar + phi in bf16 instead of "
+                 f"float32 saves {2 * p * 2 / chips / 2**30:.2f} GiB/chip; dropping phi's parameters "
+                 f"(values offline) saves {p * 4 / chips / 2**30:.2f} GiB/chip and 1/5 of the Q-SFT FLOPs; "
+                 f"LoRA theta (rank 16 on every kernel, ~{lora_params(r['model']) / 1e6:.0f}M trainable) "
+                 f"leaves one frozen bf16 base ({p * 2 / chips / 2**30:.2f} GiB/chip) plus three small "
+                 f"adapters instead of {5 * p * 4 / chips / 2**30:.2f} GiB/chip of float32 state.")
+  return "\n".join(lines)
+
+
+CUTS = """
+Ways to cut it, from cheapest to most invasive:
+
+1. **Frozen parameter sets in bf16.** theta_bar and phi take no gradient and no optimizer state;
+   storing them in bf16 halves their bytes (the forward already runs in bf16). theta_bar's Polyak
+   update then rounds to bf16 each step: with tau = 0.005 the update is below bf16's resolution for
+   most weights, so keep theta_bar in float32 or use hard updates (`target_update_every`) when
+   storing it in bf16. Needs a per-set dtype in `train_steps.state_shardings`/`init_qsft_state`
+   (not there today: all three sets share `param_dtype`).
+2. **phi's values offline.** phi is frozen after phase 1, so everything the Bellman target needs from
+   it (log pi_phi over its support, pi_phi >= support_min, at most 1/support_min tokens per row) can
+   be computed once per dataset and stored with the batch: the phi forward (1 of the 5 passes, 20% of
+   Q-SFT FLOPs) and its parameter set leave the step. Cost: storage of the top-K support per token
+   (K = 64 ids + log-probs = 384 bytes/token, ~0.2 GB per 256 x 2048 batch), and the max over
+   p_theta_bar / pi_phi restricted to those K tokens (exact when the support has at most K tokens).
+3. **Sharing layouts.** All three sets already share one rule table, so theta_bar's Polyak update and
+   the three forwards need no resharding (no collective in the compiled step moves a whole set).
+4. **Low-rank adapters for theta.** theta = base + low-rank delta, theta_bar = base + delta_bar,
+   phi = base (+ its own adapter): one frozen base in bf16 plus three adapters; optimizer state only
+   for the adapter. Memory drops to roughly one bf16 model; FLOPs do not (still 5 forward-equivalents),
+   and Q-values then live in a low-rank correction of the pretrained likelihoods.
+5. **No separate target forward.** With hard target updates every N steps, theta_bar's logits could be
+   cached per batch between updates only if batches repeat; in general the target forward stays. A
+   tau = 1 variant (target = current theta, stop-gradient) reuses theta's forward: 4/3 instead of 5/3
+   of BC, one parameter set less, at the known stability cost of Q-learning without a target network.
+
+Figures per row (from the parameter counts and chip counts above):
+"""
+
+
+def lora_params(preset: str, rank: int = 16) -> int:
+  """Trainable parameters of rank-`rank` adapters on every attention and MLP kernel."""
+  c = get_preset(preset)
+  per_layer = rank * ((c.d_model + c.num_heads * c.head_dim) * 2  # q, o
+                      + (c.d_model + c.num_kv_heads * c.head_dim) * 2  # k, v
+                      + (c.d_model + c.mlp_dim) * 3)  # gate, up, down
+  return c.num_layers * per_layer
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--rows", default="", help="comma-separated row names to (re)compile")
+  p.add_argument("--doc-only", action="store_true", help="only render docs/scaling.md from the cache")
+  a = p.parse_args()
+  results = {}
+  if os.path.exists(CACHE):
+    with open(CACHE) as f:
+      results = json.load(f)
+  wanted = [r for r in a.rows.split(",") if r] or [r for r in ROWS if r not in results]
+  unknown = set(wanted) - set(ROWS)
+  if unknown:
+    p.error(f"unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
+  if not a.doc_only:
+    for name in wanted:
+      print(f"== {name}: {command(name)}", flush=True)
+      results[name] = run_row(name)
+      with open(CACHE, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+  with open(DOC, "w") as f:
+    f.write(render({k: results[k] for k in ROWS if k in results}))
+  print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,166 @@
+"""AOT compilation for a TPU slice on the CPU (qsft_jax.aot): memory and FLOPs of the compiled steps.
+
+Needs the libtpu package (jax 0.10.2: libtpu==0.0.42.1); skipped with the reason when it is missing.
+A 2-layer tiny-llama widened to TPU tile sizes (see MODEL) on v5e:2x2 (4 chips, mesh data 1 x fsdp 4),
+batch 32 x 128: each step compiles in a few seconds.
+"""
+import importlib.util
+import math
+
+import jax
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu not installed (pip install libtpu==0.0.42.1)")
+
+from qsft_jax import aot  # noqa: E402
+from qsft_jax.models.config import get_preset, param_count  # noqa: E402
+
+# TPU arrays are stored in (8, 128) tiles of their two minor dimensions, so a shard like tiny-llama's
+# q kernel [128 / 4, 4 heads, 32] occupies 8x its bytes in HBM. This test model has every minor
+# dimension of every per-chip shard a multiple of the tile (d_model 512 / fsdp 4 = 128, 8 heads of
+# 128, rows 32 / 4 = 8 per chip, length 128), so the compiler's argument bytes equal the plain count.
+MODEL = dict(d_model=512, num_heads=8, num_kv_heads=8, head_dim=128, mlp_dim=1024)
+SPEC = aot.AotSpec(preset="tiny-llama", model_overrides=MODEL, topology="v5e:2x2",
+                   mesh_shape={"data": 1, "fsdp": -1, "tensor": 1}, batch=32, seq=128)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  devices = aot.topology_devices(SPEC.topology)
+  return aot.topology_mesh(SPEC.mesh_shape, devices)
+
+
+@pytest.fixture(scope="module")
+def chip():
+  return aot.parse_topology(SPEC.topology)[0]
+
+
+@pytest.fixture(scope="module")
+def results(mesh, chip):
+  return {kind: aot.compile_step(kind, SPEC, mesh, chip) for kind in ("bc", "qsft")}
+
+
+@pytest.mark.parametrize("topology,num_slices,chips,kind", [
+    ("v5e:2x2", 1, 4, "TPU v5 lite"), ("v5p:4x4x8", 1, 128, "TPU v5"), ("v4:2x2x1", 1, 4, "TPU v4"),
+    ("v6e:4x4", 1, 16, "TPU v6 lite"), ("v5e:2x2", 2, 8, "TPU v5 lite")])
+def test_topologies_one_device_per_chip(topology, num_slices, chips, kind):
+  devices = aot.topology_devices(topology, num_slices)
+  assert len(devices) == chips
+  assert {d.device_kind for d in devices} == {kind}
+  assert {d.platform for d in devices} == {"tpu"}
+  if num_slices > 1:
+    assert sorted({d.slice_index for d in devices}) == list(range(num_slices))
+  assert jax.default_backend() == "cpu"  # describing a slice does not change the default backend
+
+
+def test_multislice_mesh_puts_slices_on_data_axis():
+  devices = aot.topology_devices("v5e:2x2", num_slices=2)
+  mesh = aot.topology_mesh({"data": 2, "fsdp": -1, "tensor": 1}, devices, num_slices=2)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  slices = np.vectorize(lambda d: d.slice_index, otypes=[int])(mesh.devices)
+  assert (slices == np.arange(2)[:, None, None]).all()  # each data row is one slice
+  with pytest.raises(ValueError, match="multiple of 2"):
+    aot.topology_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices, num_slices=2)
+
+
+def test_bad_topology_names_are_rejected():
+  with pytest.raises(ValueError, match="expected GEN:AxB"):
+    aot.parse_topology("v5litepod-16")
+  with pytest.raises(ValueError, match="unknown TPU generation"):
+    aot.get_chip("v3")
+
+
+def _expected_argument_bytes(kind, mesh):
+  """State + batch bytes per chip from the shapes and NamedShardings alone (no compiler)."""
+  from qsft_jax.models.transformer import Transformer
+  config = SPEC.model_config()
+  model = Transformer(config)
+  state = aot.abstract_state(model, config, aot.make_optimizer(), mesh, SPEC.resolved_rules(), kind)
+  batch = aot.abstract_batch(SPEC.batch, SPEC.seq, mesh, SPEC.resolved_rules())
+  return aot.shard_bytes(state), aot.shard_bytes(batch)
+
+
+@pytest.mark.parametrize("kind", ["bc", "qsft"])
+def test_argument_bytes_are_state_plus_batch_per_chip(results, mesh, kind):
+  state_bytes, batch_bytes = _expected_argument_bytes(kind, mesh)
+  # Independent count of the state: parameter sets x (params + 2 Adam moments) of f32, sharded by
+  # fsdp=4 over `embed` where it divides (every kernel and table of tiny-llama does; norms too).
+  params = param_count(get_preset("tiny-llama", **MODEL))
+  copies = 3 if kind == "bc" else 5  # params + 2 Adam moments (+ theta_bar and phi)
+  scalars = 2 * 4  # step and Adam's count, int32, replicated
+  assert state_bytes == copies * params * 4 // 4 + scalars
+  # batch: 6 int32 + 4 float32 + 2 bool arrays of [32, 128], rows split over the 4 chips
+  assert batch_bytes == (32 // 4) * 128 * (10 * 4 + 2 * 1)
+  r = results[kind]
+  assert r["argument_bytes"] == pytest.approx(state_bytes + batch_bytes, rel=0.02)
+  # the donated state comes back in place: aliased bytes ~ the state's
+  assert r["alias_bytes"] == pytest.approx(state_bytes, rel=0.02)
+  assert r["fits"] and r["peak_bytes"] < r["hbm_bytes"]
+
+
+@pytest.mark.parametrize("kind", ["bc", "qsft"])
+def test_compiled_flops_match_analytic(results, kind):
+  r = results[kind]
+  assert r["cost_source"] == "compiled program"  # loop-free: chunk_size (128) >= seq (128), no scan
+  assert 0.9 <= r["flops_ratio"] <= 1.1, r
+  assert r["analytic_flops_per_chip"] == pytest.approx(
+      aot.analytic_flops(kind, SPEC.model_config(), SPEC) / 4)
+
+
+def test_qsft_over_bc_flops_is_five_thirds(results):
+  ratio = results["qsft"]["flops_per_chip"] / results["bc"]["flops_per_chip"]
+  assert ratio == pytest.approx(5 / 3, rel=0.05)
+
+
+def test_probe_extrapolation_equals_direct_count(mesh, chip):
+  """With scanned layers (a while loop) costs come from 1- and 2-layer probes; at 3 layers the
+  extrapolation must equal the costs of the same step compiled unrolled (loop-free). The decode step
+  is used because it compiles fastest; the train steps take the same code path."""
+  def spec(scan):
+    return aot.AotSpec(**{**SPEC.__dict__, "steps": ("decode",),
+                          "model_overrides": {**MODEL, "num_layers": 3, "scan_layers": scan}})
+  a = aot.compile_step("decode", spec(True), mesh, chip)
+  b = aot.compile_step("decode", spec(False), mesh, chip)
+  assert a["cost_source"].startswith("probes") and b["cost_source"] == "compiled program"
+  assert a["flops_per_chip"] == pytest.approx(b["flops_per_chip"], rel=0.01)
+  assert a["hbm_bytes_per_chip"] == pytest.approx(b["hbm_bytes_per_chip"], rel=0.05)
+
+
+def test_decode_step_compiles_with_caches(mesh, chip):
+  r = aot.compile_step("decode", SPEC, mesh, chip)
+  assert 0.9 <= r["flops_ratio"] <= 1.15, r
+  config = SPEC.model_config()
+  # k and v of theta and phi, f32, rows over the 4 chips: donated and updated in place
+  cache_bytes = 2 * 2 * config.num_layers * SPEC.batch * SPEC.seq * config.num_kv_heads * config.head_dim * 4
+  assert r["alias_bytes"] >= cache_bytes / 4
+
+
+def test_parse_collectives_sizes_and_groups():
+  hlo = "\n".join([
+      "  %ag = (bf16[512,1024]{1,0}, bf16[2048,1024]{1,0}) all-gather-start(%p), channel_id=1, "
+      "replica_groups=[2,4]<=[8], dimensions={0}, use_global_device_ids=true",
+      "  %ag.done = bf16[2048,1024]{1,0} all-gather-done(%ag)",
+      "  %ar = f32[1024]{0} all-reduce(%x), channel_id=2, replica_groups={{0,4},{1,5},{2,6},{3,7}}, "
+      "to_apply=%add",
+      "  %rs = f32[256]{0} reduce-scatter(%y), channel_id=3, replica_groups=[2,4]<=[4,2]T(1,0), "
+      "dimensions={0}",
+  ])
+  colls = aot.parse_collectives(hlo, slice_of_device=[0, 0, 0, 0, 1, 1, 1, 1])
+  assert [c.op for c in colls] == ["all-gather", "all-reduce", "reduce-scatter"]
+  ag, ar, rs = colls
+  assert ag.result_bytes == 2048 * 1024 * 2 and ag.group_size == 4 and not ag.dcn
+  assert ag.moved_bytes == pytest.approx(ag.result_bytes * 3 / 4)
+  assert ar.group_size == 2 and ar.dcn and ar.moved_bytes == pytest.approx(2 * 4096 * 1 / 2)
+  # iota [4,2]T(1,0) -> groups {0,2,4,6}, {1,3,5,7}: span both slices
+  assert rs.group_size == 4 and rs.dcn and rs.moved_bytes == 1024 * 3
+
+
+def test_roofline_takes_the_slowest_resource(chip):
+  t = aot.roofline(chip, flops=chip.bf16_flops, hbm_bytes=0.5 * chip.hbm_bytes_per_s,
+                   ici_bytes=0.0, dcn_bytes=0.0)
+  assert t["step_s"] == pytest.approx(1.0) and t["bound"] == "compute"
+  t = aot.roofline(chip, flops=0.0, hbm_bytes=0.0, ici_bytes=2 * chip.ici_bytes_per_s, dcn_bytes=0.0)
+  assert t["step_s"] == pytest.approx(2.0) and t["bound"] == "ici"
+  assert math.isfinite(t["step_s"])
