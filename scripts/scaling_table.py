@@ -13,9 +13,9 @@ Needs the libtpu package (jax 0.10.2: libtpu==0.0.42.1).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -34,7 +34,7 @@ ROWS: dict[str, tuple[str | None, list[str], str]] = {
     "1.7b-v5e16": ("configs/pod_smollm2_1p7b.py", [], "bc,qsft"),
     "1.7b-2xv5e16": ("configs/pod_smollm2_1p7b.py", ["--num_slices=2", "--mesh=data:2,fsdp:-1,tensor:1",
                                                       "--batch=128"], "bc,qsft"),
-    "8b-v5p128": ("configs/pod_llama3_8b.py", [], "bc,qsft"),
+    "8b-v5p128": ("configs/pod_llama3_8b.py", [], "qsft"),
     "8b-v5e16": ("configs/pod_llama3_8b.py", ["--topology=v5e:4x4", "--batch=16"], "qsft"),
     "70b-v5p128": ("configs/pod_llama_70b.py", [], "bc,qsft"),
 }
@@ -46,19 +46,42 @@ def command(name: str) -> str:
   return " ".join(parts + [f"--steps={steps}"])
 
 
-def run_row(name: str) -> dict:
-  """Compiles one row; a program that cannot be built (e.g. over HBM) is recorded with its error."""
+def run_row(name: str, timeout_s: float) -> dict:
+  """Compiles one row in a subprocess (its command); the result is the command's last (JSON) line.
+  A program that cannot be built (e.g. over HBM) or a compile over `timeout_s` is recorded as such."""
   config, flags, steps = ROWS[name]
-  argv = ([f"--config={config}"] if config else []) + flags + [f"--steps={steps}"]
+  argv = [sys.executable, "-m", "qsft_jax.aot"] + ([f"--config={config}"] if config else []) + flags + [
+      f"--steps={steps}"]
   t0 = time.time()
   try:
-    result = aot.main(argv)
-  except Exception as e:  # noqa: BLE001 — recorded in the table, with the compiler's message
-    message = str(e).strip().splitlines()
-    result = {"error": f"{type(e).__name__}: {' '.join(message[:3])[:600]}"}
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+      result = json.loads(lines[-1])
+    else:
+      tail = [l for l in proc.stderr.strip().splitlines() if l.strip()][-3:]
+      result = {"error": f"exit {proc.returncode}: {' '.join(tail)[:600]}"}
+  except subprocess.TimeoutExpired:
+    result = {"error": f"compile not finished after {timeout_s:.0f} s on this machine"}
   result["wall_s"] = round(time.time() - t0, 1)
   result["command"] = command(name)
   return result
+
+
+def analytic_state_gib(name: str) -> tuple[str, float, float]:
+  """(slice, BC, Q-SFT) train-state GiB per chip from the parameter count alone, fully sharded:
+  float32 params + 2 AdamW moments (+ theta_bar and phi) + float32 gradients. Activations excluded."""
+  config_path, flags, _ = ROWS[name]
+  config, module = aot.load_config_file(os.path.join(ROOT, config_path))
+  spec = aot.spec_from_config(config, module, **{f.split("=")[0][2:]: f.split("=")[1] for f in flags
+                                                 if f.startswith("--topology")})
+  chip, dims = aot.parse_topology(spec.topology)
+  num_slices = next((int(f.split("=")[1]) for f in flags if f.startswith("--num_slices")), 1)
+  chips = num_slices
+  for d in dims:
+    chips *= d
+  p = param_count(spec.model_config()) * 4 / chips / 2**30
+  return f"{spec.topology} x {num_slices}" if num_slices > 1 else spec.topology, 4 * p, 6 * p
 
 
 def _gib(x) -> str:
@@ -77,11 +100,11 @@ def render(results: dict) -> str:
   out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name in ROWS:
     r = results.get(name)
-    if r is None:
-      out.append(f"| {name} | not run | | | | | | | | | | | |")
-      continue
-    if "error" in r:
-      out.append(f"| {name} | | | | | **no**: {r['error'][:300]} | | | | | | | {r['wall_s']} |")
+    if r is None or "error" in r:
+      slice_, bc_gib, q_gib = analytic_state_gib(name)
+      why = "not compiled yet" if r is None else r["error"][:300]
+      out.append(f"| {name} | {ROWS[name][0]} | {slice_} | | | {why} | analytic state only: {q_gib:.1f} "
+                 f"| analytic {bc_gib:.1f} | | | | | {'' if r is None else r['wall_s']} |")
       continue
     q, b = r["steps"].get("qsft"), r["steps"].get("bc")
     slice_ = r["topology"] + (f" x {r['num_slices']}" if r["num_slices"] > 1 else "") + f" ({r['chips']} chips)"
@@ -108,7 +131,7 @@ def render(results: dict) -> str:
              "| compute ms | HBM ms | ICI ms | DCN ms | step ms |")
   out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name, r in results.items():
-    for kind, s in r.get("steps", {}).items():
+    for kind, s in (r.get("steps") or {}).items():
       out.append(f"| {name} | {kind} | {s['flops_per_chip']:.3g} | {s['analytic_flops_per_chip']:.3g} | "
                  f"{s['flops_ratio']:.2f} | {s['hbm_bytes_per_chip']:.3g} | {s['ici_bytes_per_chip']:.3g} | "
                  f"{s['dcn_bytes_per_chip']:.3g} | {s['compute_s'] * 1e3:.1f} | {s['hbm_s'] * 1e3:.1f} | "
@@ -226,6 +249,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--rows", default="", help="comma-separated row names to (re)compile")
   p.add_argument("--doc-only", action="store_true", help="only render docs/scaling.md from the cache")
+  p.add_argument("--timeout", type=float, default=1800.0, help="seconds per row's compile (default 1800)")
   a = p.parse_args()
   results = {}
   if os.path.exists(CACHE):
@@ -238,7 +262,7 @@ def main():
   if not a.doc_only:
     for name in wanted:
       print(f"== {name}: {command(name)}", flush=True)
-      results[name] = run_row(name)
+      results[name] = run_row(name, a.timeout)
       with open(CACHE, "w") as f:
         json.dump(results, f, indent=1, sort_keys=True)
   with open(DOC, "w") as f:
