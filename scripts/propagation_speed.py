@@ -20,7 +20,7 @@ For each setting the script reports:
            library's `compute_targets`): its correlation with Q* and max |fixed point - Q*| at the first
            turn (bias of the setting; the empirical MDP of a finite dataset adds its own noise).
 
-    JAX_PLATFORMS=cpu python scripts/propagation_speed.py [--episodes 400] [--steps 2000] [--quick]
+    JAX_PLATFORMS=cpu python scripts/propagation_speed.py [--episodes 400] [--steps 2000] [--quick] [--only TEXT]
 
 The last line is one JSON object with every row.
 """
@@ -201,6 +201,7 @@ SETTINGS = [  # (name, options); the base is token bootstrap, Polyak tau 0.05, t
     ("token, hard every 20", dict(every=20)),
     ("token, hard every 100", dict(every=100)),
     ("turn, tau 0.05", dict(mode="turn")),
+    ("turn, hard every 20", dict(mode="turn", every=20)),
     ("token, mc_mix 0.3", dict(mc_mix=0.3)),
     ("token, mc_mix 0.7", dict(mc_mix=0.7)),
     ("token, n_step 2", dict(n_step=2)),
@@ -218,8 +219,9 @@ def main():
   ap.add_argument("--lr", type=float, default=0.03)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--quick", action="store_true", help="3 settings, 1000 steps (a smoke run)")
+  ap.add_argument("--only", default="", help="run the settings whose name contains this text")
   args = ap.parse_args()
-  settings = SETTINGS[:3] if args.quick else SETTINGS
+  settings = [s for s in (SETTINGS[:3] if args.quick else SETTINGS) if args.only in s[0]]
   steps = 1000 if args.quick else args.steps
   blocks = steps // args.eval_every
 
