@@ -59,7 +59,8 @@ def run_row(name: str, timeout_s: float) -> dict:
     if proc.returncode == 0 and lines:
       result = json.loads(lines[-1])
     else:
-      tail = [l for l in proc.stderr.strip().splitlines() if l.strip()][-3:]
+      errors = [l.strip() for l in proc.stderr.splitlines() if "Error" in l or "RESOURCE_EXHAUSTED" in l]
+      tail = errors[-1:] or [l for l in proc.stderr.strip().splitlines() if l.strip()][-3:]
       result = {"error": f"exit {proc.returncode}: {' '.join(tail)[:600]}"}
   except subprocess.TimeoutExpired:
     result = {"error": f"compile not finished after {timeout_s:.0f} s on this machine"}
@@ -136,6 +137,7 @@ def render(results: dict) -> str:
                  f"{s['flops_ratio']:.2f} | {s['hbm_bytes_per_chip']:.3g} | {s['ici_bytes_per_chip']:.3g} | "
                  f"{s['dcn_bytes_per_chip']:.3g} | {s['compute_s'] * 1e3:.1f} | {s['hbm_s'] * 1e3:.1f} | "
                  f"{s['ici_s'] * 1e3:.1f} | {s['dcn_s'] * 1e3:.1f} | {s['step_s'] * 1e3:.1f} |")
+  out.append(fit_8b_section(results.get("8b-v5p128")))
   total = sum(r.get("wall_s", 0) for r in results.values())
   out.append(f"\nWall time of the compiles above on this machine (2 shared CPU cores): {total:.0f} s in all.\n")
   out.append(qsft_cost_section(results))
@@ -173,6 +175,43 @@ holds /tmp/libtpu_lockfile while any JAX process that did not set JAX_PLATFORMS=
 counted as DCN traffic.
 
 """
+
+
+def activation_gib(preset: str, rows: int, length: int, overrides: dict) -> dict:
+  """Analytic per-chip activation bytes of a Q-SFT step (GiB): the remat-saved layer inputs, one
+  layer's attention scores + probabilities (f32, [rows, H, L, L]; no flash attention), one loss chunk."""
+  c = get_preset(preset, **overrides)
+  act = 2 if c.dtype == "bfloat16" else 4
+  saved = c.num_layers * rows * length * c.d_model * act
+  scores = 2 * rows * c.num_heads * length * length * 4
+  chunk = rows * 128 * c.padded_vocab_size * 4
+  return {"saved": saved / 2**30, "scores": scores / 2**30, "chunk": chunk / 2**30}
+
+
+def fit_8b_section(r: dict | None) -> str:
+  """Does the Llama-3-8B-shaped Q-SFT step fit a v5p-128 slice? From the compile, else analytically."""
+  a = activation_gib("llama3-8b", 2, 2048, {"remat_policy": "full"})
+  _, bc_gib, q_gib = analytic_state_gib("8b-v5p128")
+  lines = ["\n## The Llama-3-8B-shaped Q-SFT step on a v5p-128 slice (v5p:4x4x8)\n"]
+  if r and "steps" in r and "qsft" in r["steps"]:
+    q = r["steps"]["qsft"]
+    lines.append(f"Compiled (`{r['command']}`): peak {_gib(q['peak_bytes'])} GiB per chip "
+                 f"(arguments {_gib(q['argument_bytes'])}, temporaries {_gib(q['temp_bytes'])}) of "
+                 f"{_gib(q['hbm_bytes'])} GiB: **{'fits' if q['fits'] else 'does not fit'}**. "
+                 f"Roofline step >= {q['step_s'] * 1e3:.0f} ms ({q['bound']}-bound), MFU <= {_pct(q['mfu'])}.")
+  else:
+    why = r["error"] if r and "error" in r else "not compiled yet"
+    lines.append(f"The compiled figure is missing ({why}). Analytically, per chip (256 x 2048 tokens, "
+                 "FSDP over 128 chips, 2 rows per chip):")
+  lines.append(f"- train state + gradients (float32, theta / theta_bar / phi / 2 AdamW moments / grads): "
+               f"{q_gib:.2f} GiB (BC: {bc_gib:.2f} GiB);")
+  lines.append(f"- activations saved by full remat (one [2, 2048, 4096] bf16 input per layer, 32 layers): "
+               f"{a['saved']:.2f} GiB; one layer's attention scores and probabilities (f32, not flash): "
+               f"{a['scores']:.2f} GiB; one loss chunk of logits [2, 128, 128256] f32: {a['chunk']:.2f} GiB;")
+  lines.append("- FSDP all-gathers one layer's weights at a time (bf16 after the cast: 0.4 GiB for a "
+               "full 8B layer) — so the whole step needs on the order of 5 GiB of the 95 GiB; the slice "
+               "could take 8x the batch per chip before memory binds.")
+  return "\n".join(lines) + "\n"
 
 
 def qsft_cost_section(results: dict) -> str:
