@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from qsft_jax import losses, train_steps
+from qsft_jax import losses, sharding, train_steps
 import mdp_utils  # tests/mdp_utils.py (pytest puts tests/ on sys.path)
 import test_qstar as qs  # the MDPs, BC training and state tables of the core Q* tests
 
@@ -245,3 +245,28 @@ def test_truncated_episodes_reach_the_closed_form_fixed_point(mode, n_step, mc_m
   want = np_wce_fixed_point(batch, states, pi, mode, n_step, mc_mix, ROUNDS)
   visited = sorted({index[h] for (h, _) in mdp.q_star() if h in index})
   np.testing.assert_allclose(theta[visited], want[visited], atol=3e-3)
+
+
+# ------------------------------------------------------------------ the train step threads the options
+
+
+def test_qsft_step_passes_the_propagation_options(monkeypatch):
+  """make_qsft_step hands targets_mode / n_step / mc_mix to qsft_loss (traced by lowering on abstract
+  inputs, no compilation: numerics of the step itself are test_train_steps.py's)."""
+  import test_train_steps as ts  # its tiny model and random batch
+  seen = []
+  real = losses.qsft_loss
+
+  def spy(*args, **kwargs):
+    seen.append({k: kwargs[k] for k in ("targets_mode", "n_step", "mc_mix")})
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(losses, "qsft_loss", spy)
+  mesh, opt = ts.mesh_of("one"), optax.sgd(1.0)
+  step = train_steps.make_qsft_step(ts.MODEL, ts.CONFIG, opt, mesh, ts.RULES, **ts.QSFT_KW,
+                                    targets_mode="turn", n_step=3, mc_mix=0.25)
+  params = sharding.param_shapes(ts.MODEL, ts.CONFIG)
+  state = jax.eval_shape(lambda p: train_steps.init_qsft_state(p, p, opt), params)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ts.host_batch())
+  step.lower(state, batch)
+  assert seen == [{"targets_mode": "turn", "n_step": 3, "mc_mix": 0.25}]
