@@ -247,27 +247,28 @@ def make_decode_step(model, model_config, mesh, rules, beta: float = 1.0):
   (theta, phi, theta_cache, phi_cache, tokens [B, 1], positions [B, 1]) -> (next tokens [B],
   theta_cache, phi_cache): both models read their cache and append one token; the scores are
   log_softmax(z_phi) + beta * softmax(z_theta) over the real vocabulary (DESIGN.md section 2), then
-  greedy. Caches are donated. This is the per-token body of `qsft_jax.sampler`'s decode loop, built
-  here from `Transformer(cache=...)` so that one token step can be compiled and costed on its own.
+  greedy. Caches are donated. `qsft_jax.sampler` runs the whole generation as one while-loop program
+  (whose body cost analysis would count once); this is its loop body for one token (the same
+  `sampler.token_scores`), built from `Transformer(cache=...)` so that a token step compiles and is
+  costed on its own.
   """
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec
-  from qsft_jax import losses, sharding
+  from jax.sharding import NamedSharding
+  from qsft_jax import sharding
+  from qsft_jax.sampler import token_scores
   vocab = model_config.vocab_size
 
   def step(theta, phi, theta_cache, phi_cache, tokens, positions):
     segments = jnp.ones_like(tokens)
     z_theta, theta_cache = model.apply(theta, tokens, positions, segments, cache=theta_cache)
     z_phi, phi_cache = model.apply(phi, tokens, positions, segments, cache=phi_cache)
-    scores = (losses.real_log_softmax(z_phi[:, -1], vocab)
-              + beta * jnp.exp(losses.real_log_softmax(z_theta[:, -1], vocab)))
+    scores = token_scores("extract", z_phi[:, -1], z_theta[:, -1], vocab, jnp.float32(beta), jnp.float32(0))
     return jnp.argmax(scores, axis=-1).astype(jnp.int32), theta_cache, phi_cache
 
   params = sharding.param_shardings(model, model_config, mesh, rules)
   rows = NamedSharding(mesh, sharding.logical_to_mesh_spec(("batch",), None, dict(mesh.shape), rules))
-  del PartitionSpec
 
   def jitted(cache_shardings, token_sharding):
     return jax.jit(step, in_shardings=(params, params, cache_shardings, cache_shardings,
@@ -333,7 +334,16 @@ def _shape_bytes(text: str) -> list[float]:
 
 
 def _replica_groups(line: str, num_devices: int) -> list[list[int]] | None:
-  """Device groups of a collective: explicit {{0,1},{2,3}} or iota [G,N]<=[dims]T(perm) form."""
+  """Device groups of a collective: explicit {{0,1},{2,3}}, iota [G,N]<=[dims]T(perm), or mesh-axes
+  mesh['axis_0'=4,'axis_1'=2] {'axis_0'} form (groups along the listed axes of an iota mesh)."""
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if m:
+    axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+    names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+    grouped = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(2))]
+    rest = [i for i in range(len(names)) if i not in grouped]
+    ids = np.arange(math.prod(sizes)).reshape(sizes).transpose(rest + grouped)
+    return ids.reshape(-1, math.prod(sizes[i] for i in grouped)).tolist()
   m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
   if m:
     g, n = int(m.group(1)), int(m.group(2))

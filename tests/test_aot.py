@@ -146,10 +146,14 @@ def test_parse_collectives_sizes_and_groups():
       "to_apply=%add",
       "  %rs = f32[256]{0} reduce-scatter(%y), channel_id=3, replica_groups=[2,4]<=[4,2]T(1,0), "
       "dimensions={0}",
+      "  %ag2 = bf16[128,256]{1,0:T(8,128)(2,1)} all-gather(%q), channel_id=4, "
+      "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}, use_global_device_ids=true",
   ])
   colls = aot.parse_collectives(hlo, slice_of_device=[0, 0, 0, 0, 1, 1, 1, 1])
-  assert [c.op for c in colls] == ["all-gather", "all-reduce", "reduce-scatter"]
-  ag, ar, rs = colls
+  assert [c.op for c in colls] == ["all-gather", "all-reduce", "reduce-scatter", "all-gather"]
+  ag, ar, rs, ag2 = colls
+  # mesh-axes form: groups along axis_0 of a [2, 4] iota mesh = {0,4}, {1,5}, ...: across slices
+  assert ag2.group_size == 2 and ag2.dcn and ag2.moved_bytes == pytest.approx(128 * 256 * 2 / 2)
   assert ag.result_bytes == 2048 * 1024 * 2 and ag.group_size == 4 and not ag.dcn
   assert ag.moved_bytes == pytest.approx(ag.result_bytes * 3 / 4)
   assert ar.group_size == 2 and ar.dcn and ar.moved_bytes == pytest.approx(2 * 4096 * 1 / 2)
