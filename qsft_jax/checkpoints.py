@@ -108,7 +108,8 @@ def read_model_config(workdir: str) -> ModelConfig:
 def load_for_inference(workdir: str, mesh=None, rules=None) -> dict:
   """Loads the latest parameters of a workdir without any optimizer state.
 
-  Returns dict(config, model_config, tokenizer, behaviour_params, theta_params); theta_params is
+  Returns dict(config, model_config, tokenizer, behaviour_params, theta_params, target_params, mesh,
+  rules); theta_params and target_params are
   None when phase 2 has no checkpoint yet (behaviour_params then come from phase 1). Parameters are
   placed by the config's rule table on `mesh` (default: a mesh over all local devices, data-parallel).
   """
@@ -141,16 +142,18 @@ def load_for_inference(workdir: str, mesh=None, rules=None) -> dict:
         partial_restore=True)))
     return restored["state"]
 
-  qsft = latest_params("qsft", ("params", "behaviour_params"))
+  qsft = latest_params("qsft", ("params", "behaviour_params", "target_params"))
+  target = None
   if qsft is not None:
-    behaviour, theta = qsft["behaviour_params"], qsft["params"]
+    behaviour, theta, target = qsft["behaviour_params"], qsft["params"], qsft["target_params"]
   else:
     bc = latest_params("bc", ("params",))
     if bc is None:
       raise FileNotFoundError(f"{workdir}: no checkpoint in bc/ or qsft/ yet")
     behaviour, theta = bc["params"], None
   return dict(config=config, model_config=model_config, tokenizer=tokenizer,
-              behaviour_params=behaviour, theta_params=theta, mesh=mesh, rules=rules)
+              behaviour_params=behaviour, theta_params=theta, target_params=target, mesh=mesh,
+              rules=rules)
 
 
 def tokenizer_spec(workdir: str, config: ml_collections.ConfigDict) -> str:

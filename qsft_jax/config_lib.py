@@ -39,6 +39,10 @@ Fields (defaults in brackets):
   qsft.targets_mode ["token"]   "token" (per-token bootstrap), "turn" (per-turn), "ones" (the control).
   qsft.theta_init ["phi"]       "pretrained" (model.init), "phi" (the BC result), "fresh" (random).
   qsft.dummy_token [-1]         >= 0: put all of 1 - w on this token (small vocabularies).
+  qsft.mc_mix [0.0]             lam: target (1 - lam) * (r + gamma V) + lam * (observed return-to-go);
+                                faster propagation, fixed point between Q* and Q^beta
+                                (docs/value_propagation.md).
+  qsft.n_step [1]               bootstrap n action tokens ahead (rewards in between summed).
   loss.chunk_size [128]         rows per chunk of the chunked losses.
   on_nonfinite ["stop"]         "stop": fail naming the step and metric; "skip": skip that update.
   checkpoint.every_steps [200], keep [2], keep_every [0] (also keep every K-th step), async [True].
@@ -93,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.bc = _optim(steps=300, batch_size=16, learning_rate=1e-3)
   c.qsft = _optim(steps=300, batch_size=16, learning_rate=1e-3)
   c.qsft.update(dict(tau=0.005, target_update_every=0, support_min=1e-4, targets_mode="token",
-                     theta_init="phi", dummy_token=-1))
+                     theta_init="phi", dummy_token=-1, mc_mix=0.0, n_step=1))
   c.loss = ml_collections.ConfigDict(dict(chunk_size=128))
   c.on_nonfinite = "stop"
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, keep_every=0, async_save=True))
@@ -192,6 +196,10 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
       _fail("qsft.theta_init", f"{q.theta_init!r} is not one of {THETA_INITS}")
     if q.theta_init == "pretrained" and config.model.init == "random":
       _fail("qsft.theta_init", "is 'pretrained' but model.init is 'random': use 'fresh' or load weights")
+    if not 0.0 <= q.mc_mix <= 1.0:
+      _fail("qsft.mc_mix", f"must be in [0, 1]; got {q.mc_mix}")
+    if q.n_step < 1:
+      _fail("qsft.n_step", f"must be >= 1; got {q.n_step}")
     if not 0.0 <= q.support_min < 1.0:
       _fail("qsft.support_min", f"must be in [0, 1); got {q.support_min}")
   if config.on_nonfinite not in ("stop", "skip"):

@@ -143,3 +143,29 @@ def plot_value_diagnostics(diagnostics: dict, path: str, title: str = "") -> Non
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def heldout_value_diagnostics(workdir: str, loaded: Mapping[str, Any], data_config) -> dict:
+  """Runs `value_diagnostics` on WORKDIR/data/heldout.jsonl with the latest phi, theta (and theta_bar
+  from the Q-SFT checkpoint); writes WORKDIR/eval/value_diagnostics.{json,png}. Returns the dict."""
+  import json
+  import os
+
+  from qsft_jax.data import episodes_to_batch
+
+  path = os.path.join(workdir, "data", "heldout.jsonl")
+  episodes = [json.loads(line) for line in open(path) if line.strip()]
+  batch = episodes_to_batch(episodes, data_config, loaded["tokenizer"])
+  q = loaded["config"].qsft
+  d = value_diagnostics(loaded["model_config"], loaded["behaviour_params"], loaded["theta_params"], batch,
+                        target_params=loaded.get("target_params"), support_min=q.support_min,
+                        targets_mode=q.targets_mode if q.targets_mode != "ones" else "token")
+  if jax.process_index() == 0:
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "value_diagnostics.json"), "w") as f:
+      json.dump(d, f, indent=1)
+    plot_value_diagnostics(d, os.path.join(out, "value_diagnostics.png"), os.path.basename(workdir))
+    print(f"value correlation (p_theta/pi_phi vs return-to-go, held out): overall "
+          f"{d['correlation']:.3f}, first turn {d['first_turn_correlation']:.3f}", flush=True)
+  return d

@@ -281,7 +281,8 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
     step_fn = train_steps.make_qsft_step(
         model, model_config, optimizer, mesh, rules, support_min=q.support_min, tau=q.tau,
         target_update_every=q.target_update_every, targets_mode=q.targets_mode,
-        dummy_token=None if q.dummy_token < 0 else q.dummy_token, **common)
+        dummy_token=None if q.dummy_token < 0 else q.dummy_token, mc_mix=q.mc_mix, n_step=q.n_step,
+        **common)
     init_state = lambda params: train_steps.init_qsft_state(params[0], params[1], optimizer)
   shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, phase)
 
@@ -376,8 +377,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               data_config, initial, preemption)
 
   if config.task and config.eval.enabled:
-    from qsft_jax import evaluate
-    evaluate.evaluate_workdir(workdir)
+    from qsft_jax import diagnostics, evaluate
+    loaded = checkpoints.load_for_inference(workdir, mesh=mesh, rules=rules)
+    results = evaluate.run(workdir, loaded)
+    if jax.process_index() == 0:
+      print(evaluate.results_markdown(results), flush=True)
+    if loaded["theta_params"] is not None and os.path.exists(dataset_files(workdir)["heldout"]):
+      diagnostics.heldout_value_diagnostics(workdir, loaded, data_config)
   return states
 
 
