@@ -177,6 +177,12 @@ def test_target_network_settings():
   c.qsft.support_min = 1.0
   rejects(c, r"^config\.qsft\.support_min: must be in \[0, 1\); got 1\.0")
   c = tiny()
+  c.qsft.mc_mix = 1.5
+  rejects(c, r"^config\.qsft\.mc_mix: must be in \[0, 1\]; got 1\.5")
+  c = tiny()
+  c.qsft.n_step = 0
+  rejects(c, r"^config\.qsft\.n_step: must be >= 1; got 0")
+  c = tiny()
   c.phases = ("bc",)  # phase-2 settings are not checked when there is no phase 2
   c.qsft.tau = 0.0
   check_config(c, 8)
