@@ -124,6 +124,14 @@ def render(results: dict) -> str:
     cells.append(q["bound"] if q else b["bound"])
     cells.append(f"{r['wall_s']}")
     out.append("| " + " | ".join(cells) + " |")
+  missing = [n for n in ROWS if n not in results]
+  if missing:
+    out.append(f"\nRows not compiled in the session that wrote this file: {', '.join(missing)}. A fitting "
+               "program spends most of its compile in libtpu's code generation (the 8B Q-SFT step alone: "
+               "573 s, plus ~2000 s for its two cost probes, on 2 CPU cores shared with other jobs); a "
+               "program over HBM fails in seconds with the compiler's RESOURCE_EXHAUSTED message. Their "
+               "columns show the analytic float32 train state + gradients per chip (activations excluded); "
+               "`python scripts/scaling_table.py --rows NAME` fills them in.")
   for name in ROWS:
     if name in results and results[name].get("note"):
       out.append(f"\nNote on `{name}`: {results[name]['note']}.")
