@@ -19,6 +19,15 @@ Figures (DESIGN.md section 6):
 - ctx512_over_ctx64_fixed_cache: the same with one sampler whose cache_len (1024) serves both; every
   decode step attends over the whole fixed cache (masked), so this ratio shows only the prompt's effect.
 
+Where the context-dependent time goes (measured 2026-11-22 on the shared 2-core CPU): the model's own
+decode step (`Transformer.apply` with a cache, jitted with the cache donated, outside the sampler) costs
+17.8 / 74 / 126 ms at cache_len 144 / 592 / 1024 (batch 8). Its compiled HLO transposes every layer's
+K and V cache slice on every step ([B, S, K, Dh] -> [B, K, S, Dh] and [B, K, Dh, S] for the two
+attention dots: 32 cache-sized transpose+copy ops for 8 layers), so each step rewrites the whole cache
+in another layout; the sampler's while loop adds two cache-sized copies per model per step on top.
+Storing the cache heads-major ([layers, B, K, S, Dh]) in models/transformer.py would remove the
+transposes. The time therefore scales with cache_len, not with the context actually used.
+
 Prints a table, then as the LAST line one JSON object with those keys.
 
     python benchmarks/sampler.py [--batch 8] [--short 16] [--long 80] [--reps 5]

@@ -118,7 +118,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   if sampler is None:
     sampler = Sampler(model_config, mesh=mesh, rules=rules, pad_id=tokenizer.pad_id,
                       cache_len=data_config.max_length + max_new_tokens,
-                      min_batch_bucket=min(batch_size, 8))
+                      min_batch_bucket=len(envs))  # one batch bucket: episodes ending early recompile nothing
   results = {"env": env_name, "episodes": episodes, "dataset_mean_return": dataset_mean_return, "policies": {}}
   try:
     for spec in policies:
