@@ -117,7 +117,9 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   suppress = sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id})
   if sampler is None:
     sampler = Sampler(model_config, mesh=mesh, rules=rules, pad_id=tokenizer.pad_id,
-                      cache_len=data_config.max_length + max_new_tokens,
+                      # A policy's episode may run longer than the training rows (e.g. more wall bumps).
+                      cache_len=min(model_config.max_position_embeddings,
+                                    2 * data_config.max_length) + max_new_tokens,
                       min_batch_bucket=len(envs))  # one batch bucket: episodes ending early recompile nothing
   results = {"env": env_name, "episodes": episodes, "dataset_mean_return": dataset_mean_return, "policies": {}}
   try:
