@@ -478,16 +478,16 @@ def compile_step(kind: str, spec: AotSpec, mesh, chip: Chip) -> dict:
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
   if has_loops(hlo):
-    probes = []
+    probes, looped = [], False
     for layers in (1, 2):
       probe_config = spec.model_config(num_layers=layers, scan_layers=False)
       probe = _lowered(kind, spec, probe_config, mesh, rules, 1, max(spec.seq, spec.chunk_size)).compile()
-      if has_loops(probe.as_text()):
-        raise RuntimeError(f"{kind}: the probe program still has a while loop; its costs would be "
-                           "undercounted")
+      looped |= has_loops(probe.as_text())
       probes.append(_program_costs(probe, slice_of))
     costs = _extrapolate(probes[0], probes[1], config.num_layers)
     costs["source"] = "probes (1 and 2 unrolled layers, extrapolated)"
+    if looped:  # loops XLA made itself (e.g. windowed einsums): their bodies are counted once
+      costs["source"] += "; the probes hold compiler-made while loops, so costs are lower bounds"
   else:
     costs = _program_costs(compiled, slice_of)
     costs["source"] = "compiled program"

@@ -169,6 +169,9 @@ How to read it:
   body once, so steps with scanned layers or chunked losses take their costs from loop-free probe
   programs (1 and 2 unrolled layers, extrapolated linearly to N layers; `qsft_jax/aot.py`). Compiled
   FLOPs include remat recomputation (full remat: ~4/3 of the analytic train FLOPs of theta).
+- **HBM bytes** are XLA's "bytes accessed" (every fusion's operands and results): an upper bound on HBM
+  traffic (operands that stay in VMEM are counted too), so HBM-bound rows are pessimistic on that
+  term. The decode step's ICI bytes (135m row) have not been checked against a hand count.
 - **MFU** is a roofline estimate, not a measurement: analytic model FLOPs (BC 3F, Q-SFT 5F per token,
   F = `flops_per_token`) / (peak x max(compute, HBM, ICI, DCN time)). ICI time assumes every link of
   the chip busy both ways, so it is a lower bound; real MFU is lower (no overlap is perfect, and the
