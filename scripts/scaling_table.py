@@ -255,6 +255,8 @@ def qsft_cost_section(results: dict) -> str:
       lines.append(f"| {name} | {q['flops_per_chip'] / b['flops_per_chip']:.2f} | "
                    f"{q['step_s'] / b['step_s']:.2f} | {_gib(b['argument_bytes'])} -> "
                    f"{_gib(q['argument_bytes'])} | {_gib(q['argument_bytes'] - b['argument_bytes'])} |")
+  lines.append("\nWith full remat the compiled BC step runs theta's forward twice (4 forward-equivalents "
+               "instead of 3), so the compiled Q-SFT / BC FLOPs ratio is 6/4 = 1.50 rather than 5/3.\n")
   lines.append(CUTS)
   for name in ("8b-v5p128", "70b-v5p128"):
     r = results.get(name)
@@ -285,8 +287,12 @@ Ways to cut it, from cheapest to most invasive:
    Q-SFT FLOPs) and its parameter set leave the step. Cost: storage of the top-K support per token
    (K = 64 ids + log-probs = 384 bytes/token, ~0.2 GB per 256 x 2048 batch), and the max over
    p_theta_bar / pi_phi restricted to those K tokens (exact when the support has at most K tokens).
-3. **Sharing layouts.** All three sets already share one rule table, so theta_bar's Polyak update and
-   the three forwards need no resharding (no collective in the compiled step moves a whole set).
+3. **Sharing layouts.** All three sets share one rule table, so theta_bar's Polyak update is
+   elementwise on local shards (no communication) and no set is ever resharded. Under FSDP each set's
+   weights are still all-gathered for its forward, so the extra sets add two gathers per step to
+   BC's two (forward + remat backward) and one gradient reduce-scatter: 64 -> 96 GB sent per chip per
+   step for the 8B shape (section above). Keeping theta_bar and phi replicated over a small data axis
+   (and sharded only inside it) trades their memory for fewer gathers.
 4. **Low-rank adapters for theta.** theta = base + low-rank delta, theta_bar = base + delta_bar,
    phi = base (+ its own adapter): one frozen base in bf16 plus three adapters; optimizer state only
    for the adapter. Memory drops to roughly one bf16 model; FLOPs do not (still 5 forward-equivalents),
