@@ -133,6 +133,12 @@ def render(results: dict) -> str:
                "columns show the analytic float32 train state + gradients per chip (activations excluded); "
                "`python scripts/scaling_table.py --rows NAME` fills them in.")
   for name in ROWS:
+    lower = [k for k, st in (results.get(name, {}).get("steps") or {}).items() if "lower bounds" in st["cost_source"]]
+    if lower:
+      out.append(f"\nNote on `{name}`: the cost probes of {', '.join(lower)} still hold while loops that XLA "
+                 "made itself (e.g. windowed einsums for the FSDP matmuls), whose bodies cost analysis counts "
+                 "once: their FLOPs, bytes and collective figures (and ratios below 1) are lower bounds, and "
+                 "the MFU and Q-SFT / BC figures of that row are indicative only.")
     if name in results and results[name].get("note"):
       out.append(f"\nNote on `{name}`: {results[name]['note']}.")
   out.append("\nCommands (each reproduces its row; add `--steps=bc,qsft,decode` for the decode step):\n")
