@@ -6,7 +6,8 @@ Choices: 8.03B parameters (untied 128256-token embedding and unembedding); theta
 AdamW's two moments in float32 are 5 x 32.1 GB = 161 GB, plus 32 GB of gradients: 1.5 GB per chip
 under FSDP over all 128 chips, so the state is small next to 95 GiB and the batch can be large:
 256 rows x 2048 tokens (2 rows per chip), bf16 compute, scanned layers with full remat.
-Compiled per-chip memory and roofline MFU: docs/scaling.md.
+Compiled per chip on v5p:4x4x8: Q-SFT peak 7.3 GiB (arguments 1.17 = the float32 state exactly, temporaries
+6.2) of 95 GiB: fits; roofline 820 ms/step, compute-bound (row 8b-v5p128 of docs/scaling.md).
 
 Random init (the shape only); point model.init at an HF folder (hf:PATH) of Llama-3-8B and the
 tokenizer at the same folder to train it.

@@ -5,7 +5,9 @@
 Choices: 70.6B parameters; theta, theta_bar, phi and AdamW's two moments in float32 are
 5 x 282 GB = 1.41 TB, plus 282 GB of gradients: 13.2 GB per chip under FSDP over 128 chips.
 128 rows x 2048 tokens (one row per chip), bf16 compute, scanned layers with full remat.
-Compiled per-chip memory and roofline MFU: docs/scaling.md.
+Not compiled yet (a fitting 70B program takes well over the 42 min the 8B one took on 2 shared CPU
+cores); analytic float32 state + gradients 12.3 GiB per chip of 95 GiB, activations as in the 8B
+config scaled by d_model and layers (docs/scaling.md, row 70b-v5p128).
 
 Random init (the shape only); point model.init at an HF folder (hf:PATH) to train real weights.
 """

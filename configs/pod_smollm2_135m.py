@@ -10,7 +10,8 @@ costs nothing at this size and keeps the layout of the larger configs. bf16 comp
 with full remat: without remat the compiled Q-SFT step needs 21.25 GB of temporaries per chip at
 32 x 1024 tokens (the saved activations of 30 layers, including [8, 9, 1024, 1024] f32 attention
 scores per layer), more than the 15.75 GB XLA can use on a v5e chip.
-Compiled per-chip memory of the Q-SFT step: see docs/scaling.md (row "smollm2-135m / v5e:2x2").
+Compiled per chip on v5e:2x2 (qsft_jax.aot): Q-SFT peak 2.4 GiB (arguments 0.7 + temporaries 1.7) of 16 GiB;
+BC 2.0 GiB. Row 135m-v5e4 of docs/scaling.md.
 
 Train with the pretrained weights: python -m qsft_jax.main --config=configs/pod_smollm2_135m.py
 --workdir=gs://... (model.init = "smollm2": the bundled SmolLM2-135M-Instruct GGUF).
