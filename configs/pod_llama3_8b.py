@@ -19,15 +19,4 @@ AOT_NUM_SLICES = 1
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.task = "wordle"
-  c.tokenizer = "smollm2"
-  c.data.max_length = 2048
-  c.model.preset = "llama3-8b"
-  c.model.overrides = {"vocab_size": 128256, "dtype": "bfloat16", "scan_layers": True,
-                       "remat_policy": "full"}
-  c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
-  c.bc.batch_size = c.qsft.batch_size = 256
-  c.qsft.theta_init = "fresh"
-  c.loss.chunk_size = 128
-  return c
+  return config_lib.pod_config("llama3-8b", batch_size=256, vocab_size=128256)

@@ -23,15 +23,5 @@ AOT_NUM_SLICES = 1
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.task = "wordle"
-  c.tokenizer = "smollm2"
-  c.data.max_length = 1024
-  c.model.preset = "smollm2-135m"
-  c.model.init = "smollm2"
-  c.model.overrides = {"dtype": "bfloat16", "scan_layers": True, "remat_policy": "full"}
-  c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
-  c.bc.batch_size = c.qsft.batch_size = 32
-  c.qsft.theta_init = "pretrained"
-  c.loss.chunk_size = 256
-  return c
+  return config_lib.pod_config("smollm2-135m", batch_size=32, max_length=1024, chunk_size=256,
+                               init="smollm2", theta_init="pretrained")

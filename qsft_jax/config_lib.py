@@ -220,3 +220,25 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def pod_config(preset: str, *, batch_size: int, max_length: int = 2048, chunk_size: int = 128,
+               vocab_size: int | None = None, init: str = "random",
+               theta_init: str = "fresh") -> ml_collections.ConfigDict:
+  """The shared shape of the pod configs (configs/pod_*.py): Wordle with the SmolLM2 tokenizer, bf16
+  compute, scanned layers with full remat, pure FSDP over every chip, global `batch_size` rows."""
+  c = base_config()
+  c.task = "wordle"
+  c.tokenizer = "smollm2"
+  c.data.max_length = max_length
+  c.model.preset = preset
+  c.model.init = init
+  overrides = {"dtype": "bfloat16", "scan_layers": True, "remat_policy": "full"}
+  if vocab_size is not None:
+    overrides["vocab_size"] = vocab_size
+  c.model.overrides = overrides
+  c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
+  c.bc.batch_size = c.qsft.batch_size = batch_size
+  c.qsft.theta_init = theta_init
+  c.loss.chunk_size = chunk_size
+  return c
