@@ -154,7 +154,8 @@ def heldout_value_diagnostics(workdir: str, loaded: Mapping[str, Any], data_conf
   from qsft_jax.data import episodes_to_batch
 
   path = os.path.join(workdir, "data", "heldout.jsonl")
-  episodes = [json.loads(line) for line in open(path) if line.strip()]
+  with open(path) as f:
+    episodes = [json.loads(line) for line in f if line.strip()]
   batch = episodes_to_batch(episodes, data_config, loaded["tokenizer"])
   q = loaded["config"].qsft
   d = value_diagnostics(loaded["model_config"], loaded["behaviour_params"], loaded["theta_params"], batch,

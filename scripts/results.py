@@ -26,10 +26,7 @@ def evaluate_run(workdir: str, betas, select_episodes: int, episodes: int) -> di
   seed = config.eval.seed
   out = {"workdir": workdir}
   if loaded["theta_params"] is None:
-    res = evaluate.run(workdir, loaded, episodes=episodes, seed=seed, betas=(0.0,), ratio=False)
-    out["bc"] = res["policies"]["bc"]
-    out["dataset_mean_return"] = res["dataset_mean_return"]
-    return out
+    raise ValueError(f"{workdir}: no phase-2 checkpoint to evaluate")
   selection = evaluate.run(workdir, loaded, episodes=select_episodes, seed=seed + 100000,
                            betas=[b for b in betas if b > 0], ratio=False)
   best = max(selection["policies"].items(), key=lambda kv: kv[1]["mean_return"])
@@ -62,9 +59,9 @@ def main():
     label, workdir = item.split("=", 1)
     runs[f"qsft[{label}]"] = evaluate_run(workdir, betas, args.select_episodes, args.episodes)
   dataset_return = runs["control"]["dataset_mean_return"]
-  # BC is the beta = 0 policy of any run sharing phase 1: evaluate it from the control's phi.
-  loaded = checkpoints.load_for_inference(args.control)
-  bc_res = evaluate.run(args.control, loaded, episodes=args.episodes, seed=loaded["config"].eval.seed,
+  # BC is the beta = 0 policy (phi alone) of the run named by --bc.
+  loaded = checkpoints.load_for_inference(args.bc)
+  bc_res = evaluate.run(args.bc, loaded, episodes=args.episodes, seed=loaded["config"].eval.seed,
                         betas=(0.0,), ratio=False)["policies"]["bc"]
   elapsed = time.time() - start
 
