@@ -47,6 +47,9 @@ Fields (defaults in brackets):
   on_nonfinite ["stop"]         "stop": fail naming the step and metric; "skip": skip that update.
   checkpoint.every_steps [200], keep [2], keep_every [0] (also keep every K-th step), async [True].
   log.every_steps [20], log.progress_bar [True], log.tensorboard [True].
+  log.value_diagnostics_every [0]   > 0: every N Q-SFT steps, the held-out value correlation (overall and
+                                at turn 0) and the turn-0 mean target / clipped fraction go to the log,
+                                metrics.json and TensorBoard (needs WORKDIR/data/heldout.jsonl).
   eval.episodes [100], eval.seed [10000], eval.betas [(0, 1, 4, 16)], eval.max_new_tokens [16],
   eval.batch_size [64]; eval.enabled [True] (needs a task).
 """
@@ -101,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(chunk_size=128))
   c.on_nonfinite = "stop"
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, keep_every=0, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(every_steps=20, progress_bar=True, tensorboard=True))
+  c.log = ml_collections.ConfigDict(dict(every_steps=20, progress_bar=True, tensorboard=True,
+                                         value_diagnostics_every=0))
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True, episodes=100, seed=10000, betas=(0.0, 1.0, 4.0, 16.0), max_new_tokens=16,
       batch_size=64))

@@ -64,6 +64,7 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_params: Any,
                       batch: Mapping[str, np.ndarray], *, target_params: Any = None,
                       support_min: float = 1e-4, targets_mode: str = "token",
+                      dummy_token: int | None = None, mc_mix: float = 0.0, n_step: int = 1,
                       max_turns: int = 32) -> dict:
   """Correlation of p_theta / pi_phi with the return-to-go at each turn's first action token.
 
@@ -81,7 +82,7 @@ def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_pa
   targets = clipped = None
   if target_params is not None:
     targets, clipped = _targets(model_config, target_params, behaviour_params, batch, support_min,
-                                targets_mode)
+                                targets_mode, dummy_token=dummy_token, mc_mix=mc_mix, n_step=n_step)
   by_turn = []
   for t in range(min(int(turns.max(initial=-1)) + 1, max_turns)):
     sel = turns == t
@@ -98,7 +99,8 @@ def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_pa
           "count": int(first.sum()), "by_turn": by_turn}
 
 
-def _targets(model_config, target_params, behaviour_params, batch, support_min, targets_mode):
+def _targets(model_config, target_params, behaviour_params, batch, support_min, targets_mode,
+             dummy_token=None, mc_mix=0.0, n_step=1):
   """Bellman targets and clipped flags of every token [B, L] (numpy), from full logits."""
   parts_t, parts_c = [], []
   rows = 16
@@ -107,8 +109,8 @@ def _targets(model_config, target_params, behaviour_params, batch, support_min, 
     args = (part["tokens"], part["positions"], part["segment_ids"])
     values = losses.bellman_values(_row_logits(model_config, target_params, *args),
                                    _row_logits(model_config, behaviour_params, *args),
-                                   model_config.vocab_size, support_min)
-    t, c = losses.compute_targets(values, part, targets_mode)
+                                   model_config.vocab_size, support_min, exclude_token=dummy_token)
+    t, c = losses.compute_targets(values, part, targets_mode, mc_mix=mc_mix, n_step=n_step)
     parts_t.append(np.asarray(t))
     parts_c.append(np.asarray(c))
   return np.concatenate(parts_t), np.concatenate(parts_c)
@@ -145,22 +147,45 @@ def plot_value_diagnostics(diagnostics: dict, path: str, title: str = "") -> Non
   plt.close(fig)
 
 
-def heldout_value_diagnostics(workdir: str, loaded: Mapping[str, Any], data_config) -> dict:
-  """Runs `value_diagnostics` on WORKDIR/data/heldout.jsonl with the latest phi, theta (and theta_bar
-  from the Q-SFT checkpoint); writes WORKDIR/eval/value_diagnostics.{json,png}. Returns the dict."""
+def load_heldout_batch(workdir: str, data_config, tokenizer) -> dict | None:
+  """The data layer's [B, L] arrays of WORKDIR/data/heldout.jsonl, or None when there is no such file."""
   import json
   import os
 
   from qsft_jax.data import episodes_to_batch
 
   path = os.path.join(workdir, "data", "heldout.jsonl")
+  if not os.path.exists(path):
+    return None
   with open(path) as f:
     episodes = [json.loads(line) for line in f if line.strip()]
-  batch = episodes_to_batch(episodes, data_config, loaded["tokenizer"])
-  q = loaded["config"].qsft
-  d = value_diagnostics(loaded["model_config"], loaded["behaviour_params"], loaded["theta_params"], batch,
-                        target_params=loaded.get("target_params"), support_min=q.support_min,
-                        targets_mode=q.targets_mode if q.targets_mode != "ones" else "token")
+  return episodes_to_batch(episodes, data_config, tokenizer)
+
+
+def run_value_diagnostics(config, model_config: ModelConfig, batch: Mapping[str, np.ndarray],
+                          behaviour_params: Any, theta_params: Any, target_params: Any = None) -> dict:
+  """`value_diagnostics` with the run config's target settings (qsft.*): what the trainer logs during
+  phase 2 and what evaluation writes at the end. The control (targets_mode "ones") reports the
+  per-token Bellman targets its theta_bar would give."""
+  q = config.qsft
+  return value_diagnostics(model_config, behaviour_params, theta_params, batch, target_params=target_params,
+                           support_min=q.support_min,
+                           targets_mode=q.targets_mode if q.targets_mode != "ones" else "token",
+                           dummy_token=None if q.get("dummy_token", -1) < 0 else q.dummy_token,
+                           mc_mix=q.get("mc_mix", 0.0), n_step=q.get("n_step", 1))
+
+
+def heldout_value_diagnostics(workdir: str, loaded: Mapping[str, Any], data_config) -> dict:
+  """Runs `value_diagnostics` on WORKDIR/data/heldout.jsonl with the latest phi, theta (and theta_bar
+  from the Q-SFT checkpoint); writes WORKDIR/eval/value_diagnostics.{json,png}. Returns the dict."""
+  import json
+  import os
+
+  batch = load_heldout_batch(workdir, data_config, loaded["tokenizer"])
+  if batch is None:
+    raise FileNotFoundError(f"{os.path.join(workdir, 'data', 'heldout.jsonl')}: no held-out episodes")
+  d = run_value_diagnostics(loaded["config"], loaded["model_config"], batch, loaded["behaviour_params"],
+                            loaded["theta_params"], loaded.get("target_params"))
   if jax.process_index() == 0:
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)

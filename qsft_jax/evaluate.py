@@ -99,12 +99,15 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
                       data_config: DataConfig | Mapping | None = None, batch_size: int = 64,
                       max_new_tokens: int = 16, temperature: float = 0.0, support_min: float = 1e-4,
                       dataset_mean_return: float | None = None, mesh=None, rules=None,
-                      sampler: Sampler | None = None, record: dict | None = None) -> dict:
+                      sampler: Sampler | None = None, record: dict | None = None,
+                      extra_suppress_ids: Sequence[int] = ()) -> dict:
   """Plays `episodes` episodes (seeds seed .. seed + episodes - 1) with every policy of `policies`
   ({"name", "mode", "beta"}, see `policy_specs`) and returns the results.json dict.
 
   data_config: the training data config (templates, max_length); temperature 0 = greedy.
   `record`, when a dict, receives each policy's played episodes (name -> list of episode dicts).
+  extra_suppress_ids: more token ids no policy may emit (the Q-SFT dummy token: it carries 1 - w of
+  the training targets, so p_theta puts most of its mass there, but it is not an action).
   """
   if episodes < 1:
     raise ValueError(f"episodes={episodes} must be >= 1")
@@ -114,7 +117,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   envs = [make_env(env_name, **env_kwargs) for _ in range(min(batch_size, episodes))]
   stop = envs[0].action_stop
   # Training actions never contain the special tokens (the data layer adds only a BOS, in front).
-  suppress = sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id})
+  suppress = sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, *map(int, extra_suppress_ids)})
   if sampler is None:
     sampler = Sampler(model_config, mesh=mesh, rules=rules, pad_id=tokenizer.pad_id,
                       # A policy's episode may run longer than the training rows (e.g. more wall bumps).
@@ -211,6 +214,7 @@ def run(workdir: str, loaded: Mapping, *, episodes: int | None = None, seed: int
   batch_size = batch_size or ev.get("batch_size", 64)
   max_new_tokens = max_new_tokens or ev.get("max_new_tokens", 16)
   support_min = config.qsft.support_min if "qsft" in config else 1e-4
+  dummy = config.qsft.get("dummy_token", -1) if "qsft" in config else -1
   data_fields = {k: v for k, v in dict(config.data).items() if k in DataConfig.__dataclass_fields__}
   data_config = DataConfig.from_config(data_fields)
   if dataset_return is None:
@@ -222,7 +226,8 @@ def run(workdir: str, loaded: Mapping, *, episodes: int | None = None, seed: int
       task, dict(config.get("env", {})), loaded["model_config"], loaded["tokenizer"], loaded["behaviour_params"],
       loaded["theta_params"], policies=specs, episodes=episodes, seed=seed, data_config=data_config,
       batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, support_min=support_min,
-      dataset_mean_return=dataset_return, mesh=loaded.get("mesh"), rules=loaded.get("rules"), record=record)
+      dataset_mean_return=dataset_return, mesh=loaded.get("mesh"), rules=loaded.get("rules"), record=record,
+      extra_suppress_ids=(dummy,) if dummy >= 0 else ())
   write_results(workdir, results, record)
   return results
 

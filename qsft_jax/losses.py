@@ -59,7 +59,8 @@ def real_log_softmax(logits: jax.Array, vocab_size: int) -> jax.Array:
 
 
 def _bellman_terms(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_size: int,
-                   support_min: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   support_min: float, exclude_token: int | None = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(log V, lse of the target logits, lse of the behaviour logits), each float32 [...].
 
   log p_bar(a) - log pi(a) = (z_bar(a) - z_phi(a)) + (lse_phi - lse_bar), and
@@ -80,12 +81,16 @@ def _bellman_terms(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_
   # min(.., max z_phi): the behaviour's most likely token always passes (the set is never empty)
   cut = jnp.minimum(log_threshold + lse_phi, jnp.max(z_phi, axis=-1))
   supported = real & (z_phi >= cut[..., None])
+  if exclude_token is not None:
+    # The WCE dummy token: theta puts 1 - w there by construction, so its ratio is no action's value
+    # (with pi_phi(dummy) just above support_min it would set V to hundreds and clip every target).
+    supported = supported & (jnp.arange(z_phi.shape[-1]) != exclude_token)
   best = jnp.max(jnp.where(supported, z_bar - z_phi, -jnp.inf), axis=-1)
   return best + lse_phi - lse_bar, lse_bar, lse_phi
 
 
 def bellman_log_values(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_size: int,
-                       support_min: float) -> jax.Array:
+                       support_min: float, exclude_token: int | None = None) -> jax.Array:
   """log V per row: max over supported real tokens of log p_bar(a) - log pi_phi(a).
 
   target_logits, behaviour_logits: [..., V_pad] (theta_bar's and phi's logits of the same rows).
@@ -94,19 +99,21 @@ def bellman_log_values(target_logits: jax.Array, behaviour_logits: jax.Array, vo
   Supported tokens: pi_phi(a) >= min(support_min, max_a pi_phi(a)). Taking the min with the most
   likely behaviour token's probability keeps the set non-empty when support_min exceeds every
   token's probability (possible when support_min > 1 / vocab_size): then only the behaviour
-  policy's most likely token(s) count. support_min = 0 admits every real token.
+  policy's most likely token(s) count. support_min = 0 admits every real token. exclude_token (the
+  WCE dummy token, when one is used) is never in the support.
   """
-  return _bellman_terms(target_logits, behaviour_logits, vocab_size, support_min)[0]
+  return _bellman_terms(target_logits, behaviour_logits, vocab_size, support_min, exclude_token)[0]
 
 
 def bellman_values(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_size: int,
-                   support_min: float) -> jax.Array:
+                   support_min: float, exclude_token: int | None = None) -> jax.Array:
   """V per row = max over supported real tokens a of p_bar(a) / pi_phi(a), float32 [...].
 
   See `bellman_log_values` for the support rule. Computed in log space; returned as a ratio, capped
   at exp(LOG_VALUE_CAP) so it stays finite (the cap never changes a clipped target).
   """
-  return _ratio_from_log(bellman_log_values(target_logits, behaviour_logits, vocab_size, support_min))
+  return _ratio_from_log(bellman_log_values(target_logits, behaviour_logits, vocab_size, support_min,
+                                            exclude_token))
 
 
 def _ratio_from_log(log_v: jax.Array) -> jax.Array:
@@ -530,7 +537,8 @@ def chunked_bc_loss(hidden: jax.Array, unembed: jax.Array, row_labels: jax.Array
 def chunked_bellman_values(target_hidden: jax.Array, target_unembed: jax.Array,
                            behaviour_hidden: jax.Array, behaviour_unembed: jax.Array,
                            row_labels: jax.Array, *, vocab_size: int, support_min: float,
-                           chunk_size: int = 128) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           chunk_size: int = 128, exclude_token: int | None = None
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-row Bellman values from theta_bar's and phi's hidden states, chunk by chunk (no gradient).
 
   Args:
@@ -550,7 +558,7 @@ def chunked_bellman_values(target_hidden: jax.Array, target_unembed: jax.Array,
     h_bar, h_phi, lab = x
     z_bar = logits_from_hidden(h_bar, target_unembed, vocab_size)
     z_phi = logits_from_hidden(h_phi, behaviour_unembed, vocab_size)
-    log_v, lse_bar, lse_phi = _bellman_terms(z_bar, z_phi, vocab_size, support_min)
+    log_v, lse_bar, lse_phi = _bellman_terms(z_bar, z_phi, vocab_size, support_min, exclude_token)
     values = _ratio_from_log(log_v)
     lab = lab[..., None].astype(jnp.int32)
     logp_phi = jnp.take_along_axis(z_phi, lab, -1)[..., 0] - lse_phi
@@ -588,7 +596,7 @@ def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: 
   # Also for targets_mode="ones": the control then logs the same diagnostics at the same cost.
   values, logp_behaviour, _ = chunked_bellman_values(
       target_hidden, target_unembed, behaviour_hidden, behaviour_unembed, row_labels,
-      vocab_size=vocab_size, support_min=support_min, chunk_size=chunk_size)
+      vocab_size=vocab_size, support_min=support_min, chunk_size=chunk_size, exclude_token=dummy_token)
   targets, clipped = compute_targets(values, batch, targets_mode, mc_mix=mc_mix, n_step=n_step)
   loss, logp_theta = chunked_wce_loss(
       theta_hidden, theta_unembed, row_labels, to_rows(targets), to_rows(batch["action_mask"], False),

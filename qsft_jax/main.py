@@ -249,6 +249,19 @@ class MetricsLog:
       self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate['tokens_per_s']:.0f}")
     return last
 
+  def add_values(self, step: int, values: dict) -> None:
+    """Host-side figures computed outside the step (value diagnostics): into the history entry of
+    `step` (a new one if the last entry is another step) and TensorBoard."""
+    values = {k: float(v) for k, v in values.items()}
+    if self.history and self.history[-1].get("step") == step:
+      self.history[-1].update(values)
+    else:
+      self.history.append({"step": step, **values})
+    if self.writer is not None:
+      for name, value in values.items():
+        self.writer.add_scalar(f"{self.phase}/{name}", value, step)
+      self.writer.flush()
+
   def close(self):
     if self.bar is not None:
       self.bar.close()
@@ -258,6 +271,33 @@ class MetricsLog:
 
 def abstract_with_shardings(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config):
+  """state -> {"value_corr", "value_corr_turn0", "target_turn0", "clipped_turn0"} on the held-out
+  episodes (DESIGN.md section 8), every log.value_diagnostics_every Q-SFT steps; None when off, in
+  phase 1, without WORKDIR/data/heldout.jsonl, or with several processes (the diagnostics read the
+  parameters from one host; evaluation still computes them at the end)."""
+  every = config.log.get("value_diagnostics_every", 0)
+  if phase != "qsft" or every <= 0:
+    return None
+  if jax.process_count() > 1:
+    logging.warning("log.value_diagnostics_every: not logged during training with %d processes",
+                    jax.process_count())
+    return None
+  from qsft_jax import diagnostics
+  batch = diagnostics.load_heldout_batch(workdir, data_config, tokenizer)
+  if batch is None:
+    return None
+
+  def diagnose(state):
+    d = diagnostics.run_value_diagnostics(config, model_config, batch, state["behaviour_params"],
+                                          state["params"], state["target_params"])
+    turn0 = d["by_turn"][0] if d["by_turn"] else {}
+    return {"value_corr": d["correlation"], "value_corr_turn0": d["first_turn_correlation"],
+            "target_turn0": turn0.get("mean_target", float("nan")),
+            "clipped_turn0": turn0.get("clipped_fraction", float("nan"))}
+  return diagnose
 
 
 def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, tokenizer, data_config,
@@ -312,6 +352,7 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
   forward = model_config_lib.flops_per_token(model_config, data_config.max_length) * tokens_per_step
   step_flops = forward * (3 if phase == "bc" else 5)  # training pass = 3 forwards; Q-SFT adds 2
   log = MetricsLog(config, workdir, phase, p.steps, latest, step_flops, schedule)
+  diagnose = value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config)
   try:
     for step in range(latest + 1, p.steps + 1):
       batch = qsharding.global_batch_from_host_local(next(iterator), mesh, rules)
@@ -325,6 +366,11 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
         if last is not None and jax.process_index() == 0 and step % config.log.every_steps == 0:
           print(f"{phase} step {step}: " + ", ".join(
               f"{k}={v:.4g}" for k, v in last.items() if k != "step"), flush=True)
+      if diagnose is not None and (step % config.log.value_diagnostics_every == 0 or step == p.steps):
+        values = diagnose(state)
+        log.add_values(step, values)
+        if jax.process_index() == 0:
+          print(f"{phase} step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in values.items()), flush=True)
       if save_now:
         checkpoints.save(manager, step, state, iterator)
       if stop:

@@ -21,13 +21,15 @@ def np_log_softmax_real(z, vocab):
   return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
-def np_values(z_bar, z_phi, vocab, support_min):
+def np_values(z_bar, z_phi, vocab, support_min, exclude=None):
   lp_bar, lp_phi = np_log_softmax_real(z_bar, vocab), np_log_softmax_real(z_phi, vocab)
   out = np.zeros(z_bar.shape[:-1])
   for idx in np.ndindex(out.shape):
     pi = np.exp(lp_phi[idx])
     threshold = min(support_min, pi.max())
     ok = pi >= threshold
+    if exclude is not None:
+      ok[exclude] = False
     out[idx] = np.max(np.exp(lp_bar[idx][ok]) / pi[ok])
   return out
 
@@ -108,6 +110,30 @@ def test_bellman_values_match_numpy(support_min):
   got = losses.bellman_values(z_bar, z_phi, VOCAB, support_min)
   np.testing.assert_allclose(got, np_values(z_bar, z_phi, VOCAB, support_min), rtol=2e-5)
   assert got.dtype == jnp.float32 and got.shape == (3, 7)
+
+
+def test_bellman_values_exclude_the_dummy_token():
+  # theta_bar puts most of its mass on the dummy token (1 - w goes there in training) while pi_phi
+  # gives it just enough to pass the support threshold: its huge ratio must not become V.
+  rng = np.random.default_rng(3)
+  z_bar, z_phi = random_logits(rng, (4, 5)), random_logits(rng, (4, 5))
+  dummy = 3
+  z_bar[..., dummy] = 8.0
+  z_phi[..., dummy] = np.log(2e-2) + np.log(np.exp(z_phi[..., :VOCAB]).sum(-1))  # pi_phi(dummy) ~ 2%
+  with_dummy = losses.bellman_values(z_bar, z_phi, VOCAB, 1e-2)
+  np.testing.assert_allclose(with_dummy, np_values(z_bar, z_phi, VOCAB, 1e-2), rtol=2e-5)
+  assert (np.asarray(with_dummy) > 10).all()  # the dummy's ratio dominates when it is not excluded
+  got = losses.bellman_values(z_bar, z_phi, VOCAB, 1e-2, exclude_token=dummy)
+  want = np_values(z_bar, z_phi, VOCAB, 1e-2, exclude=dummy)
+  np.testing.assert_allclose(got, want, rtol=2e-5)
+  assert (np.asarray(got) < np.asarray(with_dummy)).all()
+  h = rng.normal(size=(1, 6, 5)).astype(np.float32)
+  u_bar, u_phi = (rng.normal(size=(2, 5, V_PAD)) * 0.8).astype(np.float32)
+  u_bar[:, dummy] += 3.0
+  labels = np.zeros((1, 6), np.int32)
+  v, _, _ = losses.chunked_bellman_values(h, u_bar, h, u_phi, labels, vocab_size=VOCAB, support_min=0.0,
+                                          chunk_size=4, exclude_token=dummy)
+  np.testing.assert_allclose(v, np_values(h @ u_bar, h @ u_phi, VOCAB, 0.0, exclude=dummy), rtol=3e-5)
 
 
 def test_bellman_values_support_fallback_and_cap():

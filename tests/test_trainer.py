@@ -65,6 +65,24 @@ def test_tiny_config_end_to_end_artifacts():
   assert not np.array_equal(ref["['params']['params']['embed']['embedding']"],
                             bc["['params']['params']['embed']['embedding']"])
 
+  # The value diagnostics logged during phase 2 (log.value_diagnostics_every=12) are those of the
+  # state at that step: the last one equals the diagnostics recomputed from the final checkpoint.
+  from qsft_jax import diagnostics
+  from qsft_jax.data import DataConfig
+  with open(os.path.join(workdir, "qsft", "metrics.json")) as f:
+    logged = {h["step"]: h for h in json.load(f) if "value_corr" in h}
+  assert sorted(logged) == [12, STEPS]
+  data_fields = {k: v for k, v in config["data"].items() if k in DataConfig.__dataclass_fields__}
+  batch = diagnostics.load_heldout_batch(workdir, DataConfig.from_config(data_fields), loaded["tokenizer"])
+  want = diagnostics.run_value_diagnostics(loaded["config"], loaded["model_config"], batch,
+                                           loaded["behaviour_params"], loaded["theta_params"],
+                                           loaded["target_params"])
+  np.testing.assert_allclose(logged[STEPS]["value_corr"], want["correlation"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(logged[STEPS]["value_corr_turn0"], want["first_turn_correlation"],
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(logged[STEPS]["target_turn0"], want["by_turn"][0]["mean_target"], rtol=1e-4)
+  assert logged[12]["value_corr"] != logged[STEPS]["value_corr"]  # computed at each step, not copied
+
 
 # ------------------------------------------------------------------------------------------------
 # 2. Kill and resume

@@ -29,7 +29,9 @@ STEPS = 24
 SHARED_OVERRIDES = (f"--config.bc.steps={STEPS}", f"--config.qsft.steps={STEPS}",
                     "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3",
                     "--config.data_shards=2", "--config.eval.enabled=False",
-                    "--config.log.every_steps=2")
+                    "--config.log.every_steps=2",
+                    # held-out value diagnostics during phase 2 (read-only: the states do not change)
+                    "--config.log.value_diagnostics_every=12")
 
 _SESSION_DIR = None
 
