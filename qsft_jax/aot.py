@@ -181,6 +181,7 @@ class AotSpec:
   decode_batch: int = 0  # rows of the decode step (0: = batch)
   cache_len: int = 0  # KV-cache slots of the decode step (0: = seq)
   steps: tuple[str, ...] = ("bc", "qsft", "decode")
+  probes: bool = True  # cost probes for looped programs (False: memory and collectives only, fast)
 
   def model_config(self, **extra):
     from qsft_jax.models.config import get_preset
@@ -366,49 +367,182 @@ class Collective:
   op: str  # all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute
   result_bytes: float  # per device: the gathered / reduced / scattered result
   group_size: int
-  moved_bytes: float  # bytes each device sends (ring algorithms)
+  moved_bytes: float  # bytes each device sends per execution (ring algorithms)
   dcn: bool  # a group spans more than one slice
+  trips: float = 1.0  # executions per step: the trip counts of the while loops around it
+  trips_known: bool = True  # False when an enclosing loop's trip count could not be read
+
+
+_COMP_HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\{\s*$")
+_CALLS = re.compile(r"\b(?P<kw>calls|body|condition|to_apply|true_computation|false_computation)=%(?P<c>[\w.\-]+)"
+                    r"|\b(?P<kwl>branch_computations|called_computations)=\{(?P<cl>[^}]*)\}")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+  """{computation name: its instruction lines} of an HLO module's text, and the entry's name."""
+  comps: dict[str, list[str]] = {}
+  entry, cur = None, None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      m = _COMP_HEADER.match(line)
+      if m:
+        cur = m.group("name")
+        comps[cur] = []
+        if line.startswith("ENTRY"):
+          entry = cur
+        continue
+      if line.startswith("}"):
+        cur = None
+      continue
+    if cur is not None and line.strip():
+      comps[cur].append(line)
+  return comps, entry
+
+
+def _trip_count(cond_lines: Sequence[str]) -> int | None:
+  """Trip count of a while loop from its condition computation: ROOT compare(counter, constant N),
+  direction=LT (N trips) or LE (N + 1), the counter starting at 0 as XLA's scans and windowed
+  loops do. None for any other form."""
+  consts = {}
+  for line in cond_lines:
+    m = re.match(r"\s*%([\w.\-]+) = s(?:32|64)\[\]\S* constant\((-?\d+)\)", line)
+    if m:
+      consts[m.group(1)] = int(m.group(2))
+  root = next((l for l in cond_lines if l.lstrip().startswith("ROOT")), "")
+  m = re.search(r"compare\(%([\w.\-]+), %([\w.\-]+)\), direction=(LT|LE|GT|GE)", root)
+  if not m:
+    return None
+  a, b, direction = m.groups()
+  if b in consts and direction in ("LT", "LE"):
+    return consts[b] + (direction == "LE")
+  if a in consts and direction in ("GT", "GE"):
+    return consts[a] + (direction == "GE")
+  return None
+
+
+def _multiplicities(comps: Mapping[str, list[str]], entry: str | None) -> dict[str, tuple[float, bool]]:
+  """Executions per step of every computation: (count, known). A while body runs trip-count times per
+  execution of its caller; fusions, calls and conditional branches once (branches: an upper bound)."""
+  callers: dict[str, list[tuple[str, float | None]]] = {}
+  for name, lines in comps.items():
+    for line in lines:
+      body = cond = None
+      for m in _CALLS.finditer(line):
+        if m.group("kw"):
+          kw, c = m.group("kw"), m.group("c")
+          if kw == "body":
+            body = c
+          elif kw == "condition":
+            cond = c
+          elif kw != "to_apply":
+            callers.setdefault(c, []).append((name, 1.0))
+        else:
+          for c in re.findall(r"%([\w.\-]+)", m.group("cl")):
+            callers.setdefault(c, []).append((name, 1.0))
+      if body is not None:
+        trips = _trip_count(comps.get(cond, [])) if cond else None
+        callers.setdefault(body, []).append((name, None if trips is None else float(trips)))
+  memo: dict[str, tuple[float, bool]] = {}
+
+  def mult(name: str, depth: int = 0) -> tuple[float, bool]:
+    if name in memo:
+      return memo[name]
+    if name == entry or name not in callers or depth > 200:
+      memo[name] = (1.0, name == entry or entry is None)
+      return memo[name]
+    total, known = 0.0, True
+    for caller, factor in callers[name]:
+      n, k = mult(caller, depth + 1)
+      total += n * (1.0 if factor is None else factor)
+      known &= k and factor is not None
+    memo[name] = (total, known)
+    return memo[name]
+
+  return {name: mult(name) for name in comps}
 
 
 def parse_collectives(hlo_text: str, slice_of_device: Sequence[int] | None = None) -> list[Collective]:
   """Collectives of a compiled (SPMD-partitioned) HLO module, with the bytes each device moves.
 
-  Async pairs count once (at *-start). Bytes per device for a group of n (ring algorithms):
-  all-gather result x (n-1)/n; reduce-scatter result x (n-1); all-reduce 2 x result x (n-1)/n;
-  all-to-all result x (n-1)/n; collective-permute the result. `slice_of_device` (slice index per
-  logical device id) marks collectives whose groups span slices (they run over the DCN).
+  TPU's compiled HLO (libtpu 0.0.42) keeps its collectives inside fusions:
+  - an async collective is a chain of fusions that each hold a copy of the collective instruction
+    (the same channel_id and frontend_attributes chain_id): one whose ROOT is the custom-call
+    "AsyncCollectiveStart", "async_collective_fusion" continuations (the collective matmul steps
+    that overlap it) and one whose ROOT is "AsyncCollectiveDone". Each chain counts once.
+  - a reduce-scatter is an "all-reduce-scatter" fusion: an all-reduce (of one array or a tuple of
+    them, each the full unscattered gradient) followed by dynamic slices; it is counted as the
+    reduce-scatter of the all-reduce's operands.
+  - collectives inside a while body count trip-count times (the loop's condition compares the
+    counter with a constant); `trips_known` is False where that could not be read.
+  Generic HLO's *-start / *-done pairs count once (at *-start).
+
+  Bytes per device for a group of n (ring algorithms): all-gather result x (n-1)/n; reduce-scatter
+  full input x (n-1)/n (= scattered result x (n-1)); all-reduce 2 x result x (n-1)/n; all-to-all
+  result x (n-1)/n; collective-permute the result. `slice_of_device` (slice index per logical
+  device id) marks collectives whose groups span slices (they run over the DCN).
   """
   num = len(slice_of_device) if slice_of_device is not None else 0
-  pattern = re.compile(r"=\s*(?P<result>.*?)\s(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
-  out = []
-  for line in hlo_text.splitlines():
-    m = pattern.search(line)
-    if not m or "-done(" in line:
-      continue
-    op = m.group("op")
-    shapes = [b for b, has_dims in _shape_bytes(m.group("result")) if has_dims]
-    if not shapes:
-      shapes = [b for b, _ in _shape_bytes(m.group("result"))]
-    if m.group("start") and op in ("all-gather", "collective-permute") and len(shapes) >= 2:
-      shapes = shapes[len(shapes) // 2:]  # (operands..., results...): keep the results
-    result = float(sum(shapes))
-    groups = _replica_groups(line, num or 1)
-    if op == "collective-permute":
-      n, moved = 2, result
-      pairs = re.findall(r"\{(\d+),(\d+)\}", line.split("source_target_pairs=")[-1]) if (
-          "source_target_pairs=" in line) else []
-      groups = [[int(a), int(b)] for a, b in pairs] or None
+  pattern = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(?P<result>.*?)\s(?P<op>" + "|".join(COLLECTIVES)
+                       + r")(?P<start>-start)?\(")
+  comps, entry = _computations(hlo_text)
+  if not comps:  # a bare list of instructions (tests, fragments)
+    comps, entry = {"": hlo_text.splitlines()}, ""
+  mult = _multiplicities(comps, entry)
+  roles = {}
+  for name, lines in comps.items():
+    root = next((l for l in lines if l.lstrip().startswith("ROOT")), "")
+    target = re.search(r'custom_call_target="(\w+)"', root)
+    if target and target.group(1) in ("AsyncCollectiveStart", "AsyncCollectiveDone"):
+      roles[name] = target.group(1)[len("AsyncCollective"):].lower()
+    elif name.startswith("async_collective_fusion"):
+      roles[name] = "continuation"
     else:
-      n = len(groups[0]) if groups else 1
-      frac = (n - 1) / n if n else 0.0
-      moved = {"all-gather": result * frac, "reduce-scatter": result * (n - 1),
-               "all-reduce": 2 * result * frac, "all-to-all": result * frac}[op]
-    dcn = False
-    if slice_of_device is not None and groups:
-      dcn = any(len({slice_of_device[d] for d in g if d < num}) > 1 for g in groups)
-    if n > 1 or op == "collective-permute":
-      out.append(Collective(op, result, n, moved, dcn))
-  return out
+      roles[name] = "plain"
+  found = []  # (chain key or None, role, Collective)
+  for name, lines in comps.items():
+    for line in lines:
+      m = pattern.search(line)
+      if not m or "-done(" in line:
+        continue
+      op = m.group("op")
+      shapes = [b for b, has_dims in _shape_bytes(m.group("result")) if has_dims]
+      if not shapes:
+        shapes = [b for b, _ in _shape_bytes(m.group("result"))]
+      if m.group("start") and op in ("all-gather", "collective-permute") and len(shapes) >= 2:
+        shapes = shapes[len(shapes) // 2:]  # (operands..., results...): keep the results
+      result = float(sum(shapes))
+      groups = _replica_groups(line, num or 1)
+      if op == "all-reduce" and name.startswith("all-reduce-scatter"):
+        op = "reduce-scatter"
+        n = len(groups[0]) if groups else 1
+        result = result / n if n else result  # the scattered shard
+      if op == "collective-permute":
+        n, moved = 2, result
+        pairs = re.findall(r"\{(\d+),(\d+)\}", line.split("source_target_pairs=")[-1]) if (
+            "source_target_pairs=" in line) else []
+        groups = [[int(a), int(b)] for a, b in pairs] or None
+      else:
+        n = len(groups[0]) if groups else 1
+        frac = (n - 1) / n if n else 0.0
+        moved = {"all-gather": result * frac, "reduce-scatter": result * (n - 1),
+                 "all-reduce": 2 * result * frac, "all-to-all": result * frac}[op]
+      dcn = False
+      if slice_of_device is not None and groups:
+        dcn = any(len({slice_of_device[d] for d in g if d < num}) > 1 for g in groups)
+      if n > 1 or op == "collective-permute":
+        trips, known = mult.get(name, (1.0, False))
+        chain = re.search(r'chain_id="(\d+)"', line)
+        channel = re.search(r"channel_id=(\d+)", line)
+        key = (chain.group(1), channel and channel.group(1), m.group("op")) if chain else None
+        found.append((key, roles[name], Collective(op, result, n, moved, dcn, trips, known)))
+  out, chains = [], {}
+  for key, role, c in found:
+    if key is None:
+      out.append(c)
+    else:  # one per async chain: its start fusion's copy, else the first copy seen
+      if key not in chains or (role == "start" and chains[key][0] != "start"):
+        chains[key] = (role, c)
+  return out + [c for _, c in chains.values()]
 
 
 def _cost(compiled) -> dict:
@@ -418,20 +552,27 @@ def _cost(compiled) -> dict:
   return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
-def _program_costs(compiled, slice_of_device) -> dict:
-  """Per-device FLOPs, HBM bytes and collective bytes (ICI / DCN) of one compiled program."""
-  colls = parse_collectives(compiled.as_text(), slice_of_device)
-  out = _cost(compiled)
-  out["ici_bytes"] = sum(c.moved_bytes for c in colls if not c.dcn)
-  out["dcn_bytes"] = sum(c.moved_bytes for c in colls if c.dcn)
+def collective_costs(hlo_text: str, slice_of_device=None) -> dict:
+  """Per-device collective bytes of one step (ICI / DCN; every collective times the trip counts of
+  the loops around it) and per-op {count, moved_bytes, dcn_count}; "trips_known" is False when a
+  loop's trip count could not be read (those collectives then count once: lower bounds)."""
+  colls = parse_collectives(hlo_text, slice_of_device)
+  out = {"ici_bytes": sum(c.moved_bytes * c.trips for c in colls if not c.dcn),
+         "dcn_bytes": sum(c.moved_bytes * c.trips for c in colls if c.dcn),
+         "trips_known": all(c.trips_known for c in colls)}
   counts: dict[str, dict] = {}
   for c in colls:
     e = counts.setdefault(c.op, {"count": 0, "moved_bytes": 0.0, "dcn_count": 0})
-    e["count"] += 1
-    e["moved_bytes"] += c.moved_bytes
-    e["dcn_count"] += int(c.dcn)
+    e["count"] += c.trips
+    e["moved_bytes"] += c.moved_bytes * c.trips
+    e["dcn_count"] += c.trips * int(c.dcn)
   out["collectives"] = counts
   return out
+
+
+def _program_costs(compiled, slice_of_device) -> dict:
+  """Per-device FLOPs, HBM bytes and collective bytes (ICI / DCN) of one compiled program."""
+  return {**_cost(compiled), **collective_costs(compiled.as_text(), slice_of_device)}
 
 
 def has_loops(hlo_text: str) -> bool:
@@ -467,17 +608,56 @@ def roofline(chip: Chip, flops: float, hbm_bytes: float, ici_bytes: float, dcn_b
   return times
 
 
+_OOM_USED = re.compile(r"Used ([\d.]+)([KMGT]?)(?:i?B)? of ([\d.]+)([KMGT]?)(?:i?B)? (?:hbm|HBM)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_oom(message: str) -> dict:
+  """{"used_bytes", "limit_bytes"} from the TPU compiler's RESOURCE_EXHAUSTED message ("Ran out of
+  memory in memory space hbm. Used 20.61G of 15.75G hbm. Exceeded hbm capacity by 4.86G."); {} if absent."""
+  m = _OOM_USED.search(message)
+  if not m:
+    return {}
+  return {"used_bytes": int(float(m.group(1)) * _UNITS[m.group(2)]),
+          "limit_bytes": int(float(m.group(3)) * _UNITS[m.group(4)])}
+
+
+def _oom_figures(kind: str, chip: Chip, error: Exception, compile_s: float) -> dict:
+  """Figures of a step the compiler refused for want of HBM: what it would have used, no costs."""
+  msg = str(error)
+  oom = parse_oom(msg)
+  lines = [l.strip() for l in msg.splitlines() if l.strip()]
+  head = next((l for l in lines if "RESOURCE_EXHAUSTED" in l or "Ran out of memory" in l), lines[0] if lines else "")
+  used = oom.get("used_bytes", 0)
+  return {"step": kind, "fits": False, "error": head[:400], "oom_message": msg[:4000],
+          "peak_bytes": used, "hbm_bytes": chip.hbm_bytes, "hbm_limit_bytes": oom.get("limit_bytes", 0),
+          "over_bytes": used - oom["limit_bytes"] if oom else 0,
+          "compile_s": round(compile_s, 1), "compile_s_with_probes": round(compile_s, 1)}
+
+
 def compile_step(kind: str, spec: AotSpec, mesh, chip: Chip) -> dict:
-  """Compiles one step for the mesh's TPU devices and returns its figures (see the module doc)."""
+  """Compiles one step for the mesh's TPU devices and returns its figures (see the module doc).
+
+  A step over HBM comes back with fits=False, the bytes the compiler asked for (peak_bytes) and its
+  message, instead of raising. With spec.probes False the costs come from the real program alone:
+  collectives exact (weighted by loop trip counts), FLOPs and HBM bytes counting loop bodies once
+  (lower bounds), and the roofline's compute time uses max(compiled, analytic) FLOPs.
+  """
   rules = spec.resolved_rules()
   config = spec.model_config()
   slice_of = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]
   t0 = time.time()
-  compiled = _lowered(kind, spec, config, mesh, rules, spec.microbatches, spec.chunk_size).compile()
+  try:
+    compiled = _lowered(kind, spec, config, mesh, rules, spec.microbatches, spec.chunk_size).compile()
+  except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is handled
+    if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+      raise
+    return _oom_figures(kind, chip, e, time.time() - t0)
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
-  if has_loops(hlo):
+  colls = collective_costs(hlo, slice_of)
+  if has_loops(hlo) and spec.probes:
     probes, looped = [], False
     for layers in (1, 2):
       probe_config = spec.model_config(num_layers=layers, scan_layers=False)
@@ -487,16 +667,27 @@ def compile_step(kind: str, spec: AotSpec, mesh, chip: Chip) -> dict:
     costs = _extrapolate(probes[0], probes[1], config.num_layers)
     costs["source"] = "probes (1 and 2 unrolled layers, extrapolated)"
     if looped:  # loops XLA made itself (e.g. windowed einsums): their bodies are counted once
-      costs["source"] += "; the probes hold compiler-made while loops, so costs are lower bounds"
+      costs["source"] += "; the probes hold compiler-made while loops, so FLOPs and HBM bytes are lower bounds"
+  elif has_loops(hlo):
+    costs = _cost(compiled)
+    costs["source"] = ("compiled program without probes (--no-probes): FLOPs and HBM bytes count loop "
+                       "bodies once (lower bounds); roofline compute from max(compiled, analytic) FLOPs")
   else:
-    costs = _program_costs(compiled, slice_of)
+    costs = _cost(compiled)
     costs["source"] = "compiled program"
+  # Collectives always come from the real program, each weighted by its loops' trip counts.
+  costs.update({k: colls[k] for k in ("ici_bytes", "dcn_bytes", "collectives")})
+  costs["collectives_source"] = "compiled program, loop trip counts applied" + (
+      "" if colls["trips_known"] else "; some trip counts unreadable (those loops counted once: lower bounds)")
   compile_s_total = time.time() - t0
   chips = mesh.devices.size
   analytic = analytic_flops(kind, config, spec)
   peak_bytes = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                 - mem.alias_size_in_bytes)
-  times = roofline(chip, costs["flops"], costs["bytes"], costs["ici_bytes"], costs["dcn_bytes"])
+  compute_flops = costs["flops"]
+  if has_loops(hlo) and not spec.probes:
+    compute_flops = max(costs["flops"], analytic / chips)
+  times = roofline(chip, compute_flops, costs["bytes"], costs["ici_bytes"], costs["dcn_bytes"])
   return {
       "step": kind,
       "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
@@ -507,6 +698,7 @@ def compile_step(kind: str, spec: AotSpec, mesh, chip: Chip) -> dict:
       "flops_ratio": costs["flops"] / (analytic / chips), "hbm_bytes_per_chip": costs["bytes"],
       "ici_bytes_per_chip": costs["ici_bytes"], "dcn_bytes_per_chip": costs["dcn_bytes"],
       "collectives": costs["collectives"], "cost_source": costs["source"],
+      "collectives_source": costs["collectives_source"], "probes": spec.probes,
       **{k: v for k, v in times.items()},
       "mfu": (analytic / chips) / (chip.bf16_flops * times["step_s"]) if times["step_s"] else 0.0,
       "compile_s": round(compile_s, 1), "compile_s_with_probes": round(compile_s_total, 1),
@@ -546,6 +738,11 @@ def format_report(result: dict) -> str:
            f"remat {result['remat']}, scan {result['scan']}, dtype {result['dtype']}/"
            f"{result['param_dtype']}"]
   for kind, r in result["steps"].items():
+    if "error" in r:
+      lines.append(f"\n[{kind}] NOT BUILT after {r['compile_s']} s: needs {_gib(r['peak_bytes'])} per chip, "
+                   f"{_gib(r['over_bytes'])} over the {_gib(r['hbm_limit_bytes'])} XLA may use of "
+                   f"{_gib(r['hbm_bytes'])} HBM: DOES NOT FIT\n  {r['error']}")
+      continue
     lines.append(f"\n[{kind}] compiled in {r['compile_s']} s ({r['compile_s_with_probes']} s with "
                  f"cost probes); per chip:")
     lines.append(f"  memory: arguments {_gib(r['argument_bytes'])}, temporaries {_gib(r['temp_bytes'])}, "
@@ -554,6 +751,7 @@ def format_report(result: dict) -> str:
                  f"{'fits' if r['fits'] else 'DOES NOT FIT'}")
     lines.append(f"  FLOPs: compiled {r['flops_per_chip']:.4g}, analytic {r['analytic_flops_per_chip']:.4g} "
                  f"(ratio {r['flops_ratio']:.3f}; {r['cost_source']})")
+    lines.append(f"  collectives: {r['collectives_source']}")
     lines.append(f"  HBM bytes accessed {r['hbm_bytes_per_chip']:.4g}; collective bytes sent: ICI "
                  f"{r['ici_bytes_per_chip']:.4g}, DCN {r['dcn_bytes_per_chip']:.4g}")
     for op, c in r["collectives"].items():
@@ -625,6 +823,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--decode_batch", type=int)
   p.add_argument("--cache_len", type=int)
   p.add_argument("--steps", default="bc,qsft,decode", help="comma-separated subset of bc,qsft,decode")
+  p.add_argument("--probes", action=argparse.BooleanOptionalAction, default=None,
+                 help="compile the 1- and 2-layer cost probes of looped programs (default; --no-probes: "
+                      "memory and collectives from the real program only, FLOPs as lower bounds)")
   a = p.parse_args(argv)
   model_overrides = {k: v for k, v in (("remat_policy", a.remat), ("scan_layers", a.scan),
                                         ("dtype", a.dtype), ("param_dtype", a.param_dtype)) if v is not None}
@@ -632,7 +833,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                microbatches=a.microbatches, chunk_size=a.chunk_size, mu_dtype=a.mu_dtype,
                decode_batch=a.decode_batch, cache_len=a.cache_len, preset=a.model,
                mesh_shape=parse_mesh(a.mesh) if a.mesh else None,
-               steps=tuple(s for s in a.steps.split(",") if s))
+               steps=tuple(s for s in a.steps.split(",") if s), probes=a.probes)
   if a.config:
     config, module = load_config_file(a.config)
     spec = spec_from_config(config, module, **flags)

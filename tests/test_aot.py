@@ -126,6 +126,9 @@ def test_probe_extrapolation_equals_direct_count(mesh, chip):
   assert a["cost_source"].startswith("probes") and b["cost_source"] == "compiled program"
   assert a["flops_per_chip"] == pytest.approx(b["flops_per_chip"], rel=0.01)
   assert a["hbm_bytes_per_chip"] == pytest.approx(b["hbm_bytes_per_chip"], rel=0.05)
+  # collectives come from the real program, the scanned one's weighted by the loop's trip count
+  assert a["collectives_source"].startswith("compiled program, loop trip counts applied")
+  assert a["ici_bytes_per_chip"] == pytest.approx(b["ici_bytes_per_chip"], rel=0.05)
 
 
 def test_decode_step_compiles_with_caches(mesh, chip):
@@ -159,6 +162,106 @@ def test_parse_collectives_sizes_and_groups():
   assert ar.group_size == 2 and ar.dcn and ar.moved_bytes == pytest.approx(2 * 4096 * 1 / 2)
   # iota [4,2]T(1,0) -> groups {0,2,4,6}, {1,3,5,7}: span both slices
   assert rs.group_size == 4 and rs.dcn and rs.moved_bytes == 1024 * 3
+
+
+TPU_HLO = """\
+%fused_computation.1 (param_0: bf16[128,1024]) -> (bf16[128,1024], bf16[512,1024], u32[]) {
+  %param_0 = bf16[128,1024]{1,0:T(8,128)(2,1)} parameter(0)
+  %all-gather.1 = bf16[512,1024]{1,0:T(8,128)(2,1)} all-gather(%param_0), channel_id=8, replica_groups=mesh['axis_0'=4,'axis_1'=1] {'axis_0'}, dimensions={0}, use_global_device_ids=true, frontend_attributes={chain_id="0"}
+  ROOT %custom-call.1 = (bf16[128,1024]{1,0:T(8,128)(2,1)S(1)}, bf16[512,1024]{1,0:T(8,128)(2,1)S(1)}, u32[]{:S(2)}) custom-call(%all-gather.1), custom_call_target="AsyncCollectiveStart"
+}
+
+%async_collective_fusion.2 (param_0.1: bf16[128,1024]) -> (f32[8,8], bf16[512,1024]) {
+  %param_0.1 = bf16[128,1024]{1,0:T(8,128)(2,1)} parameter(0)
+  %all-gather.2 = bf16[512,1024]{1,0:T(8,128)(2,1)S(1)} all-gather(%param_0.1), channel_id=8, replica_groups=mesh['axis_0'=4,'axis_1'=1] {'axis_0'}, dimensions={0}, use_global_device_ids=true, frontend_attributes={chain_id="0"}
+  ROOT %tuple.2 = (f32[8,8]{1,0}, bf16[512,1024]{1,0}) tuple(%c, %all-gather.2)
+}
+
+%fused_computation.3 (param_0.2: bf16[128,1024]) -> bf16[512,1024] {
+  %param_0.2 = bf16[128,1024]{1,0:T(8,128)(2,1)} parameter(0)
+  %all-gather.3 = bf16[512,1024]{1,0:T(8,128)(2,1)} all-gather(%param_0.2), channel_id=8, replica_groups=mesh['axis_0'=4,'axis_1'=1] {'axis_0'}, dimensions={0}, use_global_device_ids=true, frontend_attributes={chain_id="0"}
+  ROOT %custom-call.3 = bf16[512,1024]{1,0:T(8,128)(2,1)S(1)} custom-call(%param_0.2, %all-gather.3), custom_call_target="AsyncCollectiveDone"
+}
+
+%all-reduce-scatter.4 (input_0: f32[512,1024], input_1: f32[1024,512]) -> (f32[128,1024], f32[1024,128]) {
+  %input_0 = f32[512,1024]{1,0:T(8,128)} parameter(0)
+  %input_1 = f32[1024,512]{1,0:T(8,128)} parameter(1)
+  %all-reduce.4 = (f32[512,1024]{1,0:T(8,128)}, f32[1024,512]{1,0:T(8,128)}) all-reduce(%input_0, %input_1), channel_id=1, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add
+  ROOT %tuple.4 = (f32[128,1024]{1,0}, f32[1024,128]{1,0}) tuple(%ds.1, %ds.2)
+}
+
+%body.5 (p: (s32[], bf16[128,1024])) -> (s32[], bf16[128,1024]) {
+  %p = (s32[], bf16[128,1024]) parameter(0)
+  %fusion.1 = (bf16[128,1024], bf16[512,1024], u32[]) fusion(%x), kind=kCustom, calls=%fused_computation.1
+  %fusion.2 = (f32[8,8], bf16[512,1024]) fusion(%fusion.1), kind=kCustom, calls=%async_collective_fusion.2
+  %fusion.3 = bf16[512,1024] fusion(%fusion.2), kind=kCustom, calls=%fused_computation.3
+  ROOT %t = (s32[], bf16[128,1024]) tuple(%i, %x)
+}
+
+%cond.6 (p.1: (s32[], bf16[128,1024])) -> pred[] {
+  %p.1 = (s32[], bf16[128,1024]) parameter(0)
+  %constant.6 = s32[]{:T(128)} constant(24)
+  %gte.6 = s32[]{:T(128)} get-tuple-element(%p.1), index=0
+  ROOT %lt.6 = pred[]{:T(512)} compare(%gte.6, %constant.6), direction=LT
+}
+
+ENTRY %main.7 (param.1: bf16[128,1024]) -> bf16[128,1024] {
+  %param.1 = bf16[128,1024]{1,0} parameter(0)
+  %while.7 = (s32[], bf16[128,1024]) while(%tuple.7), condition=%cond.6, body=%body.5
+  %fusion.8 = (f32[128,1024], f32[1024,128]) fusion(%a, %b), kind=kOutput, calls=%all-reduce-scatter.4
+  %all-reduce.9 = f32[]{:T(128)} all-reduce(%s), channel_id=25, replica_groups=mesh['axis_0'=4,'axis_1'=1] {'axis_0','axis_1'}, use_global_device_ids=true, to_apply=%add
+  ROOT %r = bf16[128,1024]{1,0} get-tuple-element(%while.7), index=1
+}
+"""
+
+
+def test_parse_collectives_tpu_fusions_and_loops():
+  """libtpu's form: an async all-gather as start / continuation / done fusions (one collective), a
+  reduce-scatter as an all-reduce-scatter fusion, a collective in a while body of 24 trips."""
+  colls = sorted(aot.parse_collectives(TPU_HLO), key=lambda c: c.op)
+  assert [c.op for c in colls] == ["all-gather", "all-reduce", "reduce-scatter"]
+  ag, ar, rs = colls
+  assert ag.trips == 24 and ag.trips_known and ag.group_size == 4
+  assert ag.moved_bytes == pytest.approx(512 * 1024 * 2 * 3 / 4)
+  # two f32 gradients of 512 x 1024, scattered over 4: each device sends 3/4 of the full inputs
+  assert rs.group_size == 4 and rs.trips == 1
+  assert rs.result_bytes == pytest.approx(2 * 512 * 1024 * 4 / 4)
+  assert rs.moved_bytes == pytest.approx(2 * 512 * 1024 * 4 * 3 / 4)
+  assert ar.group_size == 4 and ar.moved_bytes == pytest.approx(2 * 4 * 3 / 4)
+  costs = aot.collective_costs(TPU_HLO)
+  assert costs["collectives"]["all-gather"]["count"] == 24
+  assert costs["ici_bytes"] == pytest.approx(24 * ag.moved_bytes + rs.moved_bytes + ar.moved_bytes)
+  # an unreadable loop condition: counted once and flagged
+  broken = TPU_HLO.replace("direction=LT", "direction=NE")
+  assert not aot.collective_costs(broken)["trips_known"]
+
+
+def test_parse_oom_message():
+  msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+         "Used 20.61G of 15.75G hbm. Exceeded hbm capacity by 4.86G.")
+  oom = aot.parse_oom(msg)
+  assert oom["used_bytes"] == int(20.61 * 2**30) and oom["limit_bytes"] == int(15.75 * 2**30)
+  assert aot.parse_oom("no such message") == {}
+
+
+@pytest.mark.parametrize("kind", ["bc", "qsft"])
+def test_compiled_collectives_match_fsdp_hand_count(results, kind):
+  """FSDP over 4 chips on a loop-free program: every float32 gradient is reduce-scattered once
+  (3/4 of it sent per chip) and the bf16 weights are all-gathered for each forward pass: theta for
+  the forward and again for the remat-free backward's reuse (BC: 1 to 2 gathers), plus theta_bar and
+  phi for Q-SFT (two more)."""
+  params = param_count(get_preset("tiny-llama", **MODEL))
+  colls = results[kind]["collectives"]
+  assert results[kind]["ici_bytes_per_chip"] > 0 and results[kind]["dcn_bytes_per_chip"] == 0
+  assert colls["reduce-scatter"]["moved_bytes"] == pytest.approx(params * 4 * 3 / 4, rel=0.02)
+  gather = params * 2 * 3 / 4  # one bf16 all-gather of every parameter
+  bc_gathers = results["bc"]["collectives"]["all-gather"]["moved_bytes"] / gather
+  assert 1.0 <= bc_gathers <= 2.05
+  if kind == "qsft":  # theta_bar's and phi's forwards gather two more parameter sets
+    extra = colls["all-gather"]["moved_bytes"] - results["bc"]["collectives"]["all-gather"]["moved_bytes"]
+    assert extra == pytest.approx(2 * gather, rel=0.05)
+  assert results[kind]["ici_bytes_per_chip"] == pytest.approx(
+      sum(c["moved_bytes"] for c in colls.values()))
 
 
 def test_roofline_takes_the_slowest_resource(chip):
