@@ -182,6 +182,10 @@ class AotSpec:
   cache_len: int = 0  # KV-cache slots of the decode step (0: = seq)
   steps: tuple[str, ...] = ("bc", "qsft", "decode")
   probes: bool = True  # cost probes for looped programs (False: memory and collectives only, fast)
+  # dtype of the frozen parameter sets theta_bar and phi in the Q-SFT state (None: param_dtype, as the
+  # trainer stores them today). An accounting option: the step keeps each set's dtype (polyak_update
+  # computes in the target's dtype), theta and its AdamW moments stay in param_dtype.
+  frozen_dtype: str | None = None
 
   def model_config(self, **extra):
     from qsft_jax.models.config import get_preset
@@ -209,8 +213,12 @@ def _with_shardings(shapes, shardings):
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def abstract_state(model, model_config, optimizer, mesh, rules, kind: str) -> dict:
-  """ShapeDtypeStructs (with NamedShardings) of a "bc" or "qsft" train state; nothing allocated."""
+def abstract_state(model, model_config, optimizer, mesh, rules, kind: str,
+                   frozen_dtype: str | None = None) -> dict:
+  """ShapeDtypeStructs (with NamedShardings) of a "bc" or "qsft" train state; nothing allocated.
+
+  frozen_dtype (Q-SFT only): floating-point leaves of theta_bar and phi take this dtype.
+  """
   import jax
   from qsft_jax import sharding, train_steps
   params = sharding.param_shapes(model, model_config)
@@ -218,6 +226,12 @@ def abstract_state(model, model_config, optimizer, mesh, rules, kind: str) -> di
     shapes = jax.eval_shape(lambda p: train_steps.init_bc_state(p, optimizer), params)
   else:
     shapes = jax.eval_shape(lambda p: train_steps.init_qsft_state(p, p, optimizer), params)
+    if frozen_dtype is not None:
+      def cast(s):
+        dtype = np.dtype(frozen_dtype) if np.issubdtype(s.dtype, np.floating) else s.dtype
+        return jax.ShapeDtypeStruct(s.shape, dtype)
+      for key in ("target_params", "behaviour_params"):
+        shapes[key] = jax.tree.map(cast, shapes[key])
   return _with_shardings(shapes, train_steps.state_shardings(model, model_config, optimizer, mesh,
                                                              rules, kind))
 
@@ -295,7 +309,8 @@ def _lowered(kind: str, spec: AotSpec, model_config, mesh, rules, microbatches: 
     make = train_steps.make_bc_step if kind == "bc" else train_steps.make_qsft_step
     step = make(model, model_config, optimizer, mesh, rules, chunk_size=chunk_size,
                 microbatches=microbatches)
-    return step.lower(abstract_state(model, model_config, optimizer, mesh, rules, kind),
+    return step.lower(abstract_state(model, model_config, optimizer, mesh, rules, kind,
+                                     spec.frozen_dtype if kind == "qsft" else None),
                       abstract_batch(spec.batch, spec.seq, mesh, rules))
   if kind == "decode":
     rows, slots = spec.decode_batch or spec.batch, spec.cache_len or spec.seq
@@ -405,7 +420,7 @@ def _trip_count(cond_lines: Sequence[str]) -> int | None:
   loops do. None for any other form."""
   consts = {}
   for line in cond_lines:
-    m = re.match(r"\s*%([\w.\-]+) = s(?:32|64)\[\]\S* constant\((-?\d+)\)", line)
+    m = re.match(r"\s*%([\w.\-]+) = [su](?:32|64)\[\]\S* constant\((-?\d+)\)", line)
     if m:
       consts[m.group(1)] = int(m.group(2))
   root = next((l for l in cond_lines if l.lstrip().startswith("ROOT")), "")
@@ -656,6 +671,10 @@ def compile_step(kind: str, spec: AotSpec, mesh, chip: Chip) -> dict:
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
+  if os.environ.get("QSFT_AOT_DUMP_HLO"):  # a folder: the compiled HLO text of each step goes there
+    os.makedirs(os.environ["QSFT_AOT_DUMP_HLO"], exist_ok=True)
+    with open(os.path.join(os.environ["QSFT_AOT_DUMP_HLO"], f"{kind}.hlo.txt"), "w") as f:
+      f.write(hlo)
   colls = collective_costs(hlo, slice_of)
   if has_loops(hlo) and spec.probes:
     probes, looped = [], False
@@ -716,7 +735,8 @@ def run(spec: AotSpec) -> dict:
          "num_slices": spec.num_slices, "chips": len(devices), "mesh": dict(mesh.shape),
          "batch": spec.batch, "seq": spec.seq, "microbatches": spec.microbatches,
          "remat": config.remat_policy, "scan": config.scan_layers, "dtype": config.dtype,
-         "param_dtype": config.param_dtype, "steps": {}}
+         "param_dtype": config.param_dtype, "frozen_dtype": spec.frozen_dtype or config.param_dtype,
+         "steps": {}}
   for kind in spec.steps:
     out["steps"][kind] = compile_step(kind, spec, mesh, chip)
   return out
@@ -736,7 +756,7 @@ def format_report(result: dict) -> str:
            f" x {result['num_slices']} slice(s) = {result['chips']} chips, mesh {result['mesh']}, "
            f"batch {result['batch']} x {result['seq']}, microbatches {result['microbatches']}, "
            f"remat {result['remat']}, scan {result['scan']}, dtype {result['dtype']}/"
-           f"{result['param_dtype']}"]
+           f"{result['param_dtype']}, theta_bar/phi {result.get('frozen_dtype', result['param_dtype'])}"]
   for kind, r in result["steps"].items():
     if "error" in r:
       lines.append(f"\n[{kind}] NOT BUILT after {r['compile_s']} s: needs {_gib(r['peak_bytes'])} per chip, "
@@ -820,6 +840,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
   p.add_argument("--param_dtype", choices=("float32", "bfloat16"))
   p.add_argument("--mu_dtype", choices=("float32", "bfloat16"), help="Adam first-moment dtype")
+  p.add_argument("--frozen_dtype", choices=("float32", "bfloat16"),
+                 help="dtype of theta_bar and phi in the Q-SFT state (default: param_dtype); memory "
+                      "accounting: theta and its AdamW moments keep param_dtype")
   p.add_argument("--decode_batch", type=int)
   p.add_argument("--cache_len", type=int)
   p.add_argument("--steps", default="bc,qsft,decode", help="comma-separated subset of bc,qsft,decode")
@@ -833,7 +856,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                microbatches=a.microbatches, chunk_size=a.chunk_size, mu_dtype=a.mu_dtype,
                decode_batch=a.decode_batch, cache_len=a.cache_len, preset=a.model,
                mesh_shape=parse_mesh(a.mesh) if a.mesh else None,
-               steps=tuple(s for s in a.steps.split(",") if s), probes=a.probes)
+               steps=tuple(s for s in a.steps.split(",") if s), probes=a.probes,
+               frozen_dtype=a.frozen_dtype)
   if a.config:
     config, module = load_config_file(a.config)
     spec = spec_from_config(config, module, **flags)

@@ -28,15 +28,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "docs", "scaling_results.json")
 DOC = os.path.join(ROOT, "docs", "scaling.md")
 
-# name -> (config file or None, extra `python -m qsft_jax.aot` flags, steps)
+# name -> (config file or None, extra `python -m qsft_jax.aot` flags, steps). --no-probes: memory and
+# collectives of the real program only (FLOPs / HBM bytes not extrapolated; see qsft_jax.aot).
 ROWS: dict[str, tuple[str | None, list[str], str]] = {
     "135m-v5e4": ("configs/pod_smollm2_135m.py", [], "bc,qsft,decode"),
     "1.7b-v5e16": ("configs/pod_smollm2_1p7b.py", [], "bc,qsft"),
     "1.7b-2xv5e16": ("configs/pod_smollm2_1p7b.py", ["--num_slices=2", "--mesh=data:2,fsdp:-1,tensor:1",
-                                                      "--batch=128"], "bc,qsft"),
+                                                      "--batch=128", "--no-probes"], "bc,qsft"),
     "8b-v5p128": ("configs/pod_llama3_8b.py", [], "qsft"),
-    "8b-v5e16": ("configs/pod_llama3_8b.py", ["--topology=v5e:4x4", "--batch=16"], "qsft"),
-    "70b-v5p128": ("configs/pod_llama_70b.py", [], "bc,qsft"),
+    "8b-v5e16": ("configs/pod_llama3_8b.py", ["--topology=v5e:4x4", "--batch=16", "--no-probes"], "qsft"),
+    "70b-v5p128": ("configs/pod_llama_70b.py", ["--no-probes"], "qsft"),
+    # theta_bar and phi stored in bf16 (theta and AdamW moments float32): memory accounting only
+    "8b-v5p128-bf16frozen": ("configs/pod_llama3_8b.py", ["--frozen_dtype=bfloat16", "--no-probes"], "qsft"),
+    "70b-v5p128-bf16frozen": ("configs/pod_llama_70b.py", ["--frozen_dtype=bfloat16", "--no-probes"], "qsft"),
 }
 
 
@@ -46,12 +50,12 @@ def command(name: str) -> str:
   return " ".join(parts + [f"--steps={steps}"])
 
 
-def run_row(name: str, timeout_s: float) -> dict:
-  """Compiles one row in a subprocess (its command); the result is the command's last (JSON) line.
-  A program that cannot be built (e.g. over HBM) or a compile over `timeout_s` is recorded as such."""
+def run_row(name: str, timeout_s: float, extra: list[str] = ()) -> dict:
+  """Compiles one row in a subprocess (its command + `extra` flags); the result is the command's last
+  (JSON) line. A compile that fails otherwise than over HBM, or one over `timeout_s`, is recorded as such."""
   config, flags, steps = ROWS[name]
-  argv = [sys.executable, "-m", "qsft_jax.aot"] + ([f"--config={config}"] if config else []) + flags + [
-      f"--steps={steps}"]
+  argv = [sys.executable, "-m", "qsft_jax.aot"] + ([f"--config={config}"] if config else []) + flags + list(
+      extra) + [f"--steps={steps}"]
   t0 = time.time()
   try:
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
@@ -66,7 +70,32 @@ def run_row(name: str, timeout_s: float) -> dict:
     result = {"error": f"compile not finished after {timeout_s:.0f} s on this machine"}
   result["wall_s"] = round(time.time() - t0, 1)
   result["command"] = command(name)
+  if extra:
+    result["command_run"] = result["command"].replace(" --steps=", " " + " ".join(extra) + " --steps=")
   return result
+
+
+def merge_probe_costs(new: dict, old: dict | None) -> dict:
+  """A --no-probes recompile (memory, collectives) of a row whose cached run had cost probes: keeps the
+  probes' FLOPs and HBM bytes and recomputes the roofline with the new collective bytes."""
+  if not old or "steps" not in new or "steps" not in old:
+    return new
+  chip = aot.get_chip(new["topology"].split(":")[0])
+  for kind, s in new["steps"].items():
+    o = old["steps"].get(kind)
+    if "error" in s or not o or "error" in o or not o["cost_source"].startswith("probes") or s.get("probes", True):
+      continue
+    s["flops_per_chip"], s["hbm_bytes_per_chip"] = o["flops_per_chip"], o["hbm_bytes_per_chip"]
+    s["flops_ratio"] = o["flops_ratio"]
+    s["cost_source"] = (o["cost_source"] + "; FLOPs and HBM bytes from the earlier run with probes "
+                        f"(compile {o.get('compile_s_with_probes')} s), memory and collectives recompiled")
+    s["probes"] = True
+    t = aot.roofline(chip, s["flops_per_chip"], s["hbm_bytes_per_chip"], s["ici_bytes_per_chip"],
+                     s["dcn_bytes_per_chip"])
+    s.update(t)
+    s["mfu"] = s["analytic_flops_per_chip"] / (chip.bf16_flops * t["step_s"]) if t["step_s"] else 0.0
+  new["wall_s"] = round(new.get("wall_s", 0) + old.get("wall_s", 0), 1)
+  return new
 
 
 def analytic_state_gib(name: str) -> tuple[str, float, float]:
@@ -93,6 +122,20 @@ def _pct(x) -> str:
   return f"{100 * x:.0f}%"
 
 
+def _mfu(s: dict) -> str:
+  """MFU cell; steps compiled without cost probes are marked (their roofline compute time uses the
+  analytic FLOPs, without remat recomputation: a looser upper bound)."""
+  return _pct(s["mfu"]) + ("" if s.get("probes", True) or s["cost_source"] == "compiled program" else " (np)")
+
+
+def _collectives_cell(s: dict) -> str:
+  short = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "collective-permute": "CP",
+           "all-to-all": "A2A"}
+  parts = [f"{short.get(op, op)} {c['moved_bytes'] / 1e9:.3g}" for op, c in sorted(s["collectives"].items())
+           if c["moved_bytes"] >= 1e6]
+  return ", ".join(parts) or "-"
+
+
 def render(results: dict) -> str:
   """docs/scaling.md from the cached results."""
   out = [HEADER]
@@ -108,20 +151,25 @@ def render(results: dict) -> str:
                  f"| analytic {bc_gib:.1f} | | | | | {'' if r is None else r['wall_s']} |")
       continue
     q, b = r["steps"].get("qsft"), r["steps"].get("bc")
+    built = {k: s for k, s in r["steps"].items() if "error" not in s}
+    q_ok, b_ok = q if q and "error" not in q else None, b if b and "error" not in b else None
     slice_ = r["topology"] + (f" x {r['num_slices']}" if r["num_slices"] > 1 else "") + f" ({r['chips']} chips)"
     mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items())
     cells = [name, f"{r['model']} ({r['params'] / 1e9:.2f}B)", slice_, mesh, f"{r['batch']} x {r['seq']}"]
-    if q:
+    if q_ok:
       cells += ["yes" if q["fits"] else "**no**",
                 f"{_gib(q['peak_bytes'])} ({_gib(q['argument_bytes'])} + {_gib(q['temp_bytes'])}) "
                 f"of {_gib(q['hbm_bytes'])}"]
+    elif q:
+      cells += ["**no**", f"needs {_gib(q['peak_bytes'])} of {_gib(q['hbm_limit_bytes'])} usable "
+                f"({_gib(q['over_bytes'])} over)"]
     else:
       cells += ["-", "-"]
     cells.append(_gib(b["peak_bytes"]) if b else "-")
-    cells.append(_pct(b["mfu"]) if b else "-")
-    cells.append(_pct(q["mfu"]) if q else "-")
-    cells.append(f"{q['step_s'] / b['step_s']:.2f}" if q and b else "-")
-    cells.append(q["bound"] if q else b["bound"])
+    cells.append(_mfu(b_ok) if b_ok else "-")
+    cells.append(_mfu(q_ok) if q_ok else "-")
+    cells.append(f"{q['step_s'] / b['step_s']:.2f}" if q_ok and b_ok else "-")
+    cells.append(next(iter(built.values()))["bound"] if not q_ok and built else (q_ok["bound"] if q_ok else "-"))
     cells.append(f"{r['wall_s']}")
     out.append("| " + " | ".join(cells) + " |")
   missing = [n for n in ROWS if n not in results]
@@ -146,14 +194,27 @@ def render(results: dict) -> str:
     out.append(f"- `{name}`: `{command(name)}`")
   out.append("\n### Per-step figures (per chip)\n")
   out.append("| row | step | FLOPs compiled | FLOPs analytic | ratio | HBM bytes | ICI bytes | DCN bytes "
+             "| collectives sent, GB (AG all-gather, RS reduce-scatter, AR all-reduce, CP permute) "
              "| compute ms | HBM ms | ICI ms | DCN ms | step ms |")
-  out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name, r in results.items():
     for kind, s in (r.get("steps") or {}).items():
-      out.append(f"| {name} | {kind} | {s['flops_per_chip']:.3g} | {s['analytic_flops_per_chip']:.3g} | "
-                 f"{s['flops_ratio']:.2f} | {s['hbm_bytes_per_chip']:.3g} | {s['ici_bytes_per_chip']:.3g} | "
-                 f"{s['dcn_bytes_per_chip']:.3g} | {s['compute_s'] * 1e3:.1f} | {s['hbm_s'] * 1e3:.1f} | "
-                 f"{s['ici_s'] * 1e3:.1f} | {s['dcn_s'] * 1e3:.1f} | {s['step_s'] * 1e3:.1f} |")
+      if "error" in s:
+        out.append(f"| {name} | {kind} | not built: {s['error'][:200]} |" + " |" * 11)
+        continue
+      np_ = s.get("probes", True) is False and s["cost_source"] != "compiled program"
+      fl = f"{s['flops_per_chip']:.3g}" + (" (np, >=)" if np_ else "")
+      out.append(f"| {name} | {kind} | {fl} | {s['analytic_flops_per_chip']:.3g} | "
+                 f"{'-' if np_ else format(s['flops_ratio'], '.2f')} | {s['hbm_bytes_per_chip']:.3g}"
+                 f"{' (np, >=)' if np_ else ''} | {s['ici_bytes_per_chip']:.3g} | "
+                 f"{s['dcn_bytes_per_chip']:.3g} | {_collectives_cell(s)} | {s['compute_s'] * 1e3:.1f} | "
+                 f"{s['hbm_s'] * 1e3:.1f} | {s['ici_s'] * 1e3:.1f} | {s['dcn_s'] * 1e3:.1f} | "
+                 f"{s['step_s'] * 1e3:.1f} |")
+  out.append("\n(np): compiled without the cost probes (`--no-probes`; an 8B/70B probe pair takes ~2000 s "
+             "or more on this machine): FLOPs and HBM bytes count each loop body once (lower bounds), "
+             "and the roofline's compute time uses the analytic FLOPs. Memory and collectives come from "
+             "the real program in every row: collectives inside loops (scanned layers, loss chunks, "
+             "XLA's windowed einsums) are multiplied by the loops' trip counts.")
   out.append(fit_8b_section(results.get("8b-v5p128")))
   total = sum(r.get("wall_s", 0) for r in results.values())
   out.append(f"\nWall time of the compiles above on this machine (2 shared CPU cores): {total:.0f} s in all.\n")
@@ -175,6 +236,13 @@ How to read it:
   body once, so steps with scanned layers or chunked losses take their costs from loop-free probe
   programs (1 and 2 unrolled layers, extrapolated linearly to N layers; `qsft_jax/aot.py`). Compiled
   FLOPs include remat recomputation (full remat: ~4/3 of the analytic train FLOPs of theta).
+- **Collectives** are read from the compiled program's HLO (`qsft_jax.aot.parse_collectives`): libtpu
+  keeps them inside fusions (an async all-gather is a start / continuation / done chain of fusions,
+  counted once; a reduce-scatter is an `all-reduce-scatter` fusion), and those inside loops count
+  once per trip (trip counts read from the loop conditions). Bytes are those each chip sends with
+  ring algorithms (all-gather and reduce-scatter (n-1)/n of the full array, all-reduce twice that).
+  Rows compiled before this parser (libtpu 0.0.42's HLO was not read: collectives inside fusions were
+  counted once per fusion copy and while-loop bodies once) were recompiled for their collectives.
 - **HBM bytes** are XLA's "bytes accessed" (every fusion's operands and results): an upper bound on HBM
   traffic (operands that stay in VMEM are counted too), so HBM-bound rows are pessimistic on that
   term. The decode step's ICI bytes (135m row) have not been checked against a hand count.
@@ -237,6 +305,14 @@ def fit_8b_section(r: dict | None) -> str:
                f"{(gathers + scatter) / 1200e9 * 1e3:.0f} ms at v5p's 1200 GB/s ICI (BC: two gathers and the "
                f"scatter, {(gathers / 2 + scatter) / 1e9:.0f} GB) against ~820 ms of compute: the step stays "
                "compute-bound if XLA overlaps the gathers with the layers (it schedules them asynchronously).")
+  if r and "steps" in r and "qsft" in r["steps"] and "error" not in r["steps"]["qsft"]:
+    q = r["steps"]["qsft"]
+    lines.append(f"- collectives of the compiled program (loop trip counts applied): "
+                 f"{q['ici_bytes_per_chip'] / 1e9:.0f} GB sent per chip per step ({_collectives_cell(q)} GB), "
+                 f"{q['ici_s'] * 1e3:.0f} ms at the chip's full ICI bandwidth. Where the compiled figure exceeds "
+                 "the analytic one: XLA's windowed einsums rotate activation chunks (collective-permutes) "
+                 "instead of gathering some weights, and the gradient of the vocabulary matrices is "
+                 "all-reduced (not reduce-scattered) inside the loss's chunk loop, once per chunk.")
   lines.append("- FSDP all-gathers one layer's weights at a time (bf16: 0.4 GiB for a full 8B layer). "
                "These parts add up to ~5 GiB; the compiled arguments are exactly the float32 state, "
                "5 x 8.03B x 4 bytes / 128 = 1.17 GiB, and the peak leaves > 85 GiB free: memory is not "
@@ -256,7 +332,7 @@ def qsft_cost_section(results: dict) -> str:
   lines.append("|---|---|---|---|---|")
   for name, r in results.items():
     s = r.get("steps", {})
-    if "bc" in s and "qsft" in s:
+    if "bc" in s and "qsft" in s and "error" not in s["bc"] and "error" not in s["qsft"]:
       b, q = s["bc"], s["qsft"]
       lines.append(f"| {name} | {q['flops_per_chip'] / b['flops_per_chip']:.2f} | "
                    f"{q['step_s'] / b['step_s']:.2f} | {_gib(b['argument_bytes'])} -> "
@@ -326,6 +402,9 @@ def main():
   p.add_argument("--rows", default="", help="comma-separated row names to (re)compile")
   p.add_argument("--doc-only", action="store_true", help="only render docs/scaling.md from the cache")
   p.add_argument("--timeout", type=float, default=1800.0, help="seconds per row's compile (default 1800)")
+  p.add_argument("--refresh", action="store_true",
+                 help="recompile --rows with --no-probes and keep the cached rows' probe FLOPs / HBM bytes "
+                      "(memory and collectives refreshed; the roofline recomputed)")
   a = p.parse_args()
   results = {}
   if os.path.exists(CACHE):
@@ -338,7 +417,10 @@ def main():
   if not a.doc_only:
     for name in wanted:
       print(f"== {name}: {command(name)}", flush=True)
-      results[name] = run_row(name, a.timeout)
+      if a.refresh:
+        results[name] = merge_probe_costs(run_row(name, a.timeout, ["--no-probes"]), results.get(name))
+      else:
+        results[name] = run_row(name, a.timeout)
       with open(CACHE, "w") as f:
         json.dump(results, f, indent=1, sort_keys=True)
   with open(DOC, "w") as f:

@@ -264,6 +264,20 @@ def test_compiled_collectives_match_fsdp_hand_count(results, kind):
       sum(c["moved_bytes"] for c in colls.values()))
 
 
+def test_frozen_sets_in_bf16_halve_their_bytes(results, mesh, chip):
+  """--frozen_dtype=bfloat16: theta_bar and phi stored in bf16 (theta and AdamW moments stay f32);
+  the compiled Q-SFT step takes them as they are and returns them in place (aliased)."""
+  import dataclasses
+  spec = dataclasses.replace(SPEC, frozen_dtype="bfloat16")
+  r = aot.compile_step("qsft", spec, mesh, chip)
+  params = param_count(get_preset("tiny-llama", **MODEL))
+  saved = 2 * params * (4 - 2) // 4  # two sets, 2 bytes less per parameter, over 4 chips
+  full = results["qsft"]
+  assert full["argument_bytes"] - r["argument_bytes"] == pytest.approx(saved, rel=0.02)
+  assert full["alias_bytes"] - r["alias_bytes"] == pytest.approx(saved, rel=0.02)
+  assert r["fits"] and r["peak_bytes"] < full["peak_bytes"]
+
+
 def test_roofline_takes_the_slowest_resource(chip):
   t = aot.roofline(chip, flops=chip.bf16_flops, hbm_bytes=0.5 * chip.hbm_bytes_per_s,
                    ici_bytes=0.0, dcn_bytes=0.0)
