@@ -20,19 +20,19 @@ def get_config():
   c.dataset.heldout_episodes = 200
   c.data.max_length = 256
   # Maze returns lie in [-40, -1] (20 steps, -1 each, -1 more per wall bump); the transform maps the
-  # episode's return onto its final action token in [0, 1].
+  # episode's return onto its final action token in [0, 1], and gamma = 0.7 per turn makes a state's
+  # value fall with its distance to G (0.7^d), so that actions' values differ by far more than the 1/39
+  # per step of the undiscounted return (docs/results.md).
   c.data.reward_transform = "terminal_return:-40,-1"
+  c.data.gamma = 0.7
   c.model.preset = "tiny-llama"
   c.bc.steps = 400
   c.qsft.steps = 400
   c.bc.batch_size = c.qsft.batch_size = 16
-  # Value propagation (docs/value_propagation.md): per-turn bootstrap with a hard target copy every
-  # 20 steps reached the first turn fastest on the tabular corridor MDP while ranking actions like Q*;
-  # the paper's setting is one flag away: --config.qsft.targets_mode=token
-  # --config.qsft.target_update_every=0 (Polyak, tau = 0.005).
-  c.qsft.targets_mode = "turn"
-  c.qsft.target_update_every = 20
-  c.qsft.theta_init = "phi"
+  # Q-SFT, then the control, with the value-learning settings of config_lib.cpu_value_learning (the
+  # paper's setting is a few flags away, see there).
+  config_lib.cpu_value_learning(c)
   c.checkpoint.every_steps = 100
   c.eval.episodes = 100
+  c.eval.betas = (0.0, 4.0, 16.0, 64.0)
   return c

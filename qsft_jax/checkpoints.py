@@ -7,6 +7,7 @@ Workdir layout (what `qsft_jax.main` writes and everything else reads):
   WORKDIR/data/                  generated train.jsonl / heldout.jsonl (bundled tasks)
   WORKDIR/bc/checkpoints/N/      phase 1: {"state": {step, params, opt_state}, "data": iterator}
   WORKDIR/qsft/checkpoints/N/    phase 2: + target_params, behaviour_params
+  WORKDIR/control/checkpoints/N/ the targets-equal-1 control of phase 2 (same layout), when run
   WORKDIR/<phase>/DONE           written after the phase's final checkpoint is complete
   WORKDIR/<phase>/tensorboard/   tensorboardX scalars
   WORKDIR/eval/results.json      evaluation (qsft_jax.evaluate)
@@ -108,9 +109,10 @@ def read_model_config(workdir: str) -> ModelConfig:
 def load_for_inference(workdir: str, mesh=None, rules=None) -> dict:
   """Loads the latest parameters of a workdir without any optimizer state.
 
-  Returns dict(config, model_config, tokenizer, behaviour_params, theta_params, target_params, mesh,
-  rules); theta_params and target_params are
-  None when phase 2 has no checkpoint yet (behaviour_params then come from phase 1). Parameters are
+  Returns dict(config, model_config, tokenizer, behaviour_params, theta_params, target_params,
+  control_params, mesh, rules); theta_params and target_params are None when phase 2 has no
+  checkpoint yet (behaviour_params then come from phase 1); control_params (theta of the control
+  phase) None without a control checkpoint. Parameters are
   placed by the config's rule table on `mesh` (default: a mesh over all local devices, data-parallel).
   """
   from qsft_jax.models.transformer import Transformer
@@ -151,9 +153,10 @@ def load_for_inference(workdir: str, mesh=None, rules=None) -> dict:
     if bc is None:
       raise FileNotFoundError(f"{workdir}: no checkpoint in bc/ or qsft/ yet")
     behaviour, theta = bc["params"], None
+  control = latest_params("control", ("params",))
   return dict(config=config, model_config=model_config, tokenizer=tokenizer,
-              behaviour_params=behaviour, theta_params=theta, target_params=target, mesh=mesh,
-              rules=rules)
+              behaviour_params=behaviour, theta_params=theta, target_params=target,
+              control_params=None if control is None else control["params"], mesh=mesh, rules=rules)
 
 
 def tokenizer_spec(workdir: str, config: ml_collections.ConfigDict) -> str:

@@ -31,7 +31,10 @@ Fields (defaults in brackets):
   mesh.rules                    logical-axis rule table (`qsft_jax.sharding.DEFAULT_RULES`).
   distributed.enabled [False]   call jax.distributed.initialize (also when QSFT_DISTRIBUTED=1);
   distributed.coordinator_address / num_processes / process_id: passed through when set.
-  phases [("bc", "qsft")]       phases to run, in order.
+  phases [("bc", "qsft")]       phases to run, in order, from ("bc", "qsft", "control"). "control" is
+                                DESIGN.md section 8's baseline: phase 2 again with every target 1 (BC
+                                on theta), same qsft.* settings, initialisation and batches, saved in
+                                WORKDIR/control/ and evaluated beside Q-SFT with the same extraction.
   bc.* / qsft.*                 steps, batch_size (global rows), microbatches [1], learning_rate,
                                 warmup_steps, weight_decay, grad_clip, b1, b2.
   qsft.tau [0.005]              Polyak rate; qsft.target_update_every [0] (>0: hard copy every N steps).
@@ -62,7 +65,7 @@ import ml_collections
 
 from qsft_jax.sharding import DEFAULT_RULES
 
-PHASES = ("bc", "qsft")
+PHASES = ("bc", "qsft", "control")
 TASKS = ("", "maze", "wordle", "chess")
 TARGET_MODES = ("token", "turn", "ones")
 THETA_INITS = ("pretrained", "phi", "fresh")
@@ -96,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
       rules=tuple(DEFAULT_RULES)))
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=0, process_id=-1))
-  c.phases = PHASES
+  c.phases = ("bc", "qsft")
   c.bc = _optim(steps=300, batch_size=16, learning_rate=1e-3)
   c.qsft = _optim(steps=300, batch_size=16, learning_rate=1e-3)
   c.qsft.update(dict(tau=0.005, target_update_every=0, support_min=1e-4, targets_mode="token",
@@ -109,6 +112,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True, episodes=100, seed=10000, betas=(0.0, 1.0, 4.0, 16.0), max_new_tokens=16,
       batch_size=64))
+  return c
+
+
+def cpu_value_learning(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The bundled tasks' CPU-scale phase-2 settings (configs/maze_cpu.py, wordle_cpu.py), measured in
+  docs/results.md and docs/value_propagation.md. Changes `c` in place and returns it.
+
+  - phases bc, qsft, control: every Q-SFT run trains its targets-equal-1 control on the same batches
+    (DESIGN.md section 8) and evaluation reports both.
+  - Per-turn bootstrap with a hard target copy every 25 steps, and half of each target from the
+    observed Monte Carlo return (mc_mix = 0.5): values reach the first turn at once, the fixed point
+    lies between Q* and Q^beta.
+  - 1 - w on a dummy token, the char tokenizer's unk (id 3, never in the data): with ~100 characters the
+    even spread biases every ratio upward by (1 - w) / (99 pi_phi). The dummy is excluded from the
+    Bellman max and never played.
+  - The Bellman max over tokens the behaviour policy takes at least 1% of the time: over rare tokens the
+    ratio p_theta_bar / pi_phi is noise, and its max kept ~90% of the targets clipped at 1.
+  The paper's setting is a few flags away: --config.qsft.targets_mode=token
+  --config.qsft.target_update_every=0 --config.qsft.mc_mix=0 --config.qsft.dummy_token=-1
+  --config.qsft.support_min=1e-4 (and --config.phases="('bc','qsft')" to skip the control).
+  """
+  c.phases = ("bc", "qsft", "control")
+  c.qsft.targets_mode = "turn"
+  c.qsft.target_update_every = 25
+  c.qsft.mc_mix = 0.5
+  from qsft_jax.tokenizers import CharTokenizer
+  c.qsft.dummy_token = CharTokenizer.UNK
+  c.qsft.support_min = 0.01
+  c.qsft.theta_init = "phi"
+  c.log.value_diagnostics_every = 100
   return c
 
 
@@ -162,13 +195,14 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
   phases = tuple(config.phases)
   if not phases or any(p not in PHASES for p in phases) or len(set(phases)) != len(phases):
     _fail("phases", f"must be a non-empty ordered subset of {PHASES}; got {phases}")
-  if "qsft" in phases and "bc" not in phases:
-    _fail("phases", "the qsft phase needs phi from the bc phase: add 'bc' before it")
+  for name in ("qsft", "control"):
+    if name in phases and (phases[0] != "bc"):
+      _fail("phases", f"the {name} phase needs phi from the bc phase: put 'bc' first")
   if not config.data.path and not (config.task and config.dataset.generate):
     _fail("data.path", "is empty and no bundled task generates data (set data.path or task)")
 
   batch_divisor = mesh["data"] * mesh["fsdp"]
-  for name in phases:
+  for name in ("qsft" if n == "control" else n for n in phases):
     p = config[name]
     if p.steps < 1:
       _fail(f"{name}.steps", f"must be >= 1; got {p.steps}")
@@ -187,7 +221,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
     if p.batch_size % shards or (p.batch_size // p.microbatches) % shards:
       _fail(f"{name}.batch_size", f"{p.batch_size} rows do not divide across {shards} data shards")
   q = config.qsft
-  if "qsft" in phases:
+  if "qsft" in phases or "control" in phases:
     if not 0.0 <= q.tau <= 1.0:
       _fail("qsft.tau", f"must be in [0, 1]; got {q.tau}")
     if q.tau == 0.0 and q.target_update_every == 0:

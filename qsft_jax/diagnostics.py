@@ -175,9 +175,9 @@ def run_value_diagnostics(config, model_config: ModelConfig, batch: Mapping[str,
                            mc_mix=q.get("mc_mix", 0.0), n_step=q.get("n_step", 1))
 
 
-def heldout_value_diagnostics(workdir: str, loaded: Mapping[str, Any], data_config) -> dict:
-  """Runs `value_diagnostics` on WORKDIR/data/heldout.jsonl with the latest phi, theta (and theta_bar
-  from the Q-SFT checkpoint); writes WORKDIR/eval/value_diagnostics.{json,png}. Returns the dict."""
+def heldout_value_diagnostics(workdir: str, loaded: Mapping[str, Any], data_config, suffix: str = "") -> dict:
+  """Runs `value_diagnostics` on WORKDIR/data/heldout.jsonl with loaded's phi, theta (and theta_bar
+  when given); writes WORKDIR/eval/value_diagnostics{suffix}.{json,png}. Returns the dict."""
   import json
   import os
 
@@ -189,9 +189,10 @@ def heldout_value_diagnostics(workdir: str, loaded: Mapping[str, Any], data_conf
   if jax.process_index() == 0:
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "value_diagnostics.json"), "w") as f:
+    with open(os.path.join(out, f"value_diagnostics{suffix}.json"), "w") as f:
       json.dump(d, f, indent=1)
-    plot_value_diagnostics(d, os.path.join(out, "value_diagnostics.png"), os.path.basename(workdir))
-    print(f"value correlation (p_theta/pi_phi vs return-to-go, held out): overall "
+    plot_value_diagnostics(d, os.path.join(out, f"value_diagnostics{suffix}.png"),
+                           os.path.basename(workdir) + suffix)
+    print(f"value correlation{suffix} (p_theta/pi_phi vs return-to-go, held out): overall "
           f"{d['correlation']:.3f}, first turn {d['first_turn_correlation']:.3f}", flush=True)
   return d

@@ -14,14 +14,21 @@ and an action that decodes to no text is sent as an empty line (the stop string)
 Policies (names in results.json):
 - "bc": extraction with beta = 0, i.e. pi_phi alone (theta never runs);
 - "qsft_beta{b}": log_softmax(z_phi) + b * softmax(z_theta), for each b > 0 of --betas;
-- "ratio": greedy argmax of p_theta / pi_phi over pi_phi's support (qsft.support_min).
+- "ratio": greedy argmax of p_theta / pi_phi over pi_phi's support (qsft.support_min);
+- "control_beta{b}" and "control_ratio": the same with theta from the control phase (every target 1,
+  DESIGN.md section 8), when the run has one.
 Without theta (only phase 1 done) only "bc" is played. Decoding is greedy by default
 (--temperature > 0 samples instead; "ratio" is always greedy).
 
 Writes DIR/eval/results.json (DESIGN.md section 7):
 
     {"env": NAME, "episodes": N, "dataset_mean_return": x,
-     "policies": {NAME: {"mean_return": x, "stderr": x, "success_rate": x, "beta": x}}}
+     "policies": {NAME: {"mean_return": x, "stderr": x, "success_rate": x, "beta": x}},
+     "value_correlation": {"qsft" | "control": {"all_turns": x, "turn0": x}}}
+
+value_correlation (when the run has held-out episodes, WORKDIR/data/heldout.jsonl): the correlation of
+p_theta / pi_phi at each turn's first action token with the observed return-to-go
+(`qsft_jax.diagnostics`; the full diagnostics in DIR/eval/value_diagnostics[_control].{json,png}).
 
 with returns in the task's original units (the environments report them so; rewards are only
 transformed for training), stderr = sample standard deviation (ddof = 1) / sqrt(N) (null for N = 1),
@@ -60,19 +67,23 @@ def history_tokens(history: Sequence[Mapping[str, Any]], tokenizer, data_config:
   return tokenized.tokens.tolist()
 
 
-def policy_specs(betas: Sequence[float], ratio: bool = True, have_theta: bool = True) -> list[dict]:
-  """[{"name", "mode", "beta"}]: "bc" for beta 0, "qsft_beta{b}" for each b > 0, then "ratio".
-  Without theta only "bc"."""
-  specs = [{"name": "bc", "mode": "extract", "beta": 0.0}]
-  if not have_theta:
-    return specs
+def policy_specs(betas: Sequence[float], ratio: bool = True, have_theta: bool = True,
+                 have_control: bool = False) -> list[dict]:
+  """[{"name", "mode", "beta", "theta"}]: "bc" for beta 0, "qsft_beta{b}" for each b > 0, then
+  "ratio"; with the control, "control_beta{b}" and "control_ratio" after them. "theta" names the
+  parameters a policy reads ("theta" or "control"). Without theta only "bc"."""
+  specs = [{"name": "bc", "mode": "extract", "beta": 0.0, "theta": "theta"}]
   for b in betas:
     if b < 0:
       raise ValueError(f"beta={b} must be >= 0")
-    if b > 0:
-      specs.append({"name": f"qsft_beta{b:g}", "mode": "extract", "beta": float(b)})
-  if ratio:
-    specs.append({"name": "ratio", "mode": "ratio", "beta": None})
+  for source, prefix, present in (("theta", "qsft", have_theta), ("control", "control", have_control)):
+    if not present:
+      continue
+    specs += [{"name": f"{prefix}_beta{b:g}", "mode": "extract", "beta": float(b), "theta": source}
+              for b in betas if b > 0]
+    if ratio:
+      specs.append({"name": "ratio" if source == "theta" else "control_ratio", "mode": "ratio",
+                    "beta": None, "theta": source})
   return specs
 
 
@@ -100,12 +111,13 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
                       max_new_tokens: int = 16, temperature: float = 0.0, support_min: float = 1e-4,
                       dataset_mean_return: float | None = None, mesh=None, rules=None,
                       sampler: Sampler | None = None, record: dict | None = None,
-                      extra_suppress_ids: Sequence[int] = ()) -> dict:
+                      extra_suppress_ids: Sequence[int] = (), control_params=None) -> dict:
   """Plays `episodes` episodes (seeds seed .. seed + episodes - 1) with every policy of `policies`
   ({"name", "mode", "beta"}, see `policy_specs`) and returns the results.json dict.
 
   data_config: the training data config (templates, max_length); temperature 0 = greedy.
   `record`, when a dict, receives each policy's played episodes (name -> list of episode dicts).
+  control_params: theta of the control phase, read by specs with "theta": "control".
   extra_suppress_ids: more token ids no policy may emit (the Q-SFT dummy token: it carries 1 - w of
   the training targets, so p_theta puts most of its mass there, but it is not an action).
   """
@@ -118,23 +130,40 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   stop = envs[0].action_stop
   # Training actions never contain the special tokens (the data layer adds only a BOS, in front).
   suppress = sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, *map(int, extra_suppress_ids)})
-  if sampler is None:
-    sampler = Sampler(model_config, mesh=mesh, rules=rules, pad_id=tokenizer.pad_id,
-                      # A policy's episode may run longer than the training rows (e.g. more wall bumps).
-                      cache_len=min(model_config.max_position_embeddings,
-                                    2 * data_config.max_length) + max_new_tokens,
-                      min_batch_bucket=len(envs))  # one batch bucket: episodes ending early recompile nothing
+  own_sampler = sampler is None
+
+  def new_sampler(cache_len):
+    return Sampler(model_config, mesh=mesh, rules=rules, pad_id=tokenizer.pad_id, cache_len=cache_len,
+                   min_batch_bucket=len(envs))  # one batch bucket: episodes ending early recompile nothing
+
+  if own_sampler:
+    # A policy's episode may run longer than the training rows (e.g. more wall bumps).
+    sampler = new_sampler(min(model_config.max_position_embeddings, 2 * data_config.max_length) + max_new_tokens)
+  samplers = [sampler]
+
+  def sampler_for(longest_prompt: int) -> Sampler:
+    """The sampler, rebuilt with a longer cache (up to the model's positions) when a history outgrows
+    it: an untrained policy's actions can run to max_new_tokens each."""
+    need = longest_prompt + max_new_tokens
+    if own_sampler and need > samplers[0].cache_len and need <= model_config.max_position_embeddings:
+      samplers[0] = new_sampler(min(model_config.max_position_embeddings, 2 * need))
+    return samplers[0]
   results = {"env": env_name, "episodes": episodes, "dataset_mean_return": dataset_mean_return, "policies": {}}
   try:
     for spec in policies:
       calls = [0]
 
-      def act(histories, spec=spec, calls=calls):
+      theta = control_params if spec.get("theta", "theta") == "control" else theta_params
+      needs_theta = spec["mode"] != "extract" or (spec["beta"] or 0.0) > 0
+      if needs_theta and theta is None:
+        raise ValueError(f"policy {spec['name']!r} needs {spec.get('theta', 'theta')} parameters")
+
+      def act(histories, spec=spec, calls=calls, theta=theta):
         prompts = [history_tokens(h, tokenizer, data_config) for h in histories]
         rng = jax.random.fold_in(jax.random.key(seed), calls[0])
         calls[0] += 1
-        texts = sampler.generate_text(
-            behaviour_params, theta_params, prompts, tokenizer, stop_strings=(stop,), mode=spec["mode"],
+        texts = sampler_for(max(map(len, prompts))).generate_text(
+            behaviour_params, theta, prompts, tokenizer, stop_strings=(stop,), mode=spec["mode"],
             beta=0.0 if spec["beta"] is None else spec["beta"], greedy=temperature <= 0,
             temperature=temperature if temperature > 0 else 1.0, support_min=support_min,
             max_new_tokens=max_new_tokens, suppress_token_ids=suppress, rng=rng)
@@ -161,12 +190,23 @@ def results_markdown(results: Mapping) -> str:
   def fmt(x):
     return "n/a" if x is None else f"{x:.3f}"
 
+  corr = results.get("value_correlation") or {}
+
+  def corr_cells(name):
+    c = corr.get("control" if name.startswith("control") else "qsft") if name != "bc" else None
+    return "- | -" if c is None else f"{fmt(c['all_turns'])} | {fmt(c['turn0'])}"
+
   lines = [f"# Evaluation: {results['env']}, {results['episodes']} episodes per policy", "",
            f"Dataset mean return: {fmt(results['dataset_mean_return'])}", "",
-           "| policy | beta | mean return | stderr | success rate |", "| --- | --- | --- | --- | --- |"]
+           "| policy | beta | mean return | stderr | success rate | value corr. (all turns) | value corr. (turn 0) |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
   for name, r in results["policies"].items():
     beta = "-" if r["beta"] is None else f"{r['beta']:g}"
-    lines.append(f"| {name} | {beta} | {fmt(r['mean_return'])} | {fmt(r['stderr'])} | {fmt(r['success_rate'])} |")
+    lines.append(f"| {name} | {beta} | {fmt(r['mean_return'])} | {fmt(r['stderr'])} | "
+                 f"{fmt(r['success_rate'])} | {corr_cells(name)} |")
+  if corr:
+    lines += ["", "value corr.: correlation of p_theta / pi_phi (first action token of each turn) with "
+              "the observed return-to-go on the held-out episodes; the control's theta learns no values."]
   return "\n".join(lines) + "\n"
 
 
@@ -198,10 +238,12 @@ def training_data_paths(workdir: str, config) -> list[str]:
 def run(workdir: str, loaded: Mapping, *, episodes: int | None = None, seed: int | None = None,
         betas: Sequence[float] | None = None, ratio: bool = True, batch_size: int | None = None,
         max_new_tokens: int | None = None, temperature: float = 0.0,
-        dataset_return: float | None = None) -> dict:
+        dataset_return: float | None = None, control: bool = True, value_diagnostics: bool = True) -> dict:
   """Evaluates a loaded run (`checkpoints.load_for_inference(workdir)`'s dict) and writes the results.
 
   Unset options come from the run's config (`eval.*`, `task`, `env`, `data`, `qsft.support_min`).
+  control: also play the control phase's policies when the run has one. value_diagnostics: add the
+  held-out value correlations (and write their files) when WORKDIR/data/heldout.jsonl exists.
   """
   config = loaded["config"]
   ev = config.get("eval", {}) if hasattr(config, "get") else {}
@@ -220,16 +262,38 @@ def run(workdir: str, loaded: Mapping, *, episodes: int | None = None, seed: int
   if dataset_return is None:
     paths = training_data_paths(workdir, config)
     dataset_return = dataset_mean_return(paths, data_config) if paths else None
-  specs = policy_specs(betas, ratio=ratio, have_theta=loaded["theta_params"] is not None)
+  control_params = loaded.get("control_params") if control else None
+  specs = policy_specs(betas, ratio=ratio, have_theta=loaded["theta_params"] is not None,
+                       have_control=control_params is not None)
   record: dict = {}
   results = evaluate_policies(
       task, dict(config.get("env", {})), loaded["model_config"], loaded["tokenizer"], loaded["behaviour_params"],
       loaded["theta_params"], policies=specs, episodes=episodes, seed=seed, data_config=data_config,
       batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, support_min=support_min,
       dataset_mean_return=dataset_return, mesh=loaded.get("mesh"), rules=loaded.get("rules"), record=record,
-      extra_suppress_ids=(dummy,) if dummy >= 0 else ())
+      extra_suppress_ids=(dummy,) if dummy >= 0 else (), control_params=control_params)
+  if value_diagnostics:
+    results["value_correlation"] = heldout_correlations(workdir, loaded, data_config, control_params)
   write_results(workdir, results, record)
   return results
+
+
+def heldout_correlations(workdir: str, loaded: Mapping, data_config: DataConfig, control_params=None) -> dict:
+  """{"qsft" | "control": {"all_turns", "turn0"}} from `diagnostics.heldout_value_diagnostics` (which
+  writes DIR/eval/value_diagnostics[_control].{json,png}); {} without theta or held-out episodes."""
+  from qsft_jax import diagnostics
+
+  if not os.path.exists(os.path.join(workdir, "data", "heldout.jsonl")):
+    return {}
+  out = {}
+  for name, theta, target in (("qsft", loaded["theta_params"], loaded.get("target_params")),
+                              ("control", control_params, None)):
+    if theta is None:
+      continue
+    d = diagnostics.heldout_value_diagnostics(workdir, {**loaded, "theta_params": theta, "target_params": target},
+                                              data_config, suffix="" if name == "qsft" else "_control")
+    out[name] = {"all_turns": d["correlation"], "turn0": d["first_turn_correlation"]}
+  return out
 
 
 def evaluate_workdir(workdir: str, **options) -> dict:

@@ -38,7 +38,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 
-PHASE_SEED_OFFSET = {"bc": 0, "qsft": 1}
+# The control sees exactly the batches of Q-SFT (same offset): only the targets differ.
+PHASE_SEED_OFFSET = {"bc": 0, "qsft": 1, "control": 1}
 
 
 class NonFiniteError(FloatingPointError):
@@ -279,7 +280,7 @@ def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data
   phase 1, without WORKDIR/data/heldout.jsonl, or with several processes (the diagnostics read the
   parameters from one host; evaluation still computes them at the end)."""
   every = config.log.get("value_diagnostics_every", 0)
-  if phase != "qsft" or every <= 0:
+  if phase == "bc" or every <= 0:
     return None
   if jax.process_count() > 1:
     logging.warning("log.value_diagnostics_every: not logged during training with %d processes",
@@ -304,11 +305,12 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
               initial_params: Callable[[], Any], preemption: Preemption) -> dict:
   """Trains one phase to config[phase].steps (resuming if possible) and returns its final state.
 
-  `initial_params()` -> the params a fresh phase starts from: BC: theta_0; Q-SFT: (theta_0, phi).
+  `initial_params()` -> the params a fresh phase starts from: BC: theta_0; Q-SFT and the control:
+  (theta_0, phi). The control is the Q-SFT phase with qsft.targets_mode = "ones".
   """
   from qsft_jax.data.sharded import ShardedBatchIterator
 
-  p = config[phase]
+  p = config["qsft" if phase == "control" else phase]
   model = Transformer(model_config)
   optimizer, schedule = make_optimizer(p)
   common = dict(chunk_size=config.loss.chunk_size, microbatches=p.microbatches,
@@ -320,11 +322,13 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
     q = config.qsft
     step_fn = train_steps.make_qsft_step(
         model, model_config, optimizer, mesh, rules, support_min=q.support_min, tau=q.tau,
-        target_update_every=q.target_update_every, targets_mode=q.targets_mode,
+        target_update_every=q.target_update_every,
+        targets_mode="ones" if phase == "control" else q.targets_mode,
         dummy_token=None if q.dummy_token < 0 else q.dummy_token, mc_mix=q.mc_mix, n_step=q.n_step,
         **common)
     init_state = lambda params: train_steps.init_qsft_state(params[0], params[1], optimizer)
-  shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, phase)
+  kind = "bc" if phase == "bc" else "qsft"  # the control's state is a Q-SFT state
+  shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, kind)
 
   iterator = ShardedBatchIterator(
       data_config, tokenizer, global_batch_size=p.batch_size,
@@ -414,7 +418,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for phase in config.phases:
     if phase == "bc":
       initial = lambda: pretrained if pretrained is not None else fresh_params(0)
-    else:
+    else:  # qsft and control
       def initial():
         phi = states["bc"]["params"]
         theta = {"phi": phi, "pretrained": pretrained}.get(config.qsft.theta_init)
@@ -423,13 +427,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               data_config, initial, preemption)
 
   if config.task and config.eval.enabled:
-    from qsft_jax import diagnostics, evaluate
+    from qsft_jax import evaluate
     loaded = checkpoints.load_for_inference(workdir, mesh=mesh, rules=rules)
-    results = evaluate.run(workdir, loaded)
+    results = evaluate.run(workdir, loaded)  # with the held-out value diagnostics
     if jax.process_index() == 0:
       print(evaluate.results_markdown(results), flush=True)
-    if loaded["theta_params"] is not None and os.path.exists(dataset_files(workdir)["heldout"]):
-      diagnostics.heldout_value_diagnostics(workdir, loaded, data_config)
   return states
 
 

@@ -1,94 +1,109 @@
 """Results table for one task: dataset average, BC, the targets-equal-1 control and Q-SFT, with value
 diagnostics (DESIGN.md section 8).
 
-    python scripts/results.py --name maze_trap --bc /tmp/trap --control /tmp/trapctl \
-        --qsft token=/tmp/trap --qsft turn_hard20=/tmp/trapturn --out docs/results_maze_trap.md
+    python -m qsft_jax.main --config=configs/maze_trap_cpu.py --workdir=/tmp/trap
+    python scripts/results.py --name maze_trap --run /tmp/trap --out docs/results_maze_trap.md
 
-Each workdir is a finished `qsft_jax.main` run; the control and every Q-SFT variant share phase 1
-(phi) with the BC run (copy its bc/ and data/ directories before running phase 2). For each phase-2
-run, beta is chosen on selection seeds (eval.seed + 100000, --select_episodes episodes) and the chosen
-beta is then reported on the evaluation seeds, so the choice does not fit the reported episodes.
+`--run` is a finished `qsft_jax.main` run with the phases bc, qsft and control (the CPU configs' default):
+BC is its pi_phi, the control its control phase, Q-SFT its qsft phase. More Q-SFT variants that share
+its phase 1 (copy its bc/, data/ and tokenizer.json into their workdir before training phase 2) are
+added with `--qsft LABEL=WORKDIR`. For Q-SFT and the control alike, beta is chosen on selection seeds
+(eval.seed + 100000, --select_episodes episodes) and the chosen beta is reported on the evaluation
+seeds, so the choice does not fit the reported episodes; the greedy p_theta / pi_phi policy of each
+is reported too.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 from qsft_jax import checkpoints, diagnostics, evaluate
 from qsft_jax.main import prepare_data
 
 
-def evaluate_run(workdir: str, betas, select_episodes: int, episodes: int) -> dict:
-  loaded = checkpoints.load_for_inference(workdir)
-  config = loaded["config"]
-  seed = config.eval.seed
-  out = {"workdir": workdir}
-  if loaded["theta_params"] is None:
-    raise ValueError(f"{workdir}: no phase-2 checkpoint to evaluate")
-  selection = evaluate.run(workdir, loaded, episodes=select_episodes, seed=seed + 100000,
-                           betas=[b for b in betas if b > 0], ratio=False)
-  best = max(selection["policies"].items(), key=lambda kv: kv[1]["mean_return"])
-  beta = best[1]["beta"]
-  res = evaluate.run(workdir, loaded, episodes=episodes, seed=seed, betas=(beta,), ratio=True)
-  name = next(k for k in res["policies"] if k.startswith("qsft"))
-  out.update(selection={k: v["mean_return"] for k, v in selection["policies"].items()},
-             best_beta=beta, qsft=res["policies"][name], ratio=res["policies"].get("ratio"),
-             dataset_mean_return=res["dataset_mean_return"])
-  data_config = prepare_data(config, workdir)
-  out["diagnostics"] = diagnostics.heldout_value_diagnostics(workdir, loaded, data_config)
-  return out
+def evaluate_theta(workdir: str, loaded: dict, theta_params, target_params, suffix: str, betas,
+                   select_episodes: int, episodes: int) -> dict:
+  """Best-beta extraction and the ratio policy of one theta, plus its held-out value diagnostics."""
+  view = {**loaded, "theta_params": theta_params, "target_params": target_params, "control_params": None}
+  seed = loaded["config"].eval.seed
+  common = dict(ratio=False, control=False, value_diagnostics=False)
+  selection = evaluate.run(workdir, view, episodes=select_episodes, seed=seed + 100000,
+                           betas=[b for b in betas if b > 0], **common)
+  best = max((v for k, v in selection["policies"].items() if k != "bc"), key=lambda v: v["mean_return"])
+  res = evaluate.run(workdir, view, episodes=episodes, seed=seed, betas=(best["beta"],),
+                     **{**common, "ratio": True})
+  name = next(k for k in res["policies"] if k.startswith("qsft_beta"))
+  d = diagnostics.heldout_value_diagnostics(workdir, view, prepare_data(loaded["config"], workdir), suffix)
+  return {"workdir": workdir, "selection": {k: v["mean_return"] for k, v in selection["policies"].items()},
+          "best_beta": best["beta"], "extract": res["policies"][name], "ratio": res["policies"]["ratio"],
+          "bc": res["policies"]["bc"], "dataset_mean_return": res["dataset_mean_return"],
+          "diagnostics": {"correlation": d["correlation"], "first_turn_correlation": d["first_turn_correlation"],
+                          "by_turn": d["by_turn"]}}
+
+
+def row(label: str, beta, r: dict, d: dict | None = None) -> str:
+  corr = "- | -" if d is None else f"{d['correlation']:.3f} | {d['first_turn_correlation']:.3f}"
+  beta = "-" if beta is None else f"{beta:g}"
+  return (f"| {label} | {beta} | {r['mean_return']:.3f} | {r['stderr']:.3f} | {r['success_rate']:.2f} | "
+          f"{corr} |")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--name", required=True)
-  parser.add_argument("--bc", required=True, help="workdir whose phase 1 is the BC baseline")
-  parser.add_argument("--control", required=True, help="phase-2 run with qsft.targets_mode=ones")
-  parser.add_argument("--qsft", action="append", default=[], help="LABEL=WORKDIR of a Q-SFT run")
-  parser.add_argument("--betas", default="1,4,16")
+  parser.add_argument("--run", required=True, help="workdir with the phases bc, qsft and control")
+  parser.add_argument("--qsft", action="append", default=[], help="LABEL=WORKDIR of another Q-SFT run")
+  parser.add_argument("--betas", default="1,4,16,64")
   parser.add_argument("--select_episodes", type=int, default=50)
   parser.add_argument("--episodes", type=int, default=100)
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
   betas = [float(b) for b in args.betas.split(",")]
   start = time.time()
-  runs = {"control": evaluate_run(args.control, betas, args.select_episodes, args.episodes)}
+  loaded = checkpoints.load_for_inference(args.run)
+  if loaded["theta_params"] is None or loaded["control_params"] is None:
+    raise SystemExit(f"{args.run}: needs finished qsft and control phases "
+                     "(--config.phases='(\"bc\",\"qsft\",\"control\")')")
+  opts = dict(betas=betas, select_episodes=args.select_episodes, episodes=args.episodes)
+  runs = {"control": evaluate_theta(args.run, loaded, loaded["control_params"], None, "_control", **opts),
+          "Q-SFT": evaluate_theta(args.run, loaded, loaded["theta_params"], loaded["target_params"], "", **opts)}
   for item in args.qsft:
     label, workdir = item.split("=", 1)
-    runs[f"qsft[{label}]"] = evaluate_run(workdir, betas, args.select_episodes, args.episodes)
+    other = checkpoints.load_for_inference(workdir)
+    runs[f"Q-SFT [{label}]"] = evaluate_theta(workdir, other, other["theta_params"], other["target_params"],
+                                              "", **opts)
+  bc = runs["control"]["bc"]  # pi_phi alone on the evaluation seeds (the same for every row)
   dataset_return = runs["control"]["dataset_mean_return"]
-  # BC is the beta = 0 policy (phi alone) of the run named by --bc.
-  loaded = checkpoints.load_for_inference(args.bc)
-  bc_res = evaluate.run(args.bc, loaded, episodes=args.episodes, seed=loaded["config"].eval.seed,
-                        betas=(0.0,), ratio=False)["policies"]["bc"]
   elapsed = time.time() - start
+  config = loaded["config"]
+  q = config.qsft
 
   lines = [f"## {args.name}", "",
-           f"Dataset mean return: {dataset_return:.3f} (original units). "
-           f"{args.episodes} evaluation episodes per policy (seeds eval.seed + i); beta chosen among "
-           f"{betas} on {args.select_episodes} separate episodes.", "",
+           f"Run: `{args.run}` ({config.dataset.num_episodes} training episodes, policy "
+           f"{config.dataset.policy!r}; {config.bc.steps} BC steps, {q.steps} steps each for Q-SFT and the "
+           f"control, batch {q.batch_size} x {config.data.max_length}). Q-SFT: targets_mode={q.targets_mode}, "
+           f"target copy every {q.target_update_every} steps (0: Polyak tau={q.tau}), mc_mix={q.mc_mix}, "
+           f"n_step={q.n_step}, support_min={q.support_min}, dummy_token={q.dummy_token}, gamma="
+           f"{config.data.gamma}, reward_transform={config.data.reward_transform}.", "",
+           f"Dataset mean return: {dataset_return:.3f} (original units). {args.episodes} evaluation episodes "
+           f"per policy (seeds eval.seed + i); beta chosen among {betas} on {args.select_episodes} separate "
+           "episodes.", "",
            "| policy | beta | mean return | stderr | success | value corr. (all turns) | value corr. (turn 0) |",
            "| --- | --- | --- | --- | --- | --- | --- |",
            f"| dataset | - | {dataset_return:.3f} | - | - | - | - |",
-           f"| BC (pi_phi) | 0 | {bc_res['mean_return']:.3f} | {bc_res['stderr']:.3f} | "
-           f"{bc_res['success_rate']:.2f} | - | - |"]
+           row("BC (pi_phi)", 0.0, bc)]
   for label, r in runs.items():
-    d = r["diagnostics"]
-    lines.append(f"| {label} | {r['best_beta']:g} | {r['qsft']['mean_return']:.3f} | {r['qsft']['stderr']:.3f} | "
-                 f"{r['qsft']['success_rate']:.2f} | {d['correlation']:.3f} | {d['first_turn_correlation']:.3f} |")
+    lines.append(row(label, r["best_beta"], r["extract"], r["diagnostics"]))
   for label, r in runs.items():
-    if r.get("ratio"):
-      q = r["ratio"]
-      lines.append(f"| {label} greedy p_theta/pi_phi | - | {q['mean_return']:.3f} | {q['stderr']:.3f} | "
-                   f"{q['success_rate']:.2f} | - | - |")
+    lines.append(row(f"{label}, greedy p_theta/pi_phi", None, r["ratio"]))
   lines += ["", f"Evaluation wall time: {elapsed / 60:.1f} min.", ""]
+  text = "\n".join(lines)
   with open(args.out, "w") as f:
-    f.write("\n".join(lines))
+    f.write(text)
   with open(args.out.replace(".md", ".json"), "w") as f:
-    json.dump({"bc": bc_res, **runs}, f, indent=1, default=float)
-  print("\n".join(lines))
+    json.dump({"bc": bc, "dataset_mean_return": dataset_return, **runs}, f, indent=1, default=float)
+  print(text)
 
 
 if __name__ == "__main__":

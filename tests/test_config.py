@@ -96,7 +96,16 @@ def test_task_and_phases():
 def test_qsft_without_bc():
   c = tiny()
   c.phases = ("qsft",)
+  rejects(c, r"^config\.phases: the qsft phase needs phi from the bc phase: put 'bc' first")
+  c.phases = ("qsft", "bc")
   rejects(c, r"^config\.phases: the qsft phase needs phi from the bc phase")
+  c.phases = ("control",)
+  rejects(c, r"^config\.phases: the control phase needs phi from the bc phase")
+  c.phases = ("bc", "qsft", "control")
+  config_lib.check_config(c, 8)
+  c.qsft.tau, c.qsft.target_update_every = 0.0, 0  # the control's phase-2 settings are checked too
+  c.phases = ("bc", "control")
+  rejects(c, r"^config\.qsft\.tau: is 0 and target_update_every is 0")
 
 
 def test_no_data_source():

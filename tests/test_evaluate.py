@@ -48,8 +48,17 @@ def test_policy_specs():
   names = [s["name"] for s in evaluate.policy_specs([0, 1, 4.5])]
   assert names == ["bc", "qsft_beta1", "qsft_beta4.5", "ratio"]
   assert [s["name"] for s in evaluate.policy_specs([0, 1], have_theta=False)] == ["bc"]
+  specs = evaluate.policy_specs([0, 2], have_control=True)
+  assert [(s["name"], s["theta"]) for s in specs] == [
+      ("bc", "theta"), ("qsft_beta2", "theta"), ("ratio", "theta"), ("control_beta2", "control"),
+      ("control_ratio", "control")]
+  assert [s["name"] for s in evaluate.policy_specs([2], have_theta=False, have_control=True)] == [
+      "bc", "control_beta2", "control_ratio"]
   with pytest.raises(ValueError, match="beta"):
     evaluate.policy_specs([-1])
+
+
+DUMMY = TOKENIZER.encode("u")[0]
 
 
 @pytest.mark.slow
@@ -60,7 +69,7 @@ def test_results_json_schema_and_numbers_on_the_maze(tmp_path):
   with open(os.path.join(workdir, "data", "train.jsonl"), "w") as f:
     f.writelines(json.dumps(ep) + "\n" for ep in dataset)
   config = ml_collections.ConfigDict({
-      "task": "maze", "env": ENV_KWARGS, "data": {**DATA, "path": ""}, "qsft": {"support_min": 1e-3},
+      "task": "maze", "env": ENV_KWARGS, "data": {**DATA, "path": ""}, "qsft": {"support_min": 1e-3, "dummy_token": DUMMY},
       "eval": {"episodes": 7, "seed": 100, "betas": (0.0, 2.0), "max_new_tokens": 1, "batch_size": 4}})
   loaded = dict(config=config, model_config=CONFIG, tokenizer=TOKENIZER, behaviour_params=_params(0),
                 theta_params=_params(1))
@@ -69,7 +78,8 @@ def test_results_json_schema_and_numbers_on_the_maze(tmp_path):
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     on_disk = json.load(f)
   assert on_disk == json.loads(json.dumps(results))
-  assert set(on_disk) == {"env", "episodes", "dataset_mean_return", "policies"}
+  assert set(on_disk) == {"env", "episodes", "dataset_mean_return", "policies", "value_correlation"}
+  assert on_disk["value_correlation"] == {}  # no held-out episodes in this workdir
   assert on_disk["env"] == "maze" and on_disk["episodes"] == 7
   assert on_disk["dataset_mean_return"] == pytest.approx(np.mean([ep["meta"]["return"] for ep in dataset]))
   assert list(on_disk["policies"]) == ["bc", "qsft_beta2", "ratio"]
@@ -90,6 +100,8 @@ def test_results_json_schema_and_numbers_on_the_maze(tmp_path):
     assert r["success_rate"] == pytest.approx(np.mean([ep["meta"]["success"] for ep in played]))
     for ep in played:
       assert all(t["text"].count("\n") <= 1 for t in ep["turns"] if t["action"]), "actions cut at the stop"
+      # qsft.dummy_token ("u" here) carries 1 - w in training, never an action: no policy emits it
+      assert not any("u" in t["text"] for t in ep["turns"] if t["action"]), ep["turns"]
     spread = max(spread, returns.std())
     assert f"| {name} |" in markdown
   assert spread > 0, "returns should vary across episodes for the stderr check to mean something"

@@ -84,6 +84,42 @@ def test_tiny_config_end_to_end_artifacts():
   assert logged[12]["value_corr"] != logged[STEPS]["value_corr"]  # computed at each step, not copied
 
 
+@pytest.mark.slow
+def test_control_phase_is_qsft_with_unit_targets_and_is_evaluated(tmp_path):
+  """phases=(bc, control) trains exactly what phases=(bc, qsft) with qsft.targets_mode=ones trains
+  (same initialisation, same batches), into WORKDIR/control; evaluation plays its policies and
+  reports its value correlation beside BC."""
+  from qsft_jax import checkpoints, evaluate
+
+  reference = tu.reference_run()
+  dirs = {}
+  for name in ("control", "ones"):
+    workdir = str(tmp_path / name)
+    os.makedirs(workdir)
+    for item in ("bc", "data", "tokenizer.json", "config.json"):  # phase 1 shared with the reference
+      src = os.path.join(reference, item)
+      (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(workdir, item))
+    dirs[name] = workdir
+  steps = ("--config.qsft.steps=6",)
+  tu.run_ok(dirs["control"], *tu.SHARED_OVERRIDES, *steps, "--config.phases=('bc','control')")
+  tu.run_ok(dirs["ones"], *tu.SHARED_OVERRIDES, *steps, "--config.qsft.targets_mode=ones")
+  assert not os.path.exists(os.path.join(dirs["control"], "qsft"))
+  control = tu.read_state(dirs["control"], "control", 6)
+  tu.assert_states_equal(control, tu.read_state(dirs["ones"], "qsft", 6), what="control vs ones")
+  bc = tu.read_state(reference, "bc", STEPS)
+  assert not np.array_equal(control["['params']['params']['embed']['embedding']"],
+                            bc["['params']['params']['embed']['embedding']"])
+
+  loaded = checkpoints.load_for_inference(dirs["control"])
+  assert loaded["theta_params"] is None and loaded["control_params"] is not None
+  results = evaluate.run(dirs["control"], loaded, episodes=2, betas=(0.0, 4.0))
+  assert list(results["policies"]) == ["bc", "control_beta4", "control_ratio"]
+  assert set(results["value_correlation"]) == {"control"}
+  assert os.path.exists(os.path.join(dirs["control"], "eval", "value_diagnostics_control.json"))
+  table = evaluate.results_markdown(results)
+  assert "| control_beta4 | 4 |" in table and "value corr. (turn 0)" in table
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Kill and resume
 
