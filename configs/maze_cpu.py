@@ -12,7 +12,8 @@ written to WORKDIR/eval/results.md; see docs/results.md for measured numbers and
 from qsft_jax import config_lib
 
 
-def get_config():
+def get_config(setting: str = ""):
+  """setting: "" (default) or "paper" (`--config=THIS_FILE:paper`): config_lib.cpu_value_learning."""
   c = config_lib.base_config()
   c.task = "maze"
   c.dataset.policy = "paper"
@@ -30,8 +31,8 @@ def get_config():
   c.qsft.steps = 400
   c.bc.batch_size = c.qsft.batch_size = 16
   # Q-SFT, then the control, with the value-learning settings of config_lib.cpu_value_learning (the
-  # paper's setting is a few flags away, see there).
-  config_lib.cpu_value_learning(c)
+  # paper's: `--config=THIS_FILE:paper`).
+  config_lib.cpu_value_learning(c, setting)
   c.checkpoint.every_steps = 100
   c.eval.episodes = 100
   c.eval.betas = (0.0, 4.0, 16.0, 64.0)

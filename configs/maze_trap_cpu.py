@@ -14,7 +14,8 @@ import os
 from qsft_jax import config_lib
 
 
-def get_config():
-  c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "maze_cpu.py"))
+def get_config(setting: str = ""):
+  """setting: "" (default) or "paper" (`--config=configs/maze_trap_cpu.py:paper`), as maze_cpu.py."""
+  c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "maze_cpu.py"), setting)
   c.dataset.policy = "trap"
   return c

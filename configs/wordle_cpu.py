@@ -12,7 +12,8 @@ Set `--config.dataset.policy=biased` for the dataset on which greedy BC is prova
 from qsft_jax import config_lib
 
 
-def get_config():
+def get_config(setting: str = ""):
+  """setting: "" (default) or "paper" (`--config=THIS_FILE:paper`): config_lib.cpu_value_learning."""
   c = config_lib.base_config()
   c.task = "wordle"
   c.dataset.policy = "paper"
@@ -27,8 +28,8 @@ def get_config():
   c.qsft.steps = 400
   c.bc.batch_size = c.qsft.batch_size = 16
   # Q-SFT, then the control, with the value-learning settings of config_lib.cpu_value_learning (the
-  # paper's setting is a few flags away, see there).
-  config_lib.cpu_value_learning(c)
+  # paper's: `--config=THIS_FILE:paper`).
+  config_lib.cpu_value_learning(c, setting)
   c.checkpoint.every_steps = 100
   c.eval.episodes = 200
   c.eval.max_new_tokens = 8

@@ -115,9 +115,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def cpu_value_learning(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+VALUE_SETTINGS = ("", "paper")
+
+
+def cpu_value_learning(c: ml_collections.ConfigDict, setting: str = "") -> ml_collections.ConfigDict:
   """The bundled tasks' CPU-scale phase-2 settings (configs/maze_cpu.py, wordle_cpu.py), measured in
   docs/results.md and docs/value_propagation.md. Changes `c` in place and returns it.
+
+  setting "" (the default) is described below; "paper" (`--config=configs/maze_cpu.py:paper`) is the
+  paper's: per-token bootstrap, Polyak tau = 0.005, no Monte Carlo mixing, the even spread of 1 - w,
+  support_min = 1e-4 (the control still runs, with the same steps).
 
   - phases bc, qsft, control: every Q-SFT run trains its targets-equal-1 control on the same batches
     (DESIGN.md section 8) and evaluation reports both.
@@ -129,11 +136,17 @@ def cpu_value_learning(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     Bellman max and never played.
   - The Bellman max over tokens the behaviour policy takes at least 1% of the time: over rare tokens the
     ratio p_theta_bar / pi_phi is noise, and its max kept ~90% of the targets clipped at 1.
-  The paper's setting is a few flags away: --config.qsft.targets_mode=token
-  --config.qsft.target_update_every=0 --config.qsft.mc_mix=0 --config.qsft.dummy_token=-1
-  --config.qsft.support_min=1e-4 (and --config.phases="('bc','qsft')" to skip the control).
+  --config.phases="('bc','qsft')" skips the control.
   """
+  if setting not in VALUE_SETTINGS:
+    raise ConfigError(f"config file argument: {setting!r} is not one of {VALUE_SETTINGS} (e.g. "
+                      "--config=configs/maze_cpu.py:paper)")
   c.phases = ("bc", "qsft", "control")
+  c.log.value_diagnostics_every = 100
+  if setting == "paper":
+    c.qsft.update(dict(targets_mode="token", target_update_every=0, tau=0.005, mc_mix=0.0, dummy_token=-1,
+                       support_min=1e-4, theta_init="phi"))
+    return c
   c.qsft.targets_mode = "turn"
   c.qsft.target_update_every = 25
   c.qsft.mc_mix = 0.5
@@ -141,7 +154,6 @@ def cpu_value_learning(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.qsft.dummy_token = CharTokenizer.UNK
   c.qsft.support_min = 0.01
   c.qsft.theta_init = "phi"
-  c.log.value_diagnostics_every = 100
   return c
 
 
@@ -249,15 +261,15 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
   return mesh
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file given by path (configs build on one another with this, so they
-  work from any current directory)."""
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(arg)`, what `--config=PATH:ARG` passes) of a config file given by
+  path (configs build on one another with this, so they work from any current directory)."""
   import importlib.util
   import os
   spec = importlib.util.spec_from_file_location(f"qsft_config_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 def pod_config(preset: str, *, batch_size: int, max_length: int = 2048, chunk_size: int = 128,

@@ -37,3 +37,24 @@ def test_config_file_passes_check_config(path):
   assert "python -m qsft_jax" in doc, "each config's docstring says how to run it"
   mesh = config_lib.check_config(config, _chips(path))
   assert math.prod(mesh.values()) == _chips(path)
+
+
+@pytest.mark.parametrize("name", ["maze_cpu.py", "maze_trap_cpu.py", "wordle_cpu.py"])
+def test_cpu_task_configs_default_and_paper_settings(name):
+  path = os.path.join(config_lib.__file__.rsplit("/qsft_jax/", 1)[0], "configs", name)
+  default, paper = config_lib.load_config_file(path), config_lib.load_config_file(path, "paper")
+  for c in (default, paper):
+    assert tuple(c.phases) == ("bc", "qsft", "control")  # every Q-SFT run has its control
+    assert c.log.value_diagnostics_every > 0
+    config_lib.check_config(c, 1)
+  q = default.qsft
+  assert (q.targets_mode, q.target_update_every, q.mc_mix, q.support_min) == ("turn", 25, 0.5, 0.01)
+  assert q.dummy_token == 3 and default.data.gamma == 0.7
+  p = paper.qsft
+  assert (p.targets_mode, p.target_update_every, p.tau, p.mc_mix, p.dummy_token, p.support_min) == (
+      "token", 0, 0.005, 0.0, -1, 1e-4)
+  # everything but the phase-2 settings is the same
+  assert {k: v for k, v in default.to_dict().items() if k != "qsft"} == {
+      k: v for k, v in paper.to_dict().items() if k != "qsft"}
+  with pytest.raises(config_lib.ConfigError, match="'papr' is not one of"):
+    config_lib.load_config_file(path, "papr")
