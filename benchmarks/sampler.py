@@ -19,14 +19,19 @@ Figures (DESIGN.md section 6):
 - ctx512_over_ctx64_fixed_cache: the same with one sampler whose cache_len (1024) serves both; every
   decode step attends over the whole fixed cache (masked), so this ratio shows only the prompt's effect.
 
-Where the context-dependent time goes (measured 2026-11-22 on the shared 2-core CPU): the model's own
-decode step (`Transformer.apply` with a cache, jitted with the cache donated, outside the sampler) costs
-17.8 / 74 / 126 ms at cache_len 144 / 592 / 1024 (batch 8). Its compiled HLO transposes every layer's
-K and V cache slice on every step ([B, S, K, Dh] -> [B, K, S, Dh] and [B, K, Dh, S] for the two
-attention dots: 32 cache-sized transpose+copy ops for 8 layers), so each step rewrites the whole cache
-in another layout; the sampler's while loop adds two cache-sized copies per model per step on top.
-Storing the cache heads-major ([layers, B, K, S, Dh]) in models/transformer.py would remove the
-transposes. The time therefore scales with cache_len, not with the context actually used.
+Where the context-dependent time goes (measured 2026-11-22 on the shared 2-core CPU, load average 6-10
+from other jobs, so absolute times vary by up to 2x between runs). Per model decode step (batch 8, f32):
+weights 33.6 MB; KV cache (k + v) 9.4 MB at cache_len 144 and 38.8 MB at 592. A step that reads each
+byte once touches 43.0 vs 72.4 MB, a ratio of 1.68: with an f32 cache, 512 vs 64 tokens of context
+cannot reach 1.5 where decode is memory-bound, as it is here (2 flops per weight byte at batch 8).
+XLA's compiled bytes accessed per step (cost analysis of `Transformer.hidden_states` with a donated
+cache): before the heads-major layout 114.6 / 326.2 MB at 144 / 592 (every layer's K and V transposed,
+plus two whole-cache copies of k and of v per step); now 76.9 / 171.0 MB. What remains above the 72.4 MB
+at 592: XLA CPU's dot (the XNNPACK "ynn" fusion) takes only whole buffers, so each layer's [B, K, S, Dh]
+slice of the stacked [layers, ...] cache is first copied into a temporary (38.9 MB of temporaries per step
+at 592; a multiply + reduce instead of the dot is also claimed by that fusion and copies the same). These
+copies write fresh memory and are the bulk of the context-dependent time; only storing each layer's k and
+v as separate arrays would remove them on CPU (on TPU a slice fuses into its consumer).
 
 Prints a table, then as the LAST line one JSON object with those keys.
 

@@ -202,7 +202,7 @@ class Sampler:
   # ------------------------------------------------------------------ the compiled program
   def _forward(self, params, tokens, positions, segments, cache):
     """hidden of the last column -> float32 logits [B, V], and the updated cache."""
-    hidden, cache = self.model.apply(params, tokens, positions, segments, cache, method=Transformer._forward)
+    hidden, cache = self.model.apply(params, tokens, positions, segments, cache, method=Transformer.hidden_states)
     logits = logits_from_hidden(hidden[:, -1], unembedding(params, self.config), self.config.vocab_size)
     return logits, cache
 

@@ -356,7 +356,7 @@ def test_kv_cache_multi_token_chunks_and_bf16_cache_dtype():
   assert int(cache["index"]) == 9 and not np.asarray(cache["valid"][:, 9:]).any()
   cache16 = init_cache(config, 2, 12, dtype="bfloat16")
   assert cache16["k"].dtype == jnp.bfloat16
-  assert cache16["k"].shape == (config.num_layers, 2, 12, config.num_kv_heads, config.head_dim)
+  assert cache16["k"].shape == (config.num_layers, 2, config.num_kv_heads, 12, config.head_dim)  # heads-major
 
 
 # ---------------------------------------------------------------- configs

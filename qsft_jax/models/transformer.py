@@ -7,7 +7,9 @@ V padded vocabulary.
 Attention masks: query i attends to new key j iff j <= i and both have the same segment id (packing;
 padding has segment 0 and therefore only ever sees padding). With a cache, a query also attends to
 every earlier cache slot that is valid (written by a token with nonzero segment id); the new tokens'
-K/V are written to slots [index, index + L) after all layers ran, with one in-place update. Segment
+K/V are written to slots [index, index + L) after all layers ran, with one in-place update. The cache is
+stored heads-major, k and v [num_layers, B, K, S, Dh] (see init_cache): both attention contractions
+take a layer's [B, K, S, Dh] slice as stored (batch dims B, K leading), with no per-step transpose. Segment
 ids therefore only separate padding from real tokens across calls: one sequence per row when decoding
 per row. Positions index the rotary angles (llama) or the learned position table (gpt2, where
 positions >= max_position_embeddings are clamped by the lookup, not checked).
@@ -138,9 +140,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_mask):
     """x [B, L, D]; positions [B, L]; mask [B, L, L] bool over the new tokens; layer_cache None or
-    (k, v) each [B, S, K, Dh] (read only); cache_mask [B, 1, S] bool: cache slots every new token sees.
+    (k, v) each [B, K, S, Dh] heads-major (read only); cache_mask [B, 1, S] bool: cache slots every new
+    token sees.
 
-    Returns (out [B, L, D], (k, v) of the new tokens, each [B, L, K, Dh]; None without a cache).
+    Returns (out [B, L, D], (k, v) of the new tokens, each [B, K, L, Dh] in the cache's layout; None
+    without a cache).
     """
     c = self.config
     dtype = jnp.dtype(c.dtype)
@@ -159,22 +163,26 @@ class Attention(nn.Module):
     groups = c.num_heads // c.num_kv_heads
     # Query head h = kv_head * groups + g, as HF's repeat_kv.
     q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
-    blocks = [(k, v, mask)]
+    # (keys, values, mask, einsum spelling of the key/value operand): new tokens are [B, L, K, Dh],
+    # the cache is heads-major [B, K, S, Dh] and is contracted as stored (no transpose, no copy).
+    blocks = [(k, v, mask, "bskd")]
     if layer_cache is not None:
-      # Cached keys first; one softmax over [cache slots, new tokens] (no copy of the cache).
-      blocks.insert(0, (layer_cache[0].astype(dtype), layer_cache[1].astype(dtype), cache_mask))
+      # Cached keys first; one softmax over [cache slots, new tokens].
+      blocks.insert(0, (layer_cache[0].astype(dtype), layer_cache[1].astype(dtype), cache_mask, "bksd"))
     scores = jnp.concatenate([
-        jnp.where(m[:, None, None], jnp.einsum("blkgd,bskd->bkgls", q, bk, preferred_element_type=jnp.float32),
-                  _MASKED_SCORE) for bk, _, m in blocks], axis=-1) / np.sqrt(c.head_dim)
+        jnp.where(m[:, None, None],
+                  jnp.einsum(f"blkgd,{spec}->bkgls", q, bk, preferred_element_type=jnp.float32), _MASKED_SCORE)
+        for bk, _, m, spec in blocks], axis=-1) / np.sqrt(c.head_dim)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out, offset = 0, 0
-    for bk, bv, _ in blocks:
-      width = bk.shape[1]
-      out = out + jnp.einsum("bkgls,bskd->blkgd", probs[..., offset:offset + width], bv)
+    for bk, bv, _, spec in blocks:
+      width = bk.shape[spec.index("s")]
+      out = out + jnp.einsum(f"bkgls,{spec}->blkgd", probs[..., offset:offset + width], bv)
       offset += width
     out = out.reshape(b, l, c.num_heads, c.head_dim)
     out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-    return _DenseOut(c, name="o")(out), None if layer_cache is None else (k, v)
+    new_kv = None if layer_cache is None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    return _DenseOut(c, name="o")(out), new_kv
 
 
 class _DenseIn(nn.Module):
@@ -300,6 +308,7 @@ class Transformer(nn.Module):
       self.lm_head = LMHead(c)
 
   def _forward(self, tokens, positions, segment_ids, cache):
+    """(final-normed hidden [B, L, D], new cache or None); see hidden_states."""
     c = self.config
     if tokens.ndim != 2 or positions.shape != tokens.shape or segment_ids.shape != tokens.shape:
       raise ValueError(f"tokens, positions, segment_ids must all be [B, L]; got {tokens.shape}, "
@@ -326,12 +335,18 @@ class Transformer(nn.Module):
       for i, layer in enumerate(self.layers):
         x, layer_kv = layer(x, positions, mask, None if kv is None else (kv[0][i], kv[1][i]), cache_mask)
         per_layer.append(layer_kv)
-      new_kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*per_layer))  # [layers, B, L, K, Dh]
+      new_kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*per_layer))  # [layers, B, K, L, Dh]
     hidden = self.final_norm(x)
     new_cache = None
     if cache is not None:
-      new_k, new_v = new_kv
-      start = (0, 0, index, 0, 0)
+      # The write below must data-depend on the last layer's read of the old cache: otherwise XLA's copy
+      # insertion cannot prove the read happens first and copies the whole (donated) cache every step
+      # (two full copies of k and of v per step on CPU; an optimization_barrier does not survive to copy
+      # insertion). Adding 0 * (a hidden value per row) creates that dependency at no cost; it leaves
+      # the values unchanged unless the hidden state is already inf / nan.
+      order = (0 * hidden[:, :1, :1].astype(jnp.float32)).reshape(1, -1, 1, 1, 1)  # [1, B, 1, 1, 1]
+      new_k, new_v = (t + order for t in new_kv)
+      start = (0, 0, 0, index, 0)  # heads-major: slots are axis 3
       new_cache = {
           "k": jax.lax.dynamic_update_slice(cache["k"], new_k.astype(cache["k"].dtype), start),
           "v": jax.lax.dynamic_update_slice(cache["v"], new_v.astype(cache["v"].dtype), start),
@@ -339,9 +354,17 @@ class Transformer(nn.Module):
           "index": index + length}
     return hidden, new_cache
 
-  def hidden_states(self, tokens, positions, segment_ids):
-    """Final-normed hidden states [B, L, D] in the compute dtype."""
-    return self._forward(tokens, positions, segment_ids, None)[0]
+  def hidden_states(self, tokens, positions, segment_ids, cache=None):
+    """Final-normed hidden states [B, L, D] in the compute dtype (no unembedding).
+
+    tokens, positions, segment_ids [B, L] int32. Without `cache` returns hidden; with `cache` (see
+    init_cache) returns (hidden, new_cache): the L new tokens attend to the cache's valid slots and are
+    written to slots [index, index + L), exactly as `__call__` with a cache. For prefill and decode
+    steps that need only some rows' logits (e.g. the last column: `logits_from_hidden(hidden[:, -1],
+    unembedding(params), vocab_size)`), which avoids the [B, L, V] logits of `__call__`.
+    """
+    hidden, new_cache = self._forward(tokens, positions, segment_ids, cache)
+    return hidden if cache is None else (hidden, new_cache)
 
   def unembedding_matrix(self) -> jax.Array:
     """[D, V]: the embedding table transposed (tied) or the lm_head kernel."""
@@ -398,20 +421,22 @@ def logits_from_hidden(hidden: jax.Array, unembed: jax.Array, vocab_size: int,
 
 
 def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None) -> dict:
-  """Empty KV cache: {"k", "v": [num_layers, B, S, K, Dh], "valid": [B, S] bool, "index": int32 []}.
+  """Empty KV cache: {"k", "v": [num_layers, B, K, S, Dh], "valid": [B, S] bool, "index": int32 []}.
 
-  dtype defaults to the compute dtype. The cache has a fixed length S so decode steps never
-  recompile; writing past S is not checked inside jit (keep index + L <= S).
+  k and v are heads-major (kv heads before slots) so attention contracts each layer's [B, K, S, Dh]
+  slice without a transpose; new tokens are written along the S axis. dtype defaults to the compute
+  dtype. The cache has a fixed length S so decode steps never recompile; writing past S is not checked
+  inside jit (keep index + L <= S).
   """
   dtype = jnp.dtype(config.dtype if dtype is None else dtype)
-  shape = (config.num_layers, batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  shape = (config.num_layers, batch_size, config.num_kv_heads, cache_len, config.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
           "valid": jnp.zeros((batch_size, cache_len), bool), "index": jnp.zeros((), jnp.int32)}
 
 
 def cache_logical_axes() -> dict:
   """Logical axis names of the cache pytree, for sharding it by the rule table."""
-  kv = ("layers", "batch", "length", "kv_heads", "head_dim")
+  kv = ("layers", "batch", "kv_heads", "length", "head_dim")
   return {"k": kv, "v": kv, "valid": ("batch", "length"), "index": ()}
 
 
