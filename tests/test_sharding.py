@@ -188,7 +188,7 @@ def test_sharded_kv_cache_decoding_matches_full_forward(reference):
   params = sharding.shard_params(jax.tree.map(np.asarray, params_ref), CONFIG, mesh, RULES)
   tokens = batch["tokens"][:4, :7]  # 4 rows over data x fsdp; prefill 5, then 2 decode steps
   cache_sharding = sharding.cache_shardings(CONFIG, 4, 8, mesh, RULES)
-  assert cache_sharding["k"].spec == P(None, ("data", "fsdp"), None, "tensor", None)
+  assert cache_sharding["k"].spec == P(None, ("data", "fsdp"), "tensor", None, None)  # [layers, B, K, S, Dh]
   cache = jax.device_put(init_cache(CONFIG, 4, 8), cache_sharding)
   model = Transformer(CONFIG)
   step = jax.jit(lambda p, c, t, pos: model.apply(p, t, pos, jnp.ones_like(t), cache=c),
