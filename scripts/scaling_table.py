@@ -175,18 +175,21 @@ def render(results: dict) -> str:
   missing = [n for n in ROWS if n not in results]
   if missing:
     out.append(f"\nRows not compiled in the session that wrote this file: {', '.join(missing)}. A fitting "
-               "program spends most of its compile in libtpu's code generation (the 8B Q-SFT step alone: "
-               "573 s, plus ~2000 s for its two cost probes, on 2 CPU cores shared with other jobs); a "
-               "program over HBM fails in seconds with the compiler's RESOURCE_EXHAUSTED message. Their "
+               "program spends most of its compile in libtpu's code generation (on 2 CPU cores shared with "
+               "other jobs: the 8B Q-SFT step on v5p:4x4x8 573 s, plus ~2000 s for its two cost probes; the "
+               "70B one 178 s without probes); a program over HBM is reported with the bytes the compiler "
+               "asked for (its RESOURCE_EXHAUSTED message). Their "
                "columns show the analytic float32 train state + gradients per chip (activations excluded); "
                "`python scripts/scaling_table.py --rows NAME` fills them in.")
   for name in ROWS:
-    lower = [k for k, st in (results.get(name, {}).get("steps") or {}).items() if "lower bounds" in st["cost_source"]]
+    lower = [k for k, st in (results.get(name, {}).get("steps") or {}).items()
+             if st.get("cost_source", "").startswith("probes") and "lower bounds" in st["cost_source"]]
     if lower:
       out.append(f"\nNote on `{name}`: the cost probes of {', '.join(lower)} still hold while loops that XLA "
                  "made itself (e.g. windowed einsums for the FSDP matmuls), whose bodies cost analysis counts "
-                 "once: their FLOPs, bytes and collective figures (and ratios below 1) are lower bounds, and "
-                 "the MFU and Q-SFT / BC figures of that row are indicative only.")
+                 "once: their FLOPs and HBM bytes (and ratios below 1) are lower bounds, and the MFU and "
+                 "Q-SFT / BC figures of that row are indicative only (its collectives come from the real "
+                 "program with loop trip counts applied).")
     if name in results and results[name].get("note"):
       out.append(f"\nNote on `{name}`: {results[name]['note']}.")
   out.append("\nCommands (each reproduces its row; add `--steps=bc,qsft,decode` for the decode step):\n")
@@ -216,6 +219,7 @@ def render(results: dict) -> str:
              "the real program in every row: collectives inside loops (scanned layers, loss chunks, "
              "XLA's windowed einsums) are multiplied by the loops' trip counts.")
   out.append(fit_8b_section(results.get("8b-v5p128")))
+  out.append(large_rows_section(results))
   total = sum(r.get("wall_s", 0) for r in results.values())
   out.append(f"\nWall time of the compiles above on this machine (2 shared CPU cores): {total:.0f} s in all.\n")
   out.append(qsft_cost_section(results))
@@ -321,6 +325,49 @@ def fit_8b_section(r: dict | None) -> str:
   return "\n".join(lines) + "\n"
 
 
+def large_rows_section(results: dict) -> str:
+  """The 70B-shaped and the 8B-on-v5e rows: fit, headroom and where the collectives go."""
+  lines = ["\n## The 70B-shaped step on v5p:4x4x8 and the 8B-shaped step on v5e:4x4\n"]
+  for name in ("70b-v5p128", "8b-v5e16"):
+    r = results.get(name)
+    q = (r or {}).get("steps", {}).get("qsft")
+    if not q:
+      lines.append(f"- `{name}`: not compiled yet.")
+      continue
+    if "error" in q:
+      lines.append(f"- `{name}` (`{r['command']}`): **does not fit**: the compiler asked for "
+                   f"{_gib(q['peak_bytes'])} GiB per chip, {_gib(q['over_bytes'])} GiB over the "
+                   f"{_gib(q['hbm_limit_bytes'])} GiB it may use ({q['error'][:200]}).")
+      continue
+    state = 5 * r["params"] * 4 / r["chips"]
+    big = sorted(q["collectives"].items(), key=lambda kv: -kv[1]["moved_bytes"])
+    lines.append(
+        f"- `{name}` (`{r['command']}`, {r['batch'] // r['chips'] if r['batch'] >= r['chips'] else r['batch'] / r['chips']} "
+        f"rows of {r['seq']} per chip): peak {_gib(q['peak_bytes'])} GiB of {_gib(q['hbm_bytes'])} "
+        f"(arguments {_gib(q['argument_bytes'])} = the float32 state 5 x {r['params'] / 1e9:.2f}B x 4 bytes / "
+        f"{r['chips']} = {_gib(state)} GiB; temporaries {_gib(q['temp_bytes'])}): **fits**, "
+        f"{(q['hbm_bytes'] - q['peak_bytes']) / 2**30:.1f} GiB free. Collectives: "
+        f"{q['ici_bytes_per_chip'] / 1e9:.0f} GB sent per chip per step ("
+        + ", ".join(f"{op} {c['moved_bytes'] / 1e9:.0f} GB" for op, c in big if c["moved_bytes"] > 1e8)
+        + f"), {q['ici_s'] * 1e3:.0f} ms at the chip's full ICI bandwidth against "
+        f"{q['analytic_flops_per_chip'] / aot.get_chip(r['topology'].split(':')[0]).bf16_flops * 1e3:.0f} ms "
+        "of analytic compute (no FLOP probes for this row: they would take well over 10 minutes here).")
+  lines.append(
+      "\nIn the 70B program XLA expresses the FSDP weight gathers as all-reduces of zero-padded buffers "
+      "(`all-reduce(dynamic-update-slice)`, TPU's 3D-torus all-reduce emitter) and reduces the bf16 "
+      "weight gradients with all-reduces too, so it has no all-gather or reduce-scatter at all; counted "
+      "at all-reduce cost (2 (n-1)/n of the array) that is about twice the bytes of the gather / scatter "
+      "form. In both programs the loss's chunk loop (L / chunk_size = 16 trips) gathers the four "
+      "copies of the [vocab, d_model] unembedding it uses (theta for the forward and for the backward, "
+      "theta_bar, phi) once per chunk, and all-reduces the float32 gradient of theta's unembedding once "
+      "per chunk instead of accumulating it locally and reduce-scattering it once after the loop: "
+      "126 GB of the 8B-on-v5e:4x4 step's 260 GB, 400 GB of the 70B step's 1785 GB (read from the "
+      "compiled HLO, `QSFT_AOT_DUMP_HLO=DIR` writes it). Gathering the unembeddings once before the "
+      "chunk scan and carrying the unembedding gradient as a sharded accumulator (a sharding "
+      "constraint on the scan carry in `losses`) would remove nearly all of it.")
+  return "\n".join(lines) + "\n"
+
+
 def qsft_cost_section(results: dict) -> str:
   """What Q-SFT costs over BC, quantified from the rows, and ways to cut it."""
   lines = ["## What Q-SFT costs over BC at scale\n"]
@@ -345,8 +392,16 @@ def qsft_cost_section(results: dict) -> str:
     if not r or "params" not in r:
       continue
     p, chips = r["params"], r["chips"]
+    measured = ""
+    low = results.get(f"{name}-bf16frozen", {}).get("steps", {}).get("qsft")
+    full = r.get("steps", {}).get("qsft")
+    if low and full and "error" not in low and "error" not in full:
+      measured = (f" (compiled, row {name}-bf16frozen: arguments {_gib(full['argument_bytes'])} -> "
+                  f"{_gib(low['argument_bytes'])} GiB, peak {_gib(full['peak_bytes'])} -> "
+                  f"{_gib(low['peak_bytes'])} GiB, i.e. {(full['peak_bytes'] - low['peak_bytes']) / 2**30:.2f} "
+                  f"GiB/chip less at peak)")
     lines.append(f"- {name} ({p / 1e9:.1f}B params, {chips} chips): theta_bar + phi in bf16 instead of "
-                 f"float32 saves {2 * p * 2 / chips / 2**30:.2f} GiB/chip; dropping phi's parameters "
+                 f"float32 saves {2 * p * 2 / chips / 2**30:.2f} GiB/chip analytically{measured}; dropping phi's parameters "
                  f"(values offline) saves {p * 4 / chips / 2**30:.2f} GiB/chip and 1/5 of the Q-SFT FLOPs; "
                  f"LoRA theta (rank 16 on every kernel, ~{lora_params(r['model']) / 1e6:.0f}M trainable) "
                  f"leaves one frozen bf16 base ({p * 2 / chips / 2**30:.2f} GiB/chip) plus three small "
@@ -361,8 +416,10 @@ Ways to cut it, from cheapest to most invasive:
    storing them in bf16 halves their bytes (the forward already runs in bf16). theta_bar's Polyak
    update then rounds to bf16 each step: with tau = 0.005 the update is below bf16's resolution for
    most weights, so keep theta_bar in float32 or use hard updates (`target_update_every`) when
-   storing it in bf16. Needs a per-set dtype in `train_steps.state_shardings`/`init_qsft_state`
-   (not there today: all three sets share `param_dtype`).
+   storing it in bf16. `python -m qsft_jax.aot --frozen_dtype=bfloat16` compiles the Q-SFT step with
+   both frozen sets in bf16 (theta and its AdamW moments stay float32; the step keeps each set's
+   dtype, so they are still donated and updated in place): rows `*-bf16frozen`. The trainer itself
+   (`train_steps.init_qsft_state`, `main.py`) still stores all three sets in `param_dtype`.
 2. **phi's values offline.** phi is frozen after phase 1, so everything the Bellman target needs from
    it (log pi_phi over its support, pi_phi >= support_min, at most 1/support_min tokens per row) can
    be computed once per dataset and stored with the batch: the phi forward (1 of the 5 passes, 20% of
