@@ -489,6 +489,9 @@ def parse_collectives(hlo_text: str, slice_of_device: Sequence[int] | None = Non
     reduce-scatter of the all-reduce's operands.
   - collectives inside a while body count trip-count times (the loop's condition compares the
     counter with a constant); `trips_known` is False where that could not be read.
+  - in a multi-slice program the collectives' groups stay inside one slice; the cross-slice part is a
+    host-transfer send / recv pair for the megascale runtime (`_xla_megascale_transfer_type=
+    "ALL_REDUCE"`, ...), counted at its send with the number of slices as group size, over the DCN.
   Generic HLO's *-start / *-done pairs count once (at *-start).
 
   Bytes per device for a group of n (ring algorithms): all-gather result x (n-1)/n; reduce-scatter
@@ -550,6 +553,30 @@ def parse_collectives(hlo_text: str, slice_of_device: Sequence[int] | None = Non
         channel = re.search(r"channel_id=(\d+)", line)
         key = (chain.group(1), channel and channel.group(1), m.group("op")) if chain else None
         found.append((key, roles[name], Collective(op, result, n, moved, dcn, trips, known)))
+  # Multi-slice programs: libtpu leaves the cross-slice (DCN) part of a collective to the megascale
+  # runtime, as host-transfer send / recv pairs tagged _xla_megascale_transfer_type; the send's operand
+  # is what each chip contributes (e.g. its gradient shard after the in-slice reduce-scatter).
+  slices = len(set(slice_of_device)) if slice_of_device is not None else 0
+  dcn_ops = {"ALL_REDUCE": "all-reduce", "ALL_GATHER": "all-gather", "REDUCE_SCATTER": "reduce-scatter",
+             "ALL_TO_ALL": "all-to-all"}
+  for name, lines in comps.items():
+    for line in lines:
+      m = re.search(r"=\s*(?P<result>.*?)\ssend\(", line)
+      kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
+      if not m or not kind or "is_host_transfer=true" not in line:
+        continue
+      shapes = [b for b, has_dims in _shape_bytes(m.group("result")) if has_dims]
+      size = float(shapes[0]) if shapes else 0.0
+      n = slices
+      if not n:
+        target = re.search(r'_xla_megascale_target="\{([\d,]*)\}', line)
+        n = len([x for x in target.group(1).split(",") if x]) if target else 2
+      op = dcn_ops.get(kind.group(1), kind.group(1).lower().replace("_", "-"))
+      frac = (n - 1) / n if n else 0.0
+      moved = {"all-reduce": 2 * size * frac, "all-gather": size * (n - 1),
+               "reduce-scatter": size * frac}.get(op, size * frac)
+      trips, known = mult.get(name, (1.0, False))
+      found.append((None, "dcn", Collective(op, size, n, moved, True, trips, known)))
   out, chains = [], {}
   for key, role, c in found:
     if key is None:

@@ -231,6 +231,16 @@ def test_parse_collectives_tpu_fusions_and_loops():
   costs = aot.collective_costs(TPU_HLO)
   assert costs["collectives"]["all-gather"]["count"] == 24
   assert costs["ici_bytes"] == pytest.approx(24 * ag.moved_bytes + rs.moved_bytes + ar.moved_bytes)
+  # a multi-slice program's cross-slice all-reduce: a megascale host-transfer send (and its recv)
+  dcn = TPU_HLO.replace("  ROOT %r = ", "  %send = (f32[128,1024]{1,0}, u32[], token[]) send(%g, %aa), channel_id=4, "
+                        "is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="
+                        "\"xla_megascale_runtime\",_xla_megascale_transfer_type=\"ALL_REDUCE\"}\n"
+                        "  %recv = (f32[128,1024]{1,0}, u32[], token[]) recv(%aa), channel_id=3, "
+                        "is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type=\"ALL_REDUCE\"}\n"
+                        "  ROOT %r = ")
+  c = aot.collective_costs(dcn, slice_of_device=[0, 0, 0, 0, 1, 1, 1, 1])
+  assert c["dcn_bytes"] == pytest.approx(2 * 128 * 1024 * 4 * 1 / 2)
+  assert c["collectives"]["all-reduce"]["dcn_count"] == 1
   # an unreadable loop condition: counted once and flagged
   broken = TPU_HLO.replace("direction=LT", "direction=NE")
   assert not aot.collective_costs(broken)["trips_known"]
@@ -276,6 +286,24 @@ def test_frozen_sets_in_bf16_halve_their_bytes(results, mesh, chip):
   assert full["argument_bytes"] - r["argument_bytes"] == pytest.approx(saved, rel=0.02)
   assert full["alias_bytes"] - r["alias_bytes"] == pytest.approx(saved, rel=0.02)
   assert r["fits"] and r["peak_bytes"] < full["peak_bytes"]
+
+
+def test_multislice_gradient_reduction_counted_over_dcn(results):
+  """Two v5e:2x2 slices, mesh data 2 (one per slice) x fsdp 4: inside a slice the gradients are
+  reduce-scattered as on one slice; across slices each chip all-reduces its float32 gradient shard
+  through the megascale runtime (host-transfer send / recv in the HLO): 2 x (2-1)/2 x shard = the
+  shard's bytes over the DCN per chip."""
+  import dataclasses
+  spec = dataclasses.replace(SPEC, num_slices=2, mesh_shape={"data": 2, "fsdp": -1, "tensor": 1}, batch=64)
+  devices = aot.topology_devices(spec.topology, 2)
+  mesh2 = aot.topology_mesh(spec.mesh_shape, devices, 2)
+  r = aot.compile_step("bc", spec, mesh2, aot.parse_topology(spec.topology)[0])
+  params = param_count(get_preset("tiny-llama", **MODEL))
+  assert r["dcn_bytes_per_chip"] == pytest.approx(params * 4 / 4, rel=0.02)
+  assert r["collectives"]["all-reduce"]["dcn_count"] >= 1
+  # the in-slice traffic is that of one slice with the same rows per chip
+  assert r["ici_bytes_per_chip"] == pytest.approx(results["bc"]["ici_bytes_per_chip"], rel=0.02)
+  assert r["dcn_s"] > 0
 
 
 def test_roofline_takes_the_slowest_resource(chip):
