@@ -35,11 +35,12 @@ v as separate arrays would remove them on CPU (on TPU a slice fuses into its con
 
 Prints a table, then as the LAST line one JSON object with those keys.
 
-    python benchmarks/sampler.py [--batch 8] [--short 16] [--long 80] [--reps 5]
+    python benchmarks/sampler.py [--batch 8] [--short 16] [--long 80] [--reps 5] [--preset smollm2-135m --dtype bfloat16]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import time
@@ -47,7 +48,7 @@ import time
 import jax
 import numpy as np
 
-from qsft_jax.models.config import ModelConfig, param_count
+from qsft_jax.models.config import ModelConfig, get_preset, param_count
 from qsft_jax.sampler import Sampler
 from qsft_jax import sharding
 
@@ -69,16 +70,22 @@ def main(argv=None) -> dict:
   parser.add_argument("--short", type=int, default=16)
   parser.add_argument("--long", type=int, default=80)
   parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--preset", default="", help="a models.config preset (e.g. smollm2-135m) instead of "
+                      "the default 8M model; weights are random either way")
+  parser.add_argument("--dtype", default="", help="compute, cache and weight dtype, e.g. bfloat16 [the config's]")
   args = parser.parse_args(argv)
+  config = get_preset(args.preset) if args.preset else CONFIG
+  if args.dtype:
+    config = dataclasses.replace(config, dtype=args.dtype, param_dtype=args.dtype)  # inference weights too
 
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
-  phi = sharding.init_params_sharded(CONFIG, jax.random.key(0), mesh, rules)
-  theta = sharding.init_params_sharded(CONFIG, jax.random.key(1), mesh, rules)
+  phi = sharding.init_params_sharded(config, jax.random.key(0), mesh, rules)
+  theta = sharding.init_params_sharded(config, jax.random.key(1), mesh, rules)
   rng = np.random.default_rng(0)
 
   def prompts(length):
-    return [[1] + rng.integers(4, CONFIG.vocab_size, size=length - 1).tolist() for _ in range(args.batch)]
+    return [[1] + rng.integers(4, config.vocab_size, size=length - 1).tolist() for _ in range(args.batch)]
 
   extract = dict(mode="extract", beta=4.0, temperature=1.0)
   greedy = dict(mode="extract", beta=0.0, greedy=True)  # pi_phi alone; theta never runs
@@ -91,7 +98,7 @@ def main(argv=None) -> dict:
   }
   runs, first = {}, {}
   for name, (_, prompt_len, cache_len, kwargs) in settings.items():
-    sampler = Sampler(CONFIG, mesh=mesh, rules=rules, cache_len=cache_len)
+    sampler = Sampler(config, mesh=mesh, rules=rules, cache_len=cache_len)
     runs[name] = functools.partial(timed, sampler, phi, theta, prompts(prompt_len), kwargs)
     first[name] = runs[name](args.short)  # compiles (max_new_tokens is traced: one program per setting)
     runs[name](args.long)
@@ -107,7 +114,8 @@ def main(argv=None) -> dict:
   rows = [(label, p, c, per_token[name], first[name]) for name, (label, p, c, _) in settings.items()]
   g64, e64, e512, f64, f512 = (per_token[k] for k in ("greedy64", "extract64", "extract512", "fixed64", "fixed512"))
 
-  print(f"sampler benchmark: {param_count(CONFIG) / 1e6:.1f}M-parameter llama, batch {args.batch}, "
+  print(f"sampler benchmark: {param_count(config) / 1e6:.1f}M-parameter {args.preset or 'llama'} "
+        f"({config.dtype}), batch {args.batch}, "
         f"backend {jax.default_backend()}, per-token = (T({args.long}) - T({args.short})) / {args.long - args.short}")
   print(f"{'setting':<26} {'prompt':>6} {'cache':>6} {'ms/token':>9} {'tokens/s':>9} {'compile+1st s':>14}")
   for name, p, c, t, first in rows:

@@ -1,13 +1,16 @@
-"""Maze at CPU scale: the README's main job (a few minutes on 2 CPU cores).
+"""Maze at CPU scale with the paper-like behaviour policy (configs/maze_trap_cpu.py is the README's job).
 
     python -m qsft_jax.main --config=configs/maze_cpu.py --workdir=/tmp/qsft_maze
 
 A 6x6 text maze (qsft_jax/envs/maze.py), 2000 episodes from the "paper" behaviour policy (20%
 shortest-path / 80% random moves per step), character tokens, a ~0.4M-parameter Llama-style model.
-Phase 1 trains phi by BC, phase 2 trains theta by Q-SFT from phi, then `evaluate` plays 100 maze
-episodes with BC, Q-SFT extraction at several beta and the greedy p_theta / pi_phi policy.
-Returns are -1 per step (the optimal average over start cells is -6.3). Expected results are
-written to WORKDIR/eval/results.md; see docs/results.md for measured numbers and their controls.
+Phase 1 trains phi by BC, phase 2 trains theta by Q-SFT from phi and then the targets-equal-1 control,
+then `evaluate` plays 100 maze episodes with BC, Q-SFT and the control at several beta and their greedy
+p_theta / pi_phi policies, and writes the held-out value diagnostics. Returns are -1 per step (the
+optimal average over start cells is -6.3). On this data the most frequent action is a shortest-path move
+in every cell, so greedy BC is already near-optimal (measured -6.9, docs/results.md) and Q-SFT has
+almost nothing to add: this config checks the machinery and the value diagnostics; maze_trap_cpu.py is
+the one where values decide the return.
 """
 from qsft_jax import config_lib
 
@@ -35,5 +38,5 @@ def get_config(setting: str = ""):
   config_lib.cpu_value_learning(c, setting)
   c.checkpoint.every_steps = 100
   c.eval.episodes = 100
-  c.eval.betas = (0.0, 4.0, 16.0, 64.0)
+  c.eval.betas = (0.0, 16.0, 64.0)  # Q-SFT and the control at each (docs/results.md chose 64 of 1-64)
   return c
