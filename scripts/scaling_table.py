@@ -313,10 +313,11 @@ def fit_8b_section(r: dict | None) -> str:
     q = r["steps"]["qsft"]
     lines.append(f"- collectives of the compiled program (loop trip counts applied): "
                  f"{q['ici_bytes_per_chip'] / 1e9:.0f} GB sent per chip per step ({_collectives_cell(q)} GB), "
-                 f"{q['ici_s'] * 1e3:.0f} ms at the chip's full ICI bandwidth. Where the compiled figure exceeds "
-                 "the analytic one: XLA's windowed einsums rotate activation chunks (collective-permutes) "
-                 "instead of gathering some weights, and the gradient of the vocabulary matrices is "
-                 "all-reduced (not reduce-scattered) inside the loss's chunk loop, once per chunk.")
+                 f"{q['ici_s'] * 1e3:.0f} ms at the chip's full ICI bandwidth, still under the compute time. It "
+                 "exceeds the analytic count because XLA expresses the FSDP gathers and the gradient "
+                 "reduction as all-reduces (twice the bytes of a gather or a reduce-scatter) and the loss's "
+                 "chunk loop most likely gathers the unembeddings and all-reduces their gradient once per chunk, "
+                 "as read in the HLO of the two programs of the next section (not checked in this one).")
   lines.append("- FSDP all-gathers one layer's weights at a time (bf16: 0.4 GiB for a full 8B layer). "
                "These parts add up to ~5 GiB; the compiled arguments are exactly the float32 state, "
                "5 x 8.03B x 4 bytes / 128 = 1.17 GiB, and the peak leaves > 85 GiB free: memory is not "
