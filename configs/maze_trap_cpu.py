@@ -1,6 +1,6 @@
 """Maze with a trap behaviour policy: the README's main job, on data where greedy BC is provably poor.
 
-    python -m qsft_jax.main --config=configs/maze_trap_cpu.py --workdir=/tmp/qsft_maze_trap
+    python -m qsft_jax.main --config=configs/maze_trap_cpu.py --workdir=/tmp/qsft_maze
 
 The "trap" behaviour policy (qsft_jax/envs/policies.py) takes a wrong move most often in three cells
 (about 52% of the moves there), while the shortest-path move still appears in over 30% of them and
