@@ -3,6 +3,7 @@
     python scripts/scaling_table.py                 # compile the rows missing from the cache, write the doc
     python scripts/scaling_table.py --rows 8b-v5p   # (re)compile only these rows
     python scripts/scaling_table.py --doc-only      # rewrite docs/scaling.md from the cache
+    python scripts/scaling_table.py --add-steps     # compile the ADDED_STEPS (8B / 70B BC) into cached rows
 
 Every row runs `qsft_jax.aot.run` (BC and Q-SFT train steps; the decode step for the rows that ask
 for it) and its figures are cached in docs/scaling_results.json, keyed by row name, with the time
@@ -43,17 +44,37 @@ ROWS: dict[str, tuple[str | None, list[str], str]] = {
     "70b-v5p128-bf16frozen": ("configs/pod_llama_70b.py", ["--frozen_dtype=bfloat16", "--no-probes"], "qsft"),
 }
 
+# Steps compiled after a row's own command, merged into its cached figures (`--add-steps`):
+# name -> (extra flags, steps). The 8B / 70B BC steps without cost probes (memory and collectives).
+ADDED_STEPS: dict[str, tuple[list[str], str]] = {
+    "8b-v5p128": (["--no-probes"], "bc"),
+    "8b-v5e16": ([], "bc"),
+    "70b-v5p128": ([], "bc"),
+}
 
-def command(name: str) -> str:
+# The BC step has no theta_bar / phi, so --frozen_dtype does not change it: these rows show the BC
+# step of the row they vary (the same program) instead of compiling it again.
+SAME_BC = {"8b-v5p128-bf16frozen": "8b-v5p128", "70b-v5p128-bf16frozen": "70b-v5p128"}
+
+
+def command(name: str, added: bool = False) -> str:
+  """The row's `python -m qsft_jax.aot` line (added=True: the line of its ADDED_STEPS)."""
   config, flags, steps = ROWS[name]
+  if added:
+    extra, steps = ADDED_STEPS[name]
+    flags = flags + [f for f in extra if f not in flags]
   parts = ["python -m qsft_jax.aot"] + ([f"--config={config}"] if config else []) + flags
   return " ".join(parts + [f"--steps={steps}"])
 
 
-def run_row(name: str, timeout_s: float, extra: list[str] = ()) -> dict:
-  """Compiles one row in a subprocess (its command + `extra` flags); the result is the command's last
-  (JSON) line. A compile that fails otherwise than over HBM, or one over `timeout_s`, is recorded as such."""
+def run_row(name: str, timeout_s: float, extra: list[str] = (), added: bool = False) -> dict:
+  """Compiles one row in a subprocess (its command + `extra` flags; added=True: its ADDED_STEPS
+  command); the result is the command's last (JSON) line. A compile that fails otherwise than over
+  HBM, or one over `timeout_s`, is recorded as such."""
   config, flags, steps = ROWS[name]
+  if added:
+    more, steps = ADDED_STEPS[name]
+    flags = flags + [f for f in more if f not in flags]
   argv = [sys.executable, "-m", "qsft_jax.aot"] + ([f"--config={config}"] if config else []) + flags + list(
       extra) + [f"--steps={steps}"]
   t0 = time.time()
@@ -69,7 +90,7 @@ def run_row(name: str, timeout_s: float, extra: list[str] = ()) -> dict:
   except subprocess.TimeoutExpired:
     result = {"error": f"compile not finished after {timeout_s:.0f} s on this machine"}
   result["wall_s"] = round(time.time() - t0, 1)
-  result["command"] = command(name)
+  result["command"] = command(name, added)
   if extra:
     result["command_run"] = result["command"].replace(" --steps=", " " + " ".join(extra) + " --steps=")
   return result
@@ -98,6 +119,26 @@ def merge_probe_costs(new: dict, old: dict | None) -> dict:
   return new
 
 
+SPEC_KEYS = ("model", "params", "topology", "num_slices", "chips", "mesh", "batch", "seq", "microbatches",
+             "remat", "scan", "dtype", "param_dtype")
+
+
+def merge_added_steps(row: dict, added: dict) -> dict:
+  """Merges an ADDED_STEPS compile into the cached row: its steps join the row's (each keeps the
+  command that built it in `step_commands`) and its wall time adds to the row's."""
+  if "error" in added or "steps" not in added:
+    row.setdefault("added_errors", {})[added["command"]] = added.get("error", "no steps")
+    return row
+  diff = {k: (row.get(k), added.get(k)) for k in SPEC_KEYS if row.get(k) != added.get(k)}
+  if diff:
+    raise ValueError(f"added steps compiled for another shape: {diff}")
+  for kind, s in added["steps"].items():
+    row["steps"][kind] = s
+    row.setdefault("step_commands", {})[kind] = added["command"]
+  row["wall_s"] = round(row.get("wall_s", 0) + added.get("wall_s", 0), 1)
+  return row
+
+
 def analytic_state_gib(name: str) -> tuple[str, float, float]:
   """(slice, BC, Q-SFT) train-state GiB per chip from the parameter count alone, fully sharded:
   float32 params + 2 AdamW moments (+ theta_bar and phi) + float32 gradients. Activations excluded."""
@@ -118,14 +159,54 @@ def _gib(x) -> str:
   return f"{x / 2**30:.1f}"
 
 
+def _gb(x: float) -> str:
+  return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+
 def _pct(x) -> str:
   return f"{100 * x:.0f}%"
 
 
+def _real_flops(s: dict) -> bool:
+  """Whether the step's FLOPs / HBM bytes cover the whole program (cost probes, or a loop-free program)
+  rather than counting loop bodies once (--no-probes)."""
+  return s.get("probes", True) or s["cost_source"] == "compiled program"
+
+
 def _mfu(s: dict) -> str:
-  """MFU cell; steps compiled without cost probes are marked (their roofline compute time uses the
-  analytic FLOPs, without remat recomputation: a looser upper bound)."""
-  return _pct(s["mfu"]) + ("" if s.get("probes", True) or s["cost_source"] == "compiled program" else " (np)")
+  """MFU cell. Steps compiled without cost probes get "<=" and the collectives' share of the compute
+  time: their roofline compute time is the analytic FLOPs (no remat recomputation, no HBM term), so
+  their MFU is 100% whenever the collectives fit under it, and the share says how close they come."""
+  if _real_flops(s):
+    return _pct(s["mfu"])
+  comm = max(s["ici_s"], s["dcn_s"]) / s["compute_s"] if s["compute_s"] else 0.0
+  return f"<= {_pct(s['mfu'])} (np; collectives {comm:.2f} of compute)"
+
+
+def bc_step(results: dict, name: str) -> tuple[dict | None, str]:
+  """The BC step shown for a row: its own, else (SAME_BC) the one of the row it varies; and that row."""
+  s = (results.get(name) or {}).get("steps", {}).get("bc")
+  if s is None and name in SAME_BC:
+    return (results.get(SAME_BC[name]) or {}).get("steps", {}).get("bc"), SAME_BC[name]
+  return s, name
+
+
+def qsft_bc_ratios(r: dict, q: dict, b: dict) -> dict:
+  """Q-SFT / BC ratios that hold with or without cost probes: peak memory and collective bytes from the
+  real programs; FLOPs compiled where both steps have them, else analytic (5F / 3F); roofline time from
+  the compiled roofline where both steps have real FLOPs, else max(analytic compute, ICI, DCN) of each."""
+  peak_flops = aot.get_chip(r["topology"].split(":")[0]).bf16_flops
+  both = _real_flops(q) and _real_flops(b)
+  comm_q, comm_b = q["ici_bytes_per_chip"] + q["dcn_bytes_per_chip"], b["ici_bytes_per_chip"] + b["dcn_bytes_per_chip"]
+  if both:
+    time_ratio = q["step_s"] / b["step_s"]
+  else:
+    t = [max(s["analytic_flops_per_chip"] / peak_flops, s["ici_s"], s["dcn_s"]) for s in (q, b)]
+    time_ratio = t[0] / t[1]
+  return {"peak": q["peak_bytes"] / b["peak_bytes"], "comm": comm_q / comm_b if comm_b else float("nan"),
+          "flops": (q["flops_per_chip"] / b["flops_per_chip"]) if both
+          else q["analytic_flops_per_chip"] / b["analytic_flops_per_chip"],
+          "flops_src": "compiled" if both else "analytic", "time": time_ratio, "time_src": "" if both else "np"}
 
 
 def _collectives_cell(s: dict) -> str:
@@ -140,17 +221,19 @@ def render(results: dict) -> str:
   """docs/scaling.md from the cached results."""
   out = [HEADER]
   out.append("| row | model (params) | slice | mesh | batch x L | Q-SFT fits | Q-SFT GiB/chip (args + temp) "
-             "| BC GiB/chip | MFU BC | MFU Q-SFT | Q-SFT / BC time | bound | compile s |")
-  out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+             "| BC GiB/chip | MFU BC | MFU Q-SFT | Q-SFT / BC peak GiB | Q-SFT / BC collective bytes "
+             "| Q-SFT / BC FLOPs | Q-SFT / BC roofline time | bound | compile s |")
+  out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name in ROWS:
     r = results.get(name)
     if r is None or "error" in r:
       slice_, bc_gib, q_gib = analytic_state_gib(name)
       why = "not compiled yet" if r is None else r["error"][:300]
       out.append(f"| {name} | {ROWS[name][0]} | {slice_} | | | {why} | analytic state only: {q_gib:.1f} "
-                 f"| analytic {bc_gib:.1f} | | | | | {'' if r is None else r['wall_s']} |")
+                 f"| analytic {bc_gib:.1f} | | | | | | | | {'' if r is None else r['wall_s']} |")
       continue
-    q, b = r["steps"].get("qsft"), r["steps"].get("bc")
+    q = r["steps"].get("qsft")
+    b, b_row = bc_step(results, name)
     built = {k: s for k, s in r["steps"].items() if "error" not in s}
     q_ok, b_ok = q if q and "error" not in q else None, b if b and "error" not in b else None
     slice_ = r["topology"] + (f" x {r['num_slices']}" if r["num_slices"] > 1 else "") + f" ({r['chips']} chips)"
@@ -165,10 +248,16 @@ def render(results: dict) -> str:
                 f"({_gib(q['over_bytes'])} over)"]
     else:
       cells += ["-", "-"]
-    cells.append(_gib(b["peak_bytes"]) if b else "-")
+    cells.append((_gib(b["peak_bytes"]) + ("" if b_row == name else f" (row {b_row}'s BC)")) if b else "-")
     cells.append(_mfu(b_ok) if b_ok else "-")
     cells.append(_mfu(q_ok) if q_ok else "-")
-    cells.append(f"{q['step_s'] / b['step_s']:.2f}" if q_ok and b_ok else "-")
+    if q_ok and b_ok:
+      x = qsft_bc_ratios(r, q_ok, b_ok)
+      cells += [f"{x['peak']:.2f}", f"{x['comm']:.2f}",
+                f"{x['flops']:.2f}" + (" (analytic 5F/3F)" if x["flops_src"] == "analytic" else ""),
+                f"{x['time']:.2f}" + (" (np)" if x["time_src"] else "")]
+    else:
+      cells += ["-"] * 4
     cells.append(next(iter(built.values()))["bound"] if not q_ok and built else (q_ok["bound"] if q_ok else "-"))
     cells.append(f"{r['wall_s']}")
     out.append("| " + " | ".join(cells) + " |")
@@ -194,7 +283,12 @@ def render(results: dict) -> str:
       out.append(f"\nNote on `{name}`: {results[name]['note']}.")
   out.append("\nCommands (each reproduces its row; add `--steps=bc,qsft,decode` for the decode step):\n")
   for name in ROWS:
-    out.append(f"- `{name}`: `{command(name)}`")
+    line = f"- `{name}`: `{command(name)}`"
+    if name in ADDED_STEPS:
+      line += f"; {ADDED_STEPS[name][1]} step: `{command(name, added=True)}`"
+    if name in SAME_BC:
+      line += f"; BC step: row `{SAME_BC[name]}`'s (--frozen_dtype leaves BC unchanged)"
+    out.append(line)
   out.append("\n### Per-step figures (per chip)\n")
   out.append("| row | step | FLOPs compiled | FLOPs analytic | ratio | HBM bytes | ICI bytes | DCN bytes "
              "| collectives sent, GB (AG all-gather, RS reduce-scatter, AR all-reduce, CP permute) "
@@ -217,7 +311,17 @@ def render(results: dict) -> str:
              "or more on this machine): FLOPs and HBM bytes count each loop body once (lower bounds), "
              "and the roofline's compute time uses the analytic FLOPs. Memory and collectives come from "
              "the real program in every row: collectives inside loops (scanned layers, loss chunks, "
-             "XLA's windowed einsums) are multiplied by the loops' trip counts.")
+             "XLA's windowed einsums) are multiplied by the loops' trip counts.\n\n"
+             "Which figures are bounds: every MFU is an upper bound (a roofline). An MFU marked `<= ... (np)` "
+             "is a looser one: its compute time is the analytic FLOPs (no remat recomputation) and its HBM "
+             "term uses lower-bound bytes, so it reads 100% whenever the collectives fit under the compute "
+             "time; `collectives x of compute` is max(ICI, DCN time) / analytic compute time, the margin "
+             "before the step turns collective-bound. The Q-SFT / BC peak GiB and collective-byte ratios "
+             "come from the real programs in every row (exact for the compiled programs). Q-SFT / BC "
+             "FLOPs are the compiled ratio where both steps have cost probes, else `analytic 5F/3F` "
+             "(compiled programs with full remat run theta's forward once more in both steps: 6/4 = 1.50). "
+             "Q-SFT / BC roofline time marked (np) is max(analytic compute, ICI, DCN time) of each step: "
+             "5/3 while both steps are compute-bound.")
   out.append(fit_8b_section(results.get("8b-v5p128")))
   out.append(large_rows_section(results))
   total = sum(r.get("wall_s", 0) for r in results.values())
@@ -318,6 +422,16 @@ def fit_8b_section(r: dict | None) -> str:
                  "reduction as all-reduces (twice the bytes of a gather or a reduce-scatter) and the loss's "
                  "chunk loop most likely gathers the unembeddings and all-reduces their gradient once per chunk, "
                  "as read in the HLO of the two programs of the next section (not checked in this one).")
+  b = (r or {}).get("steps", {}).get("bc")
+  q = (r or {}).get("steps", {}).get("qsft")
+  if b and "error" not in b and q and "error" not in q:
+    lines.append(f"- the compiled BC step (`{r.get('step_commands', {}).get('bc', r['command'])}`): peak "
+                 f"{_gib(b['peak_bytes'])} GiB per chip (arguments {_gib(b['argument_bytes'])}, temporaries "
+                 f"{_gib(b['temp_bytes'])}); collectives {b['ici_bytes_per_chip'] / 1e9:.0f} GB sent per chip "
+                 f"per step ({_collectives_cell(b)} GB), {b['ici_s'] * 1e3:.0f} ms at full ICI bandwidth "
+                 f"against {b['analytic_flops_per_chip'] / aot.get_chip('v5p').bf16_flops * 1e3:.0f} ms of "
+                 f"analytic compute. Q-SFT / BC: peak {q['peak_bytes'] / b['peak_bytes']:.2f}x, collective "
+                 f"bytes {q['ici_bytes_per_chip'] / b['ici_bytes_per_chip']:.2f}x, analytic FLOPs 5/3.")
   lines.append("- FSDP all-gathers one layer's weights at a time (bf16: 0.4 GiB for a full 8B layer). "
                "These parts add up to ~5 GiB; the compiled arguments are exactly the float32 state, "
                "5 x 8.03B x 4 bytes / 128 = 1.17 GiB, and the peak leaves > 85 GiB free: memory is not "
@@ -353,6 +467,25 @@ def large_rows_section(results: dict) -> str:
         + f"), {q['ici_s'] * 1e3:.0f} ms at the chip's full ICI bandwidth against "
         f"{q['analytic_flops_per_chip'] / aot.get_chip(r['topology'].split(':')[0]).bf16_flops * 1e3:.0f} ms "
         "of analytic compute (no FLOP probes for this row: they would take well over 10 minutes here).")
+    b = r["steps"].get("bc")
+    if b and "error" not in b:
+      bbig = sorted(b["collectives"].items(), key=lambda kv: -kv[1]["moved_bytes"])
+      lines.append(
+          f"  BC step (`{r.get('step_commands', {}).get('bc', r['command'])}`): peak {_gib(b['peak_bytes'])} "
+          f"GiB (arguments {_gib(b['argument_bytes'])} = the float32 params, 2 AdamW moments and the batch; "
+          f"temporaries {_gib(b['temp_bytes'])}), {(b['hbm_bytes'] - b['peak_bytes']) / 2**30:.1f} GiB free; "
+          f"collectives {b['ici_bytes_per_chip'] / 1e9:.0f} GB ("
+          + ", ".join(f"{op} {c['moved_bytes'] / 1e9:.0f} GB" for op, c in bbig if c["moved_bytes"] > 1e8)
+          + f"), {b['ici_s'] * 1e3:.0f} ms against {b['compute_s'] * 1e3:.0f} ms of analytic compute. "
+          f"Q-SFT / BC: peak {q['peak_bytes'] / b['peak_bytes']:.2f}x, collective bytes "
+          f"{q['ici_bytes_per_chip'] / b['ici_bytes_per_chip']:.2f}x, analytic FLOPs 5/3."
+          + (f" BC's peak is above Q-SFT's: its temporaries ({_gib(b['temp_bytes'])} GiB) exceed the Q-SFT "
+             f"step's ({_gib(q['temp_bytes'])} GiB) by more than the Q-SFT state adds in arguments "
+             f"({_gib(q['argument_bytes'] - b['argument_bytes'])} GiB); that is the compiler's buffer "
+             "assignment for this program, not investigated here."
+             if b["peak_bytes"] > q["peak_bytes"] else ""))
+    elif b:
+      lines.append(f"  BC step: not built ({b['error'][:200]}).")
   lines.append(
       "\nIn the 70B program XLA expresses the FSDP weight gathers as all-reduces of zero-padded buffers "
       "(`all-reduce(dynamic-update-slice)`, TPU's 3D-torus all-reduce emitter) and reduces the bf16 "
@@ -385,17 +518,25 @@ def qsft_cost_section(results: dict) -> str:
   lines = ["## What Q-SFT costs over BC at scale\n"]
   lines.append("Q-SFT trains theta like BC (forward + backward = 3 forward passes) and adds two "
                "forward-only passes (theta_bar and phi) and two parameter sets. Analytic FLOPs: "
-               "5/3 = 1.67x BC. Measured on the compiled programs:\n")
-  lines.append("| row | Q-SFT / BC FLOPs (compiled) | Q-SFT / BC roofline time | state GiB/chip BC -> Q-SFT "
-               "| extra GiB/chip |")
-  lines.append("|---|---|---|---|---|")
+               "5/3 = 1.67x BC. Measured on the compiled programs (peak memory, state and collectives from "
+               "the real programs in every row; FLOPs and roofline time marked (analytic) / (np) where a step "
+               "was compiled without cost probes, see the per-step table's notes; rows `*-bf16frozen` share "
+               "the BC step of the row they vary):\n")
+  lines.append("| row | Q-SFT / BC FLOPs | Q-SFT / BC roofline time | peak GiB/chip BC -> Q-SFT "
+               "| state (arguments) GiB/chip BC -> Q-SFT | extra state GiB/chip | collectives GB/chip BC -> Q-SFT |")
+  lines.append("|---|---|---|---|---|---|---|")
   for name, r in results.items():
-    s = r.get("steps", {})
-    if "bc" in s and "qsft" in s and "error" not in s["bc"] and "error" not in s["qsft"]:
-      b, q = s["bc"], s["qsft"]
-      lines.append(f"| {name} | {q['flops_per_chip'] / b['flops_per_chip']:.2f} | "
-                   f"{q['step_s'] / b['step_s']:.2f} | {_gib(b['argument_bytes'])} -> "
-                   f"{_gib(q['argument_bytes'])} | {_gib(q['argument_bytes'] - b['argument_bytes'])} |")
+    q = r.get("steps", {}).get("qsft")
+    b, b_row = bc_step(results, name)
+    if b and q and "error" not in b and "error" not in q:
+      x = qsft_bc_ratios(r, q, b)
+      comm = [(s["ici_bytes_per_chip"] + s["dcn_bytes_per_chip"]) / 1e9 for s in (b, q)]
+      lines.append(f"| {name}{'' if b_row == name else f' (BC of {b_row})'} | {x['flops']:.2f}"
+                   f"{' (analytic)' if x['flops_src'] == 'analytic' else ''} | {x['time']:.2f}"
+                   f"{' (np)' if x['time_src'] else ''} | {_gib(b['peak_bytes'])} -> {_gib(q['peak_bytes'])} | "
+                   f"{_gib(b['argument_bytes'])} -> {_gib(q['argument_bytes'])} | "
+                   f"{_gib(q['argument_bytes'] - b['argument_bytes'])} | {_gb(comm[0])} -> {_gb(comm[1])} "
+                   f"({x['comm']:.2f}x) |")
   lines.append("\nWith full remat the compiled BC step runs theta's forward twice (4 forward-equivalents "
                "instead of 3), so the compiled Q-SFT / BC FLOPs ratio is 6/4 = 1.50 rather than 5/3.\n")
   lines.append(CUTS)
@@ -474,17 +615,29 @@ def main():
   p.add_argument("--refresh", action="store_true",
                  help="recompile --rows with --no-probes and keep the cached rows' probe FLOPs / HBM bytes "
                       "(memory and collectives refreshed; the roofline recomputed)")
+  p.add_argument("--add-steps", action="store_true",
+                 help="compile the ADDED_STEPS of --rows (default: all rows that have them) and merge them "
+                      "into the cached rows")
   a = p.parse_args()
   results = {}
   if os.path.exists(CACHE):
     with open(CACHE) as f:
       results = json.load(f)
-  wanted = [r for r in a.rows.split(",") if r] or [r for r in ROWS if r not in results]
+  wanted = [r for r in a.rows.split(",") if r] or (
+      [r for r in ADDED_STEPS if r in results] if a.add_steps else [r for r in ROWS if r not in results])
   unknown = set(wanted) - set(ROWS)
   if unknown:
     p.error(f"unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
   if not a.doc_only:
     for name in wanted:
+      if a.add_steps:
+        if name not in ADDED_STEPS or name not in results:
+          p.error(f"{name}: no ADDED_STEPS, or no cached row to add them to")
+        print(f"== {name}: {command(name, added=True)}", flush=True)
+        results[name] = merge_added_steps(results[name], run_row(name, a.timeout, added=True))
+        with open(CACHE, "w") as f:
+          json.dump(results, f, indent=1, sort_keys=True)
+        continue
       print(f"== {name}: {command(name)}", flush=True)
       if a.refresh:
         results[name] = merge_probe_costs(run_row(name, a.timeout, ["--no-probes"]), results.get(name))
