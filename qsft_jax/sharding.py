@@ -220,7 +220,7 @@ def cache_shardings(config: ModelConfig, batch_size: int, cache_len: int, mesh: 
   """NamedShardings of init_cache(config, batch_size, cache_len, dtype) by its logical axes."""
   from qsft_jax.models.transformer import cache_logical_axes, init_cache
   shapes = jax.eval_shape(lambda: init_cache(config, batch_size, cache_len, dtype))
-  return logical_to_sharding(cache_logical_axes(), mesh, rules, shapes=shapes)
+  return logical_to_sharding(cache_logical_axes(config), mesh, rules, shapes=shapes)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

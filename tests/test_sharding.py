@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from qsft_jax import sharding
 from qsft_jax.models.config import get_preset
-from qsft_jax.models.transformer import Transformer, init_cache
+from qsft_jax.models.transformer import Transformer, init_cache, stack_layers
 
 # heads=4 and kv_heads=2 divide tensor=2; vocab 128 and d_model 32 divide every mesh below.
 # One layer keeps the 8-device compiles short; layer stacking is covered by test_transformer.
@@ -182,15 +182,24 @@ def test_indivisible_kv_heads_fall_back_to_replication_scanned_remat():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grad, grad_ref)
 
 
-def test_sharded_kv_cache_decoding_matches_full_forward(reference):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_sharded_kv_cache_decoding_matches_full_forward(reference, scan_layers):
   params_ref, batch, _, _, _ = reference
+  config = CONFIG.replace(scan_layers=scan_layers)
+  if scan_layers:
+    params_ref = stack_layers(params_ref, config.num_layers)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  params = sharding.shard_params(jax.tree.map(np.asarray, params_ref), CONFIG, mesh, RULES)
+  params = sharding.shard_params(jax.tree.map(np.asarray, params_ref), config, mesh, RULES)
   tokens = batch["tokens"][:4, :7]  # 4 rows over data x fsdp; prefill 5, then 2 decode steps
-  cache_sharding = sharding.cache_shardings(CONFIG, 4, 8, mesh, RULES)
-  assert cache_sharding["k"].spec == P(None, ("data", "fsdp"), "tensor", None, None)  # [layers, B, K, S, Dh]
-  cache = jax.device_put(init_cache(CONFIG, 4, 8), cache_sharding)
-  model = Transformer(CONFIG)
+  cache_sharding = sharding.cache_shardings(config, 4, 8, mesh, RULES)
+  layer_spec = (("data", "fsdp"), "tensor", None, None)  # [B, K, S, Dh]
+  if scan_layers:
+    assert cache_sharding["k"].spec == P(None, *layer_spec)  # stacked [layers, B, K, S, Dh]
+  else:
+    assert len(cache_sharding["k"]) == config.num_layers
+    assert all(s.spec == P(*layer_spec) for s in cache_sharding["k"] + cache_sharding["v"])
+  cache = jax.device_put(init_cache(config, 4, 8), cache_sharding)
+  model = Transformer(config)
   step = jax.jit(lambda p, c, t, pos: model.apply(p, t, pos, jnp.ones_like(t), cache=c),
                  out_shardings=(None, cache_sharding), donate_argnums=1)
   positions = np.broadcast_to(np.arange(7), (4, 7)).astype(np.int32)
@@ -200,7 +209,7 @@ def test_sharded_kv_cache_decoding_matches_full_forward(reference):
     for t in (5, 6):
       logits, cache = step(params, cache, tokens[:, t:t + 1], positions[:, t:t + 1])
       decoded.append(logits)
-  assert cache["k"].sharding.is_equivalent_to(cache_sharding["k"], 5)
+  jax.tree.map(lambda c, s: np.testing.assert_(c.sharding.is_equivalent_to(s, c.ndim)), cache["k"], cache_sharding["k"])
   full = model.apply(params_ref, tokens, positions, np.ones_like(tokens))
   np.testing.assert_allclose(np.concatenate(decoded, 1), full, atol=1e-5, rtol=1e-5)
 

@@ -355,8 +355,12 @@ def test_kv_cache_multi_token_chunks_and_bf16_cache_dtype():
   np.testing.assert_allclose(np.concatenate([first, second], 1), reference, atol=1e-5, rtol=1e-5)
   assert int(cache["index"]) == 9 and not np.asarray(cache["valid"][:, 9:]).any()
   cache16 = init_cache(config, 2, 12, dtype="bfloat16")
-  assert cache16["k"].dtype == jnp.bfloat16
-  assert cache16["k"].shape == (config.num_layers, 2, config.num_kv_heads, 12, config.head_dim)  # heads-major
+  layer_shape = (2, config.num_kv_heads, 12, config.head_dim)  # heads-major
+  # Unscanned layers: one array per layer (no per-step slice copies); scanned: one stacked array.
+  assert not config.scan_layers and len(cache16["k"]) == config.num_layers
+  assert all(k.dtype == jnp.bfloat16 and k.shape == layer_shape for k in cache16["k"] + cache16["v"])
+  stacked = init_cache(config.replace(scan_layers=True), 2, 12, dtype="bfloat16")
+  assert stacked["k"].dtype == jnp.bfloat16 and stacked["k"].shape == (config.num_layers,) + layer_shape
 
 
 # ---------------------------------------------------------------- configs

@@ -7,9 +7,11 @@ V padded vocabulary.
 Attention masks: query i attends to new key j iff j <= i and both have the same segment id (packing;
 padding has segment 0 and therefore only ever sees padding). With a cache, a query also attends to
 every earlier cache slot that is valid (written by a token with nonzero segment id); the new tokens'
-K/V are written to slots [index, index + L) after all layers ran, with one in-place update. The cache is
-stored heads-major, k and v [num_layers, B, K, S, Dh] (see init_cache): both attention contractions
-take a layer's [B, K, S, Dh] slice as stored (batch dims B, K leading), with no per-step transpose. Segment
+K/V are written to slots [index, index + L) in place. The cache is stored heads-major, [B, K, S, Dh] per
+layer (see init_cache): stacked [num_layers, B, K, S, Dh] when layers are scanned, a tuple of per-layer
+arrays otherwise, so that every layer reads its keys and values as stored (batch dims B, K leading),
+with no per-step transpose or copy. A one-token decode step contracts the cache by multiply-and-reduce
+(see Attention). Segment
 ids therefore only separate padding from real tokens across calls: one sequence per row when decoding
 per row. Positions index the rotary angles (llama) or the learned position table (gpt2, where
 positions >= max_position_embeddings are clamped by the lookup, not checked).
@@ -169,15 +171,32 @@ class Attention(nn.Module):
     if layer_cache is not None:
       # Cached keys first; one softmax over [cache slots, new tokens].
       blocks.insert(0, (layer_cache[0].astype(dtype), layer_cache[1].astype(dtype), cache_mask, "bksd"))
+    # One query per row against the cache (a decode step) is a batched matrix-vector product: written
+    # as multiply-and-reduce, XLA fuses it into one pass over the cache; as a dot, XLA's CPU backend
+    # copies every operand first (benchmarks/sampler.py measured 2.3x less time per layer at 552 slots).
+    # Both forms read each cached byte once, so on accelerators (memory-bound here) they cost the same.
+    single_query = l == 1 and layer_cache is not None
+
+    def contract_scores(bk, spec):
+      if single_query and spec == "bksd":  # [B, 1, K, G, Dh] x [B, K, S, Dh] -> [B, K, G, 1, S]
+        prod = q[:, 0, :, :, None, :].astype(jnp.float32) * bk[:, :, None].astype(jnp.float32)
+        return prod.sum(-1)[:, :, :, None, :]
+      return jnp.einsum(f"blkgd,{spec}->bkgls", q, bk, preferred_element_type=jnp.float32)
+
+    def contract_values(p, bv, spec):
+      if single_query and spec == "bksd":  # [B, K, G, 1, S] x [B, K, S, Dh] -> [B, 1, K, G, Dh]
+        prod = p[:, :, :, 0, :, None].astype(jnp.float32) * bv[:, :, None].astype(jnp.float32)
+        return prod.sum(-2)[:, None].astype(dtype)
+      return jnp.einsum(f"bkgls,{spec}->blkgd", p, bv)
+
     scores = jnp.concatenate([
-        jnp.where(m[:, None, None],
-                  jnp.einsum(f"blkgd,{spec}->bkgls", q, bk, preferred_element_type=jnp.float32), _MASKED_SCORE)
+        jnp.where(m[:, None, None], contract_scores(bk, spec), _MASKED_SCORE)
         for bk, _, m, spec in blocks], axis=-1) / np.sqrt(c.head_dim)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out, offset = 0, 0
     for bk, bv, _, spec in blocks:
       width = bk.shape[spec.index("s")]
-      out = out + jnp.einsum(f"bkgls,{spec}->blkgd", probs[..., offset:offset + width], bv)
+      out = out + contract_values(probs[..., offset:offset + width], bv, spec)
       offset += width
     out = out.reshape(b, l, c.num_heads, c.head_dim)
     out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
@@ -328,30 +347,36 @@ class Transformer(nn.Module):
       cache_mask = (cache["valid"] & (slots < index)[None])[:, None, :]  # [B, 1, S]
       kv = (cache["k"], cache["v"])
 
+    # Each cache write below must data-depend on the read of the old values it overwrites: otherwise
+    # XLA's copy insertion cannot prove the read happens first and copies the whole (donated) cache
+    # every step (an optimization_barrier does not survive to copy insertion). Adding 0 * (a hidden value
+    # per row computed after the read) creates that dependency at no cost; it leaves the values unchanged
+    # unless the hidden state is already inf / nan.
+    def write(old, new, hidden_after_read, start):
+      order = (0 * hidden_after_read[:, :1, :1].astype(jnp.float32)).reshape(
+          (1,) * (new.ndim - 4) + (-1, 1, 1, 1))  # broadcasts over [..., B, K, L, Dh]
+      return jax.lax.dynamic_update_slice(old, (new + order).astype(old.dtype), start)
+
+    new_k = new_v = None
     if c.scan_layers:
-      x, new_kv = self.layers(x, positions, mask, kv, cache_mask)
+      x, new_kv = self.layers(x, positions, mask, kv, cache_mask)  # new_kv: [layers, B, K, L, Dh] each
+      if cache is not None:
+        start = (0, 0, 0, index, 0)  # heads-major: slots are axis 3
+        new_k, new_v = (write(old, new, x, start) for old, new in zip(kv, new_kv))
     else:
-      per_layer = []
+      new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
         x, layer_kv = layer(x, positions, mask, None if kv is None else (kv[0][i], kv[1][i]), cache_mask)
-        per_layer.append(layer_kv)
-      new_kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*per_layer))  # [layers, B, K, L, Dh]
+        if cache is not None:  # per-layer arrays: write layer i's slots once it has read them
+          new_k.append(write(kv[0][i], layer_kv[0], x, (0, 0, index, 0)))
+          new_v.append(write(kv[1][i], layer_kv[1], x, (0, 0, index, 0)))
+      new_k, new_v = tuple(new_k), tuple(new_v)
     hidden = self.final_norm(x)
     new_cache = None
     if cache is not None:
-      # The write below must data-depend on the last layer's read of the old cache: otherwise XLA's copy
-      # insertion cannot prove the read happens first and copies the whole (donated) cache every step
-      # (two full copies of k and of v per step on CPU; an optimization_barrier does not survive to copy
-      # insertion). Adding 0 * (a hidden value per row) creates that dependency at no cost; it leaves
-      # the values unchanged unless the hidden state is already inf / nan.
-      order = (0 * hidden[:, :1, :1].astype(jnp.float32)).reshape(1, -1, 1, 1, 1)  # [1, B, 1, 1, 1]
-      new_k, new_v = (t + order for t in new_kv)
-      start = (0, 0, 0, index, 0)  # heads-major: slots are axis 3
-      new_cache = {
-          "k": jax.lax.dynamic_update_slice(cache["k"], new_k.astype(cache["k"].dtype), start),
-          "v": jax.lax.dynamic_update_slice(cache["v"], new_v.astype(cache["v"].dtype), start),
-          "valid": jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index)),
-          "index": index + length}
+      new_cache = {"k": new_k, "v": new_v,
+                   "valid": jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index)),
+                   "index": index + length}
     return hidden, new_cache
 
   def hidden_states(self, tokens, positions, segment_ids, cache=None):
@@ -421,22 +446,28 @@ def logits_from_hidden(hidden: jax.Array, unembed: jax.Array, vocab_size: int,
 
 
 def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None) -> dict:
-  """Empty KV cache: {"k", "v": [num_layers, B, K, S, Dh], "valid": [B, S] bool, "index": int32 []}.
+  """Empty KV cache: {"k", "v", "valid": [B, S] bool, "index": int32 []}.
 
-  k and v are heads-major (kv heads before slots) so attention contracts each layer's [B, K, S, Dh]
-  slice without a transpose; new tokens are written along the S axis. dtype defaults to the compute
-  dtype. The cache has a fixed length S so decode steps never recompile; writing past S is not checked
-  inside jit (keep index + L <= S).
+  k and v are heads-major (kv heads before slots), [B, K, S, Dh] per layer: one stacked array
+  [num_layers, B, K, S, Dh] each when `config.scan_layers` (scan slices it per layer inside the loop),
+  else a tuple of num_layers arrays (a static slice of a stacked array is copied before XLA's CPU
+  backend contracts it: a copy of the whole cache per step). New tokens are written along the S axis.
+  dtype defaults to the compute dtype. The cache has a fixed length S so decode steps never recompile;
+  writing past S is not checked inside jit (keep index + L <= S).
   """
   dtype = jnp.dtype(config.dtype if dtype is None else dtype)
-  shape = (config.num_layers, batch_size, config.num_kv_heads, cache_len, config.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "valid": jnp.zeros((batch_size, cache_len), bool), "index": jnp.zeros((), jnp.int32)}
+  layer_shape = (batch_size, config.num_kv_heads, cache_len, config.head_dim)
+  if config.scan_layers:
+    k, v = (jnp.zeros((config.num_layers,) + layer_shape, dtype) for _ in range(2))
+  else:
+    k, v = (tuple(jnp.zeros(layer_shape, dtype) for _ in range(config.num_layers)) for _ in range(2))
+  return {"k": k, "v": v, "valid": jnp.zeros((batch_size, cache_len), bool), "index": jnp.zeros((), jnp.int32)}
 
 
-def cache_logical_axes() -> dict:
-  """Logical axis names of the cache pytree, for sharding it by the rule table."""
-  kv = ("layers", "batch", "kv_heads", "length", "head_dim")
+def cache_logical_axes(config: ModelConfig) -> dict:
+  """Logical axis names of init_cache(config, ...)'s pytree, for sharding it by the rule table."""
+  layer = ("batch", "kv_heads", "length", "head_dim")
+  kv = ("layers",) + layer if config.scan_layers else (layer,) * config.num_layers
   return {"k": kv, "v": kv, "valid": ("batch", "length"), "index": ()}
 
 
