@@ -167,6 +167,10 @@ class Sampler:
                min_prompt_bucket: int = 16, min_batch_bucket: int = 1, pad_id: int = 0):
     if cache_len < 2:
       raise ValueError(f"cache_len={cache_len} must be >= 2")
+    if model_config.decode_attention == "auto":  # see ModelConfig.decode_attention
+      devices = mesh.devices.flat if mesh is not None else jax.devices()
+      on_cpu = all(d.platform == "cpu" for d in devices)
+      model_config = model_config.replace(decode_attention="multiply_reduce" if on_cpu else "dot")
     self.config = model_config
     self.model = Transformer(model_config)
     self.mesh = mesh

@@ -57,6 +57,15 @@ def np_log_softmax(z):
   return z - m - np.log(np.exp(z - m).sum())
 
 
+def test_decode_attention_resolves_from_the_devices(sampler):
+  # The module's sampler runs on CPU devices: its steps contract the cache by multiply-and-reduce (so the
+  # tests below hold that form against the dot-based full forward); an explicit choice is kept.
+  assert CONFIG.decode_attention == "auto" and sampler.config.decode_attention == "multiply_reduce"
+  assert Sampler(CONFIG.replace(decode_attention="dot"), cache_len=64).config.decode_attention == "dot"
+  with pytest.raises(ValueError, match="decode_attention='fast'"):
+    CONFIG.replace(decode_attention="fast")
+
+
 def test_extraction_step_logits_equal_full_forward(params, sampler):
   phi, theta = params
   beta = 3.0

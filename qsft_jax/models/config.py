@@ -11,6 +11,7 @@ FAMILIES = ("gpt2", "llama")
 ACTIVATIONS = ("gelu_new", "silu")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "minimal")
+DECODE_ATTENTION = ("auto", "dot", "multiply_reduce")
 ROPE_SCALING_TYPES = ("llama3",)
 
 
@@ -45,6 +46,10 @@ class ModelConfig:
   remat_policy: str = "none"
   pad_vocab_multiple: int = 128
   init_std: float = 0.02  # std of the normal initialiser for kernels and embeddings
+  # How a one-token step contracts the KV cache: "dot" (einsum; what TPU and GPU programs want),
+  # "multiply_reduce" (XLA's CPU backend fuses it into one pass over the cache, ~2x faster per layer
+  # there), or "auto": "dot" in the model itself, resolved by `qsft_jax.sampler.Sampler` from its devices.
+  decode_attention: str = "auto"
 
   def __post_init__(self):
     def check(ok, msg):
@@ -55,6 +60,8 @@ class ModelConfig:
     check(self.activation in ACTIVATIONS, f"activation={self.activation!r}, expected one of {ACTIVATIONS}")
     check(self.dtype in DTYPES, f"dtype={self.dtype!r}, expected one of {DTYPES}")
     check(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r}, expected one of {DTYPES}")
+    check(self.decode_attention in DECODE_ATTENTION,
+          f"decode_attention={self.decode_attention!r}, expected one of {DECODE_ATTENTION}")
     check(self.remat_policy in REMAT_POLICIES,
           f"remat_policy={self.remat_policy!r}, expected one of {REMAT_POLICIES}")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",

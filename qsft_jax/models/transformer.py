@@ -10,8 +10,8 @@ every earlier cache slot that is valid (written by a token with nonzero segment 
 K/V are written to slots [index, index + L) in place. The cache is stored heads-major, [B, K, S, Dh] per
 layer (see init_cache): stacked [num_layers, B, K, S, Dh] when layers are scanned, a tuple of per-layer
 arrays otherwise, so that every layer reads its keys and values as stored (batch dims B, K leading),
-with no per-step transpose or copy. A one-token decode step contracts the cache by multiply-and-reduce
-(see Attention). Segment
+with no per-step transpose or copy (`config.decode_attention` picks how a one-token step contracts
+it). Segment
 ids therefore only separate padding from real tokens across calls: one sequence per row when decoding
 per row. Positions index the rotary angles (llama) or the learned position table (gpt2, where
 positions >= max_position_embeddings are clamped by the lookup, not checked).
@@ -171,11 +171,11 @@ class Attention(nn.Module):
     if layer_cache is not None:
       # Cached keys first; one softmax over [cache slots, new tokens].
       blocks.insert(0, (layer_cache[0].astype(dtype), layer_cache[1].astype(dtype), cache_mask, "bksd"))
-    # One query per row against the cache (a decode step) is a batched matrix-vector product: written
-    # as multiply-and-reduce, XLA fuses it into one pass over the cache; as a dot, XLA's CPU backend
-    # copies every operand first (benchmarks/sampler.py measured 2.3x less time per layer at 552 slots).
-    # Both forms read each cached byte once, so on accelerators (memory-bound here) they cost the same.
-    single_query = l == 1 and layer_cache is not None
+    # One query per row against the cache (a decode step) is a batched matrix-vector product. Written as
+    # multiply-and-reduce (config.decode_attention), XLA's CPU backend fuses it into one pass over the
+    # cache, about 2x faster per layer than its dot there (benchmarks/sampler.py); TPU programs keep the
+    # dot (the other form compiled to 1.55x the HBM bytes of the SmolLM2-135M decode step on v5e).
+    single_query = l == 1 and layer_cache is not None and c.decode_attention == "multiply_reduce"
 
     def contract_scores(bk, spec):
       if single_query and spec == "bksd":  # [B, 1, K, G, Dh] x [B, K, S, Dh] -> [B, K, G, 1, S]
