@@ -174,7 +174,7 @@ class Attention(nn.Module):
     # One query per row against the cache (a decode step) is a batched matrix-vector product. Written as
     # multiply-and-reduce (config.decode_attention), XLA's CPU backend fuses it into one pass over the
     # cache, about 2x faster per layer than its dot there (benchmarks/sampler.py); TPU programs keep the
-    # dot (the other form compiled to 1.55x the HBM bytes of the SmolLM2-135M decode step on v5e).
+    # dot (the other form compiled to 1.47x the HBM bytes of the SmolLM2-135M decode step on v5e).
     single_query = l == 1 and layer_cache is not None and c.decode_attention == "multiply_reduce"
 
     def contract_scores(bk, spec):
