@@ -21,7 +21,7 @@ Figures (DESIGN.md section 6):
   decode step attends over the whole fixed cache (masked), so this ratio shows only the prompt's effect.
 
 Measured 2026-11-29 on the 2-core CPU (otherwise idle), after the cache became per-layer arrays with a
-multiply-and-reduce decode contraction (models/transformer.py). ms per token; extraction greedy:
+multiply-and-reduce decode contraction (`ModelConfig.decode_attention`, which the Sampler picks on CPU). ms per token; extraction greedy:
 
   model (batch)                       greedy   extraction  at 512   extraction/greedy  ctx512/ctx64
   8M default (8)                        4.06      14.07     22.5          3.47             1.60
