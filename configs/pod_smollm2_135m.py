@@ -13,8 +13,9 @@ scores per layer), more than the 15.75 GB XLA can use on a v5e chip.
 Compiled per chip on v5e:2x2 (qsft_jax.aot): Q-SFT peak 2.4 GiB (arguments 0.7 + temporaries 1.7) of 16 GiB;
 BC 2.0 GiB. Row 135m-v5e4 of docs/scaling.md.
 
-Train with the pretrained weights: python -m qsft_jax.main --config=configs/pod_smollm2_135m.py
---workdir=gs://... (model.init = "smollm2": the bundled SmolLM2-135M-Instruct GGUF).
+Train with the pretrained weights (model.init = "smollm2": the bundled SmolLM2-135M-Instruct GGUF) on
+every worker of the slice: launch/tpu_pod.sh with --workdir=/mnt/BUCKET/run, a bucket mounted with
+gcsfuse at the same path on every worker (gs:// URLs are not accepted yet; launch/README.md).
 """
 from qsft_jax import config_lib
 
