@@ -14,8 +14,10 @@ Compiled per chip on v5e:2x2 (qsft_jax.aot): Q-SFT peak 2.4 GiB (arguments 0.7 +
 BC 2.0 GiB. Row 135m-v5e4 of docs/scaling.md.
 
 Train with the pretrained weights (model.init = "smollm2": the bundled SmolLM2-135M-Instruct GGUF) on
-every worker of the slice: launch/tpu_pod.sh with --workdir=/mnt/BUCKET/run, a bucket mounted with
-gcsfuse at the same path on every worker (gs:// URLs are not accepted yet; launch/README.md).
+every worker of the slice, with a workdir every worker sees at the same path (a bucket mounted with
+gcsfuse; gs:// URLs are not accepted yet, launch/README.md):
+
+    launch/tpu_pod.sh -n TPU_NAME -z ZONE -c configs/pod_smollm2_135m.py -w /gcs/BUCKET/run1 -s -u
 """
 from qsft_jax import config_lib
 
