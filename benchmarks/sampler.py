@@ -27,6 +27,8 @@ multiply-and-reduce decode contraction (`ModelConfig.decode_attention`, which th
   8M default (8)                        4.06      14.07     22.5          3.47             1.60
   SmolLM2-135M f32 (4), --reps 3        58.0       92.4    151.4          1.59             1.64
     --short 8 --long 40
+  SmolLM2-135M, --dtype bfloat16         62.9      125.9    200.4          2.00             1.59
+    (same options)
 
 Before that change, the same day and machine, with the sampled extraction (whose constant sampling cost
 lowers the context ratio): 8M 25.7 ms per token at 512 (ctx ratio 1.88), SmolLM2-135M 223.6 ms (1.84).
@@ -41,9 +43,11 @@ about 1.15 (1.08 GB of weights for the two models, 0.04 vs 0.20 GB of cache); th
 from the attention fusions reading the cache at a few GB/s, against ~9 GB/s for the weight matmuls.
 Fixed already: XLA's CPU dot copies each layer's slice of a stacked [layers, ...] cache and runs a
 batched matrix-vector product slowly; per-layer arrays and the multiply-and-reduce form remove both
-(the per-layer attention time at 552 slots fell ~2x in isolation). Not tried: a bfloat16 cache under
-float32 compute (half the bytes; isolated timings here were too noisy to decide), a [B, K, Dh, S] key
-layout (the score reduction over a non-minor axis).
+(the per-layer attention time at 552 slots fell ~2x in isolation). Tried without gain: a [B, K, Dh, S] key
+layout (the score reduction over a non-minor axis; isolated, within the run-to-run noise). In isolation
+the 30 layers' attention of one model reads its 102 MB of cache at 552 slots in 17-20 ms (5-6 GB/s),
+about what one core streams here, while the weight matmuls use both cores; not tried: a bfloat16 cache
+under float32 compute (half the bytes).
 
 Prints a table, then as the LAST line one JSON object with those keys.
 
