@@ -36,14 +36,16 @@ lowers the context ratio): 8M 25.7 ms per token at 512 (ctx ratio 1.88), SmolLM2
 Where the time goes. Per decode step the default model reads 33.6 MB of weights and, at batch 8 in
 float32, 9.4 MB of KV cache at 144 slots against 38.8 MB at 592: a step that reads each byte once
 touches 43.0 vs 72.4 MB, a ratio of 1.68, so for this model 1.5 is out of reach wherever decoding is
-memory-bound. Its single-model step is dominated by per-operation overhead (about 280 fused operations
-per step for 8 layers, ~14 us each) rather than bytes, which is also why two models cost 3.5x one here
-(they cost 1.6x at 135M parameters, where the weights dominate). For SmolLM2-135M the byte bound is
+memory-bound. Its single-model step (~4 ms) runs about 280 fused operations (counted in the compiled
+while-loop body), ~14 us each on average, and reads its bytes at ~9 GB/s. Why two models cost 3.5x one
+here is not explained: the two-model loop body has exactly twice the fused operations (559 vs 283) and
+no cache copies; at 135M parameters, where the weights dominate, two models cost 1.6x one. For SmolLM2-135M the byte bound is
 about 1.15 (1.08 GB of weights for the two models, 0.04 vs 0.20 GB of cache); the measured 1.64 comes
 from the attention fusions reading the cache at a few GB/s, against ~9 GB/s for the weight matmuls.
 Fixed already: XLA's CPU dot copies each layer's slice of a stacked [layers, ...] cache and runs a
 batched matrix-vector product slowly; per-layer arrays and the multiply-and-reduce form remove both
-(the per-layer attention time at 552 slots fell ~2x in isolation). Tried without gain: a [B, K, Dh, S] key
+(in isolation, 30 layers of one model's attention at 552 slots: 66-70 ms with the stacked cache and the
+dot, 36-43 ms with per-layer arrays and the dot, 15-23 ms with per-layer arrays and multiply-and-reduce). Tried without gain: a [B, K, Dh, S] key
 layout (the score reduction over a non-minor axis; isolated, within the run-to-run noise). In isolation
 the 30 layers' attention of one model reads its 102 MB of cache at 552 slots in 17-20 ms (5-6 GB/s),
 about what one core streams here, while the weight matmuls use both cores; not tried: a bfloat16 cache
