@@ -38,7 +38,7 @@ float32, 9.4 MB of KV cache at 144 slots against 38.8 MB at 592: a step that rea
 touches 43.0 vs 72.4 MB, a ratio of 1.68, so for this model 1.5 is out of reach wherever decoding is
 memory-bound. Its single-model step (~4 ms) runs about 280 fused operations (counted in the compiled
 while-loop body), ~14 us each on average, and reads its bytes at ~9 GB/s. Why two models cost 3.5x one
-here is not explained: the two-model loop body has exactly twice the fused operations (559 vs 283) and
+here is not explained: the two-model loop body has about twice the fused operations (559 vs 283) and
 no cache copies; at 135M parameters, where the weights dominate, two models cost 1.6x one. For SmolLM2-135M the byte bound is
 about 1.15 (1.08 GB of weights for the two models, 0.04 vs 0.20 GB of cache); the measured 1.64 comes
 from the attention fusions reading the cache at a few GB/s, against ~9 GB/s for the weight matmuls.
