@@ -10,7 +10,7 @@ Two kinds per task (DESIGN.md section 8, issue 7):
 
 - "paper": like the paper's datasets; uniform noise, so the most frequent action in a state is
   usually a good one.
-- "trap" (maze) and "biased" (wordle): the most frequent action is wrong in some states while the data
+- "trap" (maze, wordle) and "biased" (wordle): the most frequent action is wrong in some states while the data
   still covers the right ones, so greedy behaviour cloning cannot be optimal and reweighting by value
   (stitching the minority of good moves) is what improves on the data.
 """
@@ -193,6 +193,60 @@ class WordleBiasedPolicy(_WordleCandidates):
         return rng.choice(self.candidates(env)) + env.action_stop
 
 
+def most_informative_guess(answers) -> str:
+    """The answer word whose feedback splits ``answers`` into the most patterns (ties: alphabetically
+    first); a good fixed opening for a small answer list ("arose" for ``answer_subset(64)``)."""
+    answers = tuple(answers)
+    return min(answers, key=lambda g: (-len({feedback(g, a) for a in answers}), g))
+
+
+class WordleTrapPolicy(_WordleCandidates):
+    """A behaviour whose most frequent guess ends the game: the Wordle counterpart of the maze trap.
+
+    Every guess: the invalid string ``trap`` (default "xxxxx") with probability ``trap_prob`` (default
+    0.4). Otherwise, at the first guess, the fixed opening ``opening`` (default: the answer that splits
+    the answer list into the most feedback patterns, ``most_informative_guess``) with probability
+    ``opening_prob`` (default 0.5), else a uniformly random answer consistent with the feedback so far.
+    Played with ``invalid="end"`` (required) the trap ends the game as a loss (return -6), so it is worth
+    nothing, yet it is the single most frequent guess wherever two or more answers remain: greedy BC
+    opens with it, while the data still holds the opening (30% of first guesses) and consistent guesses
+    (60% of later ones) that solve the game.
+    """
+
+    name = "trap"
+
+    def __init__(self, trap_prob: float = 0.4, opening_prob: float = 0.5, trap: str = "xxxxx",
+                 opening: str | None = None):
+        self.trap_prob = _check_probability("trap_prob", trap_prob)
+        self.opening_prob = _check_probability("opening_prob", opening_prob)
+        if trap in allowed_words():
+            raise ValueError(f"wordle trap policy: trap {trap!r} is an allowed word; it must be invalid")
+        if opening is not None and opening not in allowed_words():
+            raise ValueError(f"wordle trap policy: opening {opening!r} is not an allowed word")
+        self.trap, self.opening_option = trap, opening
+        self._openings: dict[tuple[str, ...], str] = {}
+
+    def begin_episode(self, env: WordleEnv, rng: random.Random) -> None:
+        super().begin_episode(env, rng)
+        if env.invalid != "end":
+            raise ValueError("wordle trap policy: needs the environment's invalid='end' (its trap must end the game)")
+
+    def opening(self, env: WordleEnv) -> str:
+        """The fixed first guess for ``env``'s answer list."""
+        if self.opening_option is not None:
+            return self.opening_option
+        if env.answers not in self._openings:
+            self._openings[env.answers] = most_informative_guess(env.answers)
+        return self._openings[env.answers]
+
+    def act(self, env: WordleEnv, rng: random.Random) -> str:
+        if rng.random() < self.trap_prob:
+            return self.trap + env.action_stop
+        if not env.history and rng.random() < self.opening_prob:
+            return self.opening(env) + env.action_stop
+        return rng.choice(self.candidates(env)) + env.action_stop
+
+
 # --------------------------------------------------------------------------------------------- chess
 class ChessPaperPolicy(BehaviourPolicy):
     """Stockfish at a strength drawn per game, against the environment's fixed-strength opponent.
@@ -244,5 +298,6 @@ class ChessPaperPolicy(BehaviourPolicy):
 
 POLICIES: dict[tuple[str, str], type[BehaviourPolicy]] = {
     (cls.task, cls.name): cls
-    for cls in (MazePaperPolicy, MazeTrapPolicy, WordlePaperPolicy, WordleBiasedPolicy, ChessPaperPolicy)
+    for cls in (MazePaperPolicy, MazeTrapPolicy, WordlePaperPolicy, WordleBiasedPolicy, WordleTrapPolicy,
+                ChessPaperPolicy)
 }

@@ -90,6 +90,16 @@ def allowed_words() -> tuple[str, ...]:
 
 
 @functools.cache
+def answer_subset(num_answers: int) -> tuple[str, ...]:
+    """``num_answers`` answers spread evenly over the alphabetical answer list: word ``int(i * 2315 /
+    num_answers)`` for i < num_answers (64 gives "aback", "agent", "amend", ...)."""
+    words = answer_words()
+    if isinstance(num_answers, bool) or not isinstance(num_answers, int) or not 0 < num_answers <= len(words):
+        raise ValueError(f"wordle: num_answers must be an int in [1, {len(words)}], got {num_answers!r}")
+    return tuple(words[int(i * len(words) / num_answers)] for i in range(num_answers))
+
+
+@functools.cache
 def _allowed_set() -> frozenset[str]:
     return frozenset(allowed_words())
 
@@ -114,14 +124,20 @@ class WordleEnv(TextEnv):
     max_turns = MAX_GUESSES
     return_bounds = (-float(MAX_GUESSES), 0.0)
 
-    def __init__(self, invalid: str = "penalty", answers: Sequence[str] | None = None):
+    def __init__(self, invalid: str = "penalty", answers: Sequence[str] | None = None, num_answers: int = 0):
         """``invalid``: "penalty" or "end" (module docstring). ``answers``: restrict the answer list
-        (each must be an allowed word); default the 2315 standard answers."""
+        (each must be an allowed word); default the 2315 standard answers. ``num_answers`` > 0 (instead
+        of ``answers``): the evenly spaced subset ``answer_subset(num_answers)``, a smaller game for
+        small models (the allowed guesses stay the 12972)."""
         super().__init__()
         if invalid not in INVALID_RULES:
             raise ValueError(f"wordle: invalid must be one of {INVALID_RULES}, got {invalid!r}")
         self.invalid = invalid
-        if answers is None:
+        if num_answers:
+            if answers is not None:
+                raise ValueError("wordle: give answers or num_answers, not both")
+            self.answers = answer_subset(num_answers)
+        elif answers is None:
             self.answers = answer_words()
         else:
             self.answers = tuple(a.lower() for a in answers)
