@@ -9,7 +9,8 @@ from qsft_jax.data.episodes import parse_episode
 from qsft_jax.envs import generate_episodes, make_env
 from qsft_jax.envs.chess_env import STOCKFISH_PATH
 from qsft_jax.envs.generate import main, split_options
-from qsft_jax.envs.wordle import WordleEnv, feedback
+from qsft_jax.envs.policies import most_informative_guess
+from qsft_jax.envs.wordle import WordleEnv, answer_subset, consistent_words, feedback
 
 needs_stockfish = pytest.mark.skipif(
     not os.path.exists(STOCKFISH_PATH), reason=f"Stockfish is not installed at {STOCKFISH_PATH} (apt-get install stockfish)"
@@ -43,12 +44,14 @@ def check_episode_format(episode, task):
     assert problems == [] and parsed is not None
 
 
-@pytest.mark.parametrize("task,policy", [("maze", "paper"), ("maze", "trap"), ("wordle", "paper"), ("wordle", "biased")])
-def test_generated_episodes_have_the_format_and_are_deterministic(task, policy):
-    first = list(generate_episodes(task, 30, seed=5, policy=policy))
-    assert first == list(generate_episodes(task, 30, seed=5, policy=policy))
-    assert first[:10] == list(generate_episodes(task, 10, seed=5, policy=policy))  # a prefix
-    assert first != list(generate_episodes(task, 30, seed=6, policy=policy))
+@pytest.mark.parametrize("task,policy,options", [
+    ("maze", "paper", {}), ("maze", "trap", {}), ("wordle", "paper", {}), ("wordle", "biased", {}),
+    ("wordle", "trap", {"invalid": "end", "num_answers": 64})])
+def test_generated_episodes_have_the_format_and_are_deterministic(task, policy, options):
+    first = list(generate_episodes(task, 30, seed=5, policy=policy, **options))
+    assert first == list(generate_episodes(task, 30, seed=5, policy=policy, **options))
+    assert first[:10] == list(generate_episodes(task, 10, seed=5, policy=policy, **options))  # a prefix
+    assert first != list(generate_episodes(task, 30, seed=6, policy=policy, **options))
     assert len({ep["id"] for ep in first}) == 30
     for episode in first:
         check_episode_format(episode, task)
@@ -138,3 +141,33 @@ def test_wordle_biased_policy_makes_the_most_frequent_action_wrong():
         assert total == -6.0
     data_mean = sum(ep["meta"]["return"] for ep in episodes) / len(episodes)
     assert data_mean > -5.5  # while the data's consistent guesses solve many games
+
+
+def test_wordle_trap_policy_makes_a_game_ending_guess_the_most_frequent():
+    options = dict(invalid="end", num_answers=64)
+    episodes = list(generate_episodes("wordle", 1000, seed=0, policy="trap", **options))
+    answers = answer_subset(64)
+    assert most_informative_guess(answers) == "arose"
+    # brute force: no answer splits the 64 into more feedback patterns than the opening
+    splits = {g: len({feedback(g, a) for a in answers}) for g in answers}
+    assert splits["arose"] == max(splits.values())
+    openings = collections.Counter(ep["turns"][1]["text"] for ep in episodes)
+    assert openings.most_common(2) == [("xxxxx\n", pytest.approx(400, abs=50)), ("arose\n", pytest.approx(300, abs=50))]
+    for episode in episodes:
+        guesses = [t["text"][:-1] for t in episode["turns"][1::2]]
+        if "xxxxx" in guesses:  # the trap ends the game as a loss, wherever it is played
+            assert guesses[-1] == "xxxxx" and episode["meta"]["return"] == -6.0
+        else:  # every other guess is consistent with the feedback before it, so every such game is won
+            assert episode["meta"]["success"]
+            answer = guesses[-1]
+            for i, guess in enumerate(guesses[1:], start=1):
+                assert guess in consistent_words(answers, [(g, feedback(g, answer)) for g in guesses[:i]])
+    # At later guesses the trap (40%) is the mode wherever two or more answers remain (60% spread over them).
+    later = collections.Counter(t["text"] for ep in episodes for t in ep["turns"][3::2])
+    assert later.most_common(1)[0][0] == "xxxxx\n"
+    data_mean = sum(ep["meta"]["return"] for ep in episodes) / len(episodes)
+    assert -5.0 < data_mean < -4.3  # measured -4.69 on 5000 episodes (configs/wordle_trap_cpu.py)
+    with pytest.raises(ValueError, match="invalid='end'"):
+        list(generate_episodes("wordle", 1, seed=0, policy="trap", num_answers=64))
+    with pytest.raises(ValueError, match="allowed word; it must be invalid"):
+        list(generate_episodes("wordle", 1, seed=0, policy="trap", invalid="end", trap="crane"))

@@ -9,6 +9,7 @@ from qsft_jax.envs.wordle import (
     PROMPT,
     WordleEnv,
     allowed_words,
+    answer_subset,
     answer_words,
     consistent_words,
     feedback,
@@ -136,3 +137,19 @@ def test_invalid_words_penalty_and_end_rules():
         WordleEnv(invalid="ignore")
     with pytest.raises(ValueError, match="allowed words"):
         WordleEnv(answers=["zzzzz"])
+
+
+def test_answer_subset_is_evenly_spaced_and_deterministic():
+    words = answer_words()
+    subset = answer_subset(64)
+    assert len(subset) == len(set(subset)) == 64 and set(subset) <= set(words)
+    positions = [words.index(w) for w in subset]
+    assert positions[0] == 0 and all(35 <= b - a <= 37 for a, b in zip(positions, positions[1:]))  # 2315/64
+    env = WordleEnv(num_answers=64)
+    assert env.answers == subset
+    assert {env.reset(s) and env.answer for s in range(300)} <= set(subset)
+    assert answer_subset(len(words)) == words
+    with pytest.raises(ValueError, match="num_answers must be"):
+        answer_subset(0)
+    with pytest.raises(ValueError, match="not both"):
+        WordleEnv(answers=["crane"], num_answers=4)
