@@ -30,6 +30,15 @@ multiply-and-reduce decode contraction (`ModelConfig.decode_attention`, which th
   SmolLM2-135M, --dtype bfloat16         62.9      125.9    200.4          2.00             1.59
     (same options)
 
+Re-measured 2026-11-29 later the same day on a fresh machine of the same kind, idle, same code:
+
+  8M default (8), two runs               6.57      14.13     29.7          2.15             2.10
+                                         6.01      13.71     27.3          2.28             1.99
+  SmolLM2-135M f32 (options as above)    50.8       97.2    149.7          1.91             1.54
+
+The 8M model's single-model step moves between 4 and 6.6 ms from machine to machine while its
+two-model step stays near 14 ms, which is why its extraction/greedy ratio ranges 2.15-3.47.
+
 Before that change, the same day and machine, with the sampled extraction (whose constant sampling cost
 lowers the context ratio): 8M 25.7 ms per token at 512 (ctx ratio 1.88), SmolLM2-135M 223.6 ms (1.84).
 
@@ -48,12 +57,26 @@ batched matrix-vector product slowly; per-layer arrays and the multiply-and-redu
 dot, 36-43 ms with per-layer arrays and the dot, 15-23 ms with per-layer arrays and multiply-and-reduce). Tried without gain: a [B, K, Dh, S] key
 layout (the score reduction over a non-minor axis; isolated, within the run-to-run noise). In isolation
 the 30 layers' attention of one model reads its 102 MB of cache at 552 slots in 17-20 ms (5-6 GB/s),
-about what one core streams here, while the weight matmuls use both cores; not tried: a bfloat16 cache
-under float32 compute (half the bytes).
+about what one core streams here, while the weight matmuls use both cores.
+
+Also tried (same day, 8M default unless stated; each within or beyond the noise, none kept):
+- a bfloat16 cache under float32 compute (half the cache bytes): slower, since the conversion in the
+  attention costs more than the bytes it saves (fixed 1024-slot cache 48.6 vs 33.8 ms per token,
+  extraction at 512 32.7 vs 29.7);
+- the dot contraction with oneDNN (`XLA_FLAGS=--xla_cpu_use_onednn=true`, `--override
+  decode_attention=dot`): ctx ratio 2.52 (the dot with default flags: 2.38);
+- XLA's YNNPACK fusions off (`--xla_cpu_experimental_ynn_fusion_type=`): every step 3-5x slower;
+- the scores as a [B, K, S, G] matrix-vector product (einsum bksd,bkgd->bksg): a whole attention layer in
+  isolation, softmax included, is within 10% across that form, multiply-and-reduce and the dot, at the
+  8M and SmolLM2 shapes;
+- running theta's step strictly after phi's (a data dependency between them): 13.7 vs 14.1 ms;
+- 16 layers instead of 8 (`--override num_layers=16`): extraction/greedy 2.11, so the two-model cost is
+  not from the weights outgrowing a CPU cache.
 
 Prints a table, then as the LAST line one JSON object with those keys.
 
     python benchmarks/sampler.py [--batch 8] [--short 16] [--long 80] [--reps 5] [--preset smollm2-135m] [--dtype bfloat16]
+        [--override FIELD=VALUE ...]
 """
 from __future__ import annotations
 
@@ -91,8 +114,13 @@ def main(argv=None) -> dict:
   parser.add_argument("--preset", default="", help="a models.config preset (e.g. smollm2-135m) instead of "
                       "the default 8M model; weights are random either way")
   parser.add_argument("--dtype", default="", help="compute, cache and weight dtype, e.g. bfloat16 [the config's]")
+  parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                      help="replace a ModelConfig field, e.g. num_layers=16 or decode_attention=dot (repeatable)")
   args = parser.parse_args(argv)
   config = get_preset(args.preset) if args.preset else CONFIG
+  for item in args.override:
+    field, _, value = item.partition("=")
+    config = dataclasses.replace(config, **{field: int(value) if value.isdigit() else value})
   if args.dtype:
     config = dataclasses.replace(config, dtype=args.dtype, param_dtype=args.dtype)  # inference weights too
 
