@@ -88,8 +88,8 @@ def test_options_reach_the_environment_and_the_policy_and_bad_ones_fail():
     )
     with pytest.raises(ValueError, match=r"options \['colour'\] are taken neither"):
         list(generate_episodes("maze", 1, seed=0, colour="red"))
-    with pytest.raises(ValueError, match="unknown behaviour policy 'trap' for wordle"):
-        list(generate_episodes("wordle", 1, seed=0, policy="trap"))
+    with pytest.raises(ValueError, match="unknown behaviour policy 'optimal' for wordle"):
+        list(generate_episodes("wordle", 1, seed=0, policy="optimal"))
     with pytest.raises(ValueError, match="unknown task"):
         list(generate_episodes("go", 1, seed=0))
     with pytest.raises(ValueError, match="num_episodes"):
