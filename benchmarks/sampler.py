@@ -65,10 +65,14 @@ Also tried (same day, 8M default unless stated; each within or beyond the noise,
   extraction at 512 32.7 vs 29.7);
 - the dot contraction with oneDNN (`XLA_FLAGS=--xla_cpu_use_onednn=true`, `--override
   decode_attention=dot`): ctx ratio 2.52 (the dot with default flags: 2.38);
-- XLA's YNNPACK fusions off (`--xla_cpu_experimental_ynn_fusion_type=`): every step 3-5x slower;
-- the scores as a [B, K, S, G] matrix-vector product (einsum bksd,bkgd->bksg): a whole attention layer in
-  isolation, softmax included, is within 10% across that form, multiply-and-reduce and the dot, at the
-  8M and SmolLM2 shapes;
+  (in that default-flags run the dot's extraction cost 16.4 ms per token at 64 tokens of context and 39.1
+  at 512; the two multiply-and-reduce runs of the same day: 13.7-14.1 and 27.3-29.7);
+- XLA's YNNPACK fusions off (`--xla_cpu_experimental_ynn_fusion_type=`): every step 3-6x slower;
+- the scores as a [B, K, S, G] matrix-vector product (einsum bksd,bkgd->bksg, values by the dot): a whole
+  attention layer in isolation, softmax included, is within 10% across that form, multiply-and-reduce
+  and the dot, at the 8M and SmolLM2 shapes; in one whole 8M run (a scratch edit, not kept) it gave
+  24.8 ms per token at 512 and a ctx ratio of 1.79, against 27.3-29.7 and 1.99-2.10 with
+  multiply-and-reduce the same day: perhaps 10%, within the run-to-run spread, and not pursued;
 - running theta's step strictly after phi's (a data dependency between them): 13.7 vs 14.1 ms;
 - 16 layers instead of 8 (`--override num_layers=16`): extraction/greedy 2.11, so the two-model cost is
   not from the weights outgrowing a CPU cache.

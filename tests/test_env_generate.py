@@ -157,7 +157,7 @@ def test_wordle_trap_policy_makes_a_game_ending_guess_the_most_frequent():
         guesses = [t["text"][:-1] for t in episode["turns"][1::2]]
         if "xxxxx" in guesses:  # the trap ends the game as a loss, wherever it is played
             assert guesses[-1] == "xxxxx" and episode["meta"]["return"] == -6.0
-        else:  # every other guess is consistent with the feedback before it, so every such game is won
+        else:  # every other guess is consistent with the feedback before it (and here every such game is won)
             assert episode["meta"]["success"]
             answer = guesses[-1]
             for i, guess in enumerate(guesses[1:], start=1):

@@ -16,6 +16,7 @@ Two kinds per task (DESIGN.md section 8, issue 7):
 """
 from __future__ import annotations
 
+import functools
 import random
 
 from qsft_jax.envs.chess_env import ChessEnv, engine_move, open_stockfish
@@ -193,10 +194,11 @@ class WordleBiasedPolicy(_WordleCandidates):
         return rng.choice(self.candidates(env)) + env.action_stop
 
 
-def most_informative_guess(answers) -> str:
+@functools.cache
+def most_informative_guess(answers: tuple[str, ...]) -> str:
     """The answer word whose feedback splits ``answers`` into the most patterns (ties: alphabetically
-    first); a good fixed opening for a small answer list ("arose" for ``answer_subset(64)``)."""
-    answers = tuple(answers)
+    first); a good fixed opening for a small answer list ("arose" for ``answer_subset(64)``). Cached per
+    answer list (it costs len(answers)^2 feedback calls)."""
     return min(answers, key=lambda g: (-len({feedback(g, a) for a in answers}), g))
 
 
@@ -224,7 +226,6 @@ class WordleTrapPolicy(_WordleCandidates):
         if opening is not None and opening not in allowed_words():
             raise ValueError(f"wordle trap policy: opening {opening!r} is not an allowed word")
         self.trap, self.opening_option = trap, opening
-        self._openings: dict[tuple[str, ...], str] = {}
 
     def begin_episode(self, env: WordleEnv, rng: random.Random) -> None:
         super().begin_episode(env, rng)
@@ -233,11 +234,7 @@ class WordleTrapPolicy(_WordleCandidates):
 
     def opening(self, env: WordleEnv) -> str:
         """The fixed first guess for ``env``'s answer list."""
-        if self.opening_option is not None:
-            return self.opening_option
-        if env.answers not in self._openings:
-            self._openings[env.answers] = most_informative_guess(env.answers)
-        return self._openings[env.answers]
+        return self.opening_option or most_informative_guess(env.answers)
 
     def act(self, env: WordleEnv, rng: random.Random) -> str:
         if rng.random() < self.trap_prob:

@@ -47,8 +47,9 @@ class ModelConfig:
   pad_vocab_multiple: int = 128
   init_std: float = 0.02  # std of the normal initialiser for kernels and embeddings
   # How a one-token step contracts the KV cache: "dot" (einsum; what TPU and GPU programs want),
-  # "multiply_reduce" (XLA's CPU backend fuses it into one pass over the cache, ~2x faster per layer
-  # there), or "auto": "dot" in the model itself, resolved by `qsft_jax.sampler.Sampler` from its devices.
+  # "multiply_reduce" (faster on XLA's CPU backend: benchmarks/sampler.py measured 27-30 against 39 ms
+  # per token at 512 tokens of context), or "auto": "dot" in the model itself, resolved by
+  # `qsft_jax.sampler.Sampler` from its devices.
   decode_attention: str = "auto"
 
   def __post_init__(self):

@@ -172,9 +172,10 @@ class Attention(nn.Module):
       # Cached keys first; one softmax over [cache slots, new tokens].
       blocks.insert(0, (layer_cache[0].astype(dtype), layer_cache[1].astype(dtype), cache_mask, "bksd"))
     # One query per row against the cache (a decode step) is a batched matrix-vector product. Written as
-    # multiply-and-reduce (config.decode_attention), XLA's CPU backend fuses it into one pass over the
-    # cache, about 2x faster per layer than its dot there (benchmarks/sampler.py); TPU programs keep the
-    # dot (the other form compiled to 1.47x the HBM bytes of the SmolLM2-135M decode step on v5e).
+    # multiply-and-reduce (config.decode_attention), XLA's CPU backend runs the whole decode step faster
+    # than with its dot (benchmarks/sampler.py, 8M model: 27-30 against 39 ms per token at 512 tokens of
+    # context); TPU programs keep the dot (the other form compiled to 1.47x the HBM bytes of the
+    # SmolLM2-135M decode step on v5e).
     single_query = l == 1 and layer_cache is not None and c.decode_attention == "multiply_reduce"
 
     def contract_scores(bk, spec):
