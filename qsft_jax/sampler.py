@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsft_jax import sharding
+from qsft_jax import cpu_attention, sharding
 from qsft_jax.losses import real_log_softmax
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer, init_cache, logits_from_hidden, unembedding
@@ -167,10 +167,15 @@ class Sampler:
                min_prompt_bucket: int = 16, min_batch_bucket: int = 1, pad_id: int = 0):
     if cache_len < 2:
       raise ValueError(f"cache_len={cache_len} must be >= 2")
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
     if model_config.decode_attention == "auto":  # see ModelConfig.decode_attention
-      devices = mesh.devices.flat if mesh is not None else jax.devices()
       on_cpu = all(d.platform == "cpu" for d in devices)
-      model_config = model_config.replace(decode_attention="multiply_reduce" if on_cpu else "dot")
+      kernel = on_cpu and len(devices) == 1 and model_config.dtype == "float32" and cpu_attention.available()
+      model_config = model_config.replace(
+          decode_attention="cpu_kernel" if kernel else "multiply_reduce" if on_cpu else "dot")
+    if model_config.decode_attention == "cpu_kernel" and len(devices) > 1:
+      raise ValueError(f"decode_attention='cpu_kernel' runs on one device; this mesh has {len(devices)} "
+                       "(use 'multiply_reduce' or 'auto')")
     self.config = model_config
     self.model = Transformer(model_config)
     self.mesh = mesh

@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-# Chess opponent: Debian's Stockfish 15.1 (/usr/games/stockfish).
-if [ ! -x /usr/games/stockfish ]; then
+# Chess opponent: Debian's Stockfish 15.1 (/usr/games/stockfish); g++ builds the CPU decode-attention
+# kernel (qsft_jax/cpu_attention.py) on first use.
+if [ ! -x /usr/games/stockfish ] || ! command -v g++ > /dev/null; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq stockfish
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq stockfish g++
 fi
 python -m pip install -q -r requirements-test.txt
 # Offline assets whose declared dependencies must not be installed (see requirements-nodeps.txt).

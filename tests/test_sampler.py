@@ -58,9 +58,9 @@ def np_log_softmax(z):
 
 
 def test_decode_attention_resolves_from_the_devices(sampler):
-  # The module's sampler runs on CPU devices: its steps contract the cache by multiply-and-reduce (so the
-  # tests below hold that form against the dot-based full forward); an explicit choice is kept.
-  assert CONFIG.decode_attention == "auto" and sampler.config.decode_attention == "multiply_reduce"
+  # The module's sampler runs on one CPU device: its steps attend by the C++ kernel (so the tests below
+  # hold the kernel against the dot-based full forward); an explicit choice is kept.
+  assert CONFIG.decode_attention == "auto" and sampler.config.decode_attention == "cpu_kernel"
   assert Sampler(CONFIG.replace(decode_attention="dot"), cache_len=64).config.decode_attention == "dot"
   with pytest.raises(ValueError, match="decode_attention='fast'"):
     CONFIG.replace(decode_attention="fast")

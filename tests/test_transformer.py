@@ -327,7 +327,7 @@ def _decode_matches_full_forward(config, params, padding):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("decode_attention", ["dot", "multiply_reduce"])
+@pytest.mark.parametrize("decode_attention", ["dot", "multiply_reduce", "cpu_kernel"])
 def test_kv_cache_decoding_matches_full_forward(family, padding, decode_attention):
   config = CONFIGS[family].replace(decode_attention=decode_attention)
   _decode_matches_full_forward(config, randomized_params(config), padding)
@@ -337,7 +337,7 @@ def test_kv_cache_decoding_with_scanned_remat_layers_and_qkv_bias():
   # Decoding uses the training config as is, remat included (a no-op without gradients).
   config = LLAMA.replace(qkv_bias=True, num_layers=3)
   params = stack_layers(randomized_params(config), config.num_layers)
-  for decode_attention in ("dot", "multiply_reduce"):
+  for decode_attention in ("dot", "multiply_reduce", "cpu_kernel"):
     _decode_matches_full_forward(config.replace(scan_layers=True, remat_policy="full",
                                                 decode_attention=decode_attention), params, "left")
 

@@ -11,7 +11,7 @@ FAMILIES = ("gpt2", "llama")
 ACTIVATIONS = ("gelu_new", "silu")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "minimal")
-DECODE_ATTENTION = ("auto", "dot", "multiply_reduce")
+DECODE_ATTENTION = ("auto", "dot", "multiply_reduce", "cpu_kernel")
 ROPE_SCALING_TYPES = ("llama3",)
 
 
@@ -46,9 +46,10 @@ class ModelConfig:
   remat_policy: str = "none"
   pad_vocab_multiple: int = 128
   init_std: float = 0.02  # std of the normal initialiser for kernels and embeddings
-  # How a one-token step contracts the KV cache: "dot" (einsum; what TPU and GPU programs want),
-  # "multiply_reduce" (faster on XLA's CPU backend: benchmarks/sampler.py measured 27-30 against 39 ms
-  # per token at 512 tokens of context), or "auto": "dot" in the model itself, resolved by
+  # How a one-token step attends over the KV cache: "dot" (einsum; what TPU and GPU programs want),
+  # "multiply_reduce" (XLA's CPU backend runs it faster than its dot: benchmarks/sampler.py measured
+  # 27-30 against 39 ms per token at 512 tokens of context), "cpu_kernel" (qsft_jax.cpu_attention's
+  # C++ custom call: CPU, float32, one device), or "auto": "dot" in the model itself, resolved by
   # `qsft_jax.sampler.Sampler` from its devices.
   decode_attention: str = "auto"
 
@@ -63,6 +64,8 @@ class ModelConfig:
     check(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r}, expected one of {DTYPES}")
     check(self.decode_attention in DECODE_ATTENTION,
           f"decode_attention={self.decode_attention!r}, expected one of {DECODE_ATTENTION}")
+    check(self.decode_attention != "cpu_kernel" or self.dtype == "float32",
+          f"decode_attention='cpu_kernel' needs dtype='float32', got {self.dtype!r}")
     check(self.remat_policy in REMAT_POLICIES,
           f"remat_policy={self.remat_policy!r}, expected one of {REMAT_POLICIES}")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",

@@ -11,7 +11,7 @@ K/V are written to slots [index, index + L) in place. The cache is stored heads-
 layer (see init_cache): stacked [num_layers, B, K, S, Dh] when layers are scanned, a tuple of per-layer
 arrays otherwise, so that every layer reads its keys and values as stored (batch dims B, K leading),
 with no per-step transpose or copy (`config.decode_attention` picks how a one-token step contracts
-it). Segment
+it: XLA's dot, multiply-and-reduce, or the C++ CPU kernel of qsft_jax.cpu_attention). Segment
 ids therefore only separate padding from real tokens across calls: one sequence per row when decoding
 per row. Positions index the rotary angles (llama) or the learned position table (gpt2, where
 positions >= max_position_embeddings are clamped by the lookup, not checked).
@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qsft_jax import cpu_attention
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.sharding import logical_constraint
 
@@ -165,6 +166,14 @@ class Attention(nn.Module):
     groups = c.num_heads // c.num_kv_heads
     # Query head h = kv_head * groups + g, as HF's repeat_kv.
     q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
+    new_kv = None if layer_cache is None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    if l == 1 and layer_cache is not None and c.decode_attention == "cpu_kernel":
+      # A decode step by the C++ kernel (qsft_jax.cpu_attention), which reads each cache row once.
+      f32 = lambda x: x.astype(jnp.float32)  # a no-op for the float32 caches the Sampler makes
+      out = cpu_attention.decode_attention(q[:, 0], f32(layer_cache[0]), f32(layer_cache[1]), cache_mask[:, 0],
+                                           k[:, 0], v[:, 0], 1 / np.sqrt(c.head_dim))
+      out = logical_constraint(out.reshape(b, l, c.num_heads, c.head_dim), ("batch", "length", "heads", "head_dim"))
+      return _DenseOut(c, name="o")(out.astype(dtype)), new_kv
     # (keys, values, mask, einsum spelling of the key/value operand): new tokens are [B, L, K, Dh],
     # the cache is heads-major [B, K, S, Dh] and is contracted as stored (no transpose, no copy).
     blocks = [(k, v, mask, "bskd")]
@@ -201,7 +210,6 @@ class Attention(nn.Module):
       offset += width
     out = out.reshape(b, l, c.num_heads, c.head_dim)
     out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-    new_kv = None if layer_cache is None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     return _DenseOut(c, name="o")(out), new_kv
 
 
