@@ -123,7 +123,7 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_
     for (int64_t i; (i = state->next.fetch_add(1)) < tasks; ++finished) {
       const int64_t row = i / kv;
       attend(qp + i * groups * dh, kp + i * slots * dh, vp + i * slots * dh, mp + row * slots, knp + i * dh,
-                vnp + i * dh, op + i * groups * dh, groups, slots, dh, scale, scratch.data());
+             vnp + i * dh, op + i * groups * dh, groups, slots, dh, scale, scratch.data());
     }
     if (finished && state->done.fetch_add(finished) + finished == tasks) {
       std::lock_guard<std::mutex> lock(state->mu);
