@@ -102,13 +102,3 @@ def decode_attention(q, k_cache, v_cache, mask, k_new, v_new, scale: float) -> j
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="broadcast_all")
   return call(q, k_cache, v_cache, mask.astype(bool), k_new, v_new, scale=np.float32(scale))
 
-
-def reference(q, k_cache, v_cache, mask, k_new, v_new, scale: float) -> jax.Array:
-  """The same math in jnp (shapes as decode_attention), for tests."""
-  hi = jax.lax.Precision.HIGHEST
-  scores = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, precision=hi) * scale
-  scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
-  own = jnp.einsum("bkgd,bkd->bkg", q, k_new, precision=hi)[..., None] * scale
-  probs = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1)
-  return (jnp.einsum("bkgs,bksd->bkgd", probs[..., :-1], v_cache, precision=hi)
-          + probs[..., -1:] * v_new[:, :, None, :])

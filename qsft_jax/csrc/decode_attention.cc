@@ -3,11 +3,11 @@
 // XLA's CPU backend runs this contraction (a [S, Dh] x [Dh, G] product per row and kv head, G = query
 // heads per kv head, 2-3) as generic reductions or tiny GEMMs at 4-9 GB/s; this loop reads each cache
 // row once, for all G query heads, and runs the rows and kv heads on XLA's intra-op thread pool.
-// Built and registered by qsft_jax/cpu_attention.py; qsft_jax.cpu_attention.reference is the same math
-// in jnp, and the tests hold the two equal.
+// Built and registered by qsft_jax/cpu_attention.py; tests/test_cpu_attention.py holds it against a
+// float64 numpy loop, and tests/test_transformer.py holds cached decoding with it against full forwards.
 //
-// Shapes (all float32 except mask; B may be several leading dims): q [B, K, G, Dh]; k_cache, v_cache [B, K, S, Dh] (heads-major, as
-// init_cache stores them); mask [B, S] bool: the cache slots this row may attend to; k_new, v_new
+// Shapes (all float32 except mask; B may be several leading dims): q [B, K, G, Dh]; k_cache, v_cache
+// [B, K, S, Dh] (heads-major, as init_cache stores them); mask [B, S] bool: the cache slots this row may attend to; k_new, v_new
 // [B, K, Dh]: the new token's own key and value (it always attends to itself). Output [B, K, G, Dh]:
 // softmax over [valid cache slots, new token] of (q . k) * scale, times the values.
 #include <algorithm>
@@ -118,9 +118,10 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_
   auto state = std::make_shared<State>();
   auto attend = dh == 64 ? AttendOne<64> : dh == 128 ? AttendOne<128> : AttendOne<0>;
   auto work = [=]() {
-    std::vector<float> scratch(groups * slots);
+    std::vector<float> scratch;  // allocated on the first claimed item: a late helper claims none
     int64_t finished = 0;
     for (int64_t i; (i = state->next.fetch_add(1)) < tasks; ++finished) {
+      scratch.resize(groups * slots);
       const int64_t row = i / kv;
       attend(qp + i * groups * dh, kp + i * slots * dh, vp + i * slots * dh, mp + row * slots, knp + i * dh,
              vnp + i * dh, op + i * groups * dh, groups, slots, dh, scale, scratch.data());
