@@ -25,22 +25,16 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-import optax
 
 from qsft_jax import checkpoints
 from qsft_jax import config_lib
+from qsft_jax import phases
 from qsft_jax import sharding as qsharding
-from qsft_jax import train_steps
 from qsft_jax.models import config as model_config_lib
-from qsft_jax.models.transformer import Transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-
-# The control sees exactly the batches of Q-SFT (same offset): only the targets differ.
-PHASE_SEED_OFFSET = {"bc": 0, "qsft": 1, "control": 1}
-
 
 class NonFiniteError(FloatingPointError):
   """A train step produced a non-finite metric; nothing from that state was checkpointed."""
@@ -129,16 +123,6 @@ def build_model(config, tokenizer, mesh, rules):
         f"config.tokenizer: {config.tokenizer!r} has {tokenizer.vocab_size} tokens but the weights of "
         f"{config.model.init!r} have {model_config.vocab_size}")
   return model_config, {"params": params} if "params" not in params else params
-
-
-def make_optimizer(p: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
-  """AdamW with linear warm-up then cosine decay to 10%, after global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, p.learning_rate, warmup_steps=max(1, min(p.warmup_steps, p.steps)),
-      decay_steps=max(p.steps, p.warmup_steps + 1), end_value=0.1 * p.learning_rate)
-  parts = [optax.clip_by_global_norm(p.grad_clip)] if p.grad_clip > 0 else []
-  parts.append(optax.adamw(schedule, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay))
-  return optax.chain(*parts), schedule
 
 
 def device_peak_flops() -> float | None:
@@ -270,10 +254,6 @@ class MetricsLog:
       self.writer.close()
 
 
-def abstract_with_shardings(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config):
   """state -> {"value_corr", "value_corr_turn0", "target_turn0", "clipped_turn0"} on the held-out
   episodes (DESIGN.md section 8), every log.value_diagnostics_every Q-SFT steps; None when off, in
@@ -310,41 +290,24 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
   """
   from qsft_jax.data.sharded import ShardedBatchIterator
 
-  p = config["qsft" if phase == "control" else phase]
-  model = Transformer(model_config)
-  optimizer, schedule = make_optimizer(p)
-  common = dict(chunk_size=config.loss.chunk_size, microbatches=p.microbatches,
-                skip_nonfinite=config.on_nonfinite == "skip")
-  if phase == "bc":
-    step_fn = train_steps.make_bc_step(model, model_config, optimizer, mesh, rules, **common)
-    init_state = lambda params: train_steps.init_bc_state(params, optimizer)
-  else:
-    q = config.qsft
-    step_fn = train_steps.make_qsft_step(
-        model, model_config, optimizer, mesh, rules, support_min=q.support_min, tau=q.tau,
-        target_update_every=q.target_update_every,
-        targets_mode="ones" if phase == "control" else q.targets_mode,
-        dummy_token=None if q.dummy_token < 0 else q.dummy_token, mc_mix=q.mc_mix, n_step=q.n_step,
-        **common)
-    init_state = lambda params: train_steps.init_qsft_state(params[0], params[1], optimizer)
-  kind = "bc" if phase == "bc" else "qsft"  # the control's state is a Q-SFT state
-  shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, kind)
+  p = phases.optim_config(config, phase)
+  program = phases.build(config, phase, model_config, mesh, rules)
+  step_fn, schedule = program.step, program.schedule
 
   iterator = ShardedBatchIterator(
       data_config, tokenizer, global_batch_size=p.batch_size,
       num_shards=config.data_shards or jax.process_count(), process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=config.seed + PHASE_SEED_OFFSET[phase])
+      process_count=jax.process_count(), seed=config.seed + phases.DATA_SEED_OFFSET[phase])
   manager = checkpoints.make_manager(workdir, phase, config)
   latest = manager.latest_step()
   if latest is not None:
-    param_shapes = qsharding.param_shapes(model, model_config)
-    shapes = jax.eval_shape(init_state, param_shapes if phase == "bc" else (param_shapes, param_shapes))
-    state = checkpoints.restore(manager, latest, abstract_with_shardings(shapes, shardings), iterator)
+    abstract = program.abstract_state(qsharding.param_shapes(program.model, model_config))
+    state = checkpoints.restore(manager, latest, abstract, iterator)
     if jax.process_index() == 0:
       print(f"{phase}: resumed from the checkpoint of step {latest}", flush=True)
   else:
     with jax.set_mesh(mesh):
-      state = jax.jit(init_state, out_shardings=shardings)(initial_params())
+      state = jax.jit(program.init_state, out_shardings=program.state_shardings)(initial_params())
     latest = 0
   if latest >= p.steps:
     manager.close()

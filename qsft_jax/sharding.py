@@ -223,6 +223,12 @@ def cache_shardings(config: ModelConfig, batch_size: int, cache_len: int, mesh: 
   return logical_to_sharding(cache_logical_axes(config), mesh, rules, shapes=shapes)
 
 
+def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `shapes` (arrays or ShapeDtypeStructs) carrying the matching `shardings`:
+  what `jax.jit(...).lower` and checkpoint restores take for sharded inputs."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Sharding of [B, L] batch arrays: rows over the `batch` rule's mesh axes, length by `length`."""
   return NamedSharding(mesh, logical_to_mesh_spec(("batch", "length"), None, dict(mesh.shape), rules))

@@ -224,7 +224,6 @@ def test_checkpoint_restores_onto_other_meshes_and_device_counts(tmp_path):
   import optax
   from qsft_jax import checkpoints, train_steps
   from qsft_jax import sharding as qsharding
-  from qsft_jax.main import abstract_with_shardings
   from qsft_jax.models.config import get_preset
   from qsft_jax.models.transformer import Transformer
 
@@ -261,7 +260,7 @@ def test_checkpoint_restores_onto_other_meshes_and_device_counts(tmp_path):
              qsharding.make_mesh({"data": 4, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:4])]
   for mesh in targets:
     shardings = state_on(mesh)
-    abstract = abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+    abstract = qsharding.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
     manager = checkpoints.make_manager(str(tmp_path), "qsft", config)
     assert manager.latest_step() == 3
     restored = checkpoints.restore(manager, 3, abstract)
