@@ -13,28 +13,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
 from typing import Any, Callable
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 from qsft_jax import checkpoints
+from qsft_jax import cli
 from qsft_jax import config_lib
 from qsft_jax import phases
 from qsft_jax import sharding as qsharding
 from qsft_jax.models import config as model_config_lib
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 
 class NonFiniteError(FloatingPointError):
   """A train step produced a non-finite metric; nothing from that state was checkpointed."""
@@ -398,31 +393,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return states
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError("both --config=configs/NAME.py and --workdir=DIR are required")
-  # Orbax and grain log every save at INFO; --verbosity=0 brings them back.
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  run(_CONFIG.value, _WORKDIR.value)
+def define_flags(argv) -> flags.FlagValues:
+  fv = cli.new_flags()
+  cli.config_flag(fv, argv)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.", flag_values=fv)
+  flags.DEFINE_integer("verbosity", -1, "absl logging verbosity (-1 warnings, 0 info: orbax and grain "
+                       "log every save at info).", flag_values=fv)
+  return fv
 
 
-def parse_flags(argv):
-  """absl's parser, but a --config.FIELD override naming no field (a typo) fails in one clear line
-  instead of a traceback through ml_collections."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # e.g. --config.bc.steps=abc
-    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.")
-  except (AttributeError, KeyError) as e:
-    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
-    text = str(e)
-    hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
-    detail = f"{hint[2]!r}; did you mean {hint[1]!r}?" if hint else text
-    sys.exit(f"FATAL: bad --config override ({overrides}): the config has no field {detail}")
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  fv = define_flags(argv)
+  cli.parse(fv, argv, prog="python -m qsft_jax.main", doc=__doc__, required=["config", "workdir"])
+  logging.set_verbosity(fv.verbosity)
+  run(fv.config, fv.workdir)
+  return 0
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  sys.exit(main())

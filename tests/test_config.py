@@ -256,7 +256,7 @@ def test_command_line_typo_and_bad_config_fail_clearly(tmp_path):
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
-      "FATAL: bad --config override (--config.bc.stepz=3): the config has no field 'stepz'; "
+      "FATAL: python -m qsft_jax.main: bad --config override (--config.bc.stepz=3): the config has no field 'stepz'; "
       "did you mean 'steps'?"), result.stderr[-2000:]
   assert not os.path.exists(workdir)
   # a well-formed override that check_config rejects: stops before anything is written or compiled
