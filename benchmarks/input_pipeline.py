@@ -7,10 +7,12 @@ Writes a generated JSONL (maze episodes from qsft_jax.envs, or the synthetic Wor
 times reading + validation + reward transform + char tokenisation + first-fit packing + batching for
 ``--epochs`` epochs (generation and the JSONL write are not timed). tokens/s counts real (non-padding)
 tokens. ``headroom`` = pipeline tokens/s over the tokens/s training consumes, given by
-``--train-tokens-per-s``; until the trainer reports its own figure the default is an assumed 20000
-tokens/s (a small model's training step on a few CPU cores or a modest accelerator is in the thousands
-to tens of thousands). Readable table, then as the last line one JSON object with episodes_per_s,
-tokens_per_s and headroom.
+``--train-tokens-per-s`` (default 20000: a small model's training step on a few CPU cores or a
+modest accelerator consumes thousands to tens of thousands of tokens/s; pass the trainer's logged
+tokens/s for a real run). Target: headroom above 1, so that data loading never stalls training.
+
+Prints a readable table, then as the last line one JSON object with episodes_per_s, tokens_per_s and
+headroom. Measured figures: docs/results/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -16,9 +16,14 @@ median over `--steps` timed calls, ours and PyTorch alternating call by call so 
 the machine during the run affects both alike. tokens/s = batch * seq / median seconds. PyTorch runs with
 torch.set_num_threads(--threads, default: all cores).
 
+There is no fixed target: the ratios say how far our jitted model is from a mature framework's
+on the same CPU (1 = parity, above 1 = faster than PyTorch).
+
 Prints a table, then as its LAST line one JSON object: forward_tokens_per_s,
-torch_forward_tokens_per_s, forward_ratio (ours / torch), train_tokens_per_s,
-torch_train_tokens_per_s, train_ratio (ours / torch), plus the settings.
+torch_forward_tokens_per_s, forward_ratio (ours / torch, in tokens/s), train_tokens_per_s,
+torch_train_tokens_per_s, train_ratio (ours / torch), plus the settings (batch, seq, steps, threads,
+scan_layers, platform; the torch figures and ratios are null with --skip-torch). Measured figures:
+docs/results/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -1,77 +1,40 @@
 """Per-new-token cost of the sampler: two-model extraction vs single-model greedy, and 512 vs 64 tokens
 of context.
 
+    python benchmarks/sampler.py [--preset smollm2-135m | 8m] [--batch N] [--short N] [--long N] [--reps 5]
+        [--dtype bfloat16] [--override FIELD=VALUE ...]
+
 Model: by default the SmolLM2-135M shape (the smallest real model the project loads; batch 4, random
 weights, float32); `--preset 8m` runs a small Llama-style config (about 8M parameters, vocabulary 8192,
-batch 8). Whatever JAX backend is present (CPU here); on one CPU device the Sampler's decode steps
+batch 8). It runs on whatever JAX backend is present; on one CPU device the Sampler's decode steps
 attend by the C++ kernel of qsft_jax/cpu_attention.py (the header line says which path ran).
 
 Per-new-token time excludes compilation and prefill: each setting runs one compiled program (the
 sampler's max_new_tokens is a traced value) with max_new_tokens = SHORT and = LONG, with no stop
 tokens (every row generates exactly that many tokens); per token = (min T(LONG) - min T(SHORT)) /
-(LONG - SHORT) over the repetitions (the medians' ratios are printed too). Both calls share the
-prefill, so it cancels. Repetitions are interleaved over the
-settings (round robin), so that a shared machine's changing load affects all of them alike.
+(LONG - SHORT) over the repetitions. Both calls share the prefill, so it cancels; the minimum is used
+because other load on the machine only ever adds time (the medians' ratios are reported too).
+Repetitions are interleaved over the settings (round robin), so that a shared machine's changing load
+affects all of them alike.
 
-Figures (DESIGN.md section 6):
+Figures and targets:
 - extraction_over_greedy: the extraction sampler (pi_phi and p_theta, two KV caches, beta = 4) over
   single-model greedy decoding (pi_phi alone), both greedy as evaluation plays, 64-token prompts.
-  Target: at most 2.2. sampled_extraction_over_greedy: the same with temperature sampling.
-  same_weights_extraction_over_greedy: a control, the extraction with theta given phi's own weight
-  buffers (the same work, half the distinct weight bytes). Where it is well below the extraction, the
-  two models' extra cost is their weights outgrowing a CPU cache that holds one model's, which is what
-  the 8M model shows here and no sampler can change.
+  Target: at most 2.2.
 - ctx512_over_ctx64: greedy extraction per-token time at 512 vs 64 tokens of prompt, each with a cache
   sized to its context (cache_len = prompt bucket + LONG). Target: at most 1.5.
 - ctx512_over_ctx64_fixed_cache: the same with one sampler whose cache_len (1024) serves both; every
   decode step attends over the whole fixed cache (masked), so this ratio shows only the prompt's effect.
+- sampled_extraction_over_greedy: the extraction with temperature sampling instead of greedy.
+- same_weights_extraction_over_greedy: a control, the extraction with theta given phi's own weight
+  buffers (the same work, half the distinct weight bytes). Where it is well below the extraction, the
+  two models' extra cost is their weights outgrowing a CPU cache that holds one model's, which no
+  sampler can change.
 
-Measured 2026-11-29 on the 2-core CPU (otherwise idle), ms per token, greedy extraction unless named.
-Runs 1-2 used medians (the estimator before this date's change), run 3 the minima (its medians' ratios
-in brackets):
-
-  model (batch), decode attention     greedy  extraction  same wts  at 512   extr/greedy  ctx512/ctx64
-  SmolLM2-135M (4), cpu_kernel, run 1   61.7     116.5       97.4    117.7      1.89          1.01
-                                run 2   57.3     101.1       94.1    170.8      1.77          1.69
-                                run 3   54.4      97.3       90.4    126.4      1.79 (1.98)   1.30 (1.25)
-    (python benchmarks/sampler.py, 15 min each; one run's fixed-cache ratio came out at 1.24, 0.98 and
-    1.39, for the same work at both lengths: single SmolLM2 figures here are good to about +-25%)
-  8M (8), cpu_kernel, run 1              4.34     11.52        -      16.12      2.65          1.40
-                      run 2              3.50     11.59       9.05    17.89      3.31          1.54
-                      run 3              4.87     12.11      11.75    17.60      2.48 (2.40)   1.45 (1.26)
-    (python benchmarks/sampler.py --preset 8m, 2-4 min)
-  8M (8), multiply_reduce (XLA)          5.29     14.24        -      26.96      2.69          1.89
-    (--override decode_attention=multiply_reduce, same machine and hour as run 1)
-
-The C++ kernel (qsft_jax/cpu_attention.py) took the 8M model's step at 512 tokens of context from 27.0
-to 16.1-17.9 ms. Profiled per fusion (XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true under
-jax.profiler.trace), XLA's own decode attention at 592 slots spent 9.0 ms per step in the score
-reductions (a reduction over the 64-wide head dim, ~4 GB/s) and 4.2 ms in the value reductions, of a
-29 ms step: it was compute-bound in poorly vectorised reductions, not bound by the 78 MB of cache it
-reads (XLA's plain sum reads 78 MB in 3.8 ms here, 20 GB/s). The kernel reads each cache row once for
-all query heads of its kv head, with unrolled head-dim loops, and spreads (row, kv head) items over
-XLA's intra-op threads: 16 layers at 592 slots (78 MB) in 6.3 ms in isolation, 12 GB/s.
-
-extraction_over_greedy on the 8M model (2.48-3.31 here; 2.15-3.47 on other machines of this kind) is
-above the target, and mostly not the sampler's doing: its single-model step moves between 3.5 and 5.3 ms
-from run to run while the two-model step stays at 11.5-12.1. The same-weights control points at the CPU
-cache (one model's 34 MB of weights plus cache fit where two models' 67 MB do not) in two measurements
-(9.05 vs 11.59 ms here, 7.81 vs 11.61 in a separate script) but not in run 3 (11.75 vs 12.11). At 135M
-parameters, where neither model fits, two models cost 1.77-1.89x one in each run (1.59 and 1.91 on
-earlier machines).
-
-Earlier figures (before the kernel), for the record: SmolLM2-135M ctx512/ctx64 1.64 and 1.54, 8M
-1.60-2.10. Tried then without gain (each in the history of this file): a bfloat16 cache under float32
-compute (the conversions cost more than the bytes saved: the kernel could read bf16 directly, not done),
-the dot contraction with and without oneDNN, XLA's YNNPACK fusions off (3-6x slower), a [B, K, Dh, S]
-key layout, slot-major scores ([B, K, S, G], a real GEMM in isolation but 7.5 ms in context), running
-theta's step after phi's, both models as one vmapped model over stacked weights (extraction 13.2 vs
-10.9-11.6 ms: the batched ops ran slower), and 16 layers instead of 8.
-
-Prints a table, then as the LAST line one JSON object with those keys.
-
-    python benchmarks/sampler.py [--preset smollm2-135m | 8m] [--batch N] [--short N] [--long N] [--reps 5]
-        [--dtype bfloat16] [--override FIELD=VALUE ...]
+Prints a table, then as the LAST line one JSON object with the five figures above,
+greedy_ms_per_token, extraction_ms_per_token, and median_extraction_over_greedy and
+median_ctx512_over_ctx64 (the same ratios from medians). Measured figures:
+docs/results/benchmarks.md.
 """
 from __future__ import annotations
 

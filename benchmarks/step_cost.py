@@ -20,10 +20,12 @@ One model and batch (a Llama-style config with a 50k vocabulary, batch 4 x 256 b
    (full [B, L, V] logits, log_softmax and soft target), plus the check that both give the same
    value and gradient. Target: chunked / naive <= 0.25.
 
-Prints a table, then as the LAST line one JSON object with qsft_over_bc_time, bc_flops_ratio,
-qsft_flops_ratio, chunked_over_naive_memory.
+The table also gives the Q-SFT / BC ratio of this process's CPU time, which other processes' load
+does not inflate. Prints a table, then as the LAST line one JSON object with qsft_over_bc_time,
+bc_flops_ratio, qsft_flops_ratio, chunked_over_naive_memory. Measured figures:
+docs/results/benchmarks.md.
 
-    python benchmarks/step_cost.py [--batch 4] [--length 256] [--iters 7]
+    python benchmarks/step_cost.py [--batch 4] [--length 256] [--iters 7] [--chunk 64]
 """
 from __future__ import annotations
 
