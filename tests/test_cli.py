@@ -84,10 +84,14 @@ def run(kind: str, name: str, rel: str, args: list[str], capsys) -> tuple[int, s
     out = capsys.readouterr()
     return exit_.value.code, out.out, out.err
   command = ["-m", name] if kind == "module" else [rel]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  result = subprocess.run([sys.executable, *command, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run([sys.executable, *command, *args], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
   return result.returncode, result.stdout, result.stderr
+
+
+def subprocess_env() -> dict:
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 @pytest.mark.parametrize("kind,name,rel", PROGRAMS, ids=[p[1] for p in PROGRAMS])
@@ -104,6 +108,19 @@ def test_help_exits_0_and_an_unknown_flag_exits_2_in_one_line(kind, name, rel, c
   assert code == 2
   assert len(err.splitlines()) == 1 and "Traceback" not in err, err
   assert err.startswith("FATAL: ") and "no_such_flag" in err, err
+
+
+def test_as_the_shell_runs_them():
+  """The `if __name__ == "__main__"` entry points: a module with -m and a script by its path."""
+  cases = {("-m", "qsft_jax.envs.generate", "--task=go"):
+               "FATAL: python -m qsft_jax.envs.generate: flag --task=go: value should be one of <",
+           ("scripts/results.py", "--name"):
+               "FATAL: python scripts/results.py: Missing value for flag --name (--help lists the flags)"}
+  for command, line in cases.items():
+    result = subprocess.run([sys.executable, *command], cwd=REPO, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(line), result.stderr
 
 
 def test_no_argparse_remains():
@@ -136,8 +153,8 @@ def script(rel: str) -> ModuleType:
 
 def test_evaluate_flags():
   from qsft_jax import evaluate
-  fv, _ = parsed(evaluate.define_flags, ["--workdir=/w", "--episodes", "3", "--betas", "0,1,4,16",
-                                         "--no_ratio", "--temperature", "0.5", "--dataset_mean_return", "-5.5"])
+  fv, _ = parsed(evaluate.define_flags, ["--workdir=/w", "--episodes", "3", "--betas", "0,1,4,16", "--no_ratio",
+                                         "--temperature", "0.5", "--dataset_mean_return", "-5.5"])
   assert (fv.workdir, fv.episodes, fv.betas, fv.ratio, fv.temperature, fv.dataset_mean_return) == (
       "/w", 3, ["0", "1", "4", "16"], False, 0.5, -5.5)
   fv, _ = parsed(evaluate.define_flags, ["--workdir", "/w"])
@@ -153,7 +170,8 @@ def test_data_flags_and_positional_paths(tmp_path, capsys):
   assert (fv.max_length, fv.overlong, fv.reward_transform, fv.gamma_token) == (
       32, "drop", "terminal_return:0,2", 0.5)
   fv, rest = parsed(data_cli.build_flags, ["data/maze", "--data-dir", "/d", "--manual_dir=/m", "--overwrite",
-                                           "--gen", "num_train=100", "--gen", "x=1"], positional="BUILDER_DIR")
+                                           "--gen", "num_train=100", "--gen", "x=1"],
+                    positional="BUILDER_DIR")
   assert rest == ["data/maze"] and (fv.data_dir, fv.manual_dir, fv.overwrite, fv.gen) == (
       "/d", "/m", True, ["num_train=100", "x=1"])
   # usage errors of the commands: one line, exit 2
@@ -178,8 +196,8 @@ def test_data_flags_and_positional_paths(tmp_path, capsys):
 
 def test_generate_flags():
   from qsft_jax.envs import generate
-  fv, _ = parsed(generate.define_flags, ["--task", "maze", "--episodes", "5", "--out", "x.jsonl", "--policy",
-                                         "trap", "--opt", "max_steps=25", "--opt", "actions=words"])
+  fv, _ = parsed(generate.define_flags, ["--task", "maze", "--episodes", "5", "--out", "x.jsonl",
+                                         "--policy", "trap", "--opt", "max_steps=25", "--opt", "actions=words"])
   assert (fv.task, fv.episodes, fv.seed, fv.out, fv.policy, fv.opt) == (
       "maze", 5, 0, "x.jsonl", "trap", ["max_steps=25", "actions=words"])
 
@@ -187,7 +205,8 @@ def test_generate_flags():
 def test_benchmark_experiment_and_tool_flags():
   fv, _ = parsed(script("benchmarks/model_throughput.py").define_flags,
                  ["--scan-layers", "--skip-torch", "--weight-decay", "0.1", "--seq=64"])
-  assert (fv.scan_layers, fv.skip_torch, fv.weight_decay, fv.seq, fv.platform) == (True, True, 0.1, 64, "cpu")
+  assert (fv.scan_layers, fv.skip_torch, fv.weight_decay, fv.seq, fv.platform) == (
+      True, True, 0.1, 64, "cpu")
   fv, _ = parsed(script("benchmarks/input_pipeline.py").define_flags,
                  ["--max-length", "64", "--num-workers", "2", "--pack-window=8", "--task", "wordle_like"])
   assert (fv.max_length, fv.num_workers, fv.pack_window, fv.task) == (64, 2, 8, "wordle_like")
@@ -201,7 +220,8 @@ def test_benchmark_experiment_and_tool_flags():
   assert (fv.quick, fv.only, fv.eval_every, fv.steps) == (True, "token", 10, 2000)
   fv, _ = parsed(script("scripts/results.py").define_flags,
                  ["--name", "m", "--run", "/r", "--out", "o.md", "--qsft", "a=/x", "--betas", "1,4"])
-  assert (fv.name, fv.run, fv.out, fv.qsft, fv.betas, fv.episodes) == ("m", "/r", "o.md", ["a=/x"], ["1", "4"], 100)
+  assert (fv.name, fv.run, fv.out, fv.qsft, fv.betas, fv.episodes) == (
+      "m", "/r", "o.md", ["a=/x"], ["1", "4"], 100)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +269,8 @@ def test_usage_errors_are_one_line_with_status_2(args, message, capsys):
   with pytest.raises(SystemExit) as exit_:
     parsed(small_flags, args)
   err = capsys.readouterr().err
-  assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("FATAL: prog: ") and message in err, err
+  assert exit_.value.code == 2 and err.count("\n") == 1, err
+  assert err.startswith("FATAL: prog: ") and message in err, err
 
 
 def test_required_flag_and_help(capsys):

@@ -38,7 +38,8 @@ BUILDER_DIR is a builder directory: data/maze, data/wordle, data/chess, data/jso
 
 def validate_flags() -> flags.FlagValues:
   fv = cli.new_flags()
-  flags.DEFINE_integer("max_length", 0, "Row length; enables tokenising and length checks.", flag_values=fv)
+  flags.DEFINE_integer("max_length", 0, "Row length; enables tokenising and length checks.",
+                       flag_values=fv)
   flags.DEFINE_string("tokenizer", "char", "char | char:PATH.json | hf:PATH | gguf:PATH | smollm2.",
                       flag_values=fv)
   flags.DEFINE_enum("overlong", "truncate", ["truncate", "drop"], "What happens to an episode longer "
@@ -58,7 +59,8 @@ def build_flags() -> flags.FlagValues:
   flags.DEFINE_string("data_dir", None, "TFDS data directory to write into.", flag_values=fv)
   flags.DEFINE_string("config", None, "Builder config name.", flag_values=fv)
   flags.DEFINE_string("manual_dir", None, "The JSONL directory, for data/jsonl_episodes.", flag_values=fv)
-  flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared.", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared.",
+                    flag_values=fv)
   flags.DEFINE_multi_string("gen", [], "KEY=VALUE overriding a config field (num_train=100, "
                             "options='{...}').", flag_values=fv)
   return fv
