@@ -129,11 +129,27 @@ def _normalize(fv: flags.FlagValues, args: Sequence[str]) -> list[str]:
       out.append(arg)
       continue
     spelled, clears = found
+    if clears and eq:
+      raise flags.Error(f"{arg}: clearing a boolean flag takes no value")
     out.append(f"{dashes}{spelled}{eq}{value}")
     if not clears and not eq and not fv[spelled].boolean and i < len(args):
       out.append(args[i])  # the flag's value, verbatim even when it starts with "-"
       i += 1
   return out
+
+
+def _check_config_file(fv: flags.FlagValues, prog: str) -> None:
+  """A --config file that does not load (missing, unreadable) is a usage error; ml_collections
+  would raise only when the config is first read, with a traceback."""
+  if "config" not in fv or not fv["config"].present:
+    return
+  from ml_collections.config_flags import config_flags as config_flags_lib
+  if not isinstance(fv["config"].parser, config_flags_lib.ConfigFileFlagParser):
+    return
+  try:
+    getattr(fv.config, "keys")  # a config that failed to load raises on any attribute
+  except OSError as e:
+    usage_error(prog, f"--config: cannot load the config file: {e.__cause__ or e}")
 
 
 def parse(fv: flags.FlagValues, argv: Sequence[str] | None = None, *, prog: str, doc: str | None = None,
@@ -156,12 +172,10 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None = None, *, prog: str,
     sys.stdout.flush()
     sys.exit(0)
   try:
-    rest = fv(argv[:1] + _normalize(fv, argv[1:]))
+    rest = fv([*argv[:1], *_normalize(fv, argv[1:])])
   except flags.IllegalFlagValueError as e:
     usage_error(prog, str(e))
-  except flags.Error as e:  # unknown flag, missing required flag, missing value
-    usage_error(prog, f"{e} (--help lists the flags)")
-  except ValueError as e:  # absl: "--noB=VALUE does not take an argument"
+  except flags.Error as e:  # unknown flag, missing value, a value given to --noB
     usage_error(prog, f"{e} (--help lists the flags)")
   except (AttributeError, KeyError) as e:  # a --config.FIELD override naming no field
     overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
@@ -169,6 +183,7 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None = None, *, prog: str,
     hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
     detail = f"{hint[2]!r}; did you mean {hint[1]!r}?" if hint else text
     usage_error(prog, f"bad --config override ({overrides}): the config has no field {detail}")
+  _check_config_file(fv, prog)
   if positional is None and len(rest) > 1:
     usage_error(prog, f"unexpected arguments: {' '.join(rest[1:])} (--help lists the flags)")
   for name in required:

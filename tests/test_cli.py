@@ -262,7 +262,8 @@ def test_after_double_dash_nothing_is_rewritten():
     (["--max_lenght=3"], "Did you mean: max_length"),
     (["--max-length=x"], "--max_length=x"),
     (["--max-length"], "Missing value"),
-    (["--noratio=1"], "does not take an argument"),
+    (["--noratio=1"], "--noratio=1: clearing a boolean flag takes no value"),
+    (["--no-ratio=false"], "--no-ratio=false: clearing a boolean flag takes no value"),
     (["stray"], "unexpected arguments: stray"),
 ])
 def test_usage_errors_are_one_line_with_status_2(args, message, capsys):
@@ -283,6 +284,16 @@ def test_required_flag_and_help(capsys):
   out = capsys.readouterr().out
   assert exit_.value.code == 0 and out.startswith("What prog does.\n\nUsage: prog [flags] PATH...\n")
   assert "--max_length" in out and "--[no]ratio" in out
+
+
+def test_a_config_file_that_does_not_load_is_a_usage_error(tmp_path, capsys):
+  from qsft_jax import main
+  missing = str(tmp_path / "nope.py")
+  with pytest.raises(SystemExit) as exit_:
+    cli.parse(main.define_flags(["main", f"--config={missing}"]), ["main", f"--config={missing}"], prog="prog")
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count("\n") == 1, err
+  assert err.startswith("FATAL: prog: --config: cannot load the config file:") and missing in err, err
 
 
 def test_usage_error_flattens_the_message(capsys):
