@@ -16,13 +16,14 @@ headroom. Measured figures: docs/results/benchmarks.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
 
+from absl import flags
 
+from qsft_jax import cli
 from qsft_jax.data import DataConfig, write_jsonl
 from qsft_jax.data.pipeline import PipelineStats, make_train_iterator
 from qsft_jax.data.synthetic import wordle_like_episodes
@@ -39,17 +40,24 @@ def episodes_for(task: str, n: int, seed: int):
     return wordle_like_episodes(n, seed)
 
 
+def define_flags() -> flags.FlagValues:
+    fv = cli.new_flags()
+    flags.DEFINE_enum("task", "maze", ["maze", "wordle_like"], "Episodes to read.", flag_values=fv)
+    flags.DEFINE_integer("episodes", 4000, "Episodes in the file.", flag_values=fv)
+    flags.DEFINE_integer("max_length", 256, "Row length.", flag_values=fv)
+    flags.DEFINE_integer("batch", 16, "Rows per batch.", flag_values=fv)
+    flags.DEFINE_integer("epochs", 2, "Passes over the file.", flag_values=fv)
+    flags.DEFINE_integer("num_workers", 0, "grain worker processes.", flag_values=fv)
+    flags.DEFINE_integer("pack_window", 64, "Episodes the first-fit packer looks ahead.", flag_values=fv)
+    flags.DEFINE_float("train_tokens_per_s", ASSUMED_TRAIN_TOKENS_PER_S, "Tokens/s training consumes "
+                       "(headroom = pipeline tokens/s over this).", flag_values=fv)
+    return fv
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=["maze", "wordle_like"], default="maze")
-    parser.add_argument("--episodes", type=int, default=4000)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--pack-window", type=int, default=64)
-    parser.add_argument("--train-tokens-per-s", type=float, default=ASSUMED_TRAIN_TOKENS_PER_S)
-    args = parser.parse_args(argv)
+    """Runs the benchmark; argv as sys.argv holds it (the program name first). Returns the JSON record."""
+    args = define_flags()
+    cli.parse(args, argv, prog="python benchmarks/input_pipeline.py", doc=__doc__)
 
     folder = tempfile.mkdtemp(prefix="qsft_input_bench_")
     path = os.path.join(folder, f"{args.task}.jsonl")

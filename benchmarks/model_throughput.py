@@ -27,13 +27,15 @@ docs/results/benchmarks.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
 
+from absl import flags
 import numpy as np
+
+from qsft_jax import cli
 
 
 def interleaved_medians(steps_by_side: dict, warmup: int, steps: int) -> dict:
@@ -132,20 +134,26 @@ def torch_steps(tokens: np.ndarray, args) -> tuple:
   return run_forward, run_train
 
 
+def define_flags() -> flags.FlagValues:
+  fv = cli.new_flags()
+  flags.DEFINE_integer("batch", 4, "Rows per batch.", flag_values=fv)
+  flags.DEFINE_integer("seq", 256, "Tokens per row.", flag_values=fv)
+  flags.DEFINE_integer("warmup", 1, "Untimed calls first.", flag_values=fv)
+  flags.DEFINE_integer("steps", 3, "Timed calls (the median is reported).", flag_values=fv)
+  flags.DEFINE_bool("scan_layers", False, "Our model with nn.scan over layers.", flag_values=fv)
+  flags.DEFINE_integer("threads", os.cpu_count(), "PyTorch threads.", flag_values=fv)
+  flags.DEFINE_float("lr", 1e-5, "AdamW learning rate.", flag_values=fv)
+  flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.", flag_values=fv)
+  flags.DEFINE_bool("skip_torch", False, "Only our model (ratios are then null).", flag_values=fv)
+  flags.DEFINE_string("platform", "cpu", "JAX platform for our model (cpu: the comparison is CPU "
+                      "against CPU).", flag_values=fv)
+  return fv
+
+
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--seq", type=int, default=256)
-  parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--scan-layers", action="store_true", help="our model with nn.scan over layers")
-  parser.add_argument("--threads", type=int, default=os.cpu_count())
-  parser.add_argument("--lr", type=float, default=1e-5)
-  parser.add_argument("--weight-decay", type=float, default=0.01)
-  parser.add_argument("--skip-torch", action="store_true", help="only our model (ratios are then null)")
-  parser.add_argument("--platform", default="cpu",
-                      help="JAX platform for our model (default cpu: the comparison is CPU against CPU)")
-  args = parser.parse_args(argv)
+  """Runs the benchmark; argv as sys.argv holds it (the program name first). Returns the JSON record."""
+  args = define_flags()
+  cli.parse(args, argv, prog="python benchmarks/model_throughput.py", doc=__doc__)
   import jax
   # Before any computation: keeps JAX off accelerators (and off a merely installed libtpu's start-up).
   jax.config.update("jax_platforms", args.platform)

@@ -38,15 +38,16 @@ docs/results/benchmarks.md.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import time
 
+from absl import flags
 import jax
 import numpy as np
 
+from qsft_jax import cli
 from qsft_jax.models.config import ModelConfig, get_preset, param_count
 from qsft_jax.sampler import Sampler
 from qsft_jax import sharding
@@ -63,18 +64,25 @@ def timed(sampler: Sampler, phi, theta, prompts, kwargs: dict, n: int) -> float:
   return time.perf_counter() - start
 
 
+def define_flags() -> flags.FlagValues:
+  fv = cli.new_flags()
+  flags.DEFINE_string("preset", "smollm2-135m", "A models.config preset, or '8m' for the small "
+                      "8M-parameter model (random weights either way).", flag_values=fv)
+  flags.DEFINE_integer("batch", None, "Rows [4; 8 for 8m].", flag_values=fv)
+  flags.DEFINE_integer("short", None, "Fewer generated tokens [8; 16 for 8m].", flag_values=fv)
+  flags.DEFINE_integer("long", None, "More generated tokens [40; 80 for 8m].", flag_values=fv)
+  flags.DEFINE_integer("reps", 5, "Repetitions of each call.", flag_values=fv)
+  flags.DEFINE_string("dtype", "", "Compute, cache and weight dtype, e.g. bfloat16 [the config's].",
+                      flag_values=fv)
+  flags.DEFINE_multi_string("override", [], "FIELD=VALUE replacing a ModelConfig field, e.g. "
+                            "num_layers=16 or decode_attention=dot.", flag_values=fv)
+  return fv
+
+
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--preset", default="smollm2-135m", help="a models.config preset, or '8m' for the small "
-                      "8M-parameter model (random weights either way)")
-  parser.add_argument("--batch", type=int, default=None, help="[4; 8 for 8m]")
-  parser.add_argument("--short", type=int, default=None, help="[8; 16 for 8m]")
-  parser.add_argument("--long", type=int, default=None, help="[40; 80 for 8m]")
-  parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--dtype", default="", help="compute, cache and weight dtype, e.g. bfloat16 [the config's]")
-  parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                      help="replace a ModelConfig field, e.g. num_layers=16 or decode_attention=dot (repeatable)")
-  args = parser.parse_args(argv)
+  """Runs the benchmark; argv as sys.argv holds it (the program name first). Returns the JSON record."""
+  args = define_flags()
+  cli.parse(args, argv, prog="python benchmarks/sampler.py", doc=__doc__)
   small = args.preset == "8m"
   config = CONFIG if small else get_preset(args.preset)
   for name, (default_small, default_real) in {"batch": (8, 4), "short": (16, 8), "long": (80, 40)}.items():

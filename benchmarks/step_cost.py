@@ -29,16 +29,16 @@ docs/results/benchmarks.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qsft_jax import losses, sharding, train_steps
+from qsft_jax import cli, losses, sharding, train_steps
 from qsft_jax.models.config import ModelConfig, flops_per_token, param_count
 from qsft_jax.models.transformer import Transformer
 
@@ -105,13 +105,19 @@ def naive_wce(hidden, unembed, row_labels, row_weights, row_mask, normaliser, vo
   return jnp.sum(per_row * row_mask) / normaliser
 
 
+def define_flags() -> flags.FlagValues:
+  fv = cli.new_flags()
+  flags.DEFINE_integer("batch", 4, "Rows per batch.", flag_values=fv)
+  flags.DEFINE_integer("length", 256, "Tokens per row.", flag_values=fv)
+  flags.DEFINE_integer("iters", 7, "Timed calls.", flag_values=fv)
+  flags.DEFINE_integer("chunk", 64, "Chunk size for timing and memory.", flag_values=fv)
+  return fv
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--length", type=int, default=256)
-  parser.add_argument("--iters", type=int, default=7)
-  parser.add_argument("--chunk", type=int, default=64, help="chunk size for timing and memory")
-  args = parser.parse_args(argv)
+  """Runs the benchmark; argv as sys.argv holds it (the program name first)."""
+  args = define_flags()
+  cli.parse(args, argv, prog="python benchmarks/step_cost.py", doc=__doc__)
 
   config = CONFIG.replace(max_position_embeddings=max(CONFIG.max_position_embeddings, args.length))
   model = Transformer(config)

@@ -18,6 +18,13 @@ it and turns every usage error into one line on stderr with exit status 2, no tr
     if __name__ == "__main__":
       sys.exit(main())
 
+`main(argv)` takes argv as `sys.argv` holds it, the program name first: `main(["evaluate",
+"--workdir=DIR"])`. Flag names are snake_case; `--max-length` is read as `--max_length`, and a boolean
+flag B is cleared by `--noB`, `--no_B` or `--no-B`, so either spelling works in every program. A
+program with positional arguments (`python -m qsft_jax.data validate PATH...`) names them with
+`parse(..., positional="PATH...")` and gets them back; its own checks of them, or of a flag's value,
+end with `usage_error(prog, message)`, the same one line and exit status 2.
+
 Programs that take a config file declare it with `config_flag(fv)`: `--config=configs/NAME.py[:ARG]`
 plus `--config.FIELD=VALUE` overrides, exactly as the trainer (`python -m qsft_jax.main`).
 """
@@ -25,7 +32,8 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Sequence
+import textwrap
+from typing import NoReturn, Sequence
 
 from absl import flags
 from absl import logging
@@ -45,45 +53,142 @@ def config_flag(fv: flags.FlagValues, argv: Sequence[str]) -> flags.FlagHolder:
                                          flag_values=fv, lock_config=True, sys_argv=list(argv))
 
 
-def _usage(fv: flags.FlagValues, prog: str, doc: str | None) -> str:
+def _flag_help(fv: flags.FlagValues) -> str:
+  """One entry per flag, the program's own sorted by name, then --help."""
+  by_id = {id(fv[name]): fv[name] for name in fv}
+  ordered = sorted(by_id.values(), key=lambda f: (f.name == "help", f.name))
+  entries = []
+  for flag in ordered:
+    head = (f"-{flag.short_name}, " if flag.short_name else "") + \
+        ("--[no]" if flag.boolean else "--") + flag.name
+    details = [flag.help or ""]
+    if flag.default_as_str:
+      details.append(f"(default: {flag.default_as_str})")
+    if flag.parser.syntactic_help:
+      details.append(f"({flag.parser.syntactic_help})")
+    text = " ".join(" ".join(details).split())
+    entries.append(textwrap.fill(f"{head}: {text}", width=100,
+                                 initial_indent="  ", subsequent_indent="      "))
+  return "\n".join(entries)
+
+
+def _usage(fv: flags.FlagValues, prog: str, doc: str | None, positional: str | None) -> str:
   head = (doc or "").strip()
-  return f"{head}\n\nFlags of {prog}:\n{fv.get_help(include_special_flags=False)}\n"
+  synopsis = f"{prog} [flags]" + (f" {positional}" if positional else "")
+  spelling = textwrap.fill(
+      "Flag names take '_' or '-' alike (--max_length, --max-length); a boolean flag B is set by --B "
+      "and cleared by --noB, --no_B or --no-B; --name value and --name=value are the same.", width=100)
+  return f"{head}\n\nUsage: {synopsis}\n{spelling}\n\nFlags of {prog}:\n{_flag_help(fv)}\n"
 
 
-def _fail(prog: str, message: str) -> None:
-  sys.stderr.write(f"FATAL: {prog}: {message}\n")
+def usage_error(prog: str, message: str) -> NoReturn:
+  """A usage error: one line on stderr ("FATAL: PROG: MESSAGE"), exit status 2."""
+  line = " ".join(str(message).split())  # one line, whatever the message held
+  sys.stderr.write(f"FATAL: {prog}: {line}\n")
+  sys.stderr.flush()
   sys.exit(2)
 
 
-def parse(fv: flags.FlagValues, argv: Sequence[str] | None = None, *, prog: str, doc: str | None = None,
-          required: Sequence[str] = ()) -> list[str]:
-  """Parses argv (default sys.argv; argv[0] is skipped) into `fv`; returns the positional arguments.
+def _flag_for(fv: flags.FlagValues, name: str) -> tuple[str, bool] | None:
+  """(the spelling of `name` that `fv` knows, whether it clears a boolean flag), or None.
 
-  `prog` names the program in messages ("python -m qsft_jax.main"). --help prints `doc` and the flags
-  and exits 0; an unknown flag, a bad value, a missing `required` flag, a positional argument, or a
-  --config override naming no field exits 2 with one line on stderr.
+  A flag `max_length` answers to --max_length and --max-length; a boolean `ratio` to --noratio,
+  --no_ratio and --no-ratio. A name `fv` defines as written is always itself.
+  """
+  if name in fv:
+    return name, False
+  if "." in name:  # --config.FIELD overrides: ml_collections reads them
+    return None
+  snake = name.replace("-", "_")
+  if snake in fv:
+    return snake, False
+  for prefix in ("no_", "no"):
+    if snake.startswith(prefix) and snake[len(prefix):] in fv and fv[snake[len(prefix):]].boolean:
+      return "no" + snake[len(prefix):], True
+  return None
+
+
+def _normalize(fv: flags.FlagValues, args: Sequence[str]) -> list[str]:
+  """Rewrites each flag's name in `args` (argv without argv[0]) to the spelling absl knows; values,
+  positional arguments and everything after "--" pass unchanged."""
+  out: list[str] = []
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    i += 1
+    if arg == "--":
+      out += args[i - 1:]
+      break
+    if not arg.startswith("-") or arg == "-":
+      out.append(arg)
+      continue
+    dashes = "--" if arg.startswith("--") else "-"
+    name, eq, value = arg[len(dashes):].partition("=")
+    found = _flag_for(fv, name)
+    if found is None:
+      out.append(arg)
+      continue
+    spelled, clears = found
+    if clears and eq:
+      raise flags.Error(f"{arg}: clearing a boolean flag takes no value")
+    out.append(f"{dashes}{spelled}{eq}{value}")
+    if not clears and not eq and not fv[spelled].boolean and i < len(args):
+      out.append(args[i])  # the flag's value, verbatim even when it starts with "-"
+      i += 1
+  return out
+
+
+def _check_config_file(fv: flags.FlagValues, prog: str) -> None:
+  """A --config file that does not load (missing, unreadable) is a usage error; ml_collections
+  would raise only when the config is first read, with a traceback."""
+  if "config" not in fv or not fv["config"].present:
+    return
+  from ml_collections.config_flags import config_flags as config_flags_lib
+  if not isinstance(fv["config"].parser, config_flags_lib.ConfigFileFlagParser):
+    return
+  try:
+    getattr(fv.config, "keys")  # a config that failed to load raises on any attribute
+  except OSError as e:
+    usage_error(prog, f"--config: cannot load the config file: {e.__cause__ or e}")
+
+
+def parse(fv: flags.FlagValues, argv: Sequence[str] | None = None, *, prog: str, doc: str | None = None,
+          required: Sequence[str] = (), positional: str | None = None) -> list[str]:
+  """Parses argv (default sys.argv; argv[0] is the program name and is skipped) into `fv`; returns the
+  positional arguments.
+
+  `prog` names the program in messages ("python -m qsft_jax.main"). `positional` describes the
+  positional arguments the program takes, for --help ("PATH..."); without it a positional argument
+  is a usage error (the program checks how many it got, with `usage_error`). --help (-h) prints `doc`
+  and the flags and exits 0; an unknown flag, a bad value, a missing `required` flag, an unexpected
+  positional argument, or a --config override naming no field exits 2 with one line on stderr.
   """
   argv = list(sys.argv if argv is None else argv)
+  if argv and argv[0].startswith("--"):
+    raise ValueError(f"argv[0] is the program name, as in sys.argv; got the flag {argv[0]!r} "
+                     "(call main(['prog', '--flag', ...]))")
   if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-    sys.stdout.write(_usage(fv, prog, doc))
+    sys.stdout.write(_usage(fv, prog, doc, positional))
+    sys.stdout.flush()
     sys.exit(0)
   try:
-    rest = fv(argv)
+    rest = fv([*argv[:1], *_normalize(fv, argv[1:])])
   except flags.IllegalFlagValueError as e:
-    _fail(prog, str(e))
-  except flags.Error as e:  # unknown flag, missing required flag, bad value
-    _fail(prog, f"{e} (--help lists the flags)")
+    usage_error(prog, str(e))
+  except flags.Error as e:  # unknown flag, missing value, a value given to --noB
+    usage_error(prog, f"{e} (--help lists the flags)")
   except (AttributeError, KeyError) as e:  # a --config.FIELD override naming no field
     overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
     text = str(e)
     hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
     detail = f"{hint[2]!r}; did you mean {hint[1]!r}?" if hint else text
-    _fail(prog, f"bad --config override ({overrides}): the config has no field {detail}")
-  if len(rest) > 1:
-    _fail(prog, f"unexpected arguments: {' '.join(rest[1:])} (--help lists the flags)")
+    usage_error(prog, f"bad --config override ({overrides}): the config has no field {detail}")
+  _check_config_file(fv, prog)
+  if positional is None and len(rest) > 1:
+    usage_error(prog, f"unexpected arguments: {' '.join(rest[1:])} (--help lists the flags)")
   for name in required:
     if fv[name].value is None:
-      _fail(prog, f"--{name} is required (--help lists the flags)")
+      usage_error(prog, f"--{name} is required (--help lists the flags)")
   # absl's own logging reads the global flags: mark them parsed so it does not warn that it logs
   # "before flag parsing"; its verbosity is set by each program.
   if not flags.FLAGS.is_parsed():

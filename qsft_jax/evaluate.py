@@ -37,16 +37,17 @@ in DIR/eval/episodes_NAME.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from typing import Any, Mapping, Sequence
 
+from absl import flags
 import jax
 import numpy as np
 
+from qsft_jax import cli
 from qsft_jax.data import DataConfig, load_episodes
 from qsft_jax.data.episodes import Episode, Turn
 from qsft_jax.data.mdp import tokenize_episode
@@ -304,25 +305,37 @@ def evaluate_workdir(workdir: str, **options) -> dict:
   return run(workdir, load_for_inference(workdir), **options)
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m qsft_jax.evaluate", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--episodes", type=int, default=None, help="episodes per policy [config eval.episodes]")
-  parser.add_argument("--seed", type=int, default=None, help="first environment seed [config eval.seed]")
-  parser.add_argument("--betas", default=None, help="comma-separated betas, e.g. 0,1,4,16 [config eval.betas]")
-  parser.add_argument("--batch_size", type=int, default=None, help="episodes played together")
-  parser.add_argument("--max_new_tokens", type=int, default=None, help="longest action in tokens")
-  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-  parser.add_argument("--no_ratio", action="store_true", help="skip the greedy p_theta / pi_phi policy")
-  parser.add_argument("--dataset_mean_return", type=float, default=None,
-                      help="the dataset's mean return (default: read from the run's training data)")
-  args = parser.parse_args(argv)
-  betas = None if args.betas is None else [float(b) for b in args.betas.split(",") if b.strip()]
-  results = evaluate_workdir(args.workdir, episodes=args.episodes, seed=args.seed, betas=betas,
-                ratio=not args.no_ratio, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, dataset_return=args.dataset_mean_return)
+def define_flags() -> flags.FlagValues:
+  fv = cli.new_flags()
+  flags.DEFINE_string("workdir", None, "Run directory of `python -m qsft_jax.main`.", flag_values=fv)
+  flags.DEFINE_integer("episodes", None, "Episodes per policy [config eval.episodes].", flag_values=fv)
+  flags.DEFINE_integer("seed", None, "First environment seed [config eval.seed].", flag_values=fv)
+  flags.DEFINE_list("betas", None, "Comma-separated betas, e.g. 0,1,4,16 [config eval.betas].",
+                    flag_values=fv)
+  flags.DEFINE_integer("batch_size", None, "Episodes played together.", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", None, "Longest action in tokens.", flag_values=fv)
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.", flag_values=fv)
+  flags.DEFINE_bool("ratio", True, "Play the greedy p_theta / pi_phi policy (--no_ratio skips it).",
+                    flag_values=fv)
+  flags.DEFINE_float("dataset_mean_return", None, "The dataset's mean return [read from the run's "
+                     "training data].", flag_values=fv)
+  return fv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m qsft_jax.evaluate`; argv as sys.argv holds it (the program name first)."""
+  prog = "python -m qsft_jax.evaluate"
+  fv = define_flags()
+  cli.parse(fv, argv, prog=prog, doc=__doc__, required=["workdir"])
+  try:
+    betas = None if fv.betas is None else [float(b) for b in fv.betas if b.strip()]
+  except ValueError:
+    cli.usage_error(prog, f"--betas={','.join(fv.betas)}: not a comma-separated list of numbers")
+  results = evaluate_workdir(fv.workdir, episodes=fv.episodes, seed=fv.seed, betas=betas,
+                ratio=fv.ratio, batch_size=fv.batch_size, max_new_tokens=fv.max_new_tokens,
+                temperature=fv.temperature, dataset_return=fv.dataset_mean_return)
   print(results_markdown(results))
-  print(f"wrote {os.path.join(args.workdir, 'eval', 'results.json')}")
+  print(f"wrote {os.path.join(fv.workdir, 'eval', 'results.json')}")
   return 0
 
 

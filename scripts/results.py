@@ -1,8 +1,8 @@
 """Results table for one task: dataset average, BC, the targets-equal-1 control and Q-SFT, with value
-diagnostics (DESIGN.md section 8).
+diagnostics (docs/algorithm.md section 7).
 
     python -m qsft_jax.main --config=configs/maze_trap_cpu.py --workdir=/tmp/trap
-    python scripts/results.py --name maze_trap --run /tmp/trap --out docs/results_maze_trap.md
+    python scripts/results.py --name maze_trap --run /tmp/trap --out docs/results/maze_trap.md
 
 `--run` is a finished `qsft_jax.main` run with the phases bc, qsft and control (the CPU configs' default):
 BC is its pi_phi, the control its control phase, Q-SFT its qsft phase. More Q-SFT variants that share
@@ -14,11 +14,13 @@ is reported too.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 
-from qsft_jax import checkpoints, diagnostics, evaluate
+from absl import flags
+
+from qsft_jax import checkpoints, cli, diagnostics, evaluate
 from qsft_jax.main import prepare_data
 
 
@@ -49,17 +51,32 @@ def row(label: str, beta, r: dict, d: dict | None = None) -> str:
           f"{corr} |")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--name", required=True)
-  parser.add_argument("--run", required=True, help="workdir with the phases bc, qsft and control")
-  parser.add_argument("--qsft", action="append", default=[], help="LABEL=WORKDIR of another Q-SFT run")
-  parser.add_argument("--betas", default="1,4,16,64")
-  parser.add_argument("--select_episodes", type=int, default=50)
-  parser.add_argument("--episodes", type=int, default=100)
-  parser.add_argument("--out", required=True)
-  args = parser.parse_args()
-  betas = [float(b) for b in args.betas.split(",")]
+def define_flags() -> flags.FlagValues:
+  fv = cli.new_flags()
+  flags.DEFINE_string("name", None, "Task name, the table's heading.", flag_values=fv)
+  flags.DEFINE_string("run", None, "Workdir with the phases bc, qsft and control.", flag_values=fv)
+  flags.DEFINE_multi_string("qsft", [], "LABEL=WORKDIR of another Q-SFT run.",
+                            flag_values=fv)
+  flags.DEFINE_list("betas", ["1", "4", "16", "64"], "Betas the selection episodes choose from.",
+                    flag_values=fv)
+  flags.DEFINE_integer("select_episodes", 50, "Episodes per beta on the selection seeds.", flag_values=fv)
+  flags.DEFINE_integer("episodes", 100, "Evaluation episodes per policy.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Markdown file to write (and the same name .json).", flag_values=fv)
+  return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Writes the results table; argv as sys.argv holds it (the program name first)."""
+  prog = "python scripts/results.py"
+  args = define_flags()
+  cli.parse(args, argv, prog=prog, doc=__doc__, required=["name", "run", "out"])
+  for item in args.qsft:
+    if "=" not in item:
+      cli.usage_error(prog, f"--qsft expects LABEL=WORKDIR, got {item!r}")
+  try:
+    betas = [float(b) for b in args.betas]
+  except ValueError:
+    cli.usage_error(prog, f"--betas={','.join(args.betas)}: not a comma-separated list of numbers")
   start = time.time()
   loaded = checkpoints.load_for_inference(args.run)
   if loaded["theta_params"] is None or loaded["control_params"] is None:
@@ -104,7 +121,8 @@ def main():
   with open(args.out.replace(".md", ".json"), "w") as f:
     json.dump({"bc": bc, "dataset_mean_return": dataset_return, **runs}, f, indent=1, default=float)
   print(text)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -130,8 +130,8 @@ def test_evaluate_command_line_on_the_workdir(workdir, capsys):
   from qsft_jax import evaluate
 
   path, _ = workdir
-  assert evaluate.main(["--workdir", path, "--episodes", "3", "--seed", "40", "--betas", "0,2", "--no_ratio",
-                        "--max_new_tokens", "2", "--dataset_mean_return", "-5.5"]) == 0
+  assert evaluate.main(["evaluate", "--workdir", path, "--episodes", "3", "--seed", "40", "--betas", "0,2",
+                        "--no_ratio", "--max_new_tokens", "2", "--dataset_mean_return", "-5.5"]) == 0
   with open(os.path.join(path, "eval", "results.json")) as f:
     results = json.load(f)
   assert results["env"] == "maze" and results["episodes"] == 3 and results["dataset_mean_return"] == -5.5

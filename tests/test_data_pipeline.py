@@ -158,7 +158,8 @@ def test_benchmark_script_prints_its_figures_last(capsys):
     spec = importlib.util.spec_from_file_location("input_pipeline_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.main(["--task", "wordle_like", "--episodes", "40", "--epochs", "1", "--batch", "2", "--train-tokens-per-s", "1000"])
+    result = bench.main(["input_pipeline", "--task", "wordle_like", "--episodes", "40", "--epochs", "1",
+                         "--batch", "2", "--train-tokens-per-s", "1000"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last) == {"episodes_per_s", "tokens_per_s", "headroom"} and last == result
     assert last["tokens_per_s"] > 0 and last["headroom"] == pytest.approx(last["tokens_per_s"] / 1000)

@@ -98,7 +98,7 @@ def test_options_reach_the_environment_and_the_policy_and_bad_ones_fail():
 
 def test_cli_writes_jsonl_and_prints_the_summary(tmp_path, capsys):
     out = tmp_path / "maze.jsonl"
-    assert main(["--task", "maze", "--episodes", "200", "--seed", "3", "--policy", "trap", "--out", str(out),
+    assert main(["generate", "--task", "maze", "--episodes", "200", "--seed", "3", "--policy", "trap", "--out", str(out),
                  "--opt", "max_steps=25", "--opt", "actions=words"]) == 0
     episodes = [json.loads(line) for line in out.read_text().splitlines()]
     assert episodes == list(generate_episodes("maze", 200, seed=3, policy="trap", max_steps=25, actions="words"))
@@ -107,8 +107,11 @@ def test_cli_writes_jsonl_and_prints_the_summary(tmp_path, capsys):
     assert summary["episodes"] == 200
     assert summary["mean_return"] == pytest.approx(sum(returns) / 200)
     assert summary["success_rate"] == pytest.approx(sum(ep["meta"]["success"] for ep in episodes) / 200)
-    with pytest.raises(SystemExit):
-        main(["--task", "maze", "--episodes", "1", "--out", str(out), "--opt", "nokey"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--task", "maze", "--episodes", "1", "--out", str(out), "--opt", "nokey"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "FATAL: python -m qsft_jax.envs.generate: --opt needs key=value, got 'nokey'\n")
 
 
 def test_wordle_paper_policy_mean_return_is_near_the_papers_dataset():

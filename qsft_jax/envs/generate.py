@@ -15,15 +15,17 @@ side: ``env.reset(meta["seed"])`` gives the episode's first observation again.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import inspect
 import json
 import random
 import sys
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
+from absl import flags
+
+from qsft_jax import cli
 from qsft_jax.envs.base import episode_summary, play_batch
 from qsft_jax.envs.policies import POLICIES, BehaviourPolicy
 from qsft_jax.envs.registry import ENVS, make_env
@@ -103,7 +105,7 @@ def parse_option(text: str) -> tuple[str, object]:
     """``key=value`` -> (key, value), the value a Python literal when it parses as one, else a string."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"--opt needs key=value, got {text!r}")
+        raise ValueError(f"--opt needs key=value, got {text!r}")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -111,34 +113,44 @@ def parse_option(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qsft_jax.envs.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", required=True, choices=sorted(ENVS))
-    parser.add_argument("--episodes", required=True, type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="JSONL file to write")
-    parser.add_argument("--policy", default="paper", help="behaviour policy: " + ", ".join(f"{t}/{p}" for t, p in sorted(POLICIES)))
-    parser.add_argument("--opt", action="append", default=[], type=parse_option, metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    options = dict(args.opt)
+def define_flags() -> flags.FlagValues:
+    fv = cli.new_flags()
+    flags.DEFINE_enum("task", None, sorted(ENVS), "Bundled environment.", flag_values=fv)
+    flags.DEFINE_integer("episodes", None, "Episodes to generate.", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Dataset seed (episode i draws from random.Random(f'{seed}/{i}')).",
+                         flag_values=fv)
+    flags.DEFINE_string("out", None, "JSONL file to write.", flag_values=fv)
+    flags.DEFINE_string("policy", "paper", "Behaviour policy: "
+                        + ", ".join(f"{t}/{p}" for t, p in sorted(POLICIES)) + ".", flag_values=fv)
+    flags.DEFINE_multi_string("opt", [], "KEY=VALUE for the environment or the policy.",
+                              flag_values=fv)
+    return fv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m qsft_jax.envs.generate``; argv as sys.argv holds it (the program name first)."""
+    prog = "python -m qsft_jax.envs.generate"
+    fv = define_flags()
+    cli.parse(fv, argv, prog=prog, doc=__doc__, required=["task", "episodes", "out"])
     try:
-        split_options(args.task, args.policy, options)
+        options = dict(parse_option(item) for item in fv.opt)
+        split_options(fv.task, fv.policy, options)
     except ValueError as e:
-        parser.error(str(e))
+        cli.usage_error(prog, str(e))
     start = time.perf_counter()
     stats = []
-    with open(args.out, "w", encoding="utf-8") as f:
-        for episode in generate_episodes(args.task, args.episodes, args.seed, policy=args.policy, **options):
+    with open(fv.out, "w", encoding="utf-8") as f:
+        for episode in generate_episodes(fv.task, fv.episodes, fv.seed, policy=fv.policy, **options):
             f.write(json.dumps(episode) + "\n")
             stats.append({"meta": episode["meta"]})
     seconds = time.perf_counter() - start
     summary = episode_summary(stats)
     print(
-        f"{args.task}/{args.policy}: wrote {summary['episodes']} episodes to {args.out}; "
+        f"{fv.task}/{fv.policy}: wrote {summary['episodes']} episodes to {fv.out}; "
         f"mean return {summary['mean_return']:.3f} (original units), success rate {summary['success_rate']:.3f}, "
         f"{summary['episodes'] / max(seconds, 1e-9):.1f} episodes/s"
     )
-    print(json.dumps({"task": args.task, "policy": args.policy, **summary, "seconds": round(seconds, 2)}))
+    print(json.dumps({"task": fv.task, "policy": fv.policy, **summary, "seconds": round(seconds, 2)}))
     return 0
 
 

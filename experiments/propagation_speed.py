@@ -1,6 +1,6 @@
 """How fast do values reach the first turn? Q-SFT value-propagation settings on a deep tabular MDP.
 
-A corridor task shaped like the text maze (DESIGN.md section 8): T agent turns of 2 tokens each
+A corridor task shaped like the text maze (qsft_jax/envs/maze.py): T agent turns of 2 tokens each
 (a direction L / S / R, then a step size a = 1, b = 1, c = 2), the environment's observation token
 (the new position; a move slips, i.e. does not happen, with probability SLIP) between turns, and one
 reward at the end: (final position / (P - 1))^2 in [0, 1]. The behaviour policy prefers L (the wrong
@@ -20,13 +20,12 @@ For each setting the script reports:
            library's `compute_targets`): its correlation with Q* and max |fixed point - Q*| at the first
            turn (bias of the setting; the empirical MDP of a finite dataset adds its own noise).
 
-    JAX_PLATFORMS=cpu python scripts/propagation_speed.py [--episodes 400] [--steps 2000] [--quick] [--only TEXT]
+    JAX_PLATFORMS=cpu python experiments/propagation_speed.py [--episodes 400] [--steps 2000] [--quick] [--only TEXT]
 
 The last line is one JSON object with every row.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -35,6 +34,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +43,7 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mdp_utils  # noqa: E402  tests/mdp_utils.py: token-level MDP arrays from token episodes
-from qsft_jax import losses, train_steps  # noqa: E402
+from qsft_jax import cli, losses, train_steps  # noqa: E402
 
 PAD, BOS, L_, S_, R_, A_, B_, C_, DUMMY = range(9)
 DIRS, SIZES = (L_, S_, R_), (A_, B_, C_)
@@ -211,16 +211,22 @@ SETTINGS = [  # (name, options); the base is token bootstrap, Polyak tau 0.05, t
 ]
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--episodes", type=int, default=400)
-  ap.add_argument("--steps", type=int, default=2000)
-  ap.add_argument("--eval_every", type=int, default=25)
-  ap.add_argument("--lr", type=float, default=0.03)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--quick", action="store_true", help="3 settings, 1000 steps (a smoke run)")
-  ap.add_argument("--only", default="", help="run the settings whose name contains this text")
-  args = ap.parse_args()
+def define_flags() -> flags.FlagValues:
+  fv = cli.new_flags()
+  flags.DEFINE_integer("episodes", 400, "Sampled episodes in the dataset.", flag_values=fv)
+  flags.DEFINE_integer("steps", 2000, "Optimizer steps per setting.", flag_values=fv)
+  flags.DEFINE_integer("eval_every", 25, "Steps between measurements.", flag_values=fv)
+  flags.DEFINE_float("lr", 0.03, "Adam learning rate (constant).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Dataset and initialisation seed.", flag_values=fv)
+  flags.DEFINE_bool("quick", False, "3 settings, 1000 steps (a smoke run).", flag_values=fv)
+  flags.DEFINE_string("only", "", "Run the settings whose name contains this text.", flag_values=fv)
+  return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the experiment; argv as sys.argv holds it (the program name first)."""
+  args = define_flags()
+  cli.parse(args, argv, prog="python experiments/propagation_speed.py", doc=__doc__)
   settings = [s for s in (SETTINGS[:3] if args.quick else SETTINGS) if args.only in s[0]]
   steps = 1000 if args.quick else args.steps
   blocks = steps // args.eval_every
@@ -285,7 +291,8 @@ def main():
           f"{row['fp_corr']:8.3f} {row['fp_gap']:7.3f} {secs:5.0f}", flush=True)
   print(json.dumps({"episodes": args.episodes, "steps": steps, "lr": args.lr, "tol": TOL,
                     "rows": rows}))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
