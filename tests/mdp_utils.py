@@ -308,3 +308,44 @@ def state_ids(tokens: np.ndarray, segment_ids: np.ndarray, index: dict) -> np.nd
 
 def all_sequences(tokens, n):
   return list(itertools.product(tokens, repeat=n))
+
+
+# ------------------------------------------------------------------ numpy references of the losses
+
+
+def np_log_softmax_real(z, vocab):
+  """log_softmax over the first `vocab` columns, float64 [..., vocab]."""
+  z = np.asarray(z, np.float64)[..., :vocab]
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def np_bellman_values(z_bar, z_phi, vocab, support_min, exclude=None):
+  """V = max over the support of p_bar / pi_phi, the support built token by token: the eligible tokens
+  (real, not `exclude`) whose pi_phi reaches support_min, or, when none does, the most likely
+  eligible token(s)."""
+  lp_bar, lp_phi = np_log_softmax_real(z_bar, vocab), np_log_softmax_real(z_phi, vocab)
+  out = np.zeros(z_bar.shape[:-1])
+  for idx in np.ndindex(out.shape):
+    pi = np.exp(lp_phi[idx])
+    eligible = [a for a in range(vocab) if a != exclude]
+    support = [a for a in eligible if pi[a] >= support_min]
+    if not support:
+      top = max(pi[a] for a in eligible)
+      support = [a for a in eligible if pi[a] == top]
+    out[idx] = max(np.exp(lp_bar[idx][a]) / pi[a] for a in support)
+  return out
+
+
+def np_bellman_targets(values, rewards, discounts, next_rows, mask):
+  """Clipped one-step targets and the clipped flags, [B, L], by an explicit loop over tokens."""
+  targets, clipped = np.zeros(rewards.shape), np.zeros(rewards.shape, bool)
+  for b in range(rewards.shape[0]):
+    for i in range(rewards.shape[1]):
+      if not mask[b, i]:
+        continue
+      row = next_rows[b, i]
+      raw = rewards[b, i] + (discounts[b, i] * values[b, row] if row >= 0 else 0.0)
+      targets[b, i] = min(max(raw, 0.0), 1.0)
+      clipped[b, i] = raw > 1.0 or raw < 0.0
+  return targets, clipped
