@@ -126,16 +126,17 @@ class TokenMDP:
   layout: a sequence of ("act", n_tokens) and ("obs", 1) entries after a BOS token; every action
   token is drawn from `action_tokens`, every observation token from `obs_tokens` with probabilities
   `obs_probs(history)`. Rewards `turn_reward(history)` arrive on the last token of each action turn;
-  turn boundaries discount by `gamma`, tokens inside a turn by 1. The behaviour policy
+  turn boundaries discount by `gamma`, tokens inside a turn by `gamma_token` (the data layer's
+  per-token discounts, docs/architecture.md). The behaviour policy
   `behaviour(history)` gives probabilities over `action_tokens`. All probabilities are multiples of
   1/4 so that an exact-proportion dataset exists (`exact_dataset`).
   """
 
   def __init__(self, layout, action_tokens, obs_tokens, behaviour, obs_probs, turn_reward,
-               gamma=1.0, bos=1):
+               gamma=1.0, bos=1, gamma_token=1.0):
     self.layout, self.action_tokens, self.obs_tokens = list(layout), list(action_tokens), list(obs_tokens)
     self.behaviour, self.obs_probs, self.turn_reward = behaviour, obs_probs, turn_reward
-    self.gamma, self.bos = gamma, bos
+    self.gamma, self.bos, self.gamma_token = gamma, bos, gamma_token
     # token position -> (kind, last token of its turn?)
     self.kinds = []
     for kind, n in self.layout:
@@ -157,7 +158,7 @@ class TokenMDP:
       for a in self.action_tokens:
         h = history + (a,)
         r = self.turn_reward(h) if last else 0.0
-        g = self.gamma if last else 1.0
+        g = self.gamma if last else self.gamma_token
         q[(history, a)] = r + g * value(h)
         best = max(best, q[(history, a)])
       return best
@@ -192,7 +193,7 @@ class TokenMDP:
     def step(h, a):  # (reward, discount, last token of its turn?)
       last = self.kinds[len(h) - 1][1]
       h1 = h + (a,)
-      return (self.turn_reward(h1) if last else 0.0), (self.gamma if last else 1.0), last
+      return (self.turn_reward(h1) if last else 0.0), (self.gamma if last else self.gamma_token), last
 
     def behaviour_mean(h, f):
       return sum(p * f(h, b) for b, p in zip(self.action_tokens, self.behaviour(h)) if p > 0)
