@@ -20,6 +20,10 @@ Fields (defaults in brackets):
   data.*                        `qsft_jax.data.DataConfig` fields: path, max_length [256], pack [True],
                                 overlong [truncate], reward_transform ["none"; or "affine:LO,HI[,MAX_TURNS]",
                                 "terminal_return:RMIN,RMAX"], gamma [1.0], gamma_token [1.0], ...
+                                affine maps each step's reward, so with LO != 0 it adds a constant per
+                                action turn: episodes of different lengths can swap order (LO < 0 favours
+                                longer ones; a warning is logged); terminal_return keeps the order
+                                (gamma = 1). See qsft_jax/data/rewards.py.
   data_shards [0]               logical data shards the global batch is built from (0: one per process).
                                 Process p reads only its own shards; with a fixed value the batches
                                 do not depend on the process count (which must divide it).
