@@ -16,16 +16,16 @@ Q-SFT reads probabilities as Q-values, so every return must be in [0, 1]. ``Rewa
   counts as 0 in original units and is transformed like any other. Rewards outside [low, high] and
   episodes with more than max_turns action turns are errors.
 
-  The map is per step, so it adds ``-low / ((high - low) H)`` to the return for every action turn: an
-  episode of n action turns with original return R gets (gamma = 1) ``R' = (R - n low) / ((high - low) H)``.
-  Among episodes of equal length the order of returns is kept; across lengths it is not unless
-  ``low = 0``. With ``low < 0`` every extra turn is a bonus: e.g. ``affine:-1,0,5`` (rewards -1 or 0 per
-  step) gives 2 turns of -1 (R = -2) ``R' = 0`` but 5 turns -1, -1, -1, -1, 0 (R = -4) ``R' = 1/5``, so
-  the longer, worse episode becomes the better one; with ``low > 0`` longer episodes are penalised. The
-  values Q-SFT learns then rank actions by the transformed return. ``AffineLengthWarning`` logs one
-  warning when a data set with episodes of different lengths goes through such a transform; for
-  returns that must keep their order, use ``terminal_return`` (order-preserving for gamma = 1) or
-  rewards with ``low = 0``.
+  The map is per step, so it adds ``-low / ((high - low) H)`` to the return for every action turn:
+  an episode of n action turns with original return R gets (gamma = 1)
+  ``R' = (R - n low) / ((high - low) H)``. Among episodes of equal length the order of returns is kept;
+  across lengths it is not unless ``low = 0``. With ``low < 0`` every extra turn is a bonus: e.g.
+  ``affine:-1,0,5`` (rewards -1 or 0 per step) gives 2 turns of -1 (R = -2) ``R' = 0`` but 5 turns
+  -1, -1, -1, -1, 0 (R = -4) ``R' = 1/5``, so the longer, worse episode becomes the better one; with
+  ``low > 0`` longer episodes are penalised. The values Q-SFT learns then rank actions by the
+  transformed return. ``AffineLengthWarning`` logs one warning when a data set with episodes of
+  different lengths goes through such a transform; for returns that must keep their order, use
+  ``terminal_return`` (order-preserving for gamma = 1) or rewards with ``low = 0``.
 - ``"terminal_return"``: the episode's undiscounted total ``R = sum_j r_j`` becomes
   ``R' = (R - low) / (high - low)`` (low = R_min, high = R_max, declared) on the final action turn; every
   other reward is 0. Order-preserving for gamma = 1. ``R`` outside [low, high] is an error.
@@ -188,9 +188,10 @@ def transform_rewards(episode: Episode, transform: RewardTransform, gamma: float
 
 
 class AffineLengthWarning:
-    """Logs one warning, naming ``data.reward_transform``, once episodes with different numbers of action
-    turns have gone through an affine transform with ``low != 0``: it adds ``-low / ((high - low) H)`` per
-    turn, which reorders returns across episode lengths (module docstring). Other transforms never warn.
+    """Logs one warning, naming ``data.reward_transform``, once episodes with different numbers of
+    action turns have gone through an affine transform with ``low != 0``: it adds
+    ``-low / ((high - low) H)`` per turn, which reorders returns across episode lengths (module
+    docstring). Other transforms never warn.
 
     ``see(episode)`` after each transformed episode; ``warned`` tells whether the warning was given.
     """
@@ -210,6 +211,7 @@ class AffineLengthWarning:
             t = self.transform
             step = -t.low / (t.high - t.low)
             log.warning(
-                "data.reward_transform: affine low=%g != 0 adds %g / H to the return per action turn and the data has "
-                "episodes of %s action turns, so a longer episode can outrank a better shorter one (rewards.py); "
-                "terminal_return keeps the order", t.low, step, " and ".join(str(n) for n in sorted(self.lengths)))
+                "data.reward_transform: affine low=%g != 0 adds %g / H to the return per action turn and "
+                "the data has episodes of %s action turns, so a longer episode can outrank a better "
+                "shorter one (qsft_jax/data/rewards.py); terminal_return keeps the order",
+                t.low, step, " and ".join(str(n) for n in sorted(self.lengths)))
