@@ -3,14 +3,15 @@
     python -m qsft_jax.main --config=configs/maze_cpu.py --workdir=/tmp/qsft_maze
 
 A 6x6 text maze (qsft_jax/envs/maze.py), 2000 episodes from the "paper" behaviour policy (20%
-shortest-path / 80% random moves per step), character tokens, a ~0.4M-parameter Llama-style model.
-Phase 1 trains phi by BC, phase 2 trains theta by Q-SFT from phi and then the targets-equal-1 control,
-then `evaluate` plays 100 maze episodes with BC, Q-SFT and the control at several beta and their greedy
-p_theta / pi_phi policies, and writes the held-out value diagnostics. Returns are -1 per step (the
-optimal average over start cells is -6.3). On this data the most frequent action is a shortest-path move
-in every cell, so greedy BC is already near-optimal (-6.9 with the `:paper` setting, docs/results.md)
-and Q-SFT has almost nothing to add: this config checks the machinery and the value diagnostics;
-maze_trap_cpu.py is the one where values decide the return.
+shortest-path / 80% random moves per step), character tokens, a ~0.4M-parameter Llama-style model. Phase
+1 trains phi by BC, phase 2 trains theta by Q-SFT from phi (with `:paper`, the paper's Algorithm 1, from
+the random initialisation phi started from, with V over the whole vocabulary) and then the
+targets-equal-1 control, then `evaluate` plays 100 maze episodes with BC, Q-SFT and the control at
+several beta and their greedy p_theta / pi_phi policies, and writes the held-out value diagnostics.
+Returns are -1 per step (the optimal average over start cells is -6.3). On this data the most frequent
+action is a shortest-path move in every cell, so greedy BC is already near-optimal (-6.9,
+docs/results.md) and Q-SFT has almost nothing to add: this config checks the machinery and the value
+diagnostics; maze_trap_cpu.py is the one where values decide the return.
 """
 from qsft_jax import config_lib
 

@@ -7,11 +7,11 @@
     a.heatmap(episode)                           # matplotlib figure: ratio per action token
     a.play(seed=0, beta=4.0)                     # an episode played by the extracted policy
 
-Episodes are dicts in the JSONL format (DESIGN.md section 3). Token values come from one forward pass of
+Episodes are dicts in the JSONL format (`qsft_jax.data.episodes`). Token values come from one forward pass of
 each model over the data layer's own arrays (`data.episodes_to_batch`), so the tokens, positions and
 the action mask are exactly those of training: for action token i, p_theta(x_i) and pi_phi(x_i) are
 read from row i - 1 (`diagnostics.taken_logprobs`), over the real vocabulary. The ratio
-p_theta / pi_phi is the model's estimate of Q(s, a) for that token (DESIGN.md section 2).
+p_theta / pi_phi is the model's estimate of Q(s, a) for that token (docs/algorithm.md section 3).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from qsft_jax import diagnostics, losses
 from qsft_jax.data import DataConfig, episodes_to_batch
-from qsft_jax.evaluate import evaluate_policies, history_tokens
+from qsft_jax.evaluate import dummy_token_of, evaluate_policies, history_tokens, suppressed_token_ids
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer
 from qsft_jax.sampler import Sampler, next_power_of_two
@@ -41,7 +41,9 @@ def _real_log_probs(model_config: ModelConfig, params, tokens, positions, segmen
 @dataclasses.dataclass
 class Analysis:
   """A loaded run: models, tokenizer and data config. theta_params is None after phase 1 only (then
-  p_theta and ratio are None in every result)."""
+  p_theta and ratio are None in every result). dummy_token: the run's Q-SFT dummy token (config
+  qsft.dummy_token; -1 = none): like the tokenizer's pad, BOS and EOS it is never played and never
+  listed as a next token (`evaluate.suppressed_token_ids`, the rule evaluation plays by)."""
   model_config: ModelConfig
   tokenizer: Any
   behaviour_params: Any
@@ -50,6 +52,7 @@ class Analysis:
   env_name: str = ""
   env_kwargs: Mapping | None = None
   support_min: float = 1e-4
+  dummy_token: int = -1
   mesh: Any = None
   rules: Any = None
 
@@ -79,7 +82,9 @@ class Analysis:
   def next_token_values(self, episode: Mapping, top_k: int = 10, by: str | None = None) -> list[dict]:
     """The top_k next tokens after the episode's last turn (the state where the agent acts next),
     ranked by `by` ("theta" (default when theta exists), "phi" or "ratio"); each dict has token,
-    text, p_theta, pi_phi, ratio."""
+    text, p_theta, pi_phi, ratio. Only tokens a policy may emit are ranked: the dummy token and the
+    tokenizer's special tokens (`evaluate.suppressed_token_ids`) are left out; the probabilities are
+    still over the whole real vocabulary (they need not sum to 1 over the listed tokens)."""
     by = by or ("phi" if self.theta_params is None else "theta")
     if by not in ("theta", "phi", "ratio") or (by != "phi" and self.theta_params is None):
       raise ValueError(f"by={by!r}: expected 'theta', 'phi' or 'ratio' (the last two need theta_params)")
@@ -97,7 +102,10 @@ class Analysis:
     log_pi = last_row(self.behaviour_params)[:self.model_config.vocab_size]
     log_p = None if self.theta_params is None else last_row(self.theta_params)[:self.model_config.vocab_size]
     key = {"phi": log_pi, "theta": log_p, "ratio": None if log_p is None else log_p - log_pi}[by]
-    order = np.argsort(-key, kind="stable")[:top_k]
+    allowed = np.ones(len(key), bool)
+    allowed[[i for i in suppressed_token_ids(self.tokenizer, self.dummy_token) if i < len(key)]] = False
+    candidates = np.flatnonzero(allowed)
+    order = candidates[np.argsort(-key[candidates], kind="stable")][:top_k]
     return [{"token": int(t), "text": self.tokenizer.decode([int(t)]),
              "p_theta": None if log_p is None else float(np.exp(log_p[t])), "pi_phi": float(np.exp(log_pi[t])),
              "ratio": None if log_p is None else float(np.exp(log_p[t] - log_pi[t]))} for t in order]
@@ -152,6 +160,7 @@ class Analysis:
            temperature: float = 0.0, max_new_tokens: int = 16, env_kwargs: Mapping | None = None) -> dict:
     """One episode of `env_name` (default: the run's task) from `seed`, played by the extracted policy
     (mode "extract" with `beta`; beta 0 = BC) or mode "ratio"/"theta"; greedy unless temperature > 0.
+    The dummy token and the tokenizer's special tokens are never emitted, as in evaluation.
     Returns the episode dict (meta has return in original units, success)."""
     env_name = env_name or self.env_name
     if not env_name:
@@ -164,7 +173,8 @@ class Analysis:
     evaluate_policies(env_name, kwargs, self.model_config, self.tokenizer, self.behaviour_params, self.theta_params,
                       policies=[{"name": "play", "mode": mode, "beta": float(beta)}], episodes=1, seed=seed,
                       data_config=self.data_config, batch_size=1, max_new_tokens=max_new_tokens,
-                      temperature=temperature, support_min=self.support_min, sampler=self._sampler, record=record)
+                      temperature=temperature, support_min=self.support_min, sampler=self._sampler, record=record,
+                      dummy_token=self.dummy_token)
     return record["play"][0]
 
 
@@ -198,6 +208,7 @@ def from_loaded(loaded: Mapping) -> Analysis:
       data_config=DataConfig.from_config(data_fields), env_name=config.get("task", ""),
       env_kwargs=dict(config.get("env", {})),
       support_min=config.qsft.support_min if "qsft" in config else 1e-4,
+      dummy_token=dummy_token_of(config),
       mesh=loaded.get("mesh"), rules=loaded.get("rules"))
 
 

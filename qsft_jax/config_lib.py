@@ -20,6 +20,10 @@ Fields (defaults in brackets):
   data.*                        `qsft_jax.data.DataConfig` fields: path, max_length [256], pack [True],
                                 overlong [truncate], reward_transform ["none"; or "affine:LO,HI[,MAX_TURNS]",
                                 "terminal_return:RMIN,RMAX"], gamma [1.0], gamma_token [1.0], ...
+                                affine maps each step's reward, so with LO != 0 it adds a constant per
+                                action turn: episodes of different lengths can swap order (LO < 0 favours
+                                longer ones; a warning is logged); terminal_return keeps the order
+                                (gamma = 1). See qsft_jax/data/rewards.py.
   data_shards [0]               logical data shards the global batch is built from (0: one per process).
                                 Process p reads only its own shards; with a fixed value the batches
                                 do not depend on the process count (which must divide it).
@@ -32,7 +36,7 @@ Fields (defaults in brackets):
   distributed.enabled [False]   call jax.distributed.initialize (also when QSFT_DISTRIBUTED=1);
   distributed.coordinator_address / num_processes / process_id: passed through when set.
   phases [("bc", "qsft")]       phases to run, in order, from ("bc", "qsft", "control"). "control" is
-                                DESIGN.md section 8's baseline: phase 2 again with every target 1 (BC
+                                docs/algorithm.md section 7's baseline: phase 2 again with every target 1 (BC
                                 on theta), same qsft.* settings, initialisation and batches, saved in
                                 WORKDIR/control/ and evaluated beside Q-SFT with the same extraction.
   bc.* / qsft.*                 steps, batch_size (global rows), microbatches [1], learning_rate,
@@ -40,7 +44,11 @@ Fields (defaults in brackets):
   qsft.tau [0.005]              Polyak rate; qsft.target_update_every [0] (>0: hard copy every N steps).
   qsft.support_min [1e-4]       behaviour-support threshold of the Bellman max.
   qsft.targets_mode ["token"]   "token" (per-token bootstrap), "turn" (per-turn), "ones" (the control).
-  qsft.theta_init ["phi"]       "pretrained" (model.init), "phi" (the BC result), "fresh" (random).
+  qsft.theta_init ["phi"]       "phi" (the BC result); "phi_init" (the parameters phi started from:
+                                model.init's pretrained weights, or with model.init "random" the same
+                                random initialisation, from `seed`; the paper's Algorithm 1);
+                                "pretrained" (model.init's weights; needs a non-random model.init);
+                                "fresh" (a random initialisation from another seed than phi's).
   qsft.dummy_token [-1]         >= 0: put all of 1 - w on this token (small vocabularies).
   qsft.mc_mix [0.0]             lam: target (1 - lam) * (r + gamma V) + lam * (observed return-to-go);
                                 faster propagation, fixed point between Q* and Q^beta
@@ -68,7 +76,7 @@ from qsft_jax.sharding import DEFAULT_RULES
 PHASES = ("bc", "qsft", "control")
 TASKS = ("", "maze", "wordle", "chess")
 TARGET_MODES = ("token", "turn", "ones")
-THETA_INITS = ("pretrained", "phi", "fresh")
+THETA_INITS = ("pretrained", "phi", "phi_init", "fresh")
 
 
 def _optim(steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
@@ -123,11 +131,15 @@ def cpu_value_learning(c: ml_collections.ConfigDict, setting: str = "") -> ml_co
   docs/results.md and docs/value_propagation.md. Changes `c` in place and returns it.
 
   setting "" (the default) is described below; "paper" (`--config=configs/maze_cpu.py:paper`) is the
-  paper's: per-token bootstrap, Polyak tau = 0.005, no Monte Carlo mixing, the even spread of 1 - w,
-  support_min = 1e-4 (the control still runs, with the same steps).
+  paper's Algorithm 1: theta, theta_bar and phi all start from the same model (theta_init "phi_init":
+  the weights phi's BC started from, pretrained or the same random initialisation), phi trains by
+  SFT, theta by the weighted cross-entropy with the per-token bootstrap, Polyak tau = 0.005, no Monte
+  Carlo mixing, the even spread of 1 - w (no dummy token), and V the max of p_theta_bar / pi_phi over
+  the whole vocabulary (support_min = 0; docs/algorithm.md section 8). The control still runs, with the
+  same steps.
 
   - phases bc, qsft, control: every Q-SFT run trains its targets-equal-1 control on the same batches
-    (DESIGN.md section 8) and evaluation reports both.
+    (docs/algorithm.md section 7) and evaluation reports both.
   - Per-turn bootstrap with a hard target copy every 25 steps, and half of each target from the
     observed Monte Carlo return (mc_mix = 0.5): values reach the first turn at once, the fixed point
     lies between Q* and Q^beta.
@@ -144,8 +156,8 @@ def cpu_value_learning(c: ml_collections.ConfigDict, setting: str = "") -> ml_co
   c.phases = ("bc", "qsft", "control")
   c.log.value_diagnostics_every = 100
   if setting == "paper":
-    c.qsft.update(dict(targets_mode="token", target_update_every=0, tau=0.005, mc_mix=0.0, dummy_token=-1,
-                       support_min=1e-4, theta_init="phi"))
+    c.qsft.update(dict(targets_mode="token", target_update_every=0, tau=0.005, mc_mix=0.0, n_step=1,
+                       dummy_token=-1, support_min=0.0, theta_init="phi_init"))
     return c
   c.qsft.targets_mode = "turn"
   c.qsft.target_update_every = 25
@@ -245,7 +257,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
     if q.theta_init not in THETA_INITS:
       _fail("qsft.theta_init", f"{q.theta_init!r} is not one of {THETA_INITS}")
     if q.theta_init == "pretrained" and config.model.init == "random":
-      _fail("qsft.theta_init", "is 'pretrained' but model.init is 'random': use 'fresh' or load weights")
+      _fail("qsft.theta_init", "is 'pretrained' but model.init is 'random': use 'phi_init' (phi's own "
+            "random initialisation), 'fresh' or load weights")
     if not 0.0 <= q.mc_mix <= 1.0:
       _fail("qsft.mc_mix", f"must be in [0, 1]; got {q.mc_mix}")
     if q.n_step < 1:

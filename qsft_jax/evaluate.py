@@ -8,8 +8,9 @@ through `qsft_jax.sampler.Sampler`: each history (the episode's turns so far, en
 observation) becomes prompt tokens exactly as the data layer tokenises training episodes (BOS, then
 each turn's text through the data config's templates, encoded separately and concatenated:
 `qsft_jax.data.mdp.tokenize_episode`), and the continuation is cut after the environment's action stop
-string ("\\n"). The tokenizer's pad, BOS and EOS ids are never emitted (no training action holds them),
-and an action that decodes to no text is sent as an empty line (the stop string).
+string ("\\n"). The tokens of `suppressed_token_ids` are never emitted (the tokenizer's pad, BOS and
+EOS, which no training action holds, and the Q-SFT dummy token), and an action that decodes to no text
+is sent as an empty line (the stop string).
 
 Policies (names in results.json):
 - "bc": extraction with beta = 0, i.e. pi_phi alone (theta never runs);
@@ -68,6 +69,25 @@ def history_tokens(history: Sequence[Mapping[str, Any]], tokenizer, data_config:
   return tokenized.tokens.tolist()
 
 
+def dummy_token_of(config) -> int:
+  """The run's Q-SFT dummy token id (config qsft.dummy_token), -1 when it uses none."""
+  if config is None or "qsft" not in config:
+    return -1
+  return int(config.qsft.get("dummy_token", -1))
+
+
+def suppressed_token_ids(tokenizer, dummy_token: int = -1) -> list[int]:
+  """Sorted token ids no policy may emit and no next-action ranking may list: the tokenizer's pad, BOS
+  and EOS (training actions never hold them: the data layer adds only a BOS, in front) and, when
+  dummy_token >= 0, the Q-SFT dummy token (all of 1 - w of every training target goes there, so
+  p_theta puts much of its mass on it, but it is no action; docs/algorithm.md section 3). Evaluation,
+  `qsft_jax.analysis.Analysis.play` and `Analysis.next_token_values` all use this one rule."""
+  ids = {int(tokenizer.pad_id), int(tokenizer.bos_id), int(tokenizer.eos_id)}
+  if dummy_token is not None and dummy_token >= 0:
+    ids.add(int(dummy_token))
+  return sorted(i for i in ids if i >= 0)
+
+
 def policy_specs(betas: Sequence[float], ratio: bool = True, have_theta: bool = True,
                  have_control: bool = False) -> list[dict]:
   """[{"name", "mode", "beta", "theta"}]: "bc" for beta 0, "qsft_beta{b}" for each b > 0, then
@@ -112,15 +132,14 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
                       max_new_tokens: int = 16, temperature: float = 0.0, support_min: float = 1e-4,
                       dataset_mean_return: float | None = None, mesh=None, rules=None,
                       sampler: Sampler | None = None, record: dict | None = None,
-                      extra_suppress_ids: Sequence[int] = (), control_params=None) -> dict:
+                      dummy_token: int = -1, control_params=None) -> dict:
   """Plays `episodes` episodes (seeds seed .. seed + episodes - 1) with every policy of `policies`
   ({"name", "mode", "beta"}, see `policy_specs`) and returns the results.json dict.
 
   data_config: the training data config (templates, max_length); temperature 0 = greedy.
   `record`, when a dict, receives each policy's played episodes (name -> list of episode dicts).
   control_params: theta of the control phase, read by specs with "theta": "control".
-  extra_suppress_ids: more token ids no policy may emit (the Q-SFT dummy token: it carries 1 - w of
-  the training targets, so p_theta puts most of its mass there, but it is not an action).
+  dummy_token: the run's Q-SFT dummy token (-1: none); no policy emits it (`suppressed_token_ids`).
   """
   if episodes < 1:
     raise ValueError(f"episodes={episodes} must be >= 1")
@@ -129,8 +148,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   seeds = [seed + i for i in range(episodes)]
   envs = [make_env(env_name, **env_kwargs) for _ in range(min(batch_size, episodes))]
   stop = envs[0].action_stop
-  # Training actions never contain the special tokens (the data layer adds only a BOS, in front).
-  suppress = sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, *map(int, extra_suppress_ids)})
+  suppress = suppressed_token_ids(tokenizer, dummy_token)
   own_sampler = sampler is None
 
   def new_sampler(cache_len):
@@ -257,7 +275,6 @@ def run(workdir: str, loaded: Mapping, *, episodes: int | None = None, seed: int
   batch_size = batch_size or ev.get("batch_size", 64)
   max_new_tokens = max_new_tokens or ev.get("max_new_tokens", 16)
   support_min = config.qsft.support_min if "qsft" in config else 1e-4
-  dummy = config.qsft.get("dummy_token", -1) if "qsft" in config else -1
   data_fields = {k: v for k, v in dict(config.data).items() if k in DataConfig.__dataclass_fields__}
   data_config = DataConfig.from_config(data_fields)
   if dataset_return is None:
@@ -272,7 +289,7 @@ def run(workdir: str, loaded: Mapping, *, episodes: int | None = None, seed: int
       loaded["theta_params"], policies=specs, episodes=episodes, seed=seed, data_config=data_config,
       batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, support_min=support_min,
       dataset_mean_return=dataset_return, mesh=loaded.get("mesh"), rules=loaded.get("rules"), record=record,
-      extra_suppress_ids=(dummy,) if dummy >= 0 else (), control_params=control_params)
+      dummy_token=dummy_token_of(config), control_params=control_params)
   if value_diagnostics:
     results["value_correlation"] = heldout_correlations(workdir, loaded, data_config, control_params)
   write_results(workdir, results, record)

@@ -1,6 +1,6 @@
 """Q-SFT losses: Bellman values and targets, weighted cross-entropy (WCE), BC, chunked drivers.
 
-All pure functions. Notation (DESIGN.md section 2, docs/architecture.md): the model's output row k
+All pure functions. Notation (docs/algorithm.md section 1, docs/architecture.md): the model's output row k
 predicts token k + 1, so action token i is trained through row i - 1. Arrays indexed by token are
 "token space" ([B, L], e.g. `action_mask`, `rewards`, the Bellman targets); arrays indexed by output
 row are "row space" ([B, L], e.g. the state values V(k), and the per-row labels/weights the loss
@@ -69,6 +69,10 @@ def _bellman_terms(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_
   """
   if support_min < 0:
     raise ValueError(f"support_min={support_min} must be >= 0")
+  if exclude_token is not None and not 0 <= exclude_token < vocab_size:
+    raise ValueError(f"exclude_token={exclude_token} must be a real token id (< vocab_size={vocab_size})")
+  if exclude_token is not None and vocab_size < 2:
+    raise ValueError("excluding a token from the Bellman max needs vocab_size >= 2")
   if target_logits.shape != behaviour_logits.shape:
     raise ValueError(f"target_logits {target_logits.shape} and behaviour_logits "
                      f"{behaviour_logits.shape} must have the same shape")
@@ -77,14 +81,17 @@ def _bellman_terms(target_logits: jax.Array, behaviour_logits: jax.Array, vocab_
   z_phi = jnp.where(real, behaviour_logits.astype(jnp.float32), -jnp.inf)
   lse_bar = jax.scipy.special.logsumexp(z_bar, axis=-1)
   lse_phi = jax.scipy.special.logsumexp(z_phi, axis=-1)
-  log_threshold = jnp.log(jnp.float32(support_min)) if support_min > 0 else -jnp.inf
-  # min(.., max z_phi): the behaviour's most likely token always passes (the set is never empty)
-  cut = jnp.minimum(log_threshold + lse_phi, jnp.max(z_phi, axis=-1))
-  supported = real & (z_phi >= cut[..., None])
+  eligible = real
   if exclude_token is not None:
     # The WCE dummy token: theta puts 1 - w there by construction, so its ratio is no action's value
     # (with pi_phi(dummy) just above support_min it would set V to hundreds and clip every target).
-    supported = supported & (jnp.arange(z_phi.shape[-1]) != exclude_token)
+    eligible = eligible & (jnp.arange(z_phi.shape[-1]) != exclude_token)
+  log_threshold = jnp.log(jnp.float32(support_min)) if support_min > 0 else -jnp.inf
+  # min(.., max over eligible z_phi): the behaviour's most likely ELIGIBLE token always passes, so
+  # the support is never empty, also when the excluded token is phi's most likely one.
+  top_eligible = jnp.max(jnp.where(eligible, z_phi, -jnp.inf), axis=-1)
+  cut = jnp.minimum(log_threshold + lse_phi, top_eligible)
+  supported = eligible & (z_phi >= cut[..., None])
   best = jnp.max(jnp.where(supported, z_bar - z_phi, -jnp.inf), axis=-1)
   return best + lse_phi - lse_bar, lse_bar, lse_phi
 
@@ -96,11 +103,14 @@ def bellman_log_values(target_logits: jax.Array, behaviour_logits: jax.Array, vo
   target_logits, behaviour_logits: [..., V_pad] (theta_bar's and phi's logits of the same rows).
   Returns float32 [...].
 
-  Supported tokens: pi_phi(a) >= min(support_min, max_a pi_phi(a)). Taking the min with the most
-  likely behaviour token's probability keeps the set non-empty when support_min exceeds every
-  token's probability (possible when support_min > 1 / vocab_size): then only the behaviour
-  policy's most likely token(s) count. support_min = 0 admits every real token. exclude_token (the
-  WCE dummy token, when one is used) is never in the support.
+  Eligible tokens: the real tokens other than exclude_token (the WCE dummy token, when one is
+  used: it is never in the support). Supported tokens: the eligible a with
+  pi_phi(a) >= min(support_min, max over eligible a' of pi_phi(a')). Taking the min with the most
+  likely eligible token's probability keeps the set non-empty when support_min exceeds every
+  eligible token's probability (possible when support_min > 1 / vocab_size, or when the excluded
+  dummy token is phi's most likely token): then only phi's most likely eligible token(s) count, and
+  V is never the empty max. support_min = 0 admits every eligible token (the paper's V: the max of
+  the ratio over the whole vocabulary).
   """
   return _bellman_terms(target_logits, behaviour_logits, vocab_size, support_min, exclude_token)[0]
 

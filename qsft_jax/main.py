@@ -10,6 +10,7 @@ uninterrupted run's. SIGTERM (preemption) saves a checkpoint at the current step
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -353,6 +354,28 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
 # The run
 
 
+def initial_params(phase: str, theta_init: str, pretrained: Any, fresh_params: Callable[[int], Any],
+                   phi: Callable[[], Any]) -> Any:
+  """What a fresh phase starts from. BC: theta_0 = the pretrained weights, else fresh_params(0) (the
+  random initialisation from `seed`). Q-SFT and the control: (theta, phi) with theta by
+  qsft.theta_init: "phi" the BC result phi(); "phi_init" theta_0 again (the paper's Algorithm 1:
+  theta and phi start from the same model); "pretrained" the pretrained weights; "fresh"
+  fresh_params(1), another random initialisation."""
+  theta_0 = lambda: pretrained if pretrained is not None else fresh_params(0)
+  if phase == "bc":
+    return theta_0()
+  behaviour = phi()
+  if theta_init == "phi":
+    return behaviour, behaviour
+  if theta_init == "phi_init":
+    return theta_0(), behaviour
+  if theta_init == "pretrained" and pretrained is not None:
+    return pretrained, behaviour
+  if theta_init == "fresh":
+    return fresh_params(1), behaviour
+  raise ValueError(f"qsft.theta_init={theta_init!r} cannot start theta here (config_lib.check_config)")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) every configured phase, then evaluation. Returns the final states by phase."""
   maybe_initialize_distributed(config)
@@ -374,13 +397,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   states = {}
   for phase in config.phases:
-    if phase == "bc":
-      initial = lambda: pretrained if pretrained is not None else fresh_params(0)
-    else:  # qsft and control
-      def initial():
-        phi = states["bc"]["params"]
-        theta = {"phi": phi, "pretrained": pretrained}.get(config.qsft.theta_init)
-        return (fresh_params(1) if theta is None else theta), phi
+    initial = functools.partial(initial_params, phase, config.qsft.theta_init, pretrained,
+                                fresh_params, lambda: states["bc"]["params"])
     states[phase] = run_phase(phase, config, workdir, mesh, rules, model_config, tokenizer,
                               data_config, initial, preemption)
 

@@ -18,8 +18,10 @@ next token; log-softmaxes over the real vocabulary only, padded columns get -inf
                   beta = 0 is the BC policy pi_phi alone; theta is then never run ("bc" kind).
   mode "bc":      log_softmax(z_phi)                                  (theta_params may be None)
   mode "theta":   log_softmax(z_theta)                                (behaviour_params may be None)
-  mode "ratio":   log p_theta - log pi_phi on tokens with pi_phi >= min(support_min, max pi_phi)
-                  (the support rule of `losses.bellman_log_values`), -inf elsewhere; always greedy.
+  mode "ratio":   log p_theta - log pi_phi on the emittable tokens with pi_phi >= min(support_min,
+                  max pi_phi over the emittable tokens) (the support rule of
+                  `losses.bellman_log_values`, suppressed tokens not eligible), -inf elsewhere;
+                  always greedy.
 
 Then greedy argmax, or scores / temperature, top-k (keep the k highest; ties with the k-th are kept),
 top-p (smallest set of the highest tokens whose probability after top-k reaches top_p), and a
@@ -93,9 +95,11 @@ class DecodeOutput:
 
 
 def token_scores(kind: str, z_phi: jax.Array | None, z_theta: jax.Array | None, vocab_size: int,
-                 beta: jax.Array, support_min: jax.Array) -> jax.Array:
+                 beta: jax.Array, support_min: jax.Array, suppress: jax.Array | None = None) -> jax.Array:
   """The mode's scores over the vocabulary. z_phi, z_theta [B, V] -> float32 [B, V]; -inf on padded
-  columns (and, for "ratio", on tokens outside pi_phi's support). See the module docstring."""
+  columns (and, for "ratio", on tokens outside pi_phi's support). suppress: [V] bool, tokens never
+  emitted: for "ratio" they are not eligible for the support, so its fallback (phi's most likely
+  token) is an emittable one. See the module docstring."""
   if kind == "bc":
     return real_log_softmax(z_phi, vocab_size)
   if kind == "theta":
@@ -107,8 +111,9 @@ def token_scores(kind: str, z_phi: jax.Array | None, z_theta: jax.Array | None, 
   if kind == "ratio":
     # Support rule of losses.bellman_log_values, with a traced support_min.
     log_threshold = jnp.where(support_min > 0, jnp.log(jnp.maximum(support_min, 1e-38)), -jnp.inf)
-    log_threshold = jnp.minimum(log_threshold, jnp.max(log_pi, axis=-1, keepdims=True))
-    supported = jnp.isfinite(log_pi) & (log_pi >= log_threshold)
+    eligible = jnp.isfinite(log_pi) if suppress is None else jnp.isfinite(log_pi) & ~suppress
+    top = jnp.max(jnp.where(eligible, log_pi, -jnp.inf), axis=-1, keepdims=True)
+    supported = eligible & (log_pi >= jnp.minimum(log_threshold, top))
     return jnp.where(supported, log_p - log_pi, -jnp.inf)
   raise ValueError(f"unknown score kind {kind!r}")
 
@@ -250,7 +255,7 @@ class Sampler:
       def select(logits, rng):
         z_phi = logits[0] if use_phi else None
         z_theta = logits[-1] if use_theta else None
-        scores = token_scores(key.kind, z_phi, z_theta, c.vocab_size, beta, support_min)
+        scores = token_scores(key.kind, z_phi, z_theta, c.vocab_size, beta, support_min, suppress_mask)
         scores = jnp.where(suppress_mask, -jnp.inf, scores)
         if key.sampling == "greedy":
           tok = jnp.argmax(scores, axis=-1)

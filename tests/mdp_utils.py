@@ -126,16 +126,17 @@ class TokenMDP:
   layout: a sequence of ("act", n_tokens) and ("obs", 1) entries after a BOS token; every action
   token is drawn from `action_tokens`, every observation token from `obs_tokens` with probabilities
   `obs_probs(history)`. Rewards `turn_reward(history)` arrive on the last token of each action turn;
-  turn boundaries discount by `gamma`, tokens inside a turn by 1. The behaviour policy
+  turn boundaries discount by `gamma`, tokens inside a turn by `gamma_token` (the data layer's
+  per-token discounts, docs/architecture.md). The behaviour policy
   `behaviour(history)` gives probabilities over `action_tokens`. All probabilities are multiples of
   1/4 so that an exact-proportion dataset exists (`exact_dataset`).
   """
 
   def __init__(self, layout, action_tokens, obs_tokens, behaviour, obs_probs, turn_reward,
-               gamma=1.0, bos=1):
+               gamma=1.0, bos=1, gamma_token=1.0):
     self.layout, self.action_tokens, self.obs_tokens = list(layout), list(action_tokens), list(obs_tokens)
     self.behaviour, self.obs_probs, self.turn_reward = behaviour, obs_probs, turn_reward
-    self.gamma, self.bos = gamma, bos
+    self.gamma, self.bos, self.gamma_token = gamma, bos, gamma_token
     # token position -> (kind, last token of its turn?)
     self.kinds = []
     for kind, n in self.layout:
@@ -157,7 +158,7 @@ class TokenMDP:
       for a in self.action_tokens:
         h = history + (a,)
         r = self.turn_reward(h) if last else 0.0
-        g = self.gamma if last else 1.0
+        g = self.gamma if last else self.gamma_token
         q[(history, a)] = r + g * value(h)
         best = max(best, q[(history, a)])
       return best
@@ -192,7 +193,7 @@ class TokenMDP:
     def step(h, a):  # (reward, discount, last token of its turn?)
       last = self.kinds[len(h) - 1][1]
       h1 = h + (a,)
-      return (self.turn_reward(h1) if last else 0.0), (self.gamma if last else 1.0), last
+      return (self.turn_reward(h1) if last else 0.0), (self.gamma if last else self.gamma_token), last
 
     def behaviour_mean(h, f):
       return sum(p * f(h, b) for b, p in zip(self.action_tokens, self.behaviour(h)) if p > 0)
@@ -308,3 +309,44 @@ def state_ids(tokens: np.ndarray, segment_ids: np.ndarray, index: dict) -> np.nd
 
 def all_sequences(tokens, n):
   return list(itertools.product(tokens, repeat=n))
+
+
+# ------------------------------------------------------------------ numpy references of the losses
+
+
+def np_log_softmax_real(z, vocab):
+  """log_softmax over the first `vocab` columns, float64 [..., vocab]."""
+  z = np.asarray(z, np.float64)[..., :vocab]
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def np_bellman_values(z_bar, z_phi, vocab, support_min, exclude=None):
+  """V = max over the support of p_bar / pi_phi, the support built token by token: the eligible tokens
+  (real, not `exclude`) whose pi_phi reaches support_min, or, when none does, the most likely
+  eligible token(s)."""
+  lp_bar, lp_phi = np_log_softmax_real(z_bar, vocab), np_log_softmax_real(z_phi, vocab)
+  out = np.zeros(z_bar.shape[:-1])
+  for idx in np.ndindex(out.shape):
+    pi = np.exp(lp_phi[idx])
+    eligible = [a for a in range(vocab) if a != exclude]
+    support = [a for a in eligible if pi[a] >= support_min]
+    if not support:
+      top = max(pi[a] for a in eligible)
+      support = [a for a in eligible if pi[a] == top]
+    out[idx] = max(np.exp(lp_bar[idx][a]) / pi[a] for a in support)
+  return out
+
+
+def np_bellman_targets(values, rewards, discounts, next_rows, mask):
+  """Clipped one-step targets and the clipped flags, [B, L], by an explicit loop over tokens."""
+  targets, clipped = np.zeros(rewards.shape), np.zeros(rewards.shape, bool)
+  for b in range(rewards.shape[0]):
+    for i in range(rewards.shape[1]):
+      if not mask[b, i]:
+        continue
+      row = next_rows[b, i]
+      raw = rewards[b, i] + (discounts[b, i] * values[b, row] if row >= 0 else 0.0)
+      targets[b, i] = min(max(raw, 0.0), 1.0)
+      clipped[b, i] = raw > 1.0 or raw < 0.0
+  return targets, clipped

@@ -140,3 +140,38 @@ def test_evaluate_command_line_on_the_workdir(workdir, capsys):
     with open(os.path.join(path, "eval", f"episodes_{name}.jsonl")) as f:
       assert [json.loads(line)["meta"]["seed"] for line in f] == [40, 41, 42]
   assert "| qsft_beta2 | 2 |" in capsys.readouterr().out
+
+
+def test_the_dummy_token_is_never_played_nor_listed(workdir):
+  """qsft.dummy_token carries 1 - w of every training target, so p_theta favours it: the analysis
+  follows evaluation's rule (evaluate.suppressed_token_ids) and neither plays nor ranks it. The
+  dummy here is the token theta itself would pick first, so leaving it in would show."""
+  from qsft_jax import evaluate
+
+  path, made = workdir
+  tokenizer = made["tokenizer"]
+  plain = analysis.load(path)
+  assert plain.dummy_token == -1  # base_config: no dummy token
+  state = {"turns": plain.play(seed=3, mode="theta")["turns"][:1], "done": False}
+  first = plain.next_token_values(state, top_k=3)
+  dummy = first[0]["token"]
+  assert dummy not in (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+  loaded = checkpoints.load_for_inference(path)
+  loaded["config"].qsft.dummy_token = dummy
+  run = analysis.from_loaded(loaded)
+  assert run.dummy_token == dummy
+  assert evaluate.suppressed_token_ids(tokenizer, dummy) == sorted(
+      {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, dummy})
+  # ranking: theta's order with the suppressed tokens left out
+  top = run.next_token_values(state, top_k=3)
+  assert [t["token"] for t in top] == [t["token"] for t in plain.next_token_values(state, top_k=4)[1:]]
+  for by in ("theta", "phi", "ratio"):
+    listed = [t["token"] for t in run.next_token_values(state, top_k=len(ALPHABET) + 8, by=by)]
+    assert not set(listed) & set(evaluate.suppressed_token_ids(tokenizer, dummy)), by
+  # playing: theta's greedy policy would emit the dummy first; it never appears in an action
+  dummy_text = tokenizer.decode([dummy])
+  before = plain.play(seed=3, mode="theta", max_new_tokens=4)
+  assert any(dummy_text in t["text"] for t in before["turns"] if t["action"])
+  for mode, beta in (("theta", 0.0), ("extract", 50.0)):
+    played = run.play(seed=3, mode=mode, beta=beta, max_new_tokens=4)
+    assert not any(dummy_text in t["text"] for t in played["turns"] if t["action"]), mode

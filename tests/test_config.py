@@ -203,12 +203,42 @@ def test_targets_mode_and_theta_init():
   rejects(c, r"^config\.qsft\.targets_mode: 'monte_carlo' is not one of \('token', 'turn', 'ones'\)")
   c = tiny()
   c.qsft.theta_init = "bc"
-  rejects(c, r"^config\.qsft\.theta_init: 'bc' is not one of \('pretrained', 'phi', 'fresh'\)")
+  rejects(c, r"^config\.qsft\.theta_init: 'bc' is not one of \('pretrained', 'phi', 'phi_init', 'fresh'\)")
   c = tiny()
   c.qsft.theta_init = "pretrained"
   rejects(c, r"^config\.qsft\.theta_init: is 'pretrained' but model\.init is 'random'")
   c.model.init = "smollm2"
   check_config(c, 8)
+  for init in ("random", "smollm2"):  # phi's own starting point exists for either model.init
+    c = tiny()
+    c.qsft.theta_init, c.model.init = "phi_init", init
+    check_config(c, 8)
+
+
+def test_theta_init_phi_init_is_the_model_phi_started_from():
+  """main.initial_params: with "phi_init" theta starts from exactly the parameters the BC phase
+  started from (the same random draw, or the pretrained weights), with "fresh" from another draw."""
+  import jax
+  import numpy as np
+  from qsft_jax.main import initial_params
+
+  draws = []
+
+  def fresh_params(offset):
+    draws.append(offset)
+    return {"w": np.asarray(jax.random.normal(jax.random.key(7 + offset), (3, 4)))}
+
+  phi = {"w": np.full((3, 4), 5.0)}
+  same = lambda a, b: np.array_equal(a["w"], b["w"])
+  for pretrained in (None, {"w": np.arange(12.0).reshape(3, 4)}):
+    start = initial_params("bc", "phi_init", pretrained, fresh_params, lambda: phi)
+    theta, behaviour = initial_params("qsft", "phi_init", pretrained, fresh_params, lambda: phi)
+    assert same(theta, start) and behaviour is phi and not same(theta, phi)
+    theta, _ = initial_params("control", "phi", pretrained, fresh_params, lambda: phi)
+    assert theta is phi
+  theta, _ = initial_params("qsft", "fresh", None, fresh_params, lambda: phi)
+  assert not same(theta, initial_params("bc", "fresh", None, fresh_params, lambda: phi))
+  assert draws == [0, 0, 1, 0]
 
 
 def test_other_fields():

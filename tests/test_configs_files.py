@@ -51,8 +51,8 @@ def test_cpu_task_configs_default_and_paper_settings(name):
   assert (q.targets_mode, q.target_update_every, q.mc_mix, q.support_min) == ("turn", 25, 0.5, 0.01)
   assert q.dummy_token == 3 and default.data.gamma == 0.7
   p = paper.qsft
-  assert (p.targets_mode, p.target_update_every, p.tau, p.mc_mix, p.dummy_token, p.support_min) == (
-      "token", 0, 0.005, 0.0, -1, 1e-4)
+  assert (p.targets_mode, p.target_update_every, p.tau, p.mc_mix, p.n_step, p.dummy_token, p.support_min,
+          p.theta_init) == ("token", 0, 0.005, 0.0, 1, -1, 0.0, "phi_init")
   # everything but the phase-2 settings is the same
   assert {k: v for k, v in default.to_dict().items() if k != "qsft"} == {
       k: v for k, v in paper.to_dict().items() if k != "qsft"}

@@ -15,36 +15,10 @@ VOCAB, V_PAD = 13, 16
 # ------------------------------------------------------------------ numpy references
 
 
-def np_log_softmax_real(z, vocab):
-  z = np.asarray(z, np.float64)[..., :vocab]
-  m = z.max(-1, keepdims=True)
-  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
-
-
-def np_values(z_bar, z_phi, vocab, support_min, exclude=None):
-  lp_bar, lp_phi = np_log_softmax_real(z_bar, vocab), np_log_softmax_real(z_phi, vocab)
-  out = np.zeros(z_bar.shape[:-1])
-  for idx in np.ndindex(out.shape):
-    pi = np.exp(lp_phi[idx])
-    threshold = min(support_min, pi.max())
-    ok = pi >= threshold
-    if exclude is not None:
-      ok[exclude] = False
-    out[idx] = np.max(np.exp(lp_bar[idx][ok]) / pi[ok])
-  return out
-
-
-def np_targets(values, rewards, discounts, next_rows, mask):
-  targets, clipped = np.zeros(rewards.shape), np.zeros(rewards.shape, bool)
-  for b in range(rewards.shape[0]):
-    for i in range(rewards.shape[1]):
-      if not mask[b, i]:
-        continue
-      row = next_rows[b, i]
-      raw = rewards[b, i] + (discounts[b, i] * values[b, row] if row >= 0 else 0.0)
-      targets[b, i] = min(max(raw, 0.0), 1.0)
-      clipped[b, i] = raw > 1.0 or raw < 0.0
-  return targets, clipped
+# V and the one-step targets (tests/mdp_utils.py: shared with tests/test_train_steps.py)
+np_log_softmax_real = mdp_utils.np_log_softmax_real
+np_values = mdp_utils.np_bellman_values
+np_targets = mdp_utils.np_bellman_targets
 
 
 def np_turn_rewards(batch):
@@ -134,6 +108,36 @@ def test_bellman_values_exclude_the_dummy_token():
   v, _, _ = losses.chunked_bellman_values(h, u_bar, h, u_phi, labels, vocab_size=VOCAB, support_min=0.0,
                                           chunk_size=4, exclude_token=dummy)
   np.testing.assert_allclose(v, np_values(h @ u_bar, h @ u_phi, VOCAB, 0.0, exclude=dummy), rtol=3e-5)
+
+
+def test_bellman_support_is_never_empty_when_the_dummy_is_phis_likeliest_token():
+  """The excluded dummy holds most of pi_phi and no other token reaches support_min: the support is
+  phi's most likely eligible token, not the empty set (whose max made V = 0)."""
+  dummy = 3
+  z_phi = np.zeros((2, V_PAD), np.float32)
+  z_phi[:, dummy] = 6.0                    # pi_phi(dummy) ~ 0.97, every other token < 0.01
+  z_phi[0, 5] = 1.0                        # row 0: token 5 the likeliest eligible one
+  z_phi[1, 9], z_phi[1, 2] = 0.5, 0.5      # row 1: a tie between tokens 2 and 9
+  z_bar = np.zeros((2, V_PAD), np.float32)
+  z_bar[:, 7] = 4.0                        # a large ratio outside the support
+  z_bar[1, 2] = 1.0
+  want = np_values(z_bar, z_phi, VOCAB, 0.05, exclude=dummy)
+  lp_bar, lp_phi = np_log_softmax_real(z_bar, VOCAB), np_log_softmax_real(z_phi, VOCAB)
+  np.testing.assert_allclose(want, [np.exp(lp_bar[0, 5] - lp_phi[0, 5]),
+                                    np.exp(lp_bar[1, 2] - lp_phi[1, 2])], rtol=1e-12)
+  got = losses.bellman_values(z_bar, z_phi, VOCAB, 0.05, exclude_token=dummy)
+  np.testing.assert_allclose(got, want, rtol=2e-5)
+  assert (np.asarray(got) > 0).all()
+  # random rows where the dummy dominates phi: the same support rule, row by row
+  rng = np.random.default_rng(11)
+  z_bar, z_phi = random_logits(rng, (5, 6)), random_logits(rng, (5, 6))
+  z_phi[..., dummy] += 8.0
+  for support_min in (0.0, 0.02, 0.5):
+    got = losses.bellman_values(z_bar, z_phi, VOCAB, support_min, exclude_token=dummy)
+    np.testing.assert_allclose(got, np_values(z_bar, z_phi, VOCAB, support_min, exclude=dummy),
+                               rtol=2e-5)
+  with pytest.raises(ValueError, match="exclude_token"):
+    losses.bellman_values(z_bar, z_phi, VOCAB, 0.0, exclude_token=VOCAB)
 
 
 def test_bellman_values_support_fallback_and_cap():
@@ -396,24 +400,34 @@ def test_test_arrays_agree_with_the_data_layer():
       np.testing.assert_allclose(theirs[key], value, rtol=1e-6, err_msg=key)
 
 
-def test_qsft_loss_ones_mode_is_bc_and_turn_mode_uses_turn_targets():
+def test_qsft_loss_ones_and_turn_modes_match_numpy():
+  """"ones": the loss and gradient of BC (every target 1) from the dense numpy reference; "turn":
+  values from numpy, turn rewards by an explicit walk, targets bootstrapped at the next turn's row,
+  then the numpy WCE: nothing of the library's targets feeds the expected values."""
   rng = np.random.default_rng(10)
   batch, h, u, _ = make_driver_inputs(rng, b=3, length=24)
   h_bar, h_phi = rng.normal(size=(2,) + h.shape).astype(np.float32)
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
   n = losses.action_token_count(batch["action_mask"])
+  mask = batch["action_mask"]
 
   def qsft(h, u, mode):
     return losses.qsft_loss(h, u, h_bar, u, h_phi, u * 0.5, jbatch, n, vocab_size=VOCAB,
                             support_min=1e-3, targets_mode=mode, chunk_size=5)
 
-  bc = lambda h, u: losses.chunked_bc_loss(h, u, losses.to_rows(jbatch["tokens"]),
-                                           losses.to_rows(jbatch["action_mask"], False), n,
-                                           vocab_size=VOCAB, chunk_size=5)[0]
-  (loss_ones, _), g_ones = jax.value_and_grad(lambda h, u: qsft(h, u, "ones"), (0, 1), has_aux=True)(h, u)
-  loss_bc, g_bc = jax.value_and_grad(bc, (0, 1))(h, u)
-  np.testing.assert_allclose(loss_ones, loss_bc, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), g_ones, g_bc)
-  _, aux = qsft(h, u, "turn")
-  want, _ = losses.compute_targets(aux["values"], jbatch, "turn")
-  np.testing.assert_array_equal(aux["targets"], want)
+  values = np_values(h_bar @ u, h_phi @ (u * 0.5), VOCAB, 1e-3)
+  turn_targets, turn_clipped = np_targets(values, np_turn_rewards(batch), batch["turn_discounts"],
+                                          batch["next_turn_row"], mask)
+  assert 0 < turn_targets[mask].mean() < 1 and not turn_clipped.all()
+  token_targets, _ = np_targets(values, batch["rewards"], batch["discounts"], batch["next_action_row"],
+                                mask)
+  assert np.abs(token_targets - turn_targets).max() > 1e-3  # the modes are told apart
+  for mode, targets in (("ones", mask.astype(np.float64)), ("turn", turn_targets)):
+    (loss, aux), grads = jax.value_and_grad(lambda h, u: qsft(h, u, mode), (0, 1), has_aux=True)(h, u)
+    np.testing.assert_allclose(aux["targets"], targets, rtol=2e-5, atol=1e-6, err_msg=mode)
+    if mode == "turn":
+      np.testing.assert_array_equal(aux["clipped"], turn_clipped)
+    want_loss, want_dh, want_du = np_chunk_reference(batch, h, u, targets, None)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=mode)
+    np.testing.assert_allclose(grads[0], want_dh, atol=2e-6, err_msg=mode)
+    np.testing.assert_allclose(grads[1], want_du, atol=2e-6, err_msg=mode)

@@ -1,4 +1,4 @@
-"""Q-SFT on tabular token-level MDPs against Q* from dynamic programming (DESIGN.md section 2).
+"""Q-SFT on tabular token-level MDPs against Q* from dynamic programming (docs/algorithm.md section 2).
 
 The "model" is a table of free logits per state: hidden states are one-hot state indicators
 [B, L, S] and the unembedding is the table [S, V_pad], so phi (BC) and theta (Q-SFT) are trained
@@ -66,7 +66,8 @@ def mdps():
 
 def build(mdp, dataset_kwargs):
   episodes = mdp.exact_dataset(**dataset_kwargs)
-  eps = [mdp_utils.episode_arrays(turns, done, gamma=mdp.gamma) for turns, done in episodes]
+  eps = [mdp_utils.episode_arrays(turns, done, gamma=mdp.gamma, gamma_token=mdp.gamma_token)
+         for turns, done in episodes]
   length = max(len(e["tokens"]) for e in eps)
   batch = mdp_utils.pack_rows([[e] for e in eps], length)
   index = {}
@@ -235,3 +236,30 @@ def test_ratio_approaches_q_star_and_dummy_tightens(trained):
   else:
     # over 511 other tokens the bias has all but vanished
     assert np.abs(errors[None]).max() < 0.02, np.abs(errors[None]).max()
+
+
+def test_gamma_token_below_one_reaches_the_per_token_discounted_q_star():
+  """gamma_token < 1: the target of action token i is r_i + d_i V(n(i) - 1) with d_i = gamma_token
+  inside an utterance and gamma across a turn boundary (docs/algorithm.md section 4), so the
+  dummy-token fixed point p_theta / pi_phi is Q* of the MDP that discounts each token inside an
+  utterance by gamma_token: checked against that Q* by dynamic programming on the model (not the
+  dataset), on the two-turn MDP with truncated episodes in the data."""
+  base, dataset_kwargs = mdps()["two_turns"]
+  mdp = mdp_utils.TokenMDP(base.layout, ACTIONS, OBS, behaviour, obs_probs, base.turn_reward,
+                           gamma=0.9, bos=BOS, gamma_token=0.6)
+  vocab, v_pad = VOCABS["vocab8"]
+  batch, one_hot, index = build(mdp, dataset_kwargs)
+  assert set(np.unique(batch["discounts"][batch["action_mask"]])) >= {np.float32(0.6), np.float32(0.9)}
+  phi = train_bc(batch, one_hot, vocab, v_pad)
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  rounds = 1 + int(batch["action_mask"].sum(1).max())
+  theta = train_qsft(jb, one_hot, phi, vocab, DUMMY, rounds, 250)
+  ratio = probs(theta, vocab) / probs(phi, vocab)
+  t = dict(mdp=mdp, index=index)
+  errors = np.array([ratio[s, a] - q for s, _, a, q, _ in covered(t)])
+  assert np.abs(errors).max() < 0.01, np.abs(errors).max()
+  # the check sees gamma_token: Q* with undiscounted tokens differs by far more than the tolerance
+  undiscounted = mdp_utils.TokenMDP(base.layout, ACTIONS, OBS, behaviour, obs_probs, base.turn_reward,
+                                    gamma=0.9, bos=BOS).q_star()
+  gap = max(abs(q - undiscounted[(h, a)]) for _, h, a, q, _ in covered(t))
+  assert gap > 0.1, gap

@@ -236,3 +236,25 @@ def test_ratio_greedy_on_a_mesh_matches_numpy_and_unsharded(params, sampler):
   sharded = mesh_sampler.generate(phi_s, theta_s, PROMPTS, **kwargs)
   plain = sampler.generate(phi, theta, PROMPTS, **kwargs)
   assert sharded == plain
+
+
+def test_ratio_scores_support_ignores_suppressed_tokens():
+  """A suppressed token (the Q-SFT dummy) holding most of pi_phi is not eligible for the ratio policy's
+  support, so the fallback is phi's most likely emittable token (as losses.bellman_log_values does),
+  not an empty support whose argmax would be token 0."""
+  import jax.numpy as jnp
+  from qsft_jax.sampler import token_scores
+
+  vocab, v_pad, dummy = 10, 16, 4
+  z_phi = np.zeros((1, v_pad), np.float32)
+  z_phi[0, dummy], z_phi[0, 7] = 6.0, 1.0   # pi(dummy) ~ 0.95; token 7 the likeliest other one
+  z_theta = np.zeros((1, v_pad), np.float32)
+  z_theta[0, 2] = 3.0                       # a large ratio on an unsupported token
+  suppress = np.zeros(v_pad, bool)
+  suppress[[0, dummy]] = True
+  scores = np.asarray(token_scores("ratio", jnp.asarray(z_phi), jnp.asarray(z_theta), vocab,
+                                   jnp.float32(0), jnp.float32(0.2), jnp.asarray(suppress)))
+  lp = lambda z: z[0, :vocab] - np.log(np.exp(z[0, :vocab].astype(np.float64)).sum())
+  want = np.full(v_pad, -np.inf)
+  want[7] = lp(z_theta)[7] - lp(z_phi)[7]
+  np.testing.assert_allclose(scores[0], want, rtol=1e-5)

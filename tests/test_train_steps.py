@@ -115,13 +115,23 @@ def test_gradient_accumulation_matches_full_batch(kind, microbatches):
 
 
 def dense_qsft_loss(params, phi, bar, batch):
-  """The Q-SFT loss from full [B, L, V] logits, per-token functions only (no chunked driver)."""
+  """The Q-SFT loss from full [B, L, V] logits, written here from the formulas: V and the targets
+  by the numpy loops of tests/mdp_utils.py, then the even-spread WCE
+  -[w log p(x) + (1 - w) / (V - 1) sum_{a != x} log p(a)] from jax.nn.log_softmax, averaged over
+  action tokens (differentiable in params; nothing of qsft_jax.losses is used)."""
   logits = lambda p: MODEL.apply(p, batch["tokens"], batch["positions"], batch["segment_ids"])
-  values = losses.bellman_values(logits(bar), logits(phi), CONFIG.vocab_size, QSFT_KW["support_min"])
-  targets, _ = losses.bellman_targets(values, batch["rewards"], batch["discounts"],
-                                      batch["next_action_row"], batch["action_mask"])
-  z = logits(params)[:, :-1]  # row i - 1 predicts token i
-  per_token = losses.wce_per_token(z, batch["tokens"][:, 1:], targets[:, 1:], CONFIG.vocab_size)
+  vocab = CONFIG.vocab_size
+  host = {k: np.asarray(v) for k, v in batch.items()}
+  values = mdp_utils.np_bellman_values(np.asarray(logits(bar)), np.asarray(logits(phi)), vocab,
+                                       QSFT_KW["support_min"])
+  targets, _ = mdp_utils.np_bellman_targets(values, host["rewards"], host["discounts"],
+                                            host["next_action_row"], host["action_mask"])
+  logp = jax.nn.log_softmax(logits(params)[:, :-1, :vocab].astype(jnp.float32), axis=-1)
+  labels = batch["tokens"][:, 1:]  # row i - 1 predicts token i
+  w = jnp.asarray(targets[:, 1:], jnp.float32)
+  logp_label = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  logp_others = jnp.sum(logp, axis=-1) - logp_label
+  per_token = -(w * logp_label + (1.0 - w) / (vocab - 1) * logp_others)
   mask = batch["action_mask"][:, 1:]
   return jnp.sum(jnp.where(mask, per_token, 0.0)) / jnp.sum(mask), targets
 

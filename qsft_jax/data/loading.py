@@ -11,7 +11,9 @@ Data config fields (``DataConfig``; a dict or ``ml_collections.ConfigDict`` with
 - ``max_length`` (L, row length, BOS included), ``overlong``: "truncate" | "drop";
 - ``pack``: first-fit several episodes per row (True) or one episode per row (False); ``pack_window``:
   episodes considered together by first-fit (larger = fuller rows, more memory);
-- ``reward_transform``: see ``rewards.RewardTransform`` (a spec string or a dict);
+- ``reward_transform``: see ``rewards.RewardTransform`` (a spec string or a dict); an affine transform
+  with low != 0 adds a constant per action turn, so it can reorder returns of episodes of different
+  lengths (logged once as a warning; see rewards.py);
 - ``gamma`` (across turns), ``gamma_token`` (inside an utterance);
 - ``observation_template``, ``action_template``: format strings with ``{text}``;
 - ``shuffle_seed``; ``num_epochs`` (None = repeat forever); ``num_workers`` (grain worker processes, 0 =
@@ -29,7 +31,7 @@ import numpy as np
 from qsft_jax.data import episodes as episodes_lib
 from qsft_jax.data import mdp
 from qsft_jax.data.episodes import Episode, EpisodeError, Problem
-from qsft_jax.data.rewards import RETURN_TOLERANCE, RewardTransform, transform_rewards
+from qsft_jax.data.rewards import RETURN_TOLERANCE, AffineLengthWarning, RewardTransform, transform_rewards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +153,7 @@ class EpisodeProcessor:
         self.config = config
         self.mdp_config = config.mdp
         self.tokenizer = tokenizer
+        self.length_warning = AffineLengthWarning(config.reward_transform)
 
     def __call__(self, record: bytes | str | dict | Episode, file: str = "<memory>", line: int = 0) -> Outcome:
         if isinstance(record, Episode):
@@ -164,6 +167,7 @@ class EpisodeProcessor:
         turn_rewards, problems = transform_rewards(episode, self.config.reward_transform, self.config.gamma)
         if problems:
             return Outcome("invalid", episode=episode, problems=problems)
+        self.length_warning.see(episode)
         if self.tokenizer is None:
             return Outcome("kept", episode=episode)
         tokenized, problems = mdp.tokenize_episode(episode, turn_rewards, self.tokenizer, self.mdp_config)

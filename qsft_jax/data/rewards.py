@@ -15,6 +15,17 @@ Q-SFT reads probabilities as Q-values, so every return must be in [0, 1]. ``Rewa
   so r' is in [0, 1/H] and any discounted sum over at most max_turns turns is in [0, 1]. A missing reward
   counts as 0 in original units and is transformed like any other. Rewards outside [low, high] and
   episodes with more than max_turns action turns are errors.
+
+  The map is per step, so it adds ``-low / ((high - low) H)`` to the return for every action turn:
+  an episode of n action turns with original return R gets (gamma = 1)
+  ``R' = (R - n low) / ((high - low) H)``. Among episodes of equal length the order of returns is kept;
+  across lengths it is not unless ``low = 0``. With ``low < 0`` every extra turn is a bonus: e.g.
+  ``affine:-1,0,5`` (rewards -1 or 0 per step) gives 2 turns of -1 (R = -2) ``R' = 0`` but 5 turns
+  -1, -1, -1, -1, 0 (R = -4) ``R' = 1/5``, so the longer, worse episode becomes the better one; with
+  ``low > 0`` longer episodes are penalised. The values Q-SFT learns then rank actions by the
+  transformed return. ``AffineLengthWarning`` logs one warning when a data set with episodes of
+  different lengths goes through such a transform; for returns that must keep their order, use
+  ``terminal_return`` (order-preserving for gamma = 1) or rewards with ``low = 0``.
 - ``"terminal_return"``: the episode's undiscounted total ``R = sum_j r_j`` becomes
   ``R' = (R - low) / (high - low)`` (low = R_min, high = R_max, declared) on the final action turn; every
   other reward is 0. Order-preserving for gamma = 1. ``R`` outside [low, high] is an error.
@@ -24,12 +35,15 @@ Evaluation reports original units: ``original_step_reward`` and ``original_retur
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Mapping
 
 import numpy as np
 
 from qsft_jax.data.episodes import Episode, Problem
+
+log = logging.getLogger(__name__)
 
 KINDS = ("none", "affine", "terminal_return")
 RETURN_TOLERANCE = 1e-6  # float slack on the [0, 1] bounds
@@ -171,3 +185,33 @@ def transform_rewards(episode: Episode, transform: RewardTransform, gamma: float
     out = np.zeros(len(episode.turns), dtype=np.float64)
     out[action_turns[-1]] = (total - transform.low) / (transform.high - transform.low)
     return out, []
+
+
+class AffineLengthWarning:
+    """Logs one warning, naming ``data.reward_transform``, once episodes with different numbers of
+    action turns have gone through an affine transform with ``low != 0``: it adds
+    ``-low / ((high - low) H)`` per turn, which reorders returns across episode lengths (module
+    docstring). Other transforms never warn.
+
+    ``see(episode)`` after each transformed episode; ``warned`` tells whether the warning was given.
+    """
+
+    def __init__(self, transform: RewardTransform):
+        self.active = transform.kind == "affine" and transform.low != 0.0
+        self.transform = transform
+        self.lengths: set[int] = set()
+        self.warned = False
+
+    def see(self, episode: Episode) -> None:
+        if not self.active or self.warned:
+            return
+        self.lengths.add(sum(1 for t in episode.turns if t.action))
+        if len(self.lengths) > 1:
+            self.warned = True
+            t = self.transform
+            step = -t.low / (t.high - t.low)
+            log.warning(
+                "data.reward_transform: affine low=%g != 0 adds %g / H to the return per action turn and "
+                "the data has episodes of %s action turns, so a longer episode can outrank a better "
+                "shorter one (qsft_jax/data/rewards.py); terminal_return keeps the order",
+                t.low, step, " and ".join(str(n) for n in sorted(self.lengths)))
