@@ -87,6 +87,7 @@ import numpy as np
 from qsft_jax.models.config import ModelConfig, get_preset, param_count
 from qsft_jax.sampler import Sampler
 from qsft_jax import sharding
+from qsft_jax.models import sharded
 
 CONFIG = ModelConfig(family="llama", vocab_size=8192, d_model=256, num_layers=8, num_heads=4, num_kv_heads=2,
                      head_dim=64, mlp_dim=768, max_position_embeddings=2048, tie_embeddings=True)
@@ -125,8 +126,8 @@ def main(argv=None) -> dict:
 
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
-  phi = sharding.init_params_sharded(config, jax.random.key(0), mesh, rules)
-  theta = sharding.init_params_sharded(config, jax.random.key(1), mesh, rules)
+  phi = sharded.init_params_sharded(config, jax.random.key(0), mesh, rules)
+  theta = sharded.init_params_sharded(config, jax.random.key(1), mesh, rules)
   rng = np.random.default_rng(0)
 
   def prompts(length):

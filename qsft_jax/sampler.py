@@ -32,9 +32,9 @@ the decoded text right after the first stop string. A stop string split over two
 that cut but does not end decoding early (the environments' stop string "\\n" is one character, which
 byte-level BPE never splits).
 
-Sharding: with a mesh, params are placed by `sharding.param_shardings`, the caches are created inside
-the program with `sharding.cache_shardings`, and the model's activation constraints apply (the program
-runs under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`).
+Sharding: with a mesh, params are placed by `models.sharded.param_shardings`, the caches are created
+inside the program with `models.sharded.cache_shardings`, and the model's activation constraints
+apply (the program runs under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`).
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ import numpy as np
 
 from qsft_jax import cpu_attention, sharding
 from qsft_jax.losses import real_log_softmax
+from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer, init_cache, logits_from_hidden, unembedding
 
@@ -189,7 +190,7 @@ class Sampler:
     self._param_shardings = None
     self._batch_multiple = 1
     if mesh is not None:
-      self._param_shardings = sharding.param_shardings(self.model, model_config, mesh, self.rules)
+      self._param_shardings = sharded.param_shardings(self.model, model_config, mesh, self.rules)
       spec = sharding.logical_to_mesh_spec(("batch",), None, dict(mesh.shape), self.rules)
       axes = spec[0] if spec and spec[0] is not None else ()
       axes = (axes,) if isinstance(axes, str) else tuple(axes)
@@ -219,7 +220,7 @@ class Sampler:
     cache = init_cache(self.config, batch, self.cache_len)
     if self.mesh is not None:
       cache = jax.lax.with_sharding_constraint(
-          cache, sharding.cache_shardings(self.config, batch, self.cache_len, self.mesh, self.rules))
+          cache, sharded.cache_shardings(self.config, batch, self.cache_len, self.mesh, self.rules))
     return cache
 
   def _program(self, key: _Key):
