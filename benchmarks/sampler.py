@@ -85,7 +85,7 @@ import jax
 import numpy as np
 
 from qsft_jax.models.config import ModelConfig, get_preset, param_count
-from qsft_jax.sampler import Sampler
+from qsft_jax.sampler import DECODE_ATTENTION, Sampler
 from qsft_jax import sharding
 from qsft_jax.models import sharded
 
@@ -111,7 +111,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--dtype", default="", help="compute, cache and weight dtype, e.g. bfloat16 [the config's]")
   parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                      help="replace a ModelConfig field, e.g. num_layers=16 or decode_attention=dot (repeatable)")
+                      help="replace a ModelConfig field, e.g. num_layers=16 (repeatable)")
+  parser.add_argument("--decode_attention", default="auto", choices=("auto",) + tuple(DECODE_ATTENTION),
+                      help="the Sampler's decode attention [auto]")
   args = parser.parse_args(argv)
   small = args.preset == "8m"
   config = CONFIG if small else get_preset(args.preset)
@@ -151,8 +153,9 @@ def main(argv=None) -> dict:
   }
   runs, first = {}, {}
   for name, (_, prompt_len, cache_len, kwargs) in settings.items():
-    sampler = Sampler(config, mesh=mesh, rules=rules, cache_len=cache_len)
-    attention = sampler.config.decode_attention  # what "auto" resolved to
+    sampler = Sampler(config, mesh=mesh, rules=rules, cache_len=cache_len,
+                      decode_attention=args.decode_attention)
+    attention = sampler.decode_attention  # what "auto" resolved to
     runs[name] = functools.partial(timed, sampler, phi, phi if name == "same64" else theta, prompts(prompt_len),
                                    kwargs)
     first[name] = runs[name](args.short)  # compiles (max_new_tokens is traced: one program per setting)

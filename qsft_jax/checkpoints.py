@@ -103,8 +103,7 @@ def read_model_config(workdir: str) -> ModelConfig:
     raise FileNotFoundError(f"{path}: missing; the run did not get as far as building its model")
   with open(path) as f:
     fields = json.load(f)
-  deep_tuple = lambda v: tuple(deep_tuple(x) for x in v) if isinstance(v, list) else v
-  return ModelConfig(**{k: deep_tuple(v) for k, v in fields.items()})
+  return ModelConfig.from_dict(fields)
 
 
 def load_for_inference(workdir: str, mesh=None, rules=None) -> dict:

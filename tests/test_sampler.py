@@ -59,11 +59,11 @@ def np_log_softmax(z):
 
 def test_decode_attention_resolves_from_the_devices(sampler):
   # The module's sampler runs on one CPU device: its steps attend by the C++ kernel (so the tests below
-  # hold the kernel against the dot-based full forward); an explicit choice is kept.
-  assert CONFIG.decode_attention == "auto" and sampler.config.decode_attention == "cpu_kernel"
-  assert Sampler(CONFIG.replace(decode_attention="dot"), cache_len=64).config.decode_attention == "dot"
+  # hold the kernel against the einsum-based full forward); an explicit choice is kept.
+  assert sampler.decode_attention == "cpu_kernel"
+  assert Sampler(CONFIG, cache_len=64, decode_attention="dot").decode_attention == "dot"
   with pytest.raises(ValueError, match="decode_attention='fast'"):
-    CONFIG.replace(decode_attention="fast")
+    Sampler(CONFIG, cache_len=64, decode_attention="fast")
 
 
 def test_extraction_step_logits_equal_full_forward(params, sampler):
