@@ -15,7 +15,7 @@ setup(
     version="0.1.0",
     description="Q-SFT: offline multi-turn RL for language models as weighted supervised fine-tuning, in JAX",
     packages=find_packages(include=["qsft_jax", "qsft_jax.*"]),
-    package_data={"qsft_jax": ["csrc/*.cc"]},  # the CPU decode-attention kernel, compiled on first use
+    package_data={"qsft_jax.kernels": ["csrc/*.cc"]},  # the CPU decode-attention kernel, compiled on first use
     python_requires=">=3.11",
     install_requires=requirements,
 )

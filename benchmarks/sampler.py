@@ -49,8 +49,9 @@ import numpy as np
 
 from qsft_jax import cli
 from qsft_jax.models.config import ModelConfig, get_preset, param_count
-from qsft_jax.sampler import Sampler
+from qsft_jax.sampler import DECODE_ATTENTION, Sampler
 from qsft_jax import sharding
+from qsft_jax.models import sharded
 
 CONFIG = ModelConfig(family="llama", vocab_size=8192, d_model=256, num_layers=8, num_heads=4, num_kv_heads=2,
                      head_dim=64, mlp_dim=768, max_position_embeddings=2048, tie_embeddings=True)
@@ -75,7 +76,9 @@ def define_flags() -> flags.FlagValues:
   flags.DEFINE_string("dtype", "", "Compute, cache and weight dtype, e.g. bfloat16 [the config's].",
                       flag_values=fv)
   flags.DEFINE_multi_string("override", [], "FIELD=VALUE replacing a ModelConfig field, e.g. "
-                            "num_layers=16 or decode_attention=dot.", flag_values=fv)
+                            "num_layers=16.", flag_values=fv)
+  flags.DEFINE_enum("decode_attention", "auto", ("auto",) + tuple(DECODE_ATTENTION),
+                    "The Sampler's decode attention.", flag_values=fv)
   return fv
 
 
@@ -96,8 +99,8 @@ def main(argv=None) -> dict:
 
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
-  phi = sharding.init_params_sharded(config, jax.random.key(0), mesh, rules)
-  theta = sharding.init_params_sharded(config, jax.random.key(1), mesh, rules)
+  phi = sharded.init_params_sharded(config, jax.random.key(0), mesh, rules)
+  theta = sharded.init_params_sharded(config, jax.random.key(1), mesh, rules)
   rng = np.random.default_rng(0)
 
   def prompts(length):
@@ -121,8 +124,9 @@ def main(argv=None) -> dict:
   }
   runs, first = {}, {}
   for name, (_, prompt_len, cache_len, kwargs) in settings.items():
-    sampler = Sampler(config, mesh=mesh, rules=rules, cache_len=cache_len)
-    attention = sampler.config.decode_attention  # what "auto" resolved to
+    sampler = Sampler(config, mesh=mesh, rules=rules, cache_len=cache_len,
+                      decode_attention=args.decode_attention)
+    attention = sampler.decode_attention  # what "auto" resolved to
     runs[name] = functools.partial(timed, sampler, phi, phi if name == "same64" else theta, prompts(prompt_len),
                                    kwargs)
     first[name] = runs[name](args.short)  # compiles (max_new_tokens is traced: one program per setting)

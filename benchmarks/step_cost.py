@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 from qsft_jax import cli, losses, sharding, train_steps
+from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig, flops_per_token, param_count
 from qsft_jax.models.transformer import Transformer
 
@@ -127,8 +128,8 @@ def main(argv=None):
   tokens = args.batch * args.length
   host = random_batch(np.random.default_rng(0), args.batch, args.length, config.vocab_size)
   batch = sharding.global_batch_from_host_local(host, mesh, rules)
-  theta = sharding.init_params_sharded(config, jax.random.key(0), mesh, rules)
-  phi = sharding.init_params_sharded(config, jax.random.key(1), mesh, rules)
+  theta = sharded.init_params_sharded(config, jax.random.key(0), mesh, rules)
+  phi = sharded.init_params_sharded(config, jax.random.key(1), mesh, rules)
 
   def fresh_state(kind):
     shardings = train_steps.state_shardings(model, config, optimizer, mesh, rules, kind)

@@ -220,8 +220,9 @@ def abstract_state(model, model_config, optimizer, mesh, rules, kind: str,
   frozen_dtype (Q-SFT only): floating-point leaves of theta_bar and phi take this dtype.
   """
   import jax
-  from qsft_jax import sharding, train_steps
-  params = sharding.param_shapes(model, model_config)
+  from qsft_jax import train_steps
+  from qsft_jax.models import sharded
+  params = sharded.param_shapes(model, model_config)
   if kind == "bc":
     shapes = jax.eval_shape(lambda p: train_steps.init_bc_state(p, optimizer), params)
   else:
@@ -272,6 +273,7 @@ def make_decode_step(model, model_config, mesh, rules, beta: float = 1.0):
   import jax.numpy as jnp
   from jax.sharding import NamedSharding
   from qsft_jax import sharding
+  from qsft_jax.models import sharded
   from qsft_jax.sampler import token_scores
   vocab = model_config.vocab_size
 
@@ -282,7 +284,7 @@ def make_decode_step(model, model_config, mesh, rules, beta: float = 1.0):
     scores = token_scores("extract", z_phi[:, -1], z_theta[:, -1], vocab, jnp.float32(beta), jnp.float32(0))
     return jnp.argmax(scores, axis=-1).astype(jnp.int32), theta_cache, phi_cache
 
-  params = sharding.param_shardings(model, model_config, mesh, rules)
+  params = sharded.param_shardings(model, model_config, mesh, rules)
   rows = NamedSharding(mesh, sharding.logical_to_mesh_spec(("batch",), None, dict(mesh.shape), rules))
 
   def jitted(cache_shardings, token_sharding):
@@ -302,6 +304,7 @@ def _lowered(kind: str, spec: AotSpec, model_config, mesh, rules, microbatches: 
   """Lowered program of one step kind ("bc", "qsft", "decode") for `model_config` on `mesh`."""
   import jax
   from qsft_jax import sharding, train_steps
+  from qsft_jax.models import sharded
   from qsft_jax.models.transformer import Transformer, init_cache
   model = Transformer(model_config)
   optimizer = make_optimizer(spec.mu_dtype)
@@ -314,10 +317,10 @@ def _lowered(kind: str, spec: AotSpec, model_config, mesh, rules, microbatches: 
                       abstract_batch(spec.batch, spec.seq, mesh, rules))
   if kind == "decode":
     rows, slots = spec.decode_batch or spec.batch, spec.cache_len or spec.seq
-    params = _with_shardings(sharding.param_shapes(model, model_config),
-                             sharding.param_shardings(model, model_config, mesh, rules))
+    params = _with_shardings(sharded.param_shapes(model, model_config),
+                             sharded.param_shardings(model, model_config, mesh, rules))
     cache = _with_shardings(jax.eval_shape(lambda: init_cache(model_config, rows, slots)),
-                            sharding.cache_shardings(model_config, rows, slots, mesh, rules))
+                            sharded.cache_shardings(model_config, rows, slots, mesh, rules))
     token_sharding = sharding.batch_sharding(mesh, rules)
     tokens = jax.ShapeDtypeStruct((rows, 1), np.int32, sharding=token_sharding)
     return make_decode_step(model, model_config, mesh, rules)(params, params, cache, cache, tokens, tokens)

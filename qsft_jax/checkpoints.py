@@ -30,6 +30,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from qsft_jax import sharding as qsharding
+from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig, get_preset
 
 
@@ -102,8 +103,7 @@ def read_model_config(workdir: str) -> ModelConfig:
     raise FileNotFoundError(f"{path}: missing; the run did not get as far as building its model")
   with open(path) as f:
     fields = json.load(f)
-  deep_tuple = lambda v: tuple(deep_tuple(x) for x in v) if isinstance(v, list) else v
-  return ModelConfig(**{k: deep_tuple(v) for k, v in fields.items()})
+  return ModelConfig.from_dict(fields)
 
 
 def load_for_inference(workdir: str, mesh=None, rules=None) -> dict:
@@ -124,8 +124,8 @@ def load_for_inference(workdir: str, mesh=None, rules=None) -> dict:
   rules = tuple(tuple(r) for r in (rules or config.mesh.rules))
   mesh = mesh or qsharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   model = Transformer(model_config)
-  shardings = qsharding.param_shardings(model, model_config, mesh, rules)
-  shapes = qsharding.param_shapes(model, model_config)
+  shardings = sharded.param_shardings(model, model_config, mesh, rules)
+  shapes = sharded.param_shapes(model, model_config)
   abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  shapes, shardings)
 

@@ -31,6 +31,7 @@ from qsft_jax import config_lib
 from qsft_jax import phases
 from qsft_jax import sharding as qsharding
 from qsft_jax.models import config as model_config_lib
+from qsft_jax.models import sharded
 
 class NonFiniteError(FloatingPointError):
   """A train step produced a non-finite metric; nothing from that state was checkpointed."""
@@ -297,7 +298,7 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
   manager = checkpoints.make_manager(workdir, phase, config)
   latest = manager.latest_step()
   if latest is not None:
-    abstract = program.abstract_state(qsharding.param_shapes(program.model, model_config))
+    abstract = program.abstract_state(sharded.param_shapes(program.model, model_config))
     state = checkpoints.restore(manager, latest, abstract, iterator)
     if jax.process_index() == 0:
       print(f"{phase}: resumed from the checkpoint of step {latest}", flush=True)
@@ -393,7 +394,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   preemption = Preemption()
 
   def fresh_params(offset: int):
-    return qsharding.init_params_sharded(model_config, jax.random.key(config.seed + offset), mesh, rules)
+    return sharded.init_params_sharded(model_config, jax.random.key(config.seed + offset), mesh, rules)
 
   states = {}
   for phase in config.phases:

@@ -14,7 +14,7 @@ argument, so a second call with the same (B, P, mode, sampling kind) bucket neve
 Token scores per decode step (z_phi, z_theta: the two models' logits of the row that predicts the
 next token; log-softmaxes over the real vocabulary only, padded columns get -inf):
 
-  mode "extract": log_softmax(z_phi) + beta * softmax(z_theta)       (DESIGN.md section 2)
+  mode "extract": log_softmax(z_phi) + beta * softmax(z_theta)       (docs/algorithm.md section 6)
                   beta = 0 is the BC policy pi_phi alone; theta is then never run ("bc" kind).
   mode "bc":      log_softmax(z_phi)                                  (theta_params may be None)
   mode "theta":   log_softmax(z_theta)                                (behaviour_params may be None)
@@ -34,9 +34,13 @@ the decoded text right after the first stop string. A stop string split over two
 that cut but does not end decoding early (the environments' stop string "\\n" is one character, which
 byte-level BPE never splits).
 
-Sharding: with a mesh, params are placed by `sharding.param_shardings`, the caches are created inside
-the program with `sharding.cache_shardings`, and the model's activation constraints apply (the program
-runs under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`).
+Decode attention: the decode steps (one new token per row) attend over the caches by a plug-in of
+qsft_jax.kernels that the sampler picks for its devices (`choose_decode_attention`; the C++ kernel on
+one float32 CPU device); prefill and every training or TPU program use the model's einsums.
+
+Sharding: with a mesh, params are placed by `models.sharded.param_shardings`, the caches are created
+inside the program with `models.sharded.cache_shardings`, and the model's activation constraints
+apply (the program runs under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`).
 """
 from __future__ import annotations
 
@@ -50,12 +54,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsft_jax import cpu_attention, sharding
+from qsft_jax import sharding
+from qsft_jax.kernels import cpu_decode_attention, xla_decode_attention
 from qsft_jax.losses import real_log_softmax
+from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer, init_cache, logits_from_hidden, unembedding
 
 MODES = ("extract", "bc", "theta", "ratio")
+
+# How decode steps attend over the KV cache (qsft_jax.kernels): the model's einsums ("dot"), XLA
+# multiply-and-reduce, or the C++ CPU kernel; "auto" picks by device (choose_decode_attention).
+DECODE_ATTENTION = {
+    "dot": None,
+    "multiply_reduce": xla_decode_attention.multiply_reduce,
+    "cpu_kernel": cpu_decode_attention.decode_attention,
+}
 
 
 def next_power_of_two(n: int) -> int:
@@ -138,6 +152,39 @@ def filter_top_k_top_p(scores: jax.Array, top_k: jax.Array, top_p: jax.Array) ->
   return jnp.where(scores >= threshold, scores, -jnp.inf)
 
 
+def choose_decode_attention(choice: str, devices: Sequence[jax.Device], dtype: str) -> str:
+  """The decode attention (a key of DECODE_ATTENTION) for a sampler on `devices` with compute `dtype`.
+
+  "auto": the C++ kernel on one CPU device in float32 when it builds, else multiply-and-reduce on the
+  CPU (faster there than XLA's dot), the dot on other platforms. An explicit name is checked against
+  what it needs ("cpu_kernel": CPU, one device, float32, a kernel that builds).
+  """
+  choices = ("auto",) + tuple(DECODE_ATTENTION)
+  if choice not in choices:
+    raise ValueError(f"decode_attention={choice!r}; expected one of {choices}")
+  on_cpu = all(d.platform == "cpu" for d in devices)
+  if choice == "auto":
+    if not on_cpu:
+      return "dot"
+    if len(devices) == 1 and dtype == "float32" and cpu_decode_attention.available():
+      return "cpu_kernel"
+    return "multiply_reduce"
+  if choice == "cpu_kernel":
+    if not on_cpu:
+      raise ValueError(f"decode_attention='cpu_kernel' runs on the CPU; these devices are "
+                       f"{sorted({d.platform for d in devices})} (use 'auto' or 'dot')")
+    if len(devices) > 1:
+      raise ValueError(f"decode_attention='cpu_kernel' runs on one device; this mesh has {len(devices)} "
+                       "(use 'multiply_reduce' or 'auto')")
+    if dtype != "float32":
+      raise ValueError(f"decode_attention='cpu_kernel' needs a float32 model, got dtype={dtype!r} "
+                       "(use 'multiply_reduce' or 'auto')")
+    if not cpu_decode_attention.available():
+      raise ValueError("decode_attention='cpu_kernel': the kernel did not build (see the warning above; "
+                       "use 'multiply_reduce' or 'auto')")
+  return choice
+
+
 def stop_token_mask(tokenizer, stop_strings: Sequence[str], num_columns: int | None = None) -> np.ndarray:
   """bool [num_columns or vocab_size]: tokens whose own decoded text contains a stop string."""
   num_columns = tokenizer.vocab_size if num_columns is None else num_columns
@@ -166,23 +213,20 @@ class Sampler:
     cache_len: S, the fixed KV-cache length; prompt bucket + max_new_tokens must fit in it.
     min_prompt_bucket, min_batch_bucket: smallest buckets (powers of two).
     pad_id: token id used for left padding and after a row stopped.
+    decode_attention: how decode steps attend over the cache, "auto" or a key of DECODE_ATTENTION
+      (see choose_decode_attention); the choice made is `self.decode_attention`. Prefill always
+      uses the model's einsums.
   """
 
   def __init__(self, model_config: ModelConfig, mesh=None, rules=None, *, cache_len: int = 512,
-               min_prompt_bucket: int = 16, min_batch_bucket: int = 1, pad_id: int = 0):
+               min_prompt_bucket: int = 16, min_batch_bucket: int = 1, pad_id: int = 0,
+               decode_attention: str = "auto"):
     if cache_len < 2:
       raise ValueError(f"cache_len={cache_len} must be >= 2")
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
-    if model_config.decode_attention == "auto":  # see ModelConfig.decode_attention
-      on_cpu = all(d.platform == "cpu" for d in devices)
-      kernel = on_cpu and len(devices) == 1 and model_config.dtype == "float32" and cpu_attention.available()
-      model_config = model_config.replace(
-          decode_attention="cpu_kernel" if kernel else "multiply_reduce" if on_cpu else "dot")
-    if model_config.decode_attention == "cpu_kernel" and len(devices) > 1:
-      raise ValueError(f"decode_attention='cpu_kernel' runs on one device; this mesh has {len(devices)} "
-                       "(use 'multiply_reduce' or 'auto')")
+    self.decode_attention = choose_decode_attention(decode_attention, devices, model_config.dtype)
     self.config = model_config
-    self.model = Transformer(model_config)
+    self.model = Transformer(model_config, decode_attention=DECODE_ATTENTION[self.decode_attention])
     self.mesh = mesh
     self.rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
     self.cache_len = int(cache_len)
@@ -194,7 +238,7 @@ class Sampler:
     self._param_shardings = None
     self._batch_multiple = 1
     if mesh is not None:
-      self._param_shardings = sharding.param_shardings(self.model, model_config, mesh, self.rules)
+      self._param_shardings = sharded.param_shardings(self.model, model_config, mesh, self.rules)
       spec = sharding.logical_to_mesh_spec(("batch",), None, dict(mesh.shape), self.rules)
       axes = spec[0] if spec and spec[0] is not None else ()
       axes = (axes,) if isinstance(axes, str) else tuple(axes)
@@ -224,7 +268,7 @@ class Sampler:
     cache = init_cache(self.config, batch, self.cache_len)
     if self.mesh is not None:
       cache = jax.lax.with_sharding_constraint(
-          cache, sharding.cache_shardings(self.config, batch, self.cache_len, self.mesh, self.rules))
+          cache, sharded.cache_shardings(self.config, batch, self.cache_len, self.mesh, self.rules))
     return cache
 
   def _program(self, key: _Key):

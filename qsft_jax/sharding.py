@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules and sharded parameter creation.
+"""Device mesh, logical-axis rules, and the shardings they give arrays and batches.
 
 Every parameter and key activation of the model carries logical axis names (`vocab`, `embed`, `heads`,
 ...). A rule table maps each logical name to mesh axes (`data`, `fsdp`, `tensor`); the same table
@@ -10,22 +10,18 @@ another dimension of the same array. One addition: a rule is also skipped when t
 not divisible by the product of the rule's mesh-axis sizes (e.g. kv_heads=3 over tensor=2), so such a
 dimension is replicated instead of failing. Unassigned dimensions are replicated.
 
-"Params" below means the Flax variables dict `{"params": tree}` that `Transformer.apply` takes.
+This module knows meshes and logical names only; a model's parameters and KV caches on a mesh are
+`qsft_jax.models.sharded`.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-if TYPE_CHECKING:  # qsft_jax.models imports this module; avoid the import cycle
-  from qsft_jax.models.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -141,86 +137,6 @@ def logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   spec = logical_to_mesh_spec(names, x.shape, dict(mesh.shape), rules)
   return jax.lax.with_sharding_constraint(x, spec)
-
-
-@functools.lru_cache(maxsize=32)
-def _abstract_init(config: ModelConfig):
-  """Boxed (LogicallyPartitioned) abstract variables of Transformer(config).init; cached per config."""
-  from qsft_jax.models.transformer import Transformer  # the model module imports this one
-  dummy = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(lambda rng: Transformer(config).init(rng, dummy, dummy, dummy + 1), jax.random.key(0))
-
-
-def _config_of(model: nn.Module, config: ModelConfig | None) -> ModelConfig:
-  config = model.config if config is None else config
-  if model.config != config:
-    raise ValueError("model.config and config differ")
-  return config
-
-
-def param_logical_specs(model: nn.Module, config: ModelConfig | None = None) -> Any:
-  """Pytree (like the params) of PartitionSpecs holding each parameter's logical axis names."""
-  return nn.get_partition_spec(_abstract_init(_config_of(model, config)))
-
-
-def param_shapes(model: nn.Module, config: ModelConfig | None = None) -> Any:
-  """Pytree of ShapeDtypeStructs of the (unboxed) params, without allocating anything."""
-  return nn.unbox(_abstract_init(_config_of(model, config)))
-
-
-def param_shardings(model: nn.Module, config: ModelConfig | None, mesh: Mesh, rules: Rules) -> Any:
-  """NamedSharding for every parameter of `model` (a `Transformer(config)`) on `mesh`."""
-  boxed = _abstract_init(_config_of(model, config))
-  return logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules, shapes=nn.unbox(boxed))
-
-
-def init_params_sharded(config: ModelConfig, rng: jax.Array, mesh: Mesh, rules: Rules) -> Any:
-  """Randomly initialised params of Transformer(config), created directly in their shards.
-
-  Init is jitted with out_shardings, so no device ever holds a full copy of a sharded parameter.
-  """
-  from qsft_jax.models.transformer import Transformer
-  model = Transformer(config)
-  shardings = param_shardings(model, config, mesh, rules)
-  dummy = jnp.zeros((1, 1), jnp.int32)
-  init = jax.jit(lambda r: nn.unbox(model.init(r, dummy, dummy, dummy + 1)), out_shardings=shardings)
-  return init(rng)
-
-
-def shard_params(host_params: Any, config: ModelConfig, mesh: Mesh, rules: Rules) -> Any:
-  """Places a host (numpy) params tree of Transformer(config) onto `mesh` by the rule table.
-
-  `host_params` must have exactly the structure and shapes of the model's params (either the
-  variables dict {"params": ...} or the inner tree; the result has the same form). Each device
-  receives only its own slice.
-  """
-  from qsft_jax.models.transformer import Transformer
-  model = Transformer(config)
-  shardings = param_shardings(model, config, mesh, rules)
-  shapes = param_shapes(model, config)
-  wrapped = not (isinstance(host_params, Mapping) and set(host_params) == {"params"})
-  tree = {"params": host_params} if wrapped else host_params
-  expected, got = jax.tree.structure(shapes), jax.tree.structure(tree)
-  if expected != got:
-    raise ValueError(f"shard_params: params tree does not match the model's.\n expected {expected}\n got {got}")
-
-  def put(path, x, want, sharding):
-    if tuple(np.shape(x)) != tuple(want.shape):
-      raise ValueError(f"shard_params: {jax.tree_util.keystr(path)} has shape {np.shape(x)}, "
-                       f"the model expects {tuple(want.shape)}")
-    x = np.asarray(x, dtype=want.dtype)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  out = jax.tree.map_with_path(put, tree, shapes, shardings)
-  return out["params"] if wrapped else out
-
-
-def cache_shardings(config: ModelConfig, batch_size: int, cache_len: int, mesh: Mesh, rules: Rules,
-                    dtype=None) -> dict:
-  """NamedShardings of init_cache(config, batch_size, cache_len, dtype) by its logical axes."""
-  from qsft_jax.models.transformer import cache_logical_axes, init_cache
-  shapes = jax.eval_shape(lambda: init_cache(config, batch_size, cache_len, dtype))
-  return logical_to_sharding(cache_logical_axes(config), mesh, rules, shapes=shapes)
 
 
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qsft_jax import losses
 from qsft_jax import sharding as qsharding
+from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import unembedding
 
@@ -64,8 +65,8 @@ def state_shardings(model: nn.Module, model_config: ModelConfig, optimizer: opta
   """
   if kind not in ("bc", "qsft"):
     raise ValueError(f"state kind {kind!r}: expected 'bc' or 'qsft'")
-  params = qsharding.param_shardings(model, model_config, mesh, rules)
-  shapes = qsharding.param_shapes(model, model_config)
+  params = sharded.param_shardings(model, model_config, mesh, rules)
+  shapes = sharded.param_shapes(model, model_config)
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(optimizer.init, shapes)
   opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 # Chess opponent: Debian's Stockfish 15.1 (/usr/games/stockfish); g++ builds the CPU decode-attention
-# kernel (qsft_jax/cpu_attention.py) on first use.
+# kernel (qsft_jax/kernels/cpu_decode_attention.py) on first use.
 if [ ! -x /usr/games/stockfish ] || ! command -v g++ > /dev/null; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq stockfish g++

@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from qsft_jax import losses, sharding, train_steps
+from qsft_jax import losses, train_steps
+from qsft_jax.models import sharded
 import mdp_utils  # tests/mdp_utils.py (pytest puts tests/ on sys.path)
 import test_qstar as qs  # the MDPs, BC training and state tables of the core Q* tests
 
@@ -265,7 +266,7 @@ def test_qsft_step_passes_the_propagation_options(monkeypatch):
   mesh, opt = ts.mesh_of("one"), optax.sgd(1.0)
   step = train_steps.make_qsft_step(ts.MODEL, ts.CONFIG, opt, mesh, ts.RULES, **ts.QSFT_KW,
                                     targets_mode="turn", n_step=3, mc_mix=0.25)
-  params = sharding.param_shapes(ts.MODEL, ts.CONFIG)
+  params = sharded.param_shapes(ts.MODEL, ts.CONFIG)
   state = jax.eval_shape(lambda p: train_steps.init_qsft_state(p, p, opt), params)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ts.host_batch())
   step.lower(state, batch)

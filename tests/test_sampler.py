@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qsft_jax import sharding
-from qsft_jax.models import Transformer, get_preset
+from qsft_jax.models import Transformer, get_preset, sharded
 from qsft_jax.sampler import Sampler, cut_at_stop, filter_top_k_top_p, stop_token_mask
 from qsft_jax.tokenizers import CharTokenizer
 
@@ -59,11 +59,11 @@ def np_log_softmax(z):
 
 def test_decode_attention_resolves_from_the_devices(sampler):
   # The module's sampler runs on one CPU device: its steps attend by the C++ kernel (so the tests below
-  # hold the kernel against the dot-based full forward); an explicit choice is kept.
-  assert CONFIG.decode_attention == "auto" and sampler.config.decode_attention == "cpu_kernel"
-  assert Sampler(CONFIG.replace(decode_attention="dot"), cache_len=64).config.decode_attention == "dot"
+  # hold the kernel against the einsum-based full forward); an explicit choice is kept.
+  assert sampler.decode_attention == "cpu_kernel"
+  assert Sampler(CONFIG, cache_len=64, decode_attention="dot").decode_attention == "dot"
   with pytest.raises(ValueError, match="decode_attention='fast'"):
-    CONFIG.replace(decode_attention="fast")
+    Sampler(CONFIG, cache_len=64, decode_attention="fast")
 
 
 def test_extraction_step_logits_equal_full_forward(params, sampler):
@@ -216,8 +216,8 @@ def test_ratio_greedy_on_a_mesh_matches_numpy_and_unsharded(params, sampler):
   phi, theta = params
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rules = sharding.DEFAULT_RULES
-  phi_s = sharding.shard_params(jax.tree.map(np.asarray, phi), CONFIG, mesh, rules)
-  theta_s = sharding.shard_params(jax.tree.map(np.asarray, theta), CONFIG, mesh, rules)
+  phi_s = sharded.shard_params(jax.tree.map(np.asarray, phi), CONFIG, mesh, rules)
+  theta_s = sharded.shard_params(jax.tree.map(np.asarray, theta), CONFIG, mesh, rules)
   mesh_sampler = Sampler(CONFIG, mesh=mesh, rules=rules, cache_len=64, min_prompt_bucket=16)
   support_min = 0.02
   out = mesh_sampler.decode(phi_s, theta_s, PROMPTS, mode="ratio", support_min=support_min, max_new_tokens=6)
@@ -233,9 +233,9 @@ def test_ratio_greedy_on_a_mesh_matches_numpy_and_unsharded(params, sampler):
       seq.append(nxt)
   # Sharded extraction sampling equals the unsharded sampler's (same rng, same program up to sharding).
   kwargs = dict(beta=2.0, temperature=1.0, max_new_tokens=6, rng=5)
-  sharded = mesh_sampler.generate(phi_s, theta_s, PROMPTS, **kwargs)
+  on_mesh = mesh_sampler.generate(phi_s, theta_s, PROMPTS, **kwargs)
   plain = sampler.generate(phi, theta, PROMPTS, **kwargs)
-  assert sharded == plain
+  assert on_mesh == plain
 
 
 def test_ratio_scores_support_ignores_suppressed_tokens():

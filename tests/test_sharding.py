@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from qsft_jax import sharding
+from qsft_jax.models import sharded
 from qsft_jax.models.config import get_preset
 from qsft_jax.models.transformer import Transformer, init_cache, stack_layers
 
@@ -146,13 +147,13 @@ def test_rule_resolution_divisibility_and_used_axes():
 def test_sharded_init_forward_and_gradient_match_single_device(mesh_shape, reference):
   params_ref, batch, loss_ref, logits_ref, grad_ref = reference
   mesh = sharding.make_mesh(mesh_shape)
-  params = sharding.init_params_sharded(CONFIG, jax.random.key(0), mesh, RULES)
+  params = sharded.init_params_sharded(CONFIG, jax.random.key(0), mesh, RULES)
   # Sharded init draws the same numbers as the single-device init (up to float rounding of the
   # normal sampler, which XLA may fuse differently per sharding).
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), params, params_ref)
   _check_shard_shapes_follow_rule_table(params, mesh)
   global_batch = sharding.global_batch_from_host_local(batch, mesh, RULES)
-  shardings = sharding.param_shardings(Transformer(CONFIG), CONFIG, mesh, RULES)
+  shardings = sharded.param_shardings(Transformer(CONFIG), CONFIG, mesh, RULES)
   step = jax.jit(jax.value_and_grad(_loss, has_aux=True), out_shardings=((None, None), shardings))
   with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
     (loss, logits), grad = step(params, global_batch)
@@ -169,7 +170,7 @@ def test_indivisible_kv_heads_fall_back_to_replication_scanned_remat():
   config = CONFIG.replace(num_heads=6, num_kv_heads=3, num_layers=2, scan_layers=True, remat_policy="full")
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   params_ref, batch, loss_ref, logits_ref, grad_ref = _single_device_reference(config)
-  params = sharding.shard_params(jax.tree.map(np.asarray, params_ref), config, mesh, RULES)
+  params = sharded.shard_params(jax.tree.map(np.asarray, params_ref), config, mesh, RULES)
   layers = params["params"]["layers"]["attn"]
   assert layers["k"]["kernel"].addressable_shards[0].data.shape == (2, 16, 3, 8)  # kv_heads replicated
   assert layers["q"]["kernel"].addressable_shards[0].data.shape == (2, 16, 3, 8)  # 6 heads / tensor 2
@@ -189,9 +190,9 @@ def test_sharded_kv_cache_decoding_matches_full_forward(reference, scan_layers):
   if scan_layers:
     params_ref = stack_layers(params_ref, config.num_layers)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  params = sharding.shard_params(jax.tree.map(np.asarray, params_ref), config, mesh, RULES)
+  params = sharded.shard_params(jax.tree.map(np.asarray, params_ref), config, mesh, RULES)
   tokens = batch["tokens"][:4, :7]  # 4 rows over data x fsdp; prefill 5, then 2 decode steps
-  cache_sharding = sharding.cache_shardings(config, 4, 8, mesh, RULES)
+  cache_sharding = sharded.cache_shardings(config, 4, 8, mesh, RULES)
   layer_spec = (("data", "fsdp"), "tensor", None, None)  # [B, K, S, Dh]
   if scan_layers:
     assert cache_sharding["k"].spec == P(None, *layer_spec)  # stacked [layers, B, K, S, Dh]
@@ -221,7 +222,7 @@ def test_fsdp_parameter_bytes_shrink_as_one_over_n():
 
   def bytes_on_first_device(n):
     devices = jax.devices()[:n]
-    params = sharding.shard_params(host, CONFIG, sharding.make_mesh({"fsdp": n}, devices=devices), RULES)
+    params = sharded.shard_params(host, CONFIG, sharding.make_mesh({"fsdp": n}, devices=devices), RULES)
     return sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards
                if s.device == devices[0])
 
@@ -236,19 +237,19 @@ def test_shard_params_from_host_tree():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   dummy = jnp.zeros((1, 1), jnp.int32)
   host = jax.tree.map(np.asarray, nn.unbox(Transformer(CONFIG).init(jax.random.key(3), dummy, dummy, dummy + 1)))
-  expected = sharding.param_shardings(Transformer(CONFIG), CONFIG, mesh, RULES)
+  expected = sharded.param_shardings(Transformer(CONFIG), CONFIG, mesh, RULES)
   for tree, want in ((host, expected), (host["params"], expected["params"])):
-    placed = sharding.shard_params(tree, CONFIG, mesh, RULES)
+    placed = sharded.shard_params(tree, CONFIG, mesh, RULES)
     jax.tree.map(lambda x, h: np.testing.assert_array_equal(np.asarray(x), h), placed, tree)
     jax.tree.map(lambda x, s: (x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(x.sharding))),
                  placed, want)
   bad = jax.tree.map(lambda x: x, host)
   bad["params"]["final_norm"]["scale"] = np.ones(7, np.float32)
   with pytest.raises(ValueError, match=r"\['params'\]\['final_norm'\]\['scale'\] has shape \(7,\)"):
-    sharding.shard_params(bad, CONFIG, mesh, RULES)
+    sharded.shard_params(bad, CONFIG, mesh, RULES)
   del bad["params"]["final_norm"]
   with pytest.raises(ValueError, match="params tree does not match"):
-    sharding.shard_params(bad, CONFIG, mesh, RULES)
+    sharded.shard_params(bad, CONFIG, mesh, RULES)
 
 
 def test_global_batch_from_host_local_round_trip():

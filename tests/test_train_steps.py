@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from qsft_jax import losses, sharding, train_steps
+from qsft_jax.models import sharded
 from qsft_jax.models.config import get_preset
 from qsft_jax.models.transformer import Transformer
 import mdp_utils  # tests/mdp_utils.py (pytest puts tests/ on sys.path)
@@ -28,7 +29,7 @@ def optimizer():
 @functools.lru_cache(maxsize=None)
 def host_params(seed):
   one = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  params = sharding.init_params_sharded(CONFIG, jax.random.key(seed), one, RULES)
+  params = sharded.init_params_sharded(CONFIG, jax.random.key(seed), one, RULES)
   return jax.tree.map(np.asarray, params)
 
 
@@ -45,11 +46,11 @@ def mesh_of(shape):
 
 def make_state(mesh, kind, opt):
   shardings = train_steps.state_shardings(MODEL, CONFIG, opt, mesh, RULES, kind)
-  theta = sharding.shard_params(host_params(0), CONFIG, mesh, RULES)
+  theta = sharded.shard_params(host_params(0), CONFIG, mesh, RULES)
   if kind == "bc":
     return jax.jit(lambda p: train_steps.init_bc_state(p, opt), out_shardings=shardings)(theta)
-  phi = sharding.shard_params(host_params(1), CONFIG, mesh, RULES)
-  bar = sharding.shard_params(host_params(2), CONFIG, mesh, RULES)
+  phi = sharded.shard_params(host_params(1), CONFIG, mesh, RULES)
+  bar = sharded.shard_params(host_params(2), CONFIG, mesh, RULES)
   init = lambda p, f, t: train_steps.init_qsft_state(p, f, opt, target_params=t)
   return jax.jit(init, out_shardings=shardings)(theta, phi, bar)
 
@@ -162,7 +163,7 @@ def test_qsft_step_loss_gradient_and_metrics_match_dense_computation():
 
 def test_qsft_metrics_when_all_three_models_coincide():
   step, mesh, opt = get_step("data8", "qsft")
-  theta = sharding.shard_params(host_params(0), CONFIG, mesh, RULES)
+  theta = sharded.shard_params(host_params(0), CONFIG, mesh, RULES)
   state = train_steps.init_qsft_state(theta, theta, opt)  # copies: no buffer donated twice
   _, metrics = step(state, put_batch(mesh, host_batch()))
   np.testing.assert_allclose(metrics["mean_ratio"], 1.0, rtol=1e-5)

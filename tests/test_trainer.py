@@ -25,7 +25,7 @@ from trainer_utils import STEPS, SHARED_OVERRIDES
 @pytest.mark.slow
 def test_tiny_config_end_to_end_artifacts():
   from qsft_jax import checkpoints
-  from qsft_jax import sharding as qsharding
+  from qsft_jax.models import sharded
   from qsft_jax.models.transformer import Transformer
 
   workdir = tu.reference_run()
@@ -48,7 +48,7 @@ def test_tiny_config_end_to_end_artifacts():
   assert os.path.exists(os.path.join(workdir, "model_config.json"))
 
   loaded = checkpoints.load_for_inference(workdir)
-  shapes = qsharding.param_shapes(Transformer(loaded["model_config"]), loaded["model_config"])
+  shapes = sharded.param_shapes(Transformer(loaded["model_config"]), loaded["model_config"])
   for key in ("behaviour_params", "theta_params"):
     got = jax.tree.map(lambda x: (x.shape, x.dtype), loaded[key])
     want = jax.tree.map(lambda x: (x.shape, x.dtype), shapes)
@@ -224,6 +224,7 @@ def test_checkpoint_restores_onto_other_meshes_and_device_counts(tmp_path):
   import optax
   from qsft_jax import checkpoints, train_steps
   from qsft_jax import sharding as qsharding
+  from qsft_jax.models import sharded
   from qsft_jax.models.config import get_preset
   from qsft_jax.models.transformer import Transformer
 
@@ -239,8 +240,8 @@ def test_checkpoint_restores_onto_other_meshes_and_device_counts(tmp_path):
     return shardings
 
   mesh8 = qsharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
-  theta = qsharding.init_params_sharded(model_config, jax.random.key(0), mesh8, rules)
-  phi = qsharding.init_params_sharded(model_config, jax.random.key(1), mesh8, rules)
+  theta = sharded.init_params_sharded(model_config, jax.random.key(0), mesh8, rules)
+  phi = sharded.init_params_sharded(model_config, jax.random.key(1), mesh8, rules)
   shardings8 = state_on(mesh8)
   with jax.set_mesh(mesh8):
     state = jax.jit(lambda t, p: train_steps.init_qsft_state(t, p, optimizer),

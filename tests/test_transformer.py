@@ -15,6 +15,7 @@ from qsft_jax.models import config as config_lib
 from qsft_jax.models.config import ModelConfig, flops_per_token, from_hf_config, get_preset, param_count
 from qsft_jax.models.transformer import (PAD_LOGIT, Transformer, init_cache, logits_from_hidden, rotary_inv_freq,
                                          stack_layers, unembedding, unstack_layers)
+from qsft_jax.sampler import DECODE_ATTENTION  # the decode-step plug-ins, held against full forwards
 
 # Small enough to compile in about a second; GQA (4 query heads over 2 kv heads) in the llama one.
 LLAMA = get_preset("tiny-llama", d_model=32, head_dim=8, mlp_dim=64, vocab_size=50, pad_vocab_multiple=64)
@@ -282,8 +283,9 @@ def test_bf16_compute_close_to_fp32(family):
 # ---------------------------------------------------------------- KV cache
 
 
-def _decode_matches_full_forward(config, params, padding):
-  """Ragged prefill (left or right padded) + teacher-forced one-token steps vs a full forward."""
+def _decode_matches_full_forward(config, params, padding, decode_attention=None):
+  """Ragged prefill (left or right padded) + teacher-forced one-token steps, their attention by the
+  `decode_attention` plug-in (None: the model's einsums), vs a full forward without a plug-in."""
   prompt_lengths = [3, 6, 1]
   num_steps = 4
   batch, width = len(prompt_lengths), max(prompt_lengths)
@@ -297,7 +299,7 @@ def _decode_matches_full_forward(config, params, padding):
     cols = slice(width - n, width) if padding == "left" else slice(0, n)
     tokens[b, cols], positions[b, cols], segments[b, cols] = full[b][:n], np.arange(n), 1
 
-  model = Transformer(config)
+  model = Transformer(config, decode_attention=decode_attention)
   traces = []
 
   @jax.jit
@@ -327,19 +329,57 @@ def _decode_matches_full_forward(config, params, padding):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("decode_attention", ["dot", "multiply_reduce", "cpu_kernel"])
+@pytest.mark.parametrize("decode_attention", list(DECODE_ATTENTION))
 def test_kv_cache_decoding_matches_full_forward(family, padding, decode_attention):
-  config = CONFIGS[family].replace(decode_attention=decode_attention)
-  _decode_matches_full_forward(config, randomized_params(config), padding)
+  config = CONFIGS[family]
+  _decode_matches_full_forward(config, randomized_params(config), padding, DECODE_ATTENTION[decode_attention])
 
 
 def test_kv_cache_decoding_with_scanned_remat_layers_and_qkv_bias():
   # Decoding uses the training config as is, remat included (a no-op without gradients).
   config = LLAMA.replace(qkv_bias=True, num_layers=3)
   params = stack_layers(randomized_params(config), config.num_layers)
-  for decode_attention in ("dot", "multiply_reduce", "cpu_kernel"):
-    _decode_matches_full_forward(config.replace(scan_layers=True, remat_policy="full",
-                                                decode_attention=decode_attention), params, "left")
+  for plugin in DECODE_ATTENTION.values():
+    _decode_matches_full_forward(config.replace(scan_layers=True, remat_policy="full"), params, "left", plugin)
+
+
+def test_decode_attention_plugin_runs_for_one_token_steps_only():
+  # The plug-in gets each layer's decode step with the documented shapes, never a prefill or an
+  # uncached forward; what it returns is what the layer uses.
+  config = LLAMA
+  params = randomized_params(config)
+  calls = []
+
+  def plugin(q, k_cache, v_cache, cache_mask, k_new, v_new, scale):
+    calls.append((q.shape, k_cache.shape, v_cache.shape, cache_mask.shape, k_new.shape, v_new.shape, scale))
+    return jnp.zeros_like(q)
+
+  model = Transformer(config, decode_attention=plugin)
+  tokens = random_tokens((2, 5), config)
+  positions = np.broadcast_to(np.arange(5), (2, 5)).astype(np.int32)
+  ones = np.ones((2, 5), np.int32)
+  model.apply(params, tokens, positions, ones)
+  cache = init_cache(config, 2, 8)
+  _, cache = model.apply(params, tokens[:, :4], positions[:, :4], ones[:, :4], cache=cache)
+  assert not calls
+  step, _ = model.apply(params, tokens[:, 4:], positions[:, 4:], ones[:, 4:], cache=cache)
+  k, g, dh = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+  assert calls == [((2, k, g, dh), (2, k, 8, dh), (2, k, 8, dh), (2, 8), (2, k, dh), (2, k, dh),
+                    pytest.approx(1 / np.sqrt(dh)))] * config.num_layers
+  reference = np.asarray(forward(config, params, tokens))[:, 4]
+  assert np.abs(np.asarray(step)[:, 0] - reference).max() > 1e-3  # zero attention output changed it
+
+
+def test_model_config_from_dict_reads_saved_configs_with_removed_fields():
+  import json
+  config = LLAMA.replace(rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                                       ("original_max_position_embeddings", 64), ("rope_type", "llama3")))
+  saved = json.loads(json.dumps(config.to_dict()))
+  assert ModelConfig.from_dict(saved) == config
+  saved["decode_attention"] = "cpu_kernel"  # a field older model_config.json files hold
+  assert ModelConfig.from_dict(saved) == config
+  with pytest.raises(ValueError, match=r"unknown fields \['num_experts'\]"):
+    ModelConfig.from_dict({**saved, "num_experts": 4})
 
 
 def test_kv_cache_multi_token_chunks_and_bf16_cache_dtype():

@@ -11,8 +11,10 @@ FAMILIES = ("gpt2", "llama")
 ACTIVATIONS = ("gelu_new", "silu")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "minimal")
-DECODE_ATTENTION = ("auto", "dot", "multiply_reduce", "cpu_kernel")
 ROPE_SCALING_TYPES = ("llama3",)
+# Keys that saved model_config.json files of earlier versions may hold but that are not ModelConfig
+# fields (how a decode step attends is the sampler's choice: qsft_jax.kernels); from_dict drops them.
+REMOVED_FIELDS = ("decode_attention",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +48,6 @@ class ModelConfig:
   remat_policy: str = "none"
   pad_vocab_multiple: int = 128
   init_std: float = 0.02  # std of the normal initialiser for kernels and embeddings
-  # How a one-token step attends over the KV cache: "dot" (einsum; what TPU and GPU programs want),
-  # "multiply_reduce" (XLA's CPU backend runs it faster than its dot: benchmarks/sampler.py measured
-  # 27-30 against 39 ms per token at 512 tokens of context), "cpu_kernel" (qsft_jax.cpu_attention's
-  # C++ custom call: CPU, float32, one device), or "auto": "dot" in the model itself, resolved by
-  # `qsft_jax.sampler.Sampler` from its devices.
-  decode_attention: str = "auto"
 
   def __post_init__(self):
     def check(ok, msg):
@@ -62,10 +58,6 @@ class ModelConfig:
     check(self.activation in ACTIVATIONS, f"activation={self.activation!r}, expected one of {ACTIVATIONS}")
     check(self.dtype in DTYPES, f"dtype={self.dtype!r}, expected one of {DTYPES}")
     check(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r}, expected one of {DTYPES}")
-    check(self.decode_attention in DECODE_ATTENTION,
-          f"decode_attention={self.decode_attention!r}, expected one of {DECODE_ATTENTION}")
-    check(self.decode_attention != "cpu_kernel" or self.dtype == "float32",
-          f"decode_attention='cpu_kernel' needs dtype='float32', got {self.dtype!r}")
     check(self.remat_policy in REMAT_POLICIES,
           f"remat_policy={self.remat_policy!r}, expected one of {REMAT_POLICIES}")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -94,6 +86,17 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> "ModelConfig":
+    """The inverse of `to_dict`, for configs read back from JSON: lists become tuples (rope_scaling)
+    and the keys of REMOVED_FIELDS are dropped; any other unknown key is an error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known - set(REMOVED_FIELDS))
+    if unknown:
+      raise ValueError(f"ModelConfig: unknown fields {unknown}")
+    deep_tuple = lambda v: tuple(deep_tuple(x) for x in v) if isinstance(v, list) else v
+    return cls(**{k: deep_tuple(v) for k, v in fields.items() if k in known})
 
 
 _PRESETS: dict[str, ModelConfig] = {

@@ -10,10 +10,8 @@ every earlier cache slot that is valid (written by a token with nonzero segment 
 K/V are written to slots [index, index + L) in place. The cache is stored heads-major, [B, K, S, Dh] per
 layer (see init_cache): stacked [num_layers, B, K, S, Dh] when layers are scanned, a tuple of per-layer
 arrays otherwise, so that every layer reads its keys and values as stored (batch dims B, K leading),
-with no per-step transpose or copy (`config.decode_attention` picks how a one-token step contracts
-it: XLA's dot, multiply-and-reduce, or the C++ CPU kernel of qsft_jax.cpu_attention). Segment
-ids therefore only separate padding from real tokens across calls: one sequence per row when decoding
-per row. Positions index the rotary angles (llama) or the learned position table (gpt2, where
+with no per-step transpose or copy. Segment ids therefore only separate padding from real tokens
+across calls: one sequence per row when decoding per row. Positions index the rotary angles (llama) or the learned position table (gpt2, where
 positions >= max_position_embeddings are clamped by the lookup, not checked).
 
 Parameter tree (unboxed; the weights module fills exactly this):
@@ -34,18 +32,23 @@ Parameter tree (unboxed; the weights module fills exactly this):
 
 With config.scan_layers the layers_{i} subtrees are stacked under `layers/` with a leading
 num_layers axis (logical name "layers"); see stack_layers / unstack_layers.
+
+Decode attention: attention is computed with einsums (dots) everywhere. The optional module attribute
+`decode_attention` (of Transformer, handed down to Block and Attention; not part of ModelConfig, so
+never saved) replaces that computation for decode steps only, one new token per row with a cache:
+a callable `decode_attention(q, k_cache, v_cache, cache_mask, k_new, v_new, scale)` with the
+signature of the plug-ins in qsft_jax.kernels (the Sampler picks one for its device).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsft_jax import cpu_attention
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.sharding import logical_constraint
 
@@ -53,6 +56,10 @@ from qsft_jax.sharding import logical_constraint
 # cast to float32 so it cannot overflow a bf16 value.
 PAD_LOGIT = float(np.finfo(np.float32).min / 2)
 _MASKED_SCORE = float(np.finfo(np.float32).min)
+
+# q [B, K, G, Dh], k_cache, v_cache [B, K, S, Dh], cache_mask [B, S], k_new, v_new [B, K, Dh], scale
+# -> [B, K, G, Dh]; see the module docstring and qsft_jax.kernels.
+DecodeAttention = Callable[..., jax.Array]
 
 
 def _normal(config: ModelConfig):
@@ -137,8 +144,13 @@ def apply_rotary(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax
 
 
 class Attention(nn.Module):
-  """Multi-head / grouped-query self-attention with an optional per-layer KV cache."""
+  """Multi-head / grouped-query self-attention with an optional per-layer KV cache.
+
+  decode_attention: None (einsums), or a plug-in that computes decode steps (one new token per row
+  with a cache); see the module docstring.
+  """
   config: ModelConfig
+  decode_attention: DecodeAttention | None = None
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_mask):
@@ -167,12 +179,12 @@ class Attention(nn.Module):
     # Query head h = kv_head * groups + g, as HF's repeat_kv.
     q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
     new_kv = None if layer_cache is None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-    if l == 1 and layer_cache is not None and c.decode_attention == "cpu_kernel":
-      # A decode step by the C++ kernel (qsft_jax.cpu_attention), which reads each cache row once.
-      f32 = lambda x: x.astype(jnp.float32)  # a no-op for the float32 caches the Sampler makes
-      out = cpu_attention.decode_attention(q[:, 0], f32(layer_cache[0]), f32(layer_cache[1]), cache_mask[:, 0],
-                                           k[:, 0], v[:, 0], 1 / np.sqrt(c.head_dim))
-      out = logical_constraint(out.reshape(b, l, c.num_heads, c.head_dim), ("batch", "length", "heads", "head_dim"))
+    if l == 1 and layer_cache is not None and self.decode_attention is not None:
+      # A decode step by the plug-in: the cache is handed over as stored.
+      out = self.decode_attention(q[:, 0], layer_cache[0], layer_cache[1], cache_mask[:, 0], k[:, 0],
+                                  v[:, 0], 1 / np.sqrt(c.head_dim))
+      out = logical_constraint(out.reshape(b, l, c.num_heads, c.head_dim),
+                               ("batch", "length", "heads", "head_dim"))
       return _DenseOut(c, name="o")(out.astype(dtype)), new_kv
     # (keys, values, mask, einsum spelling of the key/value operand): new tokens are [B, L, K, Dh],
     # the cache is heads-major [B, K, S, Dh] and is contracted as stored (no transpose, no copy).
@@ -180,33 +192,15 @@ class Attention(nn.Module):
     if layer_cache is not None:
       # Cached keys first; one softmax over [cache slots, new tokens].
       blocks.insert(0, (layer_cache[0].astype(dtype), layer_cache[1].astype(dtype), cache_mask, "bksd"))
-    # One query per row against the cache (a decode step) is a batched matrix-vector product. Written as
-    # multiply-and-reduce (config.decode_attention), XLA's CPU backend runs the whole decode step faster
-    # than with its dot (benchmarks/sampler.py, 8M model: 27-30 against 39 ms per token at 512 tokens of
-    # context); TPU programs keep the dot (the other form compiled to 1.47x the HBM bytes of the
-    # SmolLM2-135M decode step on v5e).
-    single_query = l == 1 and layer_cache is not None and c.decode_attention == "multiply_reduce"
-
-    def contract_scores(bk, spec):
-      if single_query and spec == "bksd":  # [B, 1, K, G, Dh] x [B, K, S, Dh] -> [B, K, G, 1, S]
-        prod = q[:, 0, :, :, None, :].astype(jnp.float32) * bk[:, :, None].astype(jnp.float32)
-        return prod.sum(-1)[:, :, :, None, :]
-      return jnp.einsum(f"blkgd,{spec}->bkgls", q, bk, preferred_element_type=jnp.float32)
-
-    def contract_values(p, bv, spec):
-      if single_query and spec == "bksd":  # [B, K, G, 1, S] x [B, K, S, Dh] -> [B, 1, K, G, Dh]
-        prod = p[:, :, :, 0, :, None].astype(jnp.float32) * bv[:, :, None].astype(jnp.float32)
-        return prod.sum(-2)[:, None].astype(dtype)
-      return jnp.einsum(f"bkgls,{spec}->blkgd", p, bv)
-
     scores = jnp.concatenate([
-        jnp.where(m[:, None, None], contract_scores(bk, spec), _MASKED_SCORE)
+        jnp.where(m[:, None, None],
+                  jnp.einsum(f"blkgd,{spec}->bkgls", q, bk, preferred_element_type=jnp.float32), _MASKED_SCORE)
         for bk, _, m, spec in blocks], axis=-1) / np.sqrt(c.head_dim)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out, offset = 0, 0
     for bk, bv, _, spec in blocks:
       width = bk.shape[spec.index("s")]
-      out = out + contract_values(probs[..., offset:offset + width], bv, spec)
+      out = out + jnp.einsum(f"bkgls,{spec}->blkgd", probs[..., offset:offset + width], bv)
       offset += width
     out = out.reshape(b, l, c.num_heads, c.head_dim)
     out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
@@ -286,12 +280,13 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   """Pre-norm transformer block; signature shaped for nn.scan (carry x, then per-layer cache)."""
   config: ModelConfig
+  decode_attention: DecodeAttention | None = None  # see Attention
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_mask):
     """x [B, L, D] -> (x [B, L, D], new tokens' (k, v)); arguments as Attention's."""
     c = self.config
-    attn_out, new_kv = Attention(c, name="attn")(Norm(c, name="attn_norm")(x), positions, mask,
+    attn_out, new_kv = Attention(c, self.decode_attention, name="attn")(Norm(c, name="attn_norm")(x), positions, mask,
                                                  layer_cache, cache_mask)
     x = x + attn_out
     x = x + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x))
@@ -314,8 +309,12 @@ def _block_class(config: ModelConfig):
 
 
 class Transformer(nn.Module):
-  """Decoder-only LM. See the module docstring for masking; `config.family` picks the layout."""
+  """Decoder-only LM. See the module docstring for masking; `config.family` picks the layout.
+
+  decode_attention: None (einsums everywhere), or a plug-in for decode steps (module docstring).
+  """
   config: ModelConfig
+  decode_attention: DecodeAttention | None = None
 
   def setup(self):
     c = self.config
@@ -327,10 +326,10 @@ class Transformer(nn.Module):
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})(c)
+          metadata_params={nn.PARTITION_NAME: "layers"})(c, self.decode_attention)
     else:
       # A list attribute in setup names its modules layers_0, layers_1, ...
-      self.layers = [block(c) for _ in range(c.num_layers)]
+      self.layers = [block(c, self.decode_attention) for _ in range(c.num_layers)]
     self.final_norm = Norm(c)
     if not c.tie_embeddings:
       self.lm_head = LMHead(c)

@@ -613,5 +613,6 @@ def load_params(source: str, mesh=None, rules=None, *, scan_layers: bool | None 
     raise ValueError(f"weights source {source!r}: expected 'hf:PATH', 'gguf:PATH' or 'smollm2'")
   if mesh is not None:
     from qsft_jax import sharding
-    params = sharding.shard_params(params, config, mesh, sharding.DEFAULT_RULES if rules is None else rules)
+    from qsft_jax.models import sharded
+    params = sharded.shard_params(params, config, mesh, sharding.DEFAULT_RULES if rules is None else rules)
   return config, params

@@ -1,15 +1,18 @@
 // One decode step of grouped-query attention on the CPU: one new query per row against a KV cache.
 //
 // XLA's CPU backend runs this contraction (a [S, Dh] x [Dh, G] product per row and kv head, G = query
-// heads per kv head, 2-3) as generic reductions or tiny GEMMs at 4-9 GB/s; this loop reads each cache
-// row once, for all G query heads, and runs the rows and kv heads on XLA's intra-op thread pool.
-// Built and registered by qsft_jax/cpu_attention.py; tests/test_cpu_attention.py holds it against a
-// float64 numpy loop, and tests/test_transformer.py holds cached decoding with it against full forwards.
+// heads per kv head, 2-3) as generic reductions or tiny GEMMs, far below memory bandwidth; this loop
+// reads each cache row once, for all G query heads, and runs the rows and kv heads on XLA's intra-op
+// thread pool.
+// Built and registered by qsft_jax/kernels/cpu_decode_attention.py; tests/test_decode_attention.py
+// holds it against a float64 numpy loop, and tests/test_transformer.py holds cached decoding with it
+// against full forwards.
 //
 // Shapes (all float32 except mask; B may be several leading dims): q [B, K, G, Dh]; k_cache, v_cache
-// [B, K, S, Dh] (heads-major, as init_cache stores them); mask [B, S] bool: the cache slots this row may attend to; k_new, v_new
-// [B, K, Dh]: the new token's own key and value (it always attends to itself). Output [B, K, G, Dh]:
-// softmax over [valid cache slots, new token] of (q . k) * scale, times the values.
+// [B, K, S, Dh] (heads-major, as init_cache stores them); mask [B, S] bool: the cache slots this
+// row may attend to; k_new, v_new [B, K, Dh]: the new token's own key and value (it always attends
+// to itself). Output [B, K, G, Dh]: softmax over [valid cache slots, new token] of (q . k) * scale,
+// times the values.
 #include <algorithm>
 #include <atomic>
 #include <cmath>

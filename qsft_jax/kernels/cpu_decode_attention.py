@@ -1,17 +1,16 @@
-"""Decode attention on the CPU as an XLA FFI custom call (qsft_jax/csrc/decode_attention.cc).
+"""Decode-step attention on the CPU as an XLA FFI custom call (a plug-in; see qsft_jax.kernels).
 
 A decode step's attention reads the whole KV cache to answer one query per row. XLA's CPU backend
-runs that contraction as generic reductions (or tiny GEMMs) at 4-9 GB/s on one core, which makes the
-per-token cost grow with the context far more than the bytes do; the C++ loop reads each cache row
-once for all query heads of its kv head and spreads (row, kv head) pairs over XLA's intra-op threads
-(benchmarks/sampler.py gives the measured effect). Only the sampler's one-token steps use it, only on
-the CPU, in float32, on one device (`ModelConfig.decode_attention = "cpu_kernel"`; the Sampler's
-"auto" picks it there when the kernel builds).
+runs that contraction as generic reductions (or tiny GEMMs), which makes the per-token cost grow
+with the context far more than the bytes do; the C++ loop (csrc/decode_attention.cc) reads each
+cache row once for all query heads of its kv head and spreads (row, kv head) pairs over XLA's
+intra-op threads (benchmarks/sampler.py measures the effect). It runs on the CPU, in float32, on one
+device; `qsft_jax.sampler.Sampler` picks it there ("auto") when it builds.
 
 The library is compiled on first use with the system C++ compiler (g++ or $CXX) against jaxlib's FFI
 headers, into ~/.cache/qsft_jax (or $QSFT_JAX_CACHE), keyed by the source, jaxlib's version and this
 CPU's model and flags (it is built with -march=native). Without a compiler `available()` is False and
-the models keep the pure-XLA path.
+the Sampler keeps XLA's path.
 
 Shapes: B rows, K kv heads, G query heads per kv head, S cache slots, Dh head dim.
 """
@@ -82,15 +81,15 @@ def available() -> bool:
     library = ctypes.cdll.LoadLibrary(str(build()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.QsftDecodeAttention), platform="cpu")
   except (RuntimeError, OSError) as error:
-    warnings.warn(f"CPU decode-attention kernel unavailable, using XLA's path: {error}")
+    warnings.warn(f"CPU decode-attention kernel unavailable: {error}")
     return False
   return True
 
 
-def decode_attention(q, k_cache, v_cache, mask, k_new, v_new, scale: float) -> jax.Array:
+def decode_attention(q, k_cache, v_cache, cache_mask, k_new, v_new, scale: float) -> jax.Array:
   """One decode step's attention, by the C++ kernel.
 
-  q [B, K, G, Dh]; k_cache, v_cache [B, K, S, Dh]; mask [B, S] bool (cache slots each row attends to);
+  q [B, K, G, Dh]; k_cache, v_cache [B, K, S, Dh]; cache_mask [B, S] bool (slots each row attends to);
   k_new, v_new [B, K, Dh] (the new token's key and value; it always attends to itself); all float32.
   Returns [B, K, G, Dh] float32: softmax over [valid slots, new token] of scale * q.k, times the values.
   """
@@ -100,5 +99,5 @@ def decode_attention(q, k_cache, v_cache, mask, k_new, v_new, scale: float) -> j
     if x.dtype != jnp.float32:
       raise TypeError(f"decode_attention: {name} must be float32, got {x.dtype}")
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="broadcast_all")
-  return call(q, k_cache, v_cache, mask.astype(bool), k_new, v_new, scale=np.float32(scale))
+  return call(q, k_cache, v_cache, cache_mask.astype(bool), k_new, v_new, scale=np.float32(scale))
 
