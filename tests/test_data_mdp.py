@@ -130,7 +130,7 @@ def test_consecutive_action_turns_cross_with_gamma():
 
 
 def reference_arrays(turns, turn_rewards, done, gamma, gamma_token):
-    """Per-token loops straight from DESIGN.md section 2 / docs/architecture.md."""
+    """Per-token loops straight from docs/algorithm.md section 1 / docs/architecture.md."""
     tokens, turn_of = [TOK.bos_id], [-1]
     for j, t in enumerate(turns):
         for ch in t["text"]:

@@ -20,7 +20,7 @@ META_KEYS = {"task", "policy", "seed", "return", "success", "truncated"}
 
 
 def check_episode_format(episode, task):
-    """Exactly the fields of DESIGN.md section 3, alternating turns, rewards on actions only, the
+    """Exactly the fields of docs/algorithm.md section 1, alternating turns, rewards on actions only, the
     return in meta equal to the sum of rewards, the recording convention of base.py."""
     assert set(episode) == {"turns", "done", "id", "meta"}
     assert set(episode["meta"]) == META_KEYS and episode["meta"]["task"] == task

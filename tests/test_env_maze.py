@@ -1,5 +1,5 @@
 """Maze: optimal returns against finite-horizon dynamic programming, wall penalty, step cap, encodings,
-and the trap dataset's greedy-BC gap (issue 7)."""
+and the trap dataset's greedy-BC gap."""
 import collections
 
 import pytest
@@ -180,7 +180,7 @@ def test_trap_dataset_makes_greedy_bc_clearly_suboptimal():
 
 def test_paper_dataset_greedy_bc_is_optimal_contrast():
     """The uniform-noise behaviour has a shortest-path move as its most frequent action everywhere
-    (DESIGN.md section 8), which is why the trap dataset exists."""
+    (docs/algorithm.md section 7), which is why the trap dataset exists."""
     env = MazeEnv()
     counts = _greedy_bc_table(list(generate_episodes("maze", 3000, seed=0, policy="paper")))
     assert all(_greedy_return(counts, s) == v for s, v in env.optimal_returns().items())

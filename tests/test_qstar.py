@@ -229,7 +229,7 @@ def test_ratio_approaches_q_star_and_dummy_tightens(trained):
   # dummy token: p_theta / pi_phi equals Q* up to the optimiser's tolerance
   assert np.abs(errors[DUMMY]).max() < 0.01, np.abs(errors[DUMMY]).max()
   if trained["vocab"] == 8:
-    # even spread over 7 other tokens: biased upward by ~(1 - w) / (7 pi), as DESIGN.md predicts
+    # even spread over 7 other tokens: biased upward by ~(1 - w) / (7 pi), as docs/algorithm.md section 3 predicts
     assert errors[None].min() > -0.01
     assert errors[None].mean() > 0.1
     assert np.abs(errors[None]).mean() > 10 * np.abs(errors[DUMMY]).mean()

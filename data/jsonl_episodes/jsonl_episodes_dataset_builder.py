@@ -1,4 +1,4 @@
-"""jsonl_episodes: your own JSONL episodes (DESIGN.md section 3) as an array_record TFDS dataset.
+"""jsonl_episodes: your own JSONL episodes (docs/algorithm.md section 1) as an array_record TFDS dataset.
 
     python -m qsft_jax.data build data/jsonl_episodes --data_dir=DIR --manual_dir=YOUR_JSONL_DIR
 

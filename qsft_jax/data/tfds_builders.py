@@ -1,6 +1,6 @@
 """TFDS dataset builders for episodes, written as array_record so that reading needs no TensorFlow.
 
-Each example holds one feature, ``episode``: the episode's JSON line (DESIGN.md section 3), so one prepared
+Each example holds one feature, ``episode``: the episode's JSON line (docs/algorithm.md section 1), so one prepared
 dataset serves every tokenizer; tokenisation happens in the grain pipeline.
 
 Builders (in TFDS's own layout, ``data/<name>/<name>_dataset_builder.py`` with a class ``Builder``):

@@ -1,7 +1,7 @@
 """Bundled text environments (Wordle, Chess, Maze) and their dataset generators.
 
 ``make_env(name, **kwargs)`` builds an environment by name; ``generate_episodes(task, num_episodes,
-seed, **kwargs)`` yields episodes in the JSONL format of DESIGN.md section 3; ``play_batch`` steps a
+seed, **kwargs)`` yields episodes in the JSONL format of docs/algorithm.md section 1; ``play_batch`` steps a
 list of environments together with an acting function (the evaluator drives it with the sampler).
 """
 from __future__ import annotations

@@ -13,9 +13,9 @@ An environment is a seeded Python object that talks text:
   "normalised terminal return" transform) and ``action_stop``.
 
 Batched play is a list of environments stepped together (``play_batch``); it records episodes in the
-JSONL format of DESIGN.md section 3.
+JSONL episode format (docs/algorithm.md section 1).
 
-Recording convention (the choice DESIGN.md leaves open):
+Recording convention:
 - the observation that follows the last action of a finished episode (``done = true``) is *omitted*:
   the reward of that action and ``meta["success"]`` already say how it ended, and omitting it keeps
   episodes short and ending in an action;

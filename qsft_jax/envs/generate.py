@@ -3,7 +3,7 @@
     python -m qsft_jax.envs.generate --task maze --episodes 5000 --seed 0 --out maze.jsonl \\
         [--policy trap] [--opt key=value ...]
 
-writes one episode per line (DESIGN.md section 3) and prints the episode count, the mean return in
+writes one episode per line (docs/algorithm.md section 1) and prints the episode count, the mean return in
 the task's original units, the success rate and the generation speed. ``--opt`` values are Python
 literals where they parse as one (``max_steps=30``, ``traps={'4,1': 'd'}``), strings otherwise
 (``actions=words``); each goes to the environment or the behaviour policy, whichever takes it.

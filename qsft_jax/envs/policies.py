@@ -6,7 +6,7 @@ is a deterministic function of its seed. Interface: ``begin_episode(env, rng)`` 
 (per-episode choices, e.g. a strength), ``act(env, rng) -> action text`` (ending with the stop
 string), ``close()``.
 
-Two kinds per task (DESIGN.md section 8, issue 7):
+Two kinds per task (docs/algorithm.md section 7):
 
 - "paper": like the paper's datasets; uniform noise, so the most frequent action in a state is
   usually a good one.
@@ -53,7 +53,7 @@ def _check_probability(name: str, value: float) -> float:
 # ---------------------------------------------------------------------------------------------- maze
 class MazePaperPolicy(BehaviourPolicy):
     """Per move: with probability ``optimal_prob`` (default 0.2) a shortest-path move (uniform among
-    them), otherwise a uniformly random move of the four. The setting measured in DESIGN.md section 8."""
+    them), otherwise a uniformly random move of the four. The setting of the paper-like maze in docs/results.md."""
 
     task, name = "maze", "paper"
 
