@@ -1,17 +1,17 @@
 """Notebook analysis of a checkpoint: per-token values, next-token values, heatmaps, episodes played.
 
     from qsft_jax import analysis
-    a = analysis.load("/tmp/qsft_maze")          # checkpoints.load_for_inference
+    a = analysis.load("/tmp/qsft_maze")          # qsft_jax.run.load
     a.token_values(episode)                      # one row per action token: text, p_theta, pi_phi, ratio
     a.next_token_values(episode, top_k=5)        # the most likely next tokens after the last turn
     a.heatmap(episode)                           # matplotlib figure: ratio per action token
     a.play(seed=0, beta=4.0)                     # an episode played by the extracted policy
 
-Episodes are dicts in the JSONL format (DESIGN.md section 3). Token values come from one forward pass of
+Episodes are dicts in the JSONL format (docs/architecture.md). Token values come from one forward pass of
 each model over the data layer's own arrays (`data.episodes_to_batch`), so the tokens, positions and
 the action mask are exactly those of training: for action token i, p_theta(x_i) and pi_phi(x_i) are
 read from row i - 1 (`diagnostics.taken_logprobs`), over the real vocabulary. The ratio
-p_theta / pi_phi is the model's estimate of Q(s, a) for that token (DESIGN.md section 2).
+p_theta / pi_phi is the model's estimate of Q(s, a) for that token (docs/algorithm.md section 6).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsft_jax import diagnostics, losses
+from qsft_jax import run as run_lib
 from qsft_jax.data import DataConfig, episodes_to_batch
 from qsft_jax.evaluate import evaluate_policies, history_tokens
 from qsft_jax.models.config import ModelConfig
@@ -41,7 +42,9 @@ def _real_log_probs(model_config: ModelConfig, params, tokens, positions, segmen
 @dataclasses.dataclass
 class Analysis:
   """A loaded run: models, tokenizer and data config. theta_params is None after phase 1 only (then
-  p_theta and ratio are None in every result)."""
+  p_theta and ratio are None in every result). targets: the run's target settings (the ratio
+  policy's support_min; the dummy token, never played). Built from a `qsft_jax.run.Run` by
+  `from_loaded`."""
   model_config: ModelConfig
   tokenizer: Any
   behaviour_params: Any
@@ -49,7 +52,7 @@ class Analysis:
   data_config: DataConfig
   env_name: str = ""
   env_kwargs: Mapping | None = None
-  support_min: float = 1e-4
+  targets: losses.TargetConfig = losses.TargetConfig()
   mesh: Any = None
   rules: Any = None
 
@@ -164,7 +167,7 @@ class Analysis:
     evaluate_policies(env_name, kwargs, self.model_config, self.tokenizer, self.behaviour_params, self.theta_params,
                       policies=[{"name": "play", "mode": mode, "beta": float(beta)}], episodes=1, seed=seed,
                       data_config=self.data_config, batch_size=1, max_new_tokens=max_new_tokens,
-                      temperature=temperature, support_min=self.support_min, sampler=self._sampler, record=record)
+                      temperature=temperature, targets=self.targets, sampler=self._sampler, record=record)
     return record["play"][0]
 
 
@@ -188,21 +191,17 @@ def format_table(rows: Sequence[Mapping], keys: Sequence[str] | None = None) -> 
   return "\n".join(lines)
 
 
-def from_loaded(loaded: Mapping) -> Analysis:
-  """An Analysis from `checkpoints.load_for_inference`'s dict."""
-  config = loaded["config"]
-  data_fields = {k: v for k, v in dict(config.data).items() if k in DataConfig.__dataclass_fields__}
+def from_loaded(loaded: run_lib.Run) -> Analysis:
+  """An Analysis of a loaded run (`qsft_jax.run.load`): its phi and theta (the qsft phase's)."""
+  config = loaded.config
   return Analysis(
-      model_config=loaded["model_config"], tokenizer=loaded["tokenizer"],
-      behaviour_params=loaded["behaviour_params"], theta_params=loaded["theta_params"],
-      data_config=DataConfig.from_config(data_fields), env_name=config.get("task", ""),
-      env_kwargs=dict(config.get("env", {})),
-      support_min=config.qsft.support_min if "qsft" in config else 1e-4,
-      mesh=loaded.get("mesh"), rules=loaded.get("rules"))
+      model_config=loaded.model_config, tokenizer=loaded.tokenizer,
+      behaviour_params=loaded.behaviour_params, theta_params=loaded.theta_params,
+      data_config=loaded.data_config, env_name=config.get("task", ""),
+      env_kwargs=dict(config.get("env", {})), targets=loaded.targets, mesh=loaded.mesh,
+      rules=loaded.rules)
 
 
 def load(workdir: str) -> Analysis:
-  """The latest checkpoints of a workdir (`checkpoints.load_for_inference`) as an `Analysis`."""
-  from qsft_jax.checkpoints import load_for_inference
-
-  return from_loaded(load_for_inference(workdir))
+  """The latest checkpoints of a workdir (`qsft_jax.run.load`) as an `Analysis`."""
+  return from_loaded(run_lib.load(workdir))
