@@ -140,9 +140,9 @@ def main(argv=None):
     return jax.jit(init, out_shardings=shardings)(theta, phi)
 
   def steps(chunk):
-    bc = train_steps.make_bc_step(model, config, optimizer, mesh, rules, chunk_size=chunk)
-    qsft = train_steps.make_qsft_step(model, config, optimizer, mesh, rules, chunk_size=chunk,
-                                      support_min=1e-4, tau=0.005)
+    options = train_steps.StepOptions(chunk_size=chunk)
+    bc = train_steps.make_bc_step(model, config, optimizer, mesh, rules, options)
+    qsft = train_steps.make_qsft_step(model, config, optimizer, mesh, rules, options=options)
     return bc, qsft
 
   # 1. FLOPs (one chunk, see the module docstring)

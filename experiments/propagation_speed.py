@@ -146,8 +146,8 @@ def fixed_point(batch, states, pi, mode, mc_mix, n_step, rounds=80):
   count = np.bincount(s_of, minlength=num_states).astype(np.float64)
   supported = pi >= np.minimum(SUPPORT_MIN, pi.max(-1, keepdims=True))
   p = np.full_like(pi, 1.0 / VOCAB)
-  targets_fn = jax.jit(functools.partial(losses.compute_targets, mode=mode, mc_mix=mc_mix,
-                                         n_step=n_step))
+  targets_fn = jax.jit(functools.partial(
+      losses.compute_targets, targets=losses.TargetConfig(mode=mode, mc_mix=mc_mix, n_step=n_step)))
   for _ in range(rounds):
     value = np.where(supported, p / np.maximum(pi, 1e-30), -np.inf).max(-1)
     w = np.asarray(targets_fn(jnp.asarray(value[states], jnp.float32), jb)[0])[bi, ii]
@@ -176,15 +176,18 @@ def train(batch, one_hot, phi, theta0, watch, blocks, every_eval, lr, tau, every
 
   def loss_fn(table, target_table):
     return losses.qsft_loss(one_hot, table, one_hot, target_table, one_hot, phi, batch, n,
-                            vocab_size=VOCAB, support_min=SUPPORT_MIN, chunk_size=one_hot.shape[1],
-                            dummy_token=DUMMY, targets_mode=mode, mc_mix=mc_mix, n_step=n_step)[0]
+                            vocab_size=VOCAB, chunk_size=one_hot.shape[1],
+                            targets=losses.TargetConfig(mode=mode, support_min=SUPPORT_MIN,
+                                                        dummy_token=DUMMY, mc_mix=mc_mix,
+                                                        n_step=n_step))[0]
 
   def step(carry, i):
     table, target_table, opt_state = carry
     grads = jax.grad(loss_fn)(table, target_table)
     updates, opt_state = opt.update(grads, opt_state)
     table = optax.apply_updates(table, updates)
-    return (table, train_steps.update_target(target_table, table, i + 1, tau, every), opt_state), None
+    update = train_steps.TargetUpdate(tau=tau, every=every)
+    return (table, train_steps.update_target(target_table, table, i + 1, update), opt_state), None
 
   def block(carry, b):
     carry, _ = jax.lax.scan(step, carry, b * every_eval + jnp.arange(every_eval))

@@ -1,7 +1,7 @@
 """Notebook analysis of a checkpoint: per-token values, next-token values, heatmaps, episodes played.
 
     from qsft_jax import analysis
-    a = analysis.load("/tmp/qsft_maze")          # checkpoints.load_for_inference
+    a = analysis.load("/tmp/qsft_maze")          # qsft_jax.run.load
     a.token_values(episode)                      # one row per action token: text, p_theta, pi_phi, ratio
     a.next_token_values(episode, top_k=5)        # the most likely next tokens after the last turn
     a.heatmap(episode)                           # matplotlib figure: ratio per action token
@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsft_jax import diagnostics, losses
+from qsft_jax import run as run_lib
 from qsft_jax.data import DataConfig, episodes_to_batch
-from qsft_jax.evaluate import dummy_token_of, evaluate_policies, history_tokens, suppressed_token_ids
+from qsft_jax.evaluate import evaluate_policies, history_tokens, suppressed_token_ids
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer
 from qsft_jax.sampler import Sampler, next_power_of_two
@@ -41,9 +42,10 @@ def _real_log_probs(model_config: ModelConfig, params, tokens, positions, segmen
 @dataclasses.dataclass
 class Analysis:
   """A loaded run: models, tokenizer and data config. theta_params is None after phase 1 only (then
-  p_theta and ratio are None in every result). dummy_token: the run's Q-SFT dummy token (config
-  qsft.dummy_token; -1 = none): like the tokenizer's pad, BOS and EOS it is never played and never
-  listed as a next token (`evaluate.suppressed_token_ids`, the rule evaluation plays by)."""
+  p_theta and ratio are None in every result). targets: the run's target settings (the ratio
+  policy's support_min; the dummy token, which like the tokenizer's pad, BOS and EOS is never played
+  and never listed as a next token: `evaluate.suppressed_token_ids`, the rule evaluation plays by).
+  Built from a `qsft_jax.run.Run` by `from_loaded`."""
   model_config: ModelConfig
   tokenizer: Any
   behaviour_params: Any
@@ -51,8 +53,7 @@ class Analysis:
   data_config: DataConfig
   env_name: str = ""
   env_kwargs: Mapping | None = None
-  support_min: float = 1e-4
-  dummy_token: int = -1
+  targets: losses.TargetConfig = losses.TargetConfig()
   mesh: Any = None
   rules: Any = None
 
@@ -103,7 +104,7 @@ class Analysis:
     log_p = None if self.theta_params is None else last_row(self.theta_params)[:self.model_config.vocab_size]
     key = {"phi": log_pi, "theta": log_p, "ratio": None if log_p is None else log_p - log_pi}[by]
     allowed = np.ones(len(key), bool)
-    allowed[[i for i in suppressed_token_ids(self.tokenizer, self.dummy_token) if i < len(key)]] = False
+    allowed[[i for i in suppressed_token_ids(self.tokenizer, self.targets.dummy_token) if i < len(key)]] = False
     candidates = np.flatnonzero(allowed)
     order = candidates[np.argsort(-key[candidates], kind="stable")][:top_k]
     return [{"token": int(t), "text": self.tokenizer.decode([int(t)]),
@@ -173,8 +174,7 @@ class Analysis:
     evaluate_policies(env_name, kwargs, self.model_config, self.tokenizer, self.behaviour_params, self.theta_params,
                       policies=[{"name": "play", "mode": mode, "beta": float(beta)}], episodes=1, seed=seed,
                       data_config=self.data_config, batch_size=1, max_new_tokens=max_new_tokens,
-                      temperature=temperature, support_min=self.support_min, sampler=self._sampler, record=record,
-                      dummy_token=self.dummy_token)
+                      temperature=temperature, targets=self.targets, sampler=self._sampler, record=record)
     return record["play"][0]
 
 
@@ -198,22 +198,17 @@ def format_table(rows: Sequence[Mapping], keys: Sequence[str] | None = None) -> 
   return "\n".join(lines)
 
 
-def from_loaded(loaded: Mapping) -> Analysis:
-  """An Analysis from `checkpoints.load_for_inference`'s dict."""
-  config = loaded["config"]
-  data_fields = {k: v for k, v in dict(config.data).items() if k in DataConfig.__dataclass_fields__}
+def from_loaded(loaded: run_lib.Run) -> Analysis:
+  """An Analysis of a loaded run (`qsft_jax.run.load`): its phi and theta (the qsft phase's)."""
+  config = loaded.config
   return Analysis(
-      model_config=loaded["model_config"], tokenizer=loaded["tokenizer"],
-      behaviour_params=loaded["behaviour_params"], theta_params=loaded["theta_params"],
-      data_config=DataConfig.from_config(data_fields), env_name=config.get("task", ""),
-      env_kwargs=dict(config.get("env", {})),
-      support_min=config.qsft.support_min if "qsft" in config else 1e-4,
-      dummy_token=dummy_token_of(config),
-      mesh=loaded.get("mesh"), rules=loaded.get("rules"))
+      model_config=loaded.model_config, tokenizer=loaded.tokenizer,
+      behaviour_params=loaded.behaviour_params, theta_params=loaded.theta_params,
+      data_config=loaded.data_config, env_name=config.get("task", ""),
+      env_kwargs=dict(config.get("env", {})), targets=loaded.targets, mesh=loaded.mesh,
+      rules=loaded.rules)
 
 
 def load(workdir: str) -> Analysis:
-  """The latest checkpoints of a workdir (`checkpoints.load_for_inference`) as an `Analysis`."""
-  from qsft_jax.checkpoints import load_for_inference
-
-  return from_loaded(load_for_inference(workdir))
+  """The latest checkpoints of a workdir (`qsft_jax.run.load`) as an `Analysis`."""
+  return from_loaded(run_lib.load(workdir))

@@ -310,8 +310,8 @@ def _lowered(kind: str, spec: AotSpec, model_config, mesh, rules, microbatches: 
   optimizer = make_optimizer(spec.mu_dtype)
   if kind in ("bc", "qsft"):
     make = train_steps.make_bc_step if kind == "bc" else train_steps.make_qsft_step
-    step = make(model, model_config, optimizer, mesh, rules, chunk_size=chunk_size,
-                microbatches=microbatches)
+    step = make(model, model_config, optimizer, mesh, rules,
+                options=train_steps.StepOptions(chunk_size=chunk_size, microbatches=microbatches))
     return step.lower(abstract_state(model, model_config, optimizer, mesh, rules, kind,
                                      spec.frozen_dtype if kind == "qsft" else None),
                       abstract_batch(spec.batch, spec.seq, mesh, rules))

@@ -4,65 +4,8 @@ Every file in configs/ starts from `base_config()` and overrides what its task a
 (big_vision style: one `get_config()` per file, `--config.FIELD=VALUE` on the command line).
 `check_config(config, device_count)` rejects a bad config with a message that names the field.
 
-Fields (defaults in brackets):
-
-  seed [0]                      seed of parameter init and of the data order.
-  task ["maze"]                 bundled environment (maze | wordle | chess) used to generate data and to
-                                evaluate; "" for a user dataset with no environment.
-  env                           keyword arguments of `qsft_jax.envs.make_env(task, **env)`.
-  dataset.generate [True]       generate train/held-out JSONL from `task` into WORKDIR/data when
-                                data.path is empty (deterministic; skipped when the files exist).
-  dataset.policy ["paper"]      behaviour policy of the generator (see qsft_jax/envs/policies.py).
-  dataset.num_episodes [2000]   training episodes; dataset.heldout_episodes [200] for diagnostics.
-  dataset.seed [0]              generator seed (held-out episodes use seed + 1).
-  dataset.options {}            extra generator options (`generate_episodes(..., **options)`).
-  tokenizer ["char"]            "char", "char:PATH.json", "hf:PATH", "gguf:PATH", "smollm2".
-  data.*                        `qsft_jax.data.DataConfig` fields: path, max_length [256], pack [True],
-                                overlong [truncate], reward_transform ["none"; or "affine:LO,HI[,MAX_TURNS]",
-                                "terminal_return:RMIN,RMAX"], gamma [1.0], gamma_token [1.0], ...
-                                affine maps each step's reward, so with LO != 0 it adds a constant per
-                                action turn: episodes of different lengths can swap order (LO < 0 favours
-                                longer ones; a warning is logged); terminal_return keeps the order
-                                (gamma = 1). See qsft_jax/data/rewards.py.
-  data_shards [0]               logical data shards the global batch is built from (0: one per process).
-                                Process p reads only its own shards; with a fixed value the batches
-                                do not depend on the process count (which must divide it).
-  model.preset ["tiny-llama"]   `qsft_jax.models.config.get_preset` name.
-  model.init ["random"]         "random", "hf:PATH", "gguf:PATH" or "smollm2" (pretrained weights).
-  model.overrides {}            ModelConfig fields to replace (dtype, scan_layers, remat_policy, ...).
-                                With a char tokenizer and random init, vocab_size is the tokenizer's.
-  mesh.shape {data:-1,fsdp:1,tensor:1}   device mesh; -1 takes the remaining devices.
-  mesh.rules                    logical-axis rule table (`qsft_jax.sharding.DEFAULT_RULES`).
-  distributed.enabled [False]   call jax.distributed.initialize (also when QSFT_DISTRIBUTED=1);
-  distributed.coordinator_address / num_processes / process_id: passed through when set.
-  phases [("bc", "qsft")]       phases to run, in order, from ("bc", "qsft", "control"). "control" is
-                                docs/algorithm.md section 7's baseline: phase 2 again with every target 1 (BC
-                                on theta), same qsft.* settings, initialisation and batches, saved in
-                                WORKDIR/control/ and evaluated beside Q-SFT with the same extraction.
-  bc.* / qsft.*                 steps, batch_size (global rows), microbatches [1], learning_rate,
-                                warmup_steps, weight_decay, grad_clip, b1, b2.
-  qsft.tau [0.005]              Polyak rate; qsft.target_update_every [0] (>0: hard copy every N steps).
-  qsft.support_min [1e-4]       behaviour-support threshold of the Bellman max.
-  qsft.targets_mode ["token"]   "token" (per-token bootstrap), "turn" (per-turn), "ones" (the control).
-  qsft.theta_init ["phi"]       "phi" (the BC result); "phi_init" (the parameters phi started from:
-                                model.init's pretrained weights, or with model.init "random" the same
-                                random initialisation, from `seed`; the paper's Algorithm 1);
-                                "pretrained" (model.init's weights; needs a non-random model.init);
-                                "fresh" (a random initialisation from another seed than phi's).
-  qsft.dummy_token [-1]         >= 0: put all of 1 - w on this token (small vocabularies).
-  qsft.mc_mix [0.0]             lam: target (1 - lam) * (r + gamma V) + lam * (observed return-to-go);
-                                faster propagation, fixed point between Q* and Q^beta
-                                (docs/value_propagation.md).
-  qsft.n_step [1]               bootstrap n action tokens ahead (rewards in between summed).
-  loss.chunk_size [128]         rows per chunk of the chunked losses.
-  on_nonfinite ["stop"]         "stop": fail naming the step and metric; "skip": skip that update.
-  checkpoint.every_steps [200], keep [2], keep_every [0] (also keep every K-th step), async [True].
-  log.every_steps [20], log.progress_bar [True], log.tensorboard [True].
-  log.value_diagnostics_every [0]   > 0: every N Q-SFT steps, the held-out value correlation (overall and
-                                at turn 0) and the turn-0 mean target / clipped fraction go to the log,
-                                metrics.json and TensorBoard (needs WORKDIR/data/heldout.jsonl).
-  eval.episodes [100], eval.seed [10000], eval.betas [(0, 1, 4, 16)], eval.max_new_tokens [16],
-  eval.batch_size [64]; eval.enabled [True] (needs a task).
+Every config field, its default and its meaning are documented once, at the field in `base_config`
+and `_optim` below.
 """
 from __future__ import annotations
 
@@ -75,48 +18,109 @@ from qsft_jax.sharding import DEFAULT_RULES
 
 PHASES = ("bc", "qsft", "control")
 TASKS = ("", "maze", "wordle", "chess")
-TARGET_MODES = ("token", "turn", "ones")
 THETA_INITS = ("pretrained", "phi", "phi_init", "fresh")
 
 
 def _optim(steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
+  """The fields shared by the bc.* and qsft.* sections (the control phase uses qsft.*)."""
   return ml_collections.ConfigDict(dict(
-      steps=steps, batch_size=batch_size, microbatches=1, learning_rate=learning_rate,
-      warmup_steps=20, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.95))
+      steps=steps,                  # optimizer steps of the phase
+      batch_size=batch_size,        # global rows per step (all processes and microbatches together)
+      microbatches=1,               # gradient-accumulation parts of each batch (exact: same gradient)
+      learning_rate=learning_rate,  # peak AdamW rate: linear warm-up, then cosine decay to 10%
+      warmup_steps=20,
+      weight_decay=0.0,
+      grad_clip=1.0,                # global-norm clipping before AdamW; 0 = none
+      b1=0.9, b2=0.95))             # AdamW moments
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The shared defaults (see the module docstring for every field)."""
+  """The shared defaults; each field's meaning is given beside it."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # seed of parameter init and of the data order
+  # Bundled environment (maze | wordle | chess) that generates the data and is evaluated on; "" for a
+  # user dataset with no environment.
   c.task = "maze"
-  c.env = ml_collections.ConfigDict()
+  c.env = ml_collections.ConfigDict()  # keyword arguments of `qsft_jax.envs.make_env(task, **env)`
   c.dataset = ml_collections.ConfigDict(dict(
-      generate=True, policy="paper", num_episodes=2000, heldout_episodes=200, seed=0,
-      options=ml_collections.ConfigDict()))
-  c.tokenizer = "char"
+      # Generate train/held-out JSONL from `task` into WORKDIR/data when data.path is empty
+      # (deterministic; skipped when the files exist).
+      generate=True,
+      policy="paper",         # behaviour policy of the generator (qsft_jax/envs/policies.py)
+      num_episodes=2000,      # training episodes
+      heldout_episodes=200,   # held-out episodes, for the value diagnostics
+      seed=0,                 # generator seed (held-out episodes use seed + 1)
+      options=ml_collections.ConfigDict()))  # extra `generate_episodes(..., **options)`
+  c.tokenizer = "char"  # "char", "char:PATH.json", "hf:PATH", "gguf:PATH" or "smollm2"
+  # `qsft_jax.data.DataConfig` fields (that class documents them and checks unknown ones).
   c.data = ml_collections.ConfigDict(dict(
-      path="", max_length=256, pack=True, pack_window=64, overlong="truncate",
+      path="",                   # training JSONL file(s); "" = the task's generated data
+      max_length=256,            # tokens per row
+      pack=True, pack_window=64,
+      overlong="truncate",
+      # "none", "affine:LO,HI[,MAX_TURNS]" or "terminal_return:RMIN,RMAX" (qsft_jax/data/rewards.py,
+      # docs/algorithm.md section 5). affine maps each step's reward, so with LO != 0 it adds a
+      # constant per action turn and episodes of different lengths can swap order (a warning is
+      # logged); terminal_return keeps the order (gamma = 1).
       reward_transform="none",
-      gamma=1.0, gamma_token=1.0, num_workers=0))
+      gamma=1.0, gamma_token=1.0,
+      num_workers=0))
   c.model = ml_collections.ConfigDict(dict(
-      preset="tiny-llama", init="random", overrides=ml_collections.ConfigDict()))
+      preset="tiny-llama",   # `qsft_jax.models.config.get_preset` name
+      init="random",         # "random", "hf:PATH", "gguf:PATH" or "smollm2" (pretrained weights)
+      # ModelConfig fields to replace (dtype, scan_layers, remat_policy, ...). With a char tokenizer
+      # and random init, vocab_size is the tokenizer's.
+      overrides=ml_collections.ConfigDict()))
+  # Logical data shards the global batch is built from (0: one per process). Process p reads only
+  # its own shards; with a fixed value the batches do not depend on the process count (which must
+  # divide it).
   c.data_shards = 0
   c.mesh = ml_collections.ConfigDict(dict(
-      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
-      rules=tuple(DEFAULT_RULES)))
+      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),  # -1: the remaining devices
+      rules=tuple(DEFAULT_RULES)))  # logical-axis rule table (`qsft_jax.sharding.DEFAULT_RULES`)
+  # enabled: call jax.distributed.initialize (also when QSFT_DISTRIBUTED=1); the other fields are
+  # passed to it when set.
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=0, process_id=-1))
+  # Phases to run, in order, from ("bc", "qsft", "control"). "control" is the targets-equal-1
+  # baseline (docs/algorithm.md section 7): phase 2 again with every target 1 (BC on theta), the same
+  # qsft.* settings, initialisation and batches, saved in WORKDIR/control/ and evaluated beside Q-SFT.
   c.phases = ("bc", "qsft")
   c.bc = _optim(steps=300, batch_size=16, learning_rate=1e-3)
   c.qsft = _optim(steps=300, batch_size=16, learning_rate=1e-3)
-  c.qsft.update(dict(tau=0.005, target_update_every=0, support_min=1e-4, targets_mode="token",
-                     theta_init="phi", dummy_token=-1, mc_mix=0.0, n_step=1))
-  c.loss = ml_collections.ConfigDict(dict(chunk_size=128))
-  c.on_nonfinite = "stop"
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, keep_every=0, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(every_steps=20, progress_bar=True, tensorboard=True,
-                                         value_diagnostics_every=0))
+  # The Q-SFT phase (and the control). Target settings: `losses.TargetConfig`, docs/algorithm.md
+  # sections 2 to 4.
+  c.qsft.update(dict(
+      tau=0.005,               # Polyak rate of theta_bar (when target_update_every = 0)
+      target_update_every=0,   # > 0: hard copy theta_bar <- theta every N steps instead
+      support_min=1e-4,        # behaviour-support threshold of the Bellman max, in [0, 1)
+      # "token" (bootstrap from the next action token), "turn" (from the next action turn), "ones"
+      # (every target 1: the control's targets).
+      targets_mode="token",
+      # theta's start: "phi" (the BC result); "phi_init" (the parameters phi started from: model.init's
+      # weights, or the same random initialisation; the paper's Algorithm 1); "pretrained"
+      # (model.init's weights; needs a non-random model.init); "fresh" (another random draw).
+      theta_init="phi",
+      dummy_token=-1,          # >= 0: put all of 1 - w on this token (small vocabularies); -1: spread
+      # lam: target (1 - lam) * G^(n) + lam * (Monte Carlo return); faster propagation, fixed point
+      # between Q* and Q^beta (docs/algorithm.md section 4).
+      mc_mix=0.0,
+      n_step=1))               # bootstrap n links ahead (rewards in between summed)
+  c.loss = ml_collections.ConfigDict(dict(chunk_size=128))  # rows per chunk of the chunked losses
+  c.on_nonfinite = "stop"  # "stop": fail naming the step and metric; "skip": skip that update
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=200,
+      keep=2,             # the last `keep` checkpoints ...
+      keep_every=0,       # ... plus every K-th step (0: none)
+      async_save=True))
+  c.log = ml_collections.ConfigDict(dict(
+      every_steps=20, progress_bar=True, tensorboard=True,
+      # > 0: every N Q-SFT steps, the held-out value correlation (overall and at turn 0) and the
+      # turn-0 mean target / clipped fraction go to the log, metrics.json and TensorBoard (needs
+      # WORKDIR/data/heldout.jsonl).
+      value_diagnostics_every=0))
+  # Evaluation after training (needs a task): episodes per policy, first environment seed, the
+  # extraction betas, the longest action in tokens, episodes played together.
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True, episodes=100, seed=10000, betas=(0.0, 1.0, 4.0, 16.0), max_new_tokens=16,
       batch_size=64))
@@ -128,7 +132,7 @@ VALUE_SETTINGS = ("", "paper")
 
 def cpu_value_learning(c: ml_collections.ConfigDict, setting: str = "") -> ml_collections.ConfigDict:
   """The bundled tasks' CPU-scale phase-2 settings (configs/maze_cpu.py, wordle_cpu.py), measured in
-  docs/results.md and docs/value_propagation.md. Changes `c` in place and returns it.
+  docs/results.md and docs/algorithm.md section 8. Changes `c` in place and returns it.
 
   setting "" (the default) is described below; "paper" (`--config=configs/maze_cpu.py:paper`) is the
   paper's Algorithm 1: theta, theta_bar and phi all start from the same model (theta_init "phi_init":
@@ -246,25 +250,22 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
       _fail(f"{name}.batch_size", f"{p.batch_size} rows do not divide across {shards} data shards")
   q = config.qsft
   if "qsft" in phases or "control" in phases:
-    if not 0.0 <= q.tau <= 1.0:
-      _fail("qsft.tau", f"must be in [0, 1]; got {q.tau}")
-    if q.tau == 0.0 and q.target_update_every == 0:
-      _fail("qsft.tau", "is 0 and target_update_every is 0: the target network would never move")
-    if q.target_update_every < 0:
-      _fail("qsft.target_update_every", f"must be >= 0; got {q.target_update_every}")
-    if q.targets_mode not in TARGET_MODES:
-      _fail("qsft.targets_mode", f"{q.targets_mode!r} is not one of {TARGET_MODES}")
+    from qsft_jax.losses import TargetConfig
+    from qsft_jax.train_steps import TargetUpdate
+    try:  # the step's own checks; their messages name the qsft.* field
+      TargetUpdate(tau=q.tau, every=q.target_update_every)
+      if q.tau == 0.0 and q.target_update_every == 0:
+        _fail("qsft.tau", "is 0 and target_update_every is 0: the target network would never move")
+      TargetConfig.from_config(config, "qsft")
+    except ConfigError:
+      raise
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
     if q.theta_init not in THETA_INITS:
       _fail("qsft.theta_init", f"{q.theta_init!r} is not one of {THETA_INITS}")
     if q.theta_init == "pretrained" and config.model.init == "random":
       _fail("qsft.theta_init", "is 'pretrained' but model.init is 'random': use 'phi_init' (phi's own "
             "random initialisation), 'fresh' or load weights")
-    if not 0.0 <= q.mc_mix <= 1.0:
-      _fail("qsft.mc_mix", f"must be in [0, 1]; got {q.mc_mix}")
-    if q.n_step < 1:
-      _fail("qsft.n_step", f"must be >= 1; got {q.n_step}")
-    if not 0.0 <= q.support_min < 1.0:
-      _fail("qsft.support_min", f"must be in [0, 1); got {q.support_min}")
   if config.on_nonfinite not in ("stop", "skip"):
     _fail("on_nonfinite", f"must be 'stop' or 'skip'; got {config.on_nonfinite!r}")
   if config.checkpoint.every_steps < 1 or config.checkpoint.keep < 1:

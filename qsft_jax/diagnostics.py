@@ -1,18 +1,21 @@
-"""Value diagnostics: did phase 2 learn values, or only more behaviour cloning? (DESIGN.md section 8)
+"""Value diagnostics: did phase 2 learn values, or only more behaviour cloning? (docs/algorithm.md
+section 7)
 
 On held-out episodes, at the first action token of every agent turn, the ratio p_theta / pi_phi is
 the model's value estimate of the taken action. If values were learned it tracks the observed
 (transformed, normalised) return-to-go; an extra-BC "gain" leaves it near 1 and uncorrelated.
 
-    value_diagnostics(model_config, behaviour_params, theta_params, batch, target_params=...)
+    value_diagnostics(model_config, behaviour_params, theta_params, batch, target_params=...,
+                      targets=losses.TargetConfig(...))
 
 returns the Pearson correlation overall and by turn index, plus, when theta_bar is given, the mean
-Bellman target and the fraction of clipped targets by turn index. `plot_value_diagnostics` draws both.
+Bellman target and the fraction of clipped targets by turn index. `plot_value_diagnostics` draws both;
+`heldout_value_diagnostics` runs them on a loaded run's held-out episodes (`qsft_jax.run.Run`).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,9 @@ import numpy as np
 from qsft_jax import losses
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer
+
+if TYPE_CHECKING:
+  from qsft_jax.run import Run
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -63,12 +69,13 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_params: Any,
                       batch: Mapping[str, np.ndarray], *, target_params: Any = None,
-                      support_min: float = 1e-4, targets_mode: str = "token",
-                      dummy_token: int | None = None, mc_mix: float = 0.0, n_step: int = 1,
+                      targets: losses.TargetConfig = losses.TargetConfig(),
                       max_turns: int = 32) -> dict:
   """Correlation of p_theta / pi_phi with the return-to-go at each turn's first action token.
 
-  batch: the data layer's [B, L] arrays of held-out episodes. Returns a JSON-friendly dict:
+  batch: the data layer's [B, L] arrays of held-out episodes. targets: the run's target settings,
+  used with target_params for the per-turn Bellman targets; mode "ones" (the control) reports the
+  "token" targets its theta_bar would give (`TargetConfig.bellman`). Returns a JSON-friendly dict:
   {"correlation", "first_turn_correlation", "count", "by_turn": [{"turn", "count", "correlation",
   "mean_ratio", "mean_return_to_go", ("mean_target", "clipped_fraction")}]}.
   """
@@ -79,19 +86,18 @@ def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_pa
   rtg = np.asarray(batch["returns_to_go"])[first]
   turns = np.asarray(batch["turn_index"])[first]
 
-  targets = clipped = None
+  weights = clipped = None
   if target_params is not None:
-    targets, clipped = _targets(model_config, target_params, behaviour_params, batch, support_min,
-                                targets_mode, dummy_token=dummy_token, mc_mix=mc_mix, n_step=n_step)
+    weights, clipped = _targets(model_config, target_params, behaviour_params, batch, targets.bellman())
   by_turn = []
   for t in range(min(int(turns.max(initial=-1)) + 1, max_turns)):
     sel = turns == t
     row = {"turn": t, "count": int(sel.sum()), "correlation": _pearson(ratio[sel], rtg[sel]),
            "mean_ratio": float(ratio[sel].mean()) if sel.any() else float("nan"),
            "mean_return_to_go": float(rtg[sel].mean()) if sel.any() else float("nan")}
-    if targets is not None:
+    if weights is not None:
       action_sel = np.asarray(batch["action_mask"], bool) & (np.asarray(batch["turn_index"]) == t)
-      row["mean_target"] = float(targets[action_sel].mean()) if action_sel.any() else float("nan")
+      row["mean_target"] = float(weights[action_sel].mean()) if action_sel.any() else float("nan")
       row["clipped_fraction"] = float(clipped[action_sel].mean()) if action_sel.any() else float("nan")
     by_turn.append(row)
   return {"correlation": _pearson(ratio, rtg),
@@ -99,8 +105,9 @@ def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_pa
           "count": int(first.sum()), "by_turn": by_turn}
 
 
-def _targets(model_config, target_params, behaviour_params, batch, support_min, targets_mode,
-             dummy_token=None, mc_mix=0.0, n_step=1):
+def _targets(model_config: ModelConfig, target_params: Any, behaviour_params: Any,
+             batch: Mapping[str, np.ndarray], targets: losses.TargetConfig
+             ) -> tuple[np.ndarray, np.ndarray]:
   """Bellman targets and clipped flags of every token [B, L] (numpy), from full logits."""
   parts_t, parts_c = [], []
   rows = 16
@@ -109,8 +116,9 @@ def _targets(model_config, target_params, behaviour_params, batch, support_min, 
     args = (part["tokens"], part["positions"], part["segment_ids"])
     values = losses.bellman_values(_row_logits(model_config, target_params, *args),
                                    _row_logits(model_config, behaviour_params, *args),
-                                   model_config.vocab_size, support_min, exclude_token=dummy_token)
-    t, c = losses.compute_targets(values, part, targets_mode, mc_mix=mc_mix, n_step=n_step)
+                                   model_config.vocab_size, targets.support_min,
+                                   exclude_token=targets.dummy_token)
+    t, c = losses.compute_targets(values, part, targets)
     parts_t.append(np.asarray(t))
     parts_c.append(np.asarray(c))
   return np.concatenate(parts_t), np.concatenate(parts_c)
@@ -152,9 +160,10 @@ def load_heldout_batch(workdir: str, data_config, tokenizer) -> dict | None:
   import json
   import os
 
+  from qsft_jax import run as run_lib
   from qsft_jax.data import episodes_to_batch
 
-  path = os.path.join(workdir, "data", "heldout.jsonl")
+  path = run_lib.data_files(workdir)["heldout"]
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -162,37 +171,27 @@ def load_heldout_batch(workdir: str, data_config, tokenizer) -> dict | None:
   return episodes_to_batch(episodes, data_config, tokenizer)
 
 
-def run_value_diagnostics(config, model_config: ModelConfig, batch: Mapping[str, np.ndarray],
-                          behaviour_params: Any, theta_params: Any, target_params: Any = None) -> dict:
-  """`value_diagnostics` with the run config's target settings (qsft.*): what the trainer logs during
-  phase 2 and what evaluation writes at the end. The control (targets_mode "ones") reports the
-  per-token Bellman targets its theta_bar would give."""
-  q = config.qsft
-  return value_diagnostics(model_config, behaviour_params, theta_params, batch, target_params=target_params,
-                           support_min=q.support_min,
-                           targets_mode=q.targets_mode if q.targets_mode != "ones" else "token",
-                           dummy_token=None if q.get("dummy_token", -1) < 0 else q.dummy_token,
-                           mc_mix=q.get("mc_mix", 0.0), n_step=q.get("n_step", 1))
+def heldout_value_diagnostics(run: Run, suffix: str = "") -> dict:
+  """Runs `value_diagnostics` on the held-out episodes of a loaded run (`qsft_jax.run.Run`) with its
+  phi, theta and theta_bar (when present) and its target settings (`Run.targets`); writes
+  WORKDIR/eval/value_diagnostics{suffix}.{json,png}. Returns the dict.
 
-
-def heldout_value_diagnostics(workdir: str, loaded: Mapping[str, Any], data_config, suffix: str = "") -> dict:
-  """Runs `value_diagnostics` on WORKDIR/data/heldout.jsonl with loaded's phi, theta (and theta_bar
-  when given); writes WORKDIR/eval/value_diagnostics{suffix}.{json,png}. Returns the dict."""
+  To diagnose another theta (the control's), pass `run.with_theta(control_params)`."""
   import json
   import os
 
-  batch = load_heldout_batch(workdir, data_config, loaded["tokenizer"])
+  batch = load_heldout_batch(run.workdir, run.data_config, run.tokenizer)
   if batch is None:
-    raise FileNotFoundError(f"{os.path.join(workdir, 'data', 'heldout.jsonl')}: no held-out episodes")
-  d = run_value_diagnostics(loaded["config"], loaded["model_config"], batch, loaded["behaviour_params"],
-                            loaded["theta_params"], loaded.get("target_params"))
+    raise FileNotFoundError(f"{os.path.join(run.workdir, 'data', 'heldout.jsonl')}: no held-out episodes")
+  d = value_diagnostics(run.model_config, run.behaviour_params, run.theta_params, batch,
+                        target_params=run.target_params, targets=run.targets)
   if jax.process_index() == 0:
-    out = os.path.join(workdir, "eval")
+    out = os.path.join(run.workdir, "eval")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"value_diagnostics{suffix}.json"), "w") as f:
       json.dump(d, f, indent=1)
     plot_value_diagnostics(d, os.path.join(out, f"value_diagnostics{suffix}.png"),
-                           os.path.basename(workdir) + suffix)
+                           os.path.basename(run.workdir) + suffix)
     print(f"value correlation{suffix} (p_theta/pi_phi vs return-to-go, held out): overall "
           f"{d['correlation']:.3f}, first turn {d['first_turn_correlation']:.3f}", flush=True)
   return d

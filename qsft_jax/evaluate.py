@@ -17,11 +17,12 @@ Policies (names in results.json):
 - "qsft_beta{b}": log_softmax(z_phi) + b * softmax(z_theta), for each b > 0 of --betas;
 - "ratio": greedy argmax of p_theta / pi_phi over pi_phi's support (qsft.support_min);
 - "control_beta{b}" and "control_ratio": the same with theta from the control phase (every target 1,
-  DESIGN.md section 8), when the run has one.
+  docs/algorithm.md section 7), when the run has one.
+No policy emits qsft.dummy_token (it carries 1 - w of the training targets, not an action).
 Without theta (only phase 1 done) only "bc" is played. Decoding is greedy by default
 (--temperature > 0 samples instead; "ratio" is always greedy).
 
-Writes DIR/eval/results.json (DESIGN.md section 7):
+Writes DIR/eval/results.json:
 
     {"env": NAME, "episodes": N, "dataset_mean_return": x,
      "policies": {NAME: {"mean_return": x, "stderr": x, "success_rate": x, "beta": x}},
@@ -49,6 +50,8 @@ import jax
 import numpy as np
 
 from qsft_jax import cli
+from qsft_jax import losses
+from qsft_jax import run as run_lib
 from qsft_jax.data import DataConfig, load_episodes
 from qsft_jax.data.episodes import Episode, Turn
 from qsft_jax.data.mdp import tokenize_episode
@@ -69,21 +72,15 @@ def history_tokens(history: Sequence[Mapping[str, Any]], tokenizer, data_config:
   return tokenized.tokens.tolist()
 
 
-def dummy_token_of(config) -> int:
-  """The run's Q-SFT dummy token id (config qsft.dummy_token), -1 when it uses none."""
-  if config is None or "qsft" not in config:
-    return -1
-  return int(config.qsft.get("dummy_token", -1))
-
-
-def suppressed_token_ids(tokenizer, dummy_token: int = -1) -> list[int]:
+def suppressed_token_ids(tokenizer, dummy_token: int | None = None) -> list[int]:
   """Sorted token ids no policy may emit and no next-action ranking may list: the tokenizer's pad, BOS
-  and EOS (training actions never hold them: the data layer adds only a BOS, in front) and, when
-  dummy_token >= 0, the Q-SFT dummy token (all of 1 - w of every training target goes there, so
-  p_theta puts much of its mass on it, but it is no action; docs/algorithm.md section 3). Evaluation,
+  and EOS (training actions never hold them: the data layer adds only a BOS, in front) and the
+  Q-SFT dummy token when there is one (`TargetConfig.dummy_token`: all of 1 - w of every training
+  target goes there, so p_theta puts much of its mass on it, but it is no action; docs/algorithm.md
+  section 3). Evaluation,
   `qsft_jax.analysis.Analysis.play` and `Analysis.next_token_values` all use this one rule."""
   ids = {int(tokenizer.pad_id), int(tokenizer.bos_id), int(tokenizer.eos_id)}
-  if dummy_token is not None and dummy_token >= 0:
+  if dummy_token is not None:
     ids.add(int(dummy_token))
   return sorted(i for i in ids if i >= 0)
 
@@ -129,17 +126,19 @@ def dataset_mean_return(paths, data_config: DataConfig | Mapping | None = None) 
 def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, tokenizer, behaviour_params,
                       theta_params, *, policies: Sequence[Mapping], episodes: int, seed: int,
                       data_config: DataConfig | Mapping | None = None, batch_size: int = 64,
-                      max_new_tokens: int = 16, temperature: float = 0.0, support_min: float = 1e-4,
+                      max_new_tokens: int = 16, temperature: float = 0.0,
+                      targets: losses.TargetConfig = losses.TargetConfig(),
                       dataset_mean_return: float | None = None, mesh=None, rules=None,
                       sampler: Sampler | None = None, record: dict | None = None,
-                      dummy_token: int = -1, control_params=None) -> dict:
+                      control_params=None) -> dict:
   """Plays `episodes` episodes (seeds seed .. seed + episodes - 1) with every policy of `policies`
   ({"name", "mode", "beta"}, see `policy_specs`) and returns the results.json dict.
 
   data_config: the training data config (templates, max_length); temperature 0 = greedy.
   `record`, when a dict, receives each policy's played episodes (name -> list of episode dicts).
   control_params: theta of the control phase, read by specs with "theta": "control".
-  dummy_token: the run's Q-SFT dummy token (-1: none); no policy emits it (`suppressed_token_ids`).
+  targets: the run's target settings: the "ratio" policy's support is pi_phi >= targets.support_min,
+  and no policy emits targets.dummy_token or another id of `suppressed_token_ids`.
   """
   if episodes < 1:
     raise ValueError(f"episodes={episodes} must be >= 1")
@@ -148,7 +147,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   seeds = [seed + i for i in range(episodes)]
   envs = [make_env(env_name, **env_kwargs) for _ in range(min(batch_size, episodes))]
   stop = envs[0].action_stop
-  suppress = suppressed_token_ids(tokenizer, dummy_token)
+  suppress = suppressed_token_ids(tokenizer, targets.dummy_token)
   own_sampler = sampler is None
 
   def new_sampler(cache_len):
@@ -184,7 +183,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
         texts = sampler_for(max(map(len, prompts))).generate_text(
             behaviour_params, theta, prompts, tokenizer, stop_strings=(stop,), mode=spec["mode"],
             beta=0.0 if spec["beta"] is None else spec["beta"], greedy=temperature <= 0,
-            temperature=temperature if temperature > 0 else 1.0, support_min=support_min,
+            temperature=temperature if temperature > 0 else 1.0, support_min=targets.support_min,
             max_new_tokens=max_new_tokens, suppress_token_ids=suppress, rng=rng)
         # An action that decodes to nothing is an empty line: the same for the environment, and it still
         # tokenises (the data layer rejects actions without tokens).
@@ -250,21 +249,22 @@ def training_data_paths(workdir: str, config) -> list[str]:
   path = config.data.get("path", "") if hasattr(config.data, "get") else ""
   if path:
     return list(path) if isinstance(path, (list, tuple)) else [path]
-  generated = os.path.join(workdir, "data", "train.jsonl")
+  generated = run_lib.data_files(workdir)["train"]
   return [generated] if os.path.exists(generated) else []
 
 
-def run(workdir: str, loaded: Mapping, *, episodes: int | None = None, seed: int | None = None,
+def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = None,
         betas: Sequence[float] | None = None, ratio: bool = True, batch_size: int | None = None,
         max_new_tokens: int | None = None, temperature: float = 0.0,
         dataset_return: float | None = None, control: bool = True, value_diagnostics: bool = True) -> dict:
-  """Evaluates a loaded run (`checkpoints.load_for_inference(workdir)`'s dict) and writes the results.
+  """Evaluates a loaded run (`qsft_jax.run.load(workdir)`) and writes the results into its workdir.
 
-  Unset options come from the run's config (`eval.*`, `task`, `env`, `data`, `qsft.support_min`).
+  Unset options come from the run's config (`eval.*`, `task`, `env`) and its target settings
+  (`Run.targets`: the ratio policy's support_min, the dummy token never emitted).
   control: also play the control phase's policies when the run has one. value_diagnostics: add the
   held-out value correlations (and write their files) when WORKDIR/data/heldout.jsonl exists.
   """
-  config = loaded["config"]
+  config = loaded.config
   ev = config.get("eval", {}) if hasattr(config, "get") else {}
   task = config.task
   if not task:
@@ -274,52 +274,48 @@ def run(workdir: str, loaded: Mapping, *, episodes: int | None = None, seed: int
   betas = tuple(ev.get("betas", DEFAULT_BETAS)) if betas is None else tuple(betas)
   batch_size = batch_size or ev.get("batch_size", 64)
   max_new_tokens = max_new_tokens or ev.get("max_new_tokens", 16)
-  support_min = config.qsft.support_min if "qsft" in config else 1e-4
-  data_fields = {k: v for k, v in dict(config.data).items() if k in DataConfig.__dataclass_fields__}
-  data_config = DataConfig.from_config(data_fields)
   if dataset_return is None:
-    paths = training_data_paths(workdir, config)
-    dataset_return = dataset_mean_return(paths, data_config) if paths else None
-  control_params = loaded.get("control_params") if control else None
-  specs = policy_specs(betas, ratio=ratio, have_theta=loaded["theta_params"] is not None,
+    paths = training_data_paths(loaded.workdir, config)
+    dataset_return = dataset_mean_return(paths, loaded.data_config) if paths else None
+  control_params = loaded.control_params if control else None
+  specs = policy_specs(betas, ratio=ratio, have_theta=loaded.theta_params is not None,
                        have_control=control_params is not None)
   record: dict = {}
   results = evaluate_policies(
-      task, dict(config.get("env", {})), loaded["model_config"], loaded["tokenizer"], loaded["behaviour_params"],
-      loaded["theta_params"], policies=specs, episodes=episodes, seed=seed, data_config=data_config,
-      batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, support_min=support_min,
-      dataset_mean_return=dataset_return, mesh=loaded.get("mesh"), rules=loaded.get("rules"), record=record,
-      dummy_token=dummy_token_of(config), control_params=control_params)
+      task, dict(config.get("env", {})), loaded.model_config, loaded.tokenizer, loaded.behaviour_params,
+      loaded.theta_params, policies=specs, episodes=episodes, seed=seed, data_config=loaded.data_config,
+      batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
+      targets=loaded.targets, dataset_mean_return=dataset_return, mesh=loaded.mesh, rules=loaded.rules,
+      record=record, control_params=control_params)
   if value_diagnostics:
-    results["value_correlation"] = heldout_correlations(workdir, loaded, data_config, control_params)
-  write_results(workdir, results, record)
+    results["value_correlation"] = heldout_correlations(loaded, control=control)
+  write_results(loaded.workdir, results, record)
   return results
 
 
-def heldout_correlations(workdir: str, loaded: Mapping, data_config: DataConfig, control_params=None) -> dict:
+def heldout_correlations(loaded: run_lib.Run, control: bool = True) -> dict:
   """{"qsft" | "control": {"all_turns", "turn0"}} from `diagnostics.heldout_value_diagnostics` (which
-  writes DIR/eval/value_diagnostics[_control].{json,png}); {} without theta or held-out episodes."""
+  writes DIR/eval/value_diagnostics[_control].{json,png}); {} without theta or held-out episodes.
+  control: include the control phase's theta when the run has one."""
   from qsft_jax import diagnostics
 
-  if not os.path.exists(os.path.join(workdir, "data", "heldout.jsonl")):
+  if not os.path.exists(run_lib.data_files(loaded.workdir)["heldout"]):
     return {}
   out = {}
-  for name, theta, target in (("qsft", loaded["theta_params"], loaded.get("target_params")),
-                              ("control", control_params, None)):
-    if theta is None:
+  for name, view in (("qsft", loaded),
+                     ("control", loaded.with_theta(loaded.control_params, theta_step=loaded.control_step)
+                      if control else None)):
+    if view is None or view.theta_params is None:
       continue
-    d = diagnostics.heldout_value_diagnostics(workdir, {**loaded, "theta_params": theta, "target_params": target},
-                                              data_config, suffix="" if name == "qsft" else "_control")
+    d = diagnostics.heldout_value_diagnostics(view, suffix="" if name == "qsft" else "_control")
     out[name] = {"all_turns": d["correlation"], "turn0": d["first_turn_correlation"]}
   return out
 
 
 def evaluate_workdir(workdir: str, **options) -> dict:
-  """Loads the latest checkpoints of a workdir (`checkpoints.load_for_inference`) and runs `run` on
-  them (options as `run`'s); what the trainer calls at the end and the command line does."""
-  from qsft_jax.checkpoints import load_for_inference
-
-  return run(workdir, load_for_inference(workdir), **options)
+  """Loads the latest checkpoints of a workdir (`qsft_jax.run.load`) and runs `run` on them (options
+  as `run`'s); what the command line does."""
+  return run(run_lib.load(workdir), **options)
 
 
 def define_flags() -> flags.FlagValues:

@@ -23,6 +23,7 @@ Only lse(z), z_x and sum_real(z) (or z_d) are needed, so the chunked drivers nev
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -36,6 +37,66 @@ from qsft_jax.models.transformer import logits_from_hidden
 LOG_VALUE_CAP = 80.0
 
 TARGET_MODES = ("token", "turn", "ones")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+  """How the Bellman targets are formed (docs/algorithm.md sections 2 and 4).
+
+  mode: "token" (bootstrap from the next action token, the paper's), "turn" (from the next action
+    turn's first token) or "ones" (every action target 1: the targets-equal-1 control).
+  support_min: behaviour-support threshold of the Bellman max (`bellman_log_values`), in [0, 1).
+  dummy_token: the token that receives all of 1 - w in the WCE and is excluded from the Bellman max,
+    or None for the even spread over the other real tokens.
+  mc_mix: weight in [0, 1] of the Monte Carlo return in the target (`compute_targets`).
+  n_step: bootstrap links chained before the value is read, an int >= 1 (`n_step_returns`).
+
+  Built from a run config by `from_config`; the error messages name the config field. Frozen and
+  hashable, so it can be a static argument of a jitted function.
+  """
+  mode: str = "token"
+  support_min: float = 1e-4
+  dummy_token: int | None = None
+  mc_mix: float = 0.0
+  n_step: int = 1
+
+  def __post_init__(self):
+    if self.mode not in TARGET_MODES:
+      raise ValueError(f"qsft.targets_mode: {self.mode!r} is not one of {TARGET_MODES}")
+    if not 0.0 <= self.support_min < 1.0:
+      raise ValueError(f"qsft.support_min: must be in [0, 1); got {self.support_min}")
+    if self.dummy_token is not None and (isinstance(self.dummy_token, bool)
+                                         or not isinstance(self.dummy_token, int)
+                                         or self.dummy_token < 0):
+      raise ValueError(f"qsft.dummy_token: must be a token id >= 0 (-1 in the config for none); "
+                       f"got {self.dummy_token!r}")
+    if not 0.0 <= self.mc_mix <= 1.0:
+      raise ValueError(f"qsft.mc_mix: must be in [0, 1]; got {self.mc_mix}")
+    _check_n_step(self.n_step)
+
+  @classmethod
+  def from_config(cls, config: Any, phase: str = "qsft") -> "TargetConfig":
+    """The target settings of `phase` from the run config's qsft.* fields ("control": mode "ones",
+    everything else the same; qsft.dummy_token -1 means none). Fields missing from the config take
+    the defaults above."""
+    q = config.get("qsft", None)
+    q = {} if q is None else q
+    dummy = int(q.get("dummy_token", -1))
+    return cls(mode="ones" if phase == "control" else q.get("targets_mode", "token"),
+               support_min=q.get("support_min", 1e-4), dummy_token=None if dummy < 0 else dummy,
+               mc_mix=q.get("mc_mix", 0.0), n_step=q.get("n_step", 1))
+
+  def bellman(self) -> "TargetConfig":
+    """These settings with the control's mode "ones" replaced by "token": the Bellman targets that
+    theta_bar and phi give (what the value diagnostic reports for a control run)."""
+    return dataclasses.replace(self, mode="token") if self.mode == "ones" else self
+
+
+def _check_n_step(n_step: Any) -> None:
+  if isinstance(n_step, bool) or not isinstance(n_step, int):
+    raise ValueError(f"qsft.n_step: must be an int >= 1; got {n_step!r}")
+  if n_step < 1:
+    raise ValueError(f"qsft.n_step: must be >= 1; got {n_step}")
 
 
 def real_vocab_mask(num_columns: int, vocab_size: int) -> jax.Array:
@@ -218,7 +279,7 @@ def n_step_returns(values: jax.Array, rewards: jax.Array, discounts: jax.Array,
     values: [B, L] row-space V; rewards, discounts: [B, L] per link (token space); next_row: [B, L]
       int (-1 = none); action_mask: [B, L] bool; n_step: int >= 1 (static: n_step gathers).
   """
-  check_propagation_options(0.0, n_step)
+  _check_n_step(n_step)
   values = values.astype(jnp.float32)
   rewards = rewards.astype(jnp.float32)
   discounts = discounts.astype(jnp.float32)
@@ -281,30 +342,23 @@ def _clip_targets(raw: jax.Array, action_mask: jax.Array) -> tuple[jax.Array, ja
   return jnp.where(action_mask, targets, 0.0), clipped
 
 
-def check_propagation_options(mc_mix: float, n_step: int) -> None:
-  """Raises ValueError unless 0 <= mc_mix <= 1 and n_step is an int >= 1."""
-  if not 0.0 <= mc_mix <= 1.0:
-    raise ValueError(f"mc_mix={mc_mix!r} must be in [0, 1] (0 = pure bootstrap, 1 = Monte Carlo)")
-  if isinstance(n_step, bool) or not isinstance(n_step, int) or n_step < 1:
-    raise ValueError(f"n_step={n_step!r} must be an int >= 1")
-
-
-def compute_targets(values: jax.Array, batch: Mapping[str, jax.Array], mode: str = "token", *,
-                    mc_mix: float = 0.0, n_step: int = 1) -> tuple[jax.Array, jax.Array]:
+def compute_targets(values: jax.Array, batch: Mapping[str, jax.Array],
+                    targets: TargetConfig) -> tuple[jax.Array, jax.Array]:
   """Targets [B, L] and clipped [B, L] for a batch of token-level MDP arrays.
 
-  mode: "token" (bootstrap from the next action token, the paper's), "turn" (bootstrap from the
+  targets.mode: "token" (bootstrap from the next action token, the paper's), "turn" (bootstrap from the
   first action token of the next action turn, with the reward to the end of this turn and
   `turn_discounts`), or "ones" (control: every action target is 1, i.e. BC on theta; mc_mix and
   n_step are ignored). values: [B, L] row-space V (unused for "ones").
 
-  n_step: chain the bootstrap n_step links (tokens in "token" mode, turns in "turn" mode), see
-  `n_step_returns`. mc_mix = lam in [0, 1]: w = clip((1 - lam) * G^(n) + lam * G^MC, 0, 1) with
+  targets.n_step: chain the bootstrap n_step links (tokens in "token" mode, turns in "turn" mode),
+  see `n_step_returns`. targets.mc_mix = lam in [0, 1]: w = clip((1 - lam) * G^(n) + lam * G^MC, 0, 1) with
   G^MC the Monte Carlo return to the episode's end (`monte_carlo_returns`: `returns_to_go`, plus a
   bootstrap where the episode was truncated). The defaults (0, 1) are the one-step target exactly.
-  docs/value_propagation.md gives each setting's fixed point.
+  docs/algorithm.md section 4 gives each setting's fixed point. targets.support_min and
+  targets.dummy_token are not used here (they shape the values: `chunked_bellman_values`).
   """
-  check_propagation_options(mc_mix, n_step)
+  mode, mc_mix, n_step = targets.mode, targets.mc_mix, targets.n_step
   mask = batch["action_mask"]
   if mode == "ones":
     return mask.astype(jnp.float32), jnp.zeros_like(mask)
@@ -314,7 +368,7 @@ def compute_targets(values: jax.Array, batch: Mapping[str, jax.Array], mode: str
     rewards = turn_rewards(batch["rewards"], batch["discounts"], batch["next_action_row"], mask,
                            batch["turn_index"])
     discounts, next_row = batch["turn_discounts"], batch["next_turn_row"]
-  else:
+  else:  # unreachable: TargetConfig validates its mode
     raise ValueError(f"targets mode {mode!r} unknown; expected one of {TARGET_MODES}")
   if n_step == 1 and mc_mix == 0.0:
     return bellman_targets(values, rewards, discounts, next_row, mask)
@@ -586,9 +640,7 @@ def chunked_bellman_values(target_hidden: jax.Array, target_unembed: jax.Array,
 def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: jax.Array,
               target_unembed: jax.Array, behaviour_hidden: jax.Array, behaviour_unembed: jax.Array,
               batch: Mapping[str, jax.Array], normaliser: jax.Array, *, vocab_size: int,
-              support_min: float, targets_mode: str = "token", chunk_size: int = 128,
-              dummy_token: int | None = None, mc_mix: float = 0.0,
-              n_step: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+              targets: TargetConfig, chunk_size: int = 128) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Q-SFT loss: values from theta_bar and phi -> Bellman targets -> WCE on theta.
 
   Args:
@@ -596,21 +648,24 @@ def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: 
       (only theta's carry a gradient); *_unembed: [D, V_pad].
     batch: the [B, L] token-level MDP arrays (docs/architecture.md).
     normaliser: [] GLOBAL action-token count.
-    targets_mode, mc_mix, n_step: how values propagate (`compute_targets`).
+    vocab_size: real vocabulary size; chunk_size: rows per chunk of the chunked drivers.
+    targets: the Bellman-target settings (support_min and dummy_token shape the values and the
+      WCE; mode, mc_mix and n_step how values propagate: `compute_targets`).
   Returns:
     loss [] and aux: "targets", "clipped" (token space [B, L]); "values", "logp_theta",
     "logp_behaviour" (row space [B, L]: V(k) and the log-probs of the token row k predicts).
   """
   tokens = batch["tokens"]
   row_labels = to_rows(tokens)
-  # Also for targets_mode="ones": the control then logs the same diagnostics at the same cost.
+  # Also for mode "ones": the control then logs the same diagnostics at the same cost.
   values, logp_behaviour, _ = chunked_bellman_values(
       target_hidden, target_unembed, behaviour_hidden, behaviour_unembed, row_labels,
-      vocab_size=vocab_size, support_min=support_min, chunk_size=chunk_size, exclude_token=dummy_token)
-  targets, clipped = compute_targets(values, batch, targets_mode, mc_mix=mc_mix, n_step=n_step)
+      vocab_size=vocab_size, support_min=targets.support_min, chunk_size=chunk_size,
+      exclude_token=targets.dummy_token)
+  weights, clipped = compute_targets(values, batch, targets)
   loss, logp_theta = chunked_wce_loss(
-      theta_hidden, theta_unembed, row_labels, to_rows(targets), to_rows(batch["action_mask"], False),
-      normaliser, vocab_size=vocab_size, chunk_size=chunk_size, dummy_token=dummy_token)
-  aux = {"targets": targets, "clipped": clipped, "values": values, "logp_theta": logp_theta,
+      theta_hidden, theta_unembed, row_labels, to_rows(weights), to_rows(batch["action_mask"], False),
+      normaliser, vocab_size=vocab_size, chunk_size=chunk_size, dummy_token=targets.dummy_token)
+  aux = {"targets": weights, "clipped": clipped, "values": values, "logp_theta": logp_theta,
          "logp_behaviour": logp_behaviour}
   return loss, aux

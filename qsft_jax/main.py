@@ -11,8 +11,6 @@ uninterrupted run's. SIGTERM (preemption) saves a checkpoint at the current step
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
 import signal
 import sys
@@ -21,17 +19,19 @@ from typing import Any, Callable
 
 from absl import flags, logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from qsft_jax import checkpoints
 from qsft_jax import cli
 from qsft_jax import config_lib
+from qsft_jax import losses
 from qsft_jax import phases
+from qsft_jax import run as run_lib
 from qsft_jax import sharding as qsharding
 from qsft_jax.models import config as model_config_lib
 from qsft_jax.models import sharded
+
 
 class NonFiniteError(FloatingPointError):
   """A train step produced a non-finite metric; nothing from that state was checkpointed."""
@@ -62,30 +62,6 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=str)
-  os.replace(tmp, path)
-
-
-def prepare_tokenizer(config, workdir):
-  from qsft_jax.tokenizers import CharTokenizer, load_tokenizer
-  tokenizer = load_tokenizer(checkpoints.tokenizer_spec(workdir, config))
-  if isinstance(tokenizer, CharTokenizer) and config.tokenizer == "char":
-    path = os.path.join(workdir, "tokenizer.json")
-    if not os.path.exists(path) and jax.process_index() == 0:
-      tmp = f"{path}.tmp{os.getpid()}"  # atomic: other processes may read it on a resume
-      tokenizer.save(tmp)
-      os.replace(tmp, path)
-  return tokenizer
-
-
-def dataset_files(workdir: str) -> dict:
-  return {"train": os.path.join(workdir, "data", "train.jsonl"),
-          "heldout": os.path.join(workdir, "data", "heldout.jsonl")}
-
-
 def prepare_data(config, workdir):
   """The DataConfig of the run. A bundled task with an empty data.path generates its JSONL first
   (deterministic, so every process may write it; each write is atomic)."""
@@ -93,7 +69,7 @@ def prepare_data(config, workdir):
   data = config.data.to_dict()
   if not data["path"]:
     from qsft_jax.envs import generate_episodes
-    files = dataset_files(workdir)
+    files = run_lib.data_files(workdir)
     os.makedirs(os.path.dirname(files["train"]), exist_ok=True)
     d = config.dataset
     options = {**config.env.to_dict(), **d.options.to_dict()}
@@ -111,7 +87,7 @@ def prepare_data(config, workdir):
 def build_model(config, tokenizer, mesh, rules):
   """(ModelConfig, initial params or None). Pretrained weights are loaded straight into shards."""
   if config.model.init == "random":
-    model_config = checkpoints.model_config_from(config, tokenizer)
+    model_config = run_lib.model_config_from(config, tokenizer)
     return model_config, None
   from qsft_jax.models.weights import load_params
   model_config, params = load_params(config.model.init, mesh, rules, **config.model.overrides.to_dict())
@@ -253,7 +229,7 @@ class MetricsLog:
 
 def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config):
   """state -> {"value_corr", "value_corr_turn0", "target_turn0", "clipped_turn0"} on the held-out
-  episodes (DESIGN.md section 8), every log.value_diagnostics_every Q-SFT steps; None when off, in
+  episodes (docs/algorithm.md section 7), every log.value_diagnostics_every Q-SFT steps; None when off, in
   phase 1, without WORKDIR/data/heldout.jsonl, or with several processes (the diagnostics read the
   parameters from one host; evaluation still computes them at the end)."""
   every = config.log.get("value_diagnostics_every", 0)
@@ -267,10 +243,13 @@ def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data
   batch = diagnostics.load_heldout_batch(workdir, data_config, tokenizer)
   if batch is None:
     return None
+  # The run's qsft.* settings in both phase-2 phases: the control reports the Bellman targets its
+  # theta_bar would give under them.
+  targets = losses.TargetConfig.from_config(config, "qsft")
 
   def diagnose(state):
-    d = diagnostics.run_value_diagnostics(config, model_config, batch, state["behaviour_params"],
-                                          state["params"], state["target_params"])
+    d = diagnostics.value_diagnostics(model_config, state["behaviour_params"], state["params"], batch,
+                                      target_params=state["target_params"], targets=targets)
     turn0 = d["by_turn"][0] if d["by_turn"] else {}
     return {"value_corr": d["correlation"], "value_corr_turn0": d["first_turn_correlation"],
             "target_turn0": turn0.get("mean_target", float("nan")),
@@ -346,7 +325,8 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
     log.close()
     manager.close()
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json"), log.history)
+    run_lib.write_json_atomic(os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json"),
+                              log.history)
   checkpoints.mark_done(workdir, phase, p.steps)
   return state
 
@@ -383,14 +363,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh_shape = config_lib.check_config(config, jax.device_count(), jax.process_count())
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-  tokenizer = prepare_tokenizer(config, workdir)
+  run_lib.write_config(workdir, config)
+  tokenizer = run_lib.prepare_tokenizer(workdir, config)
   data_config = prepare_data(config, workdir)
   mesh = qsharding.make_mesh(mesh_shape)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   model_config, pretrained = build_model(config, tokenizer, mesh, rules)
-  checkpoints.save_model_config(workdir, model_config)
+  run_lib.save_model_config(workdir, model_config)
   preemption = Preemption()
 
   def fresh_params(offset: int):
@@ -405,8 +384,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if config.task and config.eval.enabled:
     from qsft_jax import evaluate
-    loaded = checkpoints.load_for_inference(workdir, mesh=mesh, rules=rules)
-    results = evaluate.run(workdir, loaded)  # with the held-out value diagnostics
+    results = evaluate.run(run_lib.load(workdir, mesh=mesh, rules=rules))  # with value diagnostics
     if jax.process_index() == 0:
       print(evaluate.results_markdown(results), flush=True)
   return states

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 import ml_collections
 import optax
 
+from qsft_jax import losses
 from qsft_jax import sharding as qsharding
 from qsft_jax import train_steps
 from qsft_jax.models.config import ModelConfig
@@ -50,6 +51,18 @@ def make_optimizer(p: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
   parts = [optax.clip_by_global_norm(p.grad_clip)] if p.grad_clip > 0 else []
   parts.append(optax.adamw(schedule, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay))
   return optax.chain(*parts), schedule
+
+
+def step_options(config: ml_collections.ConfigDict, phase: str) -> train_steps.StepOptions:
+  """loss.chunk_size, the phase's microbatches and on_nonfinite as the step's `StepOptions`."""
+  return train_steps.StepOptions(chunk_size=config.loss.chunk_size,
+                                 microbatches=optim_config(config, phase).microbatches,
+                                 skip_nonfinite=config.on_nonfinite == "skip")
+
+
+def target_update(config: ml_collections.ConfigDict) -> train_steps.TargetUpdate:
+  """qsft.tau and qsft.target_update_every as the Q-SFT step's `TargetUpdate` (the control's too)."""
+  return train_steps.TargetUpdate(tau=config.qsft.tau, every=config.qsft.target_update_every)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,20 +97,15 @@ def build(config: ml_collections.ConfigDict, phase: str, model_config: ModelConf
   p = optim_config(config, phase)
   model = Transformer(model_config)
   optimizer, schedule = make_optimizer(p)
-  common = dict(chunk_size=config.loss.chunk_size, microbatches=p.microbatches,
-                skip_nonfinite=config.on_nonfinite == "skip")
+  options = step_options(config, phase)
   kind = state_kind(phase)
   if kind == "bc":
-    step = train_steps.make_bc_step(model, model_config, optimizer, mesh, rules, **common)
+    step = train_steps.make_bc_step(model, model_config, optimizer, mesh, rules, options)
     init_state = lambda params: train_steps.init_bc_state(params, optimizer)
   else:
-    q = config.qsft
-    step = train_steps.make_qsft_step(
-        model, model_config, optimizer, mesh, rules, support_min=q.support_min, tau=q.tau,
-        target_update_every=q.target_update_every,
-        targets_mode="ones" if phase == "control" else q.targets_mode,
-        dummy_token=None if q.dummy_token < 0 else q.dummy_token, mc_mix=q.mc_mix, n_step=q.n_step,
-        **common)
+    step = train_steps.make_qsft_step(model, model_config, optimizer, mesh, rules,
+                                      losses.TargetConfig.from_config(config, phase),
+                                      target_update(config), options)
     init_state = lambda params: train_steps.init_qsft_state(params[0], params[1], optimizer)
   shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, kind)
   return PhaseProgram(phase=phase, kind=kind, model=model, optimizer=optimizer, schedule=schedule,

@@ -11,7 +11,11 @@ by the GLOBAL action-token count, so the summed gradient is exactly the full bat
 
 Q-SFT step: theta_bar and phi forward (no gradient) -> per-row values V (chunked) -> targets at the
 next-action rows -> WCE on theta (chunked, fused gradient) -> optimizer update -> target update
-(Polyak with tau, or a hard copy every `target_update_every` steps).
+(Polyak with tau, or a hard copy every `TargetUpdate.every` steps).
+
+A step is configured by three objects, each built once from the run config (`qsft_jax.phases`):
+`losses.TargetConfig` (the Bellman targets), `TargetUpdate` (theta_bar's update) and `StepOptions`
+(chunking, gradient accumulation, non-finite handling).
 """
 from __future__ import annotations
 
@@ -32,6 +36,44 @@ from qsft_jax.models.transformer import unembedding
 
 BC_KEYS = ("step", "params", "opt_state")
 QSFT_KEYS = BC_KEYS + ("target_params", "behaviour_params")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """How a step computes: chunk_size and microbatches change only float rounding, skip_nonfinite
+  what a step with a non-finite loss or gradient does.
+
+  chunk_size: rows per chunk of the chunked losses (config loss.chunk_size), >= 1.
+  microbatches: gradient-accumulation parts of the global batch (config bc/qsft.microbatches), >= 1.
+  skip_nonfinite: a step with a non-finite loss or gradient leaves the state unchanged (config
+    on_nonfinite = "skip") instead of applying it.
+  """
+  chunk_size: int = 128
+  microbatches: int = 1
+  skip_nonfinite: bool = False
+
+  def __post_init__(self):
+    if self.chunk_size < 1:
+      raise ValueError(f"loss.chunk_size: must be >= 1; got {self.chunk_size}")
+    if self.microbatches < 1:
+      raise ValueError(f"microbatches: must be >= 1; got {self.microbatches}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetUpdate:
+  """The target-network (theta_bar) update after each optimizer step (docs/algorithm.md section 4).
+
+  every > 0: hard copy theta_bar <- theta every `every` steps (tau unused); every == 0: Polyak
+  theta_bar <- (1 - tau) theta_bar + tau theta every step. Config qsft.tau, qsft.target_update_every.
+  """
+  tau: float = 0.005
+  every: int = 0
+
+  def __post_init__(self):
+    if not 0.0 <= self.tau <= 1.0:
+      raise ValueError(f"qsft.tau: must be in [0, 1]; got {self.tau}")
+    if self.every < 0:
+      raise ValueError(f"qsft.target_update_every: must be >= 0; got {self.every}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,18 +129,15 @@ def polyak_update(target: Any, online: Any, tau: float | jax.Array) -> Any:
   return jax.tree.map(mix, target, online)
 
 
-def update_target(target: Any, online: Any, step: jax.Array, tau: float,
-                  target_update_every: int = 0) -> Any:
+def update_target(target: Any, online: Any, step: jax.Array, update: TargetUpdate) -> Any:
   """The target-network update after optimizer step number `step` (1-based: the step just taken).
 
-  target_update_every > 0: hard copy theta_bar <- theta when step % target_update_every == 0, else
-  unchanged (tau ignored). target_update_every == 0: Polyak with tau every step.
+  update.every > 0: hard copy theta_bar <- theta when step % every == 0, else unchanged (tau
+  ignored). update.every == 0: Polyak with update.tau every step.
   """
-  if target_update_every < 0:
-    raise ValueError(f"target_update_every={target_update_every} must be >= 0")
-  if target_update_every == 0:
-    return polyak_update(target, online, tau)
-  copy = (step % target_update_every) == 0
+  if update.every == 0:
+    return polyak_update(target, online, update.tau)
+  copy = (step % update.every) == 0
   return jax.tree.map(lambda t, o: jnp.where(copy, o.astype(t.dtype), t), target, online)
 
 
@@ -192,8 +231,7 @@ def _jit_step(step_fn, model, model_config, optimizer, mesh, rules, kind):
 
 
 def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                 mesh: Mesh, rules, *, chunk_size: int = 128, microbatches: int = 1,
-                 skip_nonfinite: bool = False) -> StepFn:
+                 mesh: Mesh, rules, options: StepOptions = StepOptions()) -> StepFn:
   """Jitted BC (cross-entropy on action tokens) step: (state, batch) -> (state, metrics).
 
   metrics (floats, replicated): loss, grad_norm, mean_logp (mean log p of the taken action tokens),
@@ -201,6 +239,8 @@ def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.G
   """
   rows = qsharding.batch_sharding(mesh, rules)
   vocab = model_config.vocab_size
+  chunk_size, microbatches, skip_nonfinite = (options.chunk_size, options.microbatches,
+                                              options.skip_nonfinite)
 
   def step(state, batch):
     normaliser = losses.action_token_count(batch["action_mask"])
@@ -230,28 +270,28 @@ def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.G
 
 
 def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                   mesh: Mesh, rules, *, support_min: float = 1e-4, tau: float = 0.005,
-                   target_update_every: int = 0, targets_mode: str = "token",
-                   dummy_token: int | None = None, chunk_size: int = 128, microbatches: int = 1,
-                   skip_nonfinite: bool = False, mc_mix: float = 0.0, n_step: int = 1) -> StepFn:
+                   mesh: Mesh, rules, targets: losses.TargetConfig = losses.TargetConfig(),
+                   update: TargetUpdate = TargetUpdate(),
+                   options: StepOptions = StepOptions()) -> StepFn:
   """Jitted Q-SFT step: (state, batch) -> (state, metrics). See the module docstring.
 
-  Value propagation (docs/value_propagation.md): targets_mode "token" | "turn" | "ones", n_step
-  (links chained before bootstrapping), mc_mix (weight of the Monte Carlo return in the target),
-  and the target update: Polyak with tau, or a hard copy every target_update_every steps.
+  targets: how the Bellman targets are formed (mode "token" | "turn" | "ones", support_min,
+  dummy_token, n_step, mc_mix; docs/algorithm.md sections 2 and 4); update: theta_bar's update
+  (Polyak or hard copy); options: chunking, microbatches, skipping non-finite steps.
 
   metrics (floats, replicated; means over the action tokens of the global batch): loss,
   mean_target, clipped_above / clipped_below (fraction of targets clipped at 1 / at 0),
   mean_p_theta and mean_pi_phi (probabilities of the taken tokens), mean_ratio (p_theta / pi_phi),
   grad_norm, action_tokens, tokens, skipped.
   """
-  if targets_mode not in losses.TARGET_MODES:
-    raise ValueError(f"targets_mode={targets_mode!r}: expected one of {losses.TARGET_MODES}")
-  if target_update_every < 0 or not 0.0 <= tau <= 1.0:
-    raise ValueError(f"target_update_every={target_update_every} must be >= 0 and tau={tau} in [0, 1]")
-  losses.check_propagation_options(mc_mix, n_step)
+  for name, obj, kind in (("targets", targets, losses.TargetConfig), ("update", update, TargetUpdate),
+                          ("options", options, StepOptions)):
+    if not isinstance(obj, kind):
+      raise TypeError(f"{name} must be a {kind.__qualname__}; got {type(obj).__name__}")
   rows = qsharding.batch_sharding(mesh, rules)
   vocab = model_config.vocab_size
+  chunk_size, microbatches, skip_nonfinite = (options.chunk_size, options.microbatches,
+                                              options.skip_nonfinite)
 
   def step(state, batch):
     normaliser = losses.action_token_count(batch["action_mask"])
@@ -267,18 +307,17 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
             _hidden(model, p, part), unembedding(p, model_config), target_hidden,
             unembedding(target_params, model_config), behaviour_hidden,
             unembedding(behaviour_params, model_config), part, normaliser, vocab_size=vocab,
-            support_min=support_min, targets_mode=targets_mode, chunk_size=chunk_size,
-            dummy_token=dummy_token, mc_mix=mc_mix, n_step=n_step)
+            targets=targets, chunk_size=chunk_size)
 
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       mask = part["action_mask"]
       row_mask = losses.to_rows(mask, False)
-      targets, clipped = aux["targets"], aux["clipped"]
+      weights, clipped = aux["targets"], aux["clipped"]
       log_ratio = aux["logp_theta"] - aux["logp_behaviour"]
       row_sum = lambda x: jnp.sum(jnp.where(row_mask, x, 0.0))
-      sums = {"sum_target": jnp.sum(jnp.where(mask, targets, 0.0)),
-              "clipped_above": jnp.sum(clipped & (targets >= 1.0)).astype(jnp.float32),
-              "clipped_below": jnp.sum(clipped & (targets <= 0.0)).astype(jnp.float32),
+      sums = {"sum_target": jnp.sum(jnp.where(mask, weights, 0.0)),
+              "clipped_above": jnp.sum(clipped & (weights >= 1.0)).astype(jnp.float32),
+              "clipped_below": jnp.sum(clipped & (weights <= 0.0)).astype(jnp.float32),
               "sum_p_theta": row_sum(jnp.exp(aux["logp_theta"])),
               "sum_pi_phi": row_sum(jnp.exp(aux["logp_behaviour"])),
               "sum_ratio": row_sum(jnp.exp(jnp.minimum(log_ratio, losses.LOG_VALUE_CAP))),
@@ -288,7 +327,7 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
     loss, grads, sums = _accumulate(micro, batch, microbatches, rows, state["params"])
     params, opt_state, grad_norm, skipped = _apply_update(state, grads, loss, optimizer, skip_nonfinite)
     new_step = state["step"] + 1
-    target = update_target(state["target_params"], params, new_step, tau, target_update_every)
+    target = update_target(state["target_params"], params, new_step, update)
     if skip_nonfinite:
       target = jax.tree.map(lambda n, o: jnp.where(skipped, o, n), target, state["target_params"])
     new_state = {"step": new_step, "params": params, "opt_state": opt_state,

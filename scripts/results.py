@@ -20,23 +20,24 @@ import time
 
 from absl import flags
 
-from qsft_jax import checkpoints, cli, diagnostics, evaluate
-from qsft_jax.main import prepare_data
+from qsft_jax import cli, diagnostics, evaluate
+from qsft_jax import run as run_lib
 
 
-def evaluate_theta(workdir: str, loaded: dict, theta_params, target_params, suffix: str, betas,
+def evaluate_theta(loaded: run_lib.Run, theta_params, target_params, suffix: str, betas,
                    select_episodes: int, episodes: int) -> dict:
   """Best-beta extraction and the ratio policy of one theta, plus its held-out value diagnostics."""
-  view = {**loaded, "theta_params": theta_params, "target_params": target_params, "control_params": None}
-  seed = loaded["config"].eval.seed
+  view = loaded.with_theta(theta_params, target_params)
+  workdir = loaded.workdir
+  seed = loaded.config.eval.seed
   common = dict(ratio=False, control=False, value_diagnostics=False)
-  selection = evaluate.run(workdir, view, episodes=select_episodes, seed=seed + 100000,
+  selection = evaluate.run(view, episodes=select_episodes, seed=seed + 100000,
                            betas=[b for b in betas if b > 0], **common)
   best = max((v for k, v in selection["policies"].items() if k != "bc"), key=lambda v: v["mean_return"])
-  res = evaluate.run(workdir, view, episodes=episodes, seed=seed, betas=(best["beta"],),
+  res = evaluate.run(view, episodes=episodes, seed=seed, betas=(best["beta"],),
                      **{**common, "ratio": True})
   name = next(k for k in res["policies"] if k.startswith("qsft_beta"))
-  d = diagnostics.heldout_value_diagnostics(workdir, view, prepare_data(loaded["config"], workdir), suffix)
+  d = diagnostics.heldout_value_diagnostics(view, suffix)
   return {"workdir": workdir, "selection": {k: v["mean_return"] for k, v in selection["policies"].items()},
           "best_beta": best["beta"], "extract": res["policies"][name], "ratio": res["policies"]["ratio"],
           "bc": res["policies"]["bc"], "dataset_mean_return": res["dataset_mean_return"],
@@ -78,22 +79,21 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError:
     cli.usage_error(prog, f"--betas={','.join(args.betas)}: not a comma-separated list of numbers")
   start = time.time()
-  loaded = checkpoints.load_for_inference(args.run)
-  if loaded["theta_params"] is None or loaded["control_params"] is None:
+  loaded = run_lib.load(args.run)
+  if loaded.theta_params is None or loaded.control_params is None:
     raise SystemExit(f"{args.run}: needs finished qsft and control phases "
                      "(--config.phases='(\"bc\",\"qsft\",\"control\")')")
   opts = dict(betas=betas, select_episodes=args.select_episodes, episodes=args.episodes)
-  runs = {"control": evaluate_theta(args.run, loaded, loaded["control_params"], None, "_control", **opts),
-          "Q-SFT": evaluate_theta(args.run, loaded, loaded["theta_params"], loaded["target_params"], "", **opts)}
+  runs = {"control": evaluate_theta(loaded, loaded.control_params, None, "_control", **opts),
+          "Q-SFT": evaluate_theta(loaded, loaded.theta_params, loaded.target_params, "", **opts)}
   for item in args.qsft:
     label, workdir = item.split("=", 1)
-    other = checkpoints.load_for_inference(workdir)
-    runs[f"Q-SFT [{label}]"] = evaluate_theta(workdir, other, other["theta_params"], other["target_params"],
-                                              "", **opts)
+    other = run_lib.load(workdir)
+    runs[f"Q-SFT [{label}]"] = evaluate_theta(other, other.theta_params, other.target_params, "", **opts)
   bc = runs["control"]["bc"]  # pi_phi alone on the evaluation seeds (the same for every row)
   dataset_return = runs["control"]["dataset_mean_return"]
   elapsed = time.time() - start
-  config = loaded["config"]
+  config = loaded.config
   q = config.qsft
 
   lines = [f"## {args.name}", "",

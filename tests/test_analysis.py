@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from qsft_jax import analysis, checkpoints, config_lib
+from qsft_jax import analysis, checkpoints, config_lib, losses
+from qsft_jax import run as run_lib
 from qsft_jax.data import DataConfig, episodes_to_batch
 from qsft_jax.envs import generate_episodes
 from qsft_jax.models import Transformer
@@ -18,7 +19,7 @@ NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "analyze_c
 
 
 def make_workdir(path: str) -> dict:
-  """A workdir as the trainer lays it out (checkpoints.py docstring), with random phi and theta."""
+  """A workdir as the trainer lays it out (qsft_jax/run.py docstring), with random phi and theta."""
   config = config_lib.base_config()
   config.task = "maze"
   config.env = {"max_steps": 4}
@@ -31,8 +32,8 @@ def make_workdir(path: str) -> dict:
     json.dump(config.to_dict(), f)
   tokenizer = CharTokenizer(ALPHABET)
   tokenizer.save(os.path.join(path, "tokenizer.json"))
-  model_config = checkpoints.model_config_from(config, tokenizer)
-  checkpoints.save_model_config(path, model_config)
+  model_config = run_lib.model_config_from(config, tokenizer)
+  run_lib.save_model_config(path, model_config)
   d = np.zeros((1, 1), np.int32)
   init = jax.jit(lambda r: nn.unbox(Transformer(model_config).init(r, d, d, d + 1)))
   phi, theta = init(jax.random.key(0)), init(jax.random.key(1))
@@ -57,6 +58,51 @@ def workdir(tmp_path_factory):
 def _log_softmax(z):
   z = np.asarray(z, np.float64)
   return z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_load_reads_every_parameter_set_and_the_runs_files(workdir):
+  path, made = workdir
+  run = run_lib.load(path)
+  assert run.workdir == os.path.abspath(path) and run.config.task == "maze"
+  assert run.model_config == made["model_config"]
+  assert run.tokenizer.alphabet == made["tokenizer"].alphabet
+  assert run.data_config.max_length == 160
+  assert run.targets == losses.TargetConfig()  # base_config's qsft.* defaults
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), b)
+  same(run.behaviour_params, made["phi"])  # phi from the qsft checkpoint's behaviour_params
+  same(run.theta_params, made["theta"])
+  same(run.target_params, made["theta"])
+  assert (run.behaviour_step, run.theta_step, run.target_step) == (1, 1, 1)
+  assert run.control_params is None and run.control_step is None
+  swapped = run.with_theta(made["phi"])
+  assert swapped.theta_params is made["phi"] and swapped.target_params is None
+  assert swapped.behaviour_params is run.behaviour_params
+
+
+def test_load_before_phase_two_and_without_checkpoints(tmp_path):
+  config = config_lib.base_config()
+  config.checkpoint.async_save = False
+  config.model.overrides = {"d_model": 16, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "mlp_dim": 32}
+  with open(os.path.join(tmp_path, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f)
+  with pytest.raises(FileNotFoundError, match="model_config.json"):
+    run_lib.load(str(tmp_path))
+  tokenizer = CharTokenizer(ALPHABET)
+  model_config = run_lib.model_config_from(config, tokenizer)
+  run_lib.save_model_config(str(tmp_path), model_config)
+  with pytest.raises(FileNotFoundError, match="no checkpoint in bc/ or qsft/"):
+    run_lib.load(str(tmp_path))
+  d = np.zeros((1, 1), np.int32)
+  phi = jax.jit(lambda r: nn.unbox(Transformer(model_config).init(r, d, d, d + 1)))(jax.random.key(2))
+  for step in (1, 2):
+    manager = checkpoints.make_manager(str(tmp_path), "bc", config)
+    checkpoints.save(manager, step, {"step": step, "params": phi})
+    manager.wait_until_finished()
+    manager.close()
+  run = run_lib.load(str(tmp_path))
+  assert run.behaviour_step == 2 and run.theta_params is None and run.theta_step is None
+  a = analysis.from_loaded(run)
+  assert a.theta_params is None and a.targets == run.targets
 
 
 def test_token_values_against_a_full_forward(workdir):
@@ -151,15 +197,15 @@ def test_the_dummy_token_is_never_played_nor_listed(workdir):
   path, made = workdir
   tokenizer = made["tokenizer"]
   plain = analysis.load(path)
-  assert plain.dummy_token == -1  # base_config: no dummy token
+  assert plain.targets.dummy_token is None  # base_config: no dummy token
   state = {"turns": plain.play(seed=3, mode="theta")["turns"][:1], "done": False}
   first = plain.next_token_values(state, top_k=3)
   dummy = first[0]["token"]
   assert dummy not in (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
-  loaded = checkpoints.load_for_inference(path)
-  loaded["config"].qsft.dummy_token = dummy
+  loaded = run_lib.load(path)
+  loaded.config.qsft.dummy_token = dummy
   run = analysis.from_loaded(loaded)
-  assert run.dummy_token == dummy
+  assert run.targets.dummy_token == dummy
   assert evaluate.suppressed_token_ids(tokenizer, dummy) == sorted(
       {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, dummy})
   # ranking: theta's order with the suppressed tokens left out

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from qsft_jax import evaluate
+from qsft_jax import run as run_lib
 from qsft_jax.data import DataConfig, episodes_to_batch
 from qsft_jax.envs import generate_episodes, make_env
 from qsft_jax.models import Transformer, get_preset
@@ -71,9 +72,11 @@ def test_results_json_schema_and_numbers_on_the_maze(tmp_path):
   config = ml_collections.ConfigDict({
       "task": "maze", "env": ENV_KWARGS, "data": {**DATA, "path": ""}, "qsft": {"support_min": 1e-3, "dummy_token": DUMMY},
       "eval": {"episodes": 7, "seed": 100, "betas": (0.0, 2.0), "max_new_tokens": 1, "batch_size": 4}})
-  loaded = dict(config=config, model_config=CONFIG, tokenizer=TOKENIZER, behaviour_params=_params(0),
-                theta_params=_params(1))
-  results = evaluate.run(workdir, loaded, temperature=1.0)
+  loaded = run_lib.Run(workdir=workdir, config=config, model_config=CONFIG, tokenizer=TOKENIZER,
+                       data_config=run_lib.data_config_from(config), behaviour_params=_params(0),
+                       theta_params=_params(1))
+  assert loaded.targets.dummy_token == DUMMY and loaded.targets.support_min == 1e-3
+  results = evaluate.run(loaded, temperature=1.0)
 
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     on_disk = json.load(f)

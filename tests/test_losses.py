@@ -198,18 +198,40 @@ def test_compute_targets_turn_and_ones_modes():
                           jbatch["action_mask"], jbatch["turn_index"]), turn_r, rtol=1e-6, atol=1e-7)
   want_t, want_c = np_targets(values, turn_r, batch["turn_discounts"], batch["next_turn_row"],
                               batch["action_mask"])
-  got_t, got_c = losses.compute_targets(values, jbatch, "turn")
+  got_t, got_c = losses.compute_targets(values, jbatch, losses.TargetConfig(mode="turn"))
   np.testing.assert_allclose(got_t, want_t, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(got_c, want_c)
   # with gamma_token = 1 and one reward per turn, the two modes agree on each turn's last token
-  got_tok, _ = losses.compute_targets(values, jbatch, "token")
+  got_tok, _ = losses.compute_targets(values, jbatch, losses.TargetConfig(mode="token"))
   last = batch["action_mask"] & (batch["next_action_row"] != np.arange(40)[None])
   np.testing.assert_allclose(np.asarray(got_tok)[last], np.asarray(got_t)[last], rtol=1e-6)
-  ones_t, ones_c = losses.compute_targets(values, jbatch, "ones")
+  ones_t, ones_c = losses.compute_targets(values, jbatch, losses.TargetConfig(mode="ones"))
   np.testing.assert_array_equal(ones_t, batch["action_mask"].astype(np.float32))
   assert not np.asarray(ones_c).any()
-  with pytest.raises(ValueError, match="targets mode"):
-    losses.compute_targets(values, jbatch, "nstep")
+  with pytest.raises(ValueError, match=r"qsft\.targets_mode: 'nstep' is not one of"):
+    losses.TargetConfig(mode="nstep")
+
+
+def test_target_config_from_config_and_checks():
+  import ml_collections
+  from qsft_jax import config_lib
+  c = config_lib.base_config()
+  c.qsft.update(dict(targets_mode="turn", support_min=0.01, dummy_token=3, mc_mix=0.5, n_step=2))
+  want = dict(support_min=0.01, dummy_token=3, mc_mix=0.5, n_step=2)
+  assert losses.TargetConfig.from_config(c, "qsft") == losses.TargetConfig(mode="turn", **want)
+  assert losses.TargetConfig.from_config(c, "control") == losses.TargetConfig(mode="ones", **want)
+  assert losses.TargetConfig.from_config(c, "control").bellman().mode == "token"
+  c.qsft.dummy_token = -1  # the config's "none"
+  assert losses.TargetConfig.from_config(c).dummy_token is None
+  # a config.json written before a field existed takes its default
+  partial = ml_collections.ConfigDict({"qsft": {"support_min": 1e-3}})
+  assert losses.TargetConfig.from_config(partial) == losses.TargetConfig(support_min=1e-3)
+  for kwargs, message in [(dict(support_min=1.0), r"qsft\.support_min: must be in \[0, 1\)"),
+                          (dict(support_min=-0.1), r"qsft\.support_min"),
+                          (dict(dummy_token=-1), r"qsft\.dummy_token"),
+                          (dict(dummy_token=2.0), r"qsft\.dummy_token")]:  # mc_mix, n_step: test_propagation
+    with pytest.raises(ValueError, match=message):
+      losses.TargetConfig(**kwargs)
 
 
 # ------------------------------------------------------------------ per-token WCE / BC
@@ -348,7 +370,7 @@ def test_qsft_loss_end_to_end_matches_numpy():
 
   def loss_fn(h, u):
     return losses.qsft_loss(h, u, h_bar, u_bar, h_phi, u_phi, jbatch, n, vocab_size=VOCAB,
-                            support_min=1e-3, chunk_size=7)
+                            targets=losses.TargetConfig(support_min=1e-3), chunk_size=7)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(h_theta, u_theta)
   values = np_values(h_bar @ u_bar, h_phi @ u_phi, VOCAB, 1e-3)
@@ -413,7 +435,7 @@ def test_qsft_loss_ones_and_turn_modes_match_numpy():
 
   def qsft(h, u, mode):
     return losses.qsft_loss(h, u, h_bar, u, h_phi, u * 0.5, jbatch, n, vocab_size=VOCAB,
-                            support_min=1e-3, targets_mode=mode, chunk_size=5)
+                            targets=losses.TargetConfig(mode=mode, support_min=1e-3), chunk_size=5)
 
   values = np_values(h_bar @ u, h_phi @ (u * 0.5), VOCAB, 1e-3)
   turn_targets, turn_clipped = np_targets(values, np_turn_rewards(batch), batch["turn_discounts"],

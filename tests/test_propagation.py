@@ -78,8 +78,8 @@ def random_batch():
 def test_targets_match_python_chain_walk(random_batch, mode, n_step, mc_mix):
   batch, values, turn_r = random_batch
   jb = {k: jnp.asarray(v) for k, v in batch.items()}
-  targets, clipped = losses.compute_targets(jnp.asarray(values, jnp.float32), jb, mode,
-                                            mc_mix=mc_mix, n_step=n_step)
+  targets, clipped = losses.compute_targets(jnp.asarray(values, jnp.float32), jb,
+                                            losses.TargetConfig(mode=mode, mc_mix=mc_mix, n_step=n_step))
   want, want_clipped = np_targets(batch, values, mode, n_step, mc_mix, turn_r)
   np.testing.assert_allclose(np.asarray(targets), want, atol=2e-6)
   np.testing.assert_array_equal(np.asarray(clipped), want_clipped)
@@ -109,15 +109,14 @@ def test_generic_paths_agree_with_one_step_and_monte_carlo(random_batch):
 
 
 def test_option_errors():
-  batch = {k: jnp.asarray(v) for k, v in mdp_utils.random_batch(np.random.default_rng(0), 1, 12, VOCAB).items()}
-  values = jnp.zeros(batch["tokens"].shape)
-  for kwargs, msg in [(dict(mc_mix=1.5), "mc_mix"), (dict(mc_mix=-0.1), "mc_mix"),
-                      (dict(n_step=0), "n_step"), (dict(n_step=2.0), "n_step"),
-                      (dict(n_step=True), "n_step")]:
-    with pytest.raises(ValueError, match=msg):
-      losses.compute_targets(values, batch, "token", **kwargs)
-    with pytest.raises(ValueError, match=msg):  # checked before the model or mesh is touched
-      train_steps.make_qsft_step(None, None, None, None, None, **kwargs)
+  for kwargs, msg in [(dict(mc_mix=1.5), r"qsft\.mc_mix: must be in \[0, 1\]; got 1\.5"),
+                      (dict(mc_mix=-0.1), r"qsft\.mc_mix"), (dict(n_step=0), r"qsft\.n_step: must be >= 1"),
+                      (dict(n_step=2.0), r"qsft\.n_step: must be an int"),
+                      (dict(n_step=True), r"qsft\.n_step: must be an int")]:
+    with pytest.raises(ValueError, match=msg):  # before any array, model or mesh is touched
+      losses.TargetConfig(**kwargs)
+  with pytest.raises(ValueError, match="n_step"):
+    losses.n_step_returns(*([jnp.zeros((1, 4))] * 4), jnp.ones((1, 4), bool), 0)
 
 
 # ------------------------------------------------------------------ fixed points on tabular MDPs
@@ -132,17 +131,18 @@ def train_theta(batch, one_hot, phi_table, theta0, steps, tau, every, mode, mc_m
   opt = optax.adam(optax.cosine_decay_schedule(0.1, steps, alpha=0.01), b2=0.99)
 
   def loss_fn(table, target_table):
+    targets = losses.TargetConfig(mode=mode, support_min=qs.SUPPORT_MIN, dummy_token=qs.DUMMY,
+                                  mc_mix=mc_mix, n_step=n_step)
     return losses.qsft_loss(one_hot, table, one_hot, target_table, one_hot, phi_table, batch, n,
-                            vocab_size=qs.VOCABS["vocab8"][0], support_min=qs.SUPPORT_MIN,
-                            chunk_size=4, dummy_token=qs.DUMMY, targets_mode=mode,
-                            mc_mix=mc_mix, n_step=n_step)[0]
+                            vocab_size=qs.VOCABS["vocab8"][0], targets=targets, chunk_size=4)[0]
 
   def step(carry, i):
     table, target_table, opt_state = carry
     grads = jax.grad(loss_fn)(table, target_table)
     updates, opt_state = opt.update(grads, opt_state)
     table = optax.apply_updates(table, updates)
-    target_table = train_steps.update_target(target_table, table, i + 1, tau, every)
+    target_table = train_steps.update_target(target_table, table, i + 1,
+                                             train_steps.TargetUpdate(tau=tau, every=every))
     return (table, target_table, opt_state), None
 
   (table, _, _), _ = jax.lax.scan(step, (theta0, theta0, opt.init(theta0)), jnp.arange(steps))
@@ -252,22 +252,24 @@ def test_truncated_episodes_reach_the_closed_form_fixed_point(mode, n_step, mc_m
 
 
 def test_qsft_step_passes_the_propagation_options(monkeypatch):
-  """make_qsft_step hands targets_mode / n_step / mc_mix to qsft_loss (traced by lowering on abstract
-  inputs, no compilation: numerics of the step itself are test_train_steps.py's)."""
+  """make_qsft_step hands its TargetConfig (mode, n_step, mc_mix, ...) to qsft_loss (traced by
+  lowering on abstract inputs, no compilation: numerics of the step itself are test_train_steps.py's)."""
   import test_train_steps as ts  # its tiny model and random batch
   seen = []
   real = losses.qsft_loss
 
   def spy(*args, **kwargs):
-    seen.append({k: kwargs[k] for k in ("targets_mode", "n_step", "mc_mix")})
+    seen.append(kwargs["targets"])
     return real(*args, **kwargs)
 
   monkeypatch.setattr(losses, "qsft_loss", spy)
   mesh, opt = ts.mesh_of("one"), optax.sgd(1.0)
-  step = train_steps.make_qsft_step(ts.MODEL, ts.CONFIG, opt, mesh, ts.RULES, **ts.QSFT_KW,
-                                    targets_mode="turn", n_step=3, mc_mix=0.25)
+  targets = losses.TargetConfig(mode="turn", support_min=1e-3, dummy_token=5, n_step=3, mc_mix=0.25)
+  step = train_steps.make_qsft_step(ts.MODEL, ts.CONFIG, opt, mesh, ts.RULES, targets, ts.UPDATE,
+                                    train_steps.StepOptions(chunk_size=8))
   params = sharded.param_shapes(ts.MODEL, ts.CONFIG)
   state = jax.eval_shape(lambda p: train_steps.init_qsft_state(p, p, opt), params)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ts.host_batch())
   step.lower(state, batch)
-  assert seen == [{"targets_mode": "turn", "n_step": 3, "mc_mix": 0.25}]
+  assert seen == [losses.TargetConfig(mode="turn", support_min=1e-3, dummy_token=5, n_step=3,
+                                      mc_mix=0.25)]

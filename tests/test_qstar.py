@@ -105,8 +105,8 @@ def train_qsft(batch, one_hot, phi_table, vocab, dummy, rounds, steps):
 
   def loss_fn(table, target_table):
     return losses.qsft_loss(one_hot, table, one_hot, target_table, one_hot, phi_table, batch, n,
-                            vocab_size=vocab, support_min=SUPPORT_MIN, chunk_size=4,
-                            dummy_token=dummy)[0]
+                            vocab_size=vocab, chunk_size=4,
+                            targets=losses.TargetConfig(support_min=SUPPORT_MIN, dummy_token=dummy))[0]
 
   def step(carry, _):
     table, target_table, opt_state = carry

@@ -18,7 +18,8 @@ CONFIG = get_preset("tiny-llama")
 MODEL = Transformer(CONFIG)
 RULES = sharding.DEFAULT_RULES
 MESHES = {"data8": {"data": 8}, "data2-fsdp2-tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
-QSFT_KW = dict(support_min=1e-3, tau=0.1, chunk_size=8)
+TARGETS = losses.TargetConfig(support_min=1e-3)
+UPDATE = train_steps.TargetUpdate(tau=0.1)
 
 
 def optimizer():
@@ -60,12 +61,15 @@ def put_batch(mesh, batch):
 
 
 @functools.lru_cache(maxsize=None)
-def get_step(mesh_shape, kind, microbatches=1, **kw):
+def get_step(mesh_shape, kind, microbatches=1, update=UPDATE, skip_nonfinite=False):
   """Steps are cached: each distinct one costs a compilation (seconds on 2 cores)."""
   mesh, opt = mesh_of(mesh_shape), optimizer()
-  make = train_steps.make_bc_step if kind == "bc" else train_steps.make_qsft_step
-  step = make(MODEL, CONFIG, opt, mesh, RULES, microbatches=microbatches,
-              **({"chunk_size": 8} if kind == "bc" else {**QSFT_KW, **kw}))
+  options = train_steps.StepOptions(chunk_size=8, microbatches=microbatches,
+                                    skip_nonfinite=skip_nonfinite)
+  if kind == "bc":
+    step = train_steps.make_bc_step(MODEL, CONFIG, opt, mesh, RULES, options)
+  else:
+    step = train_steps.make_qsft_step(MODEL, CONFIG, opt, mesh, RULES, TARGETS, update, options)
   return step, mesh, opt
 
 
@@ -124,7 +128,7 @@ def dense_qsft_loss(params, phi, bar, batch):
   vocab = CONFIG.vocab_size
   host = {k: np.asarray(v) for k, v in batch.items()}
   values = mdp_utils.np_bellman_values(np.asarray(logits(bar)), np.asarray(logits(phi)), vocab,
-                                       QSFT_KW["support_min"])
+                                       1e-3)
   targets, _ = mdp_utils.np_bellman_targets(values, host["rewards"], host["discounts"],
                                             host["next_action_row"], host["action_mask"])
   logp = jax.nn.log_softmax(logits(params)[:, :-1, :vocab].astype(jnp.float32), axis=-1)
@@ -140,7 +144,8 @@ def dense_qsft_loss(params, phi, bar, batch):
 def test_qsft_step_loss_gradient_and_metrics_match_dense_computation():
   """With SGD(lr=1), params_new = params - grad: compare to jax.grad of the dense loss."""
   mesh, opt = mesh_of("data2-fsdp2-tensor2"), optax.sgd(1.0)
-  step = train_steps.make_qsft_step(MODEL, CONFIG, opt, mesh, RULES, **QSFT_KW)
+  step = train_steps.make_qsft_step(MODEL, CONFIG, opt, mesh, RULES, TARGETS, UPDATE,
+                                    train_steps.StepOptions(chunk_size=8))
   state = make_state(mesh, "qsft", opt)
   batch = host_batch()
   params, phi, bar = host_params(0), host_params(1), host_params(2)
@@ -183,14 +188,18 @@ def test_polyak_and_hard_updates_are_exact():
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-7, atol=1e-8),
                train_steps.polyak_update(target, online, tau), want)
   for step in range(1, 7):
-    got = train_steps.update_target(target, online, jnp.int32(step), 0.5, target_update_every=3)
+    got = train_steps.update_target(target, online, jnp.int32(step),
+                                    train_steps.TargetUpdate(tau=0.5, every=3))
     same(got, online if step % 3 == 0 else target)
-  with pytest.raises(ValueError, match="target_update_every"):
-    train_steps.update_target(target, online, 1, 0.5, target_update_every=-1)
+  with pytest.raises(ValueError, match=r"qsft\.target_update_every: must be >= 0"):
+    train_steps.TargetUpdate(tau=0.5, every=-1)
+  with pytest.raises(ValueError, match=r"qsft\.tau: must be in \[0, 1\]"):
+    train_steps.TargetUpdate(tau=1.5)
 
 
 def test_hard_target_updates_inside_the_step_and_donation():
-  step, mesh, opt = get_step("data8", "qsft", target_update_every=2, skip_nonfinite=True)
+  step, mesh, opt = get_step("data8", "qsft", update=train_steps.TargetUpdate(tau=0.1, every=2),
+                             skip_nonfinite=True)
   state = make_state(mesh, "qsft", opt)
   bar0 = jax.tree.map(np.array, state["target_params"])  # a copy: a numpy view would pin the buffer
   batch = put_batch(mesh, host_batch())
@@ -206,7 +215,8 @@ def test_hard_target_updates_inside_the_step_and_donation():
 
 
 def test_nonfinite_step_is_skipped():
-  step, mesh, opt = get_step("data8", "qsft", target_update_every=2, skip_nonfinite=True)
+  step, mesh, opt = get_step("data8", "qsft", update=train_steps.TargetUpdate(tau=0.1, every=2),
+                             skip_nonfinite=True)
   state = make_state(mesh, "qsft", opt)
   before = jax.tree.map(np.array, state)
   bad = dict(host_batch())
@@ -221,10 +231,13 @@ def test_nonfinite_step_is_skipped():
 
 def test_bad_arguments():
   mesh = mesh_of("data8")
-  with pytest.raises(ValueError, match="targets_mode"):
-    train_steps.make_qsft_step(MODEL, CONFIG, optimizer(), mesh, RULES, targets_mode="nstep")
+  with pytest.raises(TypeError, match="targets must be a TargetConfig"):
+    train_steps.make_qsft_step(MODEL, CONFIG, optimizer(), mesh, RULES, "nstep")
   with pytest.raises(ValueError, match="state kind"):
     train_steps.state_shardings(MODEL, CONFIG, optimizer(), mesh, RULES, "ppo")
-  step = train_steps.make_bc_step(MODEL, CONFIG, optimizer(), mesh, RULES, microbatches=3)
+  with pytest.raises(ValueError, match="microbatches"):
+    train_steps.StepOptions(microbatches=0)
+  step = train_steps.make_bc_step(MODEL, CONFIG, optimizer(), mesh, RULES,
+                                  train_steps.StepOptions(microbatches=3))
   with pytest.raises(ValueError, match="microbatches"):
     step(make_state(mesh, "bc", optimizer()), put_batch(mesh, host_batch()))

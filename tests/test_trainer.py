@@ -24,7 +24,7 @@ from trainer_utils import STEPS, SHARED_OVERRIDES
 
 @pytest.mark.slow
 def test_tiny_config_end_to_end_artifacts():
-  from qsft_jax import checkpoints
+  from qsft_jax import run as run_lib
   from qsft_jax.models import sharded
   from qsft_jax.models.transformer import Transformer
 
@@ -47,20 +47,21 @@ def test_tiny_config_end_to_end_artifacts():
   assert os.path.exists(os.path.join(workdir, "tokenizer.json"))
   assert os.path.exists(os.path.join(workdir, "model_config.json"))
 
-  loaded = checkpoints.load_for_inference(workdir)
-  shapes = sharded.param_shapes(Transformer(loaded["model_config"]), loaded["model_config"])
+  loaded = run_lib.load(workdir)
+  shapes = sharded.param_shapes(Transformer(loaded.model_config), loaded.model_config)
   for key in ("behaviour_params", "theta_params"):
-    got = jax.tree.map(lambda x: (x.shape, x.dtype), loaded[key])
+    got = jax.tree.map(lambda x: (x.shape, x.dtype), getattr(loaded, key))
     want = jax.tree.map(lambda x: (x.shape, x.dtype), shapes)
     assert got == want, key
-  assert loaded["model_config"].vocab_size == loaded["tokenizer"].vocab_size
+  assert (loaded.behaviour_step, loaded.theta_step) == (STEPS, STEPS)
+  assert loaded.model_config.vocab_size == loaded.tokenizer.vocab_size
   # phi is the BC result, theta the Q-SFT one (started from phi and trained further)
   ref = tu.read_state(workdir, "qsft", STEPS)
-  np.testing.assert_array_equal(np.asarray(loaded["theta_params"]["params"]["embed"]["embedding"]),
+  np.testing.assert_array_equal(np.asarray(loaded.theta_params["params"]["embed"]["embedding"]),
                                 ref["['params']['params']['embed']['embedding']"])
   bc = tu.read_state(workdir, "bc", STEPS)
   np.testing.assert_array_equal(
-      np.asarray(loaded["behaviour_params"]["params"]["embed"]["embedding"]),
+      np.asarray(loaded.behaviour_params["params"]["embed"]["embedding"]),
       bc["['params']['params']['embed']['embedding']"])
   assert not np.array_equal(ref["['params']['params']['embed']['embedding']"],
                             bc["['params']['params']['embed']['embedding']"])
@@ -68,15 +69,13 @@ def test_tiny_config_end_to_end_artifacts():
   # The value diagnostics logged during phase 2 (log.value_diagnostics_every=12) are those of the
   # state at that step: the last one equals the diagnostics recomputed from the final checkpoint.
   from qsft_jax import diagnostics
-  from qsft_jax.data import DataConfig
   with open(os.path.join(workdir, "qsft", "metrics.json")) as f:
     logged = {h["step"]: h for h in json.load(f) if "value_corr" in h}
   assert sorted(logged) == [12, STEPS]
-  data_fields = {k: v for k, v in config["data"].items() if k in DataConfig.__dataclass_fields__}
-  batch = diagnostics.load_heldout_batch(workdir, DataConfig.from_config(data_fields), loaded["tokenizer"])
-  want = diagnostics.run_value_diagnostics(loaded["config"], loaded["model_config"], batch,
-                                           loaded["behaviour_params"], loaded["theta_params"],
-                                           loaded["target_params"])
+  batch = diagnostics.load_heldout_batch(workdir, loaded.data_config, loaded.tokenizer)
+  want = diagnostics.value_diagnostics(loaded.model_config, loaded.behaviour_params,
+                                       loaded.theta_params, batch, target_params=loaded.target_params,
+                                       targets=loaded.targets)
   np.testing.assert_allclose(logged[STEPS]["value_corr"], want["correlation"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(logged[STEPS]["value_corr_turn0"], want["first_turn_correlation"],
                              rtol=1e-4, atol=1e-5)
@@ -89,7 +88,8 @@ def test_control_phase_is_qsft_with_unit_targets_and_is_evaluated(tmp_path):
   """phases=(bc, control) trains exactly what phases=(bc, qsft) with qsft.targets_mode=ones trains
   (same initialisation, same batches), into WORKDIR/control; evaluation plays its policies and
   reports its value correlation beside BC."""
-  from qsft_jax import checkpoints, evaluate
+  from qsft_jax import evaluate
+  from qsft_jax import run as run_lib
 
   reference = tu.reference_run()
   dirs = {}
@@ -110,9 +110,10 @@ def test_control_phase_is_qsft_with_unit_targets_and_is_evaluated(tmp_path):
   assert not np.array_equal(control["['params']['params']['embed']['embedding']"],
                             bc["['params']['params']['embed']['embedding']"])
 
-  loaded = checkpoints.load_for_inference(dirs["control"])
-  assert loaded["theta_params"] is None and loaded["control_params"] is not None
-  results = evaluate.run(dirs["control"], loaded, episodes=2, betas=(0.0, 4.0))
+  loaded = run_lib.load(dirs["control"])
+  assert loaded.theta_params is None and loaded.control_params is not None
+  assert loaded.control_step == 6 and loaded.targets.mode == "token"  # the run's qsft.* settings
+  results = evaluate.run(loaded, episodes=2, betas=(0.0, 4.0))
   assert list(results["policies"]) == ["bc", "control_beta4", "control_ratio"]
   assert set(results["value_correlation"]) == {"control"}
   assert os.path.exists(os.path.join(dirs["control"], "eval", "value_diagnostics_control.json"))
