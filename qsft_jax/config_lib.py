@@ -19,6 +19,7 @@ from qsft_jax.sharding import DEFAULT_RULES
 PHASES = ("bc", "qsft", "control")
 TASKS = ("", "maze", "wordle", "chess")
 THETA_INITS = ("pretrained", "phi", "phi_init", "fresh")
+STORAGE_DTYPES = ("", "float32", "bfloat16")  # "": the parameters' own dtype
 
 
 def _optim(steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
@@ -31,7 +32,8 @@ def _optim(steps: int, batch_size: int, learning_rate: float) -> ml_collections.
       warmup_steps=20,
       weight_decay=0.0,
       grad_clip=1.0,                # global-norm clipping before AdamW; 0 = none
-      b1=0.9, b2=0.95))             # AdamW moments
+      b1=0.9, b2=0.95,              # AdamW moments
+      mu_dtype=""))                 # storage dtype of AdamW's first moment; "" = the parameters'
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -105,7 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
       # lam: target (1 - lam) * G^(n) + lam * (Monte Carlo return); faster propagation, fixed point
       # between Q* and Q^beta (docs/algorithm.md section 4).
       mc_mix=0.0,
-      n_step=1))               # bootstrap n links ahead (rewards in between summed)
+      n_step=1,                # bootstrap n links ahead (rewards in between summed)
+      # Storage dtype of theta_bar and phi in the state; "" = the parameters'. "bfloat16" halves their
+      # bytes but rounds each Polyak update of theta_bar (small tau: prefer target_update_every).
+      frozen_dtype=""))
   c.loss = ml_collections.ConfigDict(dict(chunk_size=128))  # rows per chunk of the chunked losses
   c.on_nonfinite = "stop"  # "stop": fail naming the step and metric; "skip": skip that update
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -236,6 +241,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
       _fail(f"{name}.steps", f"must be >= 1; got {p.steps}")
     if p.learning_rate <= 0:
       _fail(f"{name}.learning_rate", f"must be > 0; got {p.learning_rate}")
+    if p.mu_dtype not in STORAGE_DTYPES:
+      _fail(f"{name}.mu_dtype", f"{p.mu_dtype!r} is not one of {STORAGE_DTYPES}")
     if p.microbatches < 1 or p.batch_size % p.microbatches:
       _fail(f"{name}.microbatches", f"{p.microbatches} must be >= 1 and divide {name}.batch_size="
             f"{p.batch_size}")
@@ -263,6 +270,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
       raise ConfigError(f"config.{e}") from None
     if q.theta_init not in THETA_INITS:
       _fail("qsft.theta_init", f"{q.theta_init!r} is not one of {THETA_INITS}")
+    if q.frozen_dtype not in STORAGE_DTYPES:
+      _fail("qsft.frozen_dtype", f"{q.frozen_dtype!r} is not one of {STORAGE_DTYPES}")
     if q.theta_init == "pretrained" and config.model.init == "random":
       _fail("qsft.theta_init", "is 'pretrained' but model.init is 'random': use 'phi_init' (phi's own "
             "random initialisation), 'fresh' or load weights")

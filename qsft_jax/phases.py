@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 import optax
@@ -43,13 +44,15 @@ def state_kind(phase: str) -> str:
 def make_optimizer(p: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
   """AdamW with linear warm-up then cosine decay to 10%, after global-norm clipping.
 
+  The first moment is stored in `p.mu_dtype` ("" = the parameters' dtype).
   Returns (optimizer, schedule); `schedule(step - 1)` is the learning rate of 1-based step `step`.
   """
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, p.learning_rate, warmup_steps=max(1, min(p.warmup_steps, p.steps)),
       decay_steps=max(p.steps, p.warmup_steps + 1), end_value=0.1 * p.learning_rate)
   parts = [optax.clip_by_global_norm(p.grad_clip)] if p.grad_clip > 0 else []
-  parts.append(optax.adamw(schedule, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay))
+  mu_dtype = jnp.dtype(p.mu_dtype) if p.mu_dtype else None
+  parts.append(optax.adamw(schedule, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay, mu_dtype=mu_dtype))
   return optax.chain(*parts), schedule
 
 
@@ -65,13 +68,26 @@ def target_update(config: ml_collections.ConfigDict) -> train_steps.TargetUpdate
   return train_steps.TargetUpdate(tau=config.qsft.tau, every=config.qsft.target_update_every)
 
 
+def _store_frozen(state: dict, dtype: jnp.dtype | None) -> dict:
+  """The Q-SFT state with the floating-point leaves of theta_bar and phi in `dtype` (None: as they are).
+
+  Neither set takes a gradient or optimizer state, and the step keeps each set's dtype (the forward
+  casts to the compute dtype; `train_steps.polyak_update` mixes in the target's dtype).
+  """
+  if dtype is None:
+    return state
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return {**state, **{k: jax.tree.map(cast, state[k]) for k in ("target_params", "behaviour_params")}}
+
+
 @dataclasses.dataclass(frozen=True)
 class PhaseProgram:
   """One phase's compiled pieces.
 
   step: the jitted (state, batch) -> (state, metrics) (`train_steps.StepFn`, also `.lower(...)`).
-  init_state: "bc": params -> state; "qsft"/"control": (theta, phi) -> state. Call under jit with
-    out_shardings=state_shardings, or under jax.eval_shape for the abstract state.
+  init_state: "bc": params -> state; "qsft"/"control": (theta, phi) -> state, theta_bar and phi
+    stored in qsft.frozen_dtype. Call under jit with out_shardings=state_shardings, or under
+    jax.eval_shape for the abstract state.
   state_shardings: the NamedShardings of the state from the rule table.
   """
   phase: str
@@ -106,7 +122,9 @@ def build(config: ml_collections.ConfigDict, phase: str, model_config: ModelConf
     step = train_steps.make_qsft_step(model, model_config, optimizer, mesh, rules,
                                       losses.TargetConfig.from_config(config, phase),
                                       target_update(config), options)
-    init_state = lambda params: train_steps.init_qsft_state(params[0], params[1], optimizer)
+    frozen = jnp.dtype(config.qsft.frozen_dtype) if config.qsft.frozen_dtype else None
+    init_state = lambda params: _store_frozen(
+        train_steps.init_qsft_state(params[0], params[1], optimizer), frozen)
   shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, kind)
   return PhaseProgram(phase=phase, kind=kind, model=model, optimizer=optimizer, schedule=schedule,
                       step=step, init_state=init_state, state_shardings=shardings)
