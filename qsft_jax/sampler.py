@@ -132,6 +132,28 @@ def token_scores(kind: str, z_phi: jax.Array | None, z_theta: jax.Array | None, 
   raise ValueError(f"unknown score kind {kind!r}")
 
 
+def forward_last(model: Transformer, params, tokens: jax.Array, positions: jax.Array, segments: jax.Array,
+                 cache) -> tuple[jax.Array, Any]:
+  """One model over tokens [B, l] with its KV cache: float32 logits [B, V] of the last column (the row
+  that predicts the next token) and the updated cache."""
+  c = model.config
+  hidden, cache = model.apply(params, tokens, positions, segments, cache, method=Transformer.hidden_states)
+  return logits_from_hidden(hidden[:, -1], unembedding(params, c), c.vocab_size), cache
+
+
+def decode_step(model: Transformer, params: Sequence, caches: Sequence, tokens: jax.Array,
+                positions: jax.Array) -> tuple[list[jax.Array], list]:
+  """One decode step of each model in `params` (pi_phi and / or p_theta), each with its own cache:
+  tokens int32 [B] at positions int32 [B] -> (float32 logits [B, V] per model, updated caches).
+
+  The body of `Sampler.decode`'s loop, and the per-token program that `qsft_jax.aot` compiles.
+  """
+  segments = jnp.ones((tokens.shape[0], 1), jnp.int32)
+  out = [forward_last(model, p, tokens[:, None], positions[:, None], segments, c)
+         for p, c in zip(params, caches)]
+  return [z for z, _ in out], [c for _, c in out]
+
+
 def filter_top_k_top_p(scores: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
   """Keeps the top_k highest scores (0 = all), then the smallest prefix of those, by descending score,
   whose softmax probability reaches top_p; others become -inf. scores [B, V] -> [B, V].
@@ -258,12 +280,6 @@ class Sampler:
     return b, p
 
   # ------------------------------------------------------------------ the compiled program
-  def _forward(self, params, tokens, positions, segments, cache):
-    """hidden of the last column -> float32 logits [B, V], and the updated cache."""
-    hidden, cache = self.model.apply(params, tokens, positions, segments, cache, method=Transformer.hidden_states)
-    logits = logits_from_hidden(hidden[:, -1], unembedding(params, self.config), self.config.vocab_size)
-    return logits, cache
-
   def _new_cache(self, batch):
     cache = init_cache(self.config, batch, self.cache_len)
     if self.mesh is not None:
@@ -292,7 +308,7 @@ class Sampler:
         models.append(theta_params)
       caches, logits = [], []
       for params in models:
-        z, cache = self._forward(params, tokens, positions, segments, self._new_cache(b))
+        z, cache = forward_last(self.model, params, tokens, positions, segments, self._new_cache(b))
         caches.append(cache)
         logits.append(z)
 
@@ -331,13 +347,7 @@ class Sampler:
 
       def body(state):
         t, tok, done, out, count, caches, rng, buffers = state
-        step_pos = (lengths + t - 1)[:, None]
-        seg = jnp.ones((b, 1), jnp.int32)
-        new_caches, logits = [], []
-        for params, cache in zip(models, caches):
-          z, cache = self._forward(params, tok[:, None], step_pos, seg, cache)
-          new_caches.append(cache)
-          logits.append(z)
+        logits, new_caches = decode_step(self.model, models, caches, tok, lengths + t - 1)
         rng, sub = jax.random.split(rng)
         new_tok, scores = select(logits, sub)
         new_tok = jnp.where(done, self.pad_id, new_tok)
