@@ -1,10 +1,14 @@
-"""AOT compilation for a TPU slice on the CPU (qsft_jax.aot): memory and FLOPs of the compiled steps.
+"""AOT compilation for a TPU slice on the CPU (qsft_jax.aot): memory, FLOPs and collectives of the
+trainer's compiled steps, and the HLO reading against hand-written HLO.
 
 Needs the libtpu package (jax 0.10.2: libtpu==0.0.42.1); skipped with the reason when it is missing.
 A 2-layer tiny-llama widened to TPU tile sizes (see MODEL) on v5e:2x2 (4 chips, mesh data 1 x fsdp 4),
 batch 32 x 128: each step compiles in a few seconds.
 """
+from __future__ import annotations
+
 import importlib.util
+import json
 import math
 
 import jax
@@ -14,7 +18,12 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu not installed (pip install libtpu==0.0.42.1)")
 
-from qsft_jax import aot  # noqa: E402
+from qsft_jax import config_lib, phases, sharding  # noqa: E402
+from qsft_jax.aot import costs, driver  # noqa: E402
+from qsft_jax.aot import __main__ as aot_main  # noqa: E402
+from qsft_jax.aot.topology import parse_topology, topology_devices, topology_mesh  # noqa: E402
+from qsft_jax.chips import get_chip  # noqa: E402
+from qsft_jax.models import sharded  # noqa: E402
 from qsft_jax.models.config import get_preset, param_count  # noqa: E402
 
 # TPU arrays are stored in (8, 128) tiles of their two minor dimensions, so a shard like tiny-llama's
@@ -22,31 +31,52 @@ from qsft_jax.models.config import get_preset, param_count  # noqa: E402
 # dimension of every per-chip shard a multiple of the tile (d_model 512 / fsdp 4 = 128, 8 heads of
 # 128, rows 32 / 4 = 8 per chip, length 128), so the compiler's argument bytes equal the plain count.
 MODEL = dict(d_model=512, num_heads=8, num_kv_heads=8, head_dim=128, mlp_dim=1024)
-SPEC = aot.AotSpec(preset="tiny-llama", model_overrides=MODEL, topology="v5e:2x2",
-                   mesh_shape={"data": 1, "fsdp": -1, "tensor": 1}, batch=32, seq=128)
+TARGET = driver.Target(topology="v5e:2x2")
+
+
+def job(rows=32, length=128, mesh_data=1, **fields):
+  """The trainer's config of the test job: MODEL, FSDP over the slice, `rows` x `length` batches."""
+  c = config_lib.base_config()
+  c.model.overrides = MODEL
+  c.mesh.shape = {"data": mesh_data, "fsdp": -1, "tensor": 1}
+  c.bc.batch_size = c.qsft.batch_size = rows
+  c.data.max_length = length
+  c.loss.chunk_size = 128
+  for key, value in fields.items():
+    section, name = key.split("__")
+    c[section][name] = value
+  return c
+
+
+CONFIG = job()
+
+
+def shard_bytes(tree) -> int:
+  """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard per leaf)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
 
 
 @pytest.fixture(scope="module")
 def mesh():
-  devices = aot.topology_devices(SPEC.topology)
-  return aot.topology_mesh(SPEC.mesh_shape, devices)
+  return driver.slice_mesh(CONFIG, TARGET)
 
 
 @pytest.fixture(scope="module")
 def chip():
-  return aot.parse_topology(SPEC.topology)[0]
+  return parse_topology(TARGET.topology)[0]
 
 
 @pytest.fixture(scope="module")
 def results(mesh, chip):
-  return {kind: aot.compile_step(kind, SPEC, mesh, chip) for kind in ("bc", "qsft")}
+  return {kind: driver.compile_step(kind, CONFIG, TARGET, mesh, chip) for kind in ("bc", "qsft")}
 
 
 @pytest.mark.parametrize("topology,num_slices,chips,kind", [
     ("v5e:2x2", 1, 4, "TPU v5 lite"), ("v5p:4x4x8", 1, 128, "TPU v5"), ("v4:2x2x1", 1, 4, "TPU v4"),
     ("v6e:4x4", 1, 16, "TPU v6 lite"), ("v5e:2x2", 2, 8, "TPU v5 lite")])
 def test_topologies_one_device_per_chip(topology, num_slices, chips, kind):
-  devices = aot.topology_devices(topology, num_slices)
+  devices = topology_devices(topology, num_slices)
   assert len(devices) == chips
   assert {d.device_kind for d in devices} == {kind}
   assert {d.platform for d in devices} == {"tpu"}
@@ -56,30 +86,28 @@ def test_topologies_one_device_per_chip(topology, num_slices, chips, kind):
 
 
 def test_multislice_mesh_puts_slices_on_data_axis():
-  devices = aot.topology_devices("v5e:2x2", num_slices=2)
-  mesh = aot.topology_mesh({"data": 2, "fsdp": -1, "tensor": 1}, devices, num_slices=2)
+  devices = topology_devices("v5e:2x2", num_slices=2)
+  mesh = topology_mesh({"data": 2, "fsdp": -1, "tensor": 1}, devices, num_slices=2)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   slices = np.vectorize(lambda d: d.slice_index, otypes=[int])(mesh.devices)
   assert (slices == np.arange(2)[:, None, None]).all()  # each data row is one slice
   with pytest.raises(ValueError, match="multiple of 2"):
-    aot.topology_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices, num_slices=2)
+    topology_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices, num_slices=2)
 
 
 def test_bad_topology_names_are_rejected():
   with pytest.raises(ValueError, match="expected GEN:AxB"):
-    aot.parse_topology("v5litepod-16")
+    parse_topology("v5litepod-16")
   with pytest.raises(ValueError, match="unknown TPU generation"):
-    aot.get_chip("v3")
+    get_chip("v3")
 
 
 def _expected_argument_bytes(kind, mesh):
   """State + batch bytes per chip from the shapes and NamedShardings alone (no compiler)."""
-  from qsft_jax.models.transformer import Transformer
-  config = SPEC.model_config()
-  model = Transformer(config)
-  state = aot.abstract_state(model, config, aot.make_optimizer(), mesh, SPEC.resolved_rules(), kind)
-  batch = aot.abstract_batch(SPEC.batch, SPEC.seq, mesh, SPEC.resolved_rules())
-  return aot.shard_bytes(state), aot.shard_bytes(batch)
+  mc, rules = driver.model_config(CONFIG), driver.rules_of(CONFIG)
+  program = phases.build(CONFIG, kind, mc, mesh, rules)
+  state = program.abstract_state(sharded.param_shapes(program.model, mc))
+  return shard_bytes(state), shard_bytes(driver.abstract_batch(32, 128, mesh, rules))
 
 
 @pytest.mark.parametrize("kind", ["bc", "qsft"])
@@ -89,7 +117,7 @@ def test_argument_bytes_are_state_plus_batch_per_chip(results, mesh, kind):
   # fsdp=4 over `embed` where it divides (every kernel and table of tiny-llama does; norms too).
   params = param_count(get_preset("tiny-llama", **MODEL))
   copies = 3 if kind == "bc" else 5  # params + 2 Adam moments (+ theta_bar and phi)
-  scalars = 2 * 4  # step and Adam's count, int32, replicated
+  scalars = 3 * 4  # step, Adam's count and the learning-rate schedule's count, int32, replicated
   assert state_bytes == copies * params * 4 // 4 + scalars
   # batch: 6 int32 + 4 float32 + 2 bool arrays of [32, 128], rows split over the 4 chips
   assert batch_bytes == (32 // 4) * 128 * (10 * 4 + 2 * 1)
@@ -105,8 +133,11 @@ def test_compiled_flops_match_analytic(results, kind):
   r = results[kind]
   assert r["cost_source"] == "compiled program"  # loop-free: chunk_size (128) >= seq (128), no scan
   assert 0.9 <= r["flops_ratio"] <= 1.1, r
-  assert r["analytic_flops_per_chip"] == pytest.approx(
-      aot.analytic_flops(kind, SPEC.model_config(), SPEC) / 4)
+  # Forward FLOPs per token by hand: 2 x the matmul weights (per layer q 512x1024, k and v 512x1024
+  # each, o 1024x512, gate / up / down 512x1024 each; the unembedding 512 x 128 padded columns) plus
+  # q.k and p.v over the 128 positions (2 x 2 x 128 x 1024 per layer), 2 layers.
+  forward = 2 * (2 * 7 * 512 * 1024 + 512 * 128) + 2 * 2 * 2 * 128 * 1024
+  assert r["analytic_flops_per_chip"] == (3 if kind == "bc" else 5) * forward * 32 * 128 / 4
 
 
 def test_qsft_over_bc_flops_is_five_thirds(results):
@@ -118,11 +149,12 @@ def test_probe_extrapolation_equals_direct_count(mesh, chip):
   """With scanned layers (a while loop) costs come from 1- and 2-layer probes; at 3 layers the
   extrapolation must equal the costs of the same step compiled unrolled (loop-free). The decode step
   is used because it compiles fastest; the train steps take the same code path."""
-  def spec(scan):  # plain tiny-llama dimensions: only costs are compared here, and they compile fastest
-    return aot.AotSpec(**{**SPEC.__dict__, "steps": ("decode",), "batch": 8, "seq": 64,
-                          "model_overrides": {"num_layers": 3, "scan_layers": scan}})
-  a = aot.compile_step("decode", spec(True), mesh, chip)
-  b = aot.compile_step("decode", spec(False), mesh, chip)
+  def config(scan):  # plain tiny-llama dimensions: only costs are compared here, and they compile fastest
+    c = job(rows=8, length=64)
+    c.model.overrides = {"num_layers": 3, "scan_layers": scan}
+    return c
+  a = driver.compile_step("decode", config(True), TARGET, mesh, chip)
+  b = driver.compile_step("decode", config(False), TARGET, mesh, chip)
   assert a["cost_source"].startswith("probes") and b["cost_source"] == "compiled program"
   assert a["flops_per_chip"] == pytest.approx(b["flops_per_chip"], rel=0.01)
   assert a["hbm_bytes_per_chip"] == pytest.approx(b["hbm_bytes_per_chip"], rel=0.05)
@@ -132,11 +164,12 @@ def test_probe_extrapolation_equals_direct_count(mesh, chip):
 
 
 def test_decode_step_compiles_with_caches(mesh, chip):
-  r = aot.compile_step("decode", SPEC, mesh, chip)
+  r = driver.compile_step("decode", CONFIG, TARGET, mesh, chip)
   assert 0.9 <= r["flops_ratio"] <= 1.15, r
-  config = SPEC.model_config()
+  assert (r["rows"], r["length"]) == (32, 128)  # qsft.batch_size rows, data.max_length cache slots
+  config = get_preset("tiny-llama", **MODEL)
   # k and v of theta and phi, f32, rows over the 4 chips: donated and updated in place
-  cache_bytes = 2 * 2 * config.num_layers * SPEC.batch * SPEC.seq * config.num_kv_heads * config.head_dim * 4
+  cache_bytes = 2 * 2 * config.num_layers * 32 * 128 * config.num_kv_heads * config.head_dim * 4
   assert r["alias_bytes"] >= cache_bytes / 4
 
 
@@ -152,7 +185,7 @@ def test_parse_collectives_sizes_and_groups():
       "  %ag2 = bf16[128,256]{1,0:T(8,128)(2,1)} all-gather(%q), channel_id=4, "
       "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}, use_global_device_ids=true",
   ])
-  colls = aot.parse_collectives(hlo, slice_of_device=[0, 0, 0, 0, 1, 1, 1, 1])
+  colls = costs.parse_collectives(hlo, slice_of_device=[0, 0, 0, 0, 1, 1, 1, 1])
   assert [c.op for c in colls] == ["all-gather", "all-reduce", "reduce-scatter", "all-gather"]
   ag, ar, rs, ag2 = colls
   # mesh-axes form: groups along axis_0 of a [2, 4] iota mesh = {0,4}, {1,5}, ...: across slices
@@ -218,7 +251,7 @@ ENTRY %main.7 (param.1: bf16[128,1024]) -> bf16[128,1024] {
 def test_parse_collectives_tpu_fusions_and_loops():
   """libtpu's form: an async all-gather as start / continuation / done fusions (one collective), a
   reduce-scatter as an all-reduce-scatter fusion, a collective in a while body of 24 trips."""
-  colls = sorted(aot.parse_collectives(TPU_HLO), key=lambda c: c.op)
+  colls = sorted(costs.parse_collectives(TPU_HLO), key=lambda c: c.op)
   assert [c.op for c in colls] == ["all-gather", "all-reduce", "reduce-scatter"]
   ag, ar, rs = colls
   assert ag.trips == 24 and ag.trips_known and ag.group_size == 4
@@ -228,9 +261,9 @@ def test_parse_collectives_tpu_fusions_and_loops():
   assert rs.result_bytes == pytest.approx(2 * 512 * 1024 * 4 / 4)
   assert rs.moved_bytes == pytest.approx(2 * 512 * 1024 * 4 * 3 / 4)
   assert ar.group_size == 4 and ar.moved_bytes == pytest.approx(2 * 4 * 3 / 4)
-  costs = aot.collective_costs(TPU_HLO)
-  assert costs["collectives"]["all-gather"]["count"] == 24
-  assert costs["ici_bytes"] == pytest.approx(24 * ag.moved_bytes + rs.moved_bytes + ar.moved_bytes)
+  total = costs.collective_costs(TPU_HLO)
+  assert total["collectives"]["all-gather"]["count"] == 24
+  assert total["ici_bytes"] == pytest.approx(24 * ag.moved_bytes + rs.moved_bytes + ar.moved_bytes)
   # a multi-slice program's cross-slice all-reduce: a megascale host-transfer send (and its recv)
   dcn = TPU_HLO.replace("  ROOT %r = ", "  %send = (f32[128,1024]{1,0}, u32[], token[]) send(%g, %aa), channel_id=4, "
                         "is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="
@@ -238,20 +271,20 @@ def test_parse_collectives_tpu_fusions_and_loops():
                         "  %recv = (f32[128,1024]{1,0}, u32[], token[]) recv(%aa), channel_id=3, "
                         "is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type=\"ALL_REDUCE\"}\n"
                         "  ROOT %r = ")
-  c = aot.collective_costs(dcn, slice_of_device=[0, 0, 0, 0, 1, 1, 1, 1])
+  c = costs.collective_costs(dcn, slice_of_device=[0, 0, 0, 0, 1, 1, 1, 1])
   assert c["dcn_bytes"] == pytest.approx(2 * 128 * 1024 * 4 * 1 / 2)
   assert c["collectives"]["all-reduce"]["dcn_count"] == 1
   # an unreadable loop condition: counted once and flagged
   broken = TPU_HLO.replace("direction=LT", "direction=NE")
-  assert not aot.collective_costs(broken)["trips_known"]
+  assert not costs.collective_costs(broken)["trips_known"]
 
 
 def test_parse_oom_message():
   msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
          "Used 20.61G of 15.75G hbm. Exceeded hbm capacity by 4.86G.")
-  oom = aot.parse_oom(msg)
+  oom = costs.parse_oom(msg)
   assert oom["used_bytes"] == int(20.61 * 2**30) and oom["limit_bytes"] == int(15.75 * 2**30)
-  assert aot.parse_oom("no such message") == {}
+  assert costs.parse_oom("no such message") == {}
 
 
 @pytest.mark.parametrize("kind", ["bc", "qsft"])
@@ -275,11 +308,9 @@ def test_compiled_collectives_match_fsdp_hand_count(results, kind):
 
 
 def test_frozen_sets_in_bf16_halve_their_bytes(results, mesh, chip):
-  """--frozen_dtype=bfloat16: theta_bar and phi stored in bf16 (theta and AdamW moments stay f32);
-  the compiled Q-SFT step takes them as they are and returns them in place (aliased)."""
-  import dataclasses
-  spec = dataclasses.replace(SPEC, frozen_dtype="bfloat16")
-  r = aot.compile_step("qsft", spec, mesh, chip)
+  """qsft.frozen_dtype=bfloat16: theta_bar and phi stored in bf16 (theta and AdamW moments stay f32);
+  the trainer's compiled Q-SFT step takes them as they are and returns them in place (aliased)."""
+  r = driver.compile_step("qsft", job(qsft__frozen_dtype="bfloat16"), TARGET, mesh, chip)
   params = param_count(get_preset("tiny-llama", **MODEL))
   saved = 2 * params * (4 - 2) // 4  # two sets, 2 bytes less per parameter, over 4 chips
   full = results["qsft"]
@@ -293,11 +324,8 @@ def test_multislice_gradient_reduction_counted_over_dcn(results):
   reduce-scattered as on one slice; across slices each chip all-reduces its float32 gradient shard
   through the megascale runtime (host-transfer send / recv in the HLO): 2 x (2-1)/2 x shard = the
   shard's bytes over the DCN per chip."""
-  import dataclasses
-  spec = dataclasses.replace(SPEC, num_slices=2, mesh_shape={"data": 2, "fsdp": -1, "tensor": 1}, batch=64)
-  devices = aot.topology_devices(spec.topology, 2)
-  mesh2 = aot.topology_mesh(spec.mesh_shape, devices, 2)
-  r = aot.compile_step("bc", spec, mesh2, aot.parse_topology(spec.topology)[0])
+  config, target = job(rows=64, mesh_data=2), driver.Target(topology="v5e:2x2", num_slices=2)
+  r = driver.compile_step("bc", config, target, driver.slice_mesh(config, target), get_chip("v5e"))
   params = param_count(get_preset("tiny-llama", **MODEL))
   assert r["dcn_bytes_per_chip"] == pytest.approx(params * 4 / 4, rel=0.02)
   assert r["collectives"]["all-reduce"]["dcn_count"] >= 1
@@ -307,9 +335,24 @@ def test_multislice_gradient_reduction_counted_over_dcn(results):
 
 
 def test_roofline_takes_the_slowest_resource(chip):
-  t = aot.roofline(chip, flops=chip.bf16_flops, hbm_bytes=0.5 * chip.hbm_bytes_per_s,
+  t = costs.roofline(chip, flops=chip.bf16_flops, hbm_bytes=0.5 * chip.hbm_bytes_per_s,
                    ici_bytes=0.0, dcn_bytes=0.0)
   assert t["step_s"] == pytest.approx(1.0) and t["bound"] == "compute"
-  t = aot.roofline(chip, flops=0.0, hbm_bytes=0.0, ici_bytes=2 * chip.ici_bytes_per_s, dcn_bytes=0.0)
+  t = costs.roofline(chip, flops=0.0, hbm_bytes=0.0, ici_bytes=2 * chip.ici_bytes_per_s, dcn_bytes=0.0)
   assert t["step_s"] == pytest.approx(2.0) and t["bound"] == "ici"
   assert math.isfinite(t["step_s"])
+
+
+def test_command_line_runs_the_config_with_overrides(tmp_path, capsys):
+  """`python -m qsft_jax.aot --config=FILE --config.FIELD=VALUE ...`: the trainer's config file and
+  overrides reach the job; the figures come back as JSON; a bad topology is a one-line usage error."""
+  out = tmp_path / "aot.json"
+  assert aot_main.main(["aot", "--config=configs/tiny.py", "--config.qsft.batch_size=16", "--topology=v5e:2x2",
+                        "--steps=decode", "--noprobes", f"--json={out}"]) == 0
+  result = json.loads(out.read_text())
+  assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}  # tiny.py: data -1 over the 4 chips
+  assert list(result["steps"]) == ["decode"] and result["steps"]["decode"]["rows"] == 16
+  assert "[decode] compiled" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:
+    aot_main.main(["aot", "--config=configs/tiny.py", "--topology=v5e-4"])
+  assert e.value.code == 2 and "expected GEN:AxB" in capsys.readouterr().err
