@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -346,13 +347,13 @@ def test_roofline_takes_the_slowest_resource(chip):
 def test_command_line_runs_the_config_with_overrides(tmp_path, capsys):
   """`python -m qsft_jax.aot --config=FILE --config.FIELD=VALUE ...`: the trainer's config file and
   overrides reach the job; the figures come back as JSON; a bad topology is a one-line usage error."""
-  out = tmp_path / "aot.json"
-  assert aot_main.main(["aot", "--config=configs/tiny.py", "--config.qsft.batch_size=16", "--topology=v5e:2x2",
+  out, tiny = tmp_path / "aot.json", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+  assert aot_main.main(["aot", f"--config={tiny}", "--config.qsft.batch_size=16", "--topology=v5e:2x2",
                         "--steps=decode", "--noprobes", f"--json={out}"]) == 0
   result = json.loads(out.read_text())
   assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}  # tiny.py: data -1 over the 4 chips
   assert list(result["steps"]) == ["decode"] and result["steps"]["decode"]["rows"] == 16
   assert "[decode] compiled" in capsys.readouterr().out
   with pytest.raises(SystemExit) as e:
-    aot_main.main(["aot", "--config=configs/tiny.py", "--topology=v5e-4"])
+    aot_main.main(["aot", f"--config={tiny}", "--topology=v5e-4"])
   assert e.value.code == 2 and "expected GEN:AxB" in capsys.readouterr().err

@@ -214,7 +214,8 @@ def compile_step(kind: str, config: ml_collections.ConfigDict, target: Target, m
     cost["source"] = "compiled program"
   cost.update({k: colls[k] for k in ("ici_bytes", "dcn_bytes", "collectives")})
   cost["collectives_source"] = "compiled program, loop trip counts applied" + (
-      "" if colls["trips_known"] else "; some trip counts unreadable (those loops counted once: lower bounds)")
+      "" if colls["trips_known"]
+      else "; some trip counts unreadable (those loops counted once: lower bounds)")
   compile_s_total = time.time() - t0
   chips = mesh.devices.size
   rows, length = step_shape(kind, config, target)

@@ -206,7 +206,8 @@ def summary_table(results: dict) -> list[str]:
     q = r["steps"].get("qsft")
     b, b_row = bc_step(results, name)
     q_ok, b_ok = _built(q), _built(b)
-    slice_ = r["topology"] + (f" x {r['num_slices']}" if r["num_slices"] > 1 else "") + f" ({r['chips']} chips)"
+    slices = f" x {r['num_slices']}" if r["num_slices"] > 1 else ""
+    slice_ = f"{r['topology']}{slices} ({r['chips']} chips)"
     cells = [name, f"{r['model']} ({r['params'] / 1e9:.2f}B)", slice_,
              "x".join(f"{k}{v}" for k, v in r["mesh"].items()), f"{r['batch']} x {r['seq']}"]
     if q_ok:
@@ -267,7 +268,8 @@ def steps_table(results: dict) -> list[str]:
 def qsft_over_bc_table(results: dict) -> list[str]:
   """Q-SFT against BC per row: FLOPs, roofline time, peak memory, state and collective bytes."""
   out = ["| row | Q-SFT / BC FLOPs | Q-SFT / BC roofline time | peak GiB/chip BC -> Q-SFT "
-         "| state (arguments) GiB/chip BC -> Q-SFT | extra state GiB/chip | collectives GB/chip BC -> Q-SFT |",
+         "| state (arguments) GiB/chip BC -> Q-SFT | extra state GiB/chip "
+         "| collectives GB/chip BC -> Q-SFT |",
          "|" + "---|" * 7]
   for name in ROWS:
     r = results.get(name) or {}
