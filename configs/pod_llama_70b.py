@@ -10,9 +10,9 @@ Train on the slice (a workdir every worker sees at the same path, launch/README.
 
 after compiling its steps for the slice on a CPU machine, which shows the memory they need per chip
 (rows 70b-v5p128 and, with --config.qsft.frozen_dtype=bfloat16, 70b-v5p128-bf16frozen of
-docs/scaling.md; the cost probes of this size take well over 10 minutes, hence --noprobes):
+docs/scaling.md; the cost probes of this size take well over 10 minutes, hence --no-probes):
 
-    python -m qsft_jax.aot --config=configs/pod_llama_70b.py --noprobes --steps=bc,qsft
+    python -m qsft_jax.aot --config=configs/pod_llama_70b.py --no-probes --steps=bc,qsft
 """
 from qsft_jax import config_lib
 

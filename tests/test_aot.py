@@ -349,7 +349,7 @@ def test_command_line_runs_the_config_with_overrides(tmp_path, capsys):
   overrides reach the job; the figures come back as JSON; a bad topology is a one-line usage error."""
   out, tiny = tmp_path / "aot.json", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
   assert aot_main.main(["aot", f"--config={tiny}", "--config.qsft.batch_size=16", "--topology=v5e:2x2",
-                        "--steps=decode", "--noprobes", f"--json={out}"]) == 0
+                        "--steps=decode", "--no-probes", f"--json={out}"]) == 0
   result = json.loads(out.read_text())
   assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}  # tiny.py: data -1 over the 4 chips
   assert list(result["steps"]) == ["decode"] and result["steps"]["decode"]["rows"] == 16

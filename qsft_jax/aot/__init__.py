@@ -1,7 +1,7 @@
 r"""Ahead-of-time compilation of the trainer's steps for a TPU pod slice, on a CPU machine.
 
     python -m qsft_jax.aot --config=configs/pod_llama3_8b.py [--config.FIELD=VALUE ...] \
-        [--topology=v5p:4x4x8] [--num_slices=2] [--steps=bc,qsft,decode] [--noprobes] [--json=PATH]
+        [--topology=v5p:4x4x8] [--num_slices=2] [--steps=bc,qsft,decode] [--no-probes] [--json=PATH]
 
 The config is the trainer's own (`python -m qsft_jax.main` takes the same file and overrides) and
 the programs are the trainer's and the sampler's (`qsft_jax.phases.build`, `sampler.decode_step`),

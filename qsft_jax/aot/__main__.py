@@ -3,7 +3,7 @@ on this CPU machine, and reports per chip: memory against HBM, FLOPs (compiled a
 collectives and their bytes, the roofline step time and MFU.
 
     python -m qsft_jax.aot --config=configs/pod_llama3_8b.py [--config.FIELD=VALUE ...] \
-        [--topology=v5p:4x4x8] [--num_slices=2] [--steps=bc,qsft,decode] [--noprobes] [--json=PATH]
+        [--topology=v5p:4x4x8] [--num_slices=2] [--steps=bc,qsft,decode] [--no-probes] [--json=PATH]
 
 --config is the trainer's config with its overrides (model, mesh.shape, batch sizes, data.max_length,
 loss.chunk_size, microbatches, bc.mu_dtype / qsft.mu_dtype, qsft.frozen_dtype, ...); the other flags
@@ -37,7 +37,7 @@ def define_flags(argv: Sequence[str]) -> tuple[flags.FlagValues, flags.FlagHolde
   flags.DEFINE_list("steps", list(driver.STEPS), f"Steps to compile, a subset of {driver.STEPS}.",
                     flag_values=fv)
   flags.DEFINE_bool("probes", True, "Compile the 1- and 2-layer cost probes of looped programs "
-                    "(--noprobes: memory and collectives from the real program only, FLOPs and HBM "
+                    "(--no-probes: memory and collectives from the real program only, FLOPs and HBM "
                     "bytes as lower bounds).", flag_values=fv)
   flags.DEFINE_integer("decode_batch", 0, "Rows of the decode step (0: qsft.batch_size).", lower_bound=0,
                        flag_values=fv)

@@ -207,7 +207,7 @@ def compile_step(kind: str, config: ml_collections.ConfigDict, target: Target, m
       cost["source"] += "; the probes hold compiler-made while loops, so FLOPs and HBM bytes are lower bounds"
   elif looped:
     cost = costs.xla_cost(compiled)
-    cost["source"] = ("compiled program without probes (--noprobes): FLOPs and HBM bytes count loop "
+    cost["source"] = ("compiled program without probes (--no-probes): FLOPs and HBM bytes count loop "
                       "bodies once (lower bounds); roofline compute from max(compiled, analytic) FLOPs")
   else:
     cost = costs.xla_cost(compiled)

@@ -55,7 +55,7 @@ class Row:
     args = [f"--config={self.config}"] + [f"--config.{o}" for o in self.overrides]
     args += [f"--topology={self.topology}"] * bool(self.topology)
     args += [f"--num_slices={self.num_slices}"] * bool(self.num_slices)
-    args += ["--noprobes"] * (not run.probes)
+    args += ["--no-probes"] * (not run.probes)
     return args + [f"--steps={run.steps}"]
 
   def command(self, run: Compile) -> str:
@@ -134,7 +134,7 @@ def _pct(x: float) -> str:
 
 def _real_flops(s: dict) -> bool:
   """Whether the step's FLOPs / HBM bytes cover the whole program (cost probes, or a loop-free program)
-  rather than counting loop bodies once (--noprobes)."""
+  rather than counting loop bodies once (--no-probes)."""
   return s.get("probes", True) or s["cost_source"] == "compiled program"
 
 
