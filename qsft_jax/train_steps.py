@@ -239,8 +239,6 @@ def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.G
   """
   rows = qsharding.batch_sharding(mesh, rules)
   vocab = model_config.vocab_size
-  chunk_size, microbatches, skip_nonfinite = (options.chunk_size, options.microbatches,
-                                              options.skip_nonfinite)
 
   def step(state, batch):
     normaliser = losses.action_token_count(batch["action_mask"])
@@ -251,14 +249,15 @@ def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.G
         loss, logp = losses.chunked_bc_loss(
             hidden, unembedding(p, model_config), losses.to_rows(part["tokens"]),
             losses.to_rows(part["action_mask"], False), normaliser, vocab_size=vocab,
-            chunk_size=chunk_size)
+            chunk_size=options.chunk_size)
         return loss, logp
       (loss, logp), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       row_mask = losses.to_rows(part["action_mask"], False)
       return loss, grads, {"sum_logp": jnp.sum(jnp.where(row_mask, logp, 0.0)), **_count_metrics(part)}
 
-    loss, grads, sums = _accumulate(micro, batch, microbatches, rows, state["params"])
-    params, opt_state, grad_norm, skipped = _apply_update(state, grads, loss, optimizer, skip_nonfinite)
+    loss, grads, sums = _accumulate(micro, batch, options.microbatches, rows, state["params"])
+    params, opt_state, grad_norm, skipped = _apply_update(state, grads, loss, optimizer,
+                                                          options.skip_nonfinite)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "mean_logp": sums["sum_logp"] / jnp.maximum(sums["action_tokens"], 1.0),
@@ -290,8 +289,6 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
       raise TypeError(f"{name} must be a {kind.__qualname__}; got {type(obj).__name__}")
   rows = qsharding.batch_sharding(mesh, rules)
   vocab = model_config.vocab_size
-  chunk_size, microbatches, skip_nonfinite = (options.chunk_size, options.microbatches,
-                                              options.skip_nonfinite)
 
   def step(state, batch):
     normaliser = losses.action_token_count(batch["action_mask"])
@@ -307,7 +304,7 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
             _hidden(model, p, part), unembedding(p, model_config), target_hidden,
             unembedding(target_params, model_config), behaviour_hidden,
             unembedding(behaviour_params, model_config), part, normaliser, vocab_size=vocab,
-            targets=targets, chunk_size=chunk_size)
+            targets=targets, chunk_size=options.chunk_size)
 
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       mask = part["action_mask"]
@@ -324,11 +321,12 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
               **_count_metrics(part)}
       return loss, grads, sums
 
-    loss, grads, sums = _accumulate(micro, batch, microbatches, rows, state["params"])
-    params, opt_state, grad_norm, skipped = _apply_update(state, grads, loss, optimizer, skip_nonfinite)
+    loss, grads, sums = _accumulate(micro, batch, options.microbatches, rows, state["params"])
+    params, opt_state, grad_norm, skipped = _apply_update(state, grads, loss, optimizer,
+                                                          options.skip_nonfinite)
     new_step = state["step"] + 1
     target = update_target(state["target_params"], params, new_step, update)
-    if skip_nonfinite:
+    if options.skip_nonfinite:
       target = jax.tree.map(lambda n, o: jnp.where(skipped, o, n), target, state["target_params"])
     new_state = {"step": new_step, "params": params, "opt_state": opt_state,
                  "target_params": target, "behaviour_params": state["behaviour_params"]}

@@ -25,9 +25,6 @@ from qsft_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT_DIRS = ("benchmarks", "experiments", "scripts")
-# argparse programs that qsft_jax/aot/ replaces (the AOT compiler and the scaling-table generator):
-# skipped while these paths exist.
-REPLACED_BY_AOT_PACKAGE = {"qsft_jax/aot.py", "scripts/scaling_table.py"}
 
 
 def package_programs() -> dict[str, str]:
@@ -96,10 +93,6 @@ def subprocess_env() -> dict:
 
 @pytest.mark.parametrize("kind,name,rel", PROGRAMS, ids=[p[1] for p in PROGRAMS])
 def test_help_exits_0_and_an_unknown_flag_exits_2_in_one_line(kind, name, rel, capsys):
-  if rel in REPLACED_BY_AOT_PACKAGE:
-    with open(os.path.join(REPO, rel), encoding="utf-8") as f:
-      if "cli.parse(" not in f.read():
-        pytest.skip(f"{rel} does not parse with qsft_jax.cli (qsft_jax/aot/ replaces it)")
   code, out, err = run(kind, name, rel, ["--help"], capsys)
   assert code == 0, err
   assert f"Flags of python {'-m ' if kind == 'module' else ''}{name}:" in out, out
@@ -129,8 +122,6 @@ def test_no_argparse_remains():
   for rel in [rel for _, _, rel in PROGRAMS] + [
       os.path.relpath(p, REPO) for d in ("qsft_jax", *SCRIPT_DIRS)
       for p in glob.glob(os.path.join(REPO, d, "**", "*.py"), recursive=True)]:
-    if rel in REPLACED_BY_AOT_PACKAGE:
-      continue
     with open(os.path.join(REPO, rel), encoding="utf-8") as f:
       if pattern.search(f.read()):
         offenders.append(rel)
