@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from qsft_jax.errors import UserError
 from qsft_jax.sharding import DEFAULT_RULES
 
 PHASES = ("bc", "qsft", "control")
@@ -178,7 +179,7 @@ def cpu_value_learning(c: ml_collections.ConfigDict, setting: str = "") -> ml_co
   return c
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config that cannot run; the message names the field."""
 
 

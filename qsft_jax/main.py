@@ -25,6 +25,7 @@ import numpy as np
 from qsft_jax import checkpoints
 from qsft_jax import cli
 from qsft_jax import config_lib
+from qsft_jax.errors import UserError
 from qsft_jax import losses
 from qsft_jax import phases
 from qsft_jax import run as run_lib
@@ -33,7 +34,7 @@ from qsft_jax.models import config as model_config_lib
 from qsft_jax.models import sharded
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
   """A train step produced a non-finite metric; nothing from that state was checkpointed."""
 
 

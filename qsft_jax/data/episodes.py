@@ -23,6 +23,8 @@ import math
 import os
 from typing import Any, Iterable, Iterator, Sequence
 
+from qsft_jax.errors import UserError
+
 EPISODE_FIELDS = {"turns", "done", "id", "meta"}
 TURN_FIELDS = {"text", "action", "reward"}
 
@@ -40,7 +42,7 @@ class Problem:
         return f"{self.file}:{self.line}: {self.field}: {self.message}"
 
 
-class EpisodeError(ValueError):
+class EpisodeError(UserError, ValueError):
     """Raised when an episode that must be used (training, analysis) is invalid; carries its problems."""
 
     def __init__(self, problems: Sequence[Problem]):
