@@ -152,6 +152,19 @@ def test_unknown_characters_error_by_default_and_unk_on_request(tmp_path):
   assert summary.kept == 2 and summary.unknown_chars == 1
 
 
+def test_acting_tokenises_what_the_policy_emitted():
+  """The policy is for data files: a history holding the unk token's text (what a sampled unk decodes
+  to) still tokenises for the next prompt, as the unk id."""
+  from qsft_jax.data.episodes import Episode, Turn
+  from qsft_jax.data.mdp import tokenize_episode
+
+  tok = CharTokenizer()
+  history = Episode((Turn("start\n", False), Turn("g" + tok.decode([tok.unk_id]), True)), done=False)
+  tokenized, problems = tokenize_episode(history, np.zeros(2), tok, DataConfig().mdp)
+  assert not problems
+  assert tokenized.tokens.tolist() == [tok.bos_id] + tok.encode("start\ng") + [tok.unk_id]
+
+
 def test_characters_from_a_template_are_named_as_such():
   config = DataConfig(max_length=64, observation_template="\u00ab {text}")
   outcome = EpisodeProcessor(config, CharTokenizer())(episode(), "f.jsonl", 3)

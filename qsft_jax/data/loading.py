@@ -40,6 +40,9 @@ from qsft_jax.data.episodes import DataError, Episode, EpisodeError, Problem
 from qsft_jax.data.rewards import RETURN_TOLERANCE, AffineLengthWarning, RewardTransform, transform_rewards
 
 
+UNKNOWN_CHARS_MODES = ("error", "unk")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     path: str | tuple[str, ...] = ""
@@ -66,7 +69,7 @@ class DataConfig:
         """Checks every field; a bad one raises ``DataError`` ("data.FIELD: ...")."""
         try:
             object.__setattr__(self, "reward_transform", RewardTransform.from_config(self.reward_transform))
-            self.mdp  # validates max_length, gamma, templates, overlong, unknown_chars
+            self.mdp  # validates max_length, gamma, templates, overlong
             if self.reward_transform.kind == "affine":
                 self.reward_transform.horizon(self.gamma)  # affine with gamma = 1 needs max_turns
         except (ValueError, TypeError) as e:
@@ -75,6 +78,8 @@ class DataConfig:
             object.__setattr__(self, "path", tuple(self.path))
         if self.source not in ("jsonl", "tfds"):
             raise DataError(f"data.source: expected 'jsonl' or 'tfds', got {self.source!r}")
+        if self.unknown_chars not in UNKNOWN_CHARS_MODES:
+            raise DataError(f"data.unknown_chars: expected one of {UNKNOWN_CHARS_MODES}, got {self.unknown_chars!r}")
         if self.pack_window < 1:
             raise DataError(f"data.pack_window: must be >= 1, got {self.pack_window}")
         if self.num_epochs is not None and self.num_epochs < 1:
@@ -89,7 +94,6 @@ class DataConfig:
             overlong=self.overlong,
             observation_template=self.observation_template,
             action_template=self.action_template,
-            unknown_chars=self.unknown_chars,
         )
 
     @classmethod
@@ -228,14 +232,14 @@ class EpisodeProcessor:
         if self.tokenizer is None:
             return Outcome("kept", episode=episode)
         tokenized, problems = mdp.tokenize_episode(episode, turn_rewards, self.tokenizer, self.mdp_config)
+        if tokenized is not None and self.config.unknown_chars == "error":
+            problems = mdp.unknown_character_problems(episode, tokenized.tokens, self.tokenizer, self.mdp_config)
         if problems:
             return Outcome("invalid", episode=episode, problems=problems)
         fitted, status = mdp.fit_to_length(tokenized, self.mdp_config.max_length, self.mdp_config.overlong)
         if fitted is None:
             return Outcome("dropped", episode=episode, reason=status)
-        unk_id = getattr(self.tokenizer, "unk_id", None)
-        unknown = hasattr(self.tokenizer, "unknown_characters") and unk_id is not None and bool(
-            np.any(fitted.tokens == unk_id))
+        unknown = mdp.holds_unknown(fitted.tokens, self.tokenizer)
         arrays = mdp.episode_arrays(fitted, self.mdp_config.gamma, self.mdp_config.gamma_token)
         rtg = arrays["returns_to_go"]
         bad = np.flatnonzero((rtg < -RETURN_TOLERANCE) | (rtg > 1 + RETURN_TOLERANCE))

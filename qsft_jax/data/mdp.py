@@ -3,9 +3,10 @@
 Tokenisation. Each turn's text (through ``observation_template`` / ``action_template``, default
 ``"{text}"``) is encoded on its own and the pieces are concatenated after one BOS token, so every turn
 boundary is a token boundary and token 0 (BOS) is always an observation token. An action turn that
-encodes to no tokens is an error. Characters the tokenizer can only encode as its unknown token (a
-``CharTokenizer``'s characters outside its alphabet; see ``qsft_jax/tokenizers.py``) are an error
-naming the turn and the characters, unless ``unknown_chars="unk"``.
+encodes to no tokens is an error. ``unknown_character_problems`` names the turns holding characters
+the tokenizer can only encode as its unknown token (a ``CharTokenizer``'s characters outside its
+alphabet); the data layer applies it to data files (``data.unknown_chars``, ``loading.py``), while
+acting tokenises whatever the policy emitted.
 
 Per episode of n tokens (token i; ``n(i)`` = the next action token after i in the same episode):
 
@@ -59,13 +60,11 @@ ARRAY_SPECS: dict[str, tuple[type, float | int | bool]] = {
 }
 ROW_INDEX_KEYS = ("next_action_row", "next_turn_row")  # shifted by the segment offset when packing
 OVERLONG_MODES = ("truncate", "drop")
-UNKNOWN_CHARS_MODES = ("error", "unk")
 
 
 @dataclasses.dataclass(frozen=True)
 class MDPConfig:
-    """How episodes become arrays. ``max_length`` = L, the row length (BOS included); ``unknown_chars``:
-    "error" (characters the tokenizer can only encode as unk are a problem) or "unk" (encode them so)."""
+    """How episodes become arrays. ``max_length`` = L, the row length (BOS included)."""
 
     max_length: int
     gamma: float = 1.0
@@ -73,15 +72,12 @@ class MDPConfig:
     overlong: str = "truncate"
     observation_template: str = "{text}"
     action_template: str = "{text}"
-    unknown_chars: str = "error"
 
     def __post_init__(self):
         if self.max_length < 2:
             raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
         if self.overlong not in OVERLONG_MODES:
             raise ValueError(f"overlong: expected one of {OVERLONG_MODES}, got {self.overlong!r}")
-        if self.unknown_chars not in UNKNOWN_CHARS_MODES:
-            raise ValueError(f"unknown_chars: expected one of {UNKNOWN_CHARS_MODES}, got {self.unknown_chars!r}")
         for name in ("gamma", "gamma_token"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -128,8 +124,6 @@ def tokenize_episode(
         Problem(episode.file, episode.line, f"turns[{j}].text", "action text encodes to no tokens")
         for j in np.flatnonzero(is_action & (lengths == 0))
     ]
-    if config.unknown_chars == "error":
-        problems += unknown_character_problems(episode, texts, ids, tokenizer)
     if problems:
         return None, problems
     return (
@@ -149,20 +143,24 @@ def _quote_chars(chars: str, limit: int = 10) -> str:
     return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
 
 
-def unknown_character_problems(episode: Episode, texts: Sequence[str], ids: np.ndarray, tokenizer) -> list[Problem]:
-    """One problem per turn whose text holds characters the tokenizer can only encode as unk.
-
-    texts: the templated turn texts [T]; ids: their concatenated encoding (``encode_turns``). Only
-    tokenizers with ``unknown_characters`` and ``unk_id`` (the char tokenizer) are checked; the
-    per-turn search runs only when an unk id is present.
-    """
-    unknown_characters = getattr(tokenizer, "unknown_characters", None)
+def holds_unknown(tokens: np.ndarray, tokenizer) -> bool:
+    """Whether tokens hold the unk id of a tokenizer that reports unknown characters (char tokenizer)."""
     unk_id = getattr(tokenizer, "unk_id", None)
-    if unknown_characters is None or unk_id is None or not np.any(ids == unk_id):
+    return hasattr(tokenizer, "unknown_characters") and unk_id is not None and bool(np.any(tokens == unk_id))
+
+
+def unknown_character_problems(episode: Episode, tokens: np.ndarray, tokenizer, config: MDPConfig) -> list[Problem]:
+    """One problem per turn whose templated text holds characters the tokenizer can only encode as unk.
+
+    tokens: the episode's encoding [n] (``tokenize_episode``); the per-turn search runs only when it
+    holds the unk id. Tokenizers without ``unknown_characters`` (byte-level BPE) are never checked.
+    """
+    if not holds_unknown(tokens, tokenizer):
         return []
     problems = []
-    for j, (turn, text) in enumerate(zip(episode.turns, texts)):
-        chars = unknown_characters(text)
+    for j, turn in enumerate(episode.turns):
+        text = (config.action_template if turn.action else config.observation_template).format(text=turn.text)
+        chars = tokenizer.unknown_characters(text)
         if not chars:
             continue
         template = "action_template" if turn.action else "observation_template"
