@@ -276,3 +276,11 @@ def test_validate_names_every_dropped_line_and_unknown_characters(tmp_path):
   result = _cli(bad, "--unknown-chars", "unk")
   assert result.returncode == 0, result.stdout + result.stderr
   assert "kept with characters encoded as unk: 1" in result.stdout
+
+
+def test_in_memory_batches_report_a_dropped_episode_as_a_user_error():
+  from qsft_jax.data import episodes_to_batch
+
+  with pytest.raises(DataError, match=r"^<episodes>:2: episode dropped: longer than max_length=16"):
+    episodes_to_batch([episode(), long_episode(40)], DataConfig(max_length=16, overlong="drop"),
+                      CharTokenizer())

@@ -298,7 +298,7 @@ def episodes_to_batch(
     episodes: Iterable[dict | Episode], config: DataConfig | Mapping, tokenizer, *, pack: bool | None = None
 ) -> dict[str, np.ndarray]:
     """In-memory episodes (dicts in the JSONL format) -> one batch dict of [B, L] arrays (for analysis and
-    tests). Raises ``EpisodeError`` on invalid episodes and ValueError when one is dropped."""
+    tests). Raises ``EpisodeError`` on invalid episodes and ``DataError`` when one is dropped."""
     config = DataConfig.from_config(config)
     processor = EpisodeProcessor(config, tokenizer)
     per_episode, problems = [], []
@@ -306,7 +306,7 @@ def episodes_to_batch(
         outcome = processor(ep, "<episodes>", i + 1)
         problems.extend(outcome.problems)
         if outcome.status == "dropped":
-            raise ValueError(f"<episodes>:{i + 1}: episode dropped: {outcome.reason}")
+            raise DataError(f"<episodes>:{i + 1}: episode dropped: {outcome.reason}")
         if outcome.arrays is not None:
             per_episode.append(outcome.arrays)
     if problems:
