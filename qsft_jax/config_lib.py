@@ -60,7 +60,15 @@ def base_config() -> ml_collections.ConfigDict:
       path="",                   # training JSONL file(s); "" = the task's generated data
       max_length=256,            # tokens per row
       pack=True, pack_window=64,
+      # An episode longer than max_length: "truncate" (keep the whole turns that fit) or "drop". The
+      # trainer prints how many were truncated / dropped at start-up (also TensorBoard data/*) and
+      # `python -m qsft_jax.data validate --max-length L` names every dropped line.
       overlong="truncate",
+      # A character the tokenizer can only encode as unk (a char tokenizer's characters outside its
+      # alphabet, e.g. "é" with the default printable-ASCII one; BPE tokenizers cover every string):
+      # "error" names FILE:LINE: turns[i].text and the characters before the first step; "unk"
+      # encodes them as the unk token (which cpu_value_learning's qsft.dummy_token also uses).
+      unknown_chars="error",
       # "none", "affine:LO,HI[,MAX_TURNS]" or "terminal_return:RMIN,RMAX" (qsft_jax/data/rewards.py,
       # docs/algorithm.md section 5). affine maps each step's reward, so with LO != 0 it adds a
       # constant per action turn and episodes of different lengths can swap order (a warning is

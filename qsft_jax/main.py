@@ -25,6 +25,7 @@ import numpy as np
 from qsft_jax import checkpoints
 from qsft_jax import cli
 from qsft_jax import config_lib
+from qsft_jax.data import preflight
 from qsft_jax.errors import UserError
 from qsft_jax import losses
 from qsft_jax import phases
@@ -367,6 +368,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_lib.write_config(workdir, config)
   tokenizer = run_lib.prepare_tokenizer(workdir, config)
   data_config = prepare_data(config, workdir)
+  preflight(data_config, tokenizer, echo=jax.process_index() == 0, tensorboard_dir=os.path.join(
+      workdir, "data", "tensorboard") if config.log.tensorboard and jax.process_index() == 0 else None)
   mesh = qsharding.make_mesh(mesh_shape)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   model_config, pretrained = build_model(config, tokenizer, mesh, rules)

@@ -11,9 +11,19 @@ Every tokenizer offers:
 Optional, for speed: ``encode_pieces(texts) -> (ids [sum n_j], lengths [J])`` encodes several texts
 separately in one call (the data layer falls back to ``encode`` per text).
 
+Optional, for the data layer's character check: ``unknown_characters(text) -> str``, the characters
+of text the tokenizer can only encode as its unknown token, and ``unk_id``. Only ``CharTokenizer`` has
+them: byte-level BPE tokenizers (``HFTokenizer``) encode every string through byte fallback.
+
 ``CharTokenizer`` is for games trained from scratch (pad=0, bos=1, eos=2, unk=3, then one id per
 character). ``HFTokenizer`` wraps a transformers tokenizer loaded from a local folder or a GGUF file.
 ``load_tokenizer(spec)`` builds either from a string spec (see its docstring).
+
+Characters outside a ``CharTokenizer``'s alphabet (the default alphabet is printable ASCII: "é", "中"
+and "\r" are outside it) are a data error by default: the data layer names the file, line, turn and
+characters (``python -m qsft_jax.data validate``, and the trainer's check before its first step).
+``data.unknown_chars = "unk"`` encodes them as the unk token instead, and the start-up summary counts
+the episodes that hold any. ``CharTokenizer.encode`` itself always maps them to unk.
 """
 from __future__ import annotations
 
@@ -50,7 +60,8 @@ class CharTokenizer:
     """One id per character: pad=0, bos=1, eos=2, unk=3, then the alphabet in the given order.
 
     Characters outside the alphabet encode to unk (and decode to ``unk_text``); special ids decode to
-    the empty string.
+    the empty string. ``unknown_characters(text)`` lists them; the data layer rejects training text that
+    holds any unless ``data.unknown_chars = "unk"`` (module docstring).
     """
 
     PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -84,6 +95,13 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
+
+    def unknown_characters(self, text: str) -> str:
+        """The distinct characters of text outside the alphabet, in order of first appearance."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        outside = codes >= len(self._table)
+        outside[~outside] = self._table[codes[~outside]] == self.UNK
+        return "".join(dict.fromkeys(chr(c) for c in codes[outside]))
 
     def encode_pieces(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Encodes texts separately, in one call: (concatenated ids int32 [sum n_j], lengths int64 [J]).

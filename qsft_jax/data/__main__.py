@@ -5,10 +5,11 @@
         [--gen KEY=VALUE ...]
 
 validate checks JSONL episode files (files, globs or directories of *.jsonl): it prints every problem
-as ``FILE:LINE: field: message``, then a summary; exit status 1 when any episode is invalid or when no
-episode is kept (truncated or dropped over-long episodes are reported and counted, not errors).
-Without --max-length only the format and rewards are checked; with it, episodes are tokenised
-(``--tokenizer``, default char) and their lengths checked too.
+as ``FILE:LINE: field: message`` and every dropped episode as ``FILE:LINE: dropped: reason``, then a
+summary; exit status 1 when any episode is invalid or when no episode is kept (truncated or dropped
+over-long episodes are reported and counted, not errors). Episodes are tokenised (``--tokenizer``,
+default char): characters outside a char tokenizer's alphabet are an error unless
+``--unknown-chars unk``; with --max-length their lengths are checked too.
 
 build prepares a TFDS dataset as array_record without TensorFlow and prints its directory.
 
@@ -27,9 +28,12 @@ PROG = "python -m qsft_jax.data"
 
 VALIDATE_DOC = """Checks JSONL episode files (files, globs or directories of *.jsonl).
 
-Prints every problem as FILE:LINE: field: message, then a summary; exit status 1 when any episode is
-invalid or when no episode is kept. Without --max-length only the format and rewards are checked; with
-it, episodes are tokenised (--tokenizer) and their lengths checked too."""
+Prints every problem as FILE:LINE: field: message and every dropped episode as FILE:LINE: dropped:
+reason, then a summary; exit status 1 when any episode is invalid or when no episode is kept.
+Episodes are tokenised (--tokenizer): characters outside a char tokenizer's alphabet are an error
+unless --unknown-chars unk. With --max-length their lengths are checked too."""
+
+NO_LENGTH_LIMIT = 2**31 - 1  # the row length when --max-length is not given: nothing is cut
 
 BUILD_DOC = """Prepares a TFDS dataset as array_record, without TensorFlow, and prints its directory.
 
@@ -38,12 +42,14 @@ BUILDER_DIR is a builder directory: data/maze, data/wordle, data/chess, data/jso
 
 def validate_flags() -> flags.FlagValues:
   fv = cli.new_flags()
-  flags.DEFINE_integer("max_length", 0, "Row length; enables tokenising and length checks.",
+  flags.DEFINE_integer("max_length", 0, "Row length (BOS included); enables the length checks.",
                        flag_values=fv)
   flags.DEFINE_string("tokenizer", "char", "char | char:PATH.json | hf:PATH | gguf:PATH | smollm2.",
                       flag_values=fv)
   flags.DEFINE_enum("overlong", "truncate", ["truncate", "drop"], "What happens to an episode longer "
                     "than --max-length.", flag_values=fv)
+  flags.DEFINE_enum("unknown_chars", "error", ["error", "unk"], "Characters outside a char "
+                    "tokenizer's alphabet: an error, or encoded as the unk token.", flag_values=fv)
   flags.DEFINE_string("reward_transform", "none", "none | affine:LOW,HIGH[,MAX_TURNS] | "
                       "terminal_return:RMIN,RMAX.", flag_values=fv)
   flags.DEFINE_float("gamma", 1.0, "Discount per agent turn.", flag_values=fv)
@@ -68,25 +74,29 @@ def build_flags() -> flags.FlagValues:
 
 def validate(fv: flags.FlagValues, paths: list[str]) -> int:
   from qsft_jax.data.loading import DataConfig, validate_paths
+  from qsft_jax.errors import UserError
   from qsft_jax.tokenizers import load_tokenizer
 
   try:
     config = DataConfig(
-        max_length=fv.max_length or 2,  # placeholder when no length check is asked for
+        max_length=fv.max_length or NO_LENGTH_LIMIT,
         overlong=fv.overlong,
+        unknown_chars=fv.unknown_chars,
         reward_transform=fv.reward_transform,
         gamma=fv.gamma,
         gamma_token=fv.gamma_token,
         observation_template=fv.observation_template,
         action_template=fv.action_template,
     )
-    tokenizer = load_tokenizer(fv.tokenizer) if fv.max_length else None
+    tokenizer = load_tokenizer(fv.tokenizer)
     problems, summary = validate_paths(paths, config, tokenizer)
-  except (ValueError, FileNotFoundError, TypeError) as e:
+  except (UserError, ValueError, FileNotFoundError, TypeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   for p in problems:
     print(p)
+  for d in summary.dropped_at:
+    print(d)
   print(summary.format())
   if summary.kept == 0:
     print("error: no episode is left to train on", file=sys.stderr)

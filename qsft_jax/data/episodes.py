@@ -42,12 +42,25 @@ class Problem:
         return f"{self.file}:{self.line}: {self.field}: {self.message}"
 
 
-class EpisodeError(UserError, ValueError):
-    """Raised when an episode that must be used (training, analysis) is invalid; carries its problems."""
+class DataError(UserError, ValueError):
+    """The training data cannot be used as configured (missing, empty, invalid, nothing left to train on)."""
 
-    def __init__(self, problems: Sequence[Problem]):
+
+class EpisodeError(DataError):
+    """Raised when an episode that must be used (training, analysis) is invalid; carries its problems.
+
+    The message is ``header`` (when given), one ``FILE:LINE: field: message`` line per problem, then a
+    line counting the ``more`` problems that were found but not listed.
+    """
+
+    def __init__(self, problems: Sequence[Problem], *, header: str = "", more: int = 0):
         self.problems = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+        self.more = more
+        lines = ([header] if header else []) + [str(p) for p in self.problems]
+        if more:
+            lines.append(f"... and {more} more problem{'s' * (more != 1)} "
+                         "(python -m qsft_jax.data validate lists every one)")
+        super().__init__("\n".join(lines))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,13 @@ Data config fields (``DataConfig``; a dict or ``ml_collections.ConfigDict`` with
   ``NAME``, ``NAME/CONFIG`` or ``NAME/CONFIG/VERSION``, or the prepared directory itself; build it first
   with ``python -m qsft_jax.data build data/NAME --data_dir=DIR``), ``tfds_data_dir``, ``split`` (default
   "train");
-- ``max_length`` (L, row length, BOS included), ``overlong``: "truncate" | "drop";
+- ``max_length`` (L, row length, BOS included), ``overlong``: "truncate" | "drop" (what happens to an
+  episode longer than L; the trainer's start-up summary counts both and names the first dropped lines,
+  ``python -m qsft_jax.data validate`` names every dropped line);
+- ``unknown_chars``: "error" (default) | "unk": what a character the tokenizer can only encode as its
+  unknown token is (a ``CharTokenizer``'s characters outside its alphabet, e.g. non-ASCII with the
+  default alphabet; BPE tokenizers cover every string). "error" reports ``FILE:LINE: turns[i].text``
+  with the characters; "unk" encodes them as the unk token and the summary counts those episodes;
 - ``pack``: first-fit several episodes per row (True) or one episode per row (False); ``pack_window``:
   episodes considered together by first-fit (larger = fuller rows, more memory);
 - ``reward_transform``: see ``rewards.RewardTransform`` (a spec string or a dict); an affine transform
@@ -30,8 +36,11 @@ import numpy as np
 
 from qsft_jax.data import episodes as episodes_lib
 from qsft_jax.data import mdp
-from qsft_jax.data.episodes import Episode, EpisodeError, Problem
+from qsft_jax.data.episodes import DataError, Episode, EpisodeError, Problem
 from qsft_jax.data.rewards import RETURN_TOLERANCE, AffineLengthWarning, RewardTransform, transform_rewards
+
+
+UNKNOWN_CHARS_MODES = ("error", "unk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,22 +59,31 @@ class DataConfig:
     gamma_token: float = 1.0
     observation_template: str = "{text}"
     action_template: str = "{text}"
+    unknown_chars: str = "error"
     shuffle_seed: int = 0
     num_epochs: int | None = 1
     num_workers: int = 0
     read_threads: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "reward_transform", RewardTransform.from_config(self.reward_transform))
+        """Checks every field; a bad one raises ``DataError`` ("data.FIELD: ...")."""
+        try:
+            object.__setattr__(self, "reward_transform", RewardTransform.from_config(self.reward_transform))
+            self.mdp  # validates max_length, gamma, templates, overlong
+            if self.reward_transform.kind == "affine":
+                self.reward_transform.horizon(self.gamma)  # affine with gamma = 1 needs max_turns
+        except (ValueError, TypeError) as e:
+            raise DataError(f"data.{e}") from None
         if isinstance(self.path, list):
             object.__setattr__(self, "path", tuple(self.path))
         if self.source not in ("jsonl", "tfds"):
-            raise ValueError(f"data.source: expected 'jsonl' or 'tfds', got {self.source!r}")
+            raise DataError(f"data.source: expected 'jsonl' or 'tfds', got {self.source!r}")
+        if self.unknown_chars not in UNKNOWN_CHARS_MODES:
+            raise DataError(f"data.unknown_chars: expected one of {UNKNOWN_CHARS_MODES}, got {self.unknown_chars!r}")
         if self.pack_window < 1:
-            raise ValueError(f"data.pack_window: must be >= 1, got {self.pack_window}")
+            raise DataError(f"data.pack_window: must be >= 1, got {self.pack_window}")
         if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError(f"data.num_epochs: must be >= 1 or None, got {self.num_epochs}")
-        self.mdp  # validates max_length, gamma, templates, overlong
+            raise DataError(f"data.num_epochs: must be >= 1 or None, got {self.num_epochs}")
 
     @property
     def mdp(self) -> mdp.MDPConfig:
@@ -93,9 +111,11 @@ class DataConfig:
                 raise TypeError(f"data config: expected a mapping, got {type(config).__name__}")
             fields = dict(config)
         fields.update(overrides)
-        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(fields) - set(known)
         if unknown:
-            raise ValueError(f"data config: unknown fields {sorted(unknown)}")
+            raise DataError(f"data config: unknown fields {sorted(unknown)} (config.data.FIELD); known: "
+                            f"{', '.join(sorted(known))}")
         return cls(**fields)
 
 
@@ -108,23 +128,45 @@ class Outcome:
     episode: Episode | None = None
     problems: list[Problem] = dataclasses.field(default_factory=list)
     reason: str = ""  # why it was dropped
+    unknown_chars: bool = False  # kept with characters encoded as unk (data.unknown_chars = "unk")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropped:
+    """Where a dropped episode was and why, printed as ``FILE:LINE: dropped: reason``."""
+
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: dropped: {self.reason}"
 
 
 @dataclasses.dataclass
 class Summary:
+    """Counts of what happened to the episodes read, and where the first ``max_locations`` dropped
+    episodes were (None: all of them; bounded, so a summary of any file size fits in memory)."""
+
     read: int = 0
     kept: int = 0  # including truncated ones
     truncated: int = 0
     invalid: int = 0
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # reason -> count
+    unknown_chars: int = 0  # kept episodes holding characters encoded as unk
+    max_locations: int | None = 5
+    dropped_at: list[Dropped] = dataclasses.field(default_factory=list)
 
-    def add(self, outcome: Outcome) -> None:
+    def add(self, outcome: Outcome, file: str = "<memory>", line: int = 0) -> None:
         self.read += 1
         if outcome.status in ("kept", "truncated"):
             self.kept += 1
             self.truncated += outcome.status == "truncated"
+            self.unknown_chars += outcome.unknown_chars
         elif outcome.status == "dropped":
             self.dropped[outcome.reason] += 1
+            if self.max_locations is None or len(self.dropped_at) < self.max_locations:
+                self.dropped_at.append(Dropped(file, line, outcome.reason))
         else:
             self.invalid += 1
 
@@ -132,15 +174,34 @@ class Summary:
     def ok(self) -> bool:
         return self.invalid == 0
 
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
+
     def format(self) -> str:
         lines = [
             f"episodes read: {self.read}",
             f"kept: {self.kept} (of which truncated: {self.truncated})",
-            f"dropped: {sum(self.dropped.values())}",
+            f"dropped: {self.num_dropped}",
         ]
         lines += [f"  {n} {reason}" for reason, n in sorted(self.dropped.items())]
         lines.append(f"invalid: {self.invalid}")
+        if self.unknown_chars:
+            lines.append(f"kept with characters encoded as unk: {self.unknown_chars}")
         return "\n".join(lines)
+
+    def scalars(self) -> dict[str, float]:
+        """The counts as TensorBoard scalars under ``data/``."""
+        read = max(self.read, 1)
+        return {
+            "data/episodes": float(self.read),
+            "data/kept": float(self.kept),
+            "data/truncated": float(self.truncated),
+            "data/dropped": float(self.num_dropped),
+            "data/truncated_fraction": self.truncated / read,
+            "data/dropped_fraction": self.num_dropped / read,
+            "data/unknown_chars": float(self.unknown_chars),
+        }
 
 
 class EpisodeProcessor:
@@ -171,11 +232,14 @@ class EpisodeProcessor:
         if self.tokenizer is None:
             return Outcome("kept", episode=episode)
         tokenized, problems = mdp.tokenize_episode(episode, turn_rewards, self.tokenizer, self.mdp_config)
+        if tokenized is not None and self.config.unknown_chars == "error":
+            problems = mdp.unknown_character_problems(episode, tokenized.tokens, self.tokenizer, self.mdp_config)
         if problems:
             return Outcome("invalid", episode=episode, problems=problems)
         fitted, status = mdp.fit_to_length(tokenized, self.mdp_config.max_length, self.mdp_config.overlong)
         if fitted is None:
             return Outcome("dropped", episode=episode, reason=status)
+        unknown = mdp.holds_unknown(fitted.tokens, self.tokenizer)
         arrays = mdp.episode_arrays(fitted, self.mdp_config.gamma, self.mdp_config.gamma_token)
         rtg = arrays["returns_to_go"]
         bad = np.flatnonzero((rtg < -RETURN_TOLERANCE) | (rtg > 1 + RETURN_TOLERANCE))
@@ -188,17 +252,18 @@ class EpisodeProcessor:
                                   f"(action turn {arrays['turn_index'][i]}) outside [0, 1] with gamma_token="
                                   f"{self.mdp_config.gamma_token:g}")],
             )
-        return Outcome(status, arrays=arrays, episode=episode)
+        return Outcome(status, arrays=arrays, episode=episode, unknown_chars=unknown)
 
 
 def validate_paths(paths: str | Sequence[str], config: DataConfig, tokenizer=None) -> tuple[list[Problem], Summary]:
-    """Checks every episode of the files; returns all problems and the summary. Never raises on bad data."""
+    """Checks every episode of the files; returns all problems and the summary (which lists every
+    dropped episode in ``dropped_at``). Never raises on bad data."""
     processor = EpisodeProcessor(config, tokenizer)
     problems: list[Problem] = []
-    summary = Summary()
+    summary = Summary(max_locations=None)
     for file, line, raw in episodes_lib.iter_lines(paths):
         outcome = processor(raw, file, line)
-        summary.add(outcome)
+        summary.add(outcome, file, line)
         problems.extend(outcome.problems)
     return problems, summary
 
@@ -218,7 +283,7 @@ def load_episodes(paths: str | Sequence[str], config: DataConfig | Mapping | Non
     kept, arrays, problems, summary = [], [], [], Summary()
     for file, line, raw in episodes_lib.iter_lines(paths):
         outcome = processor(raw, file, line)
-        summary.add(outcome)
+        summary.add(outcome, file, line)
         problems.extend(outcome.problems)
         if outcome.status in ("kept", "truncated"):
             kept.append(outcome.episode)
@@ -233,7 +298,7 @@ def episodes_to_batch(
     episodes: Iterable[dict | Episode], config: DataConfig | Mapping, tokenizer, *, pack: bool | None = None
 ) -> dict[str, np.ndarray]:
     """In-memory episodes (dicts in the JSONL format) -> one batch dict of [B, L] arrays (for analysis and
-    tests). Raises ``EpisodeError`` on invalid episodes and ValueError when one is dropped."""
+    tests). Raises ``EpisodeError`` on invalid episodes and ``DataError`` when one is dropped."""
     config = DataConfig.from_config(config)
     processor = EpisodeProcessor(config, tokenizer)
     per_episode, problems = [], []
@@ -241,7 +306,7 @@ def episodes_to_batch(
         outcome = processor(ep, "<episodes>", i + 1)
         problems.extend(outcome.problems)
         if outcome.status == "dropped":
-            raise ValueError(f"<episodes>:{i + 1}: episode dropped: {outcome.reason}")
+            raise DataError(f"<episodes>:{i + 1}: episode dropped: {outcome.reason}")
         if outcome.arrays is not None:
             per_episode.append(outcome.arrays)
     if problems:

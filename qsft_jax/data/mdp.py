@@ -3,7 +3,10 @@
 Tokenisation. Each turn's text (through ``observation_template`` / ``action_template``, default
 ``"{text}"``) is encoded on its own and the pieces are concatenated after one BOS token, so every turn
 boundary is a token boundary and token 0 (BOS) is always an observation token. An action turn that
-encodes to no tokens is an error.
+encodes to no tokens is an error. ``unknown_character_problems`` names the turns holding characters
+the tokenizer can only encode as its unknown token (a ``CharTokenizer``'s characters outside its
+alphabet); the data layer applies it to data files (``data.unknown_chars``, ``loading.py``), while
+acting tokenises whatever the policy emitted.
 
 Per episode of n tokens (token i; ``n(i)`` = the next action token after i in the same episode):
 
@@ -133,6 +136,41 @@ def tokenize_episode(
         ),
         [],
     )
+
+
+def _quote_chars(chars: str, limit: int = 10) -> str:
+    shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in chars[:limit])
+    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+
+
+def holds_unknown(tokens: np.ndarray, tokenizer) -> bool:
+    """Whether tokens hold the unk id of a tokenizer that reports unknown characters (char tokenizer)."""
+    unk_id = getattr(tokenizer, "unk_id", None)
+    return hasattr(tokenizer, "unknown_characters") and unk_id is not None and bool(np.any(tokens == unk_id))
+
+
+def unknown_character_problems(episode: Episode, tokens: np.ndarray, tokenizer, config: MDPConfig) -> list[Problem]:
+    """One problem per turn whose templated text holds characters the tokenizer can only encode as unk.
+
+    tokens: the episode's encoding [n] (``tokenize_episode``); the per-turn search runs only when it
+    holds the unk id. Tokenizers without ``unknown_characters`` (byte-level BPE) are never checked.
+    """
+    if not holds_unknown(tokens, tokenizer):
+        return []
+    problems = []
+    for j, turn in enumerate(episode.turns):
+        text = (config.action_template if turn.action else config.observation_template).format(text=turn.text)
+        chars = tokenizer.unknown_characters(text)
+        if not chars:
+            continue
+        template = "action_template" if turn.action else "observation_template"
+        origin = "" if all(c in turn.text for c in chars) else f" (some from data.{template})"
+        problems.append(Problem(
+            episode.file, episode.line, f"turns[{j}].text",
+            f"characters outside the tokenizer's alphabet: {_quote_chars(chars)}{origin}; replace them, "
+            "use a tokenizer whose alphabet holds them (char:PATH.json), or set data.unknown_chars='unk' "
+            "to encode them as the unknown token"))
+    return problems
 
 
 def fit_to_length(ep: TokenizedEpisode, max_length: int, overlong: str) -> tuple[TokenizedEpisode | None, str]:
