@@ -340,8 +340,9 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   control: also play the control phase's policies when the run has one. value_diagnostics: add the
   held-out value correlations (and write their files) when WORKDIR/data/heldout.jsonl exists.
   The results record the checkpoint step of each parameter set and the configured phases that had
-  not reached their steps (`evaluate_workdir` refuses those unless told otherwise). SIGTERM stops the evaluation before its next batch of actions with
-  EvaluationInterrupted (exit status 143), writing no results.
+  not reached their steps (`evaluate_workdir` refuses those unless told otherwise). SIGTERM stops
+  the evaluation before its next batch of actions with EvaluationInterrupted (exit status 143),
+  writing no results.
   """
   config = loaded.config
   ev = config.get("eval", {}) if hasattr(config, "get") else {}
@@ -428,8 +429,8 @@ def define_flags() -> flags.FlagValues:
                     flag_values=fv)
   flags.DEFINE_float("dataset_mean_return", None, "The dataset's mean return [read from the run's "
                      "training data].", flag_values=fv)
-  flags.DEFINE_bool("allow_unfinished", False, "Evaluate the latest checkpoints of phases that have not "
-                    "reached their configured steps (refused without it).", flag_values=fv)
+  flags.DEFINE_bool("allow_unfinished", False, "Evaluate the latest checkpoints of phases that have "
+                    "not reached their configured steps (refused without it).", flag_values=fv)
   return fv
 
 

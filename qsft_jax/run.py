@@ -99,7 +99,8 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise WorkdirError(f"{path}: no {CONFIG_FILE}; is {workdir!r} the --workdir of a qsft_jax.main run?")
+    raise WorkdirError(f"{path}: no {CONFIG_FILE}; is {workdir!r} the --workdir of a "
+                       "qsft_jax.main run?")
   try:
     with open(path) as f:
       return ml_collections.ConfigDict(json.load(f))
@@ -170,7 +171,7 @@ class WorkdirError(UserError, FileNotFoundError):
 
 
 class ConfigDriftError(UserError, ValueError):
-  """A start whose config differs from the workdir's config.json in a way that would corrupt the run."""
+  """A start whose config differs from the workdir's config.json in ways that would corrupt it."""
 
 
 class UnfinishedRunError(UserError, RuntimeError):
@@ -213,7 +214,7 @@ CONFIG_CHANGE_RULES: tuple[ChangeRule, ...] = (
     ChangeRule(("data.num_workers",), "between_phases",
                "the batch order depends on it: a phase finishes with the workers it started with"),
     ChangeRule(("bc.steps", "qsft.steps"), "steps",
-               "a phase may run longer, or stop earlier than planned, until a later phase builds on it"),
+               "a phase may run longer, or stop earlier, until a later phase builds on it"),
     ChangeRule(("phases",), "phases", "the phases that started keep their order"),
     ChangeRule(("bc.*",), "frozen", "phase 1's optimizer and batches made its checkpoints and phi",
                after=("bc",)),
@@ -305,7 +306,8 @@ def done_step(workdir: str, phase: str) -> int | None:
 def _started(workdir: str) -> dict[str, bool]:
   """{phase: has a checkpoint or a DONE marker} for every phase, and "data": the task's data were
   generated into the workdir."""
-  started = {p: bool(checkpoint_steps(workdir, p)) or done_step(workdir, p) is not None for p in PHASES}
+  started = {p: bool(checkpoint_steps(workdir, p)) or done_step(workdir, p) is not None
+             for p in PHASES}
   started["data"] = os.path.exists(data_files(workdir)["train"])
   return started
 
@@ -337,7 +339,7 @@ def _refusal(workdir: str, field: str, old: Any, new: Any, started: dict[str, bo
         p for p in PHASES if started[p] and p not in old_order]
     new_order = list(new) if isinstance(new, list) else []
     if new_order[:len(begun)] != begun:
-      return f"{rule.why}: {', '.join(begun)} started, so the phases must begin with them in that order"
+      return f"{rule.why}: {', '.join(begun)} started, so the phases must begin with them, in order"
     return None
   if rule.kind == "steps":
     section = field.split(".")[0]
@@ -433,7 +435,8 @@ def check_finished(workdir: str, config: ml_collections.ConfigDict, *, allow_unf
   if not allow_unfinished:
     raise UnfinishedRunError(
         f"{workdir}: unfinished phases: {what}. Finish the run (run python -m qsft_jax.main again "
-        f"with its --config and --workdir) or pass {override} to use the latest checkpoints as they are")
+        f"with its --config and --workdir) or pass {override} to use the latest checkpoints as "
+        "they are")
   logging.warning("%s: unfinished phases: %s; using the latest checkpoints as they are", workdir, what)
   return unfinished
 
