@@ -1,7 +1,8 @@
 """Notebook analysis of a checkpoint: per-token values, next-token values, heatmaps, episodes played.
 
     from qsft_jax import analysis
-    a = analysis.load("/tmp/qsft_maze")          # qsft_jax.run.load
+    a = analysis.load("/tmp/qsft_maze")          # qsft_jax.run.load; allow_unfinished=True for a
+                                                 # run still training
     a.token_values(episode)                      # one row per action token: text, p_theta, pi_phi, ratio
     a.next_token_values(episode, top_k=5)        # the most likely next tokens after the last turn
     a.heatmap(episode)                           # matplotlib figure: ratio per action token
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -209,6 +211,12 @@ def from_loaded(loaded: run_lib.Run) -> Analysis:
       rules=loaded.rules)
 
 
-def load(workdir: str) -> Analysis:
-  """The latest checkpoints of a workdir (`qsft_jax.run.load`) as an `Analysis`."""
+def load(workdir: str, allow_unfinished: bool = False) -> Analysis:
+  """The latest checkpoints of a finished workdir (`qsft_jax.run.load`) as an `Analysis`.
+
+  A run with phases that have not reached their configured steps is refused
+  (`run.UnfinishedRunError`, naming each phase, its checkpoint step and its steps);
+  allow_unfinished=True loads their latest checkpoints with a warning."""
+  run_lib.check_finished(os.path.abspath(workdir), run_lib.read_config(workdir),
+                         allow_unfinished=allow_unfinished, override="allow_unfinished=True")
   return from_loaded(run_lib.load(workdir))

@@ -2,6 +2,12 @@
 
     python -m qsft_jax.evaluate --workdir=DIR [--episodes N] [--seed S] [--betas 0,1,4,16]
         [--batch_size B] [--max_new_tokens T] [--temperature 0] [--no_ratio] [--dataset_mean_return X]
+        [--allow_unfinished]
+
+A run whose phases have not all reached their configured steps (no DONE marker) is refused, naming
+each such phase, its checkpoint step and its steps; --allow_unfinished evaluates its latest
+checkpoints anyway, with a warning, and results.json lists those phases. SIGTERM stops an evaluation
+before its next batch of actions: exit status 143, one line on stderr, and no results.json written.
 
 Every policy plays the same N episodes: episode i resets its environment with seed S + i. A policy acts
 through `qsft_jax.sampler.Sampler`: each history (the episode's turns so far, ending with an
@@ -26,7 +32,13 @@ Writes DIR/eval/results.json:
 
     {"env": NAME, "episodes": N, "dataset_mean_return": x,
      "policies": {NAME: {"mean_return": x, "stderr": x, "success_rate": x, "beta": x}},
+     "checkpoint_steps": {"phi": n, "theta": n, "theta_bar": n, "control": n},
+     "unfinished_phases": [{"phase": NAME, "step": n, "steps": n}],
      "value_correlation": {"qsft" | "control": {"all_turns": x, "turn0": x}}}
+
+checkpoint_steps: the step of the checkpoint each evaluated parameter set was read from (null for a
+set the run does not have); unfinished_phases: the configured phases that had not reached their
+steps (empty for a finished run).
 
 value_correlation (when the run has held-out episodes, WORKDIR/data/heldout.jsonl): the correlation of
 p_theta / pi_phi at each turn's first action token with the observed return-to-go
@@ -42,8 +54,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags
 import jax
@@ -59,6 +72,56 @@ from qsft_jax.envs import make_env, play_batch
 from qsft_jax.sampler import Sampler
 
 DEFAULT_BETAS = (0.0, 1.0, 4.0, 16.0)
+SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, as the trainer exits on preemption
+
+
+class EvaluationInterrupted(SystemExit):
+  """SIGTERM arrived during an evaluation: it stopped before its next batch of actions, with nothing
+  written as results.json. A SystemExit with status 143: a program ends quietly after the one line
+  `StopOnSigterm.check` printed."""
+
+
+class StopOnSigterm:
+  """While entered (in the main thread), SIGTERM sets a flag that `check` turns into
+  EvaluationInterrupted; the previous handler (the trainer's preemption flag, which evaluation never
+  polls) comes back on exit.
+
+      with StopOnSigterm(workdir) as stop:
+        ...
+        stop.check("policy 'bc'")  # between batches of actions
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.received = False
+    self._previous: Any = None
+    self._installed = False
+
+  def __enter__(self) -> StopOnSigterm:
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+      self._installed = True
+    except ValueError:  # not the main thread (a notebook's worker): no handler, nothing to poll
+      pass
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._installed:
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+
+  def _handler(self, signum, frame) -> None:
+    self.received = True
+
+  def check(self, where: str) -> None:
+    """Raises EvaluationInterrupted (after one line on stderr) when SIGTERM has arrived."""
+    if not self.received:
+      return
+    results = os.path.join(self.workdir, "eval", "results.json")
+    sys.stderr.write(f"evaluate: SIGTERM: evaluation interrupted during {where}; nothing was written "
+                     f"as {results} (run python -m qsft_jax.evaluate --workdir={self.workdir} to "
+                     "evaluate again)\n")
+    sys.stderr.flush()
+    raise EvaluationInterrupted(SIGTERM_EXIT_STATUS)
 
 
 def history_tokens(history: Sequence[Mapping[str, Any]], tokenizer, data_config: DataConfig) -> list[int]:
@@ -130,7 +193,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
                       targets: losses.TargetConfig = losses.TargetConfig(),
                       dataset_mean_return: float | None = None, mesh=None, rules=None,
                       sampler: Sampler | None = None, record: dict | None = None,
-                      control_params=None) -> dict:
+                      control_params=None, interrupt: Callable[[str], None] | None = None) -> dict:
   """Plays `episodes` episodes (seeds seed .. seed + episodes - 1) with every policy of `policies`
   ({"name", "mode", "beta"}, see `policy_specs`) and returns the results.json dict.
 
@@ -139,6 +202,8 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   control_params: theta of the control phase, read by specs with "theta": "control".
   targets: the run's target settings: the "ratio" policy's support is pi_phi >= targets.support_min,
   and no policy emits targets.dummy_token or another id of `suppressed_token_ids`.
+  interrupt: called with a description of where the evaluation is before every batch of actions;
+    it raises to stop the evaluation (`StopOnSigterm.check`).
   """
   if episodes < 1:
     raise ValueError(f"episodes={episodes} must be >= 1")
@@ -177,6 +242,8 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
         raise ValueError(f"policy {spec['name']!r} needs {spec.get('theta', 'theta')} parameters")
 
       def act(histories, spec=spec, calls=calls, theta=theta):
+        if interrupt is not None:
+          interrupt(f"policy {spec['name']!r}")
         prompts = [history_tokens(h, tokenizer, data_config) for h in histories]
         rng = jax.random.fold_in(jax.random.key(seed), calls[0])
         calls[0] += 1
@@ -215,9 +282,15 @@ def results_markdown(results: Mapping) -> str:
     return "- | -" if c is None else f"{fmt(c['all_turns'])} | {fmt(c['turn0'])}"
 
   lines = [f"# Evaluation: {results['env']}, {results['episodes']} episodes per policy", "",
-           f"Dataset mean return: {fmt(results['dataset_mean_return'])}", "",
-           "| policy | beta | mean return | stderr | success rate | value corr. (all turns) | value corr. (turn 0) |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+           f"Dataset mean return: {fmt(results['dataset_mean_return'])}", ""]
+  steps = {k: v for k, v in (results.get("checkpoint_steps") or {}).items() if v is not None}
+  if steps:
+    lines += ["Checkpoint steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), ""]
+  for p in results.get("unfinished_phases") or ():
+    at = "no checkpoint" if p["step"] is None else f"checkpoint step {p['step']}"
+    lines += [f"Unfinished: phase {p['phase']} ({at} of {p['steps']} steps)", ""]
+  lines += ["| policy | beta | mean return | stderr | success rate | value corr. (all turns) | "
+            "value corr. (turn 0) |", "| --- | --- | --- | --- | --- | --- | --- |"]
   for name, r in results["policies"].items():
     beta = "-" if r["beta"] is None else f"{r['beta']:g}"
     lines.append(f"| {name} | {beta} | {fmt(r['mean_return'])} | {fmt(r['stderr'])} | "
@@ -229,18 +302,21 @@ def results_markdown(results: Mapping) -> str:
 
 
 def write_results(workdir: str, results: Mapping, record: Mapping | None = None) -> str:
-  """Writes WORKDIR/eval/results.json, results.md and (with `record`) episodes_NAME.jsonl; returns the
-  eval directory."""
+  """Writes WORKDIR/eval/results.json, results.md and (with `record`) episodes_NAME.jsonl, each whole
+  (written aside, then renamed), results.json last; returns the eval directory."""
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(results_markdown(results))
+
+  def write(name: str, text: str) -> None:  # whole files only: a temporary file, then a rename
+    tmp = os.path.join(out, f".{name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(out, name))
+
   for name, played in (record or {}).items():
-    with open(os.path.join(out, f"episodes_{name}.jsonl"), "w") as f:
-      for ep in played:
-        f.write(json.dumps(ep) + "\n")
+    write(f"episodes_{name}.jsonl", "".join(json.dumps(ep) + "\n" for ep in played))
+  write("results.md", results_markdown(results))
+  write("results.json", json.dumps(results, indent=1))  # last: results.json means a whole evaluation
   return out
 
 
@@ -263,6 +339,10 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   (`Run.targets`: the ratio policy's support_min, the dummy token never emitted).
   control: also play the control phase's policies when the run has one. value_diagnostics: add the
   held-out value correlations (and write their files) when WORKDIR/data/heldout.jsonl exists.
+  The results record the checkpoint step of each parameter set and the configured phases that had
+  not reached their steps (`evaluate_workdir` refuses those unless told otherwise). SIGTERM stops
+  the evaluation before its next batch of actions with EvaluationInterrupted (exit status 143),
+  writing no results.
   """
   config = loaded.config
   ev = config.get("eval", {}) if hasattr(config, "get") else {}
@@ -280,16 +360,29 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   control_params = loaded.control_params if control else None
   specs = policy_specs(betas, ratio=ratio, have_theta=loaded.theta_params is not None,
                        have_control=control_params is not None)
+  unfinished = [p for p in run_lib.phase_progress(loaded.workdir, config) if not p.done]
+  steps = {"phi": loaded.behaviour_step, "theta": loaded.theta_step, "theta_bar": loaded.target_step,
+           "control": loaded.control_step if control_params is not None else None}
+  if jax.process_index() == 0:
+    print(f"evaluate: {loaded.workdir}: {episodes} episodes per policy ("
+          f"{', '.join(s['name'] for s in specs)}); checkpoint steps "
+          f"{', '.join(f'{k} {v}' for k, v in steps.items() if v is not None)}", flush=True)
   record: dict = {}
-  results = evaluate_policies(
-      task, dict(config.get("env", {})), loaded.model_config, loaded.tokenizer, loaded.behaviour_params,
-      loaded.theta_params, policies=specs, episodes=episodes, seed=seed, data_config=loaded.data_config,
-      batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
-      targets=loaded.targets, dataset_mean_return=dataset_return, mesh=loaded.mesh, rules=loaded.rules,
-      record=record, control_params=control_params)
-  if value_diagnostics:
-    results["value_correlation"] = heldout_correlations(loaded, control=control)
-  write_results(loaded.workdir, results, record)
+  with StopOnSigterm(loaded.workdir) as stop:
+    results = evaluate_policies(
+        task, dict(config.get("env", {})), loaded.model_config, loaded.tokenizer,
+        loaded.behaviour_params, loaded.theta_params, policies=specs, episodes=episodes, seed=seed,
+        data_config=loaded.data_config, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        temperature=temperature, targets=loaded.targets, dataset_mean_return=dataset_return,
+        mesh=loaded.mesh, rules=loaded.rules, record=record, control_params=control_params,
+        interrupt=stop.check)
+    results["checkpoint_steps"] = steps
+    results["unfinished_phases"] = [p.to_json() for p in unfinished]
+    if value_diagnostics:
+      stop.check("the value diagnostics")
+      results["value_correlation"] = heldout_correlations(loaded, control=control)
+    stop.check("the writing of the results")
+    write_results(loaded.workdir, results, record)
   return results
 
 
@@ -312,9 +405,13 @@ def heldout_correlations(loaded: run_lib.Run, control: bool = True) -> dict:
   return out
 
 
-def evaluate_workdir(workdir: str, **options) -> dict:
+def evaluate_workdir(workdir: str, allow_unfinished: bool = False, **options) -> dict:
   """Loads the latest checkpoints of a workdir (`qsft_jax.run.load`) and runs `run` on them (options
-  as `run`'s); what the command line does."""
+  as `run`'s); what the command line does. A run with unfinished phases is refused
+  (`run.UnfinishedRunError`, naming them) unless allow_unfinished."""
+  workdir = os.path.abspath(workdir)
+  run_lib.check_finished(workdir, run_lib.read_config(workdir), allow_unfinished=allow_unfinished,
+                         override="--allow_unfinished")
   return run(run_lib.load(workdir), **options)
 
 
@@ -332,6 +429,8 @@ def define_flags() -> flags.FlagValues:
                     flag_values=fv)
   flags.DEFINE_float("dataset_mean_return", None, "The dataset's mean return [read from the run's "
                      "training data].", flag_values=fv)
+  flags.DEFINE_bool("allow_unfinished", False, "Evaluate the latest checkpoints of phases that have "
+                    "not reached their configured steps (refused without it).", flag_values=fv)
   return fv
 
 
@@ -346,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.usage_error(prog, f"--betas={','.join(fv.betas)}: not a comma-separated list of numbers")
   results = evaluate_workdir(fv.workdir, episodes=fv.episodes, seed=fv.seed, betas=betas,
                 ratio=fv.ratio, batch_size=fv.batch_size, max_new_tokens=fv.max_new_tokens,
-                temperature=fv.temperature, dataset_return=fv.dataset_mean_return)
+                temperature=fv.temperature, dataset_return=fv.dataset_mean_return,
+                allow_unfinished=fv.allow_unfinished)
   print(results_markdown(results))
   print(f"wrote {os.path.join(fv.workdir, 'eval', 'results.json')}")
   return 0

@@ -364,6 +364,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   maybe_initialize_distributed(config)
   mesh_shape = config_lib.check_config(config, jax.device_count(), jax.process_count())
   workdir = os.path.abspath(workdir)
+  run_lib.check_workdir_config(workdir, config)  # refuses changes that would corrupt the workdir
   os.makedirs(workdir, exist_ok=True)
   run_lib.write_config(workdir, config)
   tokenizer = run_lib.prepare_tokenizer(workdir, config)

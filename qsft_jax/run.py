@@ -3,6 +3,7 @@
 Workdir layout (what `qsft_jax.main` writes and everything else reads):
 
   WORKDIR/config.json            the resolved config (`write_config`, `read_config`)
+  WORKDIR/config_history.jsonl   one line per accepted config change: time and `field: old -> new`
   WORKDIR/model_config.json      the ModelConfig the parameters belong to (`save_model_config`)
   WORKDIR/tokenizer.json         the character tokenizer (only for char tokenizers: `tokenizer_spec`)
   WORKDIR/data/                  generated train.jsonl / heldout.jsonl (bundled tasks: `data_files`)
@@ -16,27 +17,39 @@ Workdir layout (what `qsft_jax.main` writes and everything else reads):
 
 The checkpoints themselves (orbax managers, save, restore, DONE markers) are `qsft_jax.checkpoints`.
 
+A workdir belongs to one config: `check_workdir_config` compares a new start's config with
+config.json and refuses the changes that would mix two configs in one run (`CONFIG_CHANGE_RULES`,
+one table); `unfinished_phases` / `check_finished` say which phases have not reached their steps, for
+the programs that read a workdir after training.
+
     run = load(workdir)        # the latest parameters of every phase, without optimizer state
     run.theta_params, run.targets, run.data_config, ...
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
+import time
 from typing import Any
+
+from absl import logging
 
 import jax
 import ml_collections
 
 from qsft_jax import checkpoints
 from qsft_jax import losses
+from qsft_jax.config_lib import PHASES
 from qsft_jax import sharding as qsharding
 from qsft_jax.data import DataConfig
+from qsft_jax.errors import UserError
 from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig, get_preset
 
 CONFIG_FILE = "config.json"
+CONFIG_HISTORY_FILE = "config_history.jsonl"
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 # A loaded run's default mesh: data parallel over every local device.
@@ -62,17 +75,37 @@ def data_files(workdir: str) -> dict[str, str]:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """WORKDIR/config.json (process 0 only)."""
-  if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+  """WORKDIR/config.json (process 0 only). When it replaces a different config (changes that
+  `check_workdir_config` allowed), the changed fields are first appended to
+  WORKDIR/config_history.jsonl as {"time": ISO 8601 UTC, "changes": ["field: old -> new", ...]}."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    old = _read_flat_config(path)
+  except WorkdirError:  # unreadable, and allowed to be replaced: nothing was trained under it
+    old = None
+  if old is not None:
+    changes = [_change_line(field, a, b) for field, a, b in _diff(old, _flatten(_as_json(config)))]
+    if changes:
+      entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "changes": changes}
+      with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+      print(f"{path}: config changed ({'; '.join(changes)}); recorded in {CONFIG_HISTORY_FILE}",
+            flush=True)
+  write_json_atomic(path, config.to_dict())
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; is {workdir!r} a qsft_jax workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    raise WorkdirError(f"{path}: no {CONFIG_FILE}; is {workdir!r} the --workdir of a "
+                       "qsft_jax.main run?")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"{path}: cannot be read ({e}); restore it from a copy") from None
 
 
 def tokenizer_spec(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -116,7 +149,7 @@ def save_model_config(workdir: str, model_config: ModelConfig) -> None:
 def read_model_config(workdir: str) -> ModelConfig:
   path = os.path.join(workdir, MODEL_CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: missing; the run did not get as far as building its model")
+    raise WorkdirError(f"{path}: missing; the run did not get as far as building its model")
   with open(path) as f:
     fields = json.load(f)
   return ModelConfig.from_dict(fields)
@@ -127,6 +160,285 @@ def data_config_from(config: ml_collections.ConfigDict) -> DataConfig:
   episodes as training did; keys DataConfig does not know are left out."""
   fields = {k: v for k, v in dict(config.data).items() if k in DataConfig.__dataclass_fields__}
   return DataConfig.from_config(fields)
+
+
+# ------------------------------------------------------------------------------------------------
+# One workdir, one config: which changes a new start may make
+
+
+class WorkdirError(UserError, FileNotFoundError):
+  """A workdir that is missing, incomplete or unreadable for what was asked of it."""
+
+
+class ConfigDriftError(UserError, ValueError):
+  """A start whose config differs from the workdir's config.json in ways that would corrupt it."""
+
+
+class UnfinishedRunError(UserError, RuntimeError):
+  """A workdir read as a finished run while some of its phases have not reached their steps."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChangeRule:
+  """How a config field may change between two starts on one workdir.
+
+  fields: fnmatch patterns of dotted field names ("model.*", "bc.steps"); the first rule of
+    `CONFIG_CHANGE_RULES` with a matching pattern decides.
+  kind: "safe" (always allowed); "steps" (a phase's step count: allowed while no phase that builds
+    on the phase has started and the phase has not gone past the new count); "phases" (the phases
+    that started keep their order at the front of the list, others may be added or dropped);
+    "between_phases" (allowed while no phase is part way); "frozen" (refused once one of `after`
+    has started: a phase name, or "data" when the task's data were generated into the workdir).
+  why: what the field shapes, for the message.
+  """
+  fields: tuple[str, ...]
+  kind: str
+  why: str
+  after: tuple[str, ...] = ()
+
+
+# The config section holding each phase's optimizer settings and steps.
+PHASE_SECTION = {"bc": "bc", "qsft": "qsft", "control": "qsft"}
+# The phases that start from another phase's result: Q-SFT and the control take phi from bc.
+BUILDS_ON = {"bc": ("qsft", "control"), "qsft": (), "control": ()}
+
+CONFIG_CHANGE_RULES: tuple[ChangeRule, ...] = (
+    ChangeRule(("log.*", "eval.*"), "safe", "read by logging and evaluation, never by a train step"),
+    ChangeRule(("checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_every",
+                "checkpoint.async_save"), "safe", "when checkpoints are written and how many are kept"),
+    ChangeRule(("distributed.*", "mesh.*"), "safe",
+               "where the steps run: checkpoints restore onto any mesh and process count"),
+    ChangeRule(("on_nonfinite",), "safe", "what follows a non-finite step; none is ever saved"),
+    ChangeRule(("loss.chunk_size", "bc.microbatches", "qsft.microbatches", "data.read_threads"), "safe",
+               "how the same computation is cut (loss chunks, gradient accumulation, reader threads)"),
+    ChangeRule(("data.num_workers",), "between_phases",
+               "the batch order depends on it: a phase finishes with the workers it started with"),
+    ChangeRule(("bc.steps", "qsft.steps"), "steps",
+               "a phase may run longer, or stop earlier, until a later phase builds on it"),
+    ChangeRule(("phases",), "phases", "the phases that started keep their order"),
+    ChangeRule(("bc.*",), "frozen", "phase 1's optimizer and batches made its checkpoints and phi",
+               after=("bc",)),
+    ChangeRule(("qsft.*",), "frozen",
+               "phase 2's targets, optimizer and batches made its checkpoints (and the control's)",
+               after=("qsft", "control")),
+    ChangeRule(("task", "env.*", "dataset.*"), "frozen",
+               "the generated data and the environment the run is evaluated on",
+               after=("data",) + PHASES),
+    ChangeRule(("model.*", "tokenizer"), "frozen", "the parameters' shapes and vocabulary",
+               after=PHASES),
+    ChangeRule(("data.*", "seed", "data_shards"), "frozen",
+               "the tokens, rewards, initialisation and batch order of every checkpoint", after=PHASES),
+    ChangeRule(("*",), "frozen", "not known to be safe to change in a started run", after=PHASES),
+)
+
+_ABSENT = object()
+
+
+def _as_json(config: ml_collections.ConfigDict | dict) -> dict:
+  """The config as config.json holds it (tuples as lists, values JSON can hold)."""
+  d = config.to_dict() if hasattr(config, "to_dict") else config
+  return json.loads(json.dumps(d, default=str))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves, empty dicts add nothing."""
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, name + "."))
+    else:
+      out[name] = v
+  return out
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+  """[(field, old value, new value)] of the fields that differ, sorted; _ABSENT where one lacks it."""
+  return [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
+          if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+def _change_line(field: str, old: Any, new: Any) -> str:
+  """"field: old -> new" with JSON values ("(absent)" for a field one side lacks)."""
+  fmt = lambda v: "(absent)" if v is _ABSENT else json.dumps(v)
+  return f"{field}: {fmt(old)} -> {fmt(new)}"
+
+
+def _read_flat_config(path: str) -> dict[str, Any] | None:
+  """The flattened config.json at `path`; None when there is none; WorkdirError when unreadable."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      tree = json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"{path}: cannot be read ({e}); restore it from a copy, or start the run in a "
+                       "new --workdir") from None
+  if not isinstance(tree, dict):
+    raise WorkdirError(f"{path}: holds no config (a JSON {type(tree).__name__}); restore it from a "
+                       "copy, or start the run in a new --workdir")
+  return _flatten(tree)
+
+
+def checkpoint_steps(workdir: str, phase: str) -> list[int]:
+  """The steps of the phase's checkpoint directories, sorted (orbax names a step's directory by its
+  number only once the step is written in full)."""
+  path = os.path.join(workdir, phase, "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit())
+
+
+def done_step(workdir: str, phase: str) -> int | None:
+  """The step written in WORKDIR/<phase>/DONE (the phase's steps when it finished); None without a
+  marker; the latest checkpoint step for a marker that holds no number."""
+  path = os.path.join(workdir, phase, "DONE")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return int(f.read().strip())
+  except (OSError, ValueError):
+    steps = checkpoint_steps(workdir, phase)
+    return steps[-1] if steps else 0
+
+
+def _started(workdir: str) -> dict[str, bool]:
+  """{phase: has a checkpoint or a DONE marker} for every phase, and "data": the task's data were
+  generated into the workdir."""
+  started = {p: bool(checkpoint_steps(workdir, p)) or done_step(workdir, p) is not None
+             for p in PHASES}
+  started["data"] = os.path.exists(data_files(workdir)["train"])
+  return started
+
+
+def _rule_for(field: str) -> ChangeRule:
+  for rule in CONFIG_CHANGE_RULES:
+    if any(fnmatch.fnmatchcase(field, pattern) for pattern in rule.fields):
+      return rule
+  raise AssertionError("CONFIG_CHANGE_RULES ends with a rule for every field")
+
+
+def _refusal(workdir: str, field: str, old: Any, new: Any, started: dict[str, bool]) -> str | None:
+  """Why changing `field` from `old` to `new` would corrupt the run in `workdir`; None when safe."""
+  rule = _rule_for(field)
+  if rule.kind == "safe":
+    return None
+  if rule.kind == "frozen":
+    begun = [e for e in rule.after if started.get(e)]
+    if not begun:
+      return None
+    event = "its data were generated" if begun[0] == "data" else f"phase {begun[0]} has started"
+    return f"{rule.why}; {event}"
+  if rule.kind == "between_phases":
+    part_way = [p for p in PHASES if started[p] and done_step(workdir, p) is None]
+    return f"{rule.why}; phase {part_way[0]} is part way" if part_way else None
+  if rule.kind == "phases":
+    old_order = list(old) if isinstance(old, list) else []
+    begun = [p for p in old_order if started.get(p)] + [
+        p for p in PHASES if started[p] and p not in old_order]
+    new_order = list(new) if isinstance(new, list) else []
+    if new_order[:len(begun)] != begun:
+      return f"{rule.why}: {', '.join(begun)} started, so the phases must begin with them, in order"
+    return None
+  if rule.kind == "steps":
+    section = field.split(".")[0]
+    if not isinstance(new, int) or isinstance(new, bool):
+      return "a step count is a whole number"
+    for phase in (p for p in PHASES if PHASE_SECTION[p] == section and started[p]):
+      later = [p for p in BUILDS_ON[phase] if started[p]]
+      if later:
+        return f"phase {later[0]} has started from phase {phase}'s result"
+      reached = max(checkpoint_steps(workdir, phase) or [0])
+      if new < reached:
+        return f"phase {phase} is already at step {reached}"
+    return None
+  raise AssertionError(f"unknown rule kind {rule.kind!r}")
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """Compares `config` with WORKDIR/config.json before a run writes anything; returns the allowed
+  changes ("field: old -> new", [] for a new workdir or the same config) and raises
+  ConfigDriftError listing every change that would corrupt what the workdir holds (the rules:
+  `CONFIG_CHANGE_RULES`). `write_config` then records the allowed changes."""
+  workdir = os.path.abspath(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  started = _started(workdir)
+  try:
+    old = _read_flat_config(path)
+  except WorkdirError:
+    if any(started[p] for p in PHASES):
+      raise
+    return []  # nothing was trained under it: the new config replaces it
+  if old is None:
+    return []
+  allowed, refused = [], []
+  for field, a, b in _diff(old, _flatten(_as_json(config))):
+    why = _refusal(workdir, field, a, b, started)
+    line = _change_line(field, a, b)
+    if why is None:
+      allowed.append(line)
+    else:
+      refused.append(f"  {line}  ({why})")
+  if refused:
+    raise ConfigDriftError(
+        f"{path}: the config differs from the one this workdir was trained with; "
+        f"{len(refused)} change(s) would corrupt it:\n" + "\n".join(refused) +
+        f"\nStart this config in a new --workdir, or rerun with the workdir's own config ({path}).")
+  return allowed
+
+
+# ------------------------------------------------------------------------------------------------
+# Finished and unfinished phases
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseProgress:
+  """How far one configured phase got: its latest checkpoint step (None without one), its
+  configured steps, and whether it finished them (a DONE marker for at least that many steps)."""
+  phase: str
+  step: int | None
+  steps: int
+  done: bool
+
+  def describe(self) -> str:
+    at = "no checkpoint" if self.step is None else f"checkpoint step {self.step}"
+    return f"{self.phase} ({at} of {self.steps} steps, config.{PHASE_SECTION[self.phase]}.steps)"
+
+  def to_json(self) -> dict:
+    return {"phase": self.phase, "step": self.step, "steps": self.steps}
+
+
+def phase_progress(workdir: str, config: ml_collections.ConfigDict) -> list[PhaseProgress]:
+  """A `PhaseProgress` per phase of config.phases (none for a config without phases)."""
+  out = []
+  for phase in config.get("phases", ()) or ():
+    section = config.get(PHASE_SECTION.get(phase, phase))
+    if section is None or "steps" not in section:
+      continue
+    steps = checkpoint_steps(workdir, phase)
+    marked = done_step(workdir, phase)
+    out.append(PhaseProgress(phase, steps[-1] if steps else None, int(section.steps),
+                             marked is not None and marked >= section.steps))
+  return out
+
+
+def check_finished(workdir: str, config: ml_collections.ConfigDict, *, allow_unfinished: bool,
+                   override: str) -> list[PhaseProgress]:
+  """The unfinished phases of a workdir. Raises UnfinishedRunError naming each (its checkpoint step
+  and configured steps) and `override`, the flag that reads such a run anyway; with
+  allow_unfinished, logs a warning and returns them."""
+  unfinished = [p for p in phase_progress(workdir, config) if not p.done]
+  if not unfinished:
+    return []
+  what = "; ".join(p.describe() for p in unfinished)
+  if not allow_unfinished:
+    raise UnfinishedRunError(
+        f"{workdir}: unfinished phases: {what}. Finish the run (run python -m qsft_jax.main again "
+        f"with its --config and --workdir) or pass {override} to use the latest checkpoints as "
+        "they are")
+  logging.warning("%s: unfinished phases: %s; using the latest checkpoints as they are", workdir, what)
+  return unfinished
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,8 +489,9 @@ def load(workdir: str, mesh=None, rules=None) -> Run:
   """Loads the latest parameters of every phase of a workdir into a `Run`.
 
   Parameters are placed by the rule table (`rules`, default the config's mesh.rules) on `mesh`
-  (default: data parallel over all local devices). Raises FileNotFoundError when neither bc/ nor
-  qsft/ has a checkpoint.
+  (default: data parallel over all local devices). Raises WorkdirError (a FileNotFoundError) when
+  neither bc/ nor qsft/ has a checkpoint. Unfinished phases are loaded as they are: the programs
+  that read a workdir as a finished run check that first (`check_finished`).
   """
   from qsft_jax.models.transformer import Transformer
   from qsft_jax.tokenizers import load_tokenizer
@@ -205,7 +518,7 @@ def load(workdir: str, mesh=None, rules=None) -> Run:
   else:
     bc = checkpoints.restore_latest_params(workdir, "bc", ("params",), abstract)
     if bc is None:
-      raise FileNotFoundError(f"{workdir}: no checkpoint in bc/ or qsft/ yet")
+      raise WorkdirError(f"{workdir}: no checkpoint in bc/ or qsft/ yet")
     sets = dict(behaviour_params=bc[1]["params"], behaviour_step=bc[0])
   control = checkpoints.restore_latest_params(workdir, "control", ("params",), abstract)
   if control is not None:

@@ -18,9 +18,12 @@ ALPHABET = "".join(sorted(set("Maze. Reach G. Moves: u d l r.\n#,0123456789")))
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "analyze_checkpoint.ipynb")
 
 
-def make_workdir(path: str) -> dict:
-  """A workdir as the trainer lays it out (qsft_jax/run.py docstring), with random phi and theta."""
+def make_workdir(path: str, *, steps: int = 1, done: bool = True) -> dict:
+  """A workdir as the trainer lays it out (qsft_jax/run.py docstring), with random phi and theta: a
+  checkpoint of step 1 in bc/ and qsft/, `steps` configured for each, both marked DONE (finished)
+  unless `done` is False."""
   config = config_lib.base_config()
+  config.bc.steps = config.qsft.steps = steps
   config.task = "maze"
   config.env = {"max_steps": 4}
   config.data.max_length = 160
@@ -43,6 +46,8 @@ def make_workdir(path: str) -> dict:
     checkpoints.save(manager, 1, state)
     manager.wait_until_finished()
     manager.close()
+    if done:
+      checkpoints.mark_done(path, phase, 1)
   with open(os.path.join(path, "data", "heldout.jsonl"), "w") as f:
     for ep in generate_episodes("maze", 3, seed=5, max_steps=4):
       f.write(json.dumps(ep) + "\n")
@@ -182,6 +187,8 @@ def test_evaluate_command_line_on_the_workdir(workdir, capsys):
     results = json.load(f)
   assert results["env"] == "maze" and results["episodes"] == 3 and results["dataset_mean_return"] == -5.5
   assert list(results["policies"]) == ["bc", "qsft_beta2"]
+  assert results["checkpoint_steps"] == {"phi": 1, "theta": 1, "theta_bar": 1, "control": None}
+  assert results["unfinished_phases"] == []
   for name in results["policies"]:
     with open(os.path.join(path, "eval", f"episodes_{name}.jsonl")) as f:
       assert [json.loads(line)["meta"]["seed"] for line in f] == [40, 41, 42]

@@ -82,8 +82,12 @@ def test_results_json_schema_and_numbers_on_the_maze(tmp_path):
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     on_disk = json.load(f)
   assert on_disk == json.loads(json.dumps(results))
-  assert set(on_disk) == {"env", "episodes", "dataset_mean_return", "policies", "value_correlation"}
+  assert set(on_disk) == {"env", "episodes", "dataset_mean_return", "policies", "checkpoint_steps",
+                          "unfinished_phases", "value_correlation"}
   assert on_disk["value_correlation"] == {}  # no held-out episodes in this workdir
+  # a Run built by hand: no checkpoint steps, and a config without phases has none unfinished
+  assert on_disk["checkpoint_steps"] == {"phi": None, "theta": None, "theta_bar": None, "control": None}
+  assert on_disk["unfinished_phases"] == []
   assert on_disk["env"] == "maze" and on_disk["episodes"] == 7
   assert on_disk["dataset_mean_return"] == pytest.approx(np.mean([ep["meta"]["return"] for ep in dataset]))
   assert list(on_disk["policies"]) == ["bc", "qsft_beta2", "ratio"]
