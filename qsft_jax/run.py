@@ -40,6 +40,7 @@ import jax
 import ml_collections
 
 from qsft_jax import checkpoints
+from qsft_jax import config_lib
 from qsft_jax import losses
 from qsft_jax.config_lib import PHASES
 from qsft_jax import sharding as qsharding
@@ -373,7 +374,10 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> lis
   if old is None:
     return []
   allowed, refused = [], []
+  defaults = _flatten(_as_json(config_lib.base_config()))
   for field, a, b in _diff(old, _flatten(_as_json(config))):
+    if a is _ABSENT and field in defaults and b == defaults[field]:
+      continue  # a field newer than the workdir's config.json, at its default: what the run used
     why = _refusal(workdir, field, a, b, started)
     line = _change_line(field, a, b)
     if why is None:

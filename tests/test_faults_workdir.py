@@ -388,3 +388,15 @@ def test_sigterm_during_evaluation_is_not_left_to_the_trainers_handler(finished,
   finally:
     signal.signal(signal.SIGTERM, previous)
   assert not os.path.exists(os.path.join(finished, "eval", "results.json"))
+
+
+def test_a_field_newer_than_the_workdir_at_its_default_is_no_change(tmp_path):
+  """A workdir written before a config field existed (its config.json lacks it) resumes when the
+  field holds its default, the value the run effectively used; another value is still refused."""
+  old = tiny().to_dict()
+  del old["data"]["unknown_chars"]
+  path = lay_out(str(tmp_path / "w"), tiny(), FINISHED)
+  run_lib.write_json_atomic(os.path.join(path, "config.json"), old)
+  assert run_lib.check_workdir_config(path, tiny()) == []
+  with pytest.raises(run_lib.ConfigDriftError, match="data.unknown_chars"):
+    run_lib.check_workdir_config(path, tiny("--config.data.unknown_chars=unk"))
