@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from typing import Any, Mapping, Sequence
 
 from absl import flags
@@ -353,4 +352,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)
