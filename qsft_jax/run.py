@@ -30,6 +30,7 @@ import jax
 import ml_collections
 
 from qsft_jax import checkpoints
+from qsft_jax import errors
 from qsft_jax import losses
 from qsft_jax import sharding as qsharding
 from qsft_jax.data import DataConfig
@@ -70,7 +71,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; is {workdir!r} a qsft_jax workdir?")
+    raise errors.NotFoundError(f"{path}: no {CONFIG_FILE}; is {workdir!r} a qsft_jax workdir?")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -85,18 +86,24 @@ def tokenizer_spec(workdir: str, config: ml_collections.ConfigDict) -> str:
 
 
 def prepare_tokenizer(workdir: str, config: ml_collections.ConfigDict):
-  """The run's tokenizer; a char tokenizer built from config.tokenizer = "char" is saved into the
-  workdir (process 0, atomically: other processes may read it on a resume)."""
-  from qsft_jax.tokenizers import CharTokenizer, load_tokenizer
+  """The run's tokenizer, saved into the workdir (`save_tokenizer`)."""
+  from qsft_jax.tokenizers import load_tokenizer
 
   tokenizer = load_tokenizer(tokenizer_spec(workdir, config))
+  save_tokenizer(workdir, config, tokenizer)
+  return tokenizer
+
+
+def save_tokenizer(workdir: str, config: ml_collections.ConfigDict, tokenizer) -> None:
+  """A char tokenizer built from config.tokenizer = "char" is saved into the workdir (process 0,
+  atomically: other processes may read it on a resume); other tokenizers are named by the config."""
+  from qsft_jax.tokenizers import CharTokenizer
   if isinstance(tokenizer, CharTokenizer) and config.tokenizer == "char":
     path = os.path.join(workdir, TOKENIZER_FILE)
     if not os.path.exists(path) and jax.process_index() == 0:
       tmp = f"{path}.tmp{os.getpid()}"
       tokenizer.save(tmp)
       os.replace(tmp, path)
-  return tokenizer
 
 
 def model_config_from(config: ml_collections.ConfigDict, tokenizer) -> ModelConfig:
@@ -116,7 +123,7 @@ def save_model_config(workdir: str, model_config: ModelConfig) -> None:
 def read_model_config(workdir: str) -> ModelConfig:
   path = os.path.join(workdir, MODEL_CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: missing; the run did not get as far as building its model")
+    raise errors.NotFoundError(f"{path}: missing; the run did not get as far as building its model")
   with open(path) as f:
     fields = json.load(f)
   return ModelConfig.from_dict(fields)
@@ -205,7 +212,7 @@ def load(workdir: str, mesh=None, rules=None) -> Run:
   else:
     bc = checkpoints.restore_latest_params(workdir, "bc", ("params",), abstract)
     if bc is None:
-      raise FileNotFoundError(f"{workdir}: no checkpoint in bc/ or qsft/ yet")
+      raise errors.NotFoundError(f"{workdir}: no checkpoint in bc/ or qsft/ yet")
     sets = dict(behaviour_params=bc[1]["params"], behaviour_step=bc[0])
   control = checkpoints.restore_latest_params(workdir, "control", ("params",), abstract)
   if control is not None:
