@@ -36,6 +36,7 @@ keeps its traceback. A program's `main` may return an exit status (an int) or an
 """
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import re
 import sys
@@ -226,13 +227,57 @@ def _default_prog() -> str:
   return f"python {sys.argv[0]}" if sys.argv and sys.argv[0] else "python"
 
 
+def _debug() -> bool:
+  return os.environ.get(errors.DEBUG_ENV, "") not in ("", "0")
+
+
+class _HeldBack(pylogging.Filter):
+  """What libraries print about a failure to write, held back while a program runs.
+
+  Orbax and tensorstore log each failed background write with its traceback (and asyncio reports
+  the tasks and callbacks it leaves behind), then raise the failure to the program, which reports it
+  in one line. Their log records of a storage failure and the "Event loop is closed" reports of
+  unraisable exceptions are held here; a program that ends without reporting a failure prints them
+  after all (one line each), so nothing is lost. Not installed with QSFT_DEBUG=1.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[str] = []
+    self._default_hook = sys.unraisablehook
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if errors.storage_error(exc if exc is not None else Exception(record.getMessage())) is None:
+      return True
+    self.held.append(f"{record.levelname}: {record.getMessage().strip().splitlines()[0]}")
+    return False
+
+  def unraisable(self, report) -> None:
+    if isinstance(report.exc_value, RuntimeError) and "Event loop is closed" in str(report.exc_value):
+      self.held.append(f"unraisable exception in {report.object!r}: {report.exc_value}")
+      return
+    self._default_hook(report)
+
+  def install(self) -> None:
+    logging.use_absl_handler()  # what `parse` installs, here already, to be filtered from the start
+    for handler in pylogging.getLogger().handlers:
+      handler.addFilter(self)
+    sys.unraisablehook = self.unraisable
+
+  def uninstall(self) -> None:
+    for handler in pylogging.getLogger().handlers:
+      handler.removeFilter(self)
+    sys.unraisablehook = self._default_hook
+
+
 def fatal(prog: str, error: BaseException) -> NoReturn:
   """Reports a failure the user can fix: `FATAL: PROG: message` on stderr, exit status 1.
 
   The message's first line follows the prefix; its other lines (a list of bad data lines, say)
   follow it as they are. QSFT_DEBUG=1 prints the traceback first.
   """
-  if os.environ.get(errors.DEBUG_ENV, "") not in ("", "0"):
+  if _debug():
     traceback.print_exception(error)
   lines = [line.rstrip() for line in str(error).strip().splitlines() if line.strip()] or \
       [type(error).__name__]
@@ -248,16 +293,31 @@ def run(main: Callable[..., Any], argv: Sequence[str] | None = None) -> NoReturn
   Calls `main()` (or `main(argv)`, argv as sys.argv holds it), exits with its return value when it
   is an int, else 0. A `UserError`, or an exception that is a failure to write (read-only or not
   permitted path, full disk: `errors.storage_error`), exits 1 with one `FATAL: PROG: message` line
-  (PROG as the program gave it to `parse`). Usage errors exit 2 from `parse` itself.
+  (PROG as the program gave it to `parse`), the last line the program prints: what libraries log
+  about the failure is held back (`_HeldBack`), and so is their noise while the process ends
+  (argv None: the program the shell started). Usage errors exit 2 from `parse` itself.
   """
+  held = None if _debug() else _HeldBack()
+  error = None
   try:
+    if held is not None:
+      held.install()
     code = main() if argv is None else main(list(argv))
   except errors.UserError as e:
-    fatal(_prog or _default_prog(), e)
+    error = e
   except Exception as e:  # pylint: disable=broad-except
-    storage = errors.storage_error(e)
-    if storage is None:
+    error = errors.storage_error(e)
+    if error is None:
       raise
-    storage.__cause__ = e
-    fatal(_prog or _default_prog(), storage)
-  sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
+    error.__cause__ = e
+  finally:
+    if held is not None:
+      held.uninstall()
+  if error is None:
+    if held is not None and held.held:
+      sys.stderr.write("".join(f"WARNING: held back during the run: {line}\n" for line in held.held))
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
+  if argv is None and not _debug():  # the process ends: asyncio's and tensorstore's leftovers stay quiet
+    pylogging.disable(pylogging.CRITICAL)
+    sys.unraisablehook = lambda report: None
+  fatal(_prog or _default_prog(), error)

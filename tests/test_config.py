@@ -116,13 +116,14 @@ def test_data_files_must_exist_and_hold_an_episode(tmp_path):
   (tmp_path / "a.jsonl").write_text(episode)
   (tmp_path / "empty.jsonl").write_text("\n \n")
   (tmp_path / "sub").mkdir()
-  for path in (str(tmp_path / "a.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path), (str(tmp_path / "empty.jsonl"),
-                                                                                      str(tmp_path / "a.jsonl"))):
+  for path in (str(tmp_path / "a.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path)):
     c.data.path = path
     check_data_files(c)
+  check_data_files(ml_collections.ConfigDict({"data": {"path": (str(tmp_path / "empty.jsonl"),
+                                                                str(tmp_path / "a.jsonl"))}}))
   for path, pattern in (
       (str(tmp_path / "b.jsonl"), rf"^config\.data\.path: {tmp_path}/b\.jsonl: no such file, directory or "
-       "matching glob; set data.path to your JSONL file\(s\)"),
+       r"matching glob; set data.path to your JSONL file\(s\)"),
       (str(tmp_path / "sub"), rf"^config\.data\.path: {tmp_path}/sub: directory holds no \*\.jsonl files"),
       (str(tmp_path / "empty.jsonl"), rf"^config\.data\.path: {tmp_path}/empty\.jsonl: no episode \(the file "
        r"is empty\); one JSON episode per line"),

@@ -89,13 +89,13 @@ CONFIG_CASES = {
 def test_config_error_is_one_line_naming_the_field_and_writes_nothing(case, tmp_path, capsys):
   overrides, expected = CONFIG_CASES[case]
   (tmp_path / "empty.jsonl").write_text("\n\n")
-  overrides = [o.format(tmp=tmp_path) for o in overrides]
+  overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
   config = _config_with_bad_override_field(tmp_path) if case == "bad model override" else tu.TINY
   workdir = str(tmp_path / "w")
   capsys.readouterr()
   assert run_main(workdir, *overrides, config=config) == 1
   message = one_fatal_line(capsys.readouterr().err)
-  assert message.startswith(expected.format(tmp=tmp_path)), message
+  assert message.startswith(expected.replace("{tmp}", str(tmp_path))), message
   assert not os.path.exists(workdir), os.listdir(workdir)
 
 
@@ -252,7 +252,7 @@ def test_read_only_tmpfs_workdir(tmpfs):
 
 
 # Enough for the generated data and the first few checkpoints of phase 1, not for all of them.
-FULL_TMPFS_SIZE = "1m"
+FULL_TMPFS_SIZE = "2m"
 
 
 @pytest.mark.slow
