@@ -244,13 +244,16 @@ class _HeldBack(pylogging.Filter):
   def __init__(self):
     super().__init__()
     self.held: list[str] = []
+    self._records: list[pylogging.LogRecord] = []
     self._default_hook = sys.unraisablehook
 
   def filter(self, record: pylogging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
     if errors.storage_error(exc if exc is not None else Exception(record.getMessage())) is None:
       return True
-    self.held.append(f"{record.levelname}: {record.getMessage().strip().splitlines()[0]}")
+    if not any(record is r for r in self._records):  # each root handler asks once per record
+      self._records.append(record)
+      self.held.append(f"{record.levelname}: {record.getMessage().strip().splitlines()[0]}")
     return False
 
   def unraisable(self, report) -> None:

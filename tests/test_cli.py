@@ -364,3 +364,44 @@ def test_run_exits_with_mains_status_and_usage_errors_keep_status_2(capsys):
   assert entry(capsys, lambda: None) == (0, "")
   code, err = entry(capsys, lambda: 0, argv=("prog", "--nope"))
   assert code == 2 and err.startswith("FATAL: python -m fake: Unknown command line flag 'nope'"), err
+
+
+def test_run_holds_back_library_logs_of_a_storage_failure(capsys, monkeypatch):
+  """Orbax logs a failed background write with its traceback, then raises it: the log record is held
+  back behind the one FATAL line, and printed after all (one line) when the program does not fail."""
+  import logging as pylogging
+  monkeypatch.delenv("QSFT_DEBUG", raising=False)
+  failure = OSError(errno.ENOSPC, "No space left on device", "/w/bc/checkpoints/4.tmp")
+  shown = []
+  handler = pylogging.Handler()
+  handler.emit = lambda record: shown.append(record.getMessage())
+  root = pylogging.getLogger()
+  root.addHandler(handler)
+  monkeypatch.setattr(root, "level", pylogging.WARNING)
+  monkeypatch.setattr(pylogging.getLogger("orbax_like"), "propagate", True)
+
+  def logs_then(fails: bool):
+    def body():
+      try:
+        raise failure
+      except OSError:
+        pylogging.getLogger("orbax_like").error("background save failed", exc_info=True)
+      pylogging.getLogger("orbax_like").error("another problem")
+      if fails:
+        raise RuntimeError("finalize failed") from failure
+      return 0
+    return body
+
+  try:
+    code, err = entry(capsys, logs_then(True))
+    assert code == 1 and shown == ["another problem"], shown
+    assert err == ("FATAL: python -m fake: /w/bc/checkpoints/4.tmp: no space left on the device; free some "
+                   "space (or write elsewhere), then rerun the same command\n"), err
+    shown.clear()
+    code, err = entry(capsys, logs_then(False))
+    assert code == 0 and shown == ["another problem"], shown
+    assert err == "WARNING: held back during the run: ERROR: background save failed\n", err
+    pylogging.getLogger("orbax_like").error("background save failed after the program: shown")
+    assert shown == ["another problem", "background save failed after the program: shown"]
+  finally:
+    root.removeHandler(handler)
