@@ -49,13 +49,14 @@ class StorageError(UserError):
 _NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                  errno.EPERM: "operation not permitted"}
 _STORAGE_ERRNOS = (*_NOT_WRITABLE, errno.ENOSPC)
-# The same failures as other libraries word them (tensorstore under orbax: "[OS error 28] ...",
-# Python's "[Errno 28] ..."), and the strerror texts.
+# The same failures as other libraries word them: the strerror texts, tensorstore under orbax
+# ("... No space left on device [os_error_code='28']"), Python's "[Errno 28] ...".
+_CODE = r"\b(?:Errno|OS error|errno|os_error_code)[ =:']*{}\b"
 _MESSAGE_PATTERNS = (
-    (errno.ENOSPC, re.compile(r"No space left on device|\b(?:Errno|OS error|errno)[ =:]*28\b", re.I)),
-    (errno.EROFS, re.compile(r"Read-only file system|\b(?:Errno|OS error|errno)[ =:]*30\b", re.I)),
-    (errno.EACCES, re.compile(r"Permission denied|\b(?:Errno|OS error|errno)[ =:]*13\b", re.I)),
-    (errno.EPERM, re.compile(r"Operation not permitted", re.I)),
+    (errno.ENOSPC, re.compile(r"No space left on device|" + _CODE.format(28), re.I)),
+    (errno.EROFS, re.compile(r"Read-only file system|" + _CODE.format(30), re.I)),
+    (errno.EACCES, re.compile(r"Permission denied|" + _CODE.format(13), re.I)),
+    (errno.EPERM, re.compile(r"Operation not permitted|" + _CODE.format(1), re.I)),
 )
 # A quoted absolute path in a library's message ("Error writing local file \"/w/bc/...\"").
 _QUOTED_PATH = re.compile(r"""["'](/[^"']+)["']""")

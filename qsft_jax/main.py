@@ -376,11 +376,11 @@ def initial_params(phase: str, theta_init: str, pretrained: Any, fresh_params: C
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) every configured phase, then evaluation. Returns the final states by phase.
 
-  Every check comes before the first write to the workdir, so a run that cannot start leaves the
-  workdir as it was: the config, the data files it names, the tokenizer, the model (pretrained
-  weights load here), the workdir's existing files, the data's contents. The one write among them is
-  a bundled task's data, generated into WORKDIR/data/ (atomically, file by file) because it must
-  exist to be checked. Then config.json, the tokenizer and model_config.json are written.
+  Every check (the config, the data files it names, the tokenizer, the model: pretrained weights
+  load here) comes before the first write to the workdir, so a run that cannot start leaves the
+  workdir as it was; a check added to this prologue goes above "# Writes". The one write among the
+  checks is a bundled task's data, generated into WORKDIR/data/ (atomically, file by file) because it
+  must exist to be checked. Then config.json, the tokenizer and model_config.json are written.
   """
   maybe_initialize_distributed(config)
   # Checks

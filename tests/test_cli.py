@@ -342,12 +342,13 @@ def test_run_reports_a_user_error_in_one_line_with_exit_status_1(capsys, monkeyp
   code, err = entry(capsys, fails(errors.ConfigError("config.bc.steps: must be >= 1; got 0")))
   assert (code, err) == (1, "FATAL: python -m fake: config.bc.steps: must be >= 1; got 0\n")
   # a message of several lines keeps them (a list of bad data lines), and nothing else
-  code, err = entry(capsys, fails(errors.UserError("2 bad lines:\n  a.jsonl:3: turns: missing\n  a.jsonl:9: x\n")))
-  assert (code, err) == (1, "FATAL: python -m fake: 2 bad lines:\n  a.jsonl:3: turns: missing\n  a.jsonl:9: x\n")
+  lines = "2 bad lines:\n  a.jsonl:3: turns: missing\n  a.jsonl:9: x\n"
+  code, err = entry(capsys, fails(errors.UserError(lines)))
+  assert (code, err) == (1, f"FATAL: python -m fake: {lines}")
   # a full disk, wherever it is raised
   code, err = entry(capsys, fails(OSError(errno.ENOSPC, "No space left on device", "/w/x.json")))
-  assert (code, err) == (1, "FATAL: python -m fake: /w/x.json: no space left on the device; free some space (or "
-                            "write elsewhere), then rerun the same command\n")
+  assert (code, err) == (1, "FATAL: python -m fake: /w/x.json: no space left on the device; free some space "
+                            "(or write elsewhere), then rerun the same command\n")
   # anything else is a bug: its traceback stays
   with pytest.raises(ZeroDivisionError):
     entry(capsys, lambda: 1 / 0)

@@ -189,7 +189,12 @@ def test_full_disk_is_one_line_saying_that_rerunning_resumes(tmp_path, monkeypat
                 "[OS error 28] No space left on device"), "/w",
      "/w/bc/checkpoints/4.orbax-checkpoint-tmp-7/state/d/0: no space left on the device; free some space "
      "(or choose another --workdir), then rerun the same command"),
-    (RuntimeError("finalize failed"), "/w", None),
+    (ValueError('RESOURCE_EXHAUSTED: Error writing "params/6.0.0" in OCDBT database at local file '
+                '"/w/qsft/checkpoints/2.orbax-checkpoint-tmp/state/": Failed to write 95052 bytes to file 5: '
+                "[os_error_code='28']"), "/w",
+     "/w/qsft/checkpoints/2.orbax-checkpoint-tmp/state/: no space left on the device; free some space (or "
+     "choose another --workdir), then rerun the same command"),
+    (RuntimeError("finalize failed at step 128"), "/w", None),
     (OSError(errno.EROFS, "Read-only file system", "/w/config.json"), "/w",
      "/w/config.json: not writable (read-only file system); make the workdir /w writable or choose another "
      "--workdir"),
