@@ -16,7 +16,7 @@ it and turns every usage error into one line on stderr with exit status 2, no tr
       ...
 
     if __name__ == "__main__":
-      sys.exit(main())
+      cli.run(main)
 
 `main(argv)` takes argv as `sys.argv` holds it, the program name first: `main(["evaluate",
 "--workdir=DIR"])`. Flag names are snake_case; `--max-length` is read as `--max_length`, and a boolean
@@ -27,16 +27,30 @@ end with `usage_error(prog, message)`, the same one line and exit status 2.
 
 Programs that take a config file declare it with `config_flag(fv)`: `--config=configs/NAME.py[:ARG]`
 plus `--config.FIELD=VALUE` overrides, exactly as the trainer (`python -m qsft_jax.main`).
+
+`run(main)` is every program's entry point. A failure the user can fix (`qsft_jax.errors.UserError`,
+and a path that cannot be written or a full disk: `errors.storage_error`) is reported as one line,
+`FATAL: PROG: message` on stderr (a message of several lines keeps them, and nothing else), with exit
+status 1 and no traceback; QSFT_DEBUG=1 prints the traceback first. Any other exception is a bug and
+keeps its traceback. A program's `main` may return an exit status (an int) or anything else (0).
 """
 from __future__ import annotations
 
+import logging as pylogging
+import os
 import re
 import sys
 import textwrap
-from typing import NoReturn, Sequence
+import traceback
+from typing import Any, Callable, NoReturn, Sequence
 
 from absl import flags
 from absl import logging
+
+from qsft_jax import errors
+
+# The `prog` of the last `parse` call: the name `run` reports a failure under.
+_prog: str | None = None
 
 
 def new_flags() -> flags.FlagValues:
@@ -163,6 +177,8 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None = None, *, prog: str,
   and the flags and exits 0; an unknown flag, a bad value, a missing `required` flag, an unexpected
   positional argument, or a --config override naming no field exits 2 with one line on stderr.
   """
+  global _prog
+  _prog = prog
   argv = list(sys.argv if argv is None else argv)
   if argv and argv[0].startswith("--"):
     raise ValueError(f"argv[0] is the program name, as in sys.argv; got the flag {argv[0]!r} "
@@ -195,3 +211,116 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None = None, *, prog: str,
     flags.FLAGS.mark_as_parsed()
   logging.use_absl_handler()
   return rest[1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def _default_prog() -> str:
+  """How the shell started this program: "python -m MODULE" or "python SCRIPT"."""
+  main_module = sys.modules.get("__main__")
+  spec = getattr(main_module, "__spec__", None)
+  if spec is not None and spec.name:
+    name = spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+    return f"python -m {name}"
+  return f"python {sys.argv[0]}" if sys.argv and sys.argv[0] else "python"
+
+
+def _debug() -> bool:
+  return os.environ.get(errors.DEBUG_ENV, "") not in ("", "0")
+
+
+class _HeldBack(pylogging.Filter):
+  """What libraries print about a failure to write, held back while a program runs.
+
+  Orbax and tensorstore log each failed background write with its traceback (and asyncio reports
+  the tasks and callbacks it leaves behind), then raise the failure to the program, which reports it
+  in one line. Their log records of a storage failure and the "Event loop is closed" reports of
+  unraisable exceptions are held here; a program that ends without reporting a failure prints them
+  after all (one line each), so nothing is lost. Not installed with QSFT_DEBUG=1.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[str] = []
+    self._records: list[pylogging.LogRecord] = []
+    self._default_hook = sys.unraisablehook
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if errors.storage_error(exc if exc is not None else Exception(record.getMessage())) is None:
+      return True
+    if not any(record is r for r in self._records):  # each root handler asks once per record
+      self._records.append(record)
+      self.held.append(f"{record.levelname}: {record.getMessage().strip().splitlines()[0]}")
+    return False
+
+  def unraisable(self, report) -> None:
+    if isinstance(report.exc_value, RuntimeError) and "Event loop is closed" in str(report.exc_value):
+      self.held.append(f"unraisable exception in {report.object!r}: {report.exc_value}")
+      return
+    self._default_hook(report)
+
+  def install(self) -> None:
+    logging.use_absl_handler()  # what `parse` installs, here already, to be filtered from the start
+    for handler in pylogging.getLogger().handlers:
+      handler.addFilter(self)
+    sys.unraisablehook = self.unraisable
+
+  def uninstall(self) -> None:
+    for handler in pylogging.getLogger().handlers:
+      handler.removeFilter(self)
+    sys.unraisablehook = self._default_hook
+
+
+def fatal(prog: str, error: BaseException) -> NoReturn:
+  """Reports a failure the user can fix: `FATAL: PROG: message` on stderr, exit status 1.
+
+  The message's first line follows the prefix; its other lines (a list of bad data lines, say)
+  follow it as they are. QSFT_DEBUG=1 prints the traceback first.
+  """
+  if _debug():
+    traceback.print_exception(error)
+  lines = [line.rstrip() for line in str(error).strip().splitlines() if line.strip()] or \
+      [type(error).__name__]
+  sys.stdout.flush()
+  sys.stderr.write(f"FATAL: {prog}: " + "\n".join(lines) + "\n")
+  sys.stderr.flush()
+  sys.exit(1)
+
+
+def run(main: Callable[..., Any], argv: Sequence[str] | None = None) -> NoReturn:
+  """Every program's entry point: `if __name__ == "__main__": cli.run(main)`.
+
+  Calls `main()` (or `main(argv)`, argv as sys.argv holds it), exits with its return value when it
+  is an int, else 0. A `UserError`, or an exception that is a failure to write (read-only or not
+  permitted path, full disk: `errors.storage_error`), exits 1 with one `FATAL: PROG: message` line
+  (PROG as the program gave it to `parse`), the last line the program prints: what libraries log
+  about the failure is held back (`_HeldBack`), and so is their noise while the process ends
+  (argv None: the program the shell started). Usage errors exit 2 from `parse` itself.
+  """
+  held = None if _debug() else _HeldBack()
+  error = None
+  try:
+    if held is not None:
+      held.install()
+    code = main() if argv is None else main(list(argv))
+  except errors.UserError as e:
+    error = e
+  except Exception as e:  # pylint: disable=broad-except
+    error = errors.storage_error(e)
+    if error is None:
+      raise
+    error.__cause__ = e
+  finally:
+    if held is not None:
+      held.uninstall()
+  if error is None:
+    if held is not None and held.held:
+      sys.stderr.write("".join(f"WARNING: held back during the run: {line}\n" for line in held.held))
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
+  if argv is None and not _debug():  # the process ends: asyncio's and tensorstore's leftovers stay quiet
+    pylogging.disable(pylogging.CRITICAL)
+    sys.unraisablehook = lambda report: None
+  fatal(_prog or _default_prog(), error)

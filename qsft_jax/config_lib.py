@@ -2,7 +2,9 @@
 
 Every file in configs/ starts from `base_config()` and overrides what its task and scale need
 (big_vision style: one `get_config()` per file, `--config.FIELD=VALUE` on the command line).
-`check_config(config, device_count)` rejects a bad config with a message that names the field.
+`check_config(config, device_count)` rejects a bad config with a message that names the field;
+`check_data_files(config)` checks that data.path names files that hold episodes (the trainer calls
+both before it writes anything).
 
 Every config field, its default and its meaning are documented once, at the field in `base_config`
 and `_optim` below.
@@ -10,11 +12,12 @@ and `_optim` below.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import ml_collections
 
-from qsft_jax.errors import UserError
+from qsft_jax.errors import ConfigError
 from qsft_jax.sharding import DEFAULT_RULES
 
 PHASES = ("bc", "qsft", "control")
@@ -187,10 +190,6 @@ def cpu_value_learning(c: ml_collections.ConfigDict, setting: str = "") -> ml_co
   return c
 
 
-class ConfigError(UserError, ValueError):
-  """A config that cannot run; the message names the field."""
-
-
 def _fail(field: str, message: str):
   raise ConfigError(f"config.{field}: {message}")
 
@@ -242,6 +241,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
       _fail("phases", f"the {name} phase needs phi from the bc phase: put 'bc' first")
   if not config.data.path and not (config.task and config.dataset.generate):
     _fail("data.path", "is empty and no bundled task generates data (set data.path or task)")
+  _check_data_fields(config)
+  _check_model(config)
 
   batch_divisor = mesh["data"] * mesh["fsdp"]
   for name in ("qsft" if n == "control" else n for n in phases):
@@ -291,6 +292,73 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
   if config.loss.chunk_size < 1:
     _fail("loss.chunk_size", f"must be >= 1; got {config.loss.chunk_size}")
   return mesh
+
+
+def _check_data_fields(config: ml_collections.ConfigDict) -> None:
+  """config.data builds a `qsft_jax.data.DataConfig` (its own checks: max_length, reward_transform,
+  overlong, gamma, templates, unknown fields); its messages become ConfigErrors naming the field."""
+  from qsft_jax.data.loading import DataConfig
+  fields = config.data.to_dict()
+  unknown = sorted(set(fields) - set(DataConfig.__dataclass_fields__))
+  if unknown:
+    _fail(f"data.{unknown[0]}", f"unknown field; known: {', '.join(sorted(DataConfig.__dataclass_fields__))}")
+  try:
+    DataConfig.from_config(fields)
+  except (ValueError, TypeError) as e:
+    message = str(e).removeprefix("data.")
+    named = re.match(r"(\w+)(?:\.\w+)?:\s*(.*)", message, re.S)
+    if named and named[1] in fields:  # "max_length: must be >= 2", "reward_transform.kind: ..."
+      detail = named[2] + (f" (got {fields[named[1]]!r})" if named[1] == "reward_transform" else "")
+      _fail(f"data.{named[1]}", detail)
+    _fail("data", message)
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+  """model.overrides names ModelConfig fields; with model.init = "random", model.preset is a preset
+  and the overrides make a valid ModelConfig (vocab_size is the tokenizer's, checked at run time)."""
+  from qsft_jax.models import config as model_config_lib
+  overrides = config.model.overrides.to_dict()
+  known = [f for f in model_config_lib.ModelConfig.__dataclass_fields__]
+  unknown = sorted(set(overrides) - set(known))
+  if unknown:
+    _fail(f"model.overrides.{unknown[0]}", f"ModelConfig has no such field; its fields: {', '.join(known)}")
+  if config.model.init != "random":
+    return  # the pretrained weights' own config, checked when they load
+  if config.model.preset not in model_config_lib.preset_names():
+    _fail("model.preset", f"{config.model.preset!r} is not a preset; known: "
+          f"{', '.join(model_config_lib.preset_names())}")
+  try:
+    model_config_lib.get_preset(config.model.preset, **overrides)
+  except (ValueError, TypeError) as e:
+    message = str(e).removeprefix("ModelConfig: ")
+    named = [k for k in overrides if re.search(rf"\b{k}\b", message)]
+    field = f"model.overrides.{named[0]}" if named else "model.preset"
+    _fail(field, f"{message} (model.preset {config.model.preset!r} with model.overrides {overrides})")
+
+
+def check_data_files(config: ml_collections.ConfigDict) -> None:
+  """data.path (when set) names files that exist and hold at least one non-blank line. Reads the
+  filesystem, so it is separate from `check_config`, which also runs where the data is not (AOT)."""
+  if not config.data.path or config.data.get("source", "jsonl") != "jsonl":
+    return
+  from qsft_jax.data.episodes import resolve_paths
+  path = config.data.path
+  try:
+    files = resolve_paths(path if isinstance(path, str) else list(path))
+  except FileNotFoundError as e:
+    _fail("data.path", f"{e}; set data.path to your JSONL file(s), or leave it empty to generate the "
+          "task's data")
+  if not files:
+    _fail("data.path", f"{path!r} matches no file")
+  for file in files:
+    try:
+      with open(file, "rb") as f:
+        if any(line.strip() for line in f):
+          return
+    except OSError as e:
+      _fail("data.path", f"{file}: cannot be read: {e.strerror or e}")
+  _fail("data.path", f"{', '.join(files)}: no episode (the file{'s are' if len(files) > 1 else ' is'} "
+        "empty); one JSON episode per line is expected (README, Data format)")
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

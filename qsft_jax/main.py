@@ -25,12 +25,13 @@ import numpy as np
 from qsft_jax import checkpoints
 from qsft_jax import cli
 from qsft_jax import config_lib
-from qsft_jax.data import preflight
+from qsft_jax import errors
 from qsft_jax.errors import UserError
 from qsft_jax import losses
 from qsft_jax import phases
 from qsft_jax import run as run_lib
 from qsft_jax import sharding as qsharding
+from qsft_jax.data import check as data_check
 from qsft_jax.models import config as model_config_lib
 from qsft_jax.models import sharded
 
@@ -86,13 +87,27 @@ def prepare_data(config, workdir):
   return DataConfig.from_config(data, shuffle_seed=config.seed)
 
 
+def load_tokenizer(config, workdir):
+  """The run's tokenizer (the workdir's saved alphabet on a resume); writes nothing. A spec that does
+  not load is a ConfigError naming config.tokenizer."""
+  from qsft_jax.tokenizers import load_tokenizer as load
+  spec = run_lib.tokenizer_spec(workdir, config)
+  try:
+    return load(spec)
+  except (ValueError, OSError) as e:
+    raise config_lib.ConfigError(f"config.tokenizer: {spec!r} does not load: {e}") from e
+
+
 def build_model(config, tokenizer, mesh, rules):
   """(ModelConfig, initial params or None). Pretrained weights are loaded straight into shards."""
   if config.model.init == "random":
     model_config = run_lib.model_config_from(config, tokenizer)
     return model_config, None
   from qsft_jax.models.weights import load_params
-  model_config, params = load_params(config.model.init, mesh, rules, **config.model.overrides.to_dict())
+  try:
+    model_config, params = load_params(config.model.init, mesh, rules, **config.model.overrides.to_dict())
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(f"config.model.init: {config.model.init!r}: {e}") from e
   if model_config.vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError(
         f"config.tokenizer: {config.tokenizer!r} has {tokenizer.vocab_size} tokens but the weights of "
@@ -360,21 +375,33 @@ def initial_params(phase: str, theta_init: str, pretrained: Any, fresh_params: C
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) every configured phase, then evaluation. Returns the final states by phase."""
+  """Runs (or resumes) every configured phase, then evaluation. Returns the final states by phase.
+
+  Every check (the config, the data files it names, the tokenizer, the model: pretrained weights
+  load here) comes before the first write to the workdir, so a run that cannot start leaves the
+  workdir as it was; a check added to this prologue goes above "# Writes". The one write among the
+  checks is a bundled task's data, generated into WORKDIR/data/ (atomically, file by file) because it
+  must exist to be checked. Then config.json, the tokenizer and model_config.json are written.
+  """
   maybe_initialize_distributed(config)
+  # Checks
   mesh_shape = config_lib.check_config(config, jax.device_count(), jax.process_count())
+  config_lib.check_data_files(config)
   workdir = os.path.abspath(workdir)
-  run_lib.check_workdir_config(workdir, config)  # refuses changes that would corrupt the workdir
-  os.makedirs(workdir, exist_ok=True)
-  run_lib.write_config(workdir, config)
-  tokenizer = run_lib.prepare_tokenizer(workdir, config)
-  data_config = prepare_data(config, workdir)
-  preflight(data_config, tokenizer, echo=jax.process_index() == 0, tensorboard_dir=os.path.join(
-      workdir, "data", "tensorboard") if config.log.tensorboard and jax.process_index() == 0 else None)
+  tokenizer = load_tokenizer(config, workdir)
   mesh = qsharding.make_mesh(mesh_shape)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   model_config, pretrained = build_model(config, tokenizer, mesh, rules)
+  run_lib.check_workdir_config(workdir, config)  # refuses changes that would corrupt the workdir
+  data_config = prepare_data(config, workdir)
+  data_summary = data_check.preflight(data_config, tokenizer, echo=jax.process_index() == 0)
+  # Writes
+  os.makedirs(workdir, exist_ok=True)
+  run_lib.write_config(workdir, config)
+  run_lib.save_tokenizer(workdir, config, tokenizer)
   run_lib.save_model_config(workdir, model_config)
+  if config.log.tensorboard and jax.process_index() == 0:
+    data_check.write_scalars(data_summary, os.path.join(workdir, "data", "tensorboard"))
   preemption = Preemption()
 
   def fresh_params(offset: int):
@@ -409,9 +436,17 @@ def main(argv: list[str] | None = None) -> int:
   fv = define_flags(argv)
   cli.parse(fv, argv, prog="python -m qsft_jax.main", doc=__doc__, required=["config", "workdir"])
   logging.set_verbosity(fv.verbosity)
-  run(fv.config, fv.workdir)
+  try:
+    run(fv.config, fv.workdir)
+  except UserError:
+    raise
+  except Exception as e:  # a read-only or full workdir, wherever it surfaced (orbax's async saves too)
+    storage = errors.storage_error(e, os.path.abspath(fv.workdir), resumes=True)
+    if storage is None:
+      raise
+    raise storage from e
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -41,6 +41,7 @@ import ml_collections
 
 from qsft_jax import checkpoints
 from qsft_jax import config_lib
+from qsft_jax import errors
 from qsft_jax import losses
 from qsft_jax.config_lib import PHASES
 from qsft_jax import sharding as qsharding
@@ -100,8 +101,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise WorkdirError(f"{path}: no {CONFIG_FILE}; is {workdir!r} the --workdir of a "
-                       "qsft_jax.main run?")
+    raise WorkdirError(f"{path}: no {CONFIG_FILE}; is {workdir!r} a qsft_jax workdir?")
   try:
     with open(path) as f:
       return ml_collections.ConfigDict(json.load(f))
@@ -119,18 +119,24 @@ def tokenizer_spec(workdir: str, config: ml_collections.ConfigDict) -> str:
 
 
 def prepare_tokenizer(workdir: str, config: ml_collections.ConfigDict):
-  """The run's tokenizer; a char tokenizer built from config.tokenizer = "char" is saved into the
-  workdir (process 0, atomically: other processes may read it on a resume)."""
-  from qsft_jax.tokenizers import CharTokenizer, load_tokenizer
+  """The run's tokenizer, saved into the workdir (`save_tokenizer`)."""
+  from qsft_jax.tokenizers import load_tokenizer
 
   tokenizer = load_tokenizer(tokenizer_spec(workdir, config))
+  save_tokenizer(workdir, config, tokenizer)
+  return tokenizer
+
+
+def save_tokenizer(workdir: str, config: ml_collections.ConfigDict, tokenizer) -> None:
+  """A char tokenizer built from config.tokenizer = "char" is saved into the workdir (process 0,
+  atomically: other processes may read it on a resume); other tokenizers are named by the config."""
+  from qsft_jax.tokenizers import CharTokenizer
   if isinstance(tokenizer, CharTokenizer) and config.tokenizer == "char":
     path = os.path.join(workdir, TOKENIZER_FILE)
     if not os.path.exists(path) and jax.process_index() == 0:
       tmp = f"{path}.tmp{os.getpid()}"
       tokenizer.save(tmp)
       os.replace(tmp, path)
-  return tokenizer
 
 
 def model_config_from(config: ml_collections.ConfigDict, tokenizer) -> ModelConfig:
@@ -167,7 +173,7 @@ def data_config_from(config: ml_collections.ConfigDict) -> DataConfig:
 # One workdir, one config: which changes a new start may make
 
 
-class WorkdirError(UserError, FileNotFoundError):
+class WorkdirError(errors.NotFoundError):
   """A workdir that is missing, incomplete or unreadable for what was asked of it."""
 
 

@@ -15,7 +15,6 @@ is reported too.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from absl import flags
@@ -125,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

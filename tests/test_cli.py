@@ -3,12 +3,15 @@
 The programs are found, not listed: each module of qsft_jax/ runnable with `python -m` (a `__main__.py`
 or an `if __name__ == "__main__":` block) and each script in benchmarks/, experiments/ and scripts/.
 Each answers --help with exit status 0 and an unknown flag with exit status 2 and one line on
-stderr, no traceback; no argparse import remains. Programs with a `main(argv)` are called in-process
+stderr, no traceback; no argparse import remains. Each enters through `cli.run(main)`, which reports a
+failure the user can fix (`qsft_jax.errors.UserError`, an unwritable or full disk) as one line with
+exit status 1. Programs with a `main(argv)` are called in-process
 (argv[0] is the program name, as in sys.argv); the flag spellings users already type are checked
 against each program's own flag definitions, without running the program.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import importlib
 import importlib.util
@@ -103,17 +106,30 @@ def test_help_exits_0_and_an_unknown_flag_exits_2_in_one_line(kind, name, rel, c
   assert err.startswith("FATAL: ") and "no_such_flag" in err, err
 
 
-def test_as_the_shell_runs_them():
-  """The `if __name__ == "__main__"` entry points: a module with -m and a script by its path."""
+def test_as_the_shell_runs_them(tmp_path):
+  """The `if __name__ == "__main__"` entry points: a module with -m and a script by its path; usage
+  errors exit 2, a UserError (here: a workdir that is not one) exits 1, each in one line."""
   cases = {("-m", "qsft_jax.envs.generate", "--task=go"):
-               "FATAL: python -m qsft_jax.envs.generate: flag --task=go: value should be one of <",
+               (2, "FATAL: python -m qsft_jax.envs.generate: flag --task=go: value should be one of <"),
            ("scripts/results.py", "--name"):
-               "FATAL: python scripts/results.py: Missing value for flag --name (--help lists the flags)"}
-  for command, line in cases.items():
+               (2, "FATAL: python scripts/results.py: Missing value for flag --name (--help lists the flags)"),
+           ("-m", "qsft_jax.evaluate", f"--workdir={tmp_path}"):
+               (1, f"FATAL: python -m qsft_jax.evaluate: {tmp_path}/config.json: no config.json; is "
+                   f"'{tmp_path}' a qsft_jax workdir?")}
+  for command, (code, line) in cases.items():
     result = subprocess.run([sys.executable, *command], cwd=REPO, env=subprocess_env(), capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.returncode == code and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(line), result.stderr
+
+
+def test_every_program_enters_through_cli_run():
+  """The body of each program's `if __name__ == "__main__":` block is `cli.run(main)`."""
+  entry = re.compile(r"^if __name__ == .__main__.:\n(.*)\Z", re.M | re.S)
+  for kind, name, rel in PROGRAMS:
+    with open(os.path.join(REPO, rel), encoding="utf-8") as f:
+      block = entry.search(f.read())
+    assert block and block[1].strip() == "cli.run(main)", (rel, block and block[1])
 
 
 def test_no_argparse_remains():
@@ -296,3 +312,97 @@ def test_usage_error_flattens_the_message(capsys):
 def test_argv_without_the_program_name_is_a_programming_error():
   with pytest.raises(ValueError, match="argv\\[0\\] is the program name"):
     cli.parse(small_flags(), ["--max-length", "3"], prog="prog")
+
+
+# ------------------------------------------------------------------------------------------------
+# cli.run: the entry point
+
+
+def entry(capsys, body, argv=("prog",)) -> tuple[int, str]:
+  """(exit status, stderr) of cli.run on a program whose main parses `argv` (prog "python -m fake")
+  and then runs body()."""
+  def main(argv):
+    cli.parse(cli.new_flags(), argv, prog="python -m fake")
+    return body()
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    cli.run(main, list(argv))
+  return exit_.value.code, capsys.readouterr().err
+
+
+def test_run_reports_a_user_error_in_one_line_with_exit_status_1(capsys, monkeypatch):
+  from qsft_jax import errors
+  monkeypatch.delenv("QSFT_DEBUG", raising=False)
+
+  def fails(error):
+    def body():
+      raise error
+    return body
+
+  code, err = entry(capsys, fails(errors.ConfigError("config.bc.steps: must be >= 1; got 0")))
+  assert (code, err) == (1, "FATAL: python -m fake: config.bc.steps: must be >= 1; got 0\n")
+  # a message of several lines keeps them (a list of bad data lines), and nothing else
+  lines = "2 bad lines:\n  a.jsonl:3: turns: missing\n  a.jsonl:9: x\n"
+  code, err = entry(capsys, fails(errors.UserError(lines)))
+  assert (code, err) == (1, f"FATAL: python -m fake: {lines}")
+  # a full disk, wherever it is raised
+  code, err = entry(capsys, fails(OSError(errno.ENOSPC, "No space left on device", "/w/x.json")))
+  assert (code, err) == (1, "FATAL: python -m fake: /w/x.json: no space left on the device; free some space "
+                            "(or write elsewhere), then rerun the same command\n")
+  # anything else is a bug: its traceback stays
+  with pytest.raises(ZeroDivisionError):
+    entry(capsys, lambda: 1 / 0)
+  # QSFT_DEBUG=1: the traceback, then the same line
+  monkeypatch.setenv("QSFT_DEBUG", "1")
+  code, err = entry(capsys, fails(errors.ConfigError("config.task: 'go' is not a bundled task")))
+  assert code == 1 and err.startswith("Traceback (most recent call last)") and "in body" in err, err
+  assert err.endswith("\nFATAL: python -m fake: config.task: 'go' is not a bundled task\n"), err
+
+
+def test_run_exits_with_mains_status_and_usage_errors_keep_status_2(capsys):
+  assert entry(capsys, lambda: 3) == (3, "")
+  assert entry(capsys, lambda: {"tokens_per_s": 1.0}) == (0, "")  # benchmarks return their record
+  assert entry(capsys, lambda: None) == (0, "")
+  code, err = entry(capsys, lambda: 0, argv=("prog", "--nope"))
+  assert code == 2 and err.startswith("FATAL: python -m fake: Unknown command line flag 'nope'"), err
+
+
+def test_run_holds_back_library_logs_of_a_storage_failure(capsys, monkeypatch):
+  """Orbax logs a failed background write with its traceback, then raises it: the log record is held
+  back behind the one FATAL line, and printed after all (one line) when the program does not fail."""
+  import logging as pylogging
+  monkeypatch.delenv("QSFT_DEBUG", raising=False)
+  failure = OSError(errno.ENOSPC, "No space left on device", "/w/bc/checkpoints/4.tmp")
+  shown = []
+  handler = pylogging.Handler()
+  handler.emit = lambda record: shown.append(record.getMessage())
+  root = pylogging.getLogger()
+  root.addHandler(handler)
+  monkeypatch.setattr(root, "level", pylogging.WARNING)
+  monkeypatch.setattr(pylogging.getLogger("orbax_like"), "propagate", True)
+
+  def logs_then(fails: bool):
+    def body():
+      try:
+        raise failure
+      except OSError:
+        pylogging.getLogger("orbax_like").error("background save failed", exc_info=True)
+      pylogging.getLogger("orbax_like").error("another problem")
+      if fails:
+        raise RuntimeError("finalize failed") from failure
+      return 0
+    return body
+
+  try:
+    code, err = entry(capsys, logs_then(True))
+    assert code == 1 and shown == ["another problem"], shown
+    assert err == ("FATAL: python -m fake: /w/bc/checkpoints/4.tmp: no space left on the device; free some "
+                   "space (or write elsewhere), then rerun the same command\n"), err
+    shown.clear()
+    code, err = entry(capsys, logs_then(False))
+    assert code == 0 and shown == ["another problem"], shown
+    assert err == "WARNING: held back during the run: ERROR: background save failed\n", err
+    pylogging.getLogger("orbax_like").error("background save failed after the program: shown")
+    assert shown == ["another problem", "background save failed after the program: shown"]
+  finally:
+    root.removeHandler(handler)

@@ -19,7 +19,6 @@ import ast
 import inspect
 import json
 import random
-import sys
 import time
 from typing import Iterator, Sequence
 
@@ -155,4 +154,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from qsft_jax.errors import ConfigError
+
 FAMILIES = ("gpt2", "llama")
 ACTIVATIONS = ("gelu_new", "silu")
 DTYPES = ("float32", "bfloat16")
@@ -137,9 +139,16 @@ def preset_names() -> tuple[str, ...]:
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:
-  """A named preset, optionally with fields replaced (`get_preset("tiny-llama", vocab_size=40)`)."""
+  """A named preset, optionally with fields replaced (`get_preset("tiny-llama", vocab_size=40)`).
+
+  An unknown name or field is a ConfigError (a ValueError) naming it and what is known.
+  """
   if name not in _PRESETS:
-    raise ValueError(f"unknown model preset {name!r}; known: {', '.join(_PRESETS)}")
+    raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(_PRESETS)}")
+  unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+  if unknown:
+    raise ConfigError(f"ModelConfig has no field {unknown[0]!r} (overriding preset {name!r}); its fields: "
+                      f"{', '.join(f.name for f in dataclasses.fields(ModelConfig))}")
   return _PRESETS[name].replace(**overrides)
 
 
