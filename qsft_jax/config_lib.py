@@ -24,6 +24,7 @@ PHASES = ("bc", "qsft", "control")
 TASKS = ("", "maze", "wordle", "chess")
 THETA_INITS = ("pretrained", "phi", "phi_init", "fresh")
 STORAGE_DTYPES = ("", "float32", "bfloat16")  # "": the parameters' own dtype
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: learning rates above it overflow
 
 
 def _optim(steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
@@ -124,7 +125,13 @@ def base_config() -> ml_collections.ConfigDict:
       # bytes but rounds each Polyak update of theta_bar (small tau: prefer target_update_every).
       frozen_dtype=""))
   c.loss = ml_collections.ConfigDict(dict(chunk_size=128))  # rows per chunk of the chunked losses
-  c.on_nonfinite = "stop"  # "stop": fail naming the step and metric; "skip": skip that update
+  # A step whose loss, gradient norm or updated parameters are not finite: "stop" fails naming the step
+  # and metric, before anything from that state is saved; "skip" leaves the state unchanged.
+  c.on_nonfinite = "stop"
+  # Limits of on_nonfinite = "skip": a phase stops (with the checkpoints before the skipped steps)
+  # after `max_consecutive_skips` skipped steps in a row, and a phase that skipped more than
+  # `max_skipped_fraction` of its steps is not marked DONE (its checkpoints stay).
+  c.nonfinite = ml_collections.ConfigDict(dict(max_consecutive_skips=10, max_skipped_fraction=0.1))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=200,
       keep=2,             # the last `keep` checkpoints ...
@@ -222,7 +229,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
   if unknown:
     _fail(sorted(unknown)[0], f"unknown field; known top-level fields: {', '.join(sorted(known))}")
   for section in ("dataset", "data", "model", "mesh", "distributed", "bc", "qsft", "loss",
-                  "checkpoint", "log", "eval"):
+                  "nonfinite", "checkpoint", "log", "eval"):
     base = base_config()[section]
     extra = set(config[section].keys()) - set(base.keys())
     if section in ("data",):  # data fields are checked by DataConfig itself, which knows them all
@@ -249,6 +256,9 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
     p = config[name]
     if p.steps < 1:
       _fail(f"{name}.steps", f"must be >= 1; got {p.steps}")
+    if not math.isfinite(p.learning_rate) or abs(p.learning_rate) > FLOAT32_MAX:
+      _fail(f"{name}.learning_rate", f"{p.learning_rate} is not a finite float32 (the steps compute in "
+            f"float32, largest {FLOAT32_MAX:.4g}): every update would be NaN; use a rate such as 1e-3")
     if p.learning_rate <= 0:
       _fail(f"{name}.learning_rate", f"must be > 0; got {p.learning_rate}")
     if p.mu_dtype not in STORAGE_DTYPES:
@@ -287,6 +297,11 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
             "random initialisation), 'fresh' or load weights")
   if config.on_nonfinite not in ("stop", "skip"):
     _fail("on_nonfinite", f"must be 'stop' or 'skip'; got {config.on_nonfinite!r}")
+  n = config.nonfinite
+  if not isinstance(n.max_consecutive_skips, int) or n.max_consecutive_skips < 1:
+    _fail("nonfinite.max_consecutive_skips", f"must be an integer >= 1; got {n.max_consecutive_skips!r}")
+  if not 0.0 <= n.max_skipped_fraction <= 1.0:
+    _fail("nonfinite.max_skipped_fraction", f"must be in [0, 1]; got {n.max_skipped_fraction!r}")
   if config.checkpoint.every_steps < 1 or config.checkpoint.keep < 1:
     _fail("checkpoint.every_steps", "every_steps and keep must be >= 1")
   if config.loss.chunk_size < 1:

@@ -4,13 +4,17 @@
 
 Read top to bottom: set-up (distributed, config checks, tokenizer, data, mesh, model), then each
 phase in `run_phase`, then evaluation. Running the same command again on the same workdir resumes
-from whatever it holds: a finished phase is not re-run, an unfinished one restarts from its latest
-complete checkpoint with the data iterator at the same position, so the result equals an
+from whatever it holds: a finished phase is not re-run, an unfinished one restarts from its newest
+checkpoint that restores (a damaged newer one is reported and moved aside) with the data iterator
+at the same position and the metrics history up to that step, so the result equals an
 uninterrupted run's. SIGTERM (preemption) saves a checkpoint at the current step and exits.
+Nothing non-finite is saved: every step's loss, gradient norm, learning rate and updated
+parameters are checked before a checkpoint is written (on_nonfinite, nonfinite.*).
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sys
@@ -37,7 +41,8 @@ from qsft_jax.models import sharded
 
 
 class NonFiniteError(UserError, FloatingPointError):
-  """A train step produced a non-finite metric; nothing from that state was checkpointed."""
+  """A train step produced a non-finite loss, gradient norm, learning rate or parameters (nothing from
+  that state was checkpointed), or a phase skipped too many such steps."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,11 +163,35 @@ class Preemption:
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
-class MetricsLog:
-  """Host-side metrics: checks for non-finite values, writes TensorBoard, drives the progress bar."""
+def check_skipped_fraction(phase: str, skipped_steps: int, total_steps: int, limit: float) -> None:
+  """Raises NonFiniteError when a phase skipped more than `limit` (nonfinite.max_skipped_fraction)
+  of its steps: called at its end, instead of marking it DONE."""
+  if skipped_steps > limit * total_steps:
+    section = "qsft" if phase == "control" else phase
+    raise NonFiniteError(
+        f"{phase}: {skipped_steps} of its {total_steps} steps were skipped as non-finite, more than "
+        f"nonfinite.max_skipped_fraction={limit}; the phase is not marked DONE and its checkpoints "
+        f"stay. Lower {section}.learning_rate or check the data and train the phase again (move "
+        f"{phase}/checkpoints away), or raise nonfinite.max_skipped_fraction to accept it")
 
-  def __init__(self, config, workdir, phase, total_steps, start_step, step_flops, schedule):
+
+class MetricsLog:
+  """Host-side metrics: checks for non-finite values, keeps the phase's history (saved with every
+  checkpoint, so that a resumed phase continues it), writes TensorBoard, drives the progress bar.
+
+  `restored`: the `snapshot()` saved with the checkpoint the phase resumes from (None: a fresh
+  phase); its history is trimmed to `start_step`, and the skip counters continue from it.
+  """
+
+  RATE_KEYS = ("tokens_per_s", "steps_per_s", "model_flops_per_s_per_device", "mfu")
+
+  def __init__(self, config, workdir, phase, total_steps, start_step, step_flops, schedule,
+               restored: dict | None = None):
     self.phase, self.schedule, self.step_flops = phase, schedule, step_flops
+    self.section = "qsft" if phase == "control" else phase  # the config section of its optimizer
+    self.total_steps = total_steps
+    self.max_consecutive_skips = config.nonfinite.max_consecutive_skips
+    self.max_skipped_fraction = config.nonfinite.max_skipped_fraction
     self.pending: list[tuple[int, dict]] = []
     self.last_time, self.last_step, self.tokens = time.time(), start_step, 0.0
     self.peak = device_peak_flops()
@@ -175,28 +204,70 @@ class MetricsLog:
       from tqdm import tqdm
       self.bar = tqdm(total=total_steps, initial=start_step, desc=phase, dynamic_ncols=True,
                       file=sys.stderr, mininterval=1.0)
-    self.history: list[dict] = []
-    self.skipped_steps = 0  # non-finite steps skipped by this process (on_nonfinite="skip")
+    restored = restored or {}
+    # One entry per log or periodic checkpoint step (and value-diagnostics step), up to the last step
+    # flushed: what an uninterrupted run logs, whatever kills and resumes happened in between.
+    self.history: list[dict] = [dict(h) for h in restored.get("history", ())
+                                if h.get("step", 0) <= start_step]
+    self.skipped_steps = int(restored.get("skipped_steps", 0))  # on_nonfinite="skip": steps skipped
+    self.consecutive_skips = int(restored.get("consecutive_skips", 0))  # ... in a row, up to now
+
+  def snapshot(self) -> dict:
+    """What a checkpoint saves of the log (a copy: an async save serialises it later)."""
+    return {"history": [dict(h) for h in self.history], "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips}
 
   def add(self, step: int, metrics: dict) -> None:
     self.pending.append((step, metrics))  # device arrays: fetching them later keeps dispatch async
 
-  def flush(self) -> dict | None:
-    """Fetches pending metrics; raises NonFiniteError naming the first bad step and metric."""
+  def _check(self, step: int, metrics: dict, learning_rate: float) -> None:
+    """Raises NonFiniteError when step `step` must not reach a checkpoint; counts skipped steps."""
+    if not np.isfinite(learning_rate):
+      raise NonFiniteError(f"{self.phase} step {step}: the learning rate is {learning_rate}; no "
+                           f"checkpoint was written from this state (set {self.section}.learning_rate "
+                           "to a finite float32 value)")
+    if float(metrics.get("skipped", 0.0)) > 0:  # on_nonfinite="skip": the update was not applied
+      self.skipped_steps += 1
+      self.consecutive_skips += 1
+      logging.warning("%s step %d: non-finite loss, gradient or updated parameters; the update was "
+                      "skipped (%d in a row, %d in this phase)", self.phase, step,
+                      self.consecutive_skips, self.skipped_steps)
+      if self.consecutive_skips >= self.max_consecutive_skips:
+        first = step - self.consecutive_skips + 1
+        raise NonFiniteError(
+            f"{self.phase} step {step}: steps {first} to {step} were all skipped as non-finite "
+            f"(nonfinite.max_consecutive_skips={self.max_consecutive_skips}); the checkpoints hold "
+            f"the state before step {first}. Lower {self.section}.learning_rate or check the data, "
+            "then rerun")
+      return
+    self.consecutive_skips = 0
+    for name, value in metrics.items():
+      if not np.isfinite(value):
+        raise NonFiniteError(f"{self.phase} step {step}: metric {name} = {float(value)} is not finite; "
+                             "no checkpoint was written from this state (set on_nonfinite='skip' to "
+                             "skip such steps instead)")
+    if float(metrics.get("params_finite", 1.0)) == 0.0:
+      raise NonFiniteError(
+          f"{self.phase} step {step}: the updated parameters are not finite (with a finite loss and "
+          f"gradient norm: the update overflowed); no checkpoint was written from this state (lower "
+          f"{self.section}.learning_rate, or set on_nonfinite='skip' to skip such steps)")
+
+  def check_skipped_fraction(self) -> None:
+    """`check_skipped_fraction` of this phase's count (at its end, before marking it DONE)."""
+    check_skipped_fraction(self.phase, self.skipped_steps, self.total_steps, self.max_skipped_fraction)
+
+  def flush(self, record: bool = True) -> dict | None:
+    """Fetches pending metrics and checks them (`_check`: raises NonFiniteError naming the first bad
+    step). `record`: append the last step's entry to the history (log and periodic checkpoint steps;
+    not an extra save for SIGTERM, so that the history does not depend on when a run was stopped)."""
     if not self.pending:
       return None
     fetched = jax.device_get([m for _, m in self.pending])
     steps = [s for s, _ in self.pending]
     self.pending = []
-    for step, metrics in zip(steps, fetched):
-      if float(metrics.get("skipped", 0.0)) > 0:  # on_nonfinite="skip": the update was not applied
-        self.skipped_steps += 1
-        continue
-      for name, value in metrics.items():
-        if not np.isfinite(value):
-          raise NonFiniteError(f"{self.phase} step {step}: metric {name} = {float(value)} is not finite; "
-                               "no checkpoint was written from this state (set on_nonfinite='skip' to "
-                               "skip such steps instead)")
+    rates = np.asarray(self.schedule(np.asarray(steps) - 1), np.float64).reshape(-1)
+    for step, metrics, learning_rate in zip(steps, fetched, rates):
+      self._check(step, metrics, float(learning_rate))
     now = time.time()
     seconds = max(now - self.last_time, 1e-9)
     tokens = sum(float(m["tokens"]) for m in fetched)
@@ -208,14 +279,15 @@ class MetricsLog:
         rate["mfu"] = achieved / self.peak
     self.last_time, self.last_step = now, steps[-1]
     last = {k: float(v) for k, v in fetched[-1].items()}
-    last.update(rate, learning_rate=float(self.schedule(steps[-1] - 1)), step=steps[-1],
+    last.update(rate, learning_rate=float(rates[-1]), step=steps[-1],
                 skipped_steps=self.skipped_steps)
-    self.history.append(last)
+    if record:
+      self.history.append(last)
     if self.writer is not None:
-      for step, metrics in zip(steps, fetched):
+      for step, metrics, learning_rate in zip(steps, fetched, rates):
         for name, value in metrics.items():
           self.writer.add_scalar(f"{self.phase}/{name}", float(value), step)
-        self.writer.add_scalar(f"{self.phase}/learning_rate", float(self.schedule(step - 1)), step)
+        self.writer.add_scalar(f"{self.phase}/learning_rate", float(learning_rate), step)
       for name, value in rate.items():
         self.writer.add_scalar(f"{self.phase}/{name}", value, steps[-1])
       self.writer.flush()
@@ -292,38 +364,51 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
       num_shards=config.data_shards or jax.process_count(), process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed + phases.DATA_SEED_OFFSET[phase])
   manager = checkpoints.make_manager(workdir, phase, config)
-  latest = manager.latest_step()
-  if latest is not None:
+  restored = None
+  if manager.all_steps():  # the newest checkpoint that restores (damaged newer ones moved aside)
     abstract = program.abstract_state(sharded.param_shapes(program.model, model_config))
-    state = checkpoints.restore(manager, latest, abstract, iterator)
+    try:
+      restored = checkpoints.restore_latest(manager, abstract, iterator, label=phase)
+    except BaseException:
+      manager.close()
+      raise
+  if restored is not None:
+    state, latest = restored.state, restored.step
+    saved_log = restored.history if restored.history is not None else _saved_metrics(workdir, phase)
     if jax.process_index() == 0:
       print(f"{phase}: resumed from the checkpoint of step {latest}", flush=True)
   else:
     with jax.set_mesh(mesh):
       state = jax.jit(program.init_state, out_shardings=program.state_shardings)(initial_params())
-    latest = 0
+    latest, saved_log = 0, None
+
   if latest >= p.steps:
     manager.close()
     if not checkpoints.is_done(workdir, phase):  # killed between its last save and the marker
+      check_skipped_fraction(phase, int((saved_log or {}).get("skipped_steps", 0)), p.steps,
+                             config.nonfinite.max_skipped_fraction)
       checkpoints.mark_done(workdir, phase, p.steps)
     return state
 
   tokens_per_step = p.batch_size * data_config.max_length
   forward = model_config_lib.flops_per_token(model_config, data_config.max_length) * tokens_per_step
   step_flops = forward * (3 if phase == "bc" else 5)  # training pass = 3 forwards; Q-SFT adds 2
-  log = MetricsLog(config, workdir, phase, p.steps, latest, step_flops, schedule)
+  log = MetricsLog(config, workdir, phase, p.steps, latest, step_flops, schedule, restored=saved_log)
   diagnose = value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config)
+  metrics_path = os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json")
   try:
     for step in range(latest + 1, p.steps + 1):
       batch = qsharding.global_batch_from_host_local(next(iterator), mesh, rules)
       state, metrics = step_fn(state, batch)
       log.add(step, metrics)
       periodic = step % config.checkpoint.every_steps == 0 or step == p.steps
-      stop = preemption.should_stop(periodic or step % config.log.every_steps == 0)
+      logged = step % config.log.every_steps == 0
+      stop = preemption.should_stop(periodic or logged)
       save_now = periodic or stop
-      if save_now or step % config.log.every_steps == 0:
-        last = log.flush()  # before any save: a non-finite state is never checkpointed
-        if last is not None and jax.process_index() == 0 and step % config.log.every_steps == 0:
+      if save_now or logged:
+        # before any save: a non-finite state is never checkpointed
+        last = log.flush(record=periodic or logged)
+        if last is not None and jax.process_index() == 0 and logged:
           print(f"{phase} step {step}: " + ", ".join(
               f"{k}={v:.4g}" for k, v in last.items() if k != "step"), flush=True)
       if diagnose is not None and (step % config.log.value_diagnostics_every == 0 or step == p.steps):
@@ -332,7 +417,10 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
         if jax.process_index() == 0:
           print(f"{phase} step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in values.items()), flush=True)
       if save_now:
-        checkpoints.save(manager, step, state, iterator)
+        snapshot = log.snapshot()
+        if jax.process_index() == 0:  # readable while the run goes on; the checkpoint holds the same
+          run_lib.write_json_atomic(metrics_path, snapshot["history"])
+        checkpoints.save(manager, step, state, iterator, history=snapshot)
       if stop:
         manager.wait_until_finished()
         logging.warning("%s: saved step %d after SIGTERM; exiting", phase, step)
@@ -342,10 +430,26 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
     log.close()
     manager.close()
   if jax.process_index() == 0:
-    run_lib.write_json_atomic(os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json"),
-                              log.history)
+    run_lib.write_json_atomic(metrics_path, log.history)
+  log.check_skipped_fraction()
   checkpoints.mark_done(workdir, phase, p.steps)
   return state
+
+
+def _saved_metrics(workdir: str, phase: str) -> dict | None:
+  """The phase's metrics.json as a `MetricsLog.snapshot()`, for a checkpoint saved without its
+  history; None when there is none."""
+  path = os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      history = json.load(f)
+  except (OSError, ValueError) as e:
+    logging.warning("%s: %s cannot be read (%s); the metrics history starts again", phase, path, e)
+    return None
+  skipped = max((int(h.get("skipped_steps", 0)) for h in history), default=0)
+  return {"history": history, "skipped_steps": skipped}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,8 +45,8 @@ class StepOptions:
 
   chunk_size: rows per chunk of the chunked losses (config loss.chunk_size), >= 1.
   microbatches: gradient-accumulation parts of the global batch (config bc/qsft.microbatches), >= 1.
-  skip_nonfinite: a step with a non-finite loss or gradient leaves the state unchanged (config
-    on_nonfinite = "skip") instead of applying it.
+  skip_nonfinite: a step with a non-finite loss, gradient norm or updated parameters leaves the state
+    unchanged (config on_nonfinite = "skip") instead of applying it.
   """
   chunk_size: int = 128
   microbatches: int = 1
@@ -185,19 +185,33 @@ def _hidden(model, params, batch):
                      method="hidden_states")
 
 
+def tree_is_finite(tree: Any) -> jax.Array:
+  """bool []: every element of every floating-point leaf of `tree` is finite (one fused reduction
+  per leaf; no squares or sums that could overflow on large finite values)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.ones((), jnp.bool_)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _apply_update(state, grads, loss, optimizer, skip_nonfinite):
-  """Optimizer update; with skip_nonfinite, a step with a non-finite loss or gradient leaves
-  params and optimizer state unchanged. Returns (new state fields, grad norm, skipped flag)."""
+  """Optimizer update. Returns (params, opt_state, grad norm, params_finite, skipped).
+
+  params_finite: the updated parameters are all finite (a finite loss and gradient can still give
+  non-finite parameters: an overflowing learning rate or optimizer state). With skip_nonfinite, a
+  step with a non-finite loss, gradient norm or updated parameters leaves params and optimizer
+  state unchanged (skipped = True)."""
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  params_finite = tree_is_finite(params)
   skipped = jnp.zeros((), jnp.bool_)
   if skip_nonfinite:
-    skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skipped, o, n), new, old)
     params = keep(params, state["params"])
     opt_state = keep(opt_state, state["opt_state"])
-  return params, opt_state, grad_norm, skipped
+  return params, opt_state, grad_norm, params_finite, skipped
 
 
 def _accumulate(micro_fn, batch, microbatches, row_sharding, params):
@@ -235,7 +249,9 @@ def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.G
   """Jitted BC (cross-entropy on action tokens) step: (state, batch) -> (state, metrics).
 
   metrics (floats, replicated): loss, grad_norm, mean_logp (mean log p of the taken action tokens),
-  action_tokens, tokens, skipped (1.0 when a non-finite step was skipped; 0 unless skip_nonfinite).
+  action_tokens, tokens, params_finite (1.0 when the optimizer update gave finite parameters, else
+  0.0: the trainer stops before saving, or the step was skipped), skipped (1.0 when a non-finite step
+  was skipped; 0 unless skip_nonfinite).
   """
   rows = qsharding.batch_sharding(mesh, rules)
   vocab = model_config.vocab_size
@@ -256,12 +272,13 @@ def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.G
       return loss, grads, {"sum_logp": jnp.sum(jnp.where(row_mask, logp, 0.0)), **_count_metrics(part)}
 
     loss, grads, sums = _accumulate(micro, batch, options.microbatches, rows, state["params"])
-    params, opt_state, grad_norm, skipped = _apply_update(state, grads, loss, optimizer,
-                                                          options.skip_nonfinite)
+    params, opt_state, grad_norm, params_finite, skipped = _apply_update(
+        state, grads, loss, optimizer, options.skip_nonfinite)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "mean_logp": sums["sum_logp"] / jnp.maximum(sums["action_tokens"], 1.0),
                "action_tokens": sums["action_tokens"], "tokens": sums["tokens"],
+               "params_finite": params_finite.astype(jnp.float32),
                "skipped": skipped.astype(jnp.float32)}
     return new_state, metrics
 
@@ -281,7 +298,7 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
   metrics (floats, replicated; means over the action tokens of the global batch): loss,
   mean_target, clipped_above / clipped_below (fraction of targets clipped at 1 / at 0),
   mean_p_theta and mean_pi_phi (probabilities of the taken tokens), mean_ratio (p_theta / pi_phi),
-  grad_norm, action_tokens, tokens, skipped.
+  grad_norm, action_tokens, tokens, params_finite (of theta after the update), skipped.
   """
   for name, obj, kind in (("targets", targets, losses.TargetConfig), ("update", update, TargetUpdate),
                           ("options", options, StepOptions)):
@@ -322,8 +339,8 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
       return loss, grads, sums
 
     loss, grads, sums = _accumulate(micro, batch, options.microbatches, rows, state["params"])
-    params, opt_state, grad_norm, skipped = _apply_update(state, grads, loss, optimizer,
-                                                          options.skip_nonfinite)
+    params, opt_state, grad_norm, params_finite, skipped = _apply_update(
+        state, grads, loss, optimizer, options.skip_nonfinite)
     new_step = state["step"] + 1
     target = update_target(state["target_params"], params, new_step, update)
     if options.skip_nonfinite:
@@ -339,6 +356,7 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
                "mean_pi_phi": sums["sum_pi_phi"] / count,
                "mean_ratio": sums["sum_ratio"] / count,
                "action_tokens": sums["action_tokens"], "tokens": sums["tokens"],
+               "params_finite": params_finite.astype(jnp.float32),
                "skipped": skipped.astype(jnp.float32)}
     return new_state, metrics
 

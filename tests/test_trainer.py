@@ -163,6 +163,8 @@ def test_kill_sigterm_and_resume_are_bit_identical(tmp_path):
   assert tu.wait(proc) == -signal.SIGKILL
   bc_latest = max(tu.checkpoint_steps(workdir, "bc"))
   assert 4 <= bc_latest < STEPS and not os.path.exists(os.path.join(workdir, "bc", "DONE"))
+  with open(os.path.join(workdir, "bc", "metrics.json")) as f:  # written with every save
+    assert json.load(f)[-1]["step"] >= bc_latest
 
   # B: resumes BC at that step, finishes it; SIGKILL during Q-SFT.
   proc = tu.start(workdir, *SHARED_OVERRIDES)
@@ -214,6 +216,19 @@ def test_kill_sigterm_and_resume_are_bit_identical(tmp_path):
   for phase in ("bc", "qsft"):
     tu.assert_states_equal(tu.read_state(workdir, phase, STEPS), tu.read_state(reference, phase, STEPS),
                            what=f"{phase} final (real kill during a write: {real_kill_in_write})")
+    # the metrics history survived every kill: the same entries (steps, losses, value diagnostics,
+    # learning rates; not the wall-clock rates) as the uninterrupted run's
+    got, want = (_comparable_history(d, phase) for d in (workdir, reference))
+    assert [h["step"] for h in got] == [h["step"] for h in want]
+    assert got == want, phase
+
+
+def _comparable_history(workdir: str, phase: str) -> list[dict]:
+  """metrics.json without the wall-clock rates, NaN (an undefined correlation) as a string."""
+  from qsft_jax import main
+  with open(os.path.join(workdir, phase, "metrics.json")) as f:
+    return [{k: "nan" if v != v else v for k, v in h.items() if k not in main.MetricsLog.RATE_KEYS}
+            for h in json.load(f)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,7 +350,8 @@ def test_nonfinite_loss_stops_without_checkpoint(tmp_path, poison_step_5):
   assert tu.checkpoint_steps(str(tmp_path), "bc") == [2, 4]
   assert not tu.tmp_checkpoints(str(tmp_path), "bc")
   assert not os.path.exists(os.path.join(tmp_path, "bc", "DONE"))
-  assert not os.path.exists(os.path.join(tmp_path, "bc", "metrics.json"))
+  with open(os.path.join(tmp_path, "bc", "metrics.json")) as f:  # the history of the saved steps
+    assert [h["step"] for h in json.load(f)] == [2, 4]
   state = tu.read_state(str(tmp_path), "bc", 4)
   assert all(np.all(np.isfinite(v)) for v in state.values())
 
@@ -343,7 +359,9 @@ def test_nonfinite_loss_stops_without_checkpoint(tmp_path, poison_step_5):
 @pytest.mark.slow
 def test_nonfinite_loss_skipped_and_counted(tmp_path, poison_step_5):
   from qsft_jax import main
-  states = main.run(_nonfinite_config("skip"), str(tmp_path))
+  config = _nonfinite_config("skip")
+  config.nonfinite.max_skipped_fraction = 0.2  # 1 of 6 steps
+  states = main.run(config, str(tmp_path))
   assert poison_step_5["n"] == 6
   assert tu.checkpoint_steps(str(tmp_path), "bc")[-1] == 6
   assert os.path.exists(os.path.join(tmp_path, "bc", "DONE"))
@@ -351,5 +369,27 @@ def test_nonfinite_loss_skipped_and_counted(tmp_path, poison_step_5):
     history = json.load(f)
   assert history[-1]["step"] == 6 and history[-1]["skipped_steps"] == 1
   assert int(states["bc"]["step"]) == 6
+  saved = tu.read_state(str(tmp_path), "bc", 6)
+  assert all(np.all(np.isfinite(v)) for v in saved.values())
+
+
+@pytest.mark.slow
+def test_phase_that_skipped_too_many_steps_is_not_done(tmp_path, poison_step_5):
+  """1 of 6 steps skipped is more than the default nonfinite.max_skipped_fraction (0.1): the phase
+  saves its (finite) checkpoints but is not marked DONE, and a rerun says so again."""
+  from qsft_jax import main
+  from qsft_jax.errors import UserError
+  config = _nonfinite_config("skip")
+  assert config.nonfinite.max_skipped_fraction == 0.1
+  for attempt in range(2):  # the second run restores step 6 and finds the count in its history
+    with pytest.raises(main.NonFiniteError) as error:
+      main.run(config, str(tmp_path))
+    assert isinstance(error.value, UserError)
+    assert str(error.value).startswith(
+        "bc: 1 of its 6 steps were skipped as non-finite, more than nonfinite.max_skipped_fraction=0.1; "
+        "the phase is not marked DONE and its checkpoints stay"), (attempt, str(error.value))
+    assert tu.checkpoint_steps(str(tmp_path), "bc") == [4, 6]  # checkpoint.keep = 2
+    assert not os.path.exists(os.path.join(tmp_path, "bc", "DONE"))
+  assert poison_step_5["n"] == 6  # the rerun trained nothing
   saved = tu.read_state(str(tmp_path), "bc", 6)
   assert all(np.all(np.isfinite(v)) for v in saved.values())
