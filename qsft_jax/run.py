@@ -7,7 +7,9 @@ Workdir layout (what `qsft_jax.main` writes and everything else reads):
   WORKDIR/model_config.json      the ModelConfig the parameters belong to (`save_model_config`)
   WORKDIR/tokenizer.json         the character tokenizer (only for char tokenizers: `tokenizer_spec`)
   WORKDIR/data/                  generated train.jsonl / heldout.jsonl (bundled tasks: `data_files`)
-  WORKDIR/bc/checkpoints/N/      phase 1: {"state": {step, params, opt_state}, "data": iterator}
+  WORKDIR/bc/checkpoints/N/      phase 1: {"state": {step, params, opt_state}, "data": iterator,
+                                 "history": the metrics logged up to step N}
+  WORKDIR/<phase>/checkpoints/N.broken  a step that could not be restored, set aside on resume
   WORKDIR/qsft/checkpoints/N/    phase 2: + target_params, behaviour_params
   WORKDIR/control/checkpoints/N/ the targets-equal-1 control of phase 2 (same layout), when run
   WORKDIR/<phase>/DONE           written after the phase's final checkpoint is complete
@@ -215,7 +217,8 @@ CONFIG_CHANGE_RULES: tuple[ChangeRule, ...] = (
                 "checkpoint.async_save"), "safe", "when checkpoints are written and how many are kept"),
     ChangeRule(("distributed.*", "mesh.*"), "safe",
                "where the steps run: checkpoints restore onto any mesh and process count"),
-    ChangeRule(("on_nonfinite",), "safe", "what follows a non-finite step; none is ever saved"),
+    ChangeRule(("on_nonfinite", "nonfinite.*"), "safe",
+               "what follows a non-finite step (none is ever saved) and how many skips are tolerated"),
     ChangeRule(("loss.chunk_size", "bc.microbatches", "qsft.microbatches", "data.read_threads"), "safe",
                "how the same computation is cut (loss chunks, gradient accumulation, reader threads)"),
     ChangeRule(("data.num_workers",), "between_phases",
