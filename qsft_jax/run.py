@@ -120,15 +120,6 @@ def tokenizer_spec(workdir: str, config: ml_collections.ConfigDict) -> str:
   return config.tokenizer
 
 
-def prepare_tokenizer(workdir: str, config: ml_collections.ConfigDict):
-  """The run's tokenizer, saved into the workdir (`save_tokenizer`)."""
-  from qsft_jax.tokenizers import load_tokenizer
-
-  tokenizer = load_tokenizer(tokenizer_spec(workdir, config))
-  save_tokenizer(workdir, config, tokenizer)
-  return tokenizer
-
-
 def save_tokenizer(workdir: str, config: ml_collections.ConfigDict, tokenizer) -> None:
   """A char tokenizer built from config.tokenizer = "char" is saved into the workdir (process 0,
   atomically: other processes may read it on a resume); other tokenizers are named by the config."""
