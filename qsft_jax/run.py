@@ -132,11 +132,13 @@ def save_tokenizer(workdir: str, config: ml_collections.ConfigDict, tokenizer) -
       os.replace(tmp, path)
 
 
-def model_config_from(config: ml_collections.ConfigDict, tokenizer) -> ModelConfig:
-  """The ModelConfig of a randomly initialised run: the preset with overrides and the tokenizer's
-  vocabulary (pretrained runs take theirs from the weights: `qsft_jax.main.build_model`)."""
+def model_config_from(config: ml_collections.ConfigDict, tokenizer=None) -> ModelConfig:
+  """The ModelConfig of a randomly initialised run: model.preset with model.overrides and, unless
+  the overrides set vocab_size, the tokenizer's vocabulary (without a tokenizer, the preset's; AOT
+  compiles shapes only). Pretrained runs take theirs from the weights: `qsft_jax.main.build_model`."""
   overrides = dict(config.model.overrides)
-  overrides.setdefault("vocab_size", tokenizer.vocab_size)
+  if tokenizer is not None:
+    overrides.setdefault("vocab_size", tokenizer.vocab_size)
   return get_preset(config.model.preset, **overrides)
 
 

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu not installed (pip install libtpu==0.0.42.1)")
 
 from qsft_jax import config_lib, phases, sharding  # noqa: E402
+from qsft_jax import run as run_lib  # noqa: E402
 from qsft_jax.aot import costs, driver  # noqa: E402
 from qsft_jax.aot import __main__ as aot_main  # noqa: E402
 from qsft_jax.aot.topology import parse_topology, topology_devices, topology_mesh  # noqa: E402
@@ -105,7 +106,7 @@ def test_bad_topology_names_are_rejected():
 
 def _expected_argument_bytes(kind, mesh):
   """State + batch bytes per chip from the shapes and NamedShardings alone (no compiler)."""
-  mc, rules = driver.model_config(CONFIG), driver.rules_of(CONFIG)
+  mc, rules = run_lib.model_config_from(CONFIG), driver.rules_of(CONFIG)
   program = phases.build(CONFIG, kind, mc, mesh, rules)
   state = program.abstract_state(sharded.param_shapes(program.model, mc))
   return shard_bytes(state), shard_bytes(driver.abstract_batch(32, 128, mesh, rules))

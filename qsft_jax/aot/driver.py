@@ -42,13 +42,14 @@ from jax.sharding import Mesh, NamedSharding
 
 from qsft_jax import config_lib
 from qsft_jax import phases
+from qsft_jax import run as run_lib
 from qsft_jax import sampler
 from qsft_jax import sharding
 from qsft_jax.aot import costs
 from qsft_jax.aot.topology import parse_topology, slice_of_devices, topology_devices, topology_mesh
 from qsft_jax.chips import Chip
 from qsft_jax.models import sharded
-from qsft_jax.models.config import ModelConfig, get_preset, param_count
+from qsft_jax.models.config import param_count
 from qsft_jax.models.transformer import Transformer, init_cache
 
 STEPS = ("bc", "qsft", "decode")
@@ -72,11 +73,6 @@ class Target:
   hlo_dir: str = ""
 
 
-def model_config(config: ml_collections.ConfigDict, **extra) -> ModelConfig:
-  """The model shape of the config: model.preset with model.overrides (and `extra` fields)."""
-  return get_preset(config.model.preset, **{**dict(config.model.overrides), **extra})
-
-
 def rules_of(config: ml_collections.ConfigDict) -> tuple:
   return tuple(tuple(r) for r in config.mesh.rules)
 
@@ -96,7 +92,7 @@ def abstract_batch(rows: int, length: int, mesh: Mesh, rules) -> dict:
 
 def lower_train(config: ml_collections.ConfigDict, phase: str, mesh: Mesh):
   """The trainer's step of `phase` ("bc", "qsft"), lowered on its abstract state and batch."""
-  mc, rules = model_config(config), rules_of(config)
+  mc, rules = run_lib.model_config_from(config), rules_of(config)
   program = phases.build(config, phase, mc, mesh, rules)
   state = program.abstract_state(sharded.param_shapes(program.model, mc))
   rows = phases.optim_config(config, phase).batch_size
@@ -107,7 +103,7 @@ def lower_decode(config: ml_collections.ConfigDict, mesh: Mesh, rows: int, slots
   """One extraction decode token for every row, lowered: (phi, theta, phi_cache, theta_cache,
   tokens [rows], positions [rows]) -> (next tokens [rows], phi_cache, theta_cache), caches of
   `slots` slots donated. The scores are the sampler's "extract" mode with beta = 1, then greedy."""
-  mc, rules = model_config(config), rules_of(config)
+  mc, rules = run_lib.model_config_from(config), rules_of(config)
   model = Transformer(mc)  # no decode-attention plug-in: the model's einsums, as TPU programs run
   params = sharding.abstract_with_shardings(sharded.param_shapes(model, mc),
                                             sharded.param_shardings(model, mc, mesh, rules))
@@ -177,7 +173,7 @@ def compile_step(kind: str, config: ml_collections.ConfigDict, target: Target, m
   A step over HBM comes back with fits=False, the bytes the compiler asked for (peak_bytes) and its
   message, instead of raising.
   """
-  mc = model_config(config)
+  mc = run_lib.model_config_from(config)
   slice_of = slice_of_devices(mesh)
   t0 = time.time()
   try:
@@ -254,7 +250,7 @@ def run(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
     raise ValueError(f"steps {sorted(unknown)}: expected a subset of {STEPS}")
   chip, _ = parse_topology(target.topology)
   mesh = slice_mesh(config, target)
-  mc = model_config(config)
+  mc = run_lib.model_config_from(config)
   out = {"model": config.model.preset, "params": param_count(mc), "topology": target.topology,
          "num_slices": target.num_slices, "chips": int(mesh.devices.size), "mesh": dict(mesh.shape),
          "batch": config.qsft.batch_size, "seq": config.data.max_length,
