@@ -64,6 +64,7 @@ import numpy as np
 
 from qsft_jax import cli
 from qsft_jax import losses
+from qsft_jax import progress
 from qsft_jax import run as run_lib
 from qsft_jax.data import DataConfig, load_episodes
 from qsft_jax.data.episodes import Episode, Turn
@@ -257,9 +258,15 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
         return [t if t else stop for t in texts]
 
       played = []
-      for start in range(0, episodes, len(envs)):
-        chunk = seeds[start:start + len(envs)]
-        played.extend(play_batch(envs[:len(chunk)], chunk, act))
+      with progress.Progress(episodes, f"evaluate {spec['name']}", "episodes") as bar:
+        for start in range(0, episodes, len(envs)):
+          chunk = seeds[start:start + len(envs)]
+
+          def act_and_count(histories, end=start + len(chunk)):
+            bar.update_to(end - len(histories))  # play_batch passes the histories still running
+            return act(histories)
+          played.extend(play_batch(envs[:len(chunk)], chunk, act_and_count))
+          bar.update_to(len(played))
       summary = summarize([ep["meta"]["return"] for ep in played], [ep["meta"]["success"] for ep in played])
       results["policies"][spec["name"]] = {**summary, "beta": spec["beta"]}
       if record is not None:

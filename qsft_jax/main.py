@@ -33,6 +33,7 @@ from qsft_jax import errors
 from qsft_jax.errors import UserError
 from qsft_jax import losses
 from qsft_jax import phases
+from qsft_jax import progress
 from qsft_jax import run as run_lib
 from qsft_jax import sharding as qsharding
 from qsft_jax.data import check as data_check
@@ -83,7 +84,8 @@ def prepare_data(config, workdir):
     options = {**config.env.to_dict(), **d.options.to_dict()}
     for split, count, seed in (("train", d.num_episodes, d.seed), ("heldout", d.heldout_episodes, d.seed + 1)):
       if count and not os.path.exists(files[split]):
-        episodes = list(generate_episodes(config.task, count, seed, policy=d.policy, **options))
+        episodes = list(progress.track(generate_episodes(config.task, count, seed, policy=d.policy, **options),
+                                       count, f"generate {config.task} {split}", "episodes"))
         tmp = f"{files[split]}.tmp{os.getpid()}"
         write_jsonl(tmp, episodes)
         os.replace(tmp, files[split])
@@ -201,9 +203,7 @@ class MetricsLog:
       self.writer = SummaryWriter(os.path.join(checkpoints.phase_dir(workdir, phase), "tensorboard"))
     self.bar = None
     if config.log.progress_bar and jax.process_index() == 0:
-      from tqdm import tqdm
-      self.bar = tqdm(total=total_steps, initial=start_step, desc=phase, dynamic_ncols=True,
-                      file=sys.stderr, mininterval=1.0)
+      self.bar = progress.Progress(total_steps, phase, "steps", initial=start_step)
     restored = restored or {}
     # One entry per log or periodic checkpoint step (and value-diagnostics step), up to the last step
     # flushed: what an uninterrupted run logs, whatever kills and resumes happened in between.
@@ -292,7 +292,7 @@ class MetricsLog:
         self.writer.add_scalar(f"{self.phase}/{name}", value, steps[-1])
       self.writer.flush()
     if self.bar is not None:
-      self.bar.update(steps[-1] - self.bar.n)
+      self.bar.update_to(steps[-1])
       self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate['tokens_per_s']:.0f}")
     return last
 
