@@ -210,6 +210,14 @@ def test_evaluate_command_line_on_the_workdir(workdir, capsys):
     with open(os.path.join(path, "eval", f"episodes_{name}.jsonl")) as f:
       assert [json.loads(line)["meta"]["seed"] for line in f] == [40, 41, 42]
   assert "| qsft_beta2 | 2 |" in capsys.readouterr().out
+  # the same figures in TensorBoard at the checkpoints' step (1), with the value correlations
+  from test_evaluate import read_scalars
+  scalars = read_scalars(os.path.join(path, "eval", "tensorboard"))
+  for name, r in results["policies"].items():
+    assert scalars[f"eval/{name}/mean_return"][-1] == (1, pytest.approx(r["mean_return"]))
+    assert scalars[f"eval/{name}/success_rate"][-1] == (1, pytest.approx(r["success_rate"]))
+  corr = results["value_correlation"]["qsft"]["all_turns"]
+  assert scalars["eval/qsft/value_corr"][-1] == (1, pytest.approx(corr))
 
 
 def test_the_dummy_token_is_never_played_nor_listed(workdir):
