@@ -13,6 +13,7 @@ parameters are checked before a checkpoint is written (on_nonfinite, nonfinite.*
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -316,6 +317,52 @@ class MetricsLog:
       self.writer.close()
 
 
+class StepProfiler:
+  """jax.profiler traces of the steps `steps` (config_lib.profile_steps) of one phase: each run of
+  consecutive steps is one trace written to LOG_DIR/steps_FIRST-LAST/plugins/profile/RUN/ (HOST.xplane.pb,
+  TensorBoard's profile plugin / XProf), every traced step inside a StepTraceAnnotation with its number.
+
+      with profiler.step(step):
+        state, metrics = step_fn(state, batch)
+      profiler.after(step, state)   # the trace ends once the last step of its run has finished
+  """
+
+  def __init__(self, steps, log_dir: str, name: str):
+    self.steps, self.log_dir, self.name = frozenset(steps), log_dir, name
+    self.active = False
+
+  def _run_of(self, step: int) -> tuple[int, int]:
+    first, last = step, step
+    while first - 1 in self.steps:
+      first -= 1
+    while last + 1 in self.steps:
+      last += 1
+    return first, last
+
+  def step(self, step: int):
+    """The context of one step: starts a trace at a traced step (when none runs) and annotates it."""
+    if step not in self.steps:
+      return contextlib.nullcontext()
+    if not self.active:
+      first, last = self._run_of(step)
+      jax.profiler.start_trace(os.path.join(self.log_dir, f"steps_{first}-{last}"))
+      self.active = True
+    return jax.profiler.StepTraceAnnotation(self.name, step_num=step)
+
+  def after(self, step: int, outputs: Any, final: bool = False) -> None:
+    """Ends the trace after the last step of its run (or the phase's `final` step), once `outputs`
+    (the step's) are computed."""
+    if self.active and (final or step + 1 not in self.steps):
+      jax.block_until_ready(outputs)
+      self.stop()
+
+  def stop(self) -> None:
+    """Ends a running trace (a phase that stopped inside a traced run)."""
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
+
+
 def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config):
   """state -> {"value_corr", "value_corr_turn0", "target_turn0", "clipped_turn0"} on the held-out
   episodes (docs/algorithm.md section 7), every log.value_diagnostics_every Q-SFT steps; None when off, in
@@ -396,10 +443,14 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
   log = MetricsLog(config, workdir, phase, p.steps, latest, step_flops, schedule, restored=saved_log)
   diagnose = value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config)
   metrics_path = os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json")
+  profiler = StepProfiler(config_lib.profile_steps(config),
+                          os.path.join(checkpoints.phase_dir(workdir, phase), "profile"), phase)
   try:
     for step in range(latest + 1, p.steps + 1):
       batch = qsharding.global_batch_from_host_local(next(iterator), mesh, rules)
-      state, metrics = step_fn(state, batch)
+      with profiler.step(step):
+        state, metrics = step_fn(state, batch)
+      profiler.after(step, (state, metrics), final=step == p.steps)
       log.add(step, metrics)
       periodic = step % config.checkpoint.every_steps == 0 or step == p.steps
       logged = step % config.log.every_steps == 0
@@ -427,6 +478,7 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
         sys.exit(143)
     manager.wait_until_finished()
   finally:
+    profiler.stop()
     log.close()
     manager.close()
   if jax.process_index() == 0:
