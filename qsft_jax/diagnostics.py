@@ -38,7 +38,8 @@ def _row_logits(model_config: ModelConfig, params, tokens, positions, segment_id
 
 
 def taken_logprobs(model_config: ModelConfig, params: Any, batch: Mapping[str, np.ndarray],
-                   rows_per_call: int = ROWS_PER_CALL, bar: progress.Progress | None = None) -> np.ndarray:
+                   rows_per_call: int = ROWS_PER_CALL, bar: progress.Progress | None = None
+                   ) -> np.ndarray:
   """log p(x_i | x_<i) of every token i, read from row i - 1: [B, L] float32 (0 at i = 0).
   bar: counts each forward pass of `rows_per_call` rows."""
   out = []
@@ -84,8 +85,8 @@ def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_pa
   "token" targets its theta_bar would give (`TargetConfig.bellman`). Returns a JSON-friendly dict:
   {"correlation", "first_turn_correlation", "count", "by_turn": [{"turn", "count", "correlation",
   "mean_ratio", "mean_return_to_go", ("mean_target", "clipped_fraction")}]}.
-  show_progress: count the forward passes (ROWS_PER_CALL rows each, per parameter set) with their rate and ETA
-  on stderr (`qsft_jax.progress`).
+  show_progress: count the forward passes (ROWS_PER_CALL rows each, per parameter set) with their rate
+  and ETA on stderr (`qsft_jax.progress`).
   """
   passes = -(-batch["tokens"].shape[0] // ROWS_PER_CALL) * (2 if target_params is None else 3)
   with progress.Progress(passes, "value diagnostics", "passes", enabled=show_progress) as bar:

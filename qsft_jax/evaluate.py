@@ -387,9 +387,9 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   control: also play the control phase's policies when the run has one. value_diagnostics: add the
   held-out value correlations (and write their files) when WORKDIR/data/heldout.jsonl exists.
   The results (also in TensorBoard: `write_tensorboard`, unless log.tensorboard is off) record the
-  checkpoint step of each parameter set and the configured phases that had not reached their steps (`evaluate_workdir` refuses those unless told otherwise). SIGTERM stops
-  the evaluation before its next batch of actions with EvaluationInterrupted (exit status 143),
-  writing no results.
+  checkpoint step of each parameter set and the configured phases that had not reached their steps
+  (`evaluate_workdir` refuses those unless told otherwise). SIGTERM stops the evaluation before its
+  next batch of actions with EvaluationInterrupted (exit status 143), writing no results.
   """
   config = loaded.config
   ev = config.get("eval", {}) if hasattr(config, "get") else {}

@@ -85,8 +85,8 @@ def prepare_data(config, workdir):
     options = {**config.env.to_dict(), **d.options.to_dict()}
     for split, count, seed in (("train", d.num_episodes, d.seed), ("heldout", d.heldout_episodes, d.seed + 1)):
       if count and not os.path.exists(files[split]):
-        episodes = list(progress.track(generate_episodes(config.task, count, seed, policy=d.policy, **options),
-                                       count, f"generate {config.task} {split}", "episodes"))
+        generated = generate_episodes(config.task, count, seed, policy=d.policy, **options)
+        episodes = list(progress.track(generated, count, f"generate {config.task} {split}", "episodes"))
         tmp = f"{files[split]}.tmp{os.getpid()}"
         write_jsonl(tmp, episodes)
         os.replace(tmp, files[split])
@@ -319,8 +319,9 @@ class MetricsLog:
 
 class StepProfiler:
   """jax.profiler traces of the steps `steps` (config_lib.profile_steps) of one phase: each run of
-  consecutive steps is one trace written to LOG_DIR/steps_FIRST-LAST/plugins/profile/RUN/ (HOST.xplane.pb,
-  TensorBoard's profile plugin / XProf), every traced step inside a StepTraceAnnotation with its number.
+  consecutive steps is one trace written to LOG_DIR/steps_FIRST-LAST/plugins/profile/RUN/
+  (HOST.xplane.pb: TensorBoard's profile plugin, XProf), each traced step inside a
+  StepTraceAnnotation with its number.
 
       with profiler.step(step):
         state, metrics = step_fn(state, batch)

@@ -132,8 +132,8 @@ def test_profile_steps_write_one_trace_per_run_of_steps(tmp_path):
             "--config.log.profile_steps=2,4")
   traces = sorted(glob.glob(os.path.join(workdir, "bc", "profile", "*", "plugins", "profile", "*",
                                          "*.xplane.pb")))
-  assert [os.path.relpath(t, os.path.join(workdir, "bc", "profile")).split(os.sep)[0] for t in traces] == [
-      "steps_2-2", "steps_4-4"], traces
+  runs = [os.path.relpath(t, os.path.join(workdir, "bc", "profile")).split(os.sep)[0] for t in traces]
+  assert runs == ["steps_2-2", "steps_4-4"], traces
   for trace in traces:
     with open(trace, "rb") as f:
       data = f.read()

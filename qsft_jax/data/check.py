@@ -105,8 +105,8 @@ def preflight(
     summary = Summary(max_locations=MAX_DROPPED_SHOWN)
     problems: list[Problem] = []
     more = 0
-    records = progress.track(iter_records(config), None, f"data check ({source_name(config)})", "episodes",
-                             enabled=echo)
+    records = progress.track(iter_records(config), None, f"data check ({source_name(config)})",
+                             "episodes", enabled=echo)
     for file, line, raw in records:
         outcome = processor(raw, file, line)
         summary.add(outcome, file, line)
