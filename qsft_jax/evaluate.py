@@ -269,6 +269,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
 
           def act_and_count(histories, end=start + len(chunk)):
             bar.update_to(end - len(histories))  # play_batch passes the histories still running
+            bar.set_postfix(playing=len(histories), turn=(len(histories[0]) + 1) // 2)
             return act(histories)
           played.extend(play_batch(envs[:len(chunk)], chunk, act_and_count))
           bar.update_to(len(played))

@@ -104,7 +104,7 @@ class Progress:
     self._start = time.time()
     self._last_line = self._start
     self._interval = interval()
-    self._printed_n: int | None = None  # the count of the last line printed ("lines")
+    self._printed: tuple | None = None  # the count and postfix of the last line printed ("lines")
     self._closed = False
     self._bar = None
     if self.mode == "bar":
@@ -123,14 +123,20 @@ class Progress:
     if self._bar is not None:
       self._bar.update(n - self.n)
     self.n = n
-    if self.mode == "lines" and time.time() - self._last_line >= self._interval:
-      self._print_line()
+    self._maybe_print_line()
 
   def set_postfix(self, **values) -> None:
-    """Figures shown after the rate (loss=..., tok_s=...), as given (format them first)."""
+    """Figures shown after the rate (loss=..., tok_s=...), as given (format them first). In "lines"
+    mode a new postfix prints a line too once the interval has passed: a count that stalls (episodes
+    that all end together) still shows how far the work inside it is."""
     self._postfix = ", ".join(f"{k}={v}" for k, v in values.items())
     if self._bar is not None:
       self._bar.set_postfix_str(self._postfix, refresh=False)
+    self._maybe_print_line()
+
+  def _maybe_print_line(self) -> None:
+    if self.mode == "lines" and time.time() - self._last_line >= self._interval:
+      self._print_line()
 
   def line(self) -> str:
     """The current state as one line: desc: n/total unit [elapsed<ETA, rate, postfix]."""
@@ -146,19 +152,19 @@ class Progress:
 
   def _print_line(self) -> None:
     self._last_line = time.time()
-    self._printed_n = self.n
+    self._printed = (self.n, self._postfix)
     sys.stderr.write(self.line() + "\n")
     sys.stderr.flush()
 
   def close(self) -> None:
     """Ends the display: the bar's last state, or in "lines" mode a last line when one was printed
-    before and the count moved since (a step that ended within the interval prints nothing)."""
+    before and the figures moved since (a step that ended within the interval prints nothing)."""
     if self._closed:
       return
     self._closed = True
     if self._bar is not None:
       self._bar.close()
-    elif self.mode == "lines" and self._printed_n is not None and self._printed_n != self.n:
+    elif self.mode == "lines" and self._printed not in (None, (self.n, self._postfix)):
       self._print_line()
 
   def __enter__(self) -> Progress:

@@ -27,6 +27,7 @@ def test_lines_give_count_rate_and_eta(lines, monkeypatch, capsys):
   assert out.out == ""
   got = out.err.splitlines()
   assert got == ["evaluate bc: 10/40 episodes [00:10<00:30,  1.00episodes/s]",
+                 "evaluate bc: 10/40 episodes [00:10<00:30,  1.00episodes/s, loss=0.5]",
                  "evaluate bc: 30/40 episodes [00:20<00:06,  1.50episodes/s, loss=0.5]"]
 
 
@@ -46,6 +47,22 @@ def test_lines_every_interval_and_nothing_for_a_quick_step(monkeypatch, capsys):
   got = capsys.readouterr().err.splitlines()
   # lines at 31 s and 62 s (30 s apart at least), no ETA without a total; 4 items in 31 s, 8 in 62 s
   assert got == ["slow: 8 items [00:31,  7.75s/items]", "slow: 12 items [01:02,  7.75s/items]"]
+
+
+def test_a_stalled_count_still_prints_its_postfix_every_interval(monkeypatch, capsys):
+  monkeypatch.setenv(progress.ENV_MODE, "lines")
+  monkeypatch.setenv(progress.ENV_SECONDS, "30")
+  start = time.time()
+  monkeypatch.setattr(progress.time, "time", lambda: start)
+  with progress.Progress(64, "evaluate bc", "episodes") as bar:
+    for t, turn in ((20, 2), (40, 3), (50, 4)):  # no episode ends: only the turn moves
+      monkeypatch.setattr(progress.time, "time", lambda t=t: start + t)
+      bar.set_postfix(turn=turn)
+    monkeypatch.setattr(progress.time, "time", lambda: start + 60)
+    bar.update_to(64)
+  assert capsys.readouterr().err.splitlines() == [
+      "evaluate bc: 0/64 episodes [00:40<?, ?episodes/s, turn=3]",
+      "evaluate bc: 64/64 episodes [01:00<00:00,  1.07episodes/s, turn=4]"]
 
 
 def test_off_not_enabled_and_other_processes_print_nothing(lines, monkeypatch, capsys):
