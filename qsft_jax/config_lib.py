@@ -138,7 +138,12 @@ def base_config() -> ml_collections.ConfigDict:
       keep_every=0,       # ... plus every K-th step (0: none)
       async_save=True))
   c.log = ml_collections.ConfigDict(dict(
-      every_steps=20, progress_bar=True, tensorboard=True,
+      every_steps=20,  # print and record the metrics every N steps
+      # the trainer's step count with rate and ETA on stderr (`qsft_jax.progress`: QSFT_PROGRESS
+      # chooses a bar, a line every QSFT_PROGRESS_SECONDS, or nothing)
+      progress_bar=True,
+      # scalars in WORKDIR/<phase>/tensorboard during training and WORKDIR/eval/tensorboard after it
+      tensorboard=True,
       # > 0: every N Q-SFT steps, the held-out value correlation (overall and at turn 0) and the
       # turn-0 mean target / clipped fraction go to the log, metrics.json and TensorBoard (needs
       # WORKDIR/data/heldout.jsonl).
