@@ -217,7 +217,8 @@ def _params_from_source(source: _TensorSource, config: ModelConfig, dtype: str,
                        f"{source.shape(e.hf_name)}, expected {e.hf_shape} from {config_origin}")
   tree: dict = {}
   np_dtype = _numpy_dtype(dtype)
-  for e in progress.track(entries, len(entries), f"load {source.description}", "tensors"):
+  for e in progress.track(entries, len(entries), f"load {pathlib.Path(source.description).name}",
+                          "tensors"):
     arrays = e.split(np.asarray(source.get(e.hf_name), np.float32))
     for path, array in zip(e.paths, arrays):
       node = tree
