@@ -320,40 +320,37 @@ class MetricsLog:
 class StepProfiler:
   """jax.profiler traces of the steps `steps` (config_lib.profile_steps) of one phase: each run of
   consecutive steps is one trace written to LOG_DIR/steps_FIRST-LAST/plugins/profile/RUN/
-  (HOST.xplane.pb: TensorBoard's profile plugin, XProf), each traced step inside a
-  StepTraceAnnotation with its number.
+  (HOST.xplane.pb: TensorBoard's profile plugin, XProf; FIRST is the step the trace started at, a
+  resumed phase's first step inside a run; LAST at most `last_step`, the phase's last), each traced
+  step inside a StepTraceAnnotation with its number.
 
       with profiler.step(step):
         state, metrics = step_fn(state, batch)
-      profiler.after(step, state)   # the trace ends once the last step of its run has finished
+      profiler.after(step, (state, metrics))  # the trace ends once the last step of its run is done
   """
 
-  def __init__(self, steps, log_dir: str, name: str):
-    self.steps, self.log_dir, self.name = frozenset(steps), log_dir, name
+  def __init__(self, steps, log_dir: str, name: str, last_step: int):
+    self.steps = frozenset(s for s in steps if s <= last_step)
+    self.log_dir, self.name = log_dir, name
     self.active = False
 
-  def _run_of(self, step: int) -> tuple[int, int]:
-    first, last = step, step
-    while first - 1 in self.steps:
-      first -= 1
-    while last + 1 in self.steps:
-      last += 1
-    return first, last
+  def _last_of_run(self, step: int) -> int:
+    while step + 1 in self.steps:
+      step += 1
+    return step
 
   def step(self, step: int):
     """The context of one step: starts a trace at a traced step (when none runs) and annotates it."""
     if step not in self.steps:
       return contextlib.nullcontext()
     if not self.active:
-      first, last = self._run_of(step)
-      jax.profiler.start_trace(os.path.join(self.log_dir, f"steps_{first}-{last}"))
+      jax.profiler.start_trace(os.path.join(self.log_dir, f"steps_{step}-{self._last_of_run(step)}"))
       self.active = True
     return jax.profiler.StepTraceAnnotation(self.name, step_num=step)
 
-  def after(self, step: int, outputs: Any, final: bool = False) -> None:
-    """Ends the trace after the last step of its run (or the phase's `final` step), once `outputs`
-    (the step's) are computed."""
-    if self.active and (final or step + 1 not in self.steps):
+  def after(self, step: int, outputs: Any) -> None:
+    """Ends the trace after the last step of its run, once `outputs` (the step's) are computed."""
+    if self.active and step + 1 not in self.steps:
       jax.block_until_ready(outputs)
       self.stop()
 
@@ -445,13 +442,13 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
   diagnose = value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config)
   metrics_path = os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json")
   profiler = StepProfiler(config_lib.profile_steps(config),
-                          os.path.join(checkpoints.phase_dir(workdir, phase), "profile"), phase)
+                          os.path.join(checkpoints.phase_dir(workdir, phase), "profile"), phase, p.steps)
   try:
     for step in range(latest + 1, p.steps + 1):
       batch = qsharding.global_batch_from_host_local(next(iterator), mesh, rules)
       with profiler.step(step):
         state, metrics = step_fn(state, batch)
-      profiler.after(step, (state, metrics), final=step == p.steps)
+      profiler.after(step, (state, metrics))
       log.add(step, metrics)
       periodic = step % config.checkpoint.every_steps == 0 or step == p.steps
       logged = step % config.log.every_steps == 0
