@@ -28,11 +28,17 @@ import threading
 import time
 from typing import Iterable, Iterator, TypeVar
 
+from qsft_jax.errors import UserError
+
 MODES = ("bar", "lines", "off")
 ENV_MODE = "QSFT_PROGRESS"
 ENV_SECONDS = "QSFT_PROGRESS_SECONDS"
 DEFAULT_SECONDS = 30.0
 T = TypeVar("T")
+
+
+class SettingError(UserError, ValueError):
+  """QSFT_PROGRESS or QSFT_PROGRESS_SECONDS holds a value they do not take; the message names it."""
 
 
 def is_process_zero() -> bool:
@@ -45,10 +51,10 @@ def is_process_zero() -> bool:
 
 
 def mode() -> str:
-  """"bar", "lines" or "off" (module docstring); a bad QSFT_PROGRESS raises ValueError naming it."""
+  """"bar", "lines" or "off" (module docstring); a bad QSFT_PROGRESS raises SettingError."""
   value = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
   if value not in MODES + ("auto",):
-    raise ValueError(f"{ENV_MODE}={value!r}: expected one of {MODES + ('auto',)}")
+    raise SettingError(f"{ENV_MODE}={value!r}: expected one of {', '.join(MODES + ('auto',))}")
   if not is_process_zero():
     return "off"
   if value == "auto":
@@ -62,9 +68,9 @@ def interval() -> float:
   try:
     seconds = float(raw) if raw else DEFAULT_SECONDS
   except ValueError:
-    raise ValueError(f"{ENV_SECONDS}={raw!r}: expected a number of seconds") from None
+    raise SettingError(f"{ENV_SECONDS}={raw!r}: expected a number of seconds") from None
   if not seconds >= 0:
-    raise ValueError(f"{ENV_SECONDS}={raw!r}: expected a number of seconds >= 0")
+    raise SettingError(f"{ENV_SECONDS}={raw!r}: expected a number of seconds >= 0")
   return seconds
 
 

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from qsft_jax import progress
+from qsft_jax.errors import UserError
 
 
 @pytest.fixture
@@ -90,11 +91,13 @@ def test_auto_is_bar_on_a_terminal_and_lines_otherwise(monkeypatch):
   monkeypatch.setattr(progress, "_stderr_is_terminal", lambda: False)
   assert progress.mode() == "lines"
   monkeypatch.setenv(progress.ENV_MODE, "loud")
-  with pytest.raises(ValueError, match="QSFT_PROGRESS='loud'"):
+  with pytest.raises(progress.SettingError,
+                     match="^QSFT_PROGRESS='loud': expected one of bar, lines, off, auto$"):
     progress.mode()
   monkeypatch.setenv(progress.ENV_SECONDS, "soon")
-  with pytest.raises(ValueError, match="QSFT_PROGRESS_SECONDS='soon'"):
+  with pytest.raises(progress.SettingError, match="^QSFT_PROGRESS_SECONDS='soon': expected a number"):
     progress.interval()
+  assert issubclass(progress.SettingError, UserError)
 
 
 def test_timed_says_start_heartbeat_and_elapsed(monkeypatch, capsys):
