@@ -193,8 +193,11 @@ def restore_latest_params(workdir: str, phase: str, keys: Sequence[str], abstrac
   path = os.path.join(phase_dir(workdir, phase), "checkpoints")
   if not os.path.isdir(path):
     return None
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=ITEMS)
+  # Nothing here saves or deletes, and create=False makes no directory. Not read_only=True: orbax
+  # then logs three warnings on every open (the options it overrides and "directory is read only").
+  manager = ocp.CheckpointManager(
+      path, options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
+      item_names=ITEMS)
   abstract = {k: abstract_params for k in keys}
   args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
       abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),

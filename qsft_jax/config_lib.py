@@ -138,11 +138,22 @@ def base_config() -> ml_collections.ConfigDict:
       keep_every=0,       # ... plus every K-th step (0: none)
       async_save=True))
   c.log = ml_collections.ConfigDict(dict(
-      every_steps=20, progress_bar=True, tensorboard=True,
+      every_steps=20,  # print and record the metrics every N steps
+      # the trainer's step count with rate and ETA on stderr (`qsft_jax.progress`: QSFT_PROGRESS
+      # chooses a bar, a line every QSFT_PROGRESS_SECONDS, or nothing)
+      progress_bar=True,
+      # scalars in WORKDIR/<phase>/tensorboard during training and WORKDIR/eval/tensorboard after it
+      tensorboard=True,
       # > 0: every N Q-SFT steps, the held-out value correlation (overall and at turn 0) and the
       # turn-0 mean target / clipped fraction go to the log, metrics.json and TensorBoard (needs
       # WORKDIR/data/heldout.jsonl).
-      value_diagnostics_every=0))
+      value_diagnostics_every=0,
+      # Steps to trace with jax.profiler in every phase, for TensorBoard's profile plugin / XProf:
+      # "" none; comma-separated step numbers and START:STOP ranges (STOP excluded, as in Python),
+      # e.g. "10:13" (steps 10, 11, 12) or "5,20:22". Each run of consecutive steps is one trace in
+      # WORKDIR/<phase>/profile/steps_FIRST-LAST/ (plugins/profile/RUN/HOST.xplane.pb), each step
+      # annotated with its number. Tracing slows the traced steps; skip the first (compiling) step.
+      profile_steps=""))
   # Evaluation after training (needs a task): episodes per policy, first environment seed, the
   # extraction betas, the longest action in tokens, episodes played together.
   c.eval = ml_collections.ConfigDict(dict(
@@ -306,7 +317,29 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
     _fail("checkpoint.every_steps", "every_steps and keep must be >= 1")
   if config.loss.chunk_size < 1:
     _fail("loss.chunk_size", f"must be >= 1; got {config.loss.chunk_size}")
+  profile_steps(config)
   return mesh
+
+
+def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The sorted step numbers of log.profile_steps (see the field); ConfigError naming the field when
+  it does not parse, names a step < 1, or is not a string."""
+  spec = config.log.get("profile_steps", "")
+  if not isinstance(spec, str):
+    _fail("log.profile_steps", f"must be a string such as \"10:13\" or \"5,20:22\"; got {spec!r}")
+  steps: set[int] = set()
+  for item in (i.strip() for i in spec.split(",") if i.strip()):
+    match = re.fullmatch(r"(\d+)(?:\s*:\s*(\d+))?", item)
+    if match is None:
+      _fail("log.profile_steps", f"{item!r} in {spec!r} is neither a step number nor START:STOP "
+            "(e.g. \"10:13\" traces steps 10, 11 and 12)")
+    start = int(match.group(1))
+    stop = int(match.group(2)) if match.group(2) is not None else start + 1
+    if start < 1 or stop <= start:
+      _fail("log.profile_steps", f"{item!r} in {spec!r} holds no step: steps count from 1 and "
+            "START:STOP needs STOP > START (STOP is excluded)")
+    steps.update(range(start, stop))
+  return tuple(sorted(steps))
 
 
 def _check_data_fields(config: ml_collections.ConfigDict) -> None:

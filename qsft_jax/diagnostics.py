@@ -22,11 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsft_jax import losses
+from qsft_jax import progress
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer
 
 if TYPE_CHECKING:
   from qsft_jax.run import Run
+
+ROWS_PER_CALL = 16  # held-out rows per forward pass
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -35,8 +38,10 @@ def _row_logits(model_config: ModelConfig, params, tokens, positions, segment_id
 
 
 def taken_logprobs(model_config: ModelConfig, params: Any, batch: Mapping[str, np.ndarray],
-                   rows_per_call: int = 16) -> np.ndarray:
-  """log p(x_i | x_<i) of every token i, read from row i - 1: [B, L] float32 (0 at i = 0)."""
+                   rows_per_call: int = ROWS_PER_CALL, bar: progress.Progress | None = None
+                   ) -> np.ndarray:
+  """log p(x_i | x_<i) of every token i, read from row i - 1: [B, L] float32 (0 at i = 0).
+  bar: counts each forward pass of `rows_per_call` rows."""
   out = []
   for start in range(0, batch["tokens"].shape[0], rows_per_call):
     part = {k: jnp.asarray(batch[k][start:start + rows_per_call])
@@ -47,6 +52,8 @@ def taken_logprobs(model_config: ModelConfig, params: Any, batch: Mapping[str, n
     row_logp = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
     token_logp = jnp.concatenate([jnp.zeros_like(row_logp[:, :1]), row_logp[:, :-1]], axis=1)
     out.append(np.asarray(token_logp))
+    if bar is not None:
+      bar.update(1)
   return np.concatenate(out)
 
 
@@ -70,7 +77,7 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_params: Any,
                       batch: Mapping[str, np.ndarray], *, target_params: Any = None,
                       targets: losses.TargetConfig = losses.TargetConfig(),
-                      max_turns: int = 32) -> dict:
+                      max_turns: int = 32, show_progress: bool = False) -> dict:
   """Correlation of p_theta / pi_phi with the return-to-go at each turn's first action token.
 
   batch: the data layer's [B, L] arrays of held-out episodes. targets: the run's target settings,
@@ -78,17 +85,21 @@ def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_pa
   "token" targets its theta_bar would give (`TargetConfig.bellman`). Returns a JSON-friendly dict:
   {"correlation", "first_turn_correlation", "count", "by_turn": [{"turn", "count", "correlation",
   "mean_ratio", "mean_return_to_go", ("mean_target", "clipped_fraction")}]}.
+  show_progress: count the forward passes (ROWS_PER_CALL rows each, per parameter set) with their rate
+  and ETA on stderr (`qsft_jax.progress`).
   """
-  logp_theta = taken_logprobs(model_config, theta_params, batch)
-  logp_phi = taken_logprobs(model_config, behaviour_params, batch)
+  passes = -(-batch["tokens"].shape[0] // ROWS_PER_CALL) * (2 if target_params is None else 3)
+  with progress.Progress(passes, "value diagnostics", "passes", enabled=show_progress) as bar:
+    logp_theta = taken_logprobs(model_config, theta_params, batch, bar=bar)
+    logp_phi = taken_logprobs(model_config, behaviour_params, batch, bar=bar)
+    weights = clipped = None
+    if target_params is not None:
+      weights, clipped = _targets(model_config, target_params, behaviour_params, batch,
+                                  targets.bellman(), bar=bar)
   first = first_action_tokens(batch)
   ratio = np.exp(np.minimum(logp_theta - logp_phi, losses.LOG_VALUE_CAP))[first]
   rtg = np.asarray(batch["returns_to_go"])[first]
   turns = np.asarray(batch["turn_index"])[first]
-
-  weights = clipped = None
-  if target_params is not None:
-    weights, clipped = _targets(model_config, target_params, behaviour_params, batch, targets.bellman())
   by_turn = []
   for t in range(min(int(turns.max(initial=-1)) + 1, max_turns)):
     sel = turns == t
@@ -106,11 +117,12 @@ def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_pa
 
 
 def _targets(model_config: ModelConfig, target_params: Any, behaviour_params: Any,
-             batch: Mapping[str, np.ndarray], targets: losses.TargetConfig
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """Bellman targets and clipped flags of every token [B, L] (numpy), from full logits."""
+             batch: Mapping[str, np.ndarray], targets: losses.TargetConfig,
+             bar: progress.Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Bellman targets and clipped flags of every token [B, L] (numpy), from full logits; `bar` counts
+  each part of ROWS_PER_CALL rows."""
   parts_t, parts_c = [], []
-  rows = 16
+  rows = ROWS_PER_CALL
   for start in range(0, batch["tokens"].shape[0], rows):
     part = {k: jnp.asarray(v[start:start + rows]) for k, v in batch.items()}
     args = (part["tokens"], part["positions"], part["segment_ids"])
@@ -121,6 +133,8 @@ def _targets(model_config: ModelConfig, target_params: Any, behaviour_params: An
     t, c = losses.compute_targets(values, part, targets)
     parts_t.append(np.asarray(t))
     parts_c.append(np.asarray(c))
+    if bar is not None:
+      bar.update(1)
   return np.concatenate(parts_t), np.concatenate(parts_c)
 
 
@@ -184,7 +198,7 @@ def heldout_value_diagnostics(run: Run, suffix: str = "") -> dict:
   if batch is None:
     raise FileNotFoundError(f"{os.path.join(run.workdir, 'data', 'heldout.jsonl')}: no held-out episodes")
   d = value_diagnostics(run.model_config, run.behaviour_params, run.theta_params, batch,
-                        target_params=run.target_params, targets=run.targets)
+                        target_params=run.target_params, targets=run.targets, show_progress=True)
   if jax.process_index() == 0:
     out = os.path.join(run.workdir, "eval")
     os.makedirs(out, exist_ok=True)

@@ -48,6 +48,11 @@ with returns in the task's original units (the environments report them so; rewa
 transformed for training), stderr = sample standard deviation (ddof = 1) / sqrt(N) (null for N = 1),
 beta null for "ratio"; the same as a markdown table in DIR/eval/results.md, and each policy's episodes
 in DIR/eval/episodes_NAME.jsonl.
+
+The same figures go to TensorBoard in DIR/eval/tensorboard (unless log.tensorboard is off), beside
+the phases' DIR/<phase>/tensorboard, each at the step of the checkpoint its parameters were read
+from (`write_tensorboard`). While it plays, each policy's episodes done, their rate and the ETA go to
+stderr (`qsft_jax.progress`).
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ import numpy as np
 
 from qsft_jax import cli
 from qsft_jax import losses
+from qsft_jax import progress
 from qsft_jax import run as run_lib
 from qsft_jax.data import DataConfig, load_episodes
 from qsft_jax.data.episodes import Episode, Turn
@@ -257,9 +263,16 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
         return [t if t else stop for t in texts]
 
       played = []
-      for start in range(0, episodes, len(envs)):
-        chunk = seeds[start:start + len(envs)]
-        played.extend(play_batch(envs[:len(chunk)], chunk, act))
+      with progress.Progress(episodes, f"evaluate {spec['name']}", "episodes") as bar:
+        for start in range(0, episodes, len(envs)):
+          chunk = seeds[start:start + len(envs)]
+
+          def act_and_count(histories, end=start + len(chunk)):
+            bar.update_to(end - len(histories))  # play_batch passes the histories still running
+            bar.set_postfix(playing=len(histories), turn=(len(histories[0]) + 1) // 2)
+            return act(histories)
+          played.extend(play_batch(envs[:len(chunk)], chunk, act_and_count))
+          bar.update_to(len(played))
       summary = summarize([ep["meta"]["return"] for ep in played], [ep["meta"]["success"] for ep in played])
       results["policies"][spec["name"]] = {**summary, "beta": spec["beta"]}
       if record is not None:
@@ -320,6 +333,41 @@ def write_results(workdir: str, results: Mapping, record: Mapping | None = None)
   return out
 
 
+def checkpoint_step_of(policy: str, checkpoint_steps: Mapping[str, int | None]) -> int | None:
+  """The checkpoint step of the parameters a policy of `policy_specs` acts with: phi's for "bc", the
+  control's for "control_*", theta's for the others."""
+  if policy == "bc":
+    return checkpoint_steps.get("phi")
+  return checkpoint_steps.get("control" if policy.startswith("control") else "theta")
+
+
+def write_tensorboard(workdir: str, results: Mapping) -> str:
+  """Writes the results as TensorBoard scalars into WORKDIR/eval/tensorboard and returns that folder:
+  eval/POLICY/{mean_return, stderr, success_rate} at the step of the policy's checkpoint
+  (`checkpoint_step_of`; stderr left out for one episode), eval/qsft|control/{value_corr,
+  value_corr_turn0} at theta's / the control's step, eval/dataset/mean_return at theta's step (phi's
+  without theta). Steps missing from results["checkpoint_steps"] count as 0."""
+  from tensorboardX import SummaryWriter
+
+  steps = results.get("checkpoint_steps") or {}
+  step = lambda s: int(s or 0)
+  out = os.path.join(workdir, "eval", "tensorboard")
+  with SummaryWriter(out) as writer:
+    for name, r in results["policies"].items():
+      at = step(checkpoint_step_of(name, steps))
+      for key in ("mean_return", "stderr", "success_rate"):
+        if r.get(key) is not None:
+          writer.add_scalar(f"eval/{name}/{key}", float(r[key]), at)
+    for name, corr in (results.get("value_correlation") or {}).items():
+      at = step(steps.get("control" if name == "control" else "theta"))
+      writer.add_scalar(f"eval/{name}/value_corr", float(corr["all_turns"]), at)
+      writer.add_scalar(f"eval/{name}/value_corr_turn0", float(corr["turn0"]), at)
+    if results.get("dataset_mean_return") is not None:
+      at = step(steps.get("theta") if steps.get("theta") is not None else steps.get("phi"))
+      writer.add_scalar("eval/dataset/mean_return", float(results["dataset_mean_return"]), at)
+  return out
+
+
 def training_data_paths(workdir: str, config) -> list[str]:
   """The training data files of a run: data.path, or the generated WORKDIR/data/train.jsonl."""
   path = config.data.get("path", "") if hasattr(config.data, "get") else ""
@@ -339,10 +387,10 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   (`Run.targets`: the ratio policy's support_min, the dummy token never emitted).
   control: also play the control phase's policies when the run has one. value_diagnostics: add the
   held-out value correlations (and write their files) when WORKDIR/data/heldout.jsonl exists.
-  The results record the checkpoint step of each parameter set and the configured phases that had
-  not reached their steps (`evaluate_workdir` refuses those unless told otherwise). SIGTERM stops
-  the evaluation before its next batch of actions with EvaluationInterrupted (exit status 143),
-  writing no results.
+  The results (also in TensorBoard: `write_tensorboard`, unless log.tensorboard is off) record the
+  checkpoint step of each parameter set and the configured phases that had not reached their steps
+  (`evaluate_workdir` refuses those unless told otherwise). SIGTERM stops the evaluation before its
+  next batch of actions with EvaluationInterrupted (exit status 143), writing no results.
   """
   config = loaded.config
   ev = config.get("eval", {}) if hasattr(config, "get") else {}
@@ -383,6 +431,8 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
       results["value_correlation"] = heldout_correlations(loaded, control=control)
     stop.check("the writing of the results")
     write_results(loaded.workdir, results, record)
+    if config.get("log", {}).get("tensorboard", True) and jax.process_index() == 0:
+      write_tensorboard(loaded.workdir, results)
   return results
 
 

@@ -13,6 +13,7 @@ parameters are checked before a checkpoint is written (on_nonfinite, nonfinite.*
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -33,6 +34,7 @@ from qsft_jax import errors
 from qsft_jax.errors import UserError
 from qsft_jax import losses
 from qsft_jax import phases
+from qsft_jax import progress
 from qsft_jax import run as run_lib
 from qsft_jax import sharding as qsharding
 from qsft_jax.data import check as data_check
@@ -83,7 +85,8 @@ def prepare_data(config, workdir):
     options = {**config.env.to_dict(), **d.options.to_dict()}
     for split, count, seed in (("train", d.num_episodes, d.seed), ("heldout", d.heldout_episodes, d.seed + 1)):
       if count and not os.path.exists(files[split]):
-        episodes = list(generate_episodes(config.task, count, seed, policy=d.policy, **options))
+        generated = generate_episodes(config.task, count, seed, policy=d.policy, **options)
+        episodes = list(progress.track(generated, count, f"generate {config.task} {split}", "episodes"))
         tmp = f"{files[split]}.tmp{os.getpid()}"
         write_jsonl(tmp, episodes)
         os.replace(tmp, files[split])
@@ -201,9 +204,7 @@ class MetricsLog:
       self.writer = SummaryWriter(os.path.join(checkpoints.phase_dir(workdir, phase), "tensorboard"))
     self.bar = None
     if config.log.progress_bar and jax.process_index() == 0:
-      from tqdm import tqdm
-      self.bar = tqdm(total=total_steps, initial=start_step, desc=phase, dynamic_ncols=True,
-                      file=sys.stderr, mininterval=1.0)
+      self.bar = progress.Progress(total_steps, phase, "steps", initial=start_step)
     restored = restored or {}
     # One entry per log or periodic checkpoint step (and value-diagnostics step), up to the last step
     # flushed: what an uninterrupted run logs, whatever kills and resumes happened in between.
@@ -292,7 +293,7 @@ class MetricsLog:
         self.writer.add_scalar(f"{self.phase}/{name}", value, steps[-1])
       self.writer.flush()
     if self.bar is not None:
-      self.bar.update(steps[-1] - self.bar.n)
+      self.bar.update_to(steps[-1])
       self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate['tokens_per_s']:.0f}")
     return last
 
@@ -314,6 +315,50 @@ class MetricsLog:
       self.bar.close()
     if self.writer is not None:
       self.writer.close()
+
+
+class StepProfiler:
+  """jax.profiler traces of the steps `steps` (config_lib.profile_steps) of one phase: each run of
+  consecutive steps is one trace written to LOG_DIR/steps_FIRST-LAST/plugins/profile/RUN/
+  (HOST.xplane.pb: TensorBoard's profile plugin, XProf; FIRST is the step the trace started at, a
+  resumed phase's first step inside a run; LAST at most `last_step`, the phase's last), each traced
+  step inside a StepTraceAnnotation with its number.
+
+      with profiler.step(step):
+        state, metrics = step_fn(state, batch)
+      profiler.after(step, (state, metrics))  # the trace ends once the last step of its run is done
+  """
+
+  def __init__(self, steps, log_dir: str, name: str, last_step: int):
+    self.steps = frozenset(s for s in steps if s <= last_step)
+    self.log_dir, self.name = log_dir, name
+    self.active = False
+
+  def _last_of_run(self, step: int) -> int:
+    while step + 1 in self.steps:
+      step += 1
+    return step
+
+  def step(self, step: int):
+    """The context of one step: starts a trace at a traced step (when none runs) and annotates it."""
+    if step not in self.steps:
+      return contextlib.nullcontext()
+    if not self.active:
+      jax.profiler.start_trace(os.path.join(self.log_dir, f"steps_{step}-{self._last_of_run(step)}"))
+      self.active = True
+    return jax.profiler.StepTraceAnnotation(self.name, step_num=step)
+
+  def after(self, step: int, outputs: Any) -> None:
+    """Ends the trace after the last step of its run, once `outputs` (the step's) are computed."""
+    if self.active and step + 1 not in self.steps:
+      jax.block_until_ready(outputs)
+      self.stop()
+
+  def stop(self) -> None:
+    """Ends a running trace (a phase that stopped inside a traced run)."""
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
 
 
 def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config):
@@ -396,10 +441,14 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
   log = MetricsLog(config, workdir, phase, p.steps, latest, step_flops, schedule, restored=saved_log)
   diagnose = value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config)
   metrics_path = os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json")
+  profiler = StepProfiler(config_lib.profile_steps(config),
+                          os.path.join(checkpoints.phase_dir(workdir, phase), "profile"), phase, p.steps)
   try:
     for step in range(latest + 1, p.steps + 1):
       batch = qsharding.global_batch_from_host_local(next(iterator), mesh, rules)
-      state, metrics = step_fn(state, batch)
+      with profiler.step(step):
+        state, metrics = step_fn(state, batch)
+      profiler.after(step, (state, metrics))
       log.add(step, metrics)
       periodic = step % config.checkpoint.every_steps == 0 or step == p.steps
       logged = step % config.log.every_steps == 0
@@ -427,6 +476,7 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
         sys.exit(143)
     manager.wait_until_finished()
   finally:
+    profiler.stop()
     log.close()
     manager.close()
   if jax.process_index() == 0:

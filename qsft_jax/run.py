@@ -15,7 +15,14 @@ Workdir layout (what `qsft_jax.main` writes and everything else reads):
   WORKDIR/<phase>/DONE           written after the phase's final checkpoint is complete
   WORKDIR/<phase>/metrics.json   the logged metrics of the phase
   WORKDIR/<phase>/tensorboard/   tensorboardX scalars
-  WORKDIR/eval/results.json      evaluation (qsft_jax.evaluate)
+  WORKDIR/<phase>/profile/       jax.profiler traces of the steps in log.profile_steps, one per run of
+                                 consecutive steps: steps_FIRST-LAST/plugins/profile/RUN/HOST.xplane.pb
+                                 (TensorBoard's profile plugin, XProf)
+  WORKDIR/eval/results.json      evaluation (qsft_jax.evaluate; results.md, episodes_POLICY.jsonl,
+                                 value_diagnostics*.{json,png} beside it)
+  WORKDIR/eval/tensorboard/      evaluation scalars: eval/POLICY/mean_return, stderr, success_rate and
+                                 eval/qsft|control/value_corr[_turn0], at the step of the checkpoint
+                                 evaluated (`tensorboard --logdir WORKDIR` shows them with training's)
 
 The checkpoints themselves (orbax managers, save, restore, DONE markers) are `qsft_jax.checkpoints`.
 

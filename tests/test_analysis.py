@@ -1,5 +1,6 @@
 """Checkpoint analysis on a tiny workdir built here (config, tokenizer, bc/ and qsft/ checkpoints)."""
 import json
+import logging
 import os
 
 import flax.linen as nn
@@ -82,6 +83,22 @@ def test_load_reads_every_parameter_set_and_the_runs_files(workdir):
   swapped = run.with_theta(made["phi"])
   assert swapped.theta_params is made["phi"] and swapped.target_params is None
   assert swapped.behaviour_params is run.behaviour_params
+
+
+def test_load_logs_no_warning_and_writes_nothing(workdir, caplog):
+  """Orbax's CheckpointManager with read_only=True logs three warnings on every open; `load` reads
+  without one, and leaves the workdir's files as they were."""
+  path, _ = workdir
+
+  def listing():
+    return sorted((os.path.relpath(os.path.join(d, n), path), os.path.getmtime(os.path.join(d, n)))
+                  for d, dirs, files in os.walk(path) for n in dirs + files)
+  before = listing()
+  with caplog.at_level(logging.INFO):
+    run_lib.load(path)
+  warnings = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+  assert warnings == []
+  assert listing() == before
 
 
 def test_load_before_phase_two_and_without_checkpoints(tmp_path):
@@ -193,6 +210,14 @@ def test_evaluate_command_line_on_the_workdir(workdir, capsys):
     with open(os.path.join(path, "eval", f"episodes_{name}.jsonl")) as f:
       assert [json.loads(line)["meta"]["seed"] for line in f] == [40, 41, 42]
   assert "| qsft_beta2 | 2 |" in capsys.readouterr().out
+  # the same figures in TensorBoard at the checkpoints' step (1), with the value correlations
+  from test_evaluate import read_scalars
+  scalars = read_scalars(os.path.join(path, "eval", "tensorboard"))
+  for name, r in results["policies"].items():
+    assert scalars[f"eval/{name}/mean_return"][-1] == (1, pytest.approx(r["mean_return"]))
+    assert scalars[f"eval/{name}/success_rate"][-1] == (1, pytest.approx(r["success_rate"]))
+  corr = results["value_correlation"]["qsft"]["all_turns"]
+  assert scalars["eval/qsft/value_corr"][-1] == (1, pytest.approx(corr))
 
 
 def test_the_dummy_token_is_never_played_nor_listed(workdir):

@@ -413,3 +413,21 @@ def test_launch_scripts_dry_run_print_the_commands():
   out = run("launch/local.sh", "-c", "configs/tiny.py", "-w", "/tmp/qsft_local", "-p", "2")
   assert out.returncode == 0, out.stderr
   assert out.stdout.count("-m qsft_jax.main") == 2 and "QSFT_CPU_COLLECTIVES=gloo" in out.stdout
+
+
+def test_profile_steps_parse_and_bad_values_name_the_field():
+  c = tiny()
+  for spec, steps in (("", ()), ("10:13", (10, 11, 12)), (" 5, 20:22 ,7", (5, 7, 20, 21)),
+                      ("3,3:5", (3, 4))):
+    c.log.profile_steps = spec
+    assert config_lib.profile_steps(c) == steps and check_config(c, 8)
+  for spec, why in (("10-13", r"'10-13' in '10-13' is neither a step number nor START:STOP"),
+                    ("a", r"'a' in 'a' is neither"), ("5:5", r"'5:5' in '5:5' holds no step"),
+                    ("0", r"'0' in '0' holds no step: steps count from 1"),
+                    ("3,-1", r"'-1' in '3,-1' is neither")):
+    c.log.profile_steps = spec
+    rejects(c, r"^config\.log\.profile_steps: " + why)
+  with c.unlocked():
+    del c.log["profile_steps"]
+    c.log.profile_steps = [10, 11]
+  rejects(c, r"^config\.log\.profile_steps: must be a string such as")

@@ -119,3 +119,51 @@ def test_summarize_edge_cases():
   assert evaluate.summarize([-3.0], [True]) == {"mean_return": -3.0, "stderr": None, "success_rate": 1.0}
   with pytest.raises(ValueError):
     evaluate.summarize([], [])
+
+
+def read_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} of every scalar in the TensorBoard event files of `folder`, read as
+  TFRecords (uint64 length, its CRC, the Event proto, its CRC) without TensorBoard's reader."""
+  import struct
+  from tensorboardX.proto import event_pb2
+
+  out: dict = {}
+  for name in sorted(os.listdir(folder)):
+    assert name.startswith("events.out.tfevents"), name
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 12 + length + 4
+      for v in event.summary.value:
+        assert v.WhichOneof("value") == "simple_value", v
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def test_results_go_to_tensorboard_at_each_policys_checkpoint_step(tmp_path):
+  results = {
+      "env": "maze", "episodes": 1, "dataset_mean_return": -13.0,
+      "policies": {"bc": {"mean_return": -20.0, "stderr": 0.5, "success_rate": 0.25, "beta": 0.0},
+                   "qsft_beta4": {"mean_return": -9.0, "stderr": None, "success_rate": 0.75, "beta": 4.0},
+                   "control_ratio": {"mean_return": -16.5, "stderr": 0.125, "success_rate": 0.5,
+                                     "beta": None}},
+      "checkpoint_steps": {"phi": 400, "theta": 800, "theta_bar": 800, "control": 600},
+      "value_correlation": {"qsft": {"all_turns": 0.5, "turn0": 0.875},
+                            "control": {"all_turns": -0.25, "turn0": float("nan")}}}
+  folder = evaluate.write_tensorboard(str(tmp_path), results)
+  assert folder == os.path.join(str(tmp_path), "eval", "tensorboard")
+  got = read_scalars(folder)
+  nan = got.pop("eval/control/value_corr_turn0")
+  assert len(nan) == 1 and nan[0][0] == 600 and math.isnan(nan[0][1])
+  assert got == {
+      "eval/bc/mean_return": [(400, -20.0)], "eval/bc/stderr": [(400, 0.5)],
+      "eval/bc/success_rate": [(400, 0.25)],
+      "eval/qsft_beta4/mean_return": [(800, -9.0)], "eval/qsft_beta4/success_rate": [(800, 0.75)],
+      "eval/control_ratio/mean_return": [(600, -16.5)], "eval/control_ratio/stderr": [(600, 0.125)],
+      "eval/control_ratio/success_rate": [(600, 0.5)],
+      "eval/qsft/value_corr": [(800, 0.5)], "eval/qsft/value_corr_turn0": [(800, 0.875)],
+      "eval/control/value_corr": [(600, -0.25)],
+      "eval/dataset/mean_return": [(800, -13.0)]}

@@ -121,6 +121,25 @@ def test_control_phase_is_qsft_with_unit_targets_and_is_evaluated(tmp_path):
   assert "| control_beta4 | 4 |" in table and "value corr. (turn 0)" in table
 
 
+@pytest.mark.slow
+def test_profile_steps_write_one_trace_per_run_of_steps(tmp_path):
+  """log.profile_steps="2,4:9" with 4 steps: step 2, and step 4 (the phase's last), each traced into
+  WORKDIR/bc/profile/steps_N-N/plugins/profile/RUN/HOST.xplane.pb, annotated with their step."""
+  import glob
+  workdir = str(tmp_path / "run")
+  tu.run_ok(workdir, "--config.phases=('bc',)", "--config.bc.steps=4", "--config.eval.enabled=False",
+            "--config.dataset.num_episodes=16", "--config.dataset.heldout_episodes=0",
+            "--config.log.profile_steps=2,4:9")
+  traces = sorted(glob.glob(os.path.join(workdir, "bc", "profile", "*", "plugins", "profile", "*",
+                                         "*.xplane.pb")))
+  runs = [os.path.relpath(t, os.path.join(workdir, "bc", "profile")).split(os.sep)[0] for t in traces]
+  assert runs == ["steps_2-2", "steps_4-4"], traces
+  for trace in traces:
+    with open(trace, "rb") as f:
+      data = f.read()
+    assert len(data) > 1000 and b"step_num" in data, (trace, len(data))
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Kill and resume
 

@@ -7,7 +7,8 @@ train steps are `phases.build(...).step` lowered on the abstract state of `.abst
 decode step is `sampler.decode_step` of both models (the body of the sampler's loop) with the
 extraction scores and a greedy pick, attending with the model's einsums (the sampler's "dot", its
 choice off the CPU). Every input is a `jax.ShapeDtypeStruct` carrying its `NamedSharding`: nothing
-is allocated.
+is allocated. Each compile (a step's and its probes') says on stderr when it starts, how long it has
+run every QSFT_PROGRESS_SECONDS, and its elapsed time when done (`qsft_jax.progress.timed`).
 
 For each step `compile_step` gives, per chip: argument / temporary / output bytes against the
 chip's HBM (`compiled.memory_analysis()`); FLOPs and HBM bytes of XLA's cost analysis beside the
@@ -42,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from qsft_jax import config_lib
 from qsft_jax import phases
+from qsft_jax import progress
 from qsft_jax import run as run_lib
 from qsft_jax import sampler
 from qsft_jax import sharding
@@ -177,7 +179,8 @@ def compile_step(kind: str, config: ml_collections.ConfigDict, target: Target, m
   slice_of = slice_of_devices(mesh)
   t0 = time.time()
   try:
-    compiled = lower(kind, config, target, mesh).compile()
+    with progress.timed(f"aot: {kind}: lower and compile"):
+      compiled = lower(kind, config, target, mesh).compile()
   except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is handled
     if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
       raise
@@ -194,7 +197,9 @@ def compile_step(kind: str, config: ml_collections.ConfigDict, target: Target, m
   if looped and target.probes:
     probes, probe_loops = [], False
     for layers in (1, 2):
-      probe = lower(kind, probe_config(config, layers), target, mesh).compile()
+      with progress.timed(f"aot: {kind}: cost probe {layers}/2 ({layers} unrolled layer"
+                          f"{'s' if layers > 1 else ''})"):
+        probe = lower(kind, probe_config(config, layers), target, mesh).compile()
       probe_loops |= costs.has_loops(probe.as_text())
       probes.append(costs.program_costs(probe, slice_of))
     cost = costs.extrapolate(probes[0], probes[1], mc.num_layers)
@@ -258,6 +263,7 @@ def run(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
          "dtype": mc.dtype, "param_dtype": mc.param_dtype,
          "frozen_dtype": config.qsft.frozen_dtype or mc.param_dtype,
          "mu_dtype": config.qsft.mu_dtype or mc.param_dtype, "steps": {}}
-  for kind in target.steps:
-    out["steps"][kind] = compile_step(kind, config, target, mesh, chip)
+  for i, kind in enumerate(target.steps, 1):
+    with progress.timed(f"aot: step {i}/{len(target.steps)}: {kind}", heartbeat=False):
+      out["steps"][kind] = compile_step(kind, config, target, mesh, chip)
   return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from qsft_jax import progress
 from qsft_jax.data import episodes as episodes_lib
 from qsft_jax.data.episodes import DataError, EpisodeError, Problem
 from qsft_jax.data.loading import DataConfig, EpisodeProcessor, Summary
@@ -96,14 +97,17 @@ def preflight(
 
     Raises ``EpisodeError`` listing the first ``max_problems`` problems (and counting the rest) when
     any episode is invalid, ``DataError`` when the source is missing or empty or no episode is left to
-    train on. echo: print the one-line summary; tensorboard_dir: write its scalars there.
+    train on. echo: print the one-line summary, and the count and rate of the episodes checked while it
+    runs (`qsft_jax.progress`); tensorboard_dir: write its scalars there.
     """
     config = DataConfig.from_config(config)
     processor = EpisodeProcessor(config, tokenizer)
     summary = Summary(max_locations=MAX_DROPPED_SHOWN)
     problems: list[Problem] = []
     more = 0
-    for file, line, raw in iter_records(config):
+    records = progress.track(iter_records(config), None, f"data check ({source_name(config)})",
+                             "episodes", enabled=echo)
+    for file, line, raw in records:
         outcome = processor(raw, file, line)
         summary.add(outcome, file, line)
         room = max_problems - len(problems)

@@ -4,7 +4,8 @@
         [--policy trap] [--opt key=value ...]
 
 writes one episode per line (docs/algorithm.md section 1) and prints the episode count, the mean return in
-the task's original units, the success rate and the generation speed. ``--opt`` values are Python
+the task's original units, the success rate and the generation speed (while it runs, the count, rate
+and ETA go to stderr: `qsft_jax.progress`). ``--opt`` values are Python
 literals where they parse as one (``max_steps=30``, ``traps={'4,1': 'd'}``), strings otherwise
 (``actions=words``); each goes to the environment or the behaviour policy, whichever takes it.
 
@@ -25,6 +26,7 @@ from typing import Iterator, Sequence
 from absl import flags
 
 from qsft_jax import cli
+from qsft_jax import progress
 from qsft_jax.envs.base import episode_summary, play_batch
 from qsft_jax.envs.policies import POLICIES, BehaviourPolicy
 from qsft_jax.envs.registry import ENVS, make_env
@@ -139,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     stats = []
     with open(fv.out, "w", encoding="utf-8") as f:
-        for episode in generate_episodes(fv.task, fv.episodes, fv.seed, policy=fv.policy, **options):
+        episodes = generate_episodes(fv.task, fv.episodes, fv.seed, policy=fv.policy, **options)
+        for episode in progress.track(episodes, fv.episodes, f"{fv.task}/{fv.policy}", "episodes"):
             f.write(json.dumps(episode) + "\n")
             stats.append({"meta": episode["meta"]})
     seconds = time.perf_counter() - start

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from qsft_jax import progress
 from qsft_jax.models.config import ModelConfig, from_hf_config
 
 Path = tuple[str, ...]  # a parameter's path in the tree, e.g. ("layers_0", "attn", "q", "kernel")
@@ -191,8 +192,9 @@ class _TensorSource:
 
 def _params_from_source(source: _TensorSource, config: ModelConfig, dtype: str,
                         config_origin: str) -> dict:
-  """Checks names and shapes against `_hf_entries(config)`, then converts. Returns the unscanned
-  nested numpy tree (leaves of `dtype`)."""
+  """Checks names and shapes against `_hf_entries(config)`, then reads and converts tensor by tensor
+  (their count, rate and ETA on stderr: `qsft_jax.progress`). Returns the unscanned nested numpy
+  tree (leaves of `dtype`)."""
   entries = _hf_entries(config)
   wanted = {e.hf_name for e in entries}
   for name in source.names():
@@ -215,7 +217,8 @@ def _params_from_source(source: _TensorSource, config: ModelConfig, dtype: str,
                        f"{source.shape(e.hf_name)}, expected {e.hf_shape} from {config_origin}")
   tree: dict = {}
   np_dtype = _numpy_dtype(dtype)
-  for e in entries:
+  for e in progress.track(entries, len(entries), f"load {pathlib.Path(source.description).name}",
+                          "tensors"):
     arrays = e.split(np.asarray(source.get(e.hf_name), np.float32))
     for path, array in zip(e.paths, arrays):
       node = tree
