@@ -230,7 +230,9 @@ def test_notebook_runs_top_to_bottom(tiny_workdir, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  nb.cells.append(nbformat.v4.new_code_cell("import qsft_jax\nprint('qsft_jax:', os.path.dirname(qsft_jax.__file__))"))
+  nb.cells.append(nbformat.v4.new_code_cell(  # what the kernel imported and what the heatmap cell drew
+      "import qsft_jax\nprint('qsft_jax:', os.path.dirname(qsft_jax.__file__))\n"
+      "print('heatmap boxes:', len(fig.axes[0].texts))"))
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
   code = [c for c in nb.cells if c.cell_type == "code"]
@@ -239,6 +241,7 @@ def test_notebook_runs_top_to_bottom(tiny_workdir, monkeypatch):
   assert f"qsft_jax: {os.path.join(repo, 'qsft_jax')}" in outputs
   assert path in outputs and "corr(ratio, return-to-go)" in outputs
   assert "beta=0.0: return" in outputs and "beta=4.0: return" in outputs
+  assert "heatmap boxes: 0\n" not in outputs and "heatmap boxes: " in outputs
 
 
 def test_evaluate_command_line_on_the_workdir(workdir, capsys):
