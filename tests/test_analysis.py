@@ -183,9 +183,9 @@ def test_play_uses_the_runs_environment(workdir):
 
 def test_play_grows_the_cache_as_the_history_outgrows_it(tiny_workdir):
   """Greedy BC play with phi's logits peaked (a larger init std), so that actions run to several
-  characters and the 20-move history (~430 tokens) outgrows the rows (128) and the sampler's first
-  cache (2 * 128 + 16 slots). Each action must be the greedy continuation of its history by plain
-  uncached forward passes over the whole sequence (pad, BOS and EOS never chosen)."""
+  characters and the 20-move history outgrows the rows (128 tokens) and the sampler's first cache
+  (2 * 128 + 16 slots). Each action must be the greedy continuation of its history by plain uncached
+  forward passes over the whole sequence (pad, BOS and EOS never chosen)."""
   path, made = tiny_workdir
   run = analysis.load(path)
   model_config, tokenizer = made["model_config"], made["tokenizer"]
@@ -193,8 +193,9 @@ def test_play_grows_the_cache_as_the_history_outgrows_it(tiny_workdir):
   phi = jax.tree.map(lambda x: x * 20 if x.ndim > 1 else x, made["phi"])
   run.behaviour_params = phi
   played = run.play(seed=0, beta=0.0)
-  history = [tokenizer.bos_id] + tokenizer.encode("".join(t["text"] for t in played["turns"]))
-  assert len(history) + 16 > 2 * 128 + 16, "the history must outgrow the first cache"
+  last = max(i for i, t in enumerate(played["turns"]) if t["action"])
+  longest_prompt = 1 + len(tokenizer.encode("".join(t["text"] for t in played["turns"][:last])))
+  assert longest_prompt + 16 > 2 * 128 + 16, "the history must outgrow the first cache"
 
   width = model_config.max_position_embeddings
   forward = jax.jit(lambda tokens, n: Transformer(model_config).apply(
