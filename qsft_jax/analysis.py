@@ -28,10 +28,10 @@ import numpy as np
 from qsft_jax import diagnostics, losses
 from qsft_jax import run as run_lib
 from qsft_jax.data import DataConfig, episodes_to_batch
-from qsft_jax.evaluate import evaluate_policies, history_tokens, suppressed_token_ids
+from qsft_jax.evaluate import evaluate_policies, history_tokens, policy_sampler, suppressed_token_ids
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer
-from qsft_jax.sampler import Sampler, next_power_of_two
+from qsft_jax.sampler import next_power_of_two
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -169,9 +169,9 @@ class Analysis:
     if not env_name:
       raise ValueError("no environment: pass env_name")
     kwargs = dict(self.env_kwargs or {}) if env_kwargs is None and env_name == self.env_name else dict(env_kwargs or {})
-    if self._sampler is None or self._sampler.cache_len != self.data_config.max_length + max_new_tokens:
-      self._sampler = Sampler(self.model_config, mesh=self.mesh, rules=self.rules, pad_id=self.tokenizer.pad_id,
-                              cache_len=self.data_config.max_length + max_new_tokens)
+    if self._sampler is None:  # kept over calls (its compiled programs); evaluation grows its cache
+      self._sampler = policy_sampler(self.model_config, self.tokenizer, self.data_config, max_new_tokens,
+                                     mesh=self.mesh, rules=self.rules)
     record: dict = {}
     evaluate_policies(env_name, kwargs, self.model_config, self.tokenizer, self.behaviour_params, self.theta_params,
                       policies=[{"name": "play", "mode": mode, "beta": float(beta)}], episodes=1, seed=seed,

@@ -192,6 +192,18 @@ def dataset_mean_return(paths, data_config: DataConfig | Mapping | None = None) 
   return float(np.mean([sum(t.reward for t in ep.turns if t.action) for ep in loaded.episodes]))
 
 
+def policy_sampler(model_config, tokenizer, data_config: DataConfig, max_new_tokens: int, *, batch_size: int = 1,
+                   mesh=None, rules=None) -> Sampler:
+  """The sampler policies act through, in evaluation and in `analysis.Analysis.play`: a KV cache of
+  min(max_position_embeddings, 2 * data_config.max_length) + max_new_tokens slots (a policy's episode may
+  run longer than the training rows, e.g. more wall bumps), which `evaluate_policies` grows with
+  `Sampler.fit` when a history outgrows it (an untrained policy's actions can each run to
+  max_new_tokens); one batch bucket of batch_size rows, so episodes ending early recompile nothing."""
+  cache_len = min(model_config.max_position_embeddings, 2 * data_config.max_length) + max_new_tokens
+  return Sampler(model_config, mesh=mesh, rules=rules, pad_id=tokenizer.pad_id, cache_len=cache_len,
+                 min_batch_bucket=batch_size)
+
+
 def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, tokenizer, behaviour_params,
                       theta_params, *, policies: Sequence[Mapping], episodes: int, seed: int,
                       data_config: DataConfig | Mapping | None = None, batch_size: int = 64,
@@ -210,6 +222,8 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   and no policy emits targets.dummy_token or another id of `suppressed_token_ids`.
   interrupt: called with a description of where the evaluation is before every batch of actions;
     it raises to stop the evaluation (`StopOnSigterm.check`).
+  sampler: a `policy_sampler` to reuse (with its compiled programs) over several calls; default a new
+    one. Its cache grows in place (`Sampler.fit`) before any batch of actions whose histories outgrow it.
   """
   if episodes < 1:
     raise ValueError(f"episodes={episodes} must be >= 1")
@@ -219,24 +233,9 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   envs = [make_env(env_name, **env_kwargs) for _ in range(min(batch_size, episodes))]
   stop = envs[0].action_stop
   suppress = suppressed_token_ids(tokenizer, targets.dummy_token)
-  own_sampler = sampler is None
-
-  def new_sampler(cache_len):
-    return Sampler(model_config, mesh=mesh, rules=rules, pad_id=tokenizer.pad_id, cache_len=cache_len,
-                   min_batch_bucket=len(envs))  # one batch bucket: episodes ending early recompile nothing
-
-  if own_sampler:
-    # A policy's episode may run longer than the training rows (e.g. more wall bumps).
-    sampler = new_sampler(min(model_config.max_position_embeddings, 2 * data_config.max_length) + max_new_tokens)
-  samplers = [sampler]
-
-  def sampler_for(longest_prompt: int) -> Sampler:
-    """The sampler, rebuilt with a longer cache (up to the model's positions) when a history outgrows
-    it: an untrained policy's actions can run to max_new_tokens each."""
-    need = longest_prompt + max_new_tokens
-    if own_sampler and need > samplers[0].cache_len and need <= model_config.max_position_embeddings:
-      samplers[0] = new_sampler(min(model_config.max_position_embeddings, 2 * need))
-    return samplers[0]
+  if sampler is None:
+    sampler = policy_sampler(model_config, tokenizer, data_config, max_new_tokens, batch_size=len(envs),
+                             mesh=mesh, rules=rules)
   results = {"env": env_name, "episodes": episodes, "dataset_mean_return": dataset_mean_return, "policies": {}}
   try:
     for spec in policies:
@@ -253,7 +252,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
         prompts = [history_tokens(h, tokenizer, data_config) for h in histories]
         rng = jax.random.fold_in(jax.random.key(seed), calls[0])
         calls[0] += 1
-        texts = sampler_for(max(map(len, prompts))).generate_text(
+        texts = sampler.fit(max(map(len, prompts)), max_new_tokens).generate_text(
             behaviour_params, theta, prompts, tokenizer, stop_strings=(stop,), mode=spec["mode"],
             beta=0.0 if spec["beta"] is None else spec["beta"], greedy=temperature <= 0,
             temperature=temperature if temperature > 0 else 1.0, support_min=targets.support_min,

@@ -7,9 +7,9 @@ One call of `Sampler.decode` runs one compiled program: ragged prompts are left-
 bucket (real tokens at positions 0..n-1, padding with segment id 0 so no cache slot is written for it),
 both models prefill their caches, then a `lax.while_loop` decodes token by token with both caches in
 lockstep until every row has emitted a stop token or `max_new_tokens` tokens. B and P are powers of two
-(B also a multiple of the mesh's batch axes), S is fixed per sampler, and everything else (beta,
-temperature, top-k, top-p, support_min, max_new_tokens, the stop-token mask, the rng) is a traced
-argument, so a second call with the same (B, P, mode, sampling kind) bucket never retraces.
+(B also a multiple of the mesh's batch axes), S is fixed per sampler until `Sampler.fit` grows it, and
+everything else (beta, temperature, top-k, top-p, support_min, max_new_tokens, the stop-token mask, the
+rng) is a traced argument, so a second call with the same (B, P, mode, sampling kind) bucket never retraces.
 
 Token scores per decode step (z_phi, z_theta: the two models' logits of the row that predicts the
 next token; log-softmaxes over the real vocabulary only, padded columns get -inf):
@@ -232,7 +232,7 @@ class Sampler:
   Args:
     model_config: the ModelConfig of both models (phi and theta share the architecture).
     mesh, rules: optional mesh and logical-axis rule table (default `sharding.DEFAULT_RULES`).
-    cache_len: S, the fixed KV-cache length; prompt bucket + max_new_tokens must fit in it.
+    cache_len: S, the KV-cache length; prompt bucket + max_new_tokens must fit in it (`fit` grows it).
     min_prompt_bucket, min_batch_bucket: smallest buckets (powers of two).
     pad_id: token id used for left padding and after a row stopped.
     decode_attention: how decode steps attend over the cache, "auto" or a key of DECODE_ATTENTION
@@ -278,6 +278,21 @@ class Sampler:
                        f"fit cache_len={self.cache_len}; raise cache_len or shorten the prompt")
     p = min(max(next_power_of_two(longest_prompt), self.min_prompt_bucket), room)
     return b, p
+
+  def fit(self, longest_prompt: int, max_new_tokens: int) -> Sampler:
+    """Makes room for a prompt of `longest_prompt` tokens plus `max_new_tokens`, and returns self.
+
+    When need = longest_prompt + max_new_tokens exceeds cache_len but not the model's positions
+    (`max_position_embeddings`), cache_len becomes min(max_position_embeddings, 2 * need), so a
+    history that keeps growing (a multi-turn episode) rebuilds the cache O(log length) times, and the
+    compiled programs (specialised on S) are dropped. A need beyond the model's positions is left
+    for `decode` to refuse. Evaluation (`evaluate.evaluate_policies`) calls it before every action,
+    which is how `analysis.Analysis.play` grows its sampler too."""
+    need = int(longest_prompt) + int(max_new_tokens)
+    if self.cache_len < need <= self.config.max_position_embeddings:
+      self.cache_len = min(self.config.max_position_embeddings, 2 * need)
+      self._compiled = {}
+    return self
 
   # ------------------------------------------------------------------ the compiled program
   def _new_cache(self, batch):

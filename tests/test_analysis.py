@@ -1,17 +1,19 @@
 """Checkpoint analysis on a tiny workdir built here (config, tokenizer, bc/ and qsft/ checkpoints)."""
+import functools
 import json
 import logging
 import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qsft_jax import analysis, checkpoints, config_lib, losses
 from qsft_jax import run as run_lib
 from qsft_jax.data import DataConfig, episodes_to_batch
-from qsft_jax.envs import generate_episodes
+from qsft_jax.envs import generate_episodes, make_env
 from qsft_jax.models import Transformer
 from qsft_jax.tokenizers import CharTokenizer
 
@@ -19,16 +21,26 @@ ALPHABET = "".join(sorted(set("Maze. Reach G. Moves: u d l r.\n#,0123456789")))
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "analyze_checkpoint.ipynb")
 
 
-def make_workdir(path: str, *, steps: int = 1, done: bool = True) -> dict:
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(model_config, rng):
+  """Random parameters of `model_config` (compiled once per config, for every workdir made here)."""
+  d = jnp.zeros((1, 1), jnp.int32)
+  return nn.unbox(Transformer(model_config).init(rng, d, d, d + 1))
+
+
+def make_workdir(path: str, *, steps: int = 1, done: bool = True, max_length: int = 160,
+                 max_steps: int | None = 4) -> dict:
   """A workdir as the trainer lays it out (qsft_jax/run.py docstring), with random phi and theta: a
   checkpoint of step 1 in bc/ and qsft/, `steps` configured for each, both marked DONE (finished)
-  unless `done` is False."""
+  unless `done` is False; a maze of `max_steps` moves (None: the environment's default, 20) and three
+  held-out episodes of it, data.max_length `max_length`."""
   config = config_lib.base_config()
   config.bc.steps = config.qsft.steps = steps
   config.task = "maze"
-  config.env = {"max_steps": 4}
-  config.data.max_length = 160
-  config.data.reward_transform = "terminal_return:-8,0"
+  config.env = {} if max_steps is None else {"max_steps": max_steps}
+  config.data.max_length = max_length
+  worst, _ = make_env("maze", **config.env).return_bounds
+  config.data.reward_transform = f"terminal_return:{worst:g},0"
   config.model.overrides = {"d_model": 32, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "mlp_dim": 64}
   config.checkpoint.async_save = False
   os.makedirs(os.path.join(path, "data"), exist_ok=True)
@@ -38,9 +50,7 @@ def make_workdir(path: str, *, steps: int = 1, done: bool = True) -> dict:
   tokenizer.save(os.path.join(path, "tokenizer.json"))
   model_config = run_lib.model_config_from(config, tokenizer)
   run_lib.save_model_config(path, model_config)
-  d = np.zeros((1, 1), np.int32)
-  init = jax.jit(lambda r: nn.unbox(Transformer(model_config).init(r, d, d, d + 1)))
-  phi, theta = init(jax.random.key(0)), init(jax.random.key(1))
+  phi, theta = init_params(model_config, jax.random.key(0)), init_params(model_config, jax.random.key(1))
   for phase, state in [("bc", {"step": 1, "params": phi}),
                        ("qsft", {"step": 1, "params": theta, "target_params": theta, "behaviour_params": phi})]:
     manager = checkpoints.make_manager(path, phase, config)
@@ -50,7 +60,7 @@ def make_workdir(path: str, *, steps: int = 1, done: bool = True) -> dict:
     if done:
       checkpoints.mark_done(path, phase, 1)
   with open(os.path.join(path, "data", "heldout.jsonl"), "w") as f:
-    for ep in generate_episodes("maze", 3, seed=5, max_steps=4):
+    for ep in generate_episodes("maze", 3, seed=5, **config.env):
       f.write(json.dumps(ep) + "\n")
   return dict(config=config, tokenizer=tokenizer, model_config=model_config, phi=phi, theta=theta)
 
@@ -59,6 +69,14 @@ def make_workdir(path: str, *, steps: int = 1, done: bool = True) -> dict:
 def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("run"))
   return path, make_workdir(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_workdir(tmp_path_factory):
+  """configs/tiny.py's episode and row lengths (data.max_length 128, the maze's own 20 moves): an
+  untrained policy's history outgrows the training rows long before its episode ends."""
+  path = str(tmp_path_factory.mktemp("tiny_run"))
+  return path, make_workdir(path, max_length=128, max_steps=None)
 
 
 def _log_softmax(z):
@@ -180,18 +198,68 @@ def test_play_uses_the_runs_environment(workdir):
   assert played == run.play(seed=3, beta=2.0), "greedy play is deterministic"
 
 
+def test_play_grows_the_cache_as_the_history_outgrows_it(tiny_workdir):
+  """Greedy BC play with phi's logits peaked (a larger init std), so that actions run to several
+  characters and the 20-move history outgrows the rows (128 tokens) and the sampler's first cache
+  (2 * 128 + 16 slots). Each action must be the greedy continuation of its history by plain uncached
+  forward passes over the whole sequence (pad, BOS and EOS never chosen)."""
+  path, made = tiny_workdir
+  run = analysis.load(path)
+  model_config, tokenizer = made["model_config"], made["tokenizer"]
+  # init_std 0.02 -> 0.4 on every matrix (norm scales stay 1): peaked logits, ties not decided by float noise
+  phi = jax.tree.map(lambda x: x * 20 if x.ndim > 1 else x, made["phi"])
+  run.behaviour_params = phi
+  played = run.play(seed=0, beta=0.0)
+  last = max(i for i, t in enumerate(played["turns"]) if t["action"])
+  longest_prompt = 1 + len(tokenizer.encode("".join(t["text"] for t in played["turns"][:last])))
+  assert longest_prompt + 16 > 2 * 128 + 16, "the history must outgrow the first cache"
+
+  width = model_config.max_position_embeddings
+  forward = jax.jit(lambda tokens, n: Transformer(model_config).apply(
+      phi, tokens, np.arange(width)[None], (np.arange(width) < n)[None].astype(np.int32)))
+  vocab = model_config.vocab_size
+  never = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id]
+  for i, turn in enumerate(played["turns"]):
+    if not turn["action"]:
+      continue
+    seq = [tokenizer.bos_id] + tokenizer.encode("".join(t["text"] for t in played["turns"][:i]))
+    action = []
+    while len(action) < 16 and "\n" not in tokenizer.decode(action):
+      tokens = np.zeros((1, width), np.int32)
+      tokens[0, :len(seq)] = seq
+      z = np.asarray(forward(tokens, len(seq)))[0, len(seq) - 1, :vocab].astype(np.float64)
+      z[never] = -np.inf
+      action.append(int(np.argmax(z)))
+      seq.append(action[-1])
+    assert turn["text"] == (tokenizer.decode(action) or "\n"), f"turn {i}"
+
+
 @pytest.mark.slow
-def test_notebook_runs_top_to_bottom(workdir, monkeypatch):
+def test_notebook_runs_top_to_bottom(tiny_workdir, monkeypatch):
+  """Every cell of the notebook, headless, on a workdir of configs/tiny.py's lengths; the kernel
+  imports this checkout's qsft_jax and draws with matplotlib's Agg backend. A cell that raises fails
+  the test (nbclient's CellExecutionError)."""
   import nbclient
   import nbformat
 
-  path, _ = workdir
+  path, _ = tiny_workdir
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   monkeypatch.setenv("QSFT_WORKDIR", path)
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
   nb = nbformat.read(NOTEBOOK, as_version=4)
+  nb.cells.append(nbformat.v4.new_code_cell(  # what the kernel imported and what the heatmap cell drew
+      "import qsft_jax\nprint('qsft_jax:', os.path.dirname(qsft_jax.__file__))\n"
+      "print('heatmap boxes:', len(fig.axes[0].texts))"))
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
-  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-  assert path in outputs and "corr(ratio, return-to-go)" in outputs and "beta=4.0: return" in outputs
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert all(c.execution_count for c in code), "every code cell ran"
+  outputs = "".join(o.get("text", "") for c in code for o in c.get("outputs", []))
+  assert f"qsft_jax: {os.path.join(repo, 'qsft_jax')}" in outputs
+  assert path in outputs and "corr(ratio, return-to-go)" in outputs
+  assert "beta=0.0: return" in outputs and "beta=4.0: return" in outputs
+  assert "heatmap boxes: 0\n" not in outputs and "heatmap boxes: " in outputs
 
 
 def test_evaluate_command_line_on_the_workdir(workdir, capsys):

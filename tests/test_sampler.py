@@ -211,6 +211,20 @@ def test_no_retrace_within_a_bucket(params, sampler):
     sampler.generate(phi, theta, [[1] * 60], max_new_tokens=5)
 
 
+def test_fit_doubles_the_cache_up_to_the_models_positions(params):
+  phi, theta = params
+  fitted = Sampler(CONFIG, cache_len=32, min_prompt_bucket=16)
+  assert fitted.fit(10, 8) is fitted and fitted.cache_len == 32  # 18 slots fit: unchanged
+  with pytest.raises(ValueError, match="does not fit cache_len=32"):
+    fitted.generate(phi, theta, [[1] * 30], max_new_tokens=8)
+  assert fitted.fit(30, 8).cache_len == 76  # 2 * (30 + 8)
+  assert fitted.buckets(1, 30, 8) == (1, 32)
+  assert fitted.fit(250, 10).cache_len == CONFIG.max_position_embeddings == 512  # 2 * 260 capped
+  assert fitted.fit(600, 10).cache_len == 512  # beyond the positions: left for decode to refuse
+  with pytest.raises(ValueError, match="does not fit cache_len=512"):
+    fitted.generate(phi, theta, [[1] * 600], max_new_tokens=10)
+
+
 @pytest.mark.slow
 def test_ratio_greedy_on_a_mesh_matches_numpy_and_unsharded(params, sampler):
   phi, theta = params
