@@ -121,5 +121,6 @@ def storage_error(exc: BaseException, workdir: str | None = None, *,
 
 
 def _inside(path: str, directory: str) -> bool:
-  path, directory = os.path.abspath(path), os.path.abspath(directory)
+  if "://" not in path + directory:  # local paths; a URL (gs://...) is compared as written
+    path, directory = os.path.abspath(path), os.path.abspath(directory)
   return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)

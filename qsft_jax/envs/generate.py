@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 from absl import flags
 
 from qsft_jax import cli
+from qsft_jax import storage
 from qsft_jax.envs.base import episode_summary, play_batch
 from qsft_jax.envs.policies import POLICIES, BehaviourPolicy
 from qsft_jax.envs.registry import ENVS, make_env
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.usage_error(prog, str(e))
     start = time.perf_counter()
     stats = []
-    with open(fv.out, "w", encoding="utf-8") as f:
+    with storage.path(fv.out).open("w") as f:  # a local path or a URL
         for episode in generate_episodes(fv.task, fv.episodes, fv.seed, policy=fv.policy, **options):
             f.write(json.dumps(episode) + "\n")
             stats.append({"meta": episode["meta"]})
