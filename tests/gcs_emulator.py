@@ -2,7 +2,8 @@
 
 Every client the library uses is pointed at it through its own setting, with no credentials:
 fsspec's gcsfs (etils.epath's gs:// backend) and google-cloud-storage (tensorboardX's gs:// writer)
-through STORAGE_EMULATOR_HOST, tensorstore (orbax's checkpoints) through TENSORSTORE_GCS_HTTP_URL.
+through STORAGE_EMULATOR_HOST, tensorstore (orbax's checkpoints) through TENSORSTORE_GCS_HTTP_URL,
+array_record's gs:// reader (google-cloud-cpp, for TFDS datasets) through CLOUD_STORAGE_EMULATOR_ENDPOINT.
 The metadata-server addresses point at a closed local port so that no client looks for a VM's
 credentials on the network.
 
@@ -41,7 +42,7 @@ def _add_generation_headers() -> None:
 def client_env(url: str) -> dict[str, str]:
   """The environment that points every GCS client at the emulator at `url` (http://HOST:PORT)."""
   closed = "127.0.0.1:9"  # discard port: nothing listens, so metadata-server probes fail at once
-  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
           "GCE_METADATA_ROOT": closed, "GCE_METADATA_HOST": closed, "GCE_METADATA_IP": closed,
           "NO_GCE_CHECK": "true", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 

@@ -122,6 +122,24 @@ def test_tokenizer_and_weights_in_a_bucket(gcs):
     np.testing.assert_array_equal(after[name], before[name], err_msg=name)
 
 
+def test_tfds_dataset_in_a_bucket(gcs, tmp_path):
+  """A TFDS dataset prepared into gs:// (built locally, uploaded) reads back through array_record's own
+  gs:// reader: the same episodes as the JSONL it was built from, in the pipeline's batches."""
+  from qsft_jax.data import DataConfig, write_jsonl
+  from qsft_jax.data.check import iter_records
+  from qsft_jax.data.synthetic import wordle_like_episodes
+  from qsft_jax.data.tfds_builders import build_dataset
+
+  episodes = list(wordle_like_episodes(6, seed=3))
+  write_jsonl(str(tmp_path / "train.jsonl"), episodes)
+  out = build_dataset(os.path.join(tu.REPO, "data", "jsonl_episodes"), f"{BUCKET}/tfds",
+                      manual_dir=str(tmp_path))
+  assert out.startswith(f"{BUCKET}/tfds/jsonl_episodes/") and not os.path.exists(os.path.join(tu.REPO, "gs:"))
+  config = DataConfig(source="tfds", tfds_name="jsonl_episodes", tfds_data_dir=f"{BUCKET}/tfds")
+  stored = sorted(json.dumps(json.loads(raw)["turns"]) for _, _, raw in iter_records(config))
+  assert stored == sorted(json.dumps(e["turns"]) for e in episodes)
+
+
 # ------------------------------------------------------------------------------------------------
 # A run in a bucket: train, kill, resume, evaluate, analyse
 
