@@ -7,7 +7,7 @@ becomes absolute, a URL is kept as it is (`os.path.abspath` would turn `gs://b/r
 on URLs, which always use "/"); every read, write, listing and rename goes through `path(...)`, an
 `epath.Path`, so that the same code works on local disk and in a bucket.
 
-On gs:// epath uses fsspec's gcsfs (TensorFlow is not a dependency), orbax reaches the checkpoints
+On gs:// epath uses fsspec's gcsfs (tf.io.gfile only where TensorFlow is installed), orbax reaches the checkpoints
 through tensorstore, and tensorboardX writes its event files with google-cloud-storage; all three take
 Google's application default credentials (`gcloud auth application-default login`, a service account
 in GOOGLE_APPLICATION_CREDENTIALS, or the VM's metadata server). A few readers only open local files
@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -50,13 +51,16 @@ def path(p: PathLike) -> epath.Path:
 
 @contextlib.contextmanager
 def open_atomic(p: PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
-  """`open(p, mode)` for writing such that readers never see half a file: locally a temporary file
-  renamed over `p` once the block completes (removed if it raises); in an object store the object
-  itself, which the store publishes whole when it is closed. `kwargs`: `open`'s (encoding, ...)."""
+  """`open(p, mode)` for writing such that readers never see half a file, and nothing when the block
+  raises: locally a temporary file renamed over `p` once the block completes; for a URL an in-memory
+  buffer written as one object once the block completes (an object store publishes objects whole).
+  `kwargs`: `open`'s (encoding, ...)."""
   p = os.fspath(p)
   if is_url(p):
+    buffer = io.BytesIO() if "b" in mode else io.StringIO()
+    yield buffer
     with path(p).open(mode) as f:
-      yield f
+      f.write(buffer.getvalue())
     return
   tmp = f"{p}.tmp{os.getpid()}"
   try:

@@ -176,7 +176,7 @@ class HFTokenizer:
             raise FileNotFoundError(f"GGUF file not found: {path}")
         from transformers import AutoTokenizer
 
-        folder, name = os.path.split(storage.local_copy(path))  # a local file (transformers' GGUF reader)
+        folder, name = os.path.split(os.path.abspath(storage.local_copy(path)))  # transformers reads local files
         return cls(AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True), name=path)
 
     def encode(self, text: str) -> list[int]:

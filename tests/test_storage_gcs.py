@@ -51,7 +51,7 @@ def test_normalize_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypat
   assert not errors._inside("gs://b/run2/x", "gs://b/run")
 
 
-def test_files_in_a_bucket(gcs):
+def test_files_in_a_bucket(gcs, tmp_path):
   from qsft_jax.data import episodes as episodes_lib
 
   root = f"{BUCKET}/paths"
@@ -71,6 +71,16 @@ def test_files_in_a_bucket(gcs):
   lines = list(episodes_lib.iter_lines(f"{root}/sub/b.jsonl"))
   assert [(f, n) for f, n, _ in lines] == [(f"{root}/sub/b.jsonl", 1), (f"{root}/sub/b.jsonl", 2)]
   assert json.loads(lines[0][2]) == episode
+
+  # a write that fails part way leaves nothing, locally or in the bucket
+  for target in (str(tmp_path / "half.jsonl"), f"{root}/half.jsonl"):
+    with pytest.raises(ZeroDivisionError):
+      with storage.open_atomic(target) as f:
+        f.write("{}\n")
+        f.flush()
+        1 / 0
+    assert not storage.path(target).exists(), target
+  assert os.listdir(tmp_path) == []
 
   storage.append_text(f"{root}/log.jsonl", "1\n")
   storage.append_text(f"{root}/log.jsonl", "2\n")
