@@ -51,6 +51,26 @@ def test_normalize_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypat
   assert not errors._inside("gs://b/run2/x", "gs://b/run")
 
 
+@pytest.mark.parametrize("exc", [
+    # gcsfs, without credentials or without the bucket's permissions
+    OSError("Anonymous caller does not have storage.objects.list access to the Google Cloud Storage "
+            "bucket. Permission 'storage.objects.list' denied on resource (or it may not exist)., 401"),
+    # tensorstore under orbax
+    ValueError('PERMISSION_DENIED: Error writing "params/0" in OCDBT database at gs://b/run/bc/'),
+])
+def test_a_bucket_that_refuses_the_caller_is_one_line_about_credentials(exc):
+  try:
+    try:
+      raise exc
+    except Exception as inner:
+      raise RuntimeError("save failed") from inner
+  except RuntimeError as outer:
+    error = errors.storage_error(outer, "gs://b/run", resumes=True)
+  assert str(error) == ("gs://b/run: permission denied; the credentials in use (Google's application "
+                        "default credentials: README, Runs in a bucket) must be allowed to read and "
+                        "write gs://b/run, or choose another --workdir")
+
+
 def test_files_in_a_bucket(gcs, tmp_path):
   from qsft_jax.data import episodes as episodes_lib
 
