@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -27,6 +26,7 @@ import numpy as np
 
 from qsft_jax import diagnostics, losses
 from qsft_jax import run as run_lib
+from qsft_jax import storage
 from qsft_jax.data import DataConfig, episodes_to_batch
 from qsft_jax.evaluate import evaluate_policies, history_tokens, policy_sampler, suppressed_token_ids
 from qsft_jax.models.config import ModelConfig
@@ -217,6 +217,6 @@ def load(workdir: str, allow_unfinished: bool = False) -> Analysis:
   A run with phases that have not reached their configured steps is refused
   (`run.UnfinishedRunError`, naming each phase, its checkpoint step and its steps);
   allow_unfinished=True loads their latest checkpoints with a warning."""
-  run_lib.check_finished(os.path.abspath(workdir), run_lib.read_config(workdir),
+  run_lib.check_finished(storage.normalize(workdir), run_lib.read_config(workdir),
                          allow_unfinished=allow_unfinished, override="allow_unfinished=True")
   return from_loaded(run_lib.load(workdir))

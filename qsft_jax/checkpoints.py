@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qsft_jax import storage
 from qsft_jax.errors import UserError
 
 ITEMS = ("state", "data", "history")
@@ -40,7 +41,7 @@ class CheckpointError(UserError):
 
 
 def phase_dir(workdir: str, phase: str) -> str:
-  return os.path.join(os.path.abspath(workdir), phase)
+  return os.path.join(storage.normalize(workdir), phase)
 
 
 def make_manager(workdir: str, phase: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -82,7 +83,7 @@ def restore_with_history(manager: ocp.CheckpointManager, step: int, abstract_sta
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-  if os.path.isdir(os.path.join(step_dir(manager, step), "history")):
+  if storage.path(os.path.join(step_dir(manager, step), "history")).is_dir():
     items["history"] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored["state"], restored["history"] if "history" in items else None
@@ -121,11 +122,11 @@ def move_aside(manager: ocp.CheckpointManager, steps: Sequence[int]) -> list[str
   for step in steps:
     src = step_dir(manager, step)
     dst, n = src + BROKEN_SUFFIX, 0
-    while os.path.exists(dst):
+    while storage.path(dst).exists():
       n += 1
       dst = f"{src}{BROKEN_SUFFIX}{n}"
     if jax.process_index() == 0:
-      os.rename(src, dst)
+      storage.path(src).rename(dst)
     moved.append(dst)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -175,12 +176,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
 
 def mark_done(workdir: str, phase: str, step: int) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(phase_dir(workdir, phase), "DONE"), "w") as f:
-      f.write(f"{step}\n")
+    storage.path(os.path.join(phase_dir(workdir, phase), "DONE")).write_text(f"{step}\n")
 
 
 def is_done(workdir: str, phase: str) -> bool:
-  return os.path.exists(os.path.join(phase_dir(workdir, phase), "DONE"))
+  return storage.path(os.path.join(phase_dir(workdir, phase), "DONE")).exists()
 
 
 def restore_latest_params(workdir: str, phase: str, keys: Sequence[str], abstract_params: Any
@@ -191,7 +191,7 @@ def restore_latest_params(workdir: str, phase: str, keys: Sequence[str], abstrac
   checkpoint; a damaged newer step is skipped with a warning (left in place: this reader writes
   nothing); CheckpointError when none restores."""
   path = os.path.join(phase_dir(workdir, phase), "checkpoints")
-  if not os.path.isdir(path):
+  if not storage.path(path).is_dir():
     return None
   # Nothing here saves or deletes, and create=False makes no directory. Not read_only=True: orbax
   # then logs three warnings on every open (the options it overrides and "directory is read only").

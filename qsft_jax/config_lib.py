@@ -389,6 +389,7 @@ def check_data_files(config: ml_collections.ConfigDict) -> None:
   filesystem, so it is separate from `check_config`, which also runs where the data is not (AOT)."""
   if not config.data.path or config.data.get("source", "jsonl") != "jsonl":
     return
+  from qsft_jax import storage
   from qsft_jax.data.episodes import resolve_paths
   path = config.data.path
   try:
@@ -400,7 +401,7 @@ def check_data_files(config: ml_collections.ConfigDict) -> None:
     _fail("data.path", f"{path!r} matches no file")
   for file in files:
     try:
-      with open(file, "rb") as f:
+      with storage.path(file).open("rb") as f:
         if any(line.strip() for line in f):
           return
     except OSError as e:

@@ -23,6 +23,7 @@ import numpy as np
 
 from qsft_jax import losses
 from qsft_jax import progress
+from qsft_jax import storage
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer
 
@@ -165,7 +166,8 @@ def plot_value_diagnostics(diagnostics: dict, path: str, title: str = "") -> Non
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with storage.path(path).open("wb") as f:  # a local path or a URL
+    fig.savefig(f, dpi=100, format="png")
   plt.close(fig)
 
 
@@ -178,9 +180,9 @@ def load_heldout_batch(workdir: str, data_config, tokenizer) -> dict | None:
   from qsft_jax.data import episodes_to_batch
 
   path = run_lib.data_files(workdir)["heldout"]
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     return None
-  with open(path) as f:
+  with storage.path(path).open() as f:
     episodes = [json.loads(line) for line in f if line.strip()]
   return episodes_to_batch(episodes, data_config, tokenizer)
 
@@ -201,8 +203,8 @@ def heldout_value_diagnostics(run: Run, suffix: str = "") -> dict:
                         target_params=run.target_params, targets=run.targets, show_progress=True)
   if jax.process_index() == 0:
     out = os.path.join(run.workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"value_diagnostics{suffix}.json"), "w") as f:
+    storage.path(out).mkdir(parents=True, exist_ok=True)
+    with storage.path(os.path.join(out, f"value_diagnostics{suffix}.json")).open("w") as f:
       json.dump(d, f, indent=1)
     plot_value_diagnostics(d, os.path.join(out, f"value_diagnostics{suffix}.png"),
                            os.path.basename(run.workdir) + suffix)

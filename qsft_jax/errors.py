@@ -56,6 +56,9 @@ _MESSAGE_PATTERNS = (
     (errno.ENOSPC, re.compile(r"No space left on device|" + _CODE.format(28), re.I)),
     (errno.EROFS, re.compile(r"Read-only file system|" + _CODE.format(30), re.I)),
     (errno.EACCES, re.compile(r"Permission denied|" + _CODE.format(13), re.I)),
+    # a bucket refusing the caller: gcsfs ("... does not have storage.objects.create access ..."),
+    # tensorstore ("PERMISSION_DENIED: ...")
+    (errno.EACCES, re.compile(r"does not have storage\.\w+\.\w+ access|PERMISSION_DENIED")),
     (errno.EPERM, re.compile(r"Operation not permitted|" + _CODE.format(1), re.I)),
 )
 # A quoted absolute path in a library's message ("Error writing local file \"/w/bc/...\"").
@@ -111,6 +114,10 @@ def storage_error(exc: BaseException, workdir: str | None = None, *,
     elsewhere = "choose another --workdir" if workdir else "write elsewhere"
     message = (f"{path or 'a write'}: no space left on the device; free some space (or "
                f"{elsewhere}), then {rerun}")
+  elif workdir and "://" in workdir and (path is None or _inside(path, workdir)):
+    message = (f"{path}: {_NOT_WRITABLE[code]}; the credentials in use (Google's application default "
+               f"credentials: README, Runs in a bucket) must be allowed to read and write {workdir}, or "
+               "choose another --workdir")
   elif workdir and (path is None or _inside(path, workdir)):
     message = (f"{path}: not writable ({_NOT_WRITABLE[code]}); make the workdir {workdir} writable "
                "or choose another --workdir")
@@ -121,5 +128,6 @@ def storage_error(exc: BaseException, workdir: str | None = None, *,
 
 
 def _inside(path: str, directory: str) -> bool:
-  path, directory = os.path.abspath(path), os.path.abspath(directory)
+  if "://" not in path + directory:  # local paths; a URL (gs://...) is compared as written
+    path, directory = os.path.abspath(path), os.path.abspath(directory)
   return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)

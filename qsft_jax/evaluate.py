@@ -71,6 +71,7 @@ from qsft_jax import cli
 from qsft_jax import losses
 from qsft_jax import progress
 from qsft_jax import run as run_lib
+from qsft_jax import storage
 from qsft_jax.data import DataConfig, load_episodes
 from qsft_jax.data.episodes import Episode, Turn
 from qsft_jax.data.mdp import tokenize_episode
@@ -317,13 +318,10 @@ def write_results(workdir: str, results: Mapping, record: Mapping | None = None)
   """Writes WORKDIR/eval/results.json, results.md and (with `record`) episodes_NAME.jsonl, each whole
   (written aside, then renamed), results.json last; returns the eval directory."""
   out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
+  storage.path(out).mkdir(parents=True, exist_ok=True)
 
-  def write(name: str, text: str) -> None:  # whole files only: a temporary file, then a rename
-    tmp = os.path.join(out, f".{name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(out, name))
+  def write(name: str, text: str) -> None:  # whole files only (a local path or a URL)
+    storage.write_text_atomic(os.path.join(out, name), text)
 
   for name, played in (record or {}).items():
     write(f"episodes_{name}.jsonl", "".join(json.dumps(ep) + "\n" for ep in played))
@@ -373,7 +371,7 @@ def training_data_paths(workdir: str, config) -> list[str]:
   if path:
     return list(path) if isinstance(path, (list, tuple)) else [path]
   generated = run_lib.data_files(workdir)["train"]
-  return [generated] if os.path.exists(generated) else []
+  return [generated] if storage.path(generated).exists() else []
 
 
 def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = None,
@@ -441,7 +439,7 @@ def heldout_correlations(loaded: run_lib.Run, control: bool = True) -> dict:
   control: include the control phase's theta when the run has one."""
   from qsft_jax import diagnostics
 
-  if not os.path.exists(run_lib.data_files(loaded.workdir)["heldout"]):
+  if not storage.path(run_lib.data_files(loaded.workdir)["heldout"]).exists():
     return {}
   out = {}
   for name, view in (("qsft", loaded),
@@ -458,7 +456,7 @@ def evaluate_workdir(workdir: str, allow_unfinished: bool = False, **options) ->
   """Loads the latest checkpoints of a workdir (`qsft_jax.run.load`) and runs `run` on them (options
   as `run`'s); what the command line does. A run with unfinished phases is refused
   (`run.UnfinishedRunError`, naming them) unless allow_unfinished."""
-  workdir = os.path.abspath(workdir)
+  workdir = storage.normalize(workdir)
   run_lib.check_finished(workdir, run_lib.read_config(workdir), allow_unfinished=allow_unfinished,
                          override="--allow_unfinished")
   return run(run_lib.load(workdir), **options)

@@ -37,6 +37,7 @@ from qsft_jax import phases
 from qsft_jax import progress
 from qsft_jax import run as run_lib
 from qsft_jax import sharding as qsharding
+from qsft_jax import storage
 from qsft_jax.data import check as data_check
 from qsft_jax.models import config as model_config_lib
 from qsft_jax.models import sharded
@@ -80,16 +81,14 @@ def prepare_data(config, workdir):
   if not data["path"]:
     from qsft_jax.envs import generate_episodes
     files = run_lib.data_files(workdir)
-    os.makedirs(os.path.dirname(files["train"]), exist_ok=True)
+    storage.path(os.path.dirname(files["train"])).mkdir(parents=True, exist_ok=True)
     d = config.dataset
     options = {**config.env.to_dict(), **d.options.to_dict()}
     for split, count, seed in (("train", d.num_episodes, d.seed), ("heldout", d.heldout_episodes, d.seed + 1)):
-      if count and not os.path.exists(files[split]):
+      if count and not storage.path(files[split]).exists():
         generated = generate_episodes(config.task, count, seed, policy=d.policy, **options)
         episodes = list(progress.track(generated, count, f"generate {config.task} {split}", "episodes"))
-        tmp = f"{files[split]}.tmp{os.getpid()}"
-        write_jsonl(tmp, episodes)
-        os.replace(tmp, files[split])
+        write_jsonl(files[split], episodes)
     data["path"] = files["train"]
   data["num_epochs"] = None  # phases stop by step count; every host sees the same number of batches
   return DataConfig.from_config(data, shuffle_seed=config.seed)
@@ -490,10 +489,10 @@ def _saved_metrics(workdir: str, phase: str) -> dict | None:
   """The phase's metrics.json as a `MetricsLog.snapshot()`, for a checkpoint saved without its
   history; None when there is none."""
   path = os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json")
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     return None
   try:
-    with open(path) as f:
+    with storage.path(path).open() as f:
       history = json.load(f)
   except (OSError, ValueError) as e:
     logging.warning("%s: %s cannot be read (%s); the metrics history starts again", phase, path, e)
@@ -541,7 +540,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Checks
   mesh_shape = config_lib.check_config(config, jax.device_count(), jax.process_count())
   config_lib.check_data_files(config)
-  workdir = os.path.abspath(workdir)
+  workdir = storage.normalize(workdir)
   tokenizer = load_tokenizer(config, workdir)
   mesh = qsharding.make_mesh(mesh_shape)
   rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -550,7 +549,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_config = prepare_data(config, workdir)
   data_summary = data_check.preflight(data_config, tokenizer, echo=jax.process_index() == 0)
   # Writes
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   run_lib.write_config(workdir, config)
   run_lib.save_tokenizer(workdir, config, tokenizer)
   run_lib.save_model_config(workdir, model_config)
@@ -595,10 +594,10 @@ def main(argv: list[str] | None = None) -> int:
   except UserError:
     raise
   except Exception as e:  # a read-only or full workdir, wherever it surfaced (orbax's async saves too)
-    storage = errors.storage_error(e, os.path.abspath(fv.workdir), resumes=True)
-    if storage is None:
+    failure = errors.storage_error(e, storage.normalize(fv.workdir), resumes=True)
+    if failure is None:
       raise
-    raise storage from e
+    raise failure from e
   return 0
 
 

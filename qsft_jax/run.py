@@ -54,6 +54,7 @@ from qsft_jax import errors
 from qsft_jax import losses
 from qsft_jax.config_lib import PHASES
 from qsft_jax import sharding as qsharding
+from qsft_jax import storage
 from qsft_jax.data import DataConfig
 from qsft_jax.errors import UserError
 from qsft_jax.models import sharded
@@ -63,16 +64,15 @@ CONFIG_FILE = "config.json"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.json"
+COMMIT_FILE = "commit_success.txt"  # what marks a complete checkpoint step in a bucket (orbax)
 # A loaded run's default mesh: data parallel over every local device.
 DEFAULT_MESH_SHAPE = {"data": -1, "fsdp": 1, "tensor": 1}
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  """json.dump to `path` through a temporary file and a rename: readers never see half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=str)
-  os.replace(tmp, path)
+  """JSON of `obj` written to `path` (local or a URL) so that readers never see half a file
+  (`storage.write_text_atomic`)."""
+  storage.write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 def data_files(workdir: str) -> dict[str, str]:
@@ -100,8 +100,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     changes = [_change_line(field, a, b) for field, a, b in _diff(old, _flatten(_as_json(config)))]
     if changes:
       entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "changes": changes}
-      with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+      storage.append_text(os.path.join(workdir, CONFIG_HISTORY_FILE), json.dumps(entry) + "\n")
       print(f"{path}: config changed ({'; '.join(changes)}); recorded in {CONFIG_HISTORY_FILE}",
             flush=True)
   write_json_atomic(path, config.to_dict())
@@ -109,10 +108,10 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     raise WorkdirError(f"{path}: no {CONFIG_FILE}; is {workdir!r} a qsft_jax workdir?")
   try:
-    with open(path) as f:
+    with storage.path(path).open() as f:
       return ml_collections.ConfigDict(json.load(f))
   except (OSError, ValueError) as e:
     raise WorkdirError(f"{path}: cannot be read ({e}); restore it from a copy") from None
@@ -122,7 +121,7 @@ def tokenizer_spec(workdir: str, config: ml_collections.ConfigDict) -> str:
   """config.tokenizer, except that a char tokenizer saved in the workdir is read from there, so that
   everything after training sees the exact alphabet it was trained with."""
   saved = os.path.join(workdir, TOKENIZER_FILE)
-  if config.tokenizer == "char" and os.path.exists(saved):
+  if config.tokenizer == "char" and storage.path(saved).exists():
     return f"char:{saved}"
   return config.tokenizer
 
@@ -133,10 +132,8 @@ def save_tokenizer(workdir: str, config: ml_collections.ConfigDict, tokenizer) -
   from qsft_jax.tokenizers import CharTokenizer
   if isinstance(tokenizer, CharTokenizer) and config.tokenizer == "char":
     path = os.path.join(workdir, TOKENIZER_FILE)
-    if not os.path.exists(path) and jax.process_index() == 0:
-      tmp = f"{path}.tmp{os.getpid()}"
-      tokenizer.save(tmp)
-      os.replace(tmp, path)
+    if not storage.path(path).exists() and jax.process_index() == 0:
+      tokenizer.save(path)
 
 
 def model_config_from(config: ml_collections.ConfigDict, tokenizer=None) -> ModelConfig:
@@ -157,9 +154,9 @@ def save_model_config(workdir: str, model_config: ModelConfig) -> None:
 
 def read_model_config(workdir: str) -> ModelConfig:
   path = os.path.join(workdir, MODEL_CONFIG_FILE)
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     raise WorkdirError(f"{path}: missing; the run did not get as far as building its model")
-  with open(path) as f:
+  with storage.path(path).open() as f:
     fields = json.load(f)
   return ModelConfig.from_dict(fields)
 
@@ -276,10 +273,10 @@ def _change_line(field: str, old: Any, new: Any) -> str:
 
 def _read_flat_config(path: str) -> dict[str, Any] | None:
   """The flattened config.json at `path`; None when there is none; WorkdirError when unreadable."""
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     return None
   try:
-    with open(path) as f:
+    with storage.path(path).open() as f:
       tree = json.load(f)
   except (OSError, ValueError) as e:
     raise WorkdirError(f"{path}: cannot be read ({e}); restore it from a copy, or start the run in a "
@@ -291,22 +288,24 @@ def _read_flat_config(path: str) -> dict[str, Any] | None:
 
 
 def checkpoint_steps(workdir: str, phase: str) -> list[int]:
-  """The steps of the phase's checkpoint directories, sorted (orbax names a step's directory by its
-  number only once the step is written in full)."""
-  path = os.path.join(workdir, phase, "checkpoints")
-  if not os.path.isdir(path):
+  """The steps of the phase's checkpoint directories, sorted (locally orbax names a step's directory
+  by its number only once the step is written in full; in a bucket, which has no atomic rename, it
+  writes into N/ and marks a complete step with N/commit_success.txt)."""
+  path = storage.path(os.path.join(workdir, phase, "checkpoints"))
+  if not path.is_dir():
     return []
-  return sorted(int(n) for n in os.listdir(path) if n.isdigit())
+  complete = ((lambda p: (p / COMMIT_FILE).exists()) if storage.is_url(workdir) else (lambda p: True))
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and complete(p))
 
 
 def done_step(workdir: str, phase: str) -> int | None:
   """The step written in WORKDIR/<phase>/DONE (the phase's steps when it finished); None without a
   marker; the latest checkpoint step for a marker that holds no number."""
-  path = os.path.join(workdir, phase, "DONE")
-  if not os.path.exists(path):
+  path = storage.path(os.path.join(workdir, phase, "DONE"))
+  if not path.exists():
     return None
   try:
-    with open(path) as f:
+    with path.open() as f:
       return int(f.read().strip())
   except (OSError, ValueError):
     steps = checkpoint_steps(workdir, phase)
@@ -318,7 +317,7 @@ def _started(workdir: str) -> dict[str, bool]:
   generated into the workdir."""
   started = {p: bool(checkpoint_steps(workdir, p)) or done_step(workdir, p) is not None
              for p in PHASES}
-  started["data"] = os.path.exists(data_files(workdir)["train"])
+  started["data"] = storage.path(data_files(workdir)["train"]).exists()
   return started
 
 
@@ -371,7 +370,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> lis
   changes ("field: old -> new", [] for a new workdir or the same config) and raises
   ConfigDriftError listing every change that would corrupt what the workdir holds (the rules:
   `CONFIG_CHANGE_RULES`). `write_config` then records the allowed changes."""
-  workdir = os.path.abspath(workdir)
+  workdir = storage.normalize(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
   started = _started(workdir)
   try:
@@ -509,7 +508,7 @@ def load(workdir: str, mesh=None, rules=None) -> Run:
   from qsft_jax.models.transformer import Transformer
   from qsft_jax.tokenizers import load_tokenizer
 
-  workdir = os.path.abspath(workdir)
+  workdir = storage.normalize(workdir)
   config = read_config(workdir)
   tokenizer = load_tokenizer(tokenizer_spec(workdir, config))
   model_config = read_model_config(workdir)

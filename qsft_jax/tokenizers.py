@@ -35,6 +35,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from qsft_jax import storage
+
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -120,12 +122,13 @@ class CharTokenizer:
         return "".join(out)
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump({"type": "char", "alphabet": self.alphabet, "unk_text": self.unk_text}, f)
+        """Writes the JSON spec to ``path`` (local or a URL), atomically (``storage.write_text_atomic``)."""
+        spec = {"type": "char", "alphabet": self.alphabet, "unk_text": self.unk_text}
+        storage.write_text_atomic(path, json.dumps(spec))
 
     @classmethod
     def load(cls, path: str) -> "CharTokenizer":
-        with open(path) as f:
+        with storage.path(path).open() as f:
             try:
                 spec = json.load(f)
             except json.JSONDecodeError as e:
@@ -160,19 +163,20 @@ class HFTokenizer:
 
     @classmethod
     def from_folder(cls, path: str) -> "HFTokenizer":
-        if not os.path.isdir(path):
+        if not storage.path(path).is_dir():
             raise FileNotFoundError(f"hf tokenizer folder not found: {path}")
         from transformers import AutoTokenizer  # slow import, only once a folder is there
 
-        return cls(AutoTokenizer.from_pretrained(path, local_files_only=True), name=path)
+        # transformers reads local folders only: a URL's folder is copied to a local cache first
+        return cls(AutoTokenizer.from_pretrained(storage.local_copy(path), local_files_only=True), name=path)
 
     @classmethod
     def from_gguf(cls, path: str) -> "HFTokenizer":
-        if not os.path.isfile(path):
+        if not storage.path(path).is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         from transformers import AutoTokenizer
 
-        folder, name = os.path.split(os.path.abspath(path))
+        folder, name = os.path.split(os.path.abspath(storage.local_copy(path)))  # transformers reads local files
         return cls(AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True), name=path)
 
     def encode(self, text: str) -> list[int]:

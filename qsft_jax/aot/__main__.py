@@ -20,6 +20,7 @@ from typing import Sequence
 from absl import flags
 
 from qsft_jax import cli
+from qsft_jax import storage
 from qsft_jax.aot import driver
 from qsft_jax.aot.report import format_report
 from qsft_jax.aot.topology import TOPOLOGY_RE
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   result = driver.run(config.value, target)
   print(format_report(result), flush=True)
   if fv.json:
-    with open(fv.json, "w") as f:
+    with storage.path(fv.json).open("w") as f:
       json.dump(result, f, indent=1, sort_keys=True)
   return 0
 

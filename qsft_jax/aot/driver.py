@@ -47,6 +47,7 @@ from qsft_jax import progress
 from qsft_jax import run as run_lib
 from qsft_jax import sampler
 from qsft_jax import sharding
+from qsft_jax import storage
 from qsft_jax.aot import costs
 from qsft_jax.aot.topology import parse_topology, slice_of_devices, topology_devices, topology_mesh
 from qsft_jax.chips import Chip
@@ -189,9 +190,8 @@ def compile_step(kind: str, config: ml_collections.ConfigDict, target: Target, m
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
   if target.hlo_dir:
-    os.makedirs(target.hlo_dir, exist_ok=True)
-    with open(os.path.join(target.hlo_dir, f"{kind}.hlo.txt"), "w") as f:
-      f.write(hlo)
+    storage.path(target.hlo_dir).mkdir(parents=True, exist_ok=True)
+    storage.path(os.path.join(target.hlo_dir, f"{kind}.hlo.txt")).write_text(hlo)
   colls = costs.collective_costs(hlo, slice_of)
   looped = costs.has_loops(hlo)
   if looped and target.probes:

@@ -23,6 +23,7 @@ import math
 import os
 from typing import Any, Iterable, Iterator, Sequence
 
+from qsft_jax import storage
 from qsft_jax.errors import UserError
 
 EPISODE_FIELDS = {"turns", "done", "id", "meta"}
@@ -204,7 +205,12 @@ def resolve_paths(paths: str | Sequence[str]) -> list[str]:
     files: list[str] = []
     for p in paths:
         p = os.fspath(p)
-        if os.path.isdir(p):
+        if storage.is_url(p):
+            found = storage.url_files(p, ".jsonl")
+            if not found:
+                raise FileNotFoundError(f"{p}: no such file, directory or matching glob")
+            files.extend(found)
+        elif os.path.isdir(p):
             found = sorted(glob.glob(os.path.join(p, "**", "*.jsonl"), recursive=True))
             if not found:
                 raise FileNotFoundError(f"{p}: directory holds no *.jsonl files")
@@ -226,16 +232,17 @@ def iter_lines(paths: str | Sequence[str]) -> Iterator[tuple[str, int, bytes]]:
     Lines stay bytes so that a line that is not UTF-8 is reported by ``parse_line`` with its number.
     """
     for file in resolve_paths(paths):
-        with open(file, "rb") as f:
+        with storage.path(file).open("rb") as f:
             for line_no, raw in enumerate(f, start=1):
                 if raw.strip():
                     yield file, line_no, raw
 
 
 def write_jsonl(path: str, episodes: Iterable[dict | Episode]) -> int:
-    """Writes episodes (dicts in the JSONL format or ``Episode``s) one per line; returns the count."""
+    """Writes episodes (dicts in the JSONL format or ``Episode``s) one per line, to a local path or a
+    URL, atomically (``storage.open_atomic``); returns the count."""
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with storage.open_atomic(path, "w", encoding="utf-8") as f:
         for ep in episodes:
             if isinstance(ep, Episode):
                 ep = ep.to_dict()

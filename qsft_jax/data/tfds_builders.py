@@ -35,10 +35,12 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 from typing import Any, Iterator
 
 import tensorflow_datasets as tfds
 
+from qsft_jax import storage
 from qsft_jax.data.episodes import EpisodeError, iter_lines, parse_episode, parse_line
 
 SPLIT_PREFIXES = ("train", "validation", "test")
@@ -93,7 +95,10 @@ class JsonlEpisodeBuilder(EpisodeBuilder, skip_registration=True):
 
     def _episode_splits(self, dl_manager):
         folder = os.fspath(dl_manager.manual_dir)
-        files = sorted(glob.glob(os.path.join(folder, "**", "*.jsonl"), recursive=True))
+        if storage.is_url(folder):
+            files = storage.url_files(folder, ".jsonl")
+        else:
+            files = sorted(glob.glob(os.path.join(folder, "**", "*.jsonl"), recursive=True))
         if not files:
             raise FileNotFoundError(f"{folder}: no *.jsonl files in the manual directory")
         by_split: dict[str, list[str]] = {}
@@ -200,11 +205,21 @@ def build_dataset(
 
     ``overrides`` replace fields of the chosen config (values may be JSON strings, as from the command
     line); the result gets its own config name ``<config>-<hash>`` so it never overwrites another.
+
+    A URL ``data_dir`` (gs://...): array_record writes local files only, so the dataset is prepared in a
+    local temporary directory and its folder uploaded (the readers read array_record from gs:// directly).
     """
     builder_cls = import_builder(builder_dir)
     builder = builder_cls(
         data_dir=data_dir, config=_config_with_overrides(builder_cls, config, overrides), file_format="array_record"
     )
+    if storage.is_url(data_dir):
+        target = os.fspath(builder.data_dir)
+        if overwrite or not storage.path(os.path.join(target, "dataset_info.json")).exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                local = build_dataset(builder_dir, tmp, config, manual_dir, overwrite, **overrides)
+                storage.upload_tree(local, target)
+        return target
     mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
     builder.download_and_prepare(download_config=download_config)
@@ -215,10 +230,15 @@ def prepared_dir(name_or_dir: str, data_dir: str = "") -> str:
     """The prepared dataset directory (the one with dataset_info.json): ``name_or_dir`` may be that
     directory, or ``NAME``, ``NAME/CONFIG`` or ``NAME/CONFIG/VERSION`` under ``data_dir``. When several
     configs or versions match, the name must say which (the newest version is taken)."""
-    root = name_or_dir if os.path.isabs(name_or_dir) or not data_dir else os.path.join(data_dir, name_or_dir)
-    if os.path.isfile(os.path.join(root, "dataset_info.json")):
+    absolute = os.path.isabs(name_or_dir) or storage.is_url(name_or_dir)
+    root = name_or_dir if absolute or not data_dir else os.path.join(data_dir, name_or_dir)
+    if storage.path(os.path.join(root, "dataset_info.json")).is_file():
         return root
-    found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "dataset_info.json"), recursive=True))
+    if storage.is_url(root):
+        found = sorted(os.path.dirname(p) for p in storage.url_files(root, "dataset_info.json")
+                       if os.path.basename(p) == "dataset_info.json")
+    else:
+        found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "dataset_info.json"), recursive=True))
     found = [f for f in found if "incomplete" not in os.path.basename(f)]
     if not found:
         raise FileNotFoundError(f"{root}: no prepared dataset (build it: python -m qsft_jax.data build data/NAME --data_dir=DIR)")

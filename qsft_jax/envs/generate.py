@@ -27,6 +27,7 @@ from absl import flags
 
 from qsft_jax import cli
 from qsft_jax import progress
+from qsft_jax import storage
 from qsft_jax.envs.base import episode_summary, play_batch
 from qsft_jax.envs.policies import POLICIES, BehaviourPolicy
 from qsft_jax.envs.registry import ENVS, make_env
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.usage_error(prog, str(e))
     start = time.perf_counter()
     stats = []
-    with open(fv.out, "w", encoding="utf-8") as f:
+    with storage.path(fv.out).open("w") as f:  # a local path or a URL
         episodes = generate_episodes(fv.task, fv.episodes, fv.seed, policy=fv.policy, **options)
         for episode in progress.track(episodes, fv.episodes, f"{fv.task}/{fv.policy}", "episodes"):
             f.write(json.dumps(episode) + "\n")

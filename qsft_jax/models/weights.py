@@ -29,11 +29,13 @@ import importlib.util
 import json
 import pathlib
 import re
+import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from qsft_jax import progress
+from qsft_jax import storage
 from qsft_jax.models.config import ModelConfig, from_hf_config
 
 Path = tuple[str, ...]  # a parameter's path in the tree, e.g. ("layers_0", "attn", "q", "kernel")
@@ -329,7 +331,7 @@ def load_hf_folder(path: str | pathlib.Path, *, scan_layers: bool | None = None,
     (config, params): params is the nested numpy tree described in the module docstring
     (`Transformer(config).apply({"params": params}, ...)`).
   """
-  folder = pathlib.Path(path)
+  folder = pathlib.Path(storage.local_copy(path))  # safetensors maps local files: a URL is copied first
   hf = _read_hf_config(folder)
   try:
     config = from_hf_config(hf, **_config_overrides(scan_layers, dtype, config_overrides))
@@ -457,9 +459,9 @@ def load_gguf(path: str | pathlib.Path, *, scan_layers: bool | None = None, dtyp
   """
   import gguf
 
-  file = str(path)
-  if not pathlib.Path(file).exists():
-    raise FileNotFoundError(f"{file}: no such GGUF file")
+  if not storage.path(path).exists():
+    raise FileNotFoundError(f"{path}: no such GGUF file")
+  file = storage.local_copy(path)  # the GGUF reader maps a local file: a URL is copied first
   reader = gguf.GGUFReader(file)
   by_name = {t.name: t for t in reader.tensors}
   hf = _gguf_hf_config(reader, file, set(by_name))
@@ -581,8 +583,15 @@ def export_hf_folder(params: Mapping[str, Any], config: ModelConfig, out_dir: st
                      tokenizer=None) -> pathlib.Path:
   """Writes `out_dir`/config.json and model.safetensors (and the tokenizer's files when given a
   transformers tokenizer), loadable by transformers' AutoModelForCausalLM. Arrays are stored in
-  their own dtype (float32 or bfloat16). Returns the folder."""
+  their own dtype (float32 or bfloat16). Returns the folder. A URL `out_dir` (gs://...) is written
+  to a local temporary folder first, then uploaded; its `epath.Path` is returned."""
   from safetensors.numpy import save_file
+
+  if storage.is_url(out_dir):
+    with tempfile.TemporaryDirectory() as tmp:
+      export_hf_folder(params, config, tmp, tokenizer)
+      storage.upload_tree(tmp, out_dir)
+    return storage.path(out_dir)
 
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
