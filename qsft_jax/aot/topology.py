@@ -4,7 +4,7 @@ With the `libtpu` package installed, `jax.experimental.topologies.get_topology_d
 describes the devices of a TPU slice (compile-only: nothing runs on them) while the CPU stays JAX's
 default backend.
 
-Platform notes (jax 0.10.2, libtpu 0.0.42.1):
+Platform notes (jax 0.10.2 with libtpu 0.0.42.1, jax 0.12.0.1 with libtpu 0.0.50.1):
 - v4 and v5p need chip_config_name="megacore" for one device per chip ("default" gives one per
   TensorCore on v4); num_slices > 1 returns the devices of N slices with `slice_index` set.
 - libtpu takes /tmp/libtpu_lockfile when it initialises, and any JAX process started without
