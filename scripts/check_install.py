@@ -3,18 +3,18 @@
 Each ```bash block of the section whose first line is a comment naming its machine (`# CPU`, `# TPU VM`,
 `# CUDA 12 host`) is split into commands; `bash scripts/setup.sh ARGS` is expanded into the commands it
 runs (`DRY_RUN=1`). Every `pip install` is resolved with `pip install --dry-run --ignore-installed
---report -` by the target's Python (`--python`, this one by default), nothing installed; other commands (apt, the PPA, venv, training) are listed as not checked. For each block it prints what
-would be installed (package==version) and checks which of torch, pytest and libtpu are in the set:
+--report -` by the target's Python (`--python`, this one by default), nothing installed; other commands
+(apt, the PPA, venv, training) are listed as not checked. For each block it prints what would be installed (package==version) and checks which of torch, pytest and libtpu are in the set:
 a TPU worker gets libtpu and neither torch nor pytest, a CUDA host none of the three, the CPU
 development set all three (torch only for Python 3.11, whose CPU build is a local wheel).
 
     python3 scripts/check_install.py [--python /path/to/python3.12] [--only TPU] [--list]
 
 The resolution runs on this machine, for its platform: the blocks' targets are Linux x86_64 hosts (a TPU
-VM, a CUDA host) like this one; it needs glibc at least the target's (2.35 on Ubuntu 22.04) to
-pick no wheel the target cannot load, and prints this machine's. pip's `--platform`/`--python-version`
-would resolve for another platform, but only from wheels, and some pins are source-only (printed as
-`built from source`). `--list` prints the commands of each block without resolving (offline). Exit
+VM, a CUDA host) like this one. A wheel chosen here may need a newer glibc than the target's (2.35 on
+Ubuntu 22.04, the TPU VM images): every wheel whose platform tags all need more is named, and fails the
+check. pip's `--platform`/`--python-version` would resolve for another platform, but only from wheels,
+and some pins are source-only (printed as `built from source`). `--list` prints the commands of each block without resolving (offline). Exit
 status 1 when a set is not what its machine should get or pip cannot resolve it. Needs the registry.
 """
 from __future__ import annotations
@@ -30,6 +30,8 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WATCHED = ("torch", "pytest", "libtpu")
+TARGET_GLIBC = (2, 35)  # Ubuntu 22.04
+LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
 # What each machine's set must (True) and must not (False) contain; None: either.
 EXPECTED = {
     "CPU": {"torch": None, "pytest": True, "libtpu": True},
@@ -85,16 +87,34 @@ def pip_args(command: str) -> list[str] | None:
   return None
 
 
-def resolve(args: list[str], python: str) -> list[tuple[str, str, bool]]:
-  """(name, version, from source) of what `python -m pip install ARGS` would install; RuntimeError if none."""
+def needs_newer_glibc(filename: str) -> bool:
+  """Whether a wheel loads only with a glibc newer than TARGET_GLIBC (every platform tag of its name)."""
+  if not filename.endswith(".whl"):
+    return False
+  needs = []
+  for tag in filename[:-4].split("-")[-1].split("."):
+    m = re.match(r"manylinux_(\d+)_(\d+)_", tag)
+    legacy = next((v for k, v in LEGACY_MANYLINUX.items() if tag.startswith(k + "_")), None)
+    if not m and legacy is None:
+      return False  # any, or not tied to a glibc version
+    needs.append((int(m.group(1)), int(m.group(2))) if m else legacy)
+  return min(needs) > TARGET_GLIBC
+
+
+def resolve(args: list[str], python: str) -> list[tuple[str, str, bool, bool]]:
+  """(name, version, from source, needs a newer glibc) of what `python -m pip install ARGS` would install."""
   cmd = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--report", "-", "--quiet", *args]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   if out.returncode != 0:
     errors = [l for l in out.stderr.splitlines() if l.startswith("ERROR")] or out.stderr.splitlines()[-3:]
     raise RuntimeError("; ".join(errors))
   report = json.loads(out.stdout)
-  return sorted((i["metadata"]["name"], i["metadata"]["version"],
-                 not i["download_info"]["url"].endswith(".whl")) for i in report["install"])
+  out = []
+  for i in report["install"]:
+    filename = i["download_info"]["url"].rsplit("/", 1)[-1]
+    out.append((i["metadata"]["name"], i["metadata"]["version"], not filename.endswith(".whl"),
+                needs_newer_glibc(filename)))
+  return sorted(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  resolved for Python {version}, {platform.system()} {platform.machine()}, {libc}")
     installed: dict[str, str] = {}
     source: set[str] = set()
+    too_new: set[str] = set()
     for command in commands(lines):
       for cmd in expand(command):
         extra = pip_args(cmd)
@@ -135,13 +156,17 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
             continue
           print(f"  resolved ({len(found)} packages): {cmd}")
-          installed.update((n, v) for n, v, _ in found)
-          source.update(n for n, _, s in found if s)
+          installed.update((n, v) for n, v, _, _ in found)
+          source.update(n for n, _, s, _ in found if s)
+          too_new.update(f"{n}=={v}" for n, v, _, g in found if g)
     if args.list:
       continue
     print("  would install: " + " ".join(f"{n}=={v}" for n, v in sorted(installed.items(), key=lambda x: x[0].lower())))
     if source:
       print("  built from source: " + " ".join(sorted(source, key=str.lower)))
+    glibc = ".".join(map(str, TARGET_GLIBC))
+    print(f"  wheels needing a glibc newer than {glibc}: " + (" ".join(sorted(too_new)) or "none"))
+    ok &= not too_new
     names = {n.lower().replace("_", "-") for n in installed}
     verdicts = []
     for name in WATCHED:

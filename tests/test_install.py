@@ -88,3 +88,15 @@ def test_readme_blocks_as_check_install_reads_them(capsys):
   assert "pip: python3 -m pip install -q -r requirements-tpu.txt" in tpu
   assert "not checked: sudo add-apt-repository -y ppa:deadsnakes/ppa" in tpu
   assert "pip: python3 -m pip install -q -r requirements-cuda12.txt" in text.split("== CUDA")[1]
+
+
+def test_wheels_that_need_a_newer_glibc_than_ubuntu_22_04_are_named():
+  spec = importlib.util.spec_from_file_location("check_install", REPO / "scripts/check_install.py")
+  check_install = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(check_install)
+  needs = check_install.needs_newer_glibc
+  assert needs("a-1-cp311-cp311-manylinux_2_36_x86_64.whl")  # Ubuntu 22.04 has glibc 2.35
+  assert not needs("jaxlib-0.10.2-cp311-cp311-manylinux_2_27_x86_64.whl")
+  assert not needs("b-1-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl")
+  assert not needs("c-1-cp311-cp311-manylinux_2_39_x86_64.manylinux_2_31_x86_64.whl")  # one tag loads
+  assert not needs("x-1-py3-none-any.whl") and not needs("chess-1.11.2.tar.gz")
