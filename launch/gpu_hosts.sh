@@ -15,7 +15,7 @@ processes meet through jax.distributed (QSFT_DISTRIBUTED=1, coordinator on the f
                  node of SLURM_JOB_NODELIST
   -H HOSTS       plain ssh: comma-separated hosts, the first is the coordinator and process 0. Each
                  host needs password-less ssh, this repository at REMOTE_DIR and the environment
-                 (scripts/setup.sh, jax[cuda12])
+                 (scripts/setup.sh --cuda)
   -c CONFIG      config file, relative to the repository root
   -w WORKDIR     a directory every host sees at the same path (NFS, Lustre, ...); orbax writes each
                  host's shards there. Re-running resumes from it

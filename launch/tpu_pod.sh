@@ -20,13 +20,14 @@ coordinator, the process count and each worker's id by itself.
   -p PROJECT     GCP project [gcloud's default]
   -d REMOTE_DIR  checkout of this repository on the workers [~/qsft_jax]
   -s             copy this checkout to REMOTE_DIR on every worker first (gcloud ... scp)
-  -u             run scripts/setup.sh on every worker first (the pinned requirements), then install
-                 jax[tpu] at the same jax version (libtpu); needed once per new TPU VM
+  -u             run scripts/setup.sh --tpu on every worker first (the pinned runtime requirements and
+                 jax[tpu]); needed once per new TPU VM
   -h             this help
   after --        more arguments for qsft_jax.main, e.g. --config.bc.steps=1000
 
 Environment: DRY_RUN=1 prints the gcloud commands instead of running them; EXTRA_ENV="A=1 B=2" adds
-variables to every worker's environment.
+variables to every worker's environment; PYTHON is the workers' interpreter [python3], Python 3.11 or
+newer, e.g. PYTHON='~/qsft-venv/bin/python' (README.md: Installing).
 Example:
   launch/tpu_pod.sh -n my-v5e-16 -z us-west4-a -s -u -c configs/maze_cpu.py -w /gcs/my-bucket/maze \\
       -- --config.bc.batch_size=256
@@ -84,8 +85,8 @@ quoted_args=""
 for a in "$@"; do quoted_args+=" $(printf '%q' "$a")"; done
 worker_env="QSFT_DISTRIBUTED=1 TF_CPP_MIN_LOG_LEVEL=2 ${EXTRA_ENV:-}"
 setup_cmd=""
-# setup.sh installs the pinned (CPU) requirements; jax[tpu] at the same version adds libtpu.
-[[ "$setup" == 1 ]] && setup_cmd="bash scripts/setup.sh && python3 -m pip install -q \"jax[tpu]==\$(python3 -c 'import jax; print(jax.__version__)')\" && "
+python="${PYTHON:-python3}"
+[[ "$setup" == 1 ]] && setup_cmd="PYTHON=$python bash scripts/setup.sh --tpu && "
 # One process per worker; every worker's output is prefixed by gcloud with its worker number.
-remote="cd $remote_dir && ${setup_cmd}env $worker_env python3 -m qsft_jax.main --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$workdir")$quoted_args"
+remote="cd $remote_dir && ${setup_cmd}env $worker_env $python -m qsft_jax.main --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$workdir")$quoted_args"
 run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_args[@]}" --worker=all --command "$remote"

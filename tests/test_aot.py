@@ -1,7 +1,7 @@
 """AOT compilation for a TPU slice on the CPU (qsft_jax.aot): memory, FLOPs and collectives of the
 trainer's compiled steps, and the HLO reading against hand-written HLO.
 
-Needs the libtpu package (jax 0.10.2: libtpu==0.0.42.1); skipped with the reason when it is missing.
+Needs the libtpu package at the version jax[tpu] pins (requirements-test.txt); skipped with the reason when it is missing.
 A 2-layer tiny-llama widened to TPU tile sizes (see MODEL) on v5e:2x2 (4 chips, mesh data 1 x fsdp 4),
 batch 32 x 128: each step compiles in a few seconds.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="libtpu not installed (pip install libtpu==0.0.42.1)")
+                                reason="libtpu not installed (requirements-test.txt)")
 
 from qsft_jax import config_lib, phases, sharding  # noqa: E402
 from qsft_jax import run as run_lib  # noqa: E402

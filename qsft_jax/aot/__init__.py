@@ -14,5 +14,5 @@ so what AOT reports is what a pod runs. Modules:
   report         the readable per-chip report.
   scaling_table  regenerates the tables of docs/scaling.md from docs/scaling_results.json.
 
-Needs the libtpu package (jax 0.10.2: libtpu==0.0.42.1); the CPU stays JAX's default backend.
+Needs the libtpu package at the version jax[tpu] pins (requirements-test.txt); the CPU stays JAX's default backend.
 """

@@ -4,7 +4,7 @@ With the `libtpu` package installed, `jax.experimental.topologies.get_topology_d
 describes the devices of a TPU slice (compile-only: nothing runs on them) while the CPU stays JAX's
 default backend.
 
-Platform notes (jax 0.10.2, libtpu 0.0.42.1):
+Platform notes (jax 0.10.2 with libtpu 0.0.42.1, jax 0.12.0.1 with libtpu 0.0.50.1):
 - v4 and v5p need chip_config_name="megacore" for one device per chip ("default" gives one per
   TensorCore on v4); num_slices > 1 returns the devices of N slices with `slice_index` set.
 - libtpu takes /tmp/libtpu_lockfile when it initialises, and any JAX process started without
@@ -17,15 +17,16 @@ Platform notes (jax 0.10.2, libtpu 0.0.42.1):
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
 import re
 from typing import Mapping, Sequence
 
+import jax
 from jax.sharding import AxisType, Mesh
 
 from qsft_jax import config_lib
+from qsft_jax import platforms
 from qsft_jax import sharding
 from qsft_jax.chips import Chip, get_chip
 
@@ -34,7 +35,7 @@ TOPOLOGY_RE = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 
 def _prepare_libtpu_env() -> None:
   """libtpu settings for describing a topology on a machine without TPU chips (see module doc)."""
-  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+  if platforms.has_tpu_chips():
     return
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -69,7 +70,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
   except RuntimeError as e:
     if "TPU support not installed" in str(e):
       raise RuntimeError("AOT compilation for TPU needs the libtpu package matching jax "
-                         "(jax 0.10.2: pip install libtpu==0.0.42.1)") from e
+                         f"(pip install -r requirements-test.txt, or pip install 'jax[tpu]=={jax.__version__}')") from e
     raise
   devices = list(desc.devices)
   expected = math.prod(dims) * num_slices
