@@ -17,8 +17,10 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -343,7 +345,11 @@ class StepProfiler:
     if step not in self.steps:
       return contextlib.nullcontext()
     if not self.active:
-      jax.profiler.start_trace(os.path.join(self.log_dir, f"steps_{step}-{self._last_of_run(step)}"))
+      self.trace_dir = os.path.join(self.log_dir, f"steps_{step}-{self._last_of_run(step)}")
+      # The profiler writes local files only: a bucket workdir's trace is written to a temporary
+      # folder and uploaded when it stops.
+      self.local_dir = tempfile.mkdtemp(prefix="qsft_profile_") if storage.is_url(self.log_dir) else None
+      jax.profiler.start_trace(self.local_dir or self.trace_dir)
       self.active = True
     return jax.profiler.StepTraceAnnotation(self.name, step_num=step)
 
@@ -358,6 +364,9 @@ class StepProfiler:
     if self.active:
       self.active = False
       jax.profiler.stop_trace()
+      if self.local_dir is not None:
+        storage.upload_tree(self.local_dir, self.trace_dir)
+        shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
 def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config):

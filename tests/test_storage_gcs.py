@@ -183,7 +183,7 @@ def test_train_kill_resume_evaluate_analyse_in_a_bucket(gcs, tmp_path):
   workdir = f"{BUCKET}/run"
   env = tu.subprocess_env(device_count=1, **gcs)
   overrides = ("--config.bc.steps=6", "--config.qsft.steps=4", "--config.checkpoint.every_steps=2",
-               "--config.log.every_steps=2")
+               "--config.log.every_steps=2", "--config.log.profile_steps=3")
 
   # First start: killed once BC's step-2 checkpoint is complete in the bucket.
   with open(tmp_path / "first.txt", "wb") as log:
@@ -216,6 +216,9 @@ def test_train_kill_resume_evaluate_analyse_in_a_bucket(gcs, tmp_path):
   for d in ("data/tensorboard", "bc/tensorboard", "qsft/tensorboard"):
     events = [p.name for p in storage.path(f"{workdir}/{d}").iterdir()]
     assert any(n.startswith("events.out.tfevents.") for n in events), (d, events)
+  # The profiler writes local files: the trace of Q-SFT's step 3 is uploaded when it stops.
+  traces = list(storage.path(f"{workdir}/qsft/profile/steps_3-3/plugins/profile").glob("*/*.xplane.pb"))
+  assert traces and traces[0].stat().length > 0, traces
   results = json.loads(storage.path(f"{workdir}/eval/results.json").read_text())
   assert results["checkpoint_steps"]["theta"] == 4 and results["episodes"] == 2, results
   for name in ("results.md", "value_diagnostics.json", "value_diagnostics.png"):
