@@ -20,7 +20,7 @@ For each setting the script reports:
            library's `compute_targets`): its correlation with Q* and max |fixed point - Q*| at the first
            turn (bias of the setting; the empirical MDP of a finite dataset adds its own noise).
 
-    JAX_PLATFORMS=cpu python experiments/propagation_speed.py [--episodes 400] [--steps 2000] [--quick] [--only TEXT]
+    python experiments/propagation_speed.py [--episodes 400] [--steps 2000] [--quick] [--only TEXT]
 
 The last line is one JSON object with every row.
 """
