@@ -1,0 +1,50 @@
+"""Twenty Questions against the scripted oracle, with a trap behaviour policy, at CPU scale.
+
+    python -m qsft_jax.main --config=configs/twenty_questions_cpu.py --workdir=/tmp/qsft_twenty_questions
+
+The game (qsft_jax/envs/twenty_questions.py): 16 hidden objects (`object_subset(16)`, evenly spaced over
+the 176 of the knowledge base: cat, hamster, bat, ostrich, deer, peach, cucumber, ice cream, steak, door,
+cup, blanket, basket, tram, tractor, trumpet), yes/no attribute questions and guesses, -1 per question
+that is not the right guess, at most 20 questions (returns in [-20, 0]); the optimal expected return is
+-3.5 (exact, `TwentyQuestionsEnv(num_objects=16).expected_optimal_return()`). The "trap" behaviour policy
+(qsft_jax/envs/policies.py) asks the redundant "Is it a fish?" (no object of the game is one) 40% of the
+time at every turn, guesses a random consistent object 25% of the time and otherwise asks the question
+that halves the objects left; the redundant question is the most frequent action wherever three or more
+objects remain, so greedy BC asks it until the 20 questions run out, and so does the control. Dataset mean
+return -7.7 (success 0.997).
+
+Phases: BC, Q-SFT and the targets-equal-1 control with config_lib.cpu_value_learning, then 200
+evaluation episodes per policy and the held-out value diagnostics. A second seed: `--config.seed=1
+--config.dataset.seed=100` (initialisation, data order, training and held-out data). The paper's phase-2
+setting: `--config=configs/twenty_questions_cpu.py:paper`.
+Expected (docs/results.md, Twenty Questions):
+"""
+from qsft_jax import config_lib
+
+
+def get_config(setting: str = ""):
+  """setting: "" (default) or "paper" (`--config=THIS_FILE:paper`): config_lib.cpu_value_learning."""
+  c = config_lib.base_config()
+  c.task = "twenty_questions"
+  c.env.num_objects = 16
+  c.dataset.policy = "trap"
+  c.dataset.num_episodes = 5000
+  c.dataset.heldout_episodes = 300
+  # 99% of the trap policy's episodes fit in 384 characters (mean 194); longer ones keep their first turns.
+  c.data.max_length = 384
+  # The normalised return on the final question, discounted by 0.7 per question: finding sooner is worth more.
+  c.data.reward_transform = "terminal_return:-20,0"
+  c.data.gamma = 0.7
+  c.model.preset = "tiny-llama"
+  c.bc.steps = 500
+  c.qsft.steps = 400
+  c.bc.batch_size = c.qsft.batch_size = 16
+  # Q-SFT, then the control, with the value-learning settings of config_lib.cpu_value_learning (the
+  # paper's: `--config=THIS_FILE:paper`).
+  config_lib.cpu_value_learning(c, setting)
+  c.checkpoint.every_steps = 100
+  c.eval.episodes = 200
+  c.eval.batch_size = 100
+  c.eval.max_new_tokens = 32  # the longest question, "Does it come from an animal?", is 28 characters
+  c.eval.betas = (0.0, 4.0, 16.0, 64.0)
+  return c
