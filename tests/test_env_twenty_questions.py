@@ -11,7 +11,7 @@ import pytest
 
 from qsft_jax.envs import generate_episodes, make_env
 from qsft_jax.envs.base import EnvError
-from qsft_jax.envs.policies import informative_question, uninformative_attribute
+from qsft_jax.envs.policies import informative_question, redundant_question
 from qsft_jax.envs.twenty_questions import (
     NO,
     PROMPT,
@@ -252,19 +252,19 @@ def test_cpu_game_optimal_return_and_the_informative_policy():
     env = TwentyQuestionsEnv(num_objects=16)
     assert env.expected_optimal_return() == -3.5
     assert exact_return_of(lambda e: informative_question(e.consistent()), env) == -3.5
-    assert uninformative_attribute(env.objects) == "fish"
-    assert not any(raw_truth(o, "fish") for o in env.objects)
+    assert redundant_question(env.objects) == "Is it red?"
+    assert not any(raw_truth(o, "red") for o in env.objects)
 
 
 def test_trap_policy_makes_the_redundant_question_the_most_frequent():
     episodes = list(generate_episodes("twenty_questions", 600, seed=0, policy="trap", num_objects=16))
     first = collections.Counter(ep["turns"][1]["text"] for ep in episodes)
     (top, n_top), (second, n_second) = first.most_common(2)
-    assert (top, second) == ("Is it a fish?\n", "Is it big?\n")  # the trap, then the halving question
+    assert (top, second) == ("Is it red?\n", "Is it big?\n")  # the trap, then the halving question
     assert n_top == pytest.approx(240, abs=40) and n_second == pytest.approx(210, abs=40)
-    # Greedy BC asks "Is it a fish?" forever: -20 on every object; the data's informative questions are optimal.
+    # Greedy BC asks "Is it red?" forever: -20 on every object; the data's informative questions are optimal.
     env = TwentyQuestionsEnv(num_objects=16)
-    assert exact_return_of(lambda e: "Is it a fish?", env) == -20.0
+    assert exact_return_of(lambda e: "Is it red?", env) == -20.0
     mean = sum(ep["meta"]["return"] for ep in episodes) / len(episodes)
     assert -9.0 < mean < -6.5, mean
     assert sum(ep["meta"]["success"] for ep in episodes) / len(episodes) > 0.98

@@ -266,13 +266,24 @@ def informative_question(candidates: list[str]) -> str:
     return guess_text(candidates[0])
 
 
-def uninformative_attribute(objects: tuple[str, ...]) -> str:
-    """The attribute that tells least about ``objects``: the first in ``ATTRIBUTES`` whose answer is the
-    same for all of them ("fish" for ``object_subset(16)``), else the one with the most lopsided split."""
+def redundant_question(objects: tuple[str, ...]) -> str:
+    """The trap policy's default redundant question for a game over ``objects``: the canonical phrasing of
+    the attribute that tells least about them (the fewest objects on the minority side; ties: the first in
+    ``ATTRIBUTES``) among those phrased "Is it <word>?" with no article ("Is it red?" for
+    ``object_subset(16)``, where no object is red).
+
+    Why that form: the model reads characters. Every guess and most attribute questions begin "Is it ",
+    and a token's value in Q-SFT's data is the behaviour's average over the actions that share its prefix
+    (docs/algorithm.md section 4, turn mode), so a redundant question that shared more than that prefix
+    with the guesses ("Is it a fish?") would pool its value with theirs and no extraction could separate
+    them. "Is it r" departs from the guesses ("Is it a") and from the informative question at one
+    character, where the values differ most."""
     table = object_attributes()
-    return min(ATTRIBUTE_KEYS, key=lambda k: (min(sum(k in table[o] for o in objects),
-                                                  sum(k not in table[o] for o in objects)),
-                                              ATTRIBUTE_KEYS.index(k)))
+    keys = [k for k in ATTRIBUTE_KEYS
+            if question_text(k).startswith("Is it ") and not question_text(k).startswith(("Is it a ", "Is it an "))]
+    key = min(keys, key=lambda k: (min(sum(k in table[o] for o in objects), sum(k not in table[o] for o in objects)),
+                                   ATTRIBUTE_KEYS.index(k)))
+    return question_text(key)
 
 
 class TwentyQuestionsPaperPolicy(BehaviourPolicy):
@@ -300,16 +311,19 @@ class TwentyQuestionsTrapPolicy(BehaviourPolicy):
     """A behaviour whose most frequent question is redundant: the Twenty Questions counterpart of the
     maze and Wordle traps.
 
-    Per question: the fixed redundant question ``trap`` (default the canonical phrasing of
-    ``uninformative_attribute``: "Is it a fish?" for the 16-object game, whose answer is "No." for every
-    object) with probability ``trap_prob`` (default 0.4); else a premature guess, a uniformly random object
-    still consistent with the answers, with probability ``guess_prob`` (default 0.25); else the informative
-    action (``informative_question``, 0.35). Wherever four or more objects remain, the redundant question
-    is the single most frequent action (0.4 against 0.35 for the informative question and 0.25 / n for each
-    guess), so greedy BC asks it again and again (return -20); with two or three left the informative
-    guess of the first (0.35 + 0.25 / n) and with one the right guess (0.6) are the most frequent. The
-    informative questions and the premature guesses that happen to be right are in the data, so weighting
-    actions by their value recovers near-optimal play (the environment's ``expected_optimal_return``).
+    Per question: the fixed redundant question ``trap`` (default ``redundant_question``: "Is it red?" for
+    the 16-object game, whose answer is "No." for every object, so it never tells anything) with
+    probability ``trap_prob`` (default 0.4); else a premature guess, a uniformly random object still
+    consistent with the answers, with probability ``guess_prob`` (default 0.25); else the informative
+    action (``informative_question``, 0.35). The states where the most frequent action is wrong: every
+    state with four or more objects left, the first question included, where the redundant question (0.4)
+    is more frequent than the informative one (0.35) and than each guess (0.25 / n). Greedy BC therefore
+    asks "Is it red?" at the first question and, the state being unchanged, again until the 20 questions
+    run out (return -20). With two or three left the informative guess of the first (0.35 + 0.25 / n), and
+    with one the right guess (0.6), are the most frequent. The redundant question only delays (its value
+    is gamma times the state's), so the extraction can prefer the informative question only if pi * Q is
+    larger for it (docs/results.md, the Wordle arithmetic): 0.35 * V against 0.4 * gamma * V, true for
+    gamma = 0.7 and more so for the behaviour's own values.
     """
 
     task, name = "twenty_questions", "trap"
@@ -324,7 +338,7 @@ class TwentyQuestionsTrapPolicy(BehaviourPolicy):
 
     def trap_question(self, env: TwentyQuestionsEnv) -> str:
         """The redundant question asked in ``env``'s game."""
-        return self.trap_option or question_text(uninformative_attribute(env.objects))
+        return self.trap_option or redundant_question(env.objects)
 
     def act(self, env: TwentyQuestionsEnv, rng: random.Random) -> str:
         self._check_env(env, TwentyQuestionsEnv)
