@@ -7,12 +7,11 @@ the 176 of the knowledge base: cat, hamster, bat, ostrich, deer, peach, cucumber
 cup, blanket, basket, tram, tractor, trumpet), yes/no attribute questions and guesses, -1 per question
 that is not the right guess, at most 20 questions (returns in [-20, 0]); the optimal expected return is
 -3.5 (exact, `TwentyQuestionsEnv(num_objects=16).expected_optimal_return()`). The "trap" behaviour policy
-(qsft_jax/envs/policies.py) asks the redundant "Is it red?" (no object of the game is red) 40% of the time
-at every question, guesses a random consistent object 25% of the time and otherwise asks the question that
+(qsft_jax/envs/policies.py) asks the redundant "Is it red?" (no object of the game is red) 50% of the time
+at every question, guesses a random consistent object 10% of the time and otherwise asks the question that
 halves the objects left (a guess when three or fewer remain), which is optimal. The redundant question is
-the most frequent action wherever four or more objects remain, the first question included, so greedy BC
-asks it until the 20 questions run out (-20), and so does the control. Dataset mean return -7.5 (success
-0.997).
+the most frequent action wherever two or more objects remain, the first question included, so greedy BC
+asks it until the 20 questions run out (-20). Dataset mean return -8.4 (success 0.99).
 
 Phases: BC, Q-SFT and the targets-equal-1 control with config_lib.cpu_value_learning, then 200
 evaluation episodes per policy and the held-out value diagnostics. A second seed: `--config.seed=1
@@ -31,7 +30,7 @@ def get_config(setting: str = ""):
   c.dataset.policy = "trap"
   c.dataset.num_episodes = 5000
   c.dataset.heldout_episodes = 300
-  # 99.9% of the trap policy's episodes fit in 384 characters (mean 181); longer ones keep their first turns.
+  # Every trap-policy episode fits in 384 characters (mean 192; 20 redundant questions take 336).
   c.data.max_length = 384
   # The normalised return on the final question, discounted by 0.7 per question: finding sooner is worth more.
   c.data.reward_transform = "terminal_return:-20,0"

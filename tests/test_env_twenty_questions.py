@@ -261,13 +261,13 @@ def test_trap_policy_makes_the_redundant_question_the_most_frequent():
     first = collections.Counter(ep["turns"][1]["text"] for ep in episodes)
     (top, n_top), (second, n_second) = first.most_common(2)
     assert (top, second) == ("Is it red?\n", "Is it big?\n")  # the trap, then the halving question
-    assert n_top == pytest.approx(240, abs=40) and n_second == pytest.approx(210, abs=40)
+    assert n_top == pytest.approx(300, abs=40) and n_second == pytest.approx(240, abs=40)
     # Greedy BC asks "Is it red?" forever: -20 on every object; the data's informative questions are optimal.
     env = TwentyQuestionsEnv(num_objects=16)
     assert exact_return_of(lambda e: "Is it red?", env) == -20.0
     mean = sum(ep["meta"]["return"] for ep in episodes) / len(episodes)
-    assert -9.0 < mean < -6.5, mean
-    assert sum(ep["meta"]["success"] for ep in episodes) / len(episodes) > 0.98
+    assert -9.5 < mean < -7.5, mean
+    assert sum(ep["meta"]["success"] for ep in episodes) / len(episodes) > 0.97
     # every recorded answer is the oracle's, replayed from the episode's seed
     for episode in episodes[:50]:
         env.reset(episode["meta"]["seed"])

@@ -313,22 +313,21 @@ class TwentyQuestionsTrapPolicy(BehaviourPolicy):
 
     Per question: the fixed redundant question ``trap`` (default ``redundant_question``: "Is it red?" for
     the 16-object game, whose answer is "No." for every object, so it never tells anything) with
-    probability ``trap_prob`` (default 0.4); else a premature guess, a uniformly random object still
-    consistent with the answers, with probability ``guess_prob`` (default 0.25); else the informative
-    action (``informative_question``, 0.35). The states where the most frequent action is wrong: every
-    state with four or more objects left, the first question included, where the redundant question (0.4)
-    is more frequent than the informative one (0.35) and than each guess (0.25 / n). Greedy BC therefore
-    asks "Is it red?" at the first question and, the state being unchanged, again until the 20 questions
-    run out (return -20). With two or three left the informative guess of the first (0.35 + 0.25 / n), and
-    with one the right guess (0.6), are the most frequent. The redundant question only delays (its value
-    is gamma times the state's), so the extraction can prefer the informative question only if pi * Q is
-    larger for it (docs/results.md, the Wordle arithmetic): 0.35 * V against 0.4 * gamma * V, true for
-    gamma = 0.7 and more so for the behaviour's own values.
+    probability ``trap_prob`` (default 0.5); else a premature guess, a uniformly random object still
+    consistent with the answers, with probability ``guess_prob`` (default 0.1); else the informative
+    action (``informative_question``, 0.4). The states where the most frequent action is wrong: every state
+    with two or more objects left, the first question included, where the redundant question (0.5) is more
+    frequent than the informative action (at most 0.4 + 0.1 / n) and than each other guess (0.1 / n).
+    Greedy BC therefore asks "Is it red?" at the first question and, the state being unchanged, again
+    until the 20 questions run out (return -20); with one object left the right guess ties with it. The
+    redundant question only delays (its value is gamma times the state's), so the extraction can prefer
+    the informative question only if pi * Q is larger for it (docs/results.md, the Wordle arithmetic):
+    0.4 * V against 0.5 * gamma * V, true for gamma = 0.7 and more so for the behaviour's own values.
     """
 
     task, name = "twenty_questions", "trap"
 
-    def __init__(self, trap_prob: float = 0.4, guess_prob: float = 0.25, trap: str | None = None):
+    def __init__(self, trap_prob: float = 0.5, guess_prob: float = 0.1, trap: str | None = None):
         self.trap_prob = _check_probability("trap_prob", trap_prob)
         self.guess_prob = _check_probability("guess_prob", guess_prob)
         if self.trap_prob + self.guess_prob > 1.0:
