@@ -36,6 +36,9 @@ def get_config(setting: str = ""):
   c.data.reward_transform = "terminal_return:-20,0"
   c.data.gamma = 0.7
   c.model.preset = "tiny-llama"
+  # A whole 20-question game must fit the model's context at evaluation, however long its questions:
+  # 37 + 19 * (30 + 20) characters before the last question, plus its 30 (RoPE: no parameters change).
+  c.model.overrides.max_position_embeddings = 1024
   c.bc.steps = 500
   c.qsft.steps = 400
   c.bc.batch_size = c.qsft.batch_size = 16
@@ -45,6 +48,6 @@ def get_config(setting: str = ""):
   c.checkpoint.every_steps = 100
   c.eval.episodes = 200
   c.eval.batch_size = 100
-  c.eval.max_new_tokens = 32  # the longest question, "Does it come from an animal?", is 28 characters
+  c.eval.max_new_tokens = 30  # the longest question the policies ask, "Does it come from an animal?", and "\n"
   c.eval.betas = (0.0, 4.0, 16.0, 64.0)
   return c
