@@ -3,12 +3,12 @@ rewards and the question limit, the optimal return against an exhaustive search,
 from __future__ import annotations
 
 import collections
-import functools
-import itertools
+import os
 from fractions import Fraction
 
 import pytest
 
+from qsft_jax import config_lib
 from qsft_jax.envs import generate_episodes, make_env
 from qsft_jax.envs.base import EnvError
 from qsft_jax.envs.policies import informative_question, redundant_question
@@ -21,8 +21,10 @@ from qsft_jax.envs.twenty_questions import (
     object_subset,
     optimal_total_questions,
     parse_question,
+    question_text,
 )
 from qsft_jax.envs.twenty_questions_kb import ATTRIBUTES, OBJECTS
+from qsft_jax.models.config import get_preset
 
 RAW = {name: (category, set(attrs)) for name, category, attrs in OBJECTS}
 
@@ -273,3 +275,18 @@ def test_trap_policy_makes_the_redundant_question_the_most_frequent():
         env.reset(episode["meta"]["seed"])
         for question, answer in zip(episode["turns"][1::2], episode["turns"][2::2]):
             assert answer["text"] == env.answer(question["text"].strip()) + "\n"
+
+
+def test_cpu_config_context_holds_a_whole_game_of_the_longest_questions():
+    """Evaluation feeds the whole history back: 20 questions of eval.max_new_tokens characters, each
+    answered "I don't understand.", must fit the model's positions (BOS + prompt + 19 turns + the last
+    question), and the longest question the policies ask must fit eval.max_new_tokens with its newline."""
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "twenty_questions_cpu.py")
+    c = config_lib.load_config_file(path)
+    positions = get_preset(c.model.preset, **c.model.overrides.to_dict()).max_position_embeddings
+    env = TwentyQuestionsEnv(**c.env.to_dict())
+    turn = c.eval.max_new_tokens + len(UNKNOWN + "\n")
+    assert 1 + len(PROMPT) + (env.max_questions - 1) * turn + c.eval.max_new_tokens <= positions
+    longest = max(len(question_text(k)) for k, _ in ATTRIBUTES)
+    assert longest + 1 <= c.eval.max_new_tokens
+    assert max(len(f"Is it an {o}?") for o in env.objects) + 1 <= c.eval.max_new_tokens
