@@ -17,7 +17,9 @@ Phases: BC, Q-SFT and the targets-equal-1 control with config_lib.cpu_value_lear
 evaluation episodes per policy and the held-out value diagnostics. A second seed: `--config.seed=1
 --config.dataset.seed=100` (initialisation, data order, training and held-out data). The paper's phase-2
 setting: `--config=configs/twenty_questions_cpu.py:paper`.
-Expected (docs/results.md, Twenty Questions):
+Expected (docs/results.md, Twenty Questions): one run so far, BC -20.0, the control -12.7 +- 0.3 (beta 16
+and 64), Q-SFT -3.85 +- 0.12 at beta 64 (success 1.00; beta 16: -5.6), all-turn value correlation 0.60
+(Q-SFT) against 0.00 (control).
 """
 from qsft_jax import config_lib
 
