@@ -21,7 +21,7 @@ from qsft_jax.errors import ConfigError
 from qsft_jax.sharding import DEFAULT_RULES
 
 PHASES = ("bc", "qsft", "control")
-TASKS = ("", "maze", "wordle", "chess")
+TASKS = ("", "maze", "wordle", "chess", "twenty_questions")
 THETA_INITS = ("pretrained", "phi", "phi_init", "fresh")
 STORAGE_DTYPES = ("", "float32", "bfloat16")  # "": the parameters' own dtype
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: learning rates above it overflow
@@ -45,8 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   """The shared defaults; each field's meaning is given beside it."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # seed of parameter init and of the data order
-  # Bundled environment (maze | wordle | chess) that generates the data and is evaluated on; "" for a
-  # user dataset with no environment.
+  # Bundled environment (maze | wordle | chess | twenty_questions) that generates the data and is evaluated
+  # on; "" for a user dataset with no environment.
   c.task = "maze"
   c.env = ml_collections.ConfigDict()  # keyword arguments of `qsft_jax.envs.make_env(task, **env)`
   c.dataset = ml_collections.ConfigDict(dict(

@@ -26,7 +26,8 @@ def _chips(path):
 
 def test_the_cpu_and_pod_configs_exist():
   names = {os.path.basename(f) for f in FILES}
-  assert {"tiny.py", "maze_cpu.py", "maze_trap_cpu.py", "wordle_cpu.py", "wordle_trap_cpu.py"} <= names
+  assert {"tiny.py", "maze_cpu.py", "maze_trap_cpu.py", "wordle_cpu.py", "wordle_trap_cpu.py",
+          "twenty_questions_cpu.py"} <= names
   assert any(n.startswith("pod_") for n in names)
 
 
@@ -39,7 +40,8 @@ def test_config_file_passes_check_config(path):
   assert math.prod(mesh.values()) == _chips(path)
 
 
-@pytest.mark.parametrize("name", ["maze_cpu.py", "maze_trap_cpu.py", "wordle_cpu.py", "wordle_trap_cpu.py"])
+@pytest.mark.parametrize("name", ["maze_cpu.py", "maze_trap_cpu.py", "wordle_cpu.py", "wordle_trap_cpu.py",
+                                  "twenty_questions_cpu.py"])
 def test_cpu_task_configs_default_and_paper_settings(name):
   path = os.path.join(config_lib.__file__.rsplit("/qsft_jax/", 1)[0], "configs", name)
   default, paper = config_lib.load_config_file(path), config_lib.load_config_file(path, "paper")

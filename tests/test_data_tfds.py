@@ -105,7 +105,7 @@ def test_cli_build(user_jsonl, tmp_path):
     assert len(load_data_source("jsonl_episodes", str(tmp_path), "train")) == len(train)
 
 
-@pytest.mark.parametrize("task,num", [("maze", 6), ("wordle", 4), ("chess", 1)])
+@pytest.mark.parametrize("task,num", [("maze", 6), ("wordle", 4), ("chess", 1), ("twenty_questions", 5)])
 def test_task_builders_store_the_generated_episodes(task, num, tmp_path):
     from qsft_jax.envs import generate_episodes
 

@@ -50,7 +50,7 @@ def test_play_batch_histories_alternate_and_end_in_an_observation():
 def test_episode_summary_and_registry():
     episodes = [{"meta": {"return": -2.0, "success": True}}, {"meta": {"return": -5.0, "success": False}}]
     assert episode_summary(episodes) == {"episodes": 2, "mean_return": -3.5, "success_rate": 0.5}
-    assert set(ENVS) == {"wordle", "chess", "maze"}
+    assert set(ENVS) == {"wordle", "chess", "maze", "twenty_questions"}
     assert isinstance(make_env("maze", max_steps=7), MazeEnv) and make_env("maze", max_steps=7).max_turns == 7
     with pytest.raises(ValueError, match="unknown environment 'go'"):
         make_env("go")

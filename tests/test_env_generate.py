@@ -46,7 +46,8 @@ def check_episode_format(episode, task):
 
 @pytest.mark.parametrize("task,policy,options", [
     ("maze", "paper", {}), ("maze", "trap", {}), ("wordle", "paper", {}), ("wordle", "biased", {}),
-    ("wordle", "trap", {"invalid": "end", "num_answers": 64})])
+    ("wordle", "trap", {"invalid": "end", "num_answers": 64}), ("twenty_questions", "paper", {}),
+    ("twenty_questions", "trap", {"num_objects": 16})])
 def test_generated_episodes_have_the_format_and_are_deterministic(task, policy, options):
     first = list(generate_episodes(task, 30, seed=5, policy=policy, **options))
     assert first == list(generate_episodes(task, 30, seed=5, policy=policy, **options))

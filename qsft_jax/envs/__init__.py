@@ -1,4 +1,4 @@
-"""Bundled text environments (Wordle, Chess, Maze) and their dataset generators.
+"""Bundled text environments (Wordle, Chess, Maze, Twenty Questions) and their dataset generators.
 
 ``make_env(name, **kwargs)`` builds an environment by name; ``generate_episodes(task, num_episodes,
 seed, **kwargs)`` yields episodes in the JSONL format of docs/algorithm.md section 1; ``play_batch`` steps a
@@ -10,6 +10,7 @@ from qsft_jax.envs.base import StepResult, TextEnv, episode_summary, parse_actio
 from qsft_jax.envs.chess_env import ChessEnv
 from qsft_jax.envs.maze import MazeEnv
 from qsft_jax.envs.registry import ENVS, make_env
+from qsft_jax.envs.twenty_questions import TwentyQuestionsEnv
 from qsft_jax.envs.wordle import WordleEnv
 
 
@@ -29,6 +30,7 @@ __all__ = [
     "MazeEnv",
     "StepResult",
     "TextEnv",
+    "TwentyQuestionsEnv",
     "WordleEnv",
     "episode_summary",
     "generate_episodes",

@@ -10,9 +10,9 @@ Two kinds per task (docs/algorithm.md section 7):
 
 - "paper": like the paper's datasets; uniform noise, so the most frequent action in a state is
   usually a good one.
-- "trap" (maze, wordle) and "biased" (wordle): the most frequent action is wrong in some states while the data
-  still covers the right ones, so greedy behaviour cloning cannot be optimal and reweighting by value
-  (stitching the minority of good moves) is what improves on the data.
+- "trap" (maze, wordle, twenty_questions) and "biased" (wordle): the most frequent action is wrong in some
+  states while the data still covers the right ones, so greedy behaviour cloning cannot be optimal and
+  reweighting by value (stitching the minority of good moves) is what improves on the data.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import random
 
 from qsft_jax.envs.chess_env import ChessEnv, engine_move, open_stockfish
 from qsft_jax.envs.maze import MOVES, Cell, MazeEnv
+from qsft_jax.envs.twenty_questions import (ATTRIBUTE_KEYS, TwentyQuestionsEnv, guess_text, object_attributes,
+                                            question_text)
 from qsft_jax.envs.wordle import INVALID_FEEDBACK, WordleEnv, allowed_words, feedback
 
 
@@ -244,6 +246,110 @@ class WordleTrapPolicy(_WordleCandidates):
         return rng.choice(self.candidates(env)) + env.action_stop
 
 
+# ---------------------------------------------------------------------------------- twenty questions
+def informative_question(candidates: list[str]) -> str:
+    """The informative action for the consistent set ``candidates`` (non-empty, in the game's order): a
+    guess of the first candidate when at most three remain (guessing costs 0.5 questions on average with
+    two left and 1 with three, against 1 and 4/3 for a question first), else the canonical attribute
+    question that splits them most evenly (ties: the first in ``ATTRIBUTES``), else (no attribute
+    separates them) a guess of the first. Optimal on the 16-object game (-3.5, the exact optimum)."""
+    table = object_attributes()
+    n = len(candidates)
+    if n > 3:
+        best_key, best_gap = None, n
+        for key in ATTRIBUTE_KEYS:
+            yes = sum(key in table[name] for name in candidates)
+            if 0 < yes < n and abs(n - 2 * yes) < best_gap:
+                best_key, best_gap = key, abs(n - 2 * yes)
+        if best_key is not None:
+            return question_text(best_key)
+    return guess_text(candidates[0])
+
+
+def redundant_question(objects: tuple[str, ...]) -> str:
+    """The trap policy's default redundant question for a game over ``objects``: the canonical phrasing of
+    the attribute that tells least about them (the fewest objects on the minority side; ties: the first in
+    ``ATTRIBUTES``) among those phrased "Is it <word>?" with no article ("Is it red?" for
+    ``object_subset(16)``, where no object is red).
+
+    Why that form: the model reads characters. Every guess and most attribute questions begin "Is it ",
+    and a token's value in Q-SFT's data is the behaviour's average over the actions that share its prefix
+    (docs/algorithm.md section 4, turn mode), so a redundant question that shared more than that prefix
+    with the guesses ("Is it a fish?") would pool its value with theirs and no extraction could separate
+    them. "Is it r" departs from the guesses ("Is it a") and from the informative question at one
+    character, where the values differ most."""
+    table = object_attributes()
+    keys = [k for k in ATTRIBUTE_KEYS
+            if question_text(k).startswith("Is it ") and not question_text(k).startswith(("Is it a ", "Is it an "))]
+    key = min(keys, key=lambda k: (min(sum(k in table[o] for o in objects), sum(k not in table[o] for o in objects)),
+                                   ATTRIBUTE_KEYS.index(k)))
+    return question_text(key)
+
+
+class TwentyQuestionsPaperPolicy(BehaviourPolicy):
+    """Per question: with probability ``informative_prob`` (default 0.5) the informative action
+    (``informative_question`` on the objects consistent with the answers so far), otherwise a uniformly
+    random question among every attribute's canonical phrasing and every guess of the game's objects:
+    uniform noise, so the most frequent action in a state is the informative one."""
+
+    task, name = "twenty_questions", "paper"
+
+    def __init__(self, informative_prob: float = 0.5):
+        self.informative_prob = _check_probability("informative_prob", informative_prob)
+
+    def act(self, env: TwentyQuestionsEnv, rng: random.Random) -> str:
+        self._check_env(env, TwentyQuestionsEnv)
+        if rng.random() < self.informative_prob:
+            return informative_question(env.consistent()) + env.action_stop
+        k = rng.randrange(len(ATTRIBUTE_KEYS) + len(env.objects))
+        if k < len(ATTRIBUTE_KEYS):
+            return question_text(ATTRIBUTE_KEYS[k]) + env.action_stop
+        return guess_text(env.objects[k - len(ATTRIBUTE_KEYS)]) + env.action_stop
+
+
+class TwentyQuestionsTrapPolicy(BehaviourPolicy):
+    """A behaviour whose most frequent question is redundant: the Twenty Questions counterpart of the
+    maze and Wordle traps.
+
+    Per question: the fixed redundant question ``trap`` (default ``redundant_question``: "Is it red?" for
+    the 16-object game, whose answer is "No." for every object, so it never tells anything) with
+    probability ``trap_prob`` (default 0.5); else a premature guess, a uniformly random object still
+    consistent with the answers, with probability ``guess_prob`` (default 0.1); else the informative
+    action (``informative_question``, 0.4). The states where the most frequent action is wrong: every state
+    with two or more objects left, the first question included, where the redundant question (0.5) is more
+    frequent than the informative action (at most 0.4 + 0.1 / n) and than each other guess (0.1 / n).
+    Greedy BC therefore asks "Is it red?" at the first question and, the state being unchanged, again
+    until the 20 questions run out (return -20); with one object left the right guess ties with it. The
+    redundant question only delays (its value is gamma times the state's), so the extraction can prefer
+    the informative question only if pi * Q is larger for it (docs/results.md, the Wordle arithmetic):
+    0.4 * V against 0.5 * gamma * V, true for gamma = 0.7 and more so for the behaviour's own values.
+    """
+
+    task, name = "twenty_questions", "trap"
+
+    def __init__(self, trap_prob: float = 0.5, guess_prob: float = 0.1, trap: str | None = None):
+        self.trap_prob = _check_probability("trap_prob", trap_prob)
+        self.guess_prob = _check_probability("guess_prob", guess_prob)
+        if self.trap_prob + self.guess_prob > 1.0:
+            raise ValueError(f"twenty questions trap policy: trap_prob + guess_prob must be <= 1, got "
+                             f"{self.trap_prob} + {self.guess_prob}")
+        self.trap_option = trap
+
+    def trap_question(self, env: TwentyQuestionsEnv) -> str:
+        """The redundant question asked in ``env``'s game."""
+        return self.trap_option or redundant_question(env.objects)
+
+    def act(self, env: TwentyQuestionsEnv, rng: random.Random) -> str:
+        self._check_env(env, TwentyQuestionsEnv)
+        u = rng.random()
+        if u < self.trap_prob:
+            return self.trap_question(env) + env.action_stop
+        candidates = env.consistent()
+        if u < self.trap_prob + self.guess_prob:
+            return guess_text(rng.choice(candidates)) + env.action_stop
+        return informative_question(candidates) + env.action_stop
+
+
 # --------------------------------------------------------------------------------------------- chess
 class ChessPaperPolicy(BehaviourPolicy):
     """Stockfish at a strength drawn per game, against the environment's fixed-strength opponent.
@@ -296,5 +402,5 @@ class ChessPaperPolicy(BehaviourPolicy):
 POLICIES: dict[tuple[str, str], type[BehaviourPolicy]] = {
     (cls.task, cls.name): cls
     for cls in (MazePaperPolicy, MazeTrapPolicy, WordlePaperPolicy, WordleBiasedPolicy, WordleTrapPolicy,
-                ChessPaperPolicy)
+                TwentyQuestionsPaperPolicy, TwentyQuestionsTrapPolicy, ChessPaperPolicy)
 }
