@@ -524,8 +524,12 @@ def load(workdir: str, mesh=None, rules=None) -> Run:
       workdir, "qsft", ("params", "behaviour_params", "target_params"), abstract)
   if qsft is not None:
     step, params = qsft
-    sets = dict(behaviour_params=params["behaviour_params"], behaviour_step=step,
-                     theta_params=params["params"], theta_step=step,
+    # phi is the frozen copy phase 2 carries; its step is phase 1's last checkpoint (BC and Q-SFT
+    # count their steps separately).
+    bc_steps = checkpoint_steps(workdir, "bc")
+    sets = dict(behaviour_params=params["behaviour_params"],
+                behaviour_step=bc_steps[-1] if bc_steps else step,
+                theta_params=params["params"], theta_step=step,
                      target_params=params["target_params"], target_step=step)
   else:
     bc = checkpoints.restore_latest_params(workdir, "bc", ("params",), abstract)

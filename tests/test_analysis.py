@@ -3,6 +3,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -82,6 +83,16 @@ def tiny_workdir(tmp_path_factory):
 def _log_softmax(z):
   z = np.asarray(z, np.float64)
   return z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_phis_step_is_phase_ones_not_phase_twos(workdir, tmp_path):
+  """phi comes from the Q-SFT checkpoint's frozen copy; its step is still BC's last checkpoint."""
+  path, _ = workdir
+  copy = str(tmp_path / "run")
+  shutil.copytree(path, copy)
+  os.rename(os.path.join(copy, "bc", "checkpoints", "1"), os.path.join(copy, "bc", "checkpoints", "5"))
+  run = run_lib.load(copy)
+  assert (run.behaviour_step, run.theta_step) == (5, 1)
 
 
 def test_load_reads_every_parameter_set_and_the_runs_files(workdir):
