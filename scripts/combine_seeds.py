@@ -8,7 +8,8 @@
 Each input is the JSON that scripts/results.py writes beside its table. For every method (dataset, BC, the
 control and Q-SFT at the beta chosen on that seed's selection episodes, and the greedy ratio policies) the
 table gives the mean over seeds of each seed's mean return, the standard error across seeds (sample standard
-deviation / sqrt(seeds)), each seed's own figure, and the turn-0 value correlation averaged the same way.
+deviation / sqrt(seeds)), each seed's own figure, and the held-out value correlations
+(all turns, turn 0) averaged the same way.
 The seed-to-seed spread (data, held-out set and initialisation all change) is the uncertainty that matters
 when methods are compared; the per-seed episode stderr is in each seed's own table.
 """
@@ -41,7 +42,8 @@ def method_rows(result: dict) -> dict[str, dict]:
   for label in labels:
     r = result[label]
     rows[label] = {"mean_return": r["extract"]["mean_return"], "beta": r["best_beta"],
-                   "turn0": r["diagnostics"]["first_turn_correlation"]}
+                   "turn0": r["diagnostics"]["first_turn_correlation"],
+                   "all_turns": r["diagnostics"]["correlation"]}
   for label in labels:
     rows[f"{label}, greedy p_theta/pi_phi"] = {"mean_return": result[label]["ratio"]["mean_return"]}
   return rows
@@ -58,8 +60,9 @@ def combine(results: list[dict]) -> list[dict]:
     mean, se = mean_se(returns)
     row = {"label": label, "mean": mean, "se": se, "returns": returns,
            "betas": [rows[label].get("beta") for rows in per_seed]}
-    if "turn0" in per_seed[0][label]:
-      row["turn0"] = mean_se([rows[label]["turn0"] for rows in per_seed])
+    for key in ("all_turns", "turn0"):
+      if key in per_seed[0][label]:
+        row[key] = mean_se([rows[label][key] for rows in per_seed])
     out.append(row)
   return out
 
@@ -68,17 +71,17 @@ def table(name: str, paths: list[str], rows: list[dict]) -> str:
   lines = [f"## {name}: {len(paths)} seeds", "",
            "Mean over seeds +- standard error across seeds; each seed's own mean return in brackets. Inputs: "
            + ", ".join(f"`{p}`" for p in paths) + ".", "",
-           "| method | mean return | per seed | beta per seed | turn-0 value corr. |",
-           "| --- | --- | --- | --- | --- |"]
+           "| method | mean return | per seed | beta per seed | value corr. (all turns) | value corr. (turn 0) |",
+           "| --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     se = "" if math.isnan(r["se"]) else f" +- {r['se']:.2f}"
     seeds = ", ".join(f"{v:.2f}" for v in r["returns"])
     betas = "-" if r["betas"][0] is None else ", ".join(f"{b:g}" for b in r["betas"])
-    corr = "-"
-    if "turn0" in r:
-      m, s = r["turn0"]
-      corr = f"{m:.2f}" + ("" if math.isnan(s) else f" +- {s:.2f}")
-    lines.append(f"| {r['label']} | {r['mean']:.2f}{se} | [{seeds}] | {betas} | {corr} |")
+    corr = []
+    for key in ("all_turns", "turn0"):
+      m, s = r.get(key, (None, None))
+      corr.append("-" if m is None else f"{m:.2f}" + ("" if math.isnan(s) else f" +- {s:.2f}"))
+    lines.append(f"| {r['label']} | {r['mean']:.2f}{se} | [{seeds}] | {betas} | {' | '.join(corr)} |")
   return "\n".join(lines) + "\n"
 
 
