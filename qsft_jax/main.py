@@ -17,10 +17,8 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -333,6 +331,7 @@ class StepProfiler:
   def __init__(self, steps, log_dir: str, name: str, last_step: int):
     self.steps = frozenset(s for s in steps if s <= last_step)
     self.log_dir, self.name = log_dir, name
+    self._trace = contextlib.ExitStack()  # the running trace's local folder (storage.staged_dir)
     self.active = False
 
   def _last_of_run(self, step: int) -> int:
@@ -345,11 +344,9 @@ class StepProfiler:
     if step not in self.steps:
       return contextlib.nullcontext()
     if not self.active:
-      self.trace_dir = os.path.join(self.log_dir, f"steps_{step}-{self._last_of_run(step)}")
-      # The profiler writes local files only: a bucket workdir's trace is written to a temporary
-      # folder and uploaded when it stops.
-      self.local_dir = tempfile.mkdtemp(prefix="qsft_profile_") if storage.is_url(self.log_dir) else None
-      jax.profiler.start_trace(self.local_dir or self.trace_dir)
+      # The profiler writes local files only: a bucket workdir's trace is uploaded when it stops.
+      trace_dir = os.path.join(self.log_dir, f"steps_{step}-{self._last_of_run(step)}")
+      jax.profiler.start_trace(self._trace.enter_context(storage.staged_dir(trace_dir)))
       self.active = True
     return jax.profiler.StepTraceAnnotation(self.name, step_num=step)
 
@@ -364,9 +361,7 @@ class StepProfiler:
     if self.active:
       self.active = False
       jax.profiler.stop_trace()
-      if self.local_dir is not None:
-        storage.upload_tree(self.local_dir, self.trace_dir)
-        shutil.rmtree(self.local_dir, ignore_errors=True)
+      self._trace.close()
 
 
 def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config):

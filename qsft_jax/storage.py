@@ -155,6 +155,21 @@ def url_files(p: str, suffix: str) -> list[str]:
   return sorted(os.fspath(f) for f in root.glob("/".join(parts[first:])) if not f.is_dir())
 
 
+@contextlib.contextmanager
+def staged_dir(p: PathLike) -> Iterator[str]:
+  """A local directory for writers of local files only (the profiler, safetensors): `p` itself when
+  it is local (created); for a URL a temporary directory, uploaded to `p` (`upload_tree`) when the
+  block completes and removed either way."""
+  p = os.fspath(p)
+  if not is_url(p):
+    os.makedirs(p, exist_ok=True)
+    yield p
+    return
+  with tempfile.TemporaryDirectory(prefix="qsft_jax_staged_") as tmp:
+    yield tmp
+    upload_tree(tmp, p)
+
+
 def upload_tree(local_dir: PathLike, p: PathLike) -> None:
   """Copies the files under the local directory `local_dir` to the same relative paths under `p`."""
   for root, _, names in os.walk(local_dir):

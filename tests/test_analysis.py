@@ -290,7 +290,7 @@ def test_evaluate_command_line_on_the_workdir(workdir, capsys):
       assert [json.loads(line)["meta"]["seed"] for line in f] == [40, 41, 42]
   assert "| qsft_beta2 | 2 |" in capsys.readouterr().out
   # the same figures in TensorBoard at the checkpoints' step (1), with the value correlations
-  from test_evaluate import read_scalars
+  from tensorboard_events import read_scalars
   scalars = read_scalars(os.path.join(path, "eval", "tensorboard"))
   for name, r in results["policies"].items():
     assert scalars[f"eval/{name}/mean_return"][-1] == (1, pytest.approx(r["mean_return"]))

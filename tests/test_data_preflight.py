@@ -7,10 +7,8 @@ character plus BOS for the char tokenizer), never read back from the code under 
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-import struct
 import subprocess
 import sys
 import tracemalloc
@@ -22,6 +20,7 @@ from qsft_jax.data import DataConfig, DataError, EpisodeError, preflight, valida
 from qsft_jax.data.loading import EpisodeProcessor
 from qsft_jax.errors import UserError
 from qsft_jax.tokenizers import CharTokenizer
+from tensorboard_events import read_scalars
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -225,37 +224,19 @@ def test_start_up_line_counts_truncations_and_names_the_first_dropped(tmp_path, 
   assert summary.truncated == 1 and summary.num_dropped == 9
 
 
-def _read_scalars(directory: str) -> dict[str, tuple[int, float]]:
-  """tag -> (step, value) from TensorBoard event files, read as raw TFRecords (length, crc, Event)."""
-  from tensorboardX.proto import event_pb2
-
-  out = {}
-  for name in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
-    with open(name, "rb") as f:
-      data = f.read()
-    pos = 0
-    while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      for v in event.summary.value:
-        out[v.tag] = (event.step, v.simple_value)
-  return out
-
-
 def test_tensorboard_scalars_under_data(tmp_path):
   path, overlong, truncatable = _dataset(tmp_path)
   tb = str(tmp_path / "tb")
   preflight(DataConfig(path=path, max_length=24), CharTokenizer(), tensorboard_dir=tb, echo=False)
-  scalars = _read_scalars(tb)
+  scalars = read_scalars(tb)
   dropped = len(overlong) - len(truncatable)
-  assert scalars["data/episodes"] == (0, 20.0)
-  assert scalars["data/kept"] == (0, 20.0 - dropped)
-  assert scalars["data/truncated"] == (0, float(len(truncatable)))
-  assert scalars["data/dropped"] == (0, float(dropped))
-  assert scalars["data/dropped_fraction"] == (0, pytest.approx(dropped / 20))
-  assert scalars["data/truncated_fraction"] == (0, pytest.approx(len(truncatable) / 20))
-  assert scalars["data/unknown_chars"] == (0, 0.0)
+  assert scalars["data/episodes"] == [(0, 20.0)]
+  assert scalars["data/kept"] == [(0, 20.0 - dropped)]
+  assert scalars["data/truncated"] == [(0, float(len(truncatable)))]
+  assert scalars["data/dropped"] == [(0, float(dropped))]
+  assert scalars["data/dropped_fraction"] == [(0, pytest.approx(dropped / 20))]
+  assert scalars["data/truncated_fraction"] == [(0, pytest.approx(len(truncatable) / 20))]
+  assert scalars["data/unknown_chars"] == [(0, 0.0)]
 
 
 def _cli(*args):

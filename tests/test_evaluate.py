@@ -15,6 +15,7 @@ from qsft_jax.data import DataConfig, episodes_to_batch
 from qsft_jax.envs import generate_episodes, make_env
 from qsft_jax.models import Transformer, get_preset
 from qsft_jax.tokenizers import CharTokenizer
+from tensorboard_events import read_scalars
 
 # Only the characters the maze uses: random sampling then hits a move character often enough that
 # returns vary across episodes.
@@ -119,28 +120,6 @@ def test_summarize_edge_cases():
   assert evaluate.summarize([-3.0], [True]) == {"mean_return": -3.0, "stderr": None, "success_rate": 1.0}
   with pytest.raises(ValueError):
     evaluate.summarize([], [])
-
-
-def read_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
-  """{tag: [(step, value)]} of every scalar in the TensorBoard event files of `folder`, read as
-  TFRecords (uint64 length, its CRC, the Event proto, its CRC) without TensorBoard's reader."""
-  import struct
-  from tensorboardX.proto import event_pb2
-
-  out: dict = {}
-  for name in sorted(os.listdir(folder)):
-    assert name.startswith("events.out.tfevents"), name
-    with open(os.path.join(folder, name), "rb") as f:
-      data = f.read()
-    at = 0
-    while at < len(data):
-      (length,) = struct.unpack("<Q", data[at:at + 8])
-      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
-      at += 12 + length + 4
-      for v in event.summary.value:
-        assert v.WhichOneof("value") == "simple_value", v
-        out.setdefault(v.tag, []).append((event.step, v.simple_value))
-  return out
 
 
 def test_results_go_to_tensorboard_at_each_policys_checkpoint_step(tmp_path):

@@ -29,7 +29,6 @@ import importlib.util
 import json
 import pathlib
 import re
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -587,20 +586,14 @@ def export_hf_folder(params: Mapping[str, Any], config: ModelConfig, out_dir: st
   to a local temporary folder first, then uploaded; its `epath.Path` is returned."""
   from safetensors.numpy import save_file
 
-  if storage.is_url(out_dir):
-    with tempfile.TemporaryDirectory() as tmp:
-      export_hf_folder(params, config, tmp, tokenizer)
-      storage.upload_tree(tmp, out_dir)
-    return storage.path(out_dir)
-
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  tensors = hf_tensors(params, config)
-  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-  (out / "config.json").write_text(json.dumps(hf_config_dict(config, tokenizer), indent=2) + "\n")
-  if tokenizer is not None:
-    tokenizer.save_pretrained(str(out))
-  return out
+  with storage.staged_dir(out_dir) as local:  # safetensors writes local files
+    out = pathlib.Path(local)
+    tensors = hf_tensors(params, config)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config_dict(config, tokenizer), indent=2) + "\n")
+    if tokenizer is not None:
+      tokenizer.save_pretrained(str(out))
+  return storage.path(out_dir) if storage.is_url(out_dir) else out
 
 
 # ------------------------------------------------------------------------------------------------
