@@ -6,7 +6,8 @@ and AdamW's two moments in float32. Random init (the shape only): point model.in
 at an HF folder of Llama-3-8B (hf:PATH) to train it.
 
 Compile its steps for the slice on a CPU machine (rows 8b-v5p128 and, with
---config.qsft.frozen_dtype=bfloat16, 8b-v5p128-bf16frozen of docs/scaling.md; with
+--config.qsft.target_dtype=bfloat16 --config.qsft.behaviour_dtype=bfloat16, 8b-v5p128-bf16frozen of
+docs/scaling.md; with
 --topology=v5e:4x4 --config.bc.batch_size=16 --config.qsft.batch_size=16, row 8b-v5e16):
 
     python -m qsft_jax.aot --config=configs/pod_llama3_8b.py --steps=qsft

@@ -9,8 +9,9 @@ Train on the slice (a workdir every worker sees at the same path, launch/README.
     launch/tpu_pod.sh -n TPU_NAME -z ZONE -c configs/pod_llama_70b.py -w /gcs/BUCKET/run1 -s -u
 
 after compiling its steps for the slice on a CPU machine, which shows the memory they need per chip
-(rows 70b-v5p128 and, with --config.qsft.frozen_dtype=bfloat16, 70b-v5p128-bf16frozen of
-docs/scaling.md; the cost probes of this size take well over 10 minutes, hence --no-probes):
+(rows 70b-v5p128 and, with --config.qsft.target_dtype=bfloat16 --config.qsft.behaviour_dtype=bfloat16,
+70b-v5p128-bf16frozen of docs/scaling.md; the cost probes of this size take well over 10 minutes,
+hence --no-probes):
 
     python -m qsft_jax.aot --config=configs/pod_llama_70b.py --no-probes --steps=bc,qsft
 """

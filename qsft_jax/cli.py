@@ -198,6 +198,10 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None = None, *, prog: str,
     text = str(e)
     hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
     detail = f"{hint[2]!r}; did you mean {hint[1]!r}?" if hint else text
+    from qsft_jax.config_lib import RETIRED_FIELDS
+    retired = [f for f in RETIRED_FIELDS if re.search(rf"--config\.{re.escape(f)}\b(?!\.)", overrides)]
+    if retired:
+      detail = f"{retired[0]!r}; it was replaced by {' and '.join(RETIRED_FIELDS[retired[0]])}"
     usage_error(prog, f"bad --config override ({overrides}): the config has no field {detail}")
   _check_config_file(fv, prog)
   if positional is None and len(rest) > 1:

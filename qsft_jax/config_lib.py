@@ -25,6 +25,8 @@ TASKS = ("", "maze", "wordle", "chess", "twenty_questions")
 THETA_INITS = ("pretrained", "phi", "phi_init", "fresh")
 STORAGE_DTYPES = ("", "float32", "bfloat16")  # "": the parameters' own dtype
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: learning rates above it overflow
+# Fields that no longer exist -> the fields that replaced them (each takes the old value).
+RETIRED_FIELDS = {"qsft.frozen_dtype": ("qsft.target_dtype", "qsft.behaviour_dtype")}
 
 
 def _optim(steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
@@ -38,7 +40,11 @@ def _optim(steps: int, batch_size: int, learning_rate: float) -> ml_collections.
       weight_decay=0.0,
       grad_clip=1.0,                # global-norm clipping before AdamW; 0 = none
       b1=0.9, b2=0.95,              # AdamW moments
-      mu_dtype=""))                 # storage dtype of AdamW's first moment; "" = the parameters'
+      # Storage dtypes of AdamW's first and second moments ("" = the parameters', model param_dtype;
+      # "float32" or "bfloat16"). Each step computes the update from the moments in float32 and stores
+      # them rounded to these (bf16: 8 significant bits, a relative error up to 2^-9 per moment).
+      mu_dtype="",
+      nu_dtype=""))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -121,9 +127,13 @@ def base_config() -> ml_collections.ConfigDict:
       # between Q* and Q^beta (docs/algorithm.md section 4).
       mc_mix=0.0,
       n_step=1,                # bootstrap n links ahead (rewards in between summed)
-      # Storage dtype of theta_bar and phi in the state; "" = the parameters'. "bfloat16" halves their
-      # bytes but rounds each Polyak update of theta_bar (small tau: prefer target_update_every).
-      frozen_dtype=""))
+      # Storage dtypes of theta_bar (target_dtype) and phi (behaviour_dtype) in the Q-SFT state ("" = the
+      # parameters', model param_dtype; "float32" or "bfloat16"). theta's master weights are stored in
+      # model param_dtype, AdamW's moments in qsft.mu_dtype / nu_dtype. "bfloat16" halves a set's bytes;
+      # for theta_bar it rounds each Polyak update (small tau: prefer target_update_every), for phi
+      # (never updated) it rounds the weights once.
+      target_dtype="",
+      behaviour_dtype=""))
   c.loss = ml_collections.ConfigDict(dict(chunk_size=128))  # rows per chunk of the chunked losses
   # A step whose loss, gradient norm or updated parameters are not finite: "stop" fails naming the step
   # and metric, before anything from that state is saved; "skip" leaves the state unchanged.
@@ -245,6 +255,10 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
     extra = set(config[section].keys()) - set(base.keys())
     if section in ("data",):  # data fields are checked by DataConfig itself, which knows them all
       continue
+    for field in sorted(extra):
+      if f"{section}.{field}" in RETIRED_FIELDS:
+        _fail(f"{section}.{field}", "was replaced by " + " and ".join(
+            f"config.{f}" for f in RETIRED_FIELDS[f"{section}.{field}"]) + ": set those instead")
     if extra:
       _fail(f"{section}.{sorted(extra)[0]}", f"unknown field; known: {', '.join(sorted(base.keys()))}")
 
@@ -272,8 +286,9 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
             f"float32, largest {FLOAT32_MAX:.4g}): every update would be NaN; use a rate such as 1e-3")
     if p.learning_rate <= 0:
       _fail(f"{name}.learning_rate", f"must be > 0; got {p.learning_rate}")
-    if p.mu_dtype not in STORAGE_DTYPES:
-      _fail(f"{name}.mu_dtype", f"{p.mu_dtype!r} is not one of {STORAGE_DTYPES}")
+    for field in ("mu_dtype", "nu_dtype"):
+      if p[field] not in STORAGE_DTYPES:
+        _fail(f"{name}.{field}", f"{p[field]!r} is not one of {STORAGE_DTYPES}")
     if p.microbatches < 1 or p.batch_size % p.microbatches:
       _fail(f"{name}.microbatches", f"{p.microbatches} must be >= 1 and divide {name}.batch_size="
             f"{p.batch_size}")
@@ -301,8 +316,9 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
       raise ConfigError(f"config.{e}") from None
     if q.theta_init not in THETA_INITS:
       _fail("qsft.theta_init", f"{q.theta_init!r} is not one of {THETA_INITS}")
-    if q.frozen_dtype not in STORAGE_DTYPES:
-      _fail("qsft.frozen_dtype", f"{q.frozen_dtype!r} is not one of {STORAGE_DTYPES}")
+    for field in ("target_dtype", "behaviour_dtype"):
+      if q[field] not in STORAGE_DTYPES:
+        _fail(f"qsft.{field}", f"{q[field]!r} is not one of {STORAGE_DTYPES}")
     if q.theta_init == "pretrained" and config.model.init == "random":
       _fail("qsft.theta_init", "is 'pretrained' but model.init is 'random': use 'phi_init' (phi's own "
             "random initialisation), 'fresh' or load weights")

@@ -41,18 +41,47 @@ def state_kind(phase: str) -> str:
   return "bc" if phase == "bc" else "qsft"
 
 
+def storage_dtype(name: str) -> jnp.dtype | None:
+  """A storage-dtype config field ("float32", "bfloat16") as a dtype; "" -> None (the parameters')."""
+  return jnp.dtype(name) if name else None
+
+
+def adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, weight_decay: float,
+          mu_dtype: jnp.dtype | None = None, nu_dtype: jnp.dtype | None = None
+          ) -> optax.GradientTransformation:
+  """`optax.adamw` (eps 1e-8, the same state layout) with both moments' storage dtypes chosen.
+
+  optax.adamw has only mu_dtype: its second moment is stored in the parameters' dtype. Here nu is
+  cast to `nu_dtype` at init and after each update (None: the parameters' dtype). Each update is
+  computed from the new moments in float32 before they are rounded for storage, as optax does for mu.
+  """
+  adam = optax.scale_by_adam(b1=b1, b2=b2, mu_dtype=mu_dtype)
+  store = lambda state: state._replace(nu=optax.tree.cast(state.nu, nu_dtype))
+
+  def init(params):
+    return store(adam.init(params))
+
+  def update(updates, state, params=None):
+    updates, state = adam.update(updates, state, params)
+    return updates, store(state)
+
+  return optax.chain(optax.GradientTransformation(init, update), optax.add_decayed_weights(weight_decay),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
 def make_optimizer(p: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
   """AdamW with linear warm-up then cosine decay to 10%, after global-norm clipping.
 
-  The first moment is stored in `p.mu_dtype` ("" = the parameters' dtype).
-  Returns (optimizer, schedule); `schedule(step - 1)` is the learning rate of 1-based step `step`.
+  The first and second moments are stored in `p.mu_dtype` and `p.nu_dtype` ("" = the parameters'
+  dtype). Returns (optimizer, schedule); `schedule(step - 1)` is the learning rate of 1-based step
+  `step`.
   """
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, p.learning_rate, warmup_steps=max(1, min(p.warmup_steps, p.steps)),
       decay_steps=max(p.steps, p.warmup_steps + 1), end_value=0.1 * p.learning_rate)
   parts = [optax.clip_by_global_norm(p.grad_clip)] if p.grad_clip > 0 else []
-  mu_dtype = jnp.dtype(p.mu_dtype) if p.mu_dtype else None
-  parts.append(optax.adamw(schedule, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay, mu_dtype=mu_dtype))
+  parts.append(adamw(schedule, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay,
+                     mu_dtype=storage_dtype(p.mu_dtype), nu_dtype=storage_dtype(p.nu_dtype)))
   return optax.chain(*parts), schedule
 
 
@@ -68,16 +97,18 @@ def target_update(config: ml_collections.ConfigDict) -> train_steps.TargetUpdate
   return train_steps.TargetUpdate(tau=config.qsft.tau, every=config.qsft.target_update_every)
 
 
-def _store_frozen(state: dict, dtype: jnp.dtype | None) -> dict:
-  """The Q-SFT state with the floating-point leaves of theta_bar and phi in `dtype` (None: as they are).
+def _store_frozen(state: dict, dtypes: dict[str, jnp.dtype | None]) -> dict:
+  """The Q-SFT state with the floating-point leaves of each set named in `dtypes` ("target_params",
+  "behaviour_params") in its dtype (None: as they are).
 
   Neither set takes a gradient or optimizer state, and the step keeps each set's dtype (the forward
   casts to the compute dtype; `train_steps.polyak_update` mixes in the target's dtype).
   """
-  if dtype is None:
-    return state
-  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-  return {**state, **{k: jax.tree.map(cast, state[k]) for k in ("target_params", "behaviour_params")}}
+  def cast(tree, dtype):
+    if dtype is None:
+      return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  return {**state, **{k: cast(state[k], dtype) for k, dtype in dtypes.items()}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +116,9 @@ class PhaseProgram:
   """One phase's compiled pieces.
 
   step: the jitted (state, batch) -> (state, metrics) (`train_steps.StepFn`, also `.lower(...)`).
-  init_state: "bc": params -> state; "qsft"/"control": (theta, phi) -> state, theta_bar and phi
-    stored in qsft.frozen_dtype. Call under jit with out_shardings=state_shardings, or under
+  init_state: "bc": params -> state; "qsft"/"control": (theta, phi) -> state, theta_bar stored in
+    qsft.target_dtype and phi in qsft.behaviour_dtype (theta in the parameters' dtype, AdamW's
+    moments in mu_dtype / nu_dtype). Call under jit with out_shardings=state_shardings, or under
     jax.eval_shape for the abstract state.
   state_shardings: the NamedShardings of the state from the rule table.
   """
@@ -122,7 +154,8 @@ def build(config: ml_collections.ConfigDict, phase: str, model_config: ModelConf
     step = train_steps.make_qsft_step(model, model_config, optimizer, mesh, rules,
                                       losses.TargetConfig.from_config(config, phase),
                                       target_update(config), options)
-    frozen = jnp.dtype(config.qsft.frozen_dtype) if config.qsft.frozen_dtype else None
+    frozen = {"target_params": storage_dtype(config.qsft.target_dtype),
+              "behaviour_params": storage_dtype(config.qsft.behaviour_dtype)}
     init_state = lambda params: _store_frozen(
         train_steps.init_qsft_state(params[0], params[1], optimizer), frozen)
   shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, kind)

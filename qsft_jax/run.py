@@ -381,6 +381,11 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> lis
     return []  # nothing was trained under it: the new config replaces it
   if old is None:
     return []
+  for retired, fields in config_lib.RETIRED_FIELDS.items():  # read as the fields that replaced it
+    if retired in old:
+      value = old.pop(retired)
+      for field in fields:
+        old.setdefault(field, value)
   allowed, refused = [], []
   defaults = _flatten(_as_json(config_lib.base_config()))
   for field, a, b in _diff(old, _flatten(_as_json(config))):

@@ -310,9 +310,11 @@ def test_compiled_collectives_match_fsdp_hand_count(results, kind):
 
 
 def test_frozen_sets_in_bf16_halve_their_bytes(results, mesh, chip):
-  """qsft.frozen_dtype=bfloat16: theta_bar and phi stored in bf16 (theta and AdamW moments stay f32);
-  the trainer's compiled Q-SFT step takes them as they are and returns them in place (aliased)."""
-  r = driver.compile_step("qsft", job(qsft__frozen_dtype="bfloat16"), TARGET, mesh, chip)
+  """qsft.target_dtype = behaviour_dtype = bfloat16: theta_bar and phi stored in bf16 (theta and AdamW
+  moments stay f32); the trainer's compiled Q-SFT step takes them as they are and returns them in place
+  (aliased)."""
+  r = driver.compile_step("qsft", job(qsft__target_dtype="bfloat16", qsft__behaviour_dtype="bfloat16"),
+                          TARGET, mesh, chip)
   params = param_count(get_preset("tiny-llama", **MODEL))
   saved = 2 * params * (4 - 2) // 4  # two sets, 2 bytes less per parameter, over 4 chips
   full = results["qsft"]
@@ -350,11 +352,16 @@ def test_command_line_runs_the_config_with_overrides(tmp_path, capsys):
   overrides reach the job; the figures come back as JSON; a bad topology is a one-line usage error."""
   out, tiny = tmp_path / "aot.json", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
   assert aot_main.main(["aot", f"--config={tiny}", "--config.qsft.batch_size=16", "--topology=v5e:2x2",
+                        "--config.qsft.target_dtype=bfloat16", "--config.qsft.nu_dtype=bfloat16",
                         "--steps=decode", "--no-probes", f"--json={out}"]) == 0
   result = json.loads(out.read_text())
   assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}  # tiny.py: data -1 over the 4 chips
   assert list(result["steps"]) == ["decode"] and result["steps"]["decode"]["rows"] == 16
-  assert "[decode] compiled" in capsys.readouterr().out
+  assert [result[f"{k}_dtype"] for k in ("param", "target", "behaviour", "mu", "nu")] == [
+      "float32", "bfloat16", "float32", "float32", "bfloat16"]
+  printed = capsys.readouterr().out
+  assert "[decode] compiled" in printed
+  assert "theta_bar bfloat16, phi float32, AdamW mu/nu float32/bfloat16" in printed
   with pytest.raises(SystemExit) as e:
     aot_main.main(["aot", f"--config={tiny}", "--topology=v5e-4"])
   assert e.value.code == 2 and "expected GEN:AxB" in capsys.readouterr().err

@@ -40,6 +40,7 @@ def test_row_commands_describe_the_cached_job(results, name):
     assert chips == cached["chips"] and (fv.num_slices or 1) == cached["num_slices"]
     assert config_lib.check_config(c, chips) == cached["mesh"]
     assert (c.qsft.batch_size, c.data.max_length) == (cached["batch"], cached["seq"])
-    assert (c.qsft.frozen_dtype or "float32") == cached.get("frozen_dtype", cached["param_dtype"])
+    for field in ("target_dtype", "behaviour_dtype"):
+      assert (c.qsft[field] or "float32") == cached.get(field, cached["param_dtype"])
     assert set(fv.steps) <= set(cached["steps"]) and fv.probes == all(
         cached["steps"][k]["probes"] for k in fv.steps)

@@ -6,8 +6,8 @@ collectives and their bytes, the roofline step time and MFU.
         [--topology=v5p:4x4x8] [--num_slices=2] [--steps=bc,qsft,decode] [--no-probes] [--json=PATH]
 
 --config is the trainer's config with its overrides (model, mesh.shape, batch sizes, data.max_length,
-loss.chunk_size, microbatches, bc.mu_dtype / qsft.mu_dtype, qsft.frozen_dtype, ...); the other flags
-describe the hardware and the measurement. --topology and --num_slices default to the config file's
+loss.chunk_size, microbatches, the storage dtypes bc/qsft.mu_dtype and nu_dtype, qsft.target_dtype and
+behaviour_dtype, ...); the other flags describe the hardware and the measurement. --topology and --num_slices default to the config file's
 AOT_TOPOLOGY and AOT_NUM_SLICES.
 """
 from __future__ import annotations

@@ -261,8 +261,10 @@ def run(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
          "batch": config.qsft.batch_size, "seq": config.data.max_length,
          "microbatches": config.qsft.microbatches, "remat": mc.remat_policy, "scan": mc.scan_layers,
          "dtype": mc.dtype, "param_dtype": mc.param_dtype,
-         "frozen_dtype": config.qsft.frozen_dtype or mc.param_dtype,
-         "mu_dtype": config.qsft.mu_dtype or mc.param_dtype, "steps": {}}
+         "target_dtype": config.qsft.target_dtype or mc.param_dtype,
+         "behaviour_dtype": config.qsft.behaviour_dtype or mc.param_dtype,
+         "mu_dtype": config.qsft.mu_dtype or mc.param_dtype,
+         "nu_dtype": config.qsft.nu_dtype or mc.param_dtype, "steps": {}}
   for i, kind in enumerate(target.steps, 1):
     with progress.timed(f"aot: step {i}/{len(target.steps)}: {kind}", heartbeat=False):
       out["steps"][kind] = compile_step(kind, config, target, mesh, chip)

@@ -12,7 +12,8 @@ def format_report(result: dict) -> str:
            f" x {result['num_slices']} slice(s) = {result['chips']} chips, mesh {result['mesh']}, "
            f"batch {result['batch']} x {result['seq']}, microbatches {result['microbatches']}, "
            f"remat {result['remat']}, scan {result['scan']}, dtype {result['dtype']}/"
-           f"{result['param_dtype']}, theta_bar/phi {result['frozen_dtype']}, AdamW mu {result['mu_dtype']}"]
+           f"{result['param_dtype']}, theta_bar {result['target_dtype']}, phi {result['behaviour_dtype']}, "
+           f"AdamW mu/nu {result['mu_dtype']}/{result['nu_dtype']}"]
   for kind, r in result["steps"].items():
     if "error" in r:
       lines.append(f"\n[{kind}] NOT BUILT after {r['compile_s']} s: needs {_gib(r['peak_bytes'])} per chip, "

@@ -63,7 +63,7 @@ class Row:
 
 
 BATCH_16 = ("bc.batch_size=16", "qsft.batch_size=16")
-BF16_FROZEN = ("qsft.frozen_dtype=bfloat16",)
+BF16_FROZEN = ("qsft.target_dtype=bfloat16", "qsft.behaviour_dtype=bfloat16")
 ROWS: dict[str, Row] = {
     "135m-v5e4": Row("configs/pod_smollm2_135m.py", (Compile("bc,qsft,decode"),)),
     "1.7b-v5e16": Row("configs/pod_smollm2_1p7b.py", (Compile("bc,qsft"),)),
