@@ -181,8 +181,8 @@ def test_loaded_shapes_match_model_init():
 def test_bfloat16_load_and_scanned_load(tmp_path):
   weights.export_hf_folder(random_params(LLAMA), LLAMA, tmp_path)
   config32, params32 = weights.load_hf_folder(tmp_path)
-  config16, params16 = weights.load_hf_folder(tmp_path, dtype="bfloat16", scan_layers=True)
-  assert config16.param_dtype == "bfloat16" and config16.scan_layers
+  config16, params16 = weights.load_hf_folder(tmp_path, param_dtype="bfloat16", scan_layers=True)
+  assert config16.param_dtype == "bfloat16" and config16.dtype == "float32" and config16.scan_layers
   assert params16["layers"]["attn"]["q"]["kernel"].shape == (LLAMA.num_layers, 64, 4, 16)
   from qsft_jax.models.transformer import unstack_layers
   unscanned16 = unstack_layers(params16)
@@ -192,6 +192,34 @@ def test_bfloat16_load_and_scanned_load(tmp_path):
       node = node[key]
     assert node.dtype == np.dtype("bfloat16")
     np.testing.assert_array_equal(node, leaf.astype(node.dtype), err_msg=str(path))
+
+
+@pytest.mark.parametrize("overrides", [{"dtype": "bfloat16"}, {"param_dtype": "bfloat16"}, {}])
+def test_pretrained_init_reads_the_dtype_overrides_as_a_random_init_does(tmp_path, overrides):
+  """model.overrides dtype is the compute dtype and param_dtype the storage dtype for model.init
+  hf:PATH (main.build_model) as for a random init (get_preset): dtype=bfloat16 alone computes in bf16
+  from float32 weights."""
+  from types import SimpleNamespace
+  from qsft_jax import config_lib, main
+  from qsft_jax.models import sharded
+  from qsft_jax.models.config import get_preset
+  weights.export_hf_folder(random_params(LLAMA), LLAMA, tmp_path)
+  config = config_lib.base_config()
+  config.model.init = f"hf:{tmp_path}"
+  config.model.overrides = overrides
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  loaded, params = main.build_model(config, SimpleNamespace(vocab_size=LLAMA.vocab_size), mesh,
+                                    sharding.DEFAULT_RULES)
+  compute, storage = overrides.get("dtype", "float32"), overrides.get("param_dtype", "float32")
+  preset = get_preset("tiny-llama", **overrides)
+  assert (loaded.dtype, loaded.param_dtype) == (preset.dtype, preset.param_dtype) == (compute, storage)
+  random = jax.eval_shape(lambda: sharded.init_params_sharded(preset, jax.random.key(0), mesh,
+                                                              sharding.DEFAULT_RULES))
+  assert {str(x.dtype) for x in jax.tree.leaves(random)} == {storage}
+  assert {str(x.dtype) for x in jax.tree.leaves(params)} == {storage}
+  q = params["params"]["layers_1"]["attn"]["q"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(q), random_params(LLAMA)["layers_1"]["attn"]["q"]["kernel"]
+                                .astype(q.dtype))
 
 
 def test_sharded_checkpoint_with_index(tmp_path):

