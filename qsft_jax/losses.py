@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from qsft_jax.models.transformer import logits_from_hidden
+from qsft_jax.sharding import logical_constraint
 
 # exp() of a larger log-ratio overflows float32 (log(float32 max) ~ 88.7). Values are only ever
 # used inside clip(r + gamma * V, 0, 1), so any V above 1 + |r| gives the same target.
@@ -472,6 +473,13 @@ def _check_chunk_size(chunk_size: int, length: int) -> int:
   return min(chunk_size, length)
 
 
+def _unembed_for_chunks(unembed: jax.Array, dtype: Any) -> jax.Array:
+  """unembed [D, V_pad] in the chunk matmuls' dtype (the hidden states'), laid out as they need it: D
+  whole on every device, V_pad split as the rule table's "vocab". Called before a scan over chunks,
+  so that XLA gathers it once there instead of in every trip (a no-op outside a mesh and rules)."""
+  return logical_constraint(unembed.astype(dtype), (None, "vocab"))
+
+
 def _wce_chunk_forward(h, unembed, labels, weights, mask, vocab_size, dummy_token):
   """One chunk: logits [B, C, V_pad] f32, masked per-row losses [B, C], label log-probs [B, C]."""
   logits = logits_from_hidden(h, unembed, vocab_size)
@@ -485,6 +493,7 @@ def _wce_primal(hidden, unembed, labels, weights, mask, normaliser, vocab_size, 
   """Forward only: (loss [], label log-probs [B, L])."""
   length = hidden.shape[1]
   xs = tuple(_chunk(a, chunk_size) for a in (hidden, labels, weights, mask))
+  unembed = _unembed_for_chunks(unembed, hidden.dtype)
 
   def body(total, x):
     h, lab, w, m = x
@@ -501,19 +510,26 @@ def _wce_fwd(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chu
   d loss / d z = (softmax(z) - t) * mask / normaliser per row; from it the chunk's contribution to
   d hidden ([B, C, D]) and d unembed ([D, V_pad], accumulated) are formed at once, so no logits are
   kept or recomputed: the loss costs 3 unembedding matmuls in all, as a plain training pass would.
+
+  Under a mesh, unembed is gathered once before the loop (`_unembed_for_chunks`), in the compute
+  dtype; d hidden takes that copy too, as autodiff of the logits matmul would (TPU matmuls at default
+  precision round float32 operands to bf16 anyway). d unembed is reduced over the rows' devices in
+  every trip (into its parameter layout): reducing after the loop instead would keep an unreduced
+  float32 [D, V_pad] per device through the loop.
   """
   length = hidden.shape[1]
   xs = tuple(_chunk(a, chunk_size) for a in (hidden, labels, weights, mask))
   columns = unembed.shape[-1]
+  chunk_unembed = _unembed_for_chunks(unembed, hidden.dtype)
 
   def body(carry, x):
     total, d_unembed = carry
     h, lab, w, m = x
-    logits, lse, rows, logp = _wce_chunk_forward(h, unembed, lab, w, m, vocab_size, dummy_token)
+    logits, lse, rows, logp = _wce_chunk_forward(h, chunk_unembed, lab, w, m, vocab_size, dummy_token)
     probs = jnp.exp(logits - lse[..., None])  # padded columns: exp(PAD_LOGIT - lse) = 0
     scale = m.astype(jnp.float32) / normaliser
     d_logits = (probs - soft_targets(lab, w, columns, vocab_size, dummy_token)) * scale[..., None]
-    d_h = jnp.einsum("bcv,dv->bcd", d_logits, unembed.astype(jnp.float32)).astype(hidden.dtype)
+    d_h = jnp.einsum("bcv,dv->bcd", d_logits, chunk_unembed.astype(jnp.float32)).astype(hidden.dtype)
     d_unembed = d_unembed + jnp.einsum("bcd,bcv->dv", h.astype(jnp.float32), d_logits)
     return (total + jnp.sum(rows), d_unembed), (logp, d_h)
 
@@ -615,8 +631,8 @@ def chunked_bellman_values(target_hidden: jax.Array, target_unembed: jax.Array,
   chunk_size = _check_chunk_size(chunk_size, length)
   xs = tuple(_chunk(jax.lax.stop_gradient(a), chunk_size)
              for a in (target_hidden, behaviour_hidden, row_labels))
-  target_unembed = jax.lax.stop_gradient(target_unembed)
-  behaviour_unembed = jax.lax.stop_gradient(behaviour_unembed)
+  target_unembed = _unembed_for_chunks(jax.lax.stop_gradient(target_unembed), target_hidden.dtype)
+  behaviour_unembed = _unembed_for_chunks(jax.lax.stop_gradient(behaviour_unembed), behaviour_hidden.dtype)
 
   def body(_, x):
     h_bar, h_phi, lab = x

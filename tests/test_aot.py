@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -321,6 +322,23 @@ def test_frozen_sets_in_bf16_halve_their_bytes(results, mesh, chip):
   assert full["argument_bytes"] - r["argument_bytes"] == pytest.approx(saved, rel=0.02)
   assert full["alias_bytes"] - r["alias_bytes"] == pytest.approx(saved, rel=0.02)
   assert r["fits"] and r["peak_bytes"] < full["peak_bytes"]
+
+
+def test_chunk_loops_do_not_gather_the_unembedding(mesh):
+  """The compiled Q-SFT step (bf16 compute, fsdp 4: the unembedding [D, V_pad] split over D) gathers
+  the unembedding of theta, theta_bar and phi once, before the loss's chunk loops (4 chunks here), not
+  in every trip: no all-gather of a [D, V_pad] (or [V_pad, D]) array in a loop body."""
+  config = job(rows=8, length=256, loss__chunk_size=64)
+  config.model.overrides = {**MODEL, "dtype": "bfloat16", "vocab_size": 300,  # V_pad 384
+                            "tie_embeddings": False}
+  hlo = driver.lower("qsft", config, TARGET, mesh).compile().as_text()
+  comps, entry = costs._computations(hlo)
+  trips = costs._multiplicities(comps, entry)
+  pattern = re.compile(r"=\s*\w+(\[\d+,\d+\])\S*\s+all-gather(-start)?\(")
+  gathers = [(name, trips.get(name, (1.0, True))[0]) for name, lines in comps.items() for line in lines
+             if (m := pattern.search(line)) and m.group(1) in ("[512,384]", "[384,512]")]
+  assert gathers, "no all-gather of the unembedding: the test no longer sees it"
+  assert all(n == 1 for _, n in gathers), f"the unembedding is all-gathered in loop bodies: {gathers}"
 
 
 def test_multislice_gradient_reduction_counted_over_dcn(results):
