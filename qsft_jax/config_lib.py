@@ -89,8 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny-llama",   # `qsft_jax.models.config.get_preset` name
       init="random",         # "random", "hf:PATH", "gguf:PATH" or "smollm2" (pretrained weights)
-      # ModelConfig fields to replace (dtype, scan_layers, remat_policy, ...). With a char tokenizer
-      # and random init, vocab_size is the tokenizer's.
+      # ModelConfig fields to replace (dtype, scan_layers, remat_policy, ...), for a random init and
+      # pretrained weights alike: dtype is the compute dtype, param_dtype the storage dtype of theta's
+      # master weights (and of every set whose own dtype field is ""). With a char tokenizer and random
+      # init, vocab_size is the tokenizer's.
       overrides=ml_collections.ConfigDict()))
   # Logical data shards the global batch is built from (0: one per process). Process p reads only
   # its own shards; with a fixed value the batches do not depend on the process count (which must
