@@ -52,8 +52,9 @@ def adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, weight
   """`optax.adamw` (eps 1e-8, the same state layout) with both moments' storage dtypes chosen.
 
   optax.adamw has only mu_dtype: its second moment is stored in the parameters' dtype. Here nu is
-  cast to `nu_dtype` at init and after each update (None: the parameters' dtype). Each update is
-  computed from the new moments in float32 before they are rounded for storage, as optax does for mu.
+  cast to `nu_dtype` at init and after each update (None: the parameters' dtype). As optax does for
+  mu, each update is computed from the new moments in float32 (decay x stored moment is rounded to the
+  stored dtype, optax's arithmetic) before they are rounded for storage.
   """
   adam = optax.scale_by_adam(b1=b1, b2=b2, mu_dtype=mu_dtype)
   store = lambda state: state._replace(nu=optax.tree.cast(state.nu, nu_dtype))

@@ -104,7 +104,8 @@ def test_qsft_state_keeps_its_dtypes_through_a_step_and_a_restore(mesh, tmp_path
   manager = checkpoints.make_manager(str(tmp_path), "qsft", c)
   checkpoints.save(manager, 1, state)
   manager.wait_until_finished()
-  restored = checkpoints.restore(manager, 1, program.abstract_state(sharded.param_shapes(program.model, MODEL)))
+  abstract = program.abstract_state(sharded.param_shapes(program.model, MODEL))
+  restored = checkpoints.restore(manager, 1, abstract)
   manager.close()
   assert_storage(restored, *expected)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):

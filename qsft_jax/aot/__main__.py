@@ -7,8 +7,8 @@ collectives and their bytes, the roofline step time and MFU.
 
 --config is the trainer's config with its overrides (model, mesh.shape, batch sizes, data.max_length,
 loss.chunk_size, microbatches, the storage dtypes bc/qsft.mu_dtype and nu_dtype, qsft.target_dtype and
-behaviour_dtype, ...); the other flags describe the hardware and the measurement. --topology and --num_slices default to the config file's
-AOT_TOPOLOGY and AOT_NUM_SLICES.
+behaviour_dtype, ...); the other flags describe the hardware and the measurement. --topology and
+--num_slices default to the config file's AOT_TOPOLOGY and AOT_NUM_SLICES.
 """
 from __future__ import annotations
 
