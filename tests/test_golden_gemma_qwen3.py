@@ -1,0 +1,209 @@
+"""Golden tests for Gemma 2, Gemma 3 (text) and Qwen3: our Flax model against transformers' PyTorch model
+built from a small random config (no downloads), read back with `weights.load_hf_folder`.
+
+Each config has sliding layers whose window (4) is shorter than the sequence (12), so that the local
+layers attend differently from full ones; Gemma 2 soft-caps attention scores and logits (caps small
+enough to bite), Gemma 3 has a local rotary base and linear rope scaling on its full layers, Qwen3 a
+head_dim independent of d_model / heads. Relative error := max |ours - ref| / max |ref| over the real
+tokens and vocabulary (as in test_golden.py); the bar is < 1e-4 in float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is the golden reference (test-only dependency)")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from qsft_jax.kernels import xla_decode_attention  # noqa: E402
+from qsft_jax.models import weights  # noqa: E402
+from qsft_jax.models.config import ModelConfig, from_hf_config, param_count  # noqa: E402
+from qsft_jax.models.transformer import Transformer, init_cache  # noqa: E402
+from qsft_jax.sampler import Sampler  # noqa: E402
+
+MAX_REL_ERR = 1e-4
+VOCAB = 300  # pads to 384: padded rows and columns exist
+LENGTH, WINDOW = 12, 4
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=96, max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _gemma2():
+  return transformers.Gemma2Config(
+      num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+      attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **COMMON)
+
+
+def _gemma3():
+  return transformers.Gemma3TextConfig(
+      num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=32, sliding_window=WINDOW,
+      layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+      rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                       "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}, **COMMON)
+
+
+def _qwen3():
+  return transformers.Qwen3Config(
+      num_hidden_layers=3, head_dim=24, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 100.0}, **COMMON)
+
+
+MAKERS = {"gemma2": _gemma2, "gemma3_text": _gemma3, "qwen3": _qwen3}
+CLASSES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def relative_error(ours, ref) -> float:
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def batch():
+  """Token ids [2, L] and validity [2, L]: the second row right-padded after 9 tokens."""
+  ids = np.random.default_rng(0).integers(3, VOCAB, (2, LENGTH)).astype(np.int32)
+  valid = np.ones_like(ids, bool)
+  valid[1, 9:] = False
+  ids[~valid] = 0
+  return ids, valid
+
+
+def torch_logits(model, ids, valid):
+  with torch.no_grad():
+    out = model(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                attention_mask=torch.from_numpy(valid.astype(np.int64)))
+  return out.logits.float().numpy()
+
+
+def our_logits(config, params, ids, valid):
+  positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+  logits = jax.jit(Transformer(config).apply)({"params": params}, ids, positions, valid.astype(np.int32))
+  return np.asarray(logits)[..., :config.vocab_size]
+
+
+@pytest.fixture(scope="module", params=list(MAKERS))
+def hf_model(request, tmp_path_factory):
+  """(model_type, torch model, its saved folder)."""
+  folder = tmp_path_factory.mktemp(request.param)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(MAKERS[request.param](), attn_implementation="eager")
+  with torch.no_grad():  # random norm weights too, so that every tensor matters
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  model.eval().save_pretrained(str(folder), safe_serialization=True)
+  return request.param, model, folder
+
+
+def test_config_mapping(hf_model):
+  model_type, model, folder = hf_model
+  config, _ = weights.load_hf_folder(folder)
+  assert model.config.model_type == model_type
+  assert config.family == ("llama" if model_type == "qwen3" else "gemma")
+  assert config.sliding_window == WINDOW and config.layer_types == tuple(model.config.layer_types)
+  assert any(config.sliding_layers) and not all(config.sliding_layers)
+  if model_type == "gemma2":
+    assert (config.attn_logit_softcap, config.final_logit_softcap, config.query_pre_attn_scalar) == (2.0, 3.0, 24)
+  if model_type == "gemma3_text":
+    assert config.qk_norm and (config.rope_theta, config.rope_local_theta) == (1000.0, 10.0)
+    assert dict(config.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
+  if model_type == "qwen3":
+    assert config.qk_norm and config.head_dim == 24 != config.d_model // config.num_heads
+  # param_count counts the padded vocabulary rows (embedding, and lm_head when untied); torch does not.
+  padding = (config.padded_vocab_size - config.vocab_size) * config.d_model * (1 if config.tie_embeddings else 2)
+  assert param_count(config) - padding == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "scanned"])
+def test_logits_match_transformers(hf_model, scan_layers):
+  model_type, model, folder = hf_model
+  config, params = weights.load_hf_folder(folder, scan_layers=scan_layers)
+  ids, valid = batch()
+  ref = torch_logits(model, ids, valid)
+  err = relative_error(our_logits(config, params, ids, valid)[valid], ref[valid])
+  assert err < MAX_REL_ERR, f"{model_type} scan_layers={scan_layers}: relative error {err:.2e}"
+  if model_type == "gemma2":
+    assert np.max(np.abs(ref[valid])) < 3.0  # the final soft-cap is active ...
+  # ... and the sliding window matters: a model with full attention everywhere differs.
+  full = our_logits(config.replace(layer_types=None, sliding_window=None, rope_local_theta=None,
+                                   rope_scaling=None), params, ids, valid)
+  assert relative_error(full[valid], ref[valid]) > 100 * MAX_REL_ERR
+
+
+def _decode(config, params, ids, prefill, decode_attention=None):
+  """Logits [B, L - prefill, V] of tokens prefill.. L-1 fed one by one after a prefill, with a cache."""
+  model = Transformer(config, decode_attention=decode_attention)
+  b, length = ids.shape
+  positions = np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape)
+  step = jax.jit(model.apply)
+  cache = init_cache(config, b, length + 2)
+  _, cache = step({"params": params}, ids[:, :prefill], positions[:, :prefill], np.ones((b, prefill), np.int32),
+                  cache)
+  out = []
+  for t in range(prefill, length):
+    logits, cache = step({"params": params}, ids[:, t:t + 1], positions[:, t:t + 1], np.ones((b, 1), np.int32),
+                         cache)
+    out.append(np.asarray(logits)[:, 0, :config.vocab_size])
+  return np.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "scanned"])
+def test_kv_cache_decode_matches_full_forward(hf_model, scan_layers):
+  """Prefill 5 tokens, decode 7 one at a time (past the window): the logits of the full forward.
+  Gemma 3 and Qwen3 also through a decode plug-in (which sees the sliding layers' narrowed mask);
+  Gemma 2 soft-caps scores, so its model refuses the plug-ins and the sampler picks the einsums."""
+  model_type, _, folder = hf_model
+  config, params = weights.load_hf_folder(folder, scan_layers=scan_layers)
+  ids, _ = batch()
+  valid = np.ones_like(ids, bool)
+  full = our_logits(config, params, ids, valid)[:, 5:]
+  err = relative_error(_decode(config, params, ids, 5), full)
+  assert err < MAX_REL_ERR, f"{model_type}: cached decode vs full forward, relative error {err:.2e}"
+  plug_in = xla_decode_attention.multiply_reduce
+  if model_type == "gemma2":
+    with pytest.raises(ValueError, match="attn_logit_softcap"):
+      _decode(config, params, ids, 5, plug_in)
+    assert Sampler(config, cache_len=32).decode_attention == "dot"
+    with pytest.raises(ValueError, match="attn_logit_softcap"):
+      Sampler(config, cache_len=32, decode_attention="multiply_reduce")
+  else:
+    err = relative_error(_decode(config, params, ids, 5, plug_in), full)
+    assert err < MAX_REL_ERR, f"{model_type}: plug-in decode vs full forward, relative error {err:.2e}"
+
+
+def test_export_reloads_in_transformers(hf_model, tmp_path):
+  model_type, model, folder = hf_model
+  config, params = weights.load_hf_folder(folder, scan_layers=True)
+  weights.export_hf_folder({"params": params}, config, tmp_path)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path), dtype=torch.float32, attn_implementation="eager").eval()
+  assert type(reloaded).__name__ == CLASSES[model_type]
+  ids, valid = batch()
+  ref = torch_logits(model, ids, valid)
+  err = relative_error(torch_logits(reloaded, ids, valid)[valid], ref[valid])
+  assert err < MAX_REL_ERR, f"{model_type}: exported folder, relative error {err:.2e}"
+  again, _ = weights.load_hf_folder(tmp_path, scan_layers=True)
+  assert again == config
+
+
+def test_unsupported_options_name_the_field():
+  base = _gemma2().to_dict()
+  for field, value in (("use_bidirectional_attention", True), ("attention_bias", True),
+                       ("hidden_activation", "gelu")):
+    with pytest.raises(ValueError, match=field):
+      from_hf_config({**base, field: value})
+  with pytest.raises(ValueError, match="attn_logit_softcapping"):
+    from_hf_config({**_gemma3().to_dict(), "attn_logit_softcapping": 50.0})
+  with pytest.raises(ValueError, match="layer_types entry 'chunked_attention'"):
+    from_hf_config({**base, "layer_types": ["chunked_attention"] * 3})
+  with pytest.raises(ValueError, match="attention_bias"):
+    from_hf_config({**_qwen3().to_dict(), "attention_bias": True})
+  with pytest.raises(ValueError, match="sliding_window"):
+    ModelConfig(num_layers=2, layer_types=("sliding_attention", "full_attention"))
+
+
+def test_gemma3_multimodal_config_reads_its_text_config():
+  text = _gemma3().to_dict()
+  config = from_hf_config({"model_type": "gemma3", "text_config": text, "vision_config": {}})
+  assert config == from_hf_config(text)
