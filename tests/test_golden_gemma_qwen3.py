@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch", reason="PyTorch is the golden reference (te
 transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from qsft_jax.kernels import xla_decode_attention  # noqa: E402
 from qsft_jax.models import weights  # noqa: E402
@@ -133,50 +132,6 @@ def test_logits_match_transformers(hf_model, scan_layers):
   assert relative_error(full[valid], ref[valid]) > 100 * MAX_REL_ERR
 
 
-def _prefill(config, params, ids, prefill):
-  """The KV cache after the first `prefill` tokens of ids [B, L] (room for all L)."""
-  b = ids.shape[0]
-  positions = np.broadcast_to(np.arange(prefill, dtype=np.int32), (b, prefill))
-  _, cache = jax.jit(Transformer(config).apply)({"params": params}, ids[:, :prefill], positions,
-                                                np.ones((b, prefill), np.int32), init_cache(config, b, ids.shape[1]))
-  return cache
-
-
-def _decode(config, params, ids, cache, decode_attention=None):
-  """Logits [B, L - P, V] of tokens P.. L-1 fed one at a time to the cache prefilled with P tokens."""
-  step = jax.jit(Transformer(config, decode_attention=decode_attention).apply)
-  b, out = ids.shape[0], []
-  for t in range(int(cache["index"]), ids.shape[1]):
-    position = np.full((b, 1), t, np.int32)
-    logits, cache = step({"params": params}, ids[:, t:t + 1], position, np.ones((b, 1), np.int32), cache)
-    out.append(np.asarray(logits)[:, 0, :config.vocab_size])
-  return np.stack(out, axis=1)
-
-
-def test_kv_cache_decode_matches_full_forward(hf_model):
-  """Prefill 5 tokens, decode 7 one at a time (past the window): the logits of the full forward.
-  Gemma 3 and Qwen3 also through a decode plug-in (which sees the sliding layers' narrowed mask);
-  Gemma 2 soft-caps scores, so its model refuses the plug-ins and the sampler picks the einsums.
-  Gemma 3 runs scanned (per-layer flags traced), the others unscanned (flags static)."""
-  model_type, _, folder = hf_model
-  config, params = weights.load_hf_folder(folder, scan_layers=model_type == "gemma3_text")
-  ids, _ = batch()
-  full = our_logits(config, params, ids, np.ones_like(ids, bool))[:, 5:]
-  cache = _prefill(config, params, ids, 5)
-  err = relative_error(_decode(config, params, ids, cache), full)
-  assert err < MAX_REL_ERR, f"{model_type}: cached decode vs full forward, relative error {err:.2e}"
-  plug_in = xla_decode_attention.multiply_reduce
-  if model_type == "gemma2":
-    with pytest.raises(ValueError, match="attn_logit_softcap"):
-      _decode(config, params, ids, cache, plug_in)
-    assert Sampler(config, cache_len=32).decode_attention == "dot"
-    with pytest.raises(ValueError, match="attn_logit_softcap"):
-      Sampler(config, cache_len=32, decode_attention="multiply_reduce")
-  else:
-    err = relative_error(_decode(config, params, ids, cache, plug_in), full)
-    assert err < MAX_REL_ERR, f"{model_type}: plug-in decode vs full forward, relative error {err:.2e}"
-
-
 def test_export_reloads_in_transformers(hf_model, tmp_path):
   model_type, model, folder = hf_model
   config, params = weights.load_hf_folder(folder, scan_layers=True)
@@ -212,3 +167,45 @@ def test_gemma3_multimodal_config_reads_its_text_config():
   text = _gemma3().to_dict()
   config = from_hf_config({"model_type": "gemma3", "text_config": text, "vision_config": {}})
   assert config == from_hf_config(text)
+
+
+def test_training_steps_refuse_final_logit_softcap():
+  """The chunked training losses do not soft-cap logits: building a step for Gemma 2 says so."""
+  import optax
+
+  from qsft_jax import sharding, train_steps
+  from qsft_jax.errors import ConfigError
+
+  config = from_hf_config(_gemma2().to_dict())
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  with pytest.raises(ConfigError, match="final_logit_softcap"):
+    train_steps.make_bc_step(Transformer(config), config, optax.sgd(0.1), mesh, sharding.DEFAULT_RULES)
+
+
+def test_sampler_decode_matches_full_forward(hf_model):
+  """KV-cache decoding by the sampler: ragged prompts left-padded, prefill, then greedy steps past the
+  window, each step's logits equal to the full forward's over prompt + generated tokens (final soft-cap
+  included for Gemma 2). The sampler's own pick of decode attention: a plug-in for Gemma 3 / Qwen3
+  (which sees the sliding layers' narrowed cache mask), the einsums for Gemma 2, which soft-caps
+  scores (the model refuses a plug-in, as does the sampler when asked for one). Gemma 3 runs
+  scanned (per-layer flags traced), the others unscanned (flags static)."""
+  model_type, _, folder = hf_model
+  config, params = weights.load_hf_folder(folder, scan_layers=model_type == "gemma3_text")
+  sampler = Sampler(config, cache_len=16, min_prompt_bucket=8)
+  assert (sampler.decode_attention == "dot") == (model_type == "gemma2")
+  if model_type == "gemma2":
+    with pytest.raises(ValueError, match="attn_logit_softcap"):
+      Sampler(config, cache_len=16, decode_attention="multiply_reduce")
+    model = Transformer(config, decode_attention=xla_decode_attention.multiply_reduce)
+    one = np.ones((1, 1), np.int32)
+    with pytest.raises(ValueError, match="attn_logit_softcap"):
+      jax.eval_shape(lambda: model.apply({"params": params}, one, one, one, init_cache(config, 1, 4)))
+  prompts = [[1, 17, 42], [1, 250, 9, 33, 71, 5]]
+  out = sampler.decode({"params": params}, None, prompts, mode="bc", greedy=True, max_new_tokens=7,
+                       record=True)
+  assert out.num_generated.tolist() == [7, 7]
+  for row, prompt in enumerate(prompts):
+    seq = np.asarray([prompt + out.tokens[row, :7].tolist()], np.int32)
+    full = our_logits(config, params, seq, np.ones_like(seq, bool))[0, len(prompt) - 1:-1]
+    err = relative_error(out.phi_logits[row, :7, :VOCAB], full)
+    assert err < MAX_REL_ERR, f"{model_type} row {row}: sampler vs full forward, relative error {err:.2e}"

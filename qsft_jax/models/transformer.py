@@ -310,7 +310,8 @@ class _Dense(nn.Module):
 
 
 class Mlp(nn.Module):
-  """SwiGLU (llama) or gelu_new MLP with biases (gpt2). [B, L, D] -> [B, L, D]."""
+  """Gated MLP act(gate) * up (llama: SwiGLU; gemma: GeGLU) or gelu_new MLP with biases (gpt2).
+  [B, L, D] -> [B, L, D]."""
   config: ModelConfig
 
   @nn.compact
