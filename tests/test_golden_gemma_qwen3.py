@@ -209,3 +209,23 @@ def test_sampler_decode_matches_full_forward(hf_model):
     full = our_logits(config, params, seq, np.ones_like(seq, bool))[0, len(prompt) - 1:-1]
     err = relative_error(out.phi_logits[row, :7, :VOCAB], full)
     assert err < MAX_REL_ERR, f"{model_type} row {row}: sampler vs full forward, relative error {err:.2e}"
+
+
+def test_gemma3_multimodal_folder_loads_its_text_model(tmp_path):
+  """A Gemma3ForConditionalGeneration folder: config from text_config, the language model's tensors
+  (under their language_model prefix) read, the vision tower and projector left out."""
+  text = {k: v for k, v in _gemma3().to_dict().items() if k in COMMON or k in (
+      "num_hidden_layers", "head_dim", "sliding_window", "layer_types", "rope_parameters")}
+  vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                patch_size=14)
+  torch.manual_seed(0)
+  model = transformers.Gemma3ForConditionalGeneration(
+      transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)).eval()
+  model.save_pretrained(str(tmp_path), safe_serialization=True)
+  config, params = weights.load_hf_folder(tmp_path)
+  assert config == from_hf_config(transformers.Gemma3TextConfig(**text).to_dict())
+  ours = weights.hf_tensors(params, config)
+  language_model = model.model.language_model.state_dict()
+  assert len(ours) == len(language_model)
+  for name, array in ours.items():
+    np.testing.assert_array_equal(array, language_model[name.removeprefix("model.")].numpy(), err_msg=name)

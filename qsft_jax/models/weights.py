@@ -271,6 +271,12 @@ def _config_overrides(scan_layers, dtype, overrides) -> dict:
 # Hugging Face folders.
 
 
+_GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                           "model.multi_modal_projector.")
+_GEMMA3_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                         ("language_model.lm_head.", "lm_head."))
+
+
 def _safetensors_source(folder: pathlib.Path, model_type: str | None) -> _TensorSource:
   from safetensors import safe_open
 
@@ -308,6 +314,15 @@ def _safetensors_source(folder: pathlib.Path, model_type: str | None) -> _Tensor
       hf_name = name
       if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
         hf_name = "transformer." + name
+      if model_type == "gemma3":
+        # Gemma3ForConditionalGeneration: the text model's tensors under a language_model prefix
+        # (Gemma3ForCausalLM names without it); the vision tower and projector are not read.
+        if name.startswith(_GEMMA3_VISION_PREFIXES):
+          seen.add(name)
+          continue
+        for prefix, replacement in _GEMMA3_TEXT_PREFIXES:
+          if name.startswith(prefix):
+            hf_name = replacement + name[len(prefix):]
       source.add(hf_name, str(file), shapes[name], load)
       seen.add(name)
   if weight_map is not None:
