@@ -400,7 +400,9 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   Matmul weights: every attention/MLP kernel plus the unembedding [d_model, padded_vocab_size]
   (the padded columns are computed too); the embedding lookup is a gather and costs nothing.
   Attention: q.k scores and the probability-weighted sum of values, each 2 * seq_len * H * Dh per
-  token, counted over the full (non-causal) length as in the PaLM/MaxText MFU convention.
+  token, counted over the full (non-causal) length as in the PaLM/MaxText MFU convention; sliding
+  layers too (the model computes their scores in full and masks those outside the window). Norms,
+  soft-capping and the q/k norms are elementwise and not counted.
   """
   c = config
   per_layer = (c.d_model * c.num_heads * c.head_dim  # q

@@ -418,7 +418,7 @@ class Transformer(nn.Module):
       cache_mask = (cache["valid"] & (slots < index)[None])[:, None, :]  # [B, 1, S]
       kv = (cache["k"], cache["v"])
     sliding = None  # per-layer flags (Python bools, or a bool [num_layers] array scanned over)
-    if c.layer_types is not None:
+    if any(c.sliding_layers):
       # Sliding layers get the pair (full mask, sliding mask); see the module docstring.
       mask = (mask, mask & (jnp.arange(length)[:, None] - jnp.arange(length)[None, :] < c.sliding_window)[None])
       if cache is not None:
