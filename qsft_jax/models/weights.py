@@ -392,7 +392,7 @@ def llama_cpp_unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(weight.shape))
 
 
-# llama.cpp tensor names (per block and global) -> Hugging Face names, for the llama and qwen2 arches.
+# llama.cpp tensor names (per block and global) -> Hugging Face names, for the llama, qwen2 and qwen3 arches.
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -406,13 +406,15 @@ _GGUF_BLOCK_NAMES = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GGUF_ARCHES = ("llama", "qwen2")
+_GGUF_ARCHES = ("llama", "qwen2", "qwen3")
 
 
 def _gguf_hf_name(name: str) -> str:
@@ -479,7 +481,7 @@ def _gguf_hf_config(reader, file: str, tensor_names: set[str]) -> dict:
 
 def load_gguf(path: str | pathlib.Path, *, scan_layers: bool | None = None, dtype: str = "float32",
               **config_overrides) -> tuple[ModelConfig, dict]:
-  """Reads a GGUF file (llama or qwen2 architecture): metadata -> ModelConfig, every tensor
+  """Reads a GGUF file (llama, qwen2 or qwen3 architecture): metadata -> ModelConfig, every tensor
   dequantised to float32 (gguf.quants.dequantize), llama.cpp's q/k row permutation undone (llama
   arch only; llama.cpp does not permute qwen2).
 
