@@ -9,6 +9,8 @@ tokens and vocabulary (as in test_golden.py); the bar is < 1e-4 in float32.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -109,6 +111,7 @@ def test_config_mapping(hf_model):
     assert dict(config.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
   if model_type == "qwen3":
     assert config.qk_norm and config.head_dim == 24 != config.d_model // config.num_heads
+  assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config  # model_config.json
   # param_count counts the padded vocabulary rows (embedding, and lm_head when untied); torch does not.
   padding = (config.padded_vocab_size - config.vocab_size) * config.d_model * (1 if config.tie_embeddings else 2)
   assert param_count(config) - padding == sum(p.numel() for p in model.parameters())
@@ -161,6 +164,20 @@ def test_unsupported_options_name_the_field():
     from_hf_config({**_qwen3().to_dict(), "attention_bias": True})
   with pytest.raises(ValueError, match="sliding_window"):
     ModelConfig(num_layers=2, layer_types=("sliding_attention", "full_attention"))
+
+
+def test_export_refuses_what_the_hf_class_cannot_express(tmp_path):
+  gemma2 = from_hf_config(_gemma2().to_dict())
+  gemma3 = from_hf_config(_gemma3().to_dict())
+  qwen3 = from_hf_config(_qwen3().to_dict())
+  for config, field in ((gemma2.replace(rope_local_theta=10.0), "rope_local_theta"),
+                        (gemma3.replace(attn_logit_softcap=5.0), "attn_logit_softcap"),
+                        (gemma3.replace(qkv_bias=True), "qkv_bias"),
+                        (qwen3.replace(qkv_bias=True), "qkv_bias"),
+                        (qwen3.replace(final_logit_softcap=5.0), "final_logit_softcap"),
+                        (qwen3.replace(qk_norm=False), "layer_types")):
+    with pytest.raises(ValueError, match=field):
+      weights.hf_config_dict(config)
 
 
 def test_gemma3_multimodal_config_reads_its_text_config():
