@@ -334,7 +334,8 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
         raise ValueError(f"HF config (model_type={model_type!r}): rope scaling of the sliding_attention "
                          f"layers ({dict(local_scaling)}) is not supported")
       pattern = hf.get("sliding_window_pattern", 6)
-      default_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+      default_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                       for i in range(num_layers)]
     else:
       if not rope_params:
         rope_params = {"rope_theta": hf.get("rope_theta", 10_000.0), **dict(hf.get("rope_scaling") or {})}

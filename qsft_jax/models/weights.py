@@ -601,9 +601,10 @@ def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
         refuse("rope_local_theta", c.rope_local_theta, "Gemma 2 (one rotary base for all layers)")
       out["rope_parameters"] = rope
     return out
-  if c.query_pre_attn_scalar is not None or c.attn_logit_softcap is not None or c.final_logit_softcap is not None:
+  gemma_only = (c.query_pre_attn_scalar, c.attn_logit_softcap, c.final_logit_softcap)
+  if any(x is not None for x in gemma_only):
     refuse("query_pre_attn_scalar / attn_logit_softcap / final_logit_softcap",
-           (c.query_pre_attn_scalar, c.attn_logit_softcap, c.final_logit_softcap), "a llama-family config")
+           gemma_only, "a llama-family config")
   if c.qk_norm:
     if c.qkv_bias:
       refuse("qkv_bias", c.qkv_bias, "Qwen3's config (its attention_bias also adds an o_proj bias)")
