@@ -184,6 +184,17 @@ def test_gemma3_multimodal_config_reads_its_text_config():
   text = _gemma3().to_dict()
   config = from_hf_config({"model_type": "gemma3", "text_config": text, "vision_config": {}})
   assert config == from_hf_config(text)
+  # A Hub config's text_config holds only what differs from transformers' defaults (gemma-3-4b's):
+  hub = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_attention_heads": 8,
+         "num_hidden_layers": 34, "num_key_value_heads": 4, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+         "sliding_window": 1024}
+  config = from_hf_config({"model_type": "gemma3", "text_config": hub})
+  full = transformers.Gemma3TextConfig(**{k: v for k, v in hub.items() if k != "model_type"}).to_dict()
+  assert config == from_hf_config(full)
+  assert (config.vocab_size, config.head_dim, config.query_pre_attn_scalar, config.rope_local_theta) == (
+      262208, 256, 256, 10_000.0)
+  assert config.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
+  assert dict(config.rope_scaling) == {"rope_type": "linear", "factor": 8.0}
 
 
 def test_training_steps_refuse_final_logit_softcap():

@@ -227,6 +227,21 @@ def _hf_layer_types(hf: Mapping[str, Any], model_type: str, num_layers: int,
   return tuple(layer_types) if "sliding_attention" in layer_types else None
 
 
+# transformers' class defaults of the Gemma configs, for the fields a config.json may leave out (the
+# text_config of a Hub gemma3 checkpoint often holds only the fields that differ from these).
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                   rms_norm_eps=1e-6, tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0, rope_theta=10_000.0),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                        max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=None,
+                        attn_logit_softcapping=None),
+}
+
+
 def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
   """ModelConfig from a Hugging Face config.json dict (model_type gpt2, llama, qwen2, mistral, qwen3,
   gemma2, gemma3_text, or gemma3 whose text_config is a gemma3_text model).
@@ -239,7 +254,8 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
     text = hf.get("text_config")
     if not isinstance(text, Mapping):
       raise ValueError("HF config (model_type='gemma3'): missing field 'text_config'")
-    return from_hf_config({"model_type": "gemma3_text", **text}, **overrides)
+    return from_hf_config({**text, "model_type": "gemma3_text"}, **overrides)
+  hf = {**_HF_DEFAULTS.get(model_type, {}), **hf}
 
   def need(key):
     if key not in hf:
