@@ -138,7 +138,8 @@ def forward_last(model: Transformer, params, tokens: jax.Array, positions: jax.A
   that predicts the next token) and the updated cache."""
   c = model.config
   hidden, cache = model.apply(params, tokens, positions, segments, cache, method=Transformer.hidden_states)
-  return logits_from_hidden(hidden[:, -1], unembedding(params, c), c.vocab_size), cache
+  return logits_from_hidden(hidden[:, -1], unembedding(params, c), c.vocab_size,
+                            softcap=c.final_logit_softcap), cache
 
 
 def decode_step(model: Transformer, params: Sequence, caches: Sequence, tokens: jax.Array,
@@ -174,16 +175,23 @@ def filter_top_k_top_p(scores: jax.Array, top_k: jax.Array, top_p: jax.Array) ->
   return jnp.where(scores >= threshold, scores, -jnp.inf)
 
 
-def choose_decode_attention(choice: str, devices: Sequence[jax.Device], dtype: str) -> str:
+def choose_decode_attention(choice: str, devices: Sequence[jax.Device], dtype: str,
+                            attn_logit_softcap: float | None = None) -> str:
   """The decode attention (a key of DECODE_ATTENTION) for a sampler on `devices` with compute `dtype`.
 
   "auto": the C++ kernel on one CPU device in float32 when it builds, else multiply-and-reduce on the
   CPU (faster there than XLA's dot), the dot on other platforms. An explicit name is checked against
-  what it needs ("cpu_kernel": CPU, one device, float32, a kernel that builds).
+  what it needs ("cpu_kernel": CPU, one device, float32, a kernel that builds). A model that soft-caps
+  attention scores (ModelConfig.attn_logit_softcap, Gemma 2) gets the dot: the plug-ins do not cap.
   """
   choices = ("auto",) + tuple(DECODE_ATTENTION)
   if choice not in choices:
     raise ValueError(f"decode_attention={choice!r}; expected one of {choices}")
+  if attn_logit_softcap is not None:
+    if choice not in ("auto", "dot"):
+      raise ValueError(f"decode_attention={choice!r}: the model soft-caps attention scores "
+                       f"(attn_logit_softcap={attn_logit_softcap}), which only 'dot' does (use 'auto' or 'dot')")
+    return "dot"
   on_cpu = all(d.platform == "cpu" for d in devices)
   if choice == "auto":
     if not on_cpu:
@@ -246,7 +254,8 @@ class Sampler:
     if cache_len < 2:
       raise ValueError(f"cache_len={cache_len} must be >= 2")
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
-    self.decode_attention = choose_decode_attention(decode_attention, devices, model_config.dtype)
+    self.decode_attention = choose_decode_attention(decode_attention, devices, model_config.dtype,
+                                                    model_config.attn_logit_softcap)
     self.config = model_config
     self.model = Transformer(model_config, decode_attention=DECODE_ATTENTION[self.decode_attention])
     self.mesh = mesh

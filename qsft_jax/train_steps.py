@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qsft_jax import losses
 from qsft_jax import sharding as qsharding
+from qsft_jax.errors import ConfigError
 from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import unembedding
@@ -236,6 +237,10 @@ def _count_metrics(batch):
 
 
 def _jit_step(step_fn, model, model_config, optimizer, mesh, rules, kind):
+  if model_config.final_logit_softcap is not None:
+    # The chunked losses form logits (and the fused gradient) from hidden states without the cap.
+    raise ConfigError(f"model final_logit_softcap={model_config.final_logit_softcap} (Gemma 2): training "
+                      "steps do not soft-cap the logits of their chunked losses yet")
   shardings = state_shardings(model, model_config, optimizer, mesh, rules, kind)
   rows = qsharding.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())

@@ -411,8 +411,10 @@ def write_gguf(path: pathlib.Path, hf_tensors: dict, config: ModelConfig, arch: 
   writer.close()
 
 
-@pytest.mark.parametrize("arch,config", [("llama", LLAMA), ("qwen2", QWEN2.replace(tie_embeddings=False, head_dim=16))],
-                         ids=["llama-untied-gqa", "qwen2-qkv-bias"])
+# transformers' qwen3 GGUF reader takes head_dim as 128 whatever the file says: the qwen3 model has 128.
+@pytest.mark.parametrize("arch,config", [("llama", LLAMA), ("qwen2", QWEN2.replace(tie_embeddings=False, head_dim=16)),
+                                         ("qwen3", LLAMA.replace(qk_norm=True, head_dim=128))],
+                         ids=["llama-untied-gqa", "qwen2-qkv-bias", "qwen3-qk-norm"])
 def test_gguf_file_loads_like_the_hf_folder_and_like_transformers(arch, config, tmp_path):
   """A float32 GGUF of a model gives exactly the HF folder's params; transformers' own GGUF reader
   (its own un-permutation) gives the same logits as ours."""

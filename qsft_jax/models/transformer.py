@@ -1,4 +1,4 @@
-"""Decoder-only transformer in flax.linen: GPT-2 and Llama families, logical axis names, KV cache.
+"""Decoder-only transformer in flax.linen: GPT-2, Llama and Gemma families, logical axis names, KV cache.
 
 Shapes: B batch, L new tokens, S key slots (S = L without a cache, the cache length with one),
 D d_model, H query heads, K kv heads (G = H / K queries per kv head), Dh head_dim, F mlp_dim,
@@ -14,6 +14,12 @@ with no per-step transpose or copy. Segment ids therefore only separate padding 
 across calls: one sequence per row when decoding per row. Positions index the rotary angles (llama) or the learned position table (gpt2, where
 positions >= max_position_embeddings are clamped by the lookup, not checked).
 
+Sliding layers (config.layer_types, Gemma 2 / 3, Qwen3): a query additionally sees only keys whose
+sequence slot is within sliding_window - 1 before its own (slot = column of the call, plus the cache
+index with a cache: HF's cache positions); within one segment the slots are consecutive, so this is
+the distance in positions. The cache keeps every slot for every layer (no ring buffer); the sliding
+layers' cache mask is narrowed instead, and decode plug-ins receive that narrowed mask.
+
 Parameter tree (unboxed; the weights module fills exactly this):
 
   embed/embedding            [V, D]        (vocab, embed)
@@ -22,11 +28,15 @@ Parameter tree (unboxed; the weights module fills exactly this):
   layers_{i}/attn/q/kernel   [D, H, Dh]    (embed, heads, head_dim)   + bias [H, Dh] (gpt2 or qkv_bias)
   layers_{i}/attn/k/kernel   [D, K, Dh]    (embed, kv_heads, head_dim) + bias [K, Dh]
   layers_{i}/attn/v/kernel   [D, K, Dh]    (embed, kv_heads, head_dim) + bias [K, Dh]
+  layers_{i}/attn/q_norm/scale [Dh]       (head_dim,)                qk_norm only (Qwen3, Gemma 3)
+  layers_{i}/attn/k_norm/scale [Dh]       (head_dim,)                qk_norm only
   layers_{i}/attn/o/kernel   [H, Dh, D]    (heads, head_dim, embed)   + bias [D] for gpt2
+  layers_{i}/attn_post_norm/scale [D]      (embed,)                   gemma only
   layers_{i}/mlp_norm/scale  [D]           (embed,)                   + bias [D] for gpt2
-  layers_{i}/mlp/gate/kernel [D, F]        (embed, mlp)               llama only
+  layers_{i}/mlp/gate/kernel [D, F]        (embed, mlp)               llama and gemma
   layers_{i}/mlp/up/kernel   [D, F]        (embed, mlp)               + bias [F] for gpt2
   layers_{i}/mlp/down/kernel [F, D]        (mlp, embed)               + bias [D] for gpt2
+  layers_{i}/mlp_post_norm/scale [D]       (embed,)                   gemma only
   final_norm/scale           [D]           (embed,)                   + bias [D] for gpt2
   lm_head/kernel             [D, V]        (embed, vocab)             untied only
 
@@ -37,7 +47,8 @@ Decode attention: attention is computed with einsums (dots) everywhere. The opti
 `decode_attention` (of Transformer, handed down to Block and Attention; not part of ModelConfig, so
 never saved) replaces that computation for decode steps only, one new token per row with a cache:
 a callable `decode_attention(q, k_cache, v_cache, cache_mask, k_new, v_new, scale)` with the
-signature of the plug-ins in qsft_jax.kernels (the Sampler picks one for its device).
+signature of the plug-ins in qsft_jax.kernels (the Sampler picks one for its device). The plug-ins
+do not soft-cap scores: a model with attn_logit_softcap refuses them.
 """
 from __future__ import annotations
 
@@ -96,14 +107,21 @@ class LMHead(nn.Module):
 
 
 class Norm(nn.Module):
-  """LayerNorm with bias (gpt2) or RMSNorm (llama), computed in float32. [..., D] -> [..., D]."""
+  """LayerNorm with bias (gpt2), RMSNorm (llama) or RMSNorm with (1 + scale) weights (gemma), computed
+  in float32. [..., N] -> [..., N] with N = d_model, or head_dim for the per-head q/k norms."""
   config: ModelConfig
+  axis: str = "embed"  # the normalised axis' logical name: "embed" (d_model) or "head_dim"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     x32 = x.astype(jnp.float32)
-    scale = _param(self, "scale", (c.d_model,), ("embed",), nn.initializers.ones)
+    width = c.head_dim if self.axis == "head_dim" else c.d_model
+    if c.family == "gemma":
+      scale = _param(self, "scale", (width,), (self.axis,), nn.initializers.zeros)
+      y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + c.norm_eps)
+      return (y * (1.0 + scale.astype(jnp.float32))).astype(c.dtype)
+    scale = _param(self, "scale", (width,), (self.axis,), nn.initializers.ones)
     if c.family == "gpt2":
       bias = _param(self, "bias", (c.d_model,), ("embed",), nn.initializers.zeros)
       centred = x32 - x32.mean(-1, keepdims=True)
@@ -115,13 +133,20 @@ class Norm(nn.Module):
     return y.astype(c.dtype)
 
 
-def rotary_inv_freq(config: ModelConfig) -> np.ndarray:
-  """Rotary inverse frequencies [Dh / 2] (float64 numpy), with Llama 3.1 scaling if configured."""
+def rotary_inv_freq(config: ModelConfig, sliding: bool = False) -> np.ndarray:
+  """Rotary inverse frequencies [Dh / 2] (float64 numpy), with Llama 3.1 or linear scaling if configured.
+
+  sliding: for a sliding layer, which uses plain rotary with rope_local_theta when that is set.
+  """
   dh = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
-  if config.rope_scaling is None:
+  local = sliding and config.rope_local_theta is not None
+  theta = config.rope_local_theta if local else config.rope_theta
+  inv_freq = 1.0 / (theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+  if config.rope_scaling is None or local:
     return inv_freq
   s = dict(config.rope_scaling)
+  if s["rope_type"] == "linear":
+    return inv_freq / s["factor"]
   factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
   old_len = s["original_max_position_embeddings"]
   wavelen = 2 * math.pi / inv_freq
@@ -132,15 +157,32 @@ def rotary_inv_freq(config: ModelConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled)
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.Array:
-  """HF rotate_half convention. x [B, L, N, Dh], positions [B, L] -> [B, L, N, Dh]."""
-  inv_freq = jnp.asarray(rotary_inv_freq(config), jnp.float32)
+def apply_rotary(x: jax.Array, positions: jax.Array, config: ModelConfig, sliding=False) -> jax.Array:
+  """HF rotate_half convention. x [B, L, N, Dh], positions [B, L] -> [B, L, N, Dh].
+
+  sliding: bool, or a bool [] array (a scanned layer's flag): the layer's frequencies (rotary_inv_freq).
+  """
+  inv_freq = _pick(sliding, jnp.asarray(rotary_inv_freq(config), jnp.float32),
+                   jnp.asarray(rotary_inv_freq(config, True), jnp.float32))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, Dh]
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def _pick(sliding, full, local):
+  """`local` on a sliding layer, else `full`: sliding is None (no sliding layers), a Python bool, or a
+  traced bool [] (the flag of a scanned layer). full / local: arrays or pytrees of one structure."""
+  if sliding is None or isinstance(sliding, bool):
+    return local if sliding else full
+  return jax.tree.map(lambda a, b: jnp.where(sliding, b, a), full, local)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap) (Gemma 2's soft-capping of attention scores and logits); x itself if cap is None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 class Attention(nn.Module):
@@ -153,10 +195,10 @@ class Attention(nn.Module):
   decode_attention: DecodeAttention | None = None
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_mask):
+  def __call__(self, x, positions, mask, layer_cache, cache_mask, sliding=None):
     """x [B, L, D]; positions [B, L]; mask [B, L, L] bool over the new tokens; layer_cache None or
-    (k, v) each [B, K, S, Dh] heads-major (read only); cache_mask [B, 1, S] bool: cache slots every new
-    token sees.
+    (k, v) each [B, K, S, Dh] heads-major (read only); cache_mask [B, 1, S] or [B, L, S] bool: the cache
+    slots each new token sees; sliding: the layer's flag (see _pick), for its rotary frequencies.
 
     Returns (out [B, L, D], (k, v) of the new tokens, each [B, K, L, Dh] in the cache's layout; None
     without a cache).
@@ -167,9 +209,12 @@ class Attention(nn.Module):
     q = _DenseIn(c, c.num_heads, "heads", qkv_bias, name="q")(x)
     k = _DenseIn(c, c.num_kv_heads, "kv_heads", qkv_bias, name="k")(x)
     v = _DenseIn(c, c.num_kv_heads, "kv_heads", qkv_bias, name="v")(x)
-    if c.family == "llama":
-      q = apply_rotary(q, positions, c)
-      k = apply_rotary(k, positions, c)
+    if c.qk_norm:
+      q = Norm(c, "head_dim", name="q_norm")(q)
+      k = Norm(c, "head_dim", name="k_norm")(k)
+    if c.family != "gpt2":
+      q = apply_rotary(q, positions, c, sliding)
+      k = apply_rotary(k, positions, c, sliding)
     q = logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     k = logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
     v = logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -179,10 +224,15 @@ class Attention(nn.Module):
     # Query head h = kv_head * groups + g, as HF's repeat_kv.
     q = q.reshape(b, l, c.num_kv_heads, groups, c.head_dim)
     new_kv = None if layer_cache is None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    scalar = c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar
     if l == 1 and layer_cache is not None and self.decode_attention is not None:
+      if c.attn_logit_softcap is not None:
+        raise ValueError(f"decode_attention plug-in {self.decode_attention!r}: the model soft-caps "
+                         f"attention scores (attn_logit_softcap={c.attn_logit_softcap}), which the "
+                         "plug-ins do not; use the einsums (decode_attention=None, the sampler's 'dot')")
       # A decode step by the plug-in: the cache is handed over as stored.
       out = self.decode_attention(q[:, 0], layer_cache[0], layer_cache[1], cache_mask[:, 0], k[:, 0],
-                                  v[:, 0], 1 / np.sqrt(c.head_dim))
+                                  v[:, 0], 1 / np.sqrt(scalar))
       out = logical_constraint(out.reshape(b, l, c.num_heads, c.head_dim),
                                ("batch", "length", "heads", "head_dim"))
       return _DenseOut(c, name="o")(out.astype(dtype)), new_kv
@@ -194,8 +244,9 @@ class Attention(nn.Module):
       blocks.insert(0, (layer_cache[0].astype(dtype), layer_cache[1].astype(dtype), cache_mask, "bksd"))
     scores = jnp.concatenate([
         jnp.where(m[:, None, None],
-                  jnp.einsum(f"blkgd,{spec}->bkgls", q, bk, preferred_element_type=jnp.float32), _MASKED_SCORE)
-        for bk, _, m, spec in blocks], axis=-1) / np.sqrt(c.head_dim)
+                  soft_cap(jnp.einsum(f"blkgd,{spec}->bkgls", q, bk, preferred_element_type=jnp.float32)
+                          / np.sqrt(scalar), c.attn_logit_softcap), _MASKED_SCORE)
+        for bk, _, m, spec in blocks], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out, offset = 0, 0
     for bk, bv, _, spec in blocks:
@@ -259,7 +310,8 @@ class _Dense(nn.Module):
 
 
 class Mlp(nn.Module):
-  """SwiGLU (llama) or gelu_new MLP with biases (gpt2). [B, L, D] -> [B, L, D]."""
+  """Gated MLP act(gate) * up (llama: SwiGLU; gemma: GeGLU) or gelu_new MLP with biases (gpt2).
+  [B, L, D] -> [B, L, D]."""
   config: ModelConfig
 
   @nn.compact
@@ -283,13 +335,22 @@ class Block(nn.Module):
   decode_attention: DecodeAttention | None = None  # see Attention
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_mask):
-    """x [B, L, D] -> (x [B, L, D], new tokens' (k, v)); arguments as Attention's."""
+  def __call__(self, x, positions, mask, layer_cache, cache_mask, sliding=None):
+    """x [B, L, D] -> (x [B, L, D], new tokens' (k, v)); arguments as Attention's, except that with
+    sliding layers mask and cache_mask are (full layers', sliding layers') pairs, picked by `sliding`."""
     c = self.config
+    if sliding is not None:
+      mask = _pick(sliding, mask[0], mask[1])
+      cache_mask = None if cache_mask is None else _pick(sliding, cache_mask[0], cache_mask[1])
     attn_out, new_kv = Attention(c, self.decode_attention, name="attn")(Norm(c, name="attn_norm")(x), positions, mask,
-                                                 layer_cache, cache_mask)
+                                                 layer_cache, cache_mask, sliding)
+    if c.family == "gemma":
+      attn_out = Norm(c, name="attn_post_norm")(attn_out)
     x = x + attn_out
-    x = x + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x))
+    mlp_out = Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x))
+    if c.family == "gemma":
+      mlp_out = Norm(c, name="mlp_post_norm")(mlp_out)
+    x = x + mlp_out
     x = logical_constraint(x, ("batch", "length", "embed"))
     return x, new_kv
 
@@ -325,7 +386,7 @@ class Transformer(nn.Module):
     if c.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0), length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(c, self.decode_attention)
     else:
       # A list attribute in setup names its modules layers_0, layers_1, ...
@@ -343,6 +404,8 @@ class Transformer(nn.Module):
     x = self.embed(tokens)
     if c.family == "gpt2":
       x = x + self.pos_embed(positions)
+    if c.family == "gemma":
+      x = x * jnp.asarray(np.sqrt(c.d_model), x.dtype)  # the normaliser rounded to the compute dtype
     x = logical_constraint(x, ("batch", "length", "embed"))
 
     length = tokens.shape[1]
@@ -354,6 +417,15 @@ class Transformer(nn.Module):
       slots = jnp.arange(cache["valid"].shape[1])
       cache_mask = (cache["valid"] & (slots < index)[None])[:, None, :]  # [B, 1, S]
       kv = (cache["k"], cache["v"])
+    sliding = None  # per-layer flags (Python bools, or a bool [num_layers] array scanned over)
+    if any(c.sliding_layers):
+      # Sliding layers get the pair (full mask, sliding mask); see the module docstring.
+      mask = (mask, mask & (jnp.arange(length)[:, None] - jnp.arange(length)[None, :] < c.sliding_window)[None])
+      if cache is not None:
+        query_slots = index + jnp.arange(length)
+        near = query_slots[:, None] - slots[None, :] < c.sliding_window  # [L, S]
+        cache_mask = (cache_mask, cache_mask & near[None])
+      sliding = jnp.asarray(c.sliding_layers) if c.scan_layers else c.sliding_layers
 
     # Each cache write below must data-depend on the read of the old values it overwrites: otherwise
     # XLA's copy insertion cannot prove the read happens first and copies the whole (donated) cache
@@ -367,14 +439,15 @@ class Transformer(nn.Module):
 
     new_k = new_v = None
     if c.scan_layers:
-      x, new_kv = self.layers(x, positions, mask, kv, cache_mask)  # new_kv: [layers, B, K, L, Dh] each
+      x, new_kv = self.layers(x, positions, mask, kv, cache_mask, sliding)  # new_kv: [layers, B, K, L, Dh] each
       if cache is not None:
         start = (0, 0, 0, index, 0)  # heads-major: slots are axis 3
         new_k, new_v = (write(old, new, x, start) for old, new in zip(kv, new_kv))
     else:
       new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
-        x, layer_kv = layer(x, positions, mask, None if kv is None else (kv[0][i], kv[1][i]), cache_mask)
+        x, layer_kv = layer(x, positions, mask, None if kv is None else (kv[0][i], kv[1][i]), cache_mask,
+                            None if sliding is None else sliding[i])
         if cache is not None:  # per-layer arrays: write layer i's slots once it has read them
           new_k.append(write(kv[0][i], layer_kv[0], x, (0, 0, index, 0)))
           new_v.append(write(kv[1][i], layer_kv[1], x, (0, 0, index, 0)))
@@ -409,7 +482,8 @@ class Transformer(nn.Module):
     """tokens, positions, segment_ids [B, L] int32 -> logits [B, L, V] float32 (padded columns
     = PAD_LOGIT); with `cache` (see init_cache) returns (logits, new_cache)."""
     hidden, new_cache = self._forward(tokens, positions, segment_ids, cache)
-    logits = logits_from_hidden(hidden, self.unembedding_matrix(), self.config.vocab_size)
+    logits = logits_from_hidden(hidden, self.unembedding_matrix(), self.config.vocab_size,
+                                softcap=self.config.final_logit_softcap)
     logits = logical_constraint(logits, ("batch", "length", "vocab"))
     return logits if cache is None else (logits, new_cache)
 
@@ -442,15 +516,17 @@ def mask_padded_vocab(logits: jax.Array, vocab_size: int, vocab_offset: int = 0)
 
 
 def logits_from_hidden(hidden: jax.Array, unembed: jax.Array, vocab_size: int,
-                       vocab_offset: int = 0) -> jax.Array:
+                       vocab_offset: int = 0, softcap: float | None = None) -> jax.Array:
   """hidden [..., D] @ unembed [D, Vc] -> float32 logits [..., Vc] with padded columns masked.
 
   The matmul runs in hidden's dtype with float32 accumulation. The shared piece for the model's
-  own logits and for losses that compute logits chunk by chunk.
+  own logits and for losses that compute logits chunk by chunk. softcap: config.final_logit_softcap
+  (logits -> cap * tanh(logits / cap) before the padded columns are masked), None for none.
   """
   logits = jnp.einsum("...d,dv->...v", hidden, unembed.astype(hidden.dtype),
                       preferred_element_type=jnp.float32)
-  return mask_padded_vocab(logits.astype(jnp.float32), vocab_size, vocab_offset)
+  logits = soft_cap(logits.astype(jnp.float32), softcap)
+  return mask_padded_vocab(logits, vocab_size, vocab_offset)
 
 
 def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None) -> dict:

@@ -9,8 +9,10 @@ Dh head_dim, F mlp_dim:
     embed/embedding [V_pad, D]            pos_embed/embedding [max_pos, D] (gpt2)
     layers_{i}/attn_norm/{scale,bias} [D] layers_{i}/mlp_norm/{scale,bias} [D]   (bias: gpt2)
     layers_{i}/attn/q/kernel [D, H, Dh]   (+ bias [H, Dh] for gpt2 or qkv_bias; k, v likewise with K)
+    layers_{i}/attn/{q,k}_norm/scale [Dh] (qk_norm: Qwen3, Gemma 3)
     layers_{i}/attn/o/kernel [H, Dh, D]   (+ bias [D] gpt2)
-    layers_{i}/mlp/{gate,up}/kernel [D, F] (gate: llama; up bias [F]: gpt2)
+    layers_{i}/{attn,mlp}_post_norm/scale [D] (gemma)
+    layers_{i}/mlp/{gate,up}/kernel [D, F] (gate: llama, gemma; up bias [F]: gpt2)
     layers_{i}/mlp/down/kernel [F, D]     (+ bias [D] gpt2)
     final_norm/{scale,bias} [D]           lm_head/kernel [D, V_pad] (untied only)
 
@@ -101,8 +103,10 @@ def _fused_qkv(hf_name: str, d: int, heads: int, head_dim: int, layer: str, kind
 
 
 def _hf_entries(config: ModelConfig) -> list[_Entry]:
-  """Every tensor of the Hugging Face checkpoint for `config` (GPT2LMHeadModel, LlamaForCausalLM or
-  Qwen2ForCausalLM naming), in checkpoint order."""
+  """Every tensor of the Hugging Face checkpoint for `config` (GPT2LMHeadModel, LlamaForCausalLM,
+  Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM or Gemma3ForCausalLM naming), in checkpoint
+  order. Gemma's post_attention_layernorm is the norm after attention (ours attn_post_norm), its
+  pre_feedforward_layernorm the norm before the MLP (ours mlp_norm)."""
   c = config
   d, h, k, dh, f = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
   v, vp = c.vocab_size, c.padded_vocab_size
@@ -140,10 +144,20 @@ def _hf_entries(config: ModelConfig) -> list[_Entry]:
         if c.qkv_bias:
           entries.append(_reshaped(f"{hf}.self_attn.{name}_proj.bias", (heads * dh,),
                                    (ours, "attn", name, "bias"), (heads, dh)))
+      if c.qk_norm:
+        for name in ("q", "k"):
+          entries.append(_reshaped(f"{hf}.self_attn.{name}_norm.weight", (dh,),
+                                   (ours, "attn", f"{name}_norm", "scale"), (dh,)))
       entries.append(_transposed(f"{hf}.self_attn.o_proj.weight", (d, h * dh),
                                  (ours, "attn", "o", "kernel"), (h, dh, d)))
-      entries.append(_reshaped(f"{hf}.post_attention_layernorm.weight", (d,),
-                               (ours, "mlp_norm", "scale"), (d,)))
+      if c.family == "gemma":
+        for hf_norm, our_norm in (("post_attention_layernorm", "attn_post_norm"),
+                                  ("pre_feedforward_layernorm", "mlp_norm"),
+                                  ("post_feedforward_layernorm", "mlp_post_norm")):
+          entries.append(_reshaped(f"{hf}.{hf_norm}.weight", (d,), (ours, our_norm, "scale"), (d,)))
+      else:
+        entries.append(_reshaped(f"{hf}.post_attention_layernorm.weight", (d,),
+                                 (ours, "mlp_norm", "scale"), (d,)))
       entries.append(_transposed(f"{hf}.mlp.gate_proj.weight", (f, d), (ours, "mlp", "gate", "kernel"), (d, f)))
       entries.append(_transposed(f"{hf}.mlp.up_proj.weight", (f, d), (ours, "mlp", "up", "kernel"), (d, f)))
       entries.append(_transposed(f"{hf}.mlp.down_proj.weight", (d, f), (ours, "mlp", "down", "kernel"), (f, d)))
@@ -256,6 +270,12 @@ def _config_overrides(scan_layers, overrides) -> dict:
 # Hugging Face folders.
 
 
+_GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                           "model.multi_modal_projector.")
+_GEMMA3_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                         ("language_model.lm_head.", "lm_head."))
+
+
 def _safetensors_source(folder: pathlib.Path, model_type: str | None) -> _TensorSource:
   from safetensors import safe_open
 
@@ -293,6 +313,15 @@ def _safetensors_source(folder: pathlib.Path, model_type: str | None) -> _Tensor
       hf_name = name
       if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
         hf_name = "transformer." + name
+      if model_type == "gemma3":
+        # Gemma3ForConditionalGeneration: the text model's tensors under a language_model prefix
+        # (Gemma3ForCausalLM names without it); the vision tower and projector are not read.
+        if name.startswith(_GEMMA3_VISION_PREFIXES):
+          seen.add(name)
+          continue
+        for prefix, replacement in _GEMMA3_TEXT_PREFIXES:
+          if name.startswith(prefix):
+            hf_name = replacement + name[len(prefix):]
       source.add(hf_name, str(file), shapes[name], load)
       seen.add(name)
   if weight_map is not None:
@@ -363,7 +392,7 @@ def llama_cpp_unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(weight.shape))
 
 
-# llama.cpp tensor names (per block and global) -> Hugging Face names, for the llama and qwen2 arches.
+# llama.cpp tensor names (per block and global) -> Hugging Face names, for the llama, qwen2 and qwen3 arches.
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -377,13 +406,15 @@ _GGUF_BLOCK_NAMES = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GGUF_ARCHES = ("llama", "qwen2")
+_GGUF_ARCHES = ("llama", "qwen2", "qwen3")
 
 
 def _gguf_hf_name(name: str) -> str:
@@ -450,7 +481,7 @@ def _gguf_hf_config(reader, file: str, tensor_names: set[str]) -> dict:
 
 def load_gguf(path: str | pathlib.Path, *, scan_layers: bool | None = None,
               **config_overrides) -> tuple[ModelConfig, dict]:
-  """Reads a GGUF file (llama or qwen2 architecture): metadata -> ModelConfig, every tensor
+  """Reads a GGUF file (llama, qwen2 or qwen3 architecture): metadata -> ModelConfig, every tensor
   dequantised to float32 (gguf.quants.dequantize), llama.cpp's q/k row permutation undone (llama
   arch only; llama.cpp does not permute qwen2).
 
@@ -506,8 +537,10 @@ def smollm2_gguf_path() -> pathlib.Path:
 
 
 def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
-  """A transformers-loadable config.json dict for `config`: GPT2LMHeadModel (gpt2),
-  Qwen2ForCausalLM (llama family with qkv_bias: q/k/v biases only), else LlamaForCausalLM."""
+  """A transformers-loadable config.json dict for `config`: GPT2LMHeadModel (gpt2); for the llama
+  family Qwen3ForCausalLM (qk_norm), Qwen2ForCausalLM (qkv_bias: q/k/v biases only), else
+  LlamaForCausalLM; for the gemma family Gemma3ForCausalLM (qk_norm, model_type gemma3_text), else
+  Gemma2ForCausalLM. A config that the chosen class cannot express is a ValueError naming the field."""
   c = config
   # Without a tokenizer the ids are unknown; None keeps transformers from assuming its defaults
   # (GPT-2's 50256 would lie outside a small vocabulary).
@@ -525,10 +558,71 @@ def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "dtype": c.param_dtype, **special}
-  qwen2 = c.qkv_bias
   rope = {"rope_type": "default", "rope_theta": c.rope_theta}
   if c.rope_scaling is not None:
     rope.update(dict(c.rope_scaling))
+  layer_types = list(c.layer_types or ["full_attention"] * c.num_layers)
+  sliding_window = c.sliding_window if c.layer_types is not None else None
+
+  def refuse(field, value, why):
+    raise ValueError(f"export: ModelConfig.{field}={value!r} cannot be expressed by {why}")
+
+  if c.family == "gemma":
+    gemma3 = c.qk_norm
+    if c.qkv_bias:
+      refuse("qkv_bias", c.qkv_bias, "Gemma's config (its attention_bias also adds an o_proj bias)")
+    if c.activation != "gelu_new":
+      refuse("activation", c.activation, "Gemma's config (gelu_pytorch_tanh)")
+    out = {
+        "architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
+        "model_type": "gemma3_text" if gemma3 else "gemma2", "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim, "intermediate_size": c.mlp_dim, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_eps,
+        "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+        # transformers requires an int here (every released Gemma has one)
+        "query_pre_attn_scalar": c.head_dim if c.query_pre_attn_scalar is None else (
+            int(c.query_pre_attn_scalar) if float(c.query_pre_attn_scalar).is_integer()
+            else c.query_pre_attn_scalar),
+        "final_logit_softcapping": c.final_logit_softcap, "attn_logit_softcapping": c.attn_logit_softcap,
+        "layer_types": layer_types, "sliding_window": sliding_window, "dtype": c.param_dtype, **special}
+    if gemma3:
+      if c.attn_logit_softcap is not None:
+        refuse("attn_logit_softcap", c.attn_logit_softcap, "Gemma 3 (whose attention does not soft-cap)")
+      local = {"rope_type": "default",
+               "rope_theta": c.rope_theta if c.rope_local_theta is None else c.rope_local_theta}
+      if c.rope_local_theta is None and c.rope_scaling is not None:
+        refuse("rope_scaling", c.rope_scaling, "Gemma 3 with rope_local_theta=None (its sliding layers "
+               "rotate without scaling)")
+      out["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+    else:
+      if c.rope_local_theta is not None:
+        refuse("rope_local_theta", c.rope_local_theta, "Gemma 2 (one rotary base for all layers)")
+      out["rope_parameters"] = rope
+    return out
+  gemma_only = (c.query_pre_attn_scalar, c.attn_logit_softcap, c.final_logit_softcap)
+  if any(x is not None for x in gemma_only):
+    refuse("query_pre_attn_scalar / attn_logit_softcap / final_logit_softcap",
+           gemma_only, "a llama-family config")
+  if c.qk_norm:
+    if c.qkv_bias:
+      refuse("qkv_bias", c.qkv_bias, "Qwen3's config (its attention_bias also adds an o_proj bias)")
+    if c.rope_local_theta is not None:
+      refuse("rope_local_theta", c.rope_local_theta, "Qwen3 (one rotary base for all layers)")
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim, "intermediate_size": c.mlp_dim, "hidden_act": "silu",
+        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_eps,
+        "rope_parameters": rope, "tie_word_embeddings": c.tie_embeddings, "attention_bias": False,
+        "attention_dropout": 0.0, "use_sliding_window": sliding_window is not None,
+        "sliding_window": sliding_window, "max_window_layers": c.num_layers, "layer_types": layer_types,
+        "dtype": c.param_dtype, **special}
+  if c.layer_types is not None:
+    refuse("layer_types", c.layer_types, "a Llama or Qwen2 config (no sliding layers)")
+  qwen2 = c.qkv_bias
   out = {
       "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
       "model_type": "qwen2" if qwen2 else "llama", "vocab_size": c.vocab_size,
