@@ -300,3 +300,69 @@ def test_lora_qsft_reaches_the_exact_fixed_point(mdp_name):
   want = test_qstar.numpy_fixed_point(host, states, pi, test_qstar.DUMMY, rounds)
   np.testing.assert_allclose(theta[visited], want[visited], atol=3e-3)
   assert np.abs(pi[visited] - want[visited]).max() > 0.1  # far from where theta started
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, config
+
+
+def test_lora_checkpoint_restores_onto_another_mesh_and_refuses_another_base(tmp_path):
+  import ml_collections
+  from qsft_jax import checkpoints
+  from qsft_jax.errors import ConfigError
+  config = model_config()
+  opt = optax.adam(1e-3)
+  model = Transformer(config, lora=LORA)
+  mesh8 = sharding.make_mesh({"data": 8})
+  state = lora_state(mesh8, "qsft", opt, config=config)
+  record = lora_lib.base_record(state["base"], "random", LORA)
+  c = ml_collections.ConfigDict({"checkpoint": {"keep": 2, "keep_every": 0, "async_save": False}})
+  manager = checkpoints.make_manager(str(tmp_path), "qsft", c)
+  checkpoints.save(manager, 3, checkpoints.without_base(state), base_record=record)
+  manager.wait_until_finished()
+  saved = jax.device_get(checkpoints.without_base(state))
+
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  shardings = checkpoints.without_base(train_steps.state_shardings(model, config, opt, mesh, RULES, "qsft"))
+  shapes = jax.eval_shape(lambda: checkpoints.without_base(jax.device_get(state)))
+  restored = checkpoints.restore(manager, 3, sharding.abstract_with_shardings(shapes, shardings))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
+  q_a = restored["params"]["lora"]["layers_0"]["attn"]["q"]["lora_a"]  # [D, r]: D over fsdp
+  assert q_a.sharding.spec[0] == "fsdp" and len(q_a.sharding.device_set) == 8
+  # the base's checksum does not depend on the mesh it is sharded over
+  base_other = jax.device_put(state["base"], train_steps.state_shardings(model, config, opt, mesh, RULES,
+                                                                         "qsft")["base"])
+  assert lora_lib.base_checksum(base_other) == record["checksum"]
+  checkpoints.check_base_record(manager, 3, record, label="qsft")
+  # another base (another seed) is refused, naming both records
+  other = lora_lib.base_record(lora_state(mesh, "qsft", opt, config=config, seed=5)["base"], "random", LORA)
+  assert other["checksum"] != record["checksum"]
+  with pytest.raises(ConfigError, match=f"{record['checksum']}.*{other['checksum']}"):
+    checkpoints.check_base_record(manager, 3, other, label="qsft")
+  with pytest.raises(ConfigError, match="base_dtype='float32'"):
+    checkpoints.check_base_record(manager, 3, {**record, "base_dtype": "float32"}, label="qsft")
+  manager.close()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rank", -1, "model.lora.rank: must be an integer >= 0"),
+    ("alpha", 0.0, "model.lora.alpha: must be a finite number > 0"),
+    ("targets", ("attn/(q",), "model.lora.targets: 'attn/\\(q' is not a regular expression"),
+    ("targets", (), "model.lora.targets: is empty"),
+    ("quantization", "int4", "model.lora.quantization: 'int4': expected one of"),
+    ("base_dtype", "int8", "model.lora.base_dtype: 'int8' is not a floating-point dtype"),
+])
+def test_check_config_rejects_bad_lora_fields(field, value, message):
+  config = config_lib.base_config()
+  config.task = "maze"
+  config.model.lora.rank = 4
+  config.model.lora[field] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.check_config(config, 8)
+
+
+def test_targets_matching_no_projection_are_an_error():
+  from qsft_jax import main
+  main.check_lora_targets(model_config(), LORA)
+  with pytest.raises(config_lib.ConfigError, match=r"model.lora.targets: 'mlp/fc\$'.*attn/q"):
+    main.check_lora_targets(model_config(), lora_lib.LoraConfig(rank=2, targets=("attn/q$", "mlp/fc$")))
