@@ -391,3 +391,17 @@ def test_sampler_runs_phi_and_theta_as_adapters_over_one_base():
       for t in range(out.num_generated[i]):
         np.testing.assert_allclose(got[i, t, :config.vocab_size], ref[len(prompt) - 1 + t, :config.vocab_size],
                                    atol=2e-4, rtol=1e-4, err_msg=name)
+
+
+def test_theta_init_picks_thetas_adapter():
+  from qsft_jax import main
+  base = {"params": "BASE"}
+  adapters = lambda offset: {"lora": f"new{offset}"}
+  phi = lambda: {"lora": "phi_trained"}
+  start = functools.partial(main.initial_lora_params, base=base, adapters=adapters, phi=phi)
+  assert start("bc", "phi") == {"params": "BASE", "lora": "new0"}
+  behaviour = {"params": "BASE", "lora": "phi_trained"}
+  assert start("qsft", "phi") == (behaviour, behaviour)
+  for init in ("phi_init", "pretrained"):  # the adapter phi started from: B = 0, the base model
+    assert start("qsft", init) == ({"params": "BASE", "lora": "new0"}, behaviour)
+  assert start("control", "fresh") == ({"params": "BASE", "lora": "new1"}, behaviour)
