@@ -30,9 +30,9 @@ RULES = sharding.DEFAULT_RULES
 LORA = lora_lib.LoraConfig(rank=4, alpha=8.0)
 
 
-def model_config(scan=False, family="llama"):
+def model_config(scan=False, family="llama", remat="none"):
   kv = {} if family == "llama" else {"num_kv_heads": SMALL["num_heads"]}
-  return get_preset(f"tiny-{family}", scan_layers=scan, **{**SMALL, **kv})
+  return get_preset(f"tiny-{family}", scan_layers=scan, remat_policy=remat, **{**SMALL, **kv})
 
 
 def one_device_mesh():
@@ -66,10 +66,11 @@ def randomise_adapters(adapters, seed=1, std=0.3):
   return jax.tree.unflatten(tree, [jnp.asarray(rng.normal(0, std, x.shape), x.dtype) for x in leaves])
 
 
-@pytest.mark.parametrize("scan,family", [(False, "llama"), (True, "llama"), (True, "gpt2")],
-                         ids=["unscanned-llama", "scanned-llama", "scanned-gpt2"])
-def test_new_adapter_is_exactly_the_base_model(scan, family):
-  config = model_config(scan, family)
+@pytest.mark.parametrize("scan,family,remat", [(False, "llama", "none"), (True, "llama", "none"),
+                                               (True, "gpt2", "full")],
+                         ids=["unscanned-llama", "scanned-llama", "scanned-remat-gpt2"])
+def test_new_adapter_is_exactly_the_base_model(scan, family, remat):
+  config = model_config(scan, family, remat)
   variables = init_variables(config, LORA)
   paths = lora_lib.adapter_paths(config, LORA)
   layer = "layers" if scan else "layers_1"
