@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qsft_jax.models import quant
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.sharding import logical_constraint
 
@@ -67,6 +68,11 @@ def _normal(config: ModelConfig):
 
 
 def _param(module: nn.Module, name: str, shape, axes, init):
+  stored = module.get_variable("params", name) if module.has_variable("params", name) else None
+  if isinstance(stored, quant.QuantizedArray):
+    # A quantised frozen-base kernel (qsft_jax.models.quant), dense in the compute dtype. Read directly:
+    # module.param would compare its stored arrays' shapes with the kernel's.
+    return quant.dense(stored, module.config.dtype)
   dtype = jnp.dtype(module.config.param_dtype)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
