@@ -1,4 +1,4 @@
-"""Quantised frozen base (qsft_jax.models.quant): the NF4 table, int8 / nf4 codes against numpy
+"""Quantised frozen base (qsft_jax.models.quant, quant_base): the NF4 table, int8 / nf4 codes against numpy
 references written here, round-trip error bounds, the model on a quantised base, sharding on 8 devices."""
 import types
 
@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from scipy.stats import norm
 
 from qsft_jax import sharding
-from qsft_jax.models import quant
+from qsft_jax.models import quant, quant_base
 from qsft_jax.models.config import get_preset
 from qsft_jax.models.transformer import Transformer, stack_layers, unstack_layers
 
@@ -45,7 +45,7 @@ def batch(rows=2, length=7):
 
 
 def quantize_base(params, config, lora_config):
-  return jax.jit(lambda p: quant.quantize_base(p, config, lora_config))(params)
+  return jax.jit(lambda p: quant_base.quantize_base(p, config, lora_config))(params)
 
 
 def is_q(x):
@@ -230,11 +230,11 @@ def test_quantize_base_targets_and_layouts():
   quantised = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path(base, is_leaf=is_q)
                if is_q(x)]
   assert quantised == [f"['params']['layers_{i}']['attn']['q']['kernel']" for i in range(CONFIG.num_layers)]
-  abstract = jax.eval_shape(lambda p: quant.quantize_base(p, CONFIG, lora("nf4")), params)
+  abstract = jax.eval_shape(lambda p: quant_base.quantize_base(p, CONFIG, lora("nf4")), params)
   concrete = quantize_base(params, CONFIG, lora("nf4"))
   assert jax.tree.structure(abstract) == jax.tree.structure(concrete)
   assert [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)] == [(x.shape, x.dtype) for x in jax.tree.leaves(concrete)]
-  assert jax.tree.structure(quant.base_shapes(CONFIG, lora("nf4"))) == jax.tree.structure(concrete)
+  assert jax.tree.structure(quant_base.base_shapes(CONFIG, lora("nf4"))) == jax.tree.structure(concrete)
   scanned = stack_layers(concrete, CONFIG.num_layers)
   scan_base = quantize_base(stack_layers(params, CONFIG.num_layers), CONFIG.replace(scan_layers=True),
                                   lora("nf4"))
@@ -255,8 +255,8 @@ def test_quantised_base_shards_by_the_rule_table():
   tokens, positions, segments = batch(rows=4)
   for mode in quant.MODES:
     lc = lora(mode)
-    shardings = quant.base_shardings(config, lc, mesh, rules)
-    base = jax.jit(lambda p: quant.quantize_base(p, config, lc), out_shardings=shardings)(params)
+    shardings = quant_base.base_shardings(config, lc, mesh, rules)
+    base = jax.jit(lambda p: quant_base.quantize_base(p, config, lc), out_shardings=shardings)(params)
     layer = base["params"]["layers_0"]
     # Expected PartitionSpecs from DEFAULT_RULES (embed -> fsdp, heads / kv_heads / mlp -> tensor).
     if mode == "int8":

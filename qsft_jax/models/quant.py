@@ -20,6 +20,9 @@ dims are those its matmul contracts ([D] of attn/q, k, v and mlp/gate, up; [H, D
 mlp/down: `kernel_in_ndim`). Scales are float32 in both modes; dequantisation multiplies in float32 and
 casts the product to the requested dtype once.
 
+Whole base trees (quantise every LoRA-targeted kernel, their shardings) are `qsft_jax.models.quant_base`;
+this module imports no model code, so the model can read kernels through `dense`.
+
 `QuantizedArray` is a pytree node whose children are the stored arrays (values, scales) and whose static
 data are the mode, the input dims' shape, the number of output dims and the original dtype. It carries
 no leading-dim sizes, so slicing every child along a leading axis (nn.scan over layers,
@@ -27,13 +30,11 @@ no leading-dim sizes, so slicing every child along a leading axis (nn.scan over 
 
 Sharding: `logical_axes` names the stored arrays' axes after the kernel's (the packed and blocked input
 axis keeps the name of the kernel's first input dim, the within-block axis is None); the rule table
-replicates an axis its mesh axes do not divide. `base_shardings` gives the NamedShardings of a whole
-`quantize_base` tree.
+replicates an axis its mesh axes do not divide.
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -207,102 +208,3 @@ def logical_axes(kernel_axes: Sequence[str | None], q: QuantizedArray) -> Quanti
   if q.mode == "int8":
     return q.replace(names, lead + outs)
   return q.replace(lead + (ins[0], None) + outs, lead + (ins[0],) + outs)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Whole base trees
-
-
-def _path_str(keypath) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
-
-
-def _resolve_dtype(model_config, lora_config) -> str:
-  return lora_config.base_dtype or model_config.param_dtype
-
-
-def _kernel_targets(model_config, lora_config) -> dict[str, tuple[str | None, ...]]:
-  """Module path ("layers_3/attn/q" or scanned "layers/attn/q") -> kernel logical axes, for every kernel
-  a LoRA target pattern matches (re.search)."""
-  from qsft_jax.models import sharded  # lazy: sharded imports the model, which imports this module
-  from qsft_jax.models.transformer import Transformer
-  specs = sharded.param_logical_specs(Transformer(model_config), model_config)["params"]
-  patterns = [re.compile(p) for p in lora_config.targets]
-  out = {}
-  for keypath, spec in jax.tree_util.tree_leaves_with_path(
-      specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)):
-    path = _path_str(keypath)
-    if not path.endswith("/kernel"):
-      continue
-    module = path[:-len("/kernel")]
-    if any(p.search(module) for p in patterns):
-      out[module] = tuple(spec)
-  return out
-
-
-def _split_axes(axes: tuple[str | None, ...]) -> tuple[int, int]:
-  """(lead_ndim, in_ndim) of a kernel from its logical axes."""
-  lead_ndim = 1 if axes and axes[0] == "layers" else 0
-  return lead_ndim, kernel_in_ndim(axes[lead_ndim:])
-
-
-def _inner(params: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
-  if isinstance(params, Mapping) and set(params) == {"params"}:
-    return params["params"], True
-  return params, False
-
-
-def quantize_base(params: Mapping[str, Any], model_config, lora_config) -> Any:
-  """The frozen base for LoRA: every LoRA-targeted kernel quantised in `lora_config.quantization`, every
-  other leaf (embeddings, norms, biases, lm_head) cast to `lora_config.base_dtype` ("" = the model's
-  param_dtype). Quantisation "none" only casts.
-
-  params: the model's params (variables dict {"params": tree} or the tree; the result has the same
-  form), any float dtype (quantised from float32 values). Pure jnp: usable under jax.jit with
-  out_shardings=`base_shardings(...)` and under jax.eval_shape.
-  """
-  tree, wrapped = _inner(params)
-  mode = lora_config.quantization
-  if mode not in ("none",) + MODES:
-    raise ValueError(f"quantize_base: quantization={mode!r}, expected one of {('none',) + MODES}")
-  dtype = jnp.dtype(_resolve_dtype(model_config, lora_config))
-  targets = _kernel_targets(model_config, lora_config) if mode != "none" else {}
-
-  def convert(keypath, x):
-    path = _path_str(keypath)
-    module = path[:-len("/kernel")] if path.endswith("/kernel") else None
-    if module in targets:
-      lead_ndim, in_ndim = _split_axes(targets[module])
-      return quantize(jnp.asarray(x).astype(dtype), mode, in_ndim, lead_ndim)
-    return jnp.asarray(x).astype(dtype)
-
-  out = jax.tree_util.tree_map_with_path(convert, tree)
-  return {"params": out} if wrapped else out
-
-
-def base_logical_specs(model_config, lora_config) -> Any:
-  """Logical axis names of quantize_base's tree ({"params": ...}), QuantizedArray nodes included."""
-  from qsft_jax.models import sharded
-  from qsft_jax.models.transformer import Transformer
-  model = Transformer(model_config)
-  specs = sharded.param_logical_specs(model, model_config)
-  shapes = jax.eval_shape(lambda p: quantize_base(p, model_config, lora_config),
-                          sharded.param_shapes(model, model_config))
-  return jax.tree.map(
-      lambda spec, shape: logical_axes(tuple(spec), shape) if isinstance(shape, QuantizedArray) else spec,
-      specs, shapes, is_leaf=lambda x: isinstance(x, (QuantizedArray, jax.sharding.PartitionSpec)))
-
-
-def base_shapes(model_config, lora_config) -> Any:
-  """ShapeDtypeStructs of quantize_base's tree ({"params": ...}), without allocating anything."""
-  from qsft_jax.models import sharded
-  from qsft_jax.models.transformer import Transformer
-  shapes = sharded.param_shapes(Transformer(model_config), model_config)
-  return jax.eval_shape(lambda p: quantize_base(p, model_config, lora_config), shapes)
-
-
-def base_shardings(model_config, lora_config, mesh: jax.sharding.Mesh, rules) -> Any:
-  """NamedShardings of quantize_base's tree ({"params": ...}) on `mesh` by the rule table."""
-  from qsft_jax.sharding import logical_to_sharding
-  return logical_to_sharding(base_logical_specs(model_config, lora_config), mesh, rules,
-                             shapes=base_shapes(model_config, lora_config))
