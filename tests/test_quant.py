@@ -280,3 +280,56 @@ def test_quantised_base_shards_by_the_rule_table():
       sharded = jax.jit(lambda p: Transformer(config).apply(p, tokens, positions, segments))(base)
     reference = jax.jit(lambda p: Transformer(config).apply(p, tokens, positions, segments))(single)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(reference), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# QLoRA train states (phases.build with model.lora.quantization)
+
+
+def qlora_program(quantization, mesh, phase="qsft"):
+  from qsft_jax import config_lib, phases
+  c = config_lib.base_config()
+  c.loss.chunk_size = 8
+  c.model.lora.update(rank=4, quantization=quantization)
+  return phases.build(c, phase, CONFIG, mesh, sharding.DEFAULT_RULES)
+
+
+def test_qlora_step_runs_on_the_quantised_base_as_on_its_dequantised_weights():
+  """phases.build with model.lora.quantization = "nf4": the state's base holds the targeted kernels as
+  QuantizedArrays (with the shardings of quant_base.base_shardings, tested above) in both phases; the BC
+  step returns the base unchanged, and its loss equals the plain LoRA step's on the dequantised base
+  (float32, the compute dtype here)."""
+  from qsft_jax.models.lora import LoraConfig
+  import mdp_utils  # tests/mdp_utils.py
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  qsft = qlora_program("nf4", mesh, "qsft")
+  abstract = qsft.abstract_state(sharded_shapes(qsft))
+  assert jax.tree.structure(abstract["base"]) == jax.tree.structure(qsft.state_shardings["base"])
+  kernels = [x for x in jax.tree.leaves(abstract["base"], is_leaf=is_q) if is_q(x)]
+  assert len(kernels) == 7 * CONFIG.num_layers and all(k.mode == "nf4" for k in kernels)
+
+  program, plain = qlora_program("nf4", mesh, "bc"), qlora_program("none", mesh, "bc")
+  dummy = jnp.zeros((1, 1), jnp.int32)
+  variables = jax.jit(lambda r: nn.unbox(Transformer(CONFIG, lora=LoraConfig(rank=4)).init(
+      r, dummy, dummy, dummy + 1)))(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  variables["lora"] = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype),
+                                   variables["lora"])
+  with jax.set_mesh(mesh):
+    state = jax.jit(program.init_state, out_shardings=program.state_shardings)(variables)
+  assert jax.tree.structure(state["base"]) == jax.tree.structure(abstract["base"])
+  host = jax.device_get(state)  # (the steps donate their state)
+  dequantised = {**host, "base": dequantize_tree(host["base"], jnp.float32)}
+  batch = sharding.global_batch_from_host_local(
+      mdp_utils.random_batch(np.random.default_rng(0), 4, 16, CONFIG.vocab_size), mesh, sharding.DEFAULT_RULES)
+  before = host["base"]
+  _, plain_metrics = plain.step(dequantised, batch)
+  new_state, metrics = program.step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert float(metrics["loss"]) == float(plain_metrics["loss"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state["base"]), before)
+
+
+def sharded_shapes(program):
+  from qsft_jax.models import sharded
+  return sharded.param_shapes(program.model, CONFIG)
