@@ -166,6 +166,7 @@ def _oom_figures(kind: str, chip: Chip, error: Exception, compile_s: float) -> d
   return {"step": kind, "fits": False, "error": head[:400], "oom_message": msg[:4000],
           "peak_bytes": used, "hbm_bytes": chip.hbm_bytes, "hbm_limit_bytes": oom.get("limit_bytes", 0),
           "over_bytes": used - oom["limit_bytes"] if oom else 0,
+          "temporaries_only": bool(oom.get("temporaries_only")),
           "compile_s": round(compile_s, 1), "compile_s_with_probes": round(compile_s, 1)}
 
 
