@@ -220,6 +220,23 @@ def test_transformer_on_quantised_base_equals_dequantised_weights(mode, scan):
   np.testing.assert_array_equal(got, np.asarray(run(dequantize_tree(base, jnp.bfloat16))))
 
 
+def test_lora_merge_reads_a_quantised_base_as_its_dequantised_weights():
+  from qsft_jax.models import lora as lora_lib
+  lc = lora_lib.LoraConfig(rank=4, quantization="int8")
+  config = CONFIG.replace(scan_layers=True)
+  dummy = jnp.zeros((1, 1), jnp.int32)
+  variables = jax.jit(lambda r: nn.unbox(Transformer(config, lora=lc).init(r, dummy, dummy, dummy + 1)))(
+      jax.random.key(0))
+  variables["lora"] = jax.tree.map(lambda x: x + 0.1, variables["lora"])
+  base = quantize_base(variables["params"], config, lc)
+  merged = lora_lib.merge({"params": base, "lora": variables["lora"]}, config, lc)
+  # W + scale * A.B from the float32 dequantised kernel, stored in the base's dtype (bf16).
+  expected = lora_lib.merge({"params": dequantize_tree(base, jnp.float32), "lora": variables["lora"]}, config, lc)
+  assert jax.tree.structure(merged) == jax.tree.structure(expected)
+  jax.tree.map(lambda m, e: np.testing.assert_array_equal(m, e.astype(m.dtype)), merged, expected)
+  assert merged["params"]["layers"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
+
+
 def test_quantize_base_targets_and_layouts():
   """Only kernels whose module path a target pattern matches; eval_shape gives the same tree;
   unstack_layers / stack_layers carry a quantised base between layouts."""

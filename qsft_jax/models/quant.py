@@ -98,6 +98,15 @@ class QuantizedArray:
     """The dense kernel's shape [lead..., in..., out...]."""
     return self.lead_shape + self.in_shape + self.out_shape
 
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def astype(self, dtype: Any) -> jax.Array:
+    """The dense kernel in `dtype` (`dequantize`), so that code reading a kernel as an array (e.g.
+    `lora.merge`) reads a quantised one alike."""
+    return dequantize(self, dtype)
+
   def __repr__(self):
     return (f"QuantizedArray(mode={self.mode!r}, in_shape={self.in_shape}, out_ndim={self.out_ndim}, "
             f"dtype={self.dtype}, values={self.values!r}, scales={self.scales!r})")
