@@ -351,3 +351,22 @@ def test_qlora_step_runs_on_the_quantised_base_as_on_its_dequantised_weights():
 def sharded_shapes(program):
   from qsft_jax.models import sharded
   return sharded.param_shapes(program.model, ONE_LAYER)
+
+
+def test_trainer_and_run_load_build_the_same_quantised_base():
+  """The trainer (main: its base, then quant_base.quantized_base) and run.load (run.lora_base) store
+  the same QLoRA base: same checksum (what a restore checks), QuantizedArrays in the rule table's shards."""
+  from qsft_jax import config_lib, main, run
+  from qsft_jax.models import lora as lora_lib
+  from qsft_jax.models import sharded
+  c = config_lib.base_config()
+  c.model.lora.update(rank=4, quantization="int8")
+  lc = lora_lib.LoraConfig.from_config(c.model.lora)
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
+  rules = sharding.DEFAULT_RULES
+  fresh = lambda offset: sharded.init_params_sharded(ONE_LAYER, jax.random.key(c.seed + offset), mesh, rules)
+  trained_over = quant_base.quantized_base(main.lora_base(c, lc, None, fresh), ONE_LAYER, lc, mesh, rules)
+  loaded = run.lora_base(c, ONE_LAYER, lc, mesh, rules)
+  assert lora_lib.base_checksum(trained_over) == lora_lib.base_checksum(loaded)
+  q = loaded["params"]["layers_0"]["mlp"]["down"]["kernel"]
+  assert is_q(q) and q.values.sharding.spec == P("tensor", "fsdp")  # (mlp, embed)

@@ -55,7 +55,8 @@ def quantize_base(params: Mapping[str, Any], model_config: ModelConfig, lora_con
   docstring); quantization "none" only casts.
 
   params: the model's params (variables dict {"params": tree} or the tree; the result has the same
-  form) in any float dtype; kernels are quantised from their values cast to base_dtype. Pure jnp:
+  form) in any float dtype; kernels are quantised from their values cast to base_dtype (kernels already
+  quantised are kept). Pure jnp:
   usable under jax.jit with out_shardings=`base_shardings(...)` and under jax.eval_shape.
   """
   mode = lora_config.quantization
@@ -67,6 +68,8 @@ def quantize_base(params: Mapping[str, Any], model_config: ModelConfig, lora_con
   targets = targeted_kernels(model_config, lora_config.targets) if mode != "none" else {}
 
   def convert(keypath, x):
+    if isinstance(x, quant.QuantizedArray):
+      return x  # already quantised
     x = jnp.asarray(x).astype(dtype)
     module = _path_str(keypath)[:-len("/kernel")]
     if module not in targets:
@@ -75,8 +78,17 @@ def quantize_base(params: Mapping[str, Any], model_config: ModelConfig, lora_con
     lead_ndim = 1 if axes[0] == "layers" else 0
     return quant.quantize(x, mode, quant.kernel_in_ndim(axes[lead_ndim:]), lead_ndim)
 
-  out = jax.tree_util.tree_map_with_path(convert, tree)
+  out = jax.tree_util.tree_map_with_path(convert, tree, is_leaf=lambda x: isinstance(x, quant.QuantizedArray))
   return {"params": out} if wrapped else out
+
+
+def quantized_base(base: Mapping[str, Any], model_config: ModelConfig, lora_config, mesh: Mesh,
+                   rules: Rules) -> dict:
+  """quantize_base of a LoRA run's frozen base {"params": tree}, computed in the shards of
+  `base_shardings` (jitted with out_shardings): what the trainer and `run.load` store as the base."""
+  shardings = base_shardings(model_config, lora_config, mesh, rules)
+  return jax.jit(lambda b: quantize_base(b, model_config, lora_config), out_shardings=shardings)(
+      {"params": base["params"]})
 
 
 def base_shapes(model_config: ModelConfig, lora_config) -> Any:
