@@ -186,7 +186,7 @@ def compile_step(kind: str, config: ml_collections.ConfigDict, target: Target, m
   except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is handled
     if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
       raise
-    return _oom_figures(kind, chip, e, time.time() - t0)
+    return {**_oom_figures(kind, chip, e, time.time() - t0), "probes": target.probes}
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
@@ -264,6 +264,10 @@ def run(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
          "dtype": mc.dtype, "param_dtype": mc.param_dtype,
          "frozen_dtype": config.qsft.frozen_dtype or mc.param_dtype,
          "mu_dtype": config.qsft.mu_dtype or mc.param_dtype, "steps": {}}
+  lora = config.model.lora if "lora" in config.model else None
+  if lora is not None and lora.rank > 0:  # LoRA: adapters of this rank over one frozen base
+    out["lora"] = {"rank": lora.rank, "base_dtype": lora.base_dtype or mc.param_dtype,
+                   "quantization": lora.quantization}
   for i, kind in enumerate(target.steps, 1):
     with progress.timed(f"aot: step {i}/{len(target.steps)}: {kind}", heartbeat=False):
       out["steps"][kind] = compile_step(kind, config, target, mesh, chip)

@@ -85,10 +85,10 @@ ROWS: dict[str, Row] = {
     "8b-v4-4": Row("configs/pod_llama3_8b.py", (Compile("qsft", False),), BATCH_8, topology="v4:2x2x1"),
     "70b-v6e64": Row("configs/pod_llama_70b.py", (Compile("qsft", False),), BATCH_64, topology="v6e:8x8"),
     # LoRA (one frozen base, adapters for phi, theta and theta_bar) and QLoRA (an nf4 base).
-    "8b-v5e8-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("bc,qsft", False),), full_ft="8b-v5e8"),
-    "8b-v4-4-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("bc,qsft", False),), topology="v4:2x2x1",
+    "8b-v5e8-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft", False),), full_ft="8b-v5e8"),
+    "8b-v4-4-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft", False),), topology="v4:2x2x1",
                         full_ft="8b-v4-4"),
-    "70b-v6e64-qlora": Row("configs/pod_llama_70b_qlora.py", (Compile("bc,qsft", False),), full_ft="70b-v6e64"),
+    "70b-v6e64-qlora": Row("configs/pod_llama_70b_qlora.py", (Compile("qsft", False),), full_ft="70b-v6e64"),
 }
 
 SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "collective-permute": "CP",
@@ -303,9 +303,46 @@ def qsft_over_bc_table(results: dict) -> list[str]:
   return out
 
 
+def _memory_cell(s: dict | None) -> str:
+  """A step's peak per chip: "peak (args + temp)" when it fits, else what the compiler asked for."""
+  if not s:
+    return "-"
+  if _built(s):
+    return f"{_gib(s['peak_bytes'])} ({_gib(s['argument_bytes'])} + {_gib(s['temp_bytes'])})" + (
+        "" if s["fits"] else " **does not fit**")
+  more = "> " if s.get("temporaries_only") else ""
+  what = " in temporaries alone" if s.get("temporaries_only") else ""
+  return f"**does not fit**: needs {more}{_gib(s['peak_bytes'])}{what} of {_gib(s['hbm_limit_bytes'])} usable"
+
+
+def lora_table(results: dict) -> list[str]:
+  """LoRA rows against full fine-tuning of the same model on the same slice, batch and length."""
+  out = ["| row | adapters, base | slice | batch x L | LoRA Q-SFT GiB/chip (args + temp) | LoRA BC GiB/chip "
+         "| full fine-tuning row | full fine-tuning Q-SFT GiB/chip | full fine-tuning state GiB/chip |",
+         "|" + "---|" * 9]
+  for name, row in ROWS.items():
+    if not row.full_ft:
+      continue
+    r, full = results.get(name), results.get(row.full_ft)
+    if r is None or "error" in r:
+      out.append(_line([name, "not compiled" if r is None else r["error"][:300]] + [""] * 7))
+      continue
+    lora = r.get("lora", {})
+    base = lora.get("quantization", "none")
+    base = lora.get("base_dtype", "?") if base == "none" else base
+    steps, full_steps = r["steps"], (full or {}).get("steps", {})
+    # Full fine-tuning's state: theta, theta_bar, phi and two AdamW moments in float32 (the pod configs).
+    full_state = 5 * 4 * r["params"] / r["chips"]
+    out.append(_line([
+        name, f"rank {lora.get('rank', '?')}, {base} base", f"{r['topology']} ({r['chips']} chips)",
+        f"{r['batch']} x {r['seq']}", _memory_cell(steps.get("qsft")), _memory_cell(steps.get("bc")),
+        row.full_ft, _memory_cell(full_steps.get("qsft")), _gib(full_state)]))
+  return out
+
+
 TABLES: dict[str, Callable[[dict], list[str]]] = {
     "summary": summary_table, "commands": commands_list, "steps": steps_table,
-    "qsft_over_bc": qsft_over_bc_table}
+    "qsft_over_bc": qsft_over_bc_table, "lora": lora_table}
 
 
 def render(doc: str, results: dict) -> str:
