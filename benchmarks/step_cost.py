@@ -157,7 +157,7 @@ def lora_costs(args, config, optimizer, mesh, rules, batch, base, full_flops, fu
   rows = [
       (f"LoRA rank {lora.rank} ({adapters / 1e6:.2f}M adapter params): BC step time (s)", f"{times[0]:.3f}", ""),
       ("LoRA Q-SFT step time (s)", f"{times[1]:.3f}", ""),
-      ("LoRA Q-SFT / BC time", f"{result['lora_qsft_over_bc_time']:.3f}", "~2 (4F / 2F)"),
+      ("LoRA Q-SFT / BC time", f"{result['lora_qsft_over_bc_time']:.3f}", ""),
       ("LoRA Q-SFT / BC CPU time (this process)", f"{cpu[1] / cpu[0]:.3f} ({cpu[0]:.2f} s, {cpu[1]:.2f} s)", ""),
       ("LoRA / full step time, BC and Q-SFT", f"{times[0] / full_time[0]:.3f}, {times[1] / full_time[1]:.3f}", ""),
       ("LoRA BC / Q-SFT compiled FLOPs", f"{flops[0]:.4g} / {flops[1]:.4g}", ""),
