@@ -317,15 +317,15 @@ def _memory_cell(s: dict | None) -> str:
 
 def lora_table(results: dict) -> list[str]:
   """LoRA rows against full fine-tuning of the same model on the same slice, batch and length."""
-  out = ["| row | adapters, base | slice | batch x L | LoRA Q-SFT GiB/chip (args + temp) | LoRA BC GiB/chip "
+  out = ["| row | adapters, base | slice | batch x L | LoRA Q-SFT GiB/chip (args + temp) "
          "| full fine-tuning row | full fine-tuning Q-SFT GiB/chip | full fine-tuning state GiB/chip |",
-         "|" + "---|" * 9]
+         "|" + "---|" * 8]
   for name, row in ROWS.items():
     if not row.full_ft:
       continue
     r, full = results.get(name), results.get(row.full_ft)
     if r is None or "error" in r:
-      out.append(_line([name, "not compiled" if r is None else r["error"][:300]] + [""] * 7))
+      out.append(_line([name, "not compiled" if r is None else r["error"][:300]] + [""] * 6))
       continue
     lora = r.get("lora", {})
     base = lora.get("quantization", "none")
@@ -335,8 +335,7 @@ def lora_table(results: dict) -> list[str]:
     full_state = 5 * 4 * r["params"] / r["chips"]
     out.append(_line([
         name, f"rank {lora.get('rank', '?')}, {base} base", f"{r['topology']} ({r['chips']} chips)",
-        f"{r['batch']} x {r['seq']}", _memory_cell(steps.get("qsft")), _memory_cell(steps.get("bc")),
-        row.full_ft, _memory_cell(full_steps.get("qsft")), _gib(full_state)]))
+        f"{r['batch']} x {r['seq']}", _memory_cell(steps.get("qsft")), row.full_ft, _memory_cell(full_steps.get("qsft")), _gib(full_state)]))
   return out
 
 
