@@ -30,9 +30,9 @@ RULES = sharding.DEFAULT_RULES
 LORA = lora_lib.LoraConfig(rank=4, alpha=8.0)
 
 
-def model_config(scan=False, family="llama"):
+def model_config(scan=False, family="llama", remat="none"):
   kv = {} if family == "llama" else {"num_kv_heads": SMALL["num_heads"]}
-  return get_preset(f"tiny-{family}", scan_layers=scan, **{**SMALL, **kv})
+  return get_preset(f"tiny-{family}", scan_layers=scan, remat_policy=remat, **{**SMALL, **kv})
 
 
 def one_device_mesh():
@@ -53,6 +53,7 @@ def forward(config, lora=None):
   return jax.jit(Transformer(config, lora=lora).apply)
 
 
+@functools.lru_cache(maxsize=None)
 def init_variables(config, lora, seed=0):
   x = inputs(config)
   return jax.jit(lambda r: nn.unbox(Transformer(config, lora=lora).init(r, *x)))(jax.random.key(seed))
@@ -65,10 +66,11 @@ def randomise_adapters(adapters, seed=1, std=0.3):
   return jax.tree.unflatten(tree, [jnp.asarray(rng.normal(0, std, x.shape), x.dtype) for x in leaves])
 
 
-@pytest.mark.parametrize("scan,family", [(False, "llama"), (True, "llama"), (True, "gpt2")],
-                         ids=["unscanned-llama", "scanned-llama", "scanned-gpt2"])
-def test_new_adapter_is_exactly_the_base_model(scan, family):
-  config = model_config(scan, family)
+@pytest.mark.parametrize("scan,family,remat", [(False, "llama", "none"), (True, "llama", "none"),
+                                               (True, "gpt2", "full")],
+                         ids=["unscanned-llama", "scanned-llama", "scanned-remat-gpt2"])
+def test_new_adapter_is_exactly_the_base_model(scan, family, remat):
+  config = model_config(scan, family, remat)
   variables = init_variables(config, LORA)
   paths = lora_lib.adapter_paths(config, LORA)
   layer = "layers" if scan else "layers_1"
@@ -334,8 +336,13 @@ def test_lora_checkpoint_restores_onto_another_mesh_and_refuses_another_base(tmp
                                                                          "qsft")["base"])
   assert lora_lib.base_checksum(base_other) == record["checksum"]
   checkpoints.check_base_record(manager, 3, record, label="qsft")
-  # another base (another seed) is refused, naming both records
-  other = lora_lib.base_record(lora_state(mesh, "qsft", opt, config=config, seed=5)["base"], "random", LORA)
+  # another base (one element of one kernel changed) is refused, naming both records
+  leaves, tree = jax.tree.flatten(state["base"])
+  changed = np.asarray(leaves[3]).copy()
+  changed.flat[5] = (changed.flat[5].astype(np.float32) * 1.01 + 1e-3).astype(changed.dtype)
+  assert changed.flat[5] != np.asarray(leaves[3]).flat[5]
+  leaves[3] = jax.device_put(changed, leaves[3].sharding)
+  other = lora_lib.base_record(jax.tree.unflatten(tree, leaves), "random", LORA)
   assert other["checksum"] != record["checksum"]
   with pytest.raises(ConfigError, match=f"{record['checksum']}.*{other['checksum']}"):
     checkpoints.check_base_record(manager, 3, other, label="qsft")
@@ -366,3 +373,41 @@ def test_targets_matching_no_projection_are_an_error():
   main.check_lora_targets(model_config(), LORA)
   with pytest.raises(config_lib.ConfigError, match=r"model.lora.targets: 'mlp/fc\$'.*attn/q"):
     main.check_lora_targets(model_config(), lora_lib.LoraConfig(rank=2, targets=("attn/q$", "mlp/fc$")))
+
+
+def test_sampler_runs_phi_and_theta_as_adapters_over_one_base():
+  from qsft_jax.sampler import Sampler
+  # a large init std, so that the logits compared are not dominated by float noise
+  config = get_preset("tiny-llama", vocab_size=40, init_std=0.4, **SMALL)
+  mesh = one_device_mesh()
+  base = sharded.init_params_sharded(config, jax.random.key(0), mesh, RULES)
+  adapters = [sharded.init_adapters_sharded(config, LORA, jax.random.key(s), mesh, RULES) for s in (1, 2)]
+  phi, theta = ({**base, "lora": randomise_adapters(a["lora"], seed=s, std=0.2)} for s, a in enumerate(adapters))
+  sampler = Sampler(config, mesh, RULES, cache_len=32, min_prompt_bucket=8, lora=LORA)
+  placed = [sampler._place(p) for p in (phi, theta)]
+  assert all(a is b for a, b in zip(jax.tree.leaves(placed[0]["params"]), jax.tree.leaves(placed[1]["params"])))
+  prompts = [[1, 5, 6, 7], [1, 9]]
+  out = sampler.decode(phi, theta, prompts, mode="extract", beta=2.0, max_new_tokens=4, greedy=True, record=True)
+  # reference: the merged plain model, one uncached forward over each whole sequence
+  for name, params, got in (("phi", phi, out.phi_logits), ("theta", theta, out.theta_logits)):
+    merged = lora_lib.merge(params, config, LORA)
+    for i, prompt in enumerate(prompts):
+      seq = np.asarray([prompt + out.sequences()[i]], np.int32)
+      ref = np.asarray(forward(config)(merged, seq, np.arange(seq.shape[1])[None], np.ones_like(seq)))[0]
+      for t in range(out.num_generated[i]):
+        np.testing.assert_allclose(got[i, t, :config.vocab_size], ref[len(prompt) - 1 + t, :config.vocab_size],
+                                   atol=2e-4, rtol=1e-4, err_msg=name)
+
+
+def test_theta_init_picks_thetas_adapter():
+  from qsft_jax import main
+  base = {"params": "BASE"}
+  adapters = lambda offset: {"lora": f"new{offset}"}
+  phi = lambda: {"lora": "phi_trained"}
+  start = functools.partial(main.initial_lora_params, base=base, adapters=adapters, phi=phi)
+  assert start("bc", "phi") == {"params": "BASE", "lora": "new0"}
+  behaviour = {"params": "BASE", "lora": "phi_trained"}
+  assert start("qsft", "phi") == (behaviour, behaviour)
+  for init in ("phi_init", "pretrained"):  # the adapter phi started from: B = 0, the base model
+    assert start("qsft", init) == ({"params": "BASE", "lora": "new0"}, behaviour)
+  assert start("control", "fresh") == ({"params": "BASE", "lora": "new1"}, behaviour)
