@@ -121,7 +121,8 @@ def lora_costs(args, config, optimizer, mesh, rules, batch, base, full_flops, fu
   theta = {**base, **sharded.init_adapters_sharded(config, lora, jax.random.key(2), mesh, rules)}
   phi = {**base, **sharded.init_adapters_sharded(config, lora, jax.random.key(3), mesh, rules)}
   inits = {"bc": lambda: (lambda v: train_steps.init_lora_bc_state(v, optimizer, lora), (theta,)),
-           "qsft": lambda: (lambda v, f: train_steps.init_lora_qsft_state(v, f, optimizer, lora), (theta, phi))}
+           "qsft": lambda: (lambda v, f: train_steps.init_lora_qsft_state(v, f, optimizer, lora),
+                            (theta, phi))}
 
   def fresh_state(kind):
     init, inputs = inits[kind]()
@@ -146,7 +147,9 @@ def lora_costs(args, config, optimizer, mesh, rules, batch, base, full_flops, fu
   state_bytes = {}
   for kind in ("bc", "qsft"):
     init, inputs = inits[kind]()
-    with_nf4 = lambda *xs: (lambda s: {**s, "base": quant_base.quantize_base(s["base"], config, nf4)})(init(*xs))
+    def with_nf4(*xs, init=init):
+      state = init(*xs)
+      return {**state, "base": quant_base.quantize_base(state["base"], config, nf4)}
     state_bytes[kind] = [tree_bytes(jax.eval_shape(f, *x)) for f, x in
                          ((full[kind][0], full[kind][1]), (init, inputs), (with_nf4, inputs))]
   adapters = tree_bytes(theta["lora"]) // 4
@@ -155,11 +158,14 @@ def lora_costs(args, config, optimizer, mesh, rules, batch, base, full_flops, fu
             "lora_qsft_state_over_full": state_bytes["qsft"][1] / state_bytes["qsft"][0],
             "qlora_qsft_state_over_full": state_bytes["qsft"][2] / state_bytes["qsft"][0]}
   rows = [
-      (f"LoRA rank {lora.rank} ({adapters / 1e6:.2f}M adapter params): BC step time (s)", f"{times[0]:.3f}", ""),
+      (f"LoRA rank {lora.rank} ({adapters / 1e6:.2f}M adapter params): BC step time (s)", f"{times[0]:.3f}",
+       ""),
       ("LoRA Q-SFT step time (s)", f"{times[1]:.3f}", ""),
       ("LoRA Q-SFT / BC time", f"{result['lora_qsft_over_bc_time']:.3f}", ""),
-      ("LoRA Q-SFT / BC CPU time (this process)", f"{cpu[1] / cpu[0]:.3f} ({cpu[0]:.2f} s, {cpu[1]:.2f} s)", ""),
-      ("LoRA / full step time, BC and Q-SFT", f"{times[0] / full_time[0]:.3f}, {times[1] / full_time[1]:.3f}", ""),
+      ("LoRA Q-SFT / BC CPU time (this process)", f"{cpu[1] / cpu[0]:.3f} ({cpu[0]:.2f} s, {cpu[1]:.2f} s)",
+       ""),
+      ("LoRA / full step time, BC and Q-SFT",
+       f"{times[0] / full_time[0]:.3f}, {times[1] / full_time[1]:.3f}", ""),
       ("LoRA BC / Q-SFT compiled FLOPs", f"{flops[0]:.4g} / {flops[1]:.4g}", ""),
       ("LoRA Q-SFT / BC compiled FLOPs", f"{result['lora_qsft_over_bc_flops']:.3f}", "~2 (4F / 2F)"),
       ("LoRA / full compiled FLOPs, BC and Q-SFT",

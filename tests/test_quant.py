@@ -34,7 +34,8 @@ def lora(quantization, base_dtype="float32", targets=TARGETS):
 
 def init_params(config, seed=0):
   dummy = jnp.zeros((1, 1), jnp.int32)
-  return jax.jit(lambda r: nn.unbox(Transformer(config).init(r, dummy, dummy, dummy + 1)))(jax.random.key(seed))
+  init = jax.jit(lambda r: nn.unbox(Transformer(config).init(r, dummy, dummy, dummy + 1)))
+  return init(jax.random.key(seed))
 
 
 def batch(rows=2, length=7):
@@ -231,7 +232,8 @@ def test_lora_merge_reads_a_quantised_base_as_its_dequantised_weights():
   base = quantize_base(variables["params"], config, lc)
   merged = lora_lib.merge({"params": base, "lora": variables["lora"]}, config, lc)
   # W + scale * A.B from the float32 dequantised kernel, stored in the base's dtype (bf16).
-  expected = lora_lib.merge({"params": dequantize_tree(base, jnp.float32), "lora": variables["lora"]}, config, lc)
+  expected = lora_lib.merge({"params": dequantize_tree(base, jnp.float32), "lora": variables["lora"]}, config,
+                            lc)
   assert jax.tree.structure(merged) == jax.tree.structure(expected)
   jax.tree.map(lambda m, e: np.testing.assert_array_equal(m, e.astype(m.dtype)), merged, expected)
   assert merged["params"]["layers"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
@@ -248,7 +250,8 @@ def test_quantize_base_targets_and_layouts():
   abstract = jax.eval_shape(lambda p: quant_base.quantize_base(p, CONFIG, lora("nf4")), params)
   concrete = quantize_base(params, CONFIG, lora("nf4"))
   assert jax.tree.structure(abstract) == jax.tree.structure(concrete)
-  assert [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)] == [(x.shape, x.dtype) for x in jax.tree.leaves(concrete)]
+  layout = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+  assert layout(abstract) == layout(concrete)
   assert jax.tree.structure(quant_base.base_shapes(CONFIG, lora("nf4"))) == jax.tree.structure(concrete)
   scanned = stack_layers(concrete, CONFIG.num_layers)
   scan_base = quantize_base(stack_layers(params, CONFIG.num_layers), CONFIG.replace(scan_layers=True),
@@ -339,7 +342,8 @@ def test_qlora_step_runs_on_the_quantised_base_as_on_its_dequantised_weights():
   host = jax.device_get(state)  # (the steps donate their state)
   dequantised = {**host, "base": dequantize_tree(host["base"], jnp.float32)}
   batch = sharding.global_batch_from_host_local(
-      mdp_utils.random_batch(np.random.default_rng(0), 4, 16, ONE_LAYER.vocab_size), mesh, sharding.DEFAULT_RULES)
+      mdp_utils.random_batch(np.random.default_rng(0), 4, 16, ONE_LAYER.vocab_size), mesh,
+      sharding.DEFAULT_RULES)
   before = host["base"]
   _, plain_metrics = plain.step(dequantised, batch)
   new_state, metrics = program.step(state, batch)

@@ -4,8 +4,8 @@ A LoRA run never updates its base, so the base's adapted kernels may be stored q
 into dense arrays of the compute dtype where the model reads them (`dense`). Two modes:
 
 - "int8": symmetric absmax per output channel. A kernel [lead..., in..., out...] is stored as int8 codes
-  of the same shape and float32 scales [lead..., out...] = absmax over the input dims * float32(1 / 127); codes =
-  round(w / scale) (half to even), so w ~ code * scale with |error| <= scale / 2.
+  of the same shape and float32 scales [lead..., out...] = absmax over the input dims * float32(1 / 127);
+  codes = round(w / scale) (half to even), so w ~ code * scale with |error| <= scale / 2.
 - "nf4": QLoRA's 4-bit NormalFloat (Dettmers et al. 2023; the 16-value table of bitsandbytes,
   `NF4_CODEBOOK`), blockwise absmax over the flattened input dims in blocks of BLOCK_SIZE = 64 (the
   input dims are flattened row-major to n_in values per output channel and zero-padded to a multiple of
@@ -74,7 +74,8 @@ class QuantizedArray:
 
   def tree_flatten_with_keys(self):
     # Dict keys, so that paths into a quantised tree read like paths into the plain params dict.
-    children = ((jax.tree_util.DictKey("values"), self.values), (jax.tree_util.DictKey("scales"), self.scales))
+    key = jax.tree_util.DictKey
+    children = ((key("values"), self.values), (key("scales"), self.scales))
     return children, (self.mode, self.in_shape, self.out_ndim, self.dtype)
 
   @classmethod
@@ -213,7 +214,8 @@ def logical_axes(kernel_axes: Sequence[str | None], q: QuantizedArray) -> Quanti
   if lead_ndim < 0:
     raise ValueError(f"logical_axes: {names} has fewer dims than a kernel with input dims {q.in_shape} and "
                      f"{q.out_ndim} output dims")
-  lead, ins, outs = names[:lead_ndim], names[lead_ndim:lead_ndim + len(q.in_shape)], names[lead_ndim + len(q.in_shape):]
+  n_in = len(q.in_shape)
+  lead, ins, outs = names[:lead_ndim], names[lead_ndim:lead_ndim + n_in], names[lead_ndim + n_in:]
   if q.mode == "int8":
     return q.replace(names, lead + outs)
   return q.replace(lead + (ins[0], None) + outs, lead + (ins[0],) + outs)
