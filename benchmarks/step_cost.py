@@ -20,15 +20,26 @@ One model and batch (a Llama-style config with a 50k vocabulary, batch 4 x 256 b
    (full [B, L, V] logits, log_softmax and soft target), plus the check that both give the same
    value and gradient. Target: chunked / naive <= 0.25.
 
+4. LoRA (`--lora_rank`, 0 skips it; adapters on every attention and MLP projection over one frozen
+   bf16 base, qsft_jax.models.lora): the LoRA Q-SFT step against the LoRA BC step (time, compiled
+   FLOPs with one loss chunk), both against the full fine-tuning steps, and the bytes of each train
+   state (every array of the state; the full state in float32, the LoRA state with a bf16 base and
+   with an nf4 base, `model.lora.quantization`). With the base frozen, its weight gradients are never
+   formed: the analytic LoRA counts are BC 2F (forward, backward to the activations) and Q-SFT 4F
+   (theta 2F, theta_bar and phi F each) per token, plus the adapters' own small terms, so Q-SFT / BC
+   is ~2 with LoRA against 5/3 without.
+
 The table also gives the Q-SFT / BC ratio of this process's CPU time, which other processes' load
 does not inflate. Prints a table, then as the LAST line one JSON object with qsft_over_bc_time,
-bc_flops_ratio, qsft_flops_ratio, chunked_over_naive_memory. Measured figures:
+bc_flops_ratio, qsft_flops_ratio, chunked_over_naive_memory and, with LoRA, lora_qsft_over_bc_time,
+lora_qsft_over_bc_flops, lora_qsft_state_over_full, qlora_qsft_state_over_full. Measured figures:
 docs/results/benchmarks.md.
 
-    python benchmarks/step_cost.py [--batch 4] [--length 256] [--iters 7] [--chunk 64]
+    python benchmarks/step_cost.py [--batch 4] [--length 256] [--iters 7] [--chunk 64] [--lora_rank 16]
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -39,7 +50,8 @@ import numpy as np
 import optax
 
 from qsft_jax import cli, losses, sharding, train_steps
-from qsft_jax.models import sharded
+from qsft_jax.models import quant_base, sharded
+from qsft_jax.models.lora import LoraConfig
 from qsft_jax.models.config import ModelConfig, flops_per_token, param_count
 from qsft_jax.models.transformer import Transformer
 
@@ -97,6 +109,75 @@ def time_steps(steps, states, batch, iters):
   return median(times), median(cpu_times), metrics
 
 
+def tree_bytes(tree) -> int:
+  """Bytes of every array of a pytree (arrays or ShapeDtypeStructs)."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def lora_costs(args, config, optimizer, mesh, rules, batch, base, full_flops, full_time):
+  """Part 4 (module docstring): (JSON figures, table rows)."""
+  lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+  model = Transformer(config, lora=lora)
+  theta = {**base, **sharded.init_adapters_sharded(config, lora, jax.random.key(2), mesh, rules)}
+  phi = {**base, **sharded.init_adapters_sharded(config, lora, jax.random.key(3), mesh, rules)}
+  inits = {"bc": lambda: (lambda v: train_steps.init_lora_bc_state(v, optimizer, lora), (theta,)),
+           "qsft": lambda: (lambda v, f: train_steps.init_lora_qsft_state(v, f, optimizer, lora),
+                            (theta, phi))}
+
+  def fresh_state(kind):
+    init, inputs = inits[kind]()
+    shardings = train_steps.state_shardings(model, config, optimizer, mesh, rules, kind)
+    return jax.jit(init, out_shardings=shardings)(*inputs)
+
+  def steps(chunk):
+    options = train_steps.StepOptions(chunk_size=chunk)
+    return (train_steps.make_bc_step(model, config, optimizer, mesh, rules, options),
+            train_steps.make_qsft_step(model, config, optimizer, mesh, rules, options=options))
+
+  bc_one, qsft_one = steps(args.length)
+  flops = [compiled_flops(step.lower(fresh_state(kind), batch).compile())
+           for step, kind in ((bc_one, "bc"), (qsft_one, "qsft"))]
+  times, cpu, _ = time_steps(list(steps(args.chunk)), [fresh_state("bc"), fresh_state("qsft")], batch,
+                             args.iters)
+
+  # State bytes (abstract: nothing allocated): full fine-tuning, LoRA with a bf16 base, QLoRA nf4.
+  full = {"bc": (lambda p: train_steps.init_bc_state(p, optimizer), (base,)),
+          "qsft": (lambda p, f: train_steps.init_qsft_state(p, f, optimizer), (base, base))}
+  nf4 = dataclasses.replace(lora, quantization="nf4")
+  state_bytes = {}
+  for kind in ("bc", "qsft"):
+    init, inputs = inits[kind]()
+    def with_nf4(*xs, init=init):
+      state = init(*xs)
+      return {**state, "base": quant_base.quantize_base(state["base"], config, nf4)}
+    state_bytes[kind] = [tree_bytes(jax.eval_shape(f, *x)) for f, x in
+                         ((full[kind][0], full[kind][1]), (init, inputs), (with_nf4, inputs))]
+  adapters = tree_bytes(theta["lora"]) // 4
+  mb = lambda b: f"{b / 2**20:.1f}"
+  result = {"lora_qsft_over_bc_time": times[1] / times[0], "lora_qsft_over_bc_flops": flops[1] / flops[0],
+            "lora_qsft_state_over_full": state_bytes["qsft"][1] / state_bytes["qsft"][0],
+            "qlora_qsft_state_over_full": state_bytes["qsft"][2] / state_bytes["qsft"][0]}
+  rows = [
+      (f"LoRA rank {lora.rank} ({adapters / 1e6:.2f}M adapter params): BC step time (s)", f"{times[0]:.3f}",
+       ""),
+      ("LoRA Q-SFT step time (s)", f"{times[1]:.3f}", ""),
+      ("LoRA Q-SFT / BC time", f"{result['lora_qsft_over_bc_time']:.3f}", ""),
+      ("LoRA Q-SFT / BC CPU time (this process)", f"{cpu[1] / cpu[0]:.3f} ({cpu[0]:.2f} s, {cpu[1]:.2f} s)",
+       ""),
+      ("LoRA / full step time, BC and Q-SFT",
+       f"{times[0] / full_time[0]:.3f}, {times[1] / full_time[1]:.3f}", ""),
+      ("LoRA BC / Q-SFT compiled FLOPs", f"{flops[0]:.4g} / {flops[1]:.4g}", ""),
+      ("LoRA Q-SFT / BC compiled FLOPs", f"{result['lora_qsft_over_bc_flops']:.3f}", "~2 (4F / 2F)"),
+      ("LoRA / full compiled FLOPs, BC and Q-SFT",
+       f"{flops[0] / full_flops[0]:.3f}, {flops[1] / full_flops[1]:.3f}", "~2/3, ~4/5"),
+      ("BC state MB: full / LoRA / QLoRA nf4", " / ".join(mb(b) for b in state_bytes["bc"]), ""),
+      ("Q-SFT state MB: full / LoRA / QLoRA nf4", " / ".join(mb(b) for b in state_bytes["qsft"]), ""),
+      ("Q-SFT state LoRA / full, QLoRA / full",
+       f"{result['lora_qsft_state_over_full']:.3f}, {result['qlora_qsft_state_over_full']:.3f}", ""),
+  ]
+  return result, rows
+
+
 def naive_wce(hidden, unembed, row_labels, row_weights, row_mask, normaliser, vocab):
   """Dense reference: full [B, L, V] logits, log_softmax and soft target."""
   logits = jnp.einsum("bld,dv->blv", hidden, unembed, preferred_element_type=jnp.float32)
@@ -112,6 +193,7 @@ def define_flags() -> flags.FlagValues:
   flags.DEFINE_integer("length", 256, "Tokens per row.", flag_values=fv)
   flags.DEFINE_integer("iters", 7, "Timed calls.", flag_values=fv)
   flags.DEFINE_integer("chunk", 64, "Chunk size for timing and memory.", flag_values=fv)
+  flags.DEFINE_integer("lora_rank", 16, "LoRA rank of part 4 (0: skip it).", lower_bound=0, flag_values=fv)
   return fv
 
 
@@ -177,11 +259,18 @@ def main(argv=None):
   (loss_c, (dh_c, du_c)), (loss_n, (dh_n, du_n)) = chunked(hidden, unembed), naive(hidden, unembed)
   rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
 
+  # 4. LoRA: steps over one frozen base, state bytes
+  lora_rows = []
+  if args.lora_rank:
+    lora_result, lora_rows = lora_costs(args, config, optimizer, mesh, rules, batch, theta,
+                                              (bc_flops, qsft_flops), (bc_time, qsft_time))
+
   result = {
       "qsft_over_bc_time": qsft_time / bc_time,
       "bc_flops_ratio": bc_flops / bc_analytic,
       "qsft_flops_ratio": qsft_flops / qsft_analytic,
       "chunked_over_naive_memory": chunked_mem / naive_mem,
+      **(lora_result if args.lora_rank else {}),
   }
   print(f"model: llama, {param_count(config) / 1e6:.1f}M params, vocab {config.vocab_size} "
         f"(padded {config.padded_vocab_size}), batch {args.batch} x {args.length}, "
@@ -201,7 +290,7 @@ def main(argv=None):
       ("max rel. diff d hidden / d unembed", f"{rel(dh_c, dh_n):.2e} / {rel(du_c, du_n):.2e}", "float32 rounding"),
       ("BC loss / Q-SFT loss, mean target", f"{float(bc_metrics['loss']):.3f} / {float(qsft_metrics['loss']):.3f}, "
        f"{float(qsft_metrics['mean_target']):.3f}", ""),
-  ]
+  ] + lora_rows
   width = max(len(r[0]) for r in rows)
   for name, value, target in rows:
     print(f"{name:<{width}}  {value:<40} {target}")

@@ -42,6 +42,7 @@ from qsft_jax import storage
 from qsft_jax.data import check as data_check
 from qsft_jax.models import config as model_config_lib
 from qsft_jax.models import lora as lora_lib
+from qsft_jax.models import quant_base
 from qsft_jax.models import sharded
 
 
@@ -632,6 +633,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   states = {}
   if lora.enabled:
     base = lora_base(config, lora, pretrained, fresh_params)
+    if lora.quantization != "none":  # QLoRA: the targeted kernels stored int8 / nf4
+      base = quant_base.quantized_base(base, model_config, lora, mesh, rules)
     pretrained = None  # only the base (in base_dtype) is kept
     base_record = lora_lib.base_record(base, config.model.init, lora)
     for phase in config.phases:

@@ -24,6 +24,7 @@ from qsft_jax import losses
 from qsft_jax import sharding as qsharding
 from qsft_jax import train_steps
 from qsft_jax.models.config import ModelConfig
+from qsft_jax.models import quant_base
 from qsft_jax.models.lora import LoraConfig
 from qsft_jax.models.transformer import Transformer
 
@@ -113,6 +114,16 @@ def _store_frozen(state: dict, dtypes: dict[str, jnp.dtype | None]) -> dict:
   return {**state, **{k: cast(state[k], dtype) for k, dtype in dtypes.items()}}
 
 
+def _quantized_base(init_state: Callable[[Any], dict], model_config: ModelConfig,
+                    lora: LoraConfig) -> Callable[[Any], dict]:
+  """init_state with the LoRA state's base quantised (QLoRA, model.lora.quantization int8 / nf4): its
+  targeted kernels stored as `quant.QuantizedArray`s, the rest in base_dtype (`quant_base.quantize_base`)."""
+  def init(params):
+    state = init_state(params)
+    return {**state, "base": quant_base.quantize_base(state["base"], model_config, lora)}
+  return init
+
+
 @dataclasses.dataclass(frozen=True)
 class PhaseProgram:
   """One phase's compiled pieces.
@@ -176,5 +187,7 @@ def build(config: ml_collections.ConfigDict, phase: str, model_config: ModelConf
     init_state = lambda params: _store_frozen(
         train_steps.init_qsft_state(params[0], params[1], optimizer), frozen)
   shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, kind)
+  if lora is not None and lora.quantization != "none":
+    init_state = _quantized_base(init_state, model_config, lora)
   return PhaseProgram(phase=phase, kind=kind, model=model, optimizer=optimizer, schedule=schedule,
                       step=step, init_state=init_state, state_shardings=shardings, lora=lora)

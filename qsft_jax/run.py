@@ -58,6 +58,7 @@ from qsft_jax import storage
 from qsft_jax.data import DataConfig
 from qsft_jax.errors import UserError
 from qsft_jax.models import lora as lora_lib
+from qsft_jax.models import quant_base
 from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig, get_preset
 from qsft_jax.models.lora import LoraConfig
@@ -518,7 +519,10 @@ def lora_base(config: ml_collections.ConfigDict, model_config: ModelConfig, lora
     from qsft_jax.models.weights import load_params
     _, params = load_params(config.model.init, mesh, rules, **config.model.overrides.to_dict())
   params = params if "params" in params else {"params": params}
-  return jax.jit(lambda b: lora_lib.store_base(b, lora))({"params": params["params"]})
+  base = jax.jit(lambda b: lora_lib.store_base(b, lora))({"params": params["params"]})
+  if lora.quantization != "none":  # QLoRA: the targeted kernels stored int8 / nf4, as the trainer does
+    base = quant_base.quantized_base(base, model_config, lora, mesh, rules)
+  return base
 
 
 def load(workdir: str, mesh=None, rules=None) -> Run:

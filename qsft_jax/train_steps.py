@@ -38,6 +38,7 @@ from qsft_jax import sharding as qsharding
 from qsft_jax.errors import ConfigError
 from qsft_jax.models import sharded
 from qsft_jax.models import lora as lora_lib
+from qsft_jax.models import quant_base
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.lora import LoraConfig
 from qsft_jax.models.transformer import unembedding
@@ -139,6 +140,8 @@ def state_shardings(model: nn.Module, model_config: ModelConfig, optimizer: opta
   base = None
   if lora_lib.COLLECTION in params:
     base = {"params": params["params"]}
+    if model.lora.quantization != "none":  # QLoRA: the quantised base of phases.build's init_state
+      base = quant_base.base_shardings(model_config, model.lora, mesh, rules)
     params, shapes = ({lora_lib.COLLECTION: t[lora_lib.COLLECTION]} for t in (params, shapes))
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(optimizer.init, shapes)

@@ -288,6 +288,10 @@ def test_parse_oom_message():
   oom = costs.parse_oom(msg)
   assert oom["used_bytes"] == int(20.61 * 2**30) and oom["limit_bytes"] == int(15.75 * 2**30)
   assert costs.parse_oom("no such message") == {}
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+         "(25.17G) exceeds available HBM (15.75G).")
+  assert costs.parse_oom(msg) == {"used_bytes": int(25.17 * 2**30), "limit_bytes": int(15.75 * 2**30),
+                                  "temporaries_only": True}
 
 
 @pytest.mark.parametrize("kind", ["bc", "qsft"])

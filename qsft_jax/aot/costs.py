@@ -336,17 +336,26 @@ def roofline(chip: Chip, flops: float, hbm_bytes: float, ici_bytes: float, dcn_b
 
 
 _OOM_USED = re.compile(r"Used ([\d.]+)([KMGT]?)(?:i?B)? of ([\d.]+)([KMGT]?)(?:i?B)? (?:hbm|HBM)")
+# The form of a program whose temporaries alone exceed HBM (refused before buffer assignment).
+_OOM_TEMPS = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)(?:i?B)?\) exceeds "
+                        r"available HBM \(([\d.]+)([KMGT]?)(?:i?B)?\)")
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def parse_oom(message: str) -> dict:
   """{"used_bytes", "limit_bytes"} from the TPU compiler's RESOURCE_EXHAUSTED message ("Ran out of
-  memory in memory space hbm. Used 20.61G of 15.75G hbm. Exceeded hbm capacity by 4.86G."); {} if absent."""
+  memory in memory space hbm. Used 20.61G of 15.75G hbm. Exceeded hbm capacity by 4.86G."), or
+  {"used_bytes" (the temporaries only, a lower bound), "limit_bytes", "temporaries_only": True} from
+  "... the total memory required for HLO temporaries (25.17G) exceeds available HBM (15.75G)"; {} if
+  neither."""
   m = _OOM_USED.search(message)
+  temps = m is None
+  m = m or _OOM_TEMPS.search(message)
   if not m:
     return {}
-  return {"used_bytes": int(float(m.group(1)) * _UNITS[m.group(2)]),
-          "limit_bytes": int(float(m.group(3)) * _UNITS[m.group(4)])}
+  out = {"used_bytes": int(float(m.group(1)) * _UNITS[m.group(2)]),
+         "limit_bytes": int(float(m.group(3)) * _UNITS[m.group(4)])}
+  return {**out, "temporaries_only": True} if temps else out
 
 
 

@@ -166,6 +166,7 @@ def _oom_figures(kind: str, chip: Chip, error: Exception, compile_s: float) -> d
   return {"step": kind, "fits": False, "error": head[:400], "oom_message": msg[:4000],
           "peak_bytes": used, "hbm_bytes": chip.hbm_bytes, "hbm_limit_bytes": oom.get("limit_bytes", 0),
           "over_bytes": used - oom["limit_bytes"] if oom else 0,
+          "temporaries_only": bool(oom.get("temporaries_only")),
           "compile_s": round(compile_s, 1), "compile_s_with_probes": round(compile_s, 1)}
 
 
@@ -185,7 +186,7 @@ def compile_step(kind: str, config: ml_collections.ConfigDict, target: Target, m
   except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is handled
     if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
       raise
-    return _oom_figures(kind, chip, e, time.time() - t0)
+    return {**_oom_figures(kind, chip, e, time.time() - t0), "probes": target.probes}
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
@@ -265,6 +266,10 @@ def run(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
          "behaviour_dtype": config.qsft.behaviour_dtype or mc.param_dtype,
          "mu_dtype": config.qsft.mu_dtype or mc.param_dtype,
          "nu_dtype": config.qsft.nu_dtype or mc.param_dtype, "steps": {}}
+  lora = config.model.lora if "lora" in config.model else None
+  if lora is not None and lora.rank > 0:  # LoRA: adapters of this rank over one frozen base
+    out["lora"] = {"rank": lora.rank, "base_dtype": lora.base_dtype or mc.param_dtype,
+                   "quantization": lora.quantization}
   for i, kind in enumerate(target.steps, 1):
     with progress.timed(f"aot: step {i}/{len(target.steps)}: {kind}", heartbeat=False):
       out["steps"][kind] = compile_step(kind, config, target, mesh, chip)

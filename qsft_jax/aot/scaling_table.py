@@ -49,6 +49,7 @@ class Row:
   topology: str = ""  # "": the config file's AOT_TOPOLOGY
   num_slices: int = 0  # 0: the config file's AOT_NUM_SLICES
   same_bc: str = ""
+  full_ft: str = ""  # LoRA rows: the row of full fine-tuning on the same slice, batch and length
 
   def args(self, run: Compile) -> list[str]:
     """The flags of `python -m qsft_jax.aot` for one compile of the row."""
@@ -63,6 +64,8 @@ class Row:
 
 
 BATCH_16 = ("bc.batch_size=16", "qsft.batch_size=16")
+BATCH_8 = ("bc.batch_size=8", "qsft.batch_size=8")
+BATCH_64 = ("bc.batch_size=64", "qsft.batch_size=64")
 BF16_FROZEN = ("qsft.target_dtype=bfloat16", "qsft.behaviour_dtype=bfloat16")
 ROWS: dict[str, Row] = {
     "135m-v5e4": Row("configs/pod_smollm2_135m.py", (Compile("bc,qsft,decode"),)),
@@ -77,6 +80,15 @@ ROWS: dict[str, Row] = {
                                 same_bc="8b-v5p128"),
     "70b-v5p128-bf16frozen": Row("configs/pod_llama_70b.py", (Compile("qsft", False),), BF16_FROZEN,
                                  same_bc="70b-v5p128"),
+    # Full fine-tuning on the slices of the LoRA rows, for their memory.
+    "8b-v5e8": Row("configs/pod_llama3_8b.py", (Compile("qsft", False),), BATCH_8, topology="v5e:2x4"),
+    "8b-v4-4": Row("configs/pod_llama3_8b.py", (Compile("qsft", False),), BATCH_8, topology="v4:2x2x1"),
+    "70b-v6e64": Row("configs/pod_llama_70b.py", (Compile("qsft", False),), BATCH_64, topology="v6e:8x8"),
+    # LoRA (one frozen base, adapters for phi, theta and theta_bar) and QLoRA (an nf4 base).
+    "8b-v5e8-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft", False),), full_ft="8b-v5e8"),
+    "8b-v4-4-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft", False),), topology="v4:2x2x1",
+                        full_ft="8b-v4-4"),
+    "70b-v6e64-qlora": Row("configs/pod_llama_70b_qlora.py", (Compile("qsft", False),), full_ft="70b-v6e64"),
 }
 
 SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "collective-permute": "CP",
@@ -214,7 +226,9 @@ def summary_table(results: dict) -> list[str]:
       cells += ["yes" if q["fits"] else "**no**", f"{_gib(q['peak_bytes'])} ({_gib(q['argument_bytes'])} + "
                 f"{_gib(q['temp_bytes'])}) of {_gib(q['hbm_bytes'])}"]
     elif q:
-      cells += ["**no**", f"needs {_gib(q['peak_bytes'])} of {_gib(q['hbm_limit_bytes'])} usable "
+      needs = "needs > " if q.get("temporaries_only") else "needs "
+      what = " in temporaries alone" if q.get("temporaries_only") else ""
+      cells += ["**no**", f"{needs}{_gib(q['peak_bytes'])}{what} of {_gib(q['hbm_limit_bytes'])} usable "
                 f"({_gib(q['over_bytes'])} over)"]
     else:
       cells += ["-", "-"]
@@ -289,9 +303,45 @@ def qsft_over_bc_table(results: dict) -> list[str]:
   return out
 
 
+def _memory_cell(s: dict | None) -> str:
+  """A step's peak per chip: "peak (args + temp)" when it fits, else what the compiler asked for."""
+  if not s:
+    return "-"
+  if _built(s):
+    return f"{_gib(s['peak_bytes'])} ({_gib(s['argument_bytes'])} + {_gib(s['temp_bytes'])})" + (
+        "" if s["fits"] else " **does not fit**")
+  more = "> " if s.get("temporaries_only") else ""
+  what = " in temporaries alone" if s.get("temporaries_only") else ""
+  return f"**does not fit**: needs {more}{_gib(s['peak_bytes'])}{what} of {_gib(s['hbm_limit_bytes'])} usable"
+
+
+def lora_table(results: dict) -> list[str]:
+  """LoRA rows against full fine-tuning of the same model on the same slice, batch and length."""
+  out = ["| row | adapters, base | slice | batch x L | LoRA Q-SFT GiB/chip (args + temp) "
+         "| full fine-tuning row | full fine-tuning Q-SFT GiB/chip | full fine-tuning state GiB/chip |",
+         "|" + "---|" * 8]
+  for name, row in ROWS.items():
+    if not row.full_ft:
+      continue
+    r, full = results.get(name), results.get(row.full_ft)
+    if r is None or "error" in r:
+      out.append(_line([name, "not compiled" if r is None else r["error"][:300]] + [""] * 6))
+      continue
+    lora = r.get("lora", {})
+    base = lora.get("quantization", "none")
+    base = lora.get("base_dtype", "?") if base == "none" else base
+    steps, full_steps = r["steps"], (full or {}).get("steps", {})
+    # Full fine-tuning's state: theta, theta_bar, phi and two AdamW moments in float32 (the pod configs).
+    full_state = 5 * 4 * r["params"] / r["chips"]
+    out.append(_line([
+        name, f"rank {lora.get('rank', '?')}, {base} base", f"{r['topology']} ({r['chips']} chips)",
+        f"{r['batch']} x {r['seq']}", _memory_cell(steps.get("qsft")), row.full_ft, _memory_cell(full_steps.get("qsft")), _gib(full_state)]))
+  return out
+
+
 TABLES: dict[str, Callable[[dict], list[str]]] = {
     "summary": summary_table, "commands": commands_list, "steps": steps_table,
-    "qsft_over_bc": qsft_over_bc_table}
+    "qsft_over_bc": qsft_over_bc_table, "lora": lora_table}
 
 
 def render(doc: str, results: dict) -> str:

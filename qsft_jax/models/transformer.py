@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qsft_jax.models import quant
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.sharding import logical_constraint
 
@@ -82,13 +83,19 @@ def _normal(config: ModelConfig):
 
 
 def _param(module: nn.Module, name: str, shape, axes, init):
+  stored = module.get_variable("params", name) if module.has_variable("params", name) else None
+  if isinstance(stored, quant.QuantizedArray):
+    # A quantised frozen-base kernel (qsft_jax.models.quant), made dense where it is read (`_dense`).
+    # Read directly: module.param would compare its stored arrays' shapes with the kernel's.
+    return stored
   dtype = jnp.dtype(module.config.param_dtype)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
 def _dense(kernel, dtype) -> jax.Array:
-  """A stored kernel as a dense array of the compute dtype (the one place a projection reads it)."""
-  return kernel.astype(dtype)
+  """A stored kernel (an array, or a quantised `quant.QuantizedArray`) as a dense array of the compute
+  dtype (the one place a projection reads it)."""
+  return quant.dense(kernel, dtype)
 
 
 def _lora_of(module: nn.Module):
