@@ -171,21 +171,18 @@ def build(config: ml_collections.ConfigDict, phase: str, model_config: ModelConf
     init_state = lambda params: train_steps.init_bc_state(params, optimizer)
     if lora is not None:
       init_state = lambda variables: train_steps.init_lora_bc_state(variables, optimizer, lora)
-  elif lora is not None:
-    step = train_steps.make_qsft_step(model, model_config, optimizer, mesh, rules,
-                                      losses.TargetConfig.from_config(config, phase),
-                                      target_update(config), options)
-    frozen = jnp.dtype(config.qsft.frozen_dtype) if config.qsft.frozen_dtype else None
-    init_state = lambda variables: _store_frozen(
-        train_steps.init_lora_qsft_state(variables[0], variables[1], optimizer, lora), frozen)
   else:
     step = train_steps.make_qsft_step(model, model_config, optimizer, mesh, rules,
                                       losses.TargetConfig.from_config(config, phase),
                                       target_update(config), options)
     frozen = {"target_params": storage_dtype(config.qsft.target_dtype),
               "behaviour_params": storage_dtype(config.qsft.behaviour_dtype)}
-    init_state = lambda params: _store_frozen(
-        train_steps.init_qsft_state(params[0], params[1], optimizer), frozen)
+    if lora is None:
+      init_state = lambda params: _store_frozen(
+          train_steps.init_qsft_state(params[0], params[1], optimizer), frozen)
+    else:  # each of theta, phi is {"params": base, "lora": adapters}; the adapters take the dtypes
+      init_state = lambda variables: _store_frozen(
+          train_steps.init_lora_qsft_state(variables[0], variables[1], optimizer, lora), frozen)
   shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, kind)
   if lora is not None and lora.quantization != "none":
     init_state = _quantized_base(init_state, model_config, lora)
