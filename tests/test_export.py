@@ -1,0 +1,305 @@
+"""`python -m qsft_jax.export`: the exported folders against transformers and PEFT (PyTorch), the
+extraction record against the run's config, the refusals, two processes, a gs:// --out.
+
+Relative error := max |ours - ref| / max |ref| (as in test_golden.py); bar < 1e-4 in float32.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is the reference for exported folders (test-only dependency)")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+from qsft_jax import checkpoints, cli, export  # noqa: E402
+from qsft_jax import run as run_lib  # noqa: E402
+from qsft_jax.models import weights  # noqa: E402
+from qsft_jax.models.transformer import Transformer, stack_layers  # noqa: E402
+from qsft_jax.tokenizers import CharTokenizer  # noqa: E402
+from test_analysis import init_params, make_workdir  # noqa: E402
+from test_weights import CONFIGS, random_params, relative_error  # noqa: E402
+import trainer_utils as tu  # noqa: E402
+
+MAX_REL_ERR = 1e-4
+PROG = "python -m qsft_jax.export"
+# The evaluation results the fixture's workdir holds: Q-SFT's best mean return is at beta 4.
+RESULTS = {"env": "maze", "episodes": 8, "policies": {
+    "bc": {"mean_return": -9.0, "beta": 0.0}, "qsft_beta1": {"mean_return": -7.0, "beta": 1.0},
+    "qsft_beta4": {"mean_return": -5.0, "beta": 4.0}, "qsft_beta16": {"mean_return": -6.0, "beta": 16.0},
+    "ratio": {"mean_return": -8.0, "beta": None}}}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """make_workdir's run, with a second Q-SFT checkpoint (step 2, another theta) as the final one and
+  evaluation results."""
+  path = str(tmp_path_factory.mktemp("run"))
+  made = make_workdir(path, steps=2)
+  theta2 = init_params(made["model_config"], jax.random.key(2))
+  manager = checkpoints.make_manager(path, "qsft", made["config"])
+  checkpoints.save(manager, 2, {"step": 2, "params": theta2, "target_params": theta2,
+                                "behaviour_params": made["phi"]})
+  manager.wait_until_finished()
+  manager.close()
+  checkpoints.mark_done(path, "qsft", 2)
+  os.rename(os.path.join(path, "bc", "checkpoints", "1"), os.path.join(path, "bc", "checkpoints", "2"))
+  checkpoints.mark_done(path, "bc", 2)
+  os.makedirs(os.path.join(path, "eval"))
+  with open(os.path.join(path, "eval", "results.json"), "w") as f:
+    json.dump(RESULTS, f)
+  return path, dict(made, theta2=theta2)
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, tmp_path_factory):
+  path, _ = workdir
+  out = str(tmp_path_factory.mktemp("export") / "out")
+  assert export.main(["export", f"--workdir={path}", f"--out={out}", "--max_shard_size=20KB"]) == 0
+  return out
+
+
+def our_logits(model_config, params, ids):
+  positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+  logits = jax.jit(Transformer(model_config).apply)(params, ids, positions, np.ones_like(ids))
+  return np.asarray(logits)[..., :model_config.vocab_size]
+
+
+def torch_logits(model, ids):
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+
+
+def load_model(folder):
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      str(folder), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def token_ids(tokenizer, texts):
+  rows = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
+  return np.array([r[:min(map(len, rows))] for r in rows], np.int32)
+
+
+TEXTS = ["Maze. Reach G. Moves: u d l r.\n#,0,1\n", "u\nd\nr\nMaze 12, 3.\n"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The run's policy in transformers
+
+
+@pytest.mark.parametrize("name", ["phi", "theta"])
+def test_exported_folders_give_our_logits_in_transformers(workdir, exported, name):
+  path, made = workdir
+  params = {"phi": made["phi"], "theta": made["theta2"]}[name]  # theta: the final checkpoint's
+  folder = os.path.join(exported, name)
+  index = json.load(open(os.path.join(folder, weights.SAFETENSORS_INDEX)))
+  assert len(set(index["weight_map"].values())) > 2  # 20KB shards: the index is what loads
+  assert not os.path.exists(os.path.join(folder, "model.safetensors"))
+  ids = token_ids(made["tokenizer"], TEXTS)
+  ref = torch_logits(load_model(folder), ids)
+  err = relative_error(our_logits(made["model_config"], params, ids), ref)
+  assert err < MAX_REL_ERR, f"{name}: relative error {err:.2e}"
+
+
+def test_the_tokenizer_files_encode_as_the_runs_char_tokenizer(workdir, exported):
+  _, made = workdir
+  hf = transformers.AutoTokenizer.from_pretrained(os.path.join(exported, "theta"))
+  text = "Maze. Reach G.\n  #,0 1\n?Z"  # "?" and "Z" lie outside the alphabet: unk
+  ids = hf(text, add_special_tokens=False)["input_ids"]
+  assert ids == made["tokenizer"].encode(text) and CharTokenizer.UNK in ids
+  assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
+  assert hf.decode(made["tokenizer"].encode("u d\nr")) == "u d\nr"
+
+
+def test_one_file_below_the_size_limit_and_an_older_step(workdir, tmp_path):
+  path, made = workdir
+  out = str(tmp_path / "out")
+  assert export.main(["export", f"--workdir={path}", f"--out={out}", "--step=1"]) == 0
+  assert sorted(os.listdir(os.path.join(out, "theta"))) == [
+      "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+  ids = token_ids(made["tokenizer"], TEXTS)
+  ref = torch_logits(load_model(os.path.join(out, "theta")), ids)
+  assert relative_error(our_logits(made["model_config"], made["theta"], ids), ref) < MAX_REL_ERR
+  assert json.load(open(os.path.join(out, "extraction.json")))["checkpoint_steps"] == {"phi": 2, "theta": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# extraction.json
+
+
+def test_extraction_record_holds_the_runs_settings(workdir, exported):
+  path, made = workdir
+  config = made["config"]
+  record = json.load(open(os.path.join(exported, "extraction.json")))
+  assert record["beta"] == 4.0 and "results.json" in record["beta_source"]  # the best of RESULTS
+  assert record["betas"] == list(config.eval.betas)
+  assert record["evaluation"] == {"bc": -9.0, "qsft_beta1": -7.0, "qsft_beta4": -5.0, "qsft_beta16": -6.0,
+                                  "ratio": -8.0}
+  assert record["support_min"] == config.qsft.support_min
+  assert record["dummy_token"] is None and config.qsft.dummy_token == -1
+  assert record["max_new_tokens"] == config.eval.max_new_tokens
+  assert record["stop"]["strings"] == ["\n"]
+  assert record["stop"]["token_ids"] == [made["tokenizer"].encode("\n")[0]]
+  assert record["suppressed_token_ids"] == [0, 1, 2]
+  assert record["tokenizer"]["spec"] == "char" and record["tokenizer"]["alphabet"] == made["tokenizer"].alphabet
+  assert record["vocab_size"] == made["model_config"].vocab_size
+  assert record["checkpoint_steps"] == {"phi": 2, "theta": 2} and record["phase"] == "qsft"
+  assert "exp(beta * p_theta" in record["policy"] and "docs/algorithm.md" in record["reference"]
+  assert record["lora"] is None
+  assert record["prompt"]["observation_template"] == config.data.get("observation_template", "{text}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals: one line each
+
+
+def run_cli(argv, capsys):
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    cli.run(export.main, ["export", *argv])
+  err = capsys.readouterr().err
+  return exit_.value.code, err
+
+
+def test_bad_input_is_one_line(workdir, exported, tmp_path, capsys):
+  path, _ = workdir
+  unfinished = str(tmp_path / "unfinished")
+  shutil.copytree(path, unfinished)
+  os.remove(os.path.join(unfinished, "qsft", "DONE"))
+  nonempty = tmp_path / "full"
+  nonempty.mkdir()
+  (nonempty / "notes.txt").write_text("mine")
+  cases = [
+      ([f"--workdir={tmp_path}/none", f"--out={tmp_path}/o1"], 2, "--workdir=", "no such directory"),
+      ([f"--workdir={path}", f"--out={path}/export"], 2, "is inside --workdir", ""),
+      ([f"--workdir={path}", f"--out={nonempty}"], 2, "exists and is not empty", "--overwrite"),
+      ([f"--workdir={path}", f"--out={tmp_path}/o2", "--step=7"], 2, "--step=7", "steps: 1, 2"),
+      ([f"--workdir={path}", f"--out={tmp_path}/o3", "--max_shard_size=big"], 2, "--max_shard_size", ""),
+      ([f"--workdir={path}", f"--out={tmp_path}/o4", "--phase=control"], 1, "no 'control' phase", ""),
+      ([f"--workdir={unfinished}", f"--out={tmp_path}/o5"], 1, "unfinished phases: qsft",
+       "--allow_unfinished"),
+  ]
+  for argv, code, *fragments in cases:
+    got, err = run_cli(argv, capsys)
+    assert got == code and err.count("\n") == 1 and err.startswith(f"FATAL: {PROG}: "), (argv, err)
+    assert all(f in err for f in fragments), (argv, err)
+  assert not os.path.exists(f"{tmp_path}/o5")
+  assert export.main(["export", f"--workdir={unfinished}", f"--out={tmp_path}/o5",
+                      "--allow_unfinished"]) == 0
+  # --overwrite replaces this program's entries and keeps the rest
+  assert export.main(["export", f"--workdir={path}", f"--out={nonempty}", "--overwrite"]) == 0
+  assert sorted(os.listdir(nonempty)) == ["extraction.json", "notes.txt", "phi", "theta"]
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA adapters in PEFT's format, on a synthetic adapter tree of the fixed layout
+
+
+def adapter_tree(params, rank, modules, seed=3):
+  """{layers_i: {attn|mlp: {name: {lora_a [in..., r], lora_b [r, out...]}}}} for the kernels at
+  `modules` (("attn", "q"), ...) of every layer; both factors random (nonzero)."""
+  rng = np.random.default_rng(seed)
+  tree = {}
+  for layer, sub in params.items():
+    if not layer.startswith("layers_"):
+      continue
+    for block, name in modules:
+      kernel = sub[block][name]["kernel"]
+      split = 2 if (block, name) == ("attn", "o") else 1  # o: [H, Dh | D]; q, k, v: [D | H, Dh]
+      a = 0.3 * rng.standard_normal(kernel.shape[:split] + (rank,)).astype(np.float32)
+      b = 0.3 * rng.standard_normal((rank,) + kernel.shape[split:]).astype(np.float32)
+      tree.setdefault(layer, {}).setdefault(block, {})[name] = {"lora_a": a, "lora_b": b}
+  return tree
+
+
+def merged(params, adapters, scale):
+  """W + scale * A.B for every adapted kernel (numpy, the reference)."""
+  out = jax.tree.map(np.copy, params)
+  for layer, blocks in adapters.items():
+    for block, names in blocks.items():
+      for name, ab in names.items():
+        kernel = out[layer][block][name]["kernel"]
+        split = ab["lora_a"].ndim - 1
+        out[layer][block][name]["kernel"] = kernel + scale * np.tensordot(ab["lora_a"], ab["lora_b"], 1)
+        assert out[layer][block][name]["kernel"].shape == kernel.shape and split >= 1
+  return out
+
+
+class Lora:  # the LoraConfig fields export reads
+  rank, alpha = 4, 8.0
+  scale = alpha / rank
+  targets = ()
+
+
+MODULES = {"llama": [("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"), ("mlp", "gate"),
+                     ("mlp", "up"), ("mlp", "down")],
+           # c_attn with q and v adapted (a zero block for k); attn.c_proj only, not mlp.c_proj
+           "gpt2": [("attn", "q"), ("attn", "v"), ("attn", "o"), ("mlp", "up")]}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_peft_adapter_on_the_base_gives_the_merged_model(name, tmp_path):
+  peft = pytest.importorskip("peft")
+  config = CONFIGS[name]
+  base = random_params(config)
+  adapters = adapter_tree(base, Lora.rank, MODULES[name])
+  weights.export_hf_folder(base, config, tmp_path / "base")
+  weights.export_hf_folder(merged(base, adapters, Lora.scale), config, tmp_path / "merged")
+  export.export_adapter({"lora": adapters}, config, Lora, str(tmp_path / "adapter"), "hf:base")
+  adapter_config = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+  assert adapter_config["peft_type"] == "LORA" and adapter_config["task_type"] == "CAUSAL_LM"
+  assert (adapter_config["r"], adapter_config["lora_alpha"]) == (Lora.rank, Lora.alpha)
+
+  ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 12)).astype(np.int32)
+  want = torch_logits(load_model(tmp_path / "merged"), ids)
+  model = peft.PeftModel.from_pretrained(load_model(tmp_path / "base"), str(tmp_path / "adapter")).eval()
+  adapted = [n for n, _ in model.named_modules() if n.endswith("lora_A.default")]
+  per_layer = 3 if name == "gpt2" else 7  # c_attn, attn.c_proj, mlp.c_fc
+  assert len(adapted) == per_layer * config.num_layers, adapted
+  err = relative_error(torch_logits(model, ids), want)
+  assert err < MAX_REL_ERR, f"{name}: PEFT on the base vs the merged folder: relative error {err:.2e}"
+
+  # the merged folder's tensors are the base's plus scaling * lora_B @ lora_A, file against file
+  base_t = load_file(str(tmp_path / "base" / "model.safetensors"))
+  merged_t = load_file(str(tmp_path / "merged" / "model.safetensors"))
+  lora_t = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+  prefix = weights.PEFT_PREFIX
+  changed = set()
+  for key in lora_t:
+    if key.endswith("lora_A.weight"):
+      module = key[len(prefix):-len(".lora_A.weight")]
+      a, b = lora_t[key], lora_t[key.replace("lora_A", "lora_B")]
+      delta = Lora.scale * (b @ a)  # [out, in]
+      if name == "gpt2":
+        delta = delta.T  # Conv1D stores [in, out]
+      np.testing.assert_allclose(merged_t[module + ".weight"], base_t[module + ".weight"] + delta,
+                                 rtol=1e-5, atol=1e-6, err_msg=module)
+      changed.add(module + ".weight")
+  for key in base_t.keys() - changed:
+    np.testing.assert_array_equal(merged_t[key], base_t[key], err_msg=key)
+
+
+def test_scanned_adapters_give_the_same_peft_tensors():
+  config = CONFIGS["llama"]
+  adapters = adapter_tree(random_params(config), 2, MODULES["llama"])
+  plain, ranks = weights.hf_adapter_tensors({"lora": adapters}, config)
+  scanned, _ = weights.hf_adapter_tensors(stack_layers(adapters, config.num_layers), config.replace(scan_layers=True))
+  assert plain.keys() == scanned.keys() and set(ranks.values()) == {2}
+  for key in plain:
+    np.testing.assert_array_equal(plain[key], scanned[key], err_msg=key)
+  assert "base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight" in plain
+  assert plain["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"].shape == (2, config.d_model)
+  assert plain["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (
+      config.num_heads * config.head_dim, 2)
+
+
+def test_target_modules():
+  names = [f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.q_proj", "mlp.up_proj")]
+  assert export.peft_target_modules(names) == ["mlp.up_proj", "self_attn.q_proj"]
+  assert export.peft_target_modules(names[:3]) == sorted(names[:3])  # mlp.up_proj of layer 1 only
