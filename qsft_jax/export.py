@@ -432,8 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   dtype=fv.dtype, base=fv.base)
   if jax.process_index() == 0:
     beta = "none chosen (no evaluation results)" if record["beta"] is None else f"{record['beta']:g}"
+    spread = sum(not x.is_fully_addressable for x in jax.tree.leaves(loaded.behaviour_params)
+                 if isinstance(x, jax.Array))
+    gathered = f"; phi's arrays gathered from {jax.process_count()} processes: {spread}" if spread else ""
     print(f"export: {workdir} -> {out}: phi (step {record['checkpoint_steps']['phi']}), theta of "
-          f"{fv.phase} (step {record['checkpoint_steps']['theta']}), beta {beta}", flush=True)
+          f"{fv.phase} (step {record['checkpoint_steps']['theta']}), beta {beta}{gathered}", flush=True)
   return 0
 
 

@@ -303,3 +303,48 @@ def test_target_modules():
   names = [f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.q_proj", "mlp.up_proj")]
   assert export.peft_target_modules(names) == ["mlp.up_proj", "self_attn.q_proj"]
   assert export.peft_target_modules(names[:3]) == sorted(names[:3])  # mlp.up_proj of layer 1 only
+
+
+# ------------------------------------------------------------------------------------------------
+# Two processes
+
+
+def test_two_processes_export_what_one_does(workdir, exported, tmp_path):
+  """Two processes under jax.distributed (2 x 4 CPU devices, gloo) load the run sharded over all 8
+  devices, gather each array and write from process 0 alone: the same files as one process."""
+  from test_multiprocess import free_port
+  path, _ = workdir
+  out = str(tmp_path / "out")
+  port = free_port()
+  procs = []
+  for i in range(2):
+    env = tu.subprocess_env(device_count=4, QSFT_CPU_COLLECTIVES="gloo")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "qsft_jax.export", f"--workdir={path}", f"--out={out}",
+         "--max_shard_size=20KB", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}"],
+        cwd=tu.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  try:
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(logs)
+  assert "export: " in logs[0] and "export: " not in logs[1]  # process 0 reports (and writes)
+  assert "arrays gathered from 2 processes" in logs[0], logs[0]  # sharded over both
+  for root, _, files in os.walk(exported):
+    rel = os.path.relpath(root, exported)
+    there = os.path.join(out, rel)
+    assert sorted(f for f in os.listdir(there) if os.path.isfile(os.path.join(there, f))) == sorted(files), rel
+    for name in files:
+      a, b = os.path.join(root, name), os.path.join(out, rel, name)
+      if name.endswith(".safetensors"):
+        x, y = load_file(a), load_file(b)
+        assert x.keys() == y.keys()
+        for key in x:
+          np.testing.assert_array_equal(x[key], y[key], err_msg=f"{rel}/{name}: {key}")
+      elif name != "extraction.json":
+        assert open(a, "rb").read() == open(b, "rb").read(), f"{rel}/{name}"
+  record, one = (json.load(open(os.path.join(d, "extraction.json"))) for d in (out, exported))
+  assert record == one
