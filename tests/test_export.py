@@ -23,7 +23,7 @@ from qsft_jax import run as run_lib  # noqa: E402
 from qsft_jax.models import weights  # noqa: E402
 from qsft_jax.models.transformer import Transformer, stack_layers  # noqa: E402
 from qsft_jax.tokenizers import CharTokenizer  # noqa: E402
-from test_analysis import init_params, make_workdir  # noqa: E402
+from test_analysis import make_workdir  # noqa: E402
 from test_weights import CONFIGS, random_params, relative_error  # noqa: E402
 import trainer_utils as tu  # noqa: E402
 
@@ -38,14 +38,15 @@ RESULTS = {"env": "maze", "episodes": 8, "policies": {
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """make_workdir's run, with a second Q-SFT checkpoint (step 2, another theta) as the final one and
-  evaluation results."""
+  """make_workdir's run, with a second Q-SFT checkpoint (step 2: another theta, and a phi2 read as
+  phi from it) as the final one, and evaluation results. phi2 and theta2 have larger weights than
+  an initialisation, so that their greedy actions vary."""
   path = str(tmp_path_factory.mktemp("run"))
   made = make_workdir(path, steps=2)
-  theta2 = init_params(made["model_config"], jax.random.key(2))
+  phi2, theta2 = ({"params": random_params(made["model_config"], seed)} for seed in (2, 3))
   manager = checkpoints.make_manager(path, "qsft", made["config"])
   checkpoints.save(manager, 2, {"step": 2, "params": theta2, "target_params": theta2,
-                                "behaviour_params": made["phi"]})
+                                "behaviour_params": phi2})
   manager.wait_until_finished()
   manager.close()
   checkpoints.mark_done(path, "qsft", 2)
@@ -54,7 +55,7 @@ def workdir(tmp_path_factory):
   os.makedirs(os.path.join(path, "eval"))
   with open(os.path.join(path, "eval", "results.json"), "w") as f:
     json.dump(RESULTS, f)
-  return path, dict(made, theta2=theta2)
+  return path, dict(made, phi2=phi2, theta2=theta2)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ TEXTS = ["Maze. Reach G. Moves: u d l r.\n#,0,1\n", "u\nd\nr\nMaze 12, 3.\n"]
 @pytest.mark.parametrize("name", ["phi", "theta"])
 def test_exported_folders_give_our_logits_in_transformers(workdir, exported, name):
   path, made = workdir
-  params = {"phi": made["phi"], "theta": made["theta2"]}[name]  # theta: the final checkpoint's
+  params = {"phi": made["phi2"], "theta": made["theta2"]}[name]  # the final checkpoint's
   folder = os.path.join(exported, name)
   index = json.load(open(os.path.join(folder, weights.SAFETENSORS_INDEX)))
   assert len(set(index["weight_map"].values())) > 2  # 20KB shards: the index is what loads
@@ -153,6 +154,16 @@ def test_extraction_record_holds_the_runs_settings(workdir, exported):
   assert "exp(beta * p_theta" in record["policy"] and "docs/algorithm.md" in record["reference"]
   assert record["lora"] is None
   assert record["prompt"]["observation_template"] == config.data.get("observation_template", "{text}")
+
+
+def test_the_records_token_ids_mean_the_same_in_the_exported_tokenizer(exported):
+  """The stop and suppressed ids of extraction.json, read through the exported tokenizer alone."""
+  record = json.load(open(os.path.join(exported, "extraction.json")))
+  hf = transformers.AutoTokenizer.from_pretrained(os.path.join(exported, record["theta"]))
+  assert all("\n" in hf.decode([i]) for i in record["stop"]["token_ids"])
+  assert hf("\n", add_special_tokens=False)["input_ids"] == record["stop"]["token_ids"]
+  assert record["suppressed_token_ids"] == sorted({hf.pad_token_id, hf.bos_token_id, hf.eos_token_id})
+  assert len(hf) == record["vocab_size"] == record["tokenizer"]["vocab_size"]
 
 
 # ------------------------------------------------------------------------------------------------
