@@ -85,7 +85,22 @@ def base_config() -> ml_collections.ConfigDict:
       init="random",         # "random", "hf:PATH", "gguf:PATH" or "smollm2" (pretrained weights)
       # ModelConfig fields to replace (dtype, scan_layers, remat_policy, ...). With a char tokenizer
       # and random init, vocab_size is the tokenizer's.
-      overrides=ml_collections.ConfigDict()))
+      overrides=ml_collections.ConfigDict(),
+      # LoRA (qsft_jax/models/lora.py): phi, theta and theta_bar are low-rank adapters over ONE frozen
+      # base, the weights of model.init (or the random initialisation of `seed`); checkpoints hold the
+      # adapters and a record of the base, not the base. qsft.theta_init picks theta's adapter: "phi"
+      # phi's trained adapter; "phi_init" / "pretrained" the adapter phi started from (B = 0: exactly
+      # the base model); "fresh" a new random A with B = 0.
+      lora=ml_collections.ConfigDict(dict(
+          rank=0,              # 0: off (full fine-tuning); > 0: adapters of this rank
+          alpha=16.0,          # the adapter term is scaled by alpha / rank
+          # re.search patterns over module paths such as "layers_3/attn/q" (scanned: "layers/attn/q");
+          # the attention (q, k, v, o) and MLP (gate, up, down) projections can be adapted. Each
+          # pattern must match at least one of them.
+          targets=("attn/(q|k|v|o)$", "mlp/(gate|up|down)$"),
+          base_dtype="bfloat16",  # storage dtype of the frozen base ("" = model param_dtype)
+          # "none" | "int8" | "nf4": the frozen base's kernels stored quantised (QLoRA)
+          quantization="none"))))
   # Logical data shards the global batch is built from (0: one per process). Process p reads only
   # its own shards; with a fixed value the batches do not depend on the process count (which must
   # divide it).
@@ -365,6 +380,18 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
   """model.overrides names ModelConfig fields; with model.init = "random", model.preset is a preset
   and the overrides make a valid ModelConfig (vocab_size is the tokenizer's, checked at run time)."""
   from qsft_jax.models import config as model_config_lib
+  from qsft_jax.models import lora as lora_lib
+  if "lora" in config.model:
+    extra = sorted(set(config.model.lora.keys()) - set(base_config().model.lora.keys()))
+    if extra:
+      _fail(f"model.lora.{extra[0]}", f"unknown field; known: {', '.join(base_config().model.lora.keys())}")
+    lora = config.model.lora
+    if not isinstance(lora.rank, int) or isinstance(lora.rank, bool):
+      _fail("model.lora.rank", f"must be an integer >= 0 (0: no LoRA); got {lora.rank!r}")
+    if isinstance(lora.targets, str):
+      _fail("model.lora.targets", f"must be a tuple of patterns, not a string ({lora.targets!r})")
+    for field, message in lora_lib.problems(lora_lib.LoraConfig.from_config(lora)):
+      _fail(f"model.lora.{field}", message)
   overrides = config.model.overrides.to_dict()
   known = [f for f in model_config_lib.ModelConfig.__dataclass_fields__]
   unknown = sorted(set(overrides) - set(known))

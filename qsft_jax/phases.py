@@ -24,6 +24,7 @@ from qsft_jax import losses
 from qsft_jax import sharding as qsharding
 from qsft_jax import train_steps
 from qsft_jax.models.config import ModelConfig
+from qsft_jax.models.lora import LoraConfig
 from qsft_jax.models.transformer import Transformer
 
 PHASES = ("bc", "qsft", "control")
@@ -87,8 +88,10 @@ class PhaseProgram:
   step: the jitted (state, batch) -> (state, metrics) (`train_steps.StepFn`, also `.lower(...)`).
   init_state: "bc": params -> state; "qsft"/"control": (theta, phi) -> state, theta_bar and phi
     stored in qsft.frozen_dtype. Call under jit with out_shardings=state_shardings, or under
-    jax.eval_shape for the abstract state.
+    jax.eval_shape for the abstract state. With LoRA each of params, theta, phi is the variables dict
+    {"params": base, "lora": adapters} (theta's base is the state's base, stored in lora.base_dtype).
   state_shardings: the NamedShardings of the state from the rule table.
+  lora: the run's LoraConfig when model.lora.rank > 0 (the LoRA state of train_steps), else None.
   """
   phase: str
   kind: str
@@ -98,9 +101,11 @@ class PhaseProgram:
   step: train_steps.StepFn
   init_state: Callable[[Any], dict]
   state_shardings: dict
+  lora: LoraConfig | None = None
 
   def abstract_state(self, param_shapes: Any) -> dict:
-    """ShapeDtypeStructs (with shardings) of the state that starts from parameters of these shapes."""
+    """ShapeDtypeStructs (with shardings) of the state that starts from parameters of these shapes
+    (`sharded.param_shapes(self.model)`: with LoRA the variables {"params", "lora"}, base included)."""
     args = param_shapes if self.kind == "bc" else (param_shapes, param_shapes)
     return qsharding.abstract_with_shardings(jax.eval_shape(self.init_state, args), self.state_shardings)
 
@@ -111,13 +116,24 @@ def build(config: ml_collections.ConfigDict, phase: str, model_config: ModelConf
   if phase not in PHASES:
     raise ValueError(f"phase {phase!r}: expected one of {PHASES}")
   p = optim_config(config, phase)
-  model = Transformer(model_config)
+  lora = LoraConfig.from_config(config.model.lora) if "lora" in config.model else None
+  lora = lora if lora is not None and lora.enabled else None
+  model = Transformer(model_config, lora=lora)
   optimizer, schedule = make_optimizer(p)
   options = step_options(config, phase)
   kind = state_kind(phase)
   if kind == "bc":
     step = train_steps.make_bc_step(model, model_config, optimizer, mesh, rules, options)
     init_state = lambda params: train_steps.init_bc_state(params, optimizer)
+    if lora is not None:
+      init_state = lambda variables: train_steps.init_lora_bc_state(variables, optimizer, lora)
+  elif lora is not None:
+    step = train_steps.make_qsft_step(model, model_config, optimizer, mesh, rules,
+                                      losses.TargetConfig.from_config(config, phase),
+                                      target_update(config), options)
+    frozen = jnp.dtype(config.qsft.frozen_dtype) if config.qsft.frozen_dtype else None
+    init_state = lambda variables: _store_frozen(
+        train_steps.init_lora_qsft_state(variables[0], variables[1], optimizer, lora), frozen)
   else:
     step = train_steps.make_qsft_step(model, model_config, optimizer, mesh, rules,
                                       losses.TargetConfig.from_config(config, phase),
@@ -127,4 +143,4 @@ def build(config: ml_collections.ConfigDict, phase: str, model_config: ModelConf
         train_steps.init_qsft_state(params[0], params[1], optimizer), frozen)
   shardings = train_steps.state_shardings(model, model_config, optimizer, mesh, rules, kind)
   return PhaseProgram(phase=phase, kind=kind, model=model, optimizer=optimizer, schedule=schedule,
-                      step=step, init_state=init_state, state_shardings=shardings)
+                      step=step, init_state=init_state, state_shardings=shardings, lora=lora)

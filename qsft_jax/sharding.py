@@ -37,6 +37,7 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
     ("length", None),
     ("head_dim", None),
+    ("lora_rank", None),
 )
 
 

@@ -4,6 +4,11 @@ Train state (docs/architecture.md): a plain dict. BC: {"step", "params", "opt_st
 "target_params" (theta_bar) and "behaviour_params" (phi, frozen). "params" is the Flax variables dict
 {"params": tree} of `Transformer(config)`; every array is sharded by the config's rule table.
 
+With LoRA (qsft_jax.models.lora) each parameter set is an adapter set {"lora": adapters} over one frozen
+base, the state's "base" {"params": base tree}: the forward of a set is `{**state["base"], **set}`, the
+gradient, the optimizer state and theta_bar's update cover the adapters only, and the step returns the
+base unchanged (donated in, aliased out: never copied).
+
 A step is one jitted pure function (state, batch) -> (state, metrics) with explicit in/out shardings
 and the state donated. The batch is the dict of [B, L] token-level MDP arrays. Gradient accumulation
 splits the global batch into `microbatches` parts and scans over them; every part's loss is divided
@@ -31,11 +36,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qsft_jax import losses
 from qsft_jax import sharding as qsharding
 from qsft_jax.models import sharded
+from qsft_jax.models import lora as lora_lib
 from qsft_jax.models.config import ModelConfig
+from qsft_jax.models.lora import LoraConfig
 from qsft_jax.models.transformer import unembedding
 
 BC_KEYS = ("step", "params", "opt_state")
 QSFT_KEYS = BC_KEYS + ("target_params", "behaviour_params")
+BASE_KEY = "base"  # a LoRA state's frozen base {"params": tree}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,17 +106,39 @@ def init_qsft_state(params: Any, behaviour_params: Any, optimizer: optax.Gradien
   return state
 
 
+def init_lora_bc_state(variables: Any, optimizer: optax.GradientTransformation, lora: LoraConfig) -> dict:
+  """LoRA BC state from variables {"params": base, "lora": adapters}: {"step", "params": {"lora": ...},
+  "opt_state" (adapters only), "base": the base as stored (`lora.store_base`: base_dtype)}."""
+  base, adapters = lora_lib.split(variables)
+  return {**init_bc_state(adapters, optimizer), BASE_KEY: lora_lib.store_base(base, lora)}
+
+
+def init_lora_qsft_state(variables: Any, behaviour_variables: Any, optimizer: optax.GradientTransformation,
+                         lora: LoraConfig) -> dict:
+  """LoRA Q-SFT state: theta's adapters from `variables`, theta_bar a copy of them, phi's adapters from
+  `behaviour_variables`; the base is `variables`'s (both sets run over one base)."""
+  base, adapters = lora_lib.split(variables)
+  state = init_qsft_state(adapters, lora_lib.split(behaviour_variables)[1], optimizer)
+  state[BASE_KEY] = lora_lib.store_base(base, lora)
+  return state
+
+
 def state_shardings(model: nn.Module, model_config: ModelConfig, optimizer: optax.GradientTransformation,
                     mesh: Mesh, rules, kind: str) -> dict:
   """NamedShardings of a train state ("bc" or "qsft") from the rule table.
 
   Optimizer-state leaves that mirror a parameter (Adam moments, ...) take that parameter's
-  sharding; the rest (counts, scalars) are replicated.
+  sharding; the rest (counts, scalars) are replicated. A model with LoRA adapters
+  (`Transformer(config, lora=...)`) gives the LoRA state: parameter sets {"lora": ...} and "base".
   """
   if kind not in ("bc", "qsft"):
     raise ValueError(f"state kind {kind!r}: expected 'bc' or 'qsft'")
   params = sharded.param_shardings(model, model_config, mesh, rules)
   shapes = sharded.param_shapes(model, model_config)
+  base = None
+  if lora_lib.COLLECTION in params:
+    base = {"params": params["params"]}
+    params, shapes = ({lora_lib.COLLECTION: t[lora_lib.COLLECTION]} for t in (params, shapes))
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(optimizer.init, shapes)
   opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
@@ -118,6 +148,8 @@ def state_shardings(model: nn.Module, model_config: ModelConfig, optimizer: opta
   if kind == "qsft":
     out["target_params"] = params
     out["behaviour_params"] = params
+  if base is not None:
+    out[BASE_KEY] = base
   return out
 
 
@@ -178,6 +210,20 @@ def _split_microbatches(batch: Mapping[str, jax.Array], microbatches: int) -> di
 def _constrain_rows(batch, row_sharding):
   return {k: jax.lax.with_sharding_constraint(v, row_sharding) if v.ndim == 2 else v
           for k, v in batch.items()}
+
+
+def _base_of(state) -> dict:
+  """{"base": state's base} of a LoRA state, passed through a step unchanged; {} otherwise."""
+  return {BASE_KEY: state[BASE_KEY]} if BASE_KEY in state else {}
+
+
+def _with_base(state) -> Callable[[Any], Any]:
+  """params -> the variables of their forward: {**base, **adapters} with LoRA, the params otherwise.
+  The base is read without a gradient (only the adapters are differentiated)."""
+  if BASE_KEY not in state:
+    return lambda p: p
+  base = jax.lax.stop_gradient(state[BASE_KEY])
+  return lambda p: {**base, **p}
 
 
 def _hidden(model, params, batch):
@@ -258,12 +304,13 @@ def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.G
 
   def step(state, batch):
     normaliser = losses.action_token_count(batch["action_mask"])
+    full = _with_base(state)
 
     def micro(params, part):
       def loss_fn(p):
-        hidden = _hidden(model, p, part)
+        hidden = _hidden(model, full(p), part)
         loss, logp = losses.chunked_bc_loss(
-            hidden, unembedding(p, model_config), losses.to_rows(part["tokens"]),
+            hidden, unembedding(full(p), model_config), losses.to_rows(part["tokens"]),
             losses.to_rows(part["action_mask"], False), normaliser, vocab_size=vocab,
             chunk_size=options.chunk_size)
         return loss, logp
@@ -274,7 +321,7 @@ def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.G
     loss, grads, sums = _accumulate(micro, batch, options.microbatches, rows, state["params"])
     params, opt_state, grad_norm, params_finite, skipped = _apply_update(
         state, grads, loss, optimizer, options.skip_nonfinite)
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, **_base_of(state)}
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "mean_logp": sums["sum_logp"] / jnp.maximum(sums["action_tokens"], 1.0),
                "action_tokens": sums["action_tokens"], "tokens": sums["tokens"],
@@ -309,8 +356,9 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
 
   def step(state, batch):
     normaliser = losses.action_token_count(batch["action_mask"])
-    target_params = jax.lax.stop_gradient(state["target_params"])
-    behaviour_params = jax.lax.stop_gradient(state["behaviour_params"])
+    full = _with_base(state)
+    target_params = full(jax.lax.stop_gradient(state["target_params"]))
+    behaviour_params = full(jax.lax.stop_gradient(state["behaviour_params"]))
 
     def micro(params, part):
       target_hidden = _hidden(model, target_params, part)
@@ -318,7 +366,7 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
 
       def loss_fn(p):
         return losses.qsft_loss(
-            _hidden(model, p, part), unembedding(p, model_config), target_hidden,
+            _hidden(model, full(p), part), unembedding(full(p), model_config), target_hidden,
             unembedding(target_params, model_config), behaviour_hidden,
             unembedding(behaviour_params, model_config), part, normaliser, vocab_size=vocab,
             targets=targets, chunk_size=options.chunk_size)
@@ -346,7 +394,7 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
     if options.skip_nonfinite:
       target = jax.tree.map(lambda n, o: jnp.where(skipped, o, n), target, state["target_params"])
     new_state = {"step": new_step, "params": params, "opt_state": opt_state,
-                 "target_params": target, "behaviour_params": state["behaviour_params"]}
+                 "target_params": target, "behaviour_params": state["behaviour_params"], **_base_of(state)}
     count = jnp.maximum(sums["action_tokens"], 1.0)
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "mean_target": sums["sum_target"] / count,

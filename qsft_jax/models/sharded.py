@@ -2,7 +2,9 @@
 
 Every parameter of `Transformer(config)` carries logical axis names (see qsft_jax.models.transformer);
 `qsft_jax.sharding`'s rule table maps them to mesh axes. "Params" below means the Flax variables
-dict `{"params": tree}` that `Transformer.apply` takes.
+dict `{"params": tree}` that `Transformer.apply` takes; for a model with LoRA adapters
+(`Transformer(config, lora=...)`, qsft_jax.models.lora) the shapes, specs and shardings below cover its
+variables `{"params": base, "lora": adapters}`.
 """
 from __future__ import annotations
 
@@ -21,10 +23,17 @@ from qsft_jax.sharding import Rules, logical_to_sharding
 
 
 @functools.lru_cache(maxsize=32)
-def _abstract_init(config: ModelConfig):
-  """Boxed (LogicallyPartitioned) abstract variables of Transformer(config).init; cached per config."""
+def _abstract_init(config: ModelConfig, lora: Any = None):
+  """Boxed (LogicallyPartitioned) abstract variables of Transformer(config, lora=lora).init ({"params"},
+  plus "lora" with adapters); cached per config."""
   dummy = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(lambda rng: Transformer(config).init(rng, dummy, dummy, dummy + 1), jax.random.key(0))
+  return jax.eval_shape(lambda rng: Transformer(config, lora=lora).init(rng, dummy, dummy, dummy + 1),
+                        jax.random.key(0))
+
+
+def _lora(model: nn.Module):
+  lora = getattr(model, "lora", None)
+  return lora if lora is not None and lora.enabled else None
 
 
 def _config_of(model: nn.Module, config: ModelConfig | None) -> ModelConfig:
@@ -36,18 +45,29 @@ def _config_of(model: nn.Module, config: ModelConfig | None) -> ModelConfig:
 
 def param_logical_specs(model: nn.Module, config: ModelConfig | None = None) -> Any:
   """Pytree (like the params) of PartitionSpecs holding each parameter's logical axis names."""
-  return nn.get_partition_spec(_abstract_init(_config_of(model, config)))
+  return nn.get_partition_spec(_abstract_init(_config_of(model, config), _lora(model)))
 
 
 def param_shapes(model: nn.Module, config: ModelConfig | None = None) -> Any:
   """Pytree of ShapeDtypeStructs of the (unboxed) params, without allocating anything."""
-  return nn.unbox(_abstract_init(_config_of(model, config)))
+  return nn.unbox(_abstract_init(_config_of(model, config), _lora(model)))
 
 
 def param_shardings(model: nn.Module, config: ModelConfig | None, mesh: Mesh, rules: Rules) -> Any:
   """NamedSharding for every parameter of `model` (a `Transformer(config)`) on `mesh`."""
-  boxed = _abstract_init(_config_of(model, config))
+  boxed = _abstract_init(_config_of(model, config), _lora(model))
   return logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules, shapes=nn.unbox(boxed))
+
+
+def init_adapters_sharded(config: ModelConfig, lora: Any, rng: jax.Array, mesh: Mesh, rules: Rules) -> dict:
+  """New LoRA adapters {"lora": tree} of Transformer(config, lora=lora) (A random, B = 0), created in
+  their shards (the base init that `init` runs alongside is dead code under jit)."""
+  model = Transformer(config, lora=lora)
+  shardings = {"lora": param_shardings(model, config, mesh, rules)["lora"]}
+  dummy = jnp.zeros((1, 1), jnp.int32)
+  init = jax.jit(lambda r: {"lora": nn.unbox(model.init(r, dummy, dummy, dummy + 1))["lora"]},
+                 out_shardings=shardings)
+  return init(rng)
 
 
 def init_params_sharded(config: ModelConfig, rng: jax.Array, mesh: Mesh, rules: Rules) -> Any:

@@ -71,6 +71,50 @@ def _param(module: nn.Module, name: str, shape, axes, init):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _dense(kernel, dtype) -> jax.Array:
+  """A stored kernel as a dense array of the compute dtype (the one place a projection reads it)."""
+  return kernel.astype(dtype)
+
+
+def _lora_of(module: nn.Module):
+  """The LoraConfig of the nearest enclosing module with a `lora` attribute (the block: a lifted
+  transform such as nn.scan cuts the parent chain above it), None when there is none: no adapters."""
+  while isinstance(module, nn.Module):
+    if "lora" in module.__dataclass_fields__:
+      return module.lora
+    module = module.parent
+  return None
+
+
+def _project(module: nn.Module, x: jax.Array, kernel: jax.Array, axes: tuple, equation: str) -> jax.Array:
+  """x [..., in...] . kernel [in..., out...] by `equation` (x's last dims contracted with the kernel's
+  first), in the compute dtype; plus the LoRA term scale * ((x . A) . B) when the module's path is a
+  target of the Transformer's LoraConfig, A [in..., r] and B [r, out...] in the "lora" collection
+  (qsft_jax.models.lora). `axes`: the kernel's logical axis names."""
+  c = module.config
+  dtype = jnp.dtype(c.dtype)
+  y = jnp.einsum(equation, x, _dense(kernel, dtype))
+  lora = _lora_of(module)
+  if lora is None or not lora.enabled or not lora.matches("/".join(module.path)):
+    if module.has_variable("lora", "lora_a"):
+      raise ValueError(f"{'/'.join(module.path)}: the variables hold a LoRA adapter, but the model has "
+                       "no LoraConfig that targets it (build Transformer(config, lora=...))")
+    return y
+  operands, out = equation.split("->")
+  n_in = sum(ch not in out for ch in operands.split(",")[1])
+  in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+  param_dtype = jnp.dtype(c.param_dtype)
+  a_init = nn.with_logical_partitioning(nn.initializers.normal(1 / math.sqrt(math.prod(in_shape))),
+                                        tuple(axes[:n_in]) + ("lora_rank",))
+  b_init = nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + tuple(axes[n_in:]))
+  a = module.variable("lora", "lora_a", lambda: a_init(module.make_rng("params"), in_shape + (lora.rank,),
+                                                       param_dtype)).value
+  b = module.variable("lora", "lora_b", lambda: b_init(module.make_rng("params"), (lora.rank,) + out_shape,
+                                                       param_dtype)).value
+  delta = jnp.tensordot(jnp.tensordot(x, a.astype(dtype), axes=n_in), b.astype(dtype), axes=1)
+  return y + jnp.asarray(lora.scale, dtype) * delta
+
+
 class Embed(nn.Module):
   """Lookup table [num_embeddings, D] -> activations in the compute dtype."""
   config: ModelConfig
@@ -217,9 +261,9 @@ class _DenseIn(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    kernel = _param(self, "kernel", (c.d_model, self.num, c.head_dim), ("embed", self.axis, "head_dim"),
-                    _normal(c))
-    y = jnp.einsum("bld,dnh->blnh", x, kernel.astype(c.dtype))
+    axes = ("embed", self.axis, "head_dim")
+    kernel = _param(self, "kernel", (c.d_model, self.num, c.head_dim), axes, _normal(c))
+    y = _project(self, x, kernel, axes, "bld,dnh->blnh")
     if self.with_bias:
       bias = _param(self, "bias", (self.num, c.head_dim), (self.axis, "head_dim"), nn.initializers.zeros)
       y = y + bias.astype(c.dtype)
@@ -233,9 +277,9 @@ class _DenseOut(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    kernel = _param(self, "kernel", (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"),
-                    _normal(c))
-    y = jnp.einsum("blhk,hkd->bld", x, kernel.astype(c.dtype))
+    axes = ("heads", "head_dim", "embed")
+    kernel = _param(self, "kernel", (c.num_heads, c.head_dim, c.d_model), axes, _normal(c))
+    y = _project(self, x, kernel, axes, "blhk,hkd->bld")
     if c.family == "gpt2":
       y = y + _param(self, "bias", (c.d_model,), ("embed",), nn.initializers.zeros).astype(c.dtype)
     return y
@@ -252,7 +296,7 @@ class _Dense(nn.Module):
   def __call__(self, x):
     c = self.config
     kernel = _param(self, "kernel", self.shape, self.axes, _normal(c))
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(c.dtype))
+    y = _project(self, x, kernel, self.axes, "...i,io->...o")
     if self.with_bias:
       y = y + _param(self, "bias", self.shape[1:], self.axes[1:], nn.initializers.zeros).astype(c.dtype)
     return y
@@ -278,9 +322,13 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block; signature shaped for nn.scan (carry x, then per-layer cache)."""
+  """Pre-norm transformer block; signature shaped for nn.scan (carry x, then per-layer cache).
+
+  lora: the Transformer's LoraConfig (or None), read by the projections inside (`_project`).
+  """
   config: ModelConfig
   decode_attention: DecodeAttention | None = None  # see Attention
+  lora: Any = None
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_mask):
@@ -312,9 +360,12 @@ class Transformer(nn.Module):
   """Decoder-only LM. See the module docstring for masking; `config.family` picks the layout.
 
   decode_attention: None (einsums everywhere), or a plug-in for decode steps (module docstring).
+  lora: None, or a `qsft_jax.models.lora.LoraConfig`: with rank > 0 the targeted projections add
+    their adapter (collection "lora", read by every projection through `_project`).
   """
   config: ModelConfig
   decode_attention: DecodeAttention | None = None
+  lora: Any = None
 
   def setup(self):
     c = self.config
@@ -324,12 +375,12 @@ class Transformer(nn.Module):
     block = _block_class(c)
     if c.scan_layers:
       self.layers = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})(c, self.decode_attention)
+          metadata_params={nn.PARTITION_NAME: "layers"})(c, self.decode_attention, self.lora)
     else:
       # A list attribute in setup names its modules layers_0, layers_1, ...
-      self.layers = [block(c, self.decode_attention) for _ in range(c.num_layers)]
+      self.layers = [block(c, self.decode_attention, self.lora) for _ in range(c.num_layers)]
     self.final_norm = Norm(c)
     if not c.tie_embeddings:
       self.lm_head = LMHead(c)

@@ -1,0 +1,233 @@
+"""LoRA (qsft_jax/models/lora.py): adapters over one frozen base in the model, the LoRA train states and
+steps, merging, and the base's record in checkpoints.
+
+Checked against independent computations: a new adapter (B = 0) gives the base model's logits bit for
+bit; `merge` against numpy's W + scale * A.B; the merged plain model against the unmerged forward; the
+Q-SFT step's theta_bar update against numpy's Polyak mix of the adapters, with the base bit-identical and
+aliased (never copied) in the compiled step; LoRA Q-SFT on an exact tabular MDP against the closed-form
+fixed point of tests/test_qstar.py.
+"""
+import dataclasses
+import functools
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from qsft_jax import config_lib, losses, sharding, train_steps
+from qsft_jax.models import lora as lora_lib
+from qsft_jax.models import sharded
+from qsft_jax.models.config import get_preset
+from qsft_jax.models.transformer import Transformer
+import mdp_utils  # tests/mdp_utils.py (pytest puts tests/ on sys.path)
+
+SMALL = dict(d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+RULES = sharding.DEFAULT_RULES
+LORA = lora_lib.LoraConfig(rank=4, alpha=8.0)
+
+
+def model_config(scan=False, family="llama"):
+  kv = {} if family == "llama" else {"num_kv_heads": SMALL["num_heads"]}
+  return get_preset(f"tiny-{family}", scan_layers=scan, **{**SMALL, **kv})
+
+
+def one_device_mesh():
+  return sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+
+def inputs(config, rows=2, length=12, seed=0):
+  tokens = np.random.default_rng(seed).integers(1, config.vocab_size, size=(rows, length)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+  segments = np.ones_like(tokens)
+  segments[1, -3:] = 0  # padding in one row
+  return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)
+
+
+@functools.lru_cache(maxsize=None)
+def forward(config, lora=None):
+  """The jitted logits of Transformer(config, lora=lora) (eager flax is slow on a busy CPU)."""
+  return jax.jit(Transformer(config, lora=lora).apply)
+
+
+def init_variables(config, lora, seed=0):
+  x = inputs(config)
+  return jax.jit(lambda r: nn.unbox(Transformer(config, lora=lora).init(r, *x)))(jax.random.key(seed))
+
+
+def randomise_adapters(adapters, seed=1, std=0.3):
+  """Every adapter matrix (B included) drawn from normal(0, std)."""
+  leaves, tree = jax.tree.flatten(adapters)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(tree, [jnp.asarray(rng.normal(0, std, x.shape), x.dtype) for x in leaves])
+
+
+@pytest.mark.parametrize("scan,family", [(False, "llama"), (True, "llama"), (True, "gpt2")],
+                         ids=["unscanned-llama", "scanned-llama", "scanned-gpt2"])
+def test_new_adapter_is_exactly_the_base_model(scan, family):
+  config = model_config(scan, family)
+  variables = init_variables(config, LORA)
+  paths = lora_lib.adapter_paths(config, LORA)
+  layer = "layers" if scan else "layers_1"
+  assert {f"{layer}/attn/{n}" for n in "qkvo"} | {f"{layer}/mlp/up", f"{layer}/mlp/down"} <= set(paths)
+  assert not any("embed" in p or "lm_head" in p for p in paths)
+  assert all(not np.any(b) for b in jax.tree.leaves(variables["lora"]) if b.shape[-1] != LORA.rank)
+  x = inputs(config)
+  base_logits = forward(config)({"params": variables["params"]}, *x)
+  lora_logits = forward(config, LORA)(variables, *x)
+  np.testing.assert_array_equal(np.asarray(lora_logits), np.asarray(base_logits))
+  # the adapters are not ignored: a nonzero B changes the logits
+  changed = forward(config, LORA)({**variables, "lora": randomise_adapters(variables["lora"])}, *x)
+  assert np.abs(np.asarray(changed) - np.asarray(base_logits))[:, :, :config.vocab_size].max() > 1e-3
+
+
+def test_adapter_layout_and_logical_axes():
+  config = model_config(scan=True)
+  boxed = lora_lib.abstract_variables(config, LORA)
+  specs = nn.get_partition_spec(boxed)["lora"]["layers"]
+  shapes = nn.unbox(boxed)["lora"]["layers"]
+  L, D, H, K, Dh, F, r = config.num_layers, config.d_model, config.num_heads, config.num_kv_heads, \
+      config.head_dim, config.mlp_dim, LORA.rank
+  assert shapes["attn"]["q"]["lora_a"].shape == (L, D, r)
+  assert shapes["attn"]["k"]["lora_b"].shape == (L, r, K, Dh)
+  assert shapes["attn"]["o"]["lora_a"].shape == (L, H, Dh, r)
+  assert shapes["mlp"]["down"]["lora_b"].shape == (L, r, D)
+  assert tuple(specs["attn"]["q"]["lora_a"]) == ("layers", "embed", "lora_rank")
+  assert tuple(specs["attn"]["o"]["lora_b"]) == ("layers", "lora_rank", "embed")
+  assert tuple(specs["mlp"]["gate"]["lora_b"]) == ("layers", "lora_rank", "mlp")
+  # the rule table replicates the rank axis
+  assert dict(RULES)["lora_rank"] is None
+  # a LoRA model's variables are refused by the plain model (it would silently drop the adapters)
+  variables = init_variables(model_config(), LORA)
+  with pytest.raises(ValueError, match="LoRA adapter"):
+    Transformer(model_config()).apply(variables, *inputs(model_config()))
+  # targets select modules
+  only_q = lora_lib.LoraConfig(rank=2, targets=("attn/q$",))
+  assert lora_lib.adapter_paths(model_config(), only_q) == ("layers_0/attn/q", "layers_1/attn/q")
+  assert lora_lib.unmatched_targets(model_config(), lora_lib.LoraConfig(rank=2, targets=("attn/q$", "nope"))) \
+      == ("nope",)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+def test_merge_matches_numpy_and_the_unmerged_forward(scan):
+  config = model_config(scan)
+  variables = init_variables(config, LORA)
+  variables = {**variables, "lora": randomise_adapters(variables["lora"])}
+  merged = lora_lib.merge(variables, config, LORA)
+  # one kernel by hand: attn/o [H, Dh, D] (two input axes) of the second layer
+  layer = (lambda t: t["layers"]) if scan else (lambda t: t["layers_1"])
+  pick = (lambda x: np.asarray(x[1], np.float64)) if scan else (lambda x: np.asarray(x, np.float64))
+  w = pick(layer(variables["params"])["attn"]["o"]["kernel"])
+  a = pick(layer(variables["lora"])["attn"]["o"]["lora_a"])
+  b = pick(layer(variables["lora"])["attn"]["o"]["lora_b"])
+  h, dh, d = w.shape
+  want = w + (LORA.alpha / LORA.rank) * (a.reshape(h * dh, -1) @ b).reshape(h, dh, d)
+  np.testing.assert_allclose(pick(layer(merged["params"])["attn"]["o"]["kernel"]), want, rtol=1e-5, atol=1e-6)
+  # unadapted parameters are untouched
+  np.testing.assert_array_equal(merged["params"]["embed"]["embedding"], variables["params"]["embed"]["embedding"])
+  x = inputs(config)
+  unmerged = forward(config, LORA)(variables, *x)
+  plain = forward(config)(merged, *x)
+  real = slice(0, config.vocab_size)
+  np.testing.assert_allclose(np.asarray(plain)[..., real], np.asarray(unmerged)[..., real], rtol=1e-4, atol=1e-4)
+  base_only = forward(config)({"params": variables["params"]}, *x)
+  assert np.abs(np.asarray(base_only) - np.asarray(unmerged))[..., real].max() > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# Train states and steps
+
+
+def lora_state(mesh, kind, opt, lora=LORA, config=None, seed=0):
+  config = config or model_config()
+  model = Transformer(config, lora=lora)
+  shardings = train_steps.state_shardings(model, config, opt, mesh, RULES, kind)
+  base = sharded.init_params_sharded(config, jax.random.key(seed), mesh, RULES)
+  theta = {**base, **sharded.init_adapters_sharded(config, lora, jax.random.key(seed + 1), mesh, RULES)}
+  theta = {**theta, "lora": randomise_adapters(theta["lora"], seed=seed + 2, std=0.05)}
+  if kind == "bc":
+    return jax.jit(lambda v: train_steps.init_lora_bc_state(v, opt, lora), out_shardings=shardings)(theta)
+  phi = {**base, "lora": randomise_adapters(theta["lora"], seed=seed + 3, std=0.05)}
+  init = lambda t, f: train_steps.init_lora_qsft_state(t, f, opt, lora)
+  return jax.jit(init, out_shardings=shardings)(theta, phi)
+
+
+def check_lora_state_layout(state):
+  assert set(state) == set(train_steps.QSFT_KEYS) | {"base"}
+  for key in ("params", "target_params", "behaviour_params"):
+    assert set(state[key]) == {"lora"}
+  assert set(state["base"]) == {"params"}
+  assert {x.dtype for x in jax.tree.leaves(state["base"])} == {jnp.dtype("bfloat16")}
+  assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
+  # the optimizer state mirrors the adapters only
+  adam = state["opt_state"][0]
+  assert jax.tree.structure(adam.mu) == jax.tree.structure(state["params"])
+
+
+def _alias_pairs(hlo_text: str) -> set[tuple[int, int]]:
+  """(output index, parameter number) of the compiled module's input_output_alias entries."""
+  header = hlo_text[:hlo_text.index("\n")]
+  return {(int(o), int(p)) for o, p in re.findall(r"\{(\d+)\}: \((\d+), \{\}", header)}
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 2, "fsdp": 2, "tensor": 2}], ids=["data2-fsdp2-tensor2"])
+def test_qsft_step_updates_adapters_only_and_aliases_the_base(mesh_shape):
+  mesh = sharding.make_mesh(mesh_shape)
+  opt = optax.adam(1e-2)
+  tau = 0.25
+  config = model_config()
+  model = Transformer(config, lora=LORA)
+  step = train_steps.make_qsft_step(model, config, opt, mesh, RULES, losses.TargetConfig(support_min=1e-3),
+                                    train_steps.TargetUpdate(tau=tau), train_steps.StepOptions(chunk_size=8))
+  state = lora_state(mesh, "qsft", opt, config=config)
+  check_lora_state_layout(state)
+  batch = sharding.global_batch_from_host_local(
+      mdp_utils.random_batch(np.random.default_rng(0), 8, 16, config.vocab_size), mesh, RULES)
+
+  compiled = step.lower(state, batch).compile()
+  # The base is the first entry of the flattened state, in and out ("base" sorts first): each of its
+  # leaves must be an output aliased to its own donated input, and no new output buffer can hold it.
+  base_leaves = jax.tree.leaves(state["base"])
+  aliases = _alias_pairs(compiled.as_text())
+  missing = [i for i in range(len(base_leaves)) if (i, i) not in aliases]
+  assert not missing, f"base leaves {missing} are not aliased in the compiled step"
+  memory = compiled.memory_analysis()
+  base_bytes = sum(x.addressable_shards[0].data.nbytes for x in base_leaves)
+  fresh_output = memory.output_size_in_bytes - memory.alias_size_in_bytes
+  assert fresh_output < base_bytes, (fresh_output, base_bytes)
+
+  before = jax.device_get(state)
+  new_state, metrics = step(state, batch)
+  after = jax.device_get(new_state)
+  assert np.isfinite(float(metrics["loss"]))
+  same = lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  jax.tree.map(same, after["base"], before["base"])
+  jax.tree.map(same, after["behaviour_params"], before["behaviour_params"])
+  moved = [np.abs(np.asarray(x, np.float64) - y).max()
+           for x, y in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["params"]))]
+  assert min(moved) > 0  # every adapter matrix took a step
+  t = np.float32(tau)
+  want = jax.tree.map(lambda bar, theta: (np.float32(1) - t) * bar + t * theta,
+                      before["target_params"], after["params"])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), after["target_params"], want)
+
+
+def test_bc_step_trains_adapters_over_the_base():
+  mesh = one_device_mesh()
+  opt = optax.adam(1e-2)
+  config = model_config()
+  step = train_steps.make_bc_step(Transformer(config, lora=LORA), config, opt, mesh, RULES,
+                                  train_steps.StepOptions(chunk_size=8))
+  state = lora_state(mesh, "bc", opt, config=config)
+  batch = sharding.global_batch_from_host_local(
+      mdp_utils.random_batch(np.random.default_rng(0), 8, 16, config.vocab_size), mesh, RULES)
+  base = jax.device_get(state["base"])
+  losses_seen = []
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    losses_seen.append(float(metrics["loss"]))
+  assert losses_seen[-1] < losses_seen[0]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["base"]), base)
