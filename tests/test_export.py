@@ -209,84 +209,63 @@ def test_bad_input_is_one_line(workdir, exported, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# LoRA adapters in PEFT's format, on a synthetic adapter tree of the fixed layout
+# LoRA adapters in PEFT's format, from the model's own adapter variables
 
 
-def adapter_tree(params, rank, modules, seed=3):
-  """{layers_i: {attn|mlp: {name: {lora_a [in..., r], lora_b [r, out...]}}}} for the kernels at
-  `modules` (("attn", "q"), ...) of every layer; both factors random (nonzero)."""
-  rng = np.random.default_rng(seed)
-  tree = {}
-  for layer, sub in params.items():
-    if not layer.startswith("layers_"):
-      continue
-    for block, name in modules:
-      kernel = sub[block][name]["kernel"]
-      split = 2 if (block, name) == ("attn", "o") else 1  # o: [H, Dh | D]; q, k, v: [D | H, Dh]
-      a = 0.3 * rng.standard_normal(kernel.shape[:split] + (rank,)).astype(np.float32)
-      b = 0.3 * rng.standard_normal((rank,) + kernel.shape[split:]).astype(np.float32)
-      tree.setdefault(layer, {}).setdefault(block, {})[name] = {"lora_a": a, "lora_b": b}
-  return tree
+def lora_model(name, scan, rank=4):
+  """(config, LoraConfig, base params, adapters): Transformer(config, lora=...)'s variables with random
+  values (B too, so the adapters change the logits). GPT-2 adapts q and v of its fused c_attn (k's
+  block stays zero), attn.c_proj and mlp.c_fc, not mlp.c_proj."""
+  import flax.linen as nn
+  from qsft_jax.models.lora import LoraConfig
+  config = CONFIGS[name].replace(scan_layers=scan)
+  targets = ("attn/(q|v|o)$", "mlp/up$") if name == "gpt2" else ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
+  lora = LoraConfig(rank=rank, alpha=8.0, targets=targets, base_dtype="")
+  d = np.zeros((1, 1), np.int32)
+  shapes = nn.unbox(jax.eval_shape(lambda: Transformer(config, lora=lora).init(jax.random.key(0), d, d, d + 1)))
+  rng = np.random.default_rng(4)
+  draw = lambda scale: lambda x: (scale * rng.standard_normal(x.shape)).astype(np.float32)
+  return config, lora, jax.tree.map(draw(0.1), shapes["params"]), jax.tree.map(draw(0.2), shapes["lora"])
 
 
-def merged(params, adapters, scale):
-  """W + scale * A.B for every adapted kernel (numpy, the reference)."""
-  out = jax.tree.map(np.copy, params)
-  for layer, blocks in adapters.items():
-    for block, names in blocks.items():
-      for name, ab in names.items():
-        kernel = out[layer][block][name]["kernel"]
-        split = ab["lora_a"].ndim - 1
-        out[layer][block][name]["kernel"] = kernel + scale * np.tensordot(ab["lora_a"], ab["lora_b"], 1)
-        assert out[layer][block][name]["kernel"].shape == kernel.shape and split >= 1
-  return out
-
-
-class Lora:  # the LoraConfig fields export reads
-  rank, alpha = 4, 8.0
-  scale = alpha / rank
-  targets = ()
-
-
-MODULES = {"llama": [("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"), ("mlp", "gate"),
-                     ("mlp", "up"), ("mlp", "down")],
-           # c_attn with q and v adapted (a zero block for k); attn.c_proj only, not mlp.c_proj
-           "gpt2": [("attn", "q"), ("attn", "v"), ("attn", "o"), ("mlp", "up")]}
-
-
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_peft_adapter_on_the_base_gives_the_merged_model(name, tmp_path):
+@pytest.mark.parametrize("name,scan", [("llama", True), ("gpt2", False)])
+def test_peft_adapter_and_merged_folder_give_our_lora_models_logits(name, scan, tmp_path):
+  """Our unmerged LoRA forward = PEFT with the exported adapter on the exported base = transformers
+  on the exported merged folder; the merged folder's tensors are the base's plus
+  scaling * lora_B @ lora_A of the adapter file (numpy, file against file)."""
   peft = pytest.importorskip("peft")
-  config = CONFIGS[name]
-  base = random_params(config)
-  adapters = adapter_tree(base, Lora.rank, MODULES[name])
+  from qsft_jax.models import lora as lora_lib
+  config, lora, base, adapters = lora_model(name, scan)
+  ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 12)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+  ours = np.asarray(jax.jit(Transformer(config, lora=lora).apply)(
+      {"params": base, "lora": adapters}, ids, positions, np.ones_like(ids)))[..., :config.vocab_size]
   weights.export_hf_folder(base, config, tmp_path / "base")
-  weights.export_hf_folder(merged(base, adapters, Lora.scale), config, tmp_path / "merged")
-  export.export_adapter({"lora": adapters}, config, Lora, str(tmp_path / "adapter"), "hf:base")
+  merged = lora_lib.merge({"params": base, "lora": adapters}, config, lora)
+  weights.export_hf_folder(merged, config, tmp_path / "merged")
+  export.export_adapter({"lora": adapters}, config, lora, str(tmp_path / "adapter"), "hf:base")
   adapter_config = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
   assert adapter_config["peft_type"] == "LORA" and adapter_config["task_type"] == "CAUSAL_LM"
-  assert (adapter_config["r"], adapter_config["lora_alpha"]) == (Lora.rank, Lora.alpha)
+  assert (adapter_config["r"], adapter_config["lora_alpha"]) == (lora.rank, lora.alpha)
 
-  ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 12)).astype(np.int32)
-  want = torch_logits(load_model(tmp_path / "merged"), ids)
   model = peft.PeftModel.from_pretrained(load_model(tmp_path / "base"), str(tmp_path / "adapter")).eval()
   adapted = [n for n, _ in model.named_modules() if n.endswith("lora_A.default")]
-  per_layer = 3 if name == "gpt2" else 7  # c_attn, attn.c_proj, mlp.c_fc
+  per_layer = 3 if name == "gpt2" else 7  # gpt2: c_attn, attn.c_proj, mlp.c_fc
   assert len(adapted) == per_layer * config.num_layers, adapted
-  err = relative_error(torch_logits(model, ids), want)
-  assert err < MAX_REL_ERR, f"{name}: PEFT on the base vs the merged folder: relative error {err:.2e}"
+  for what, folder_model in (("PEFT on the base", model), ("the merged folder", load_model(tmp_path / "merged"))):
+    err = relative_error(ours, torch_logits(folder_model, ids))
+    assert err < MAX_REL_ERR, f"{name}: {what}: relative error {err:.2e}"
+  assert relative_error(ours, torch_logits(load_model(tmp_path / "base"), ids)) > 100 * MAX_REL_ERR
 
-  # the merged folder's tensors are the base's plus scaling * lora_B @ lora_A, file against file
   base_t = load_file(str(tmp_path / "base" / "model.safetensors"))
   merged_t = load_file(str(tmp_path / "merged" / "model.safetensors"))
   lora_t = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-  prefix = weights.PEFT_PREFIX
   changed = set()
   for key in lora_t:
     if key.endswith("lora_A.weight"):
-      module = key[len(prefix):-len(".lora_A.weight")]
+      module = key[len(weights.PEFT_PREFIX):-len(".lora_A.weight")]
       a, b = lora_t[key], lora_t[key.replace("lora_A", "lora_B")]
-      delta = Lora.scale * (b @ a)  # [out, in]
+      delta = lora.scale * (b @ a)  # [out, in]
       if name == "gpt2":
         delta = delta.T  # Conv1D stores [in, out]
       np.testing.assert_allclose(merged_t[module + ".weight"], base_t[module + ".weight"] + delta,
@@ -297,10 +276,10 @@ def test_peft_adapter_on_the_base_gives_the_merged_model(name, tmp_path):
 
 
 def test_scanned_adapters_give_the_same_peft_tensors():
-  config = CONFIGS["llama"]
-  adapters = adapter_tree(random_params(config), 2, MODULES["llama"])
-  plain, ranks = weights.hf_adapter_tensors({"lora": adapters}, config)
-  scanned, _ = weights.hf_adapter_tensors(stack_layers(adapters, config.num_layers), config.replace(scan_layers=True))
+  from qsft_jax.models.transformer import unstack_layers
+  config, _, _, adapters = lora_model("llama", True, rank=2)
+  scanned, ranks = weights.hf_adapter_tensors({"lora": adapters}, config)
+  plain, _ = weights.hf_adapter_tensors(unstack_layers(adapters), config.replace(scan_layers=False))
   assert plain.keys() == scanned.keys() and set(ranks.values()) == {2}
   for key in plain:
     np.testing.assert_array_equal(plain[key], scanned[key], err_msg=key)
@@ -308,6 +287,8 @@ def test_scanned_adapters_give_the_same_peft_tensors():
   assert plain["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"].shape == (2, config.d_model)
   assert plain["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (
       config.num_heads * config.head_dim, 2)
+  np.testing.assert_array_equal(  # lora_A = A^T: [r, in]
+      plain["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"], adapters["layers"]["mlp"]["down"]["lora_a"][1].T)
 
 
 def test_target_modules():
