@@ -9,7 +9,8 @@ Reads the run through `qsft_jax.run.load` and writes under OUT:
                         model.safetensors, or model-0000i-of-0000n.safetensors with
                         model.safetensors.index.json above --max_shard_size), loadable by
                         transformers' AutoModelForCausalLM (and so by vLLM and the like). With LoRA
-                        (model.lora.rank > 0) the adapters are merged into the base: W + scale * A.B.
+                        (model.lora.rank > 0) the adapters are merged into the base: W + scale * A.B,
+                        in float32 (a bfloat16 sum would round much of a small adapter away).
   phi_adapter/, theta_adapter/   with LoRA only: PEFT LoRA adapters (adapter_config.json,
                         adapter_model.safetensors) of the same policies, for PeftModel.from_pretrained
                         on the base (`weights.hf_adapter_tensors` gives the layout);
@@ -20,7 +21,8 @@ Reads the run through `qsft_jax.run.load` and writes under OUT:
 theta is the final Q-SFT checkpoint's (the latest one for an unfinished run, with
 --allow_unfinished); --step exports another checkpoint of the phase, --phase=control the control's
 theta (phase 2 with every target 1) instead. phi is phase 1's result (as evaluation reads it).
-Arrays keep their stored dtype (float32 for full fine-tuning) unless --dtype is given.
+Arrays keep their stored dtype (float32 for full fine-tuning; the base's base_dtype in base/) unless
+--dtype is given.
 
 extraction.json:
 
@@ -297,45 +299,88 @@ def theta_at(loaded: run_lib.Run, phase: str, step: int | None) -> tuple[Any, in
   return restored["params"], step
 
 
-def _full_params(loaded: run_lib.Run, params: Any, lora_config) -> Any:
-  """A parameter set as the model's full {"params": tree}: with LoRA, the adapters merged into the
-  run's base (`lora.merge`)."""
+def _is_quantized(x) -> bool:
+  return type(x).__name__ == "QuantizedArray"  # qsft_jax.models.quant's stored kernels (a pytree)
+
+
+def _float32(tree: Any) -> Any:
+  """Floating arrays cast to float32 (where they are); quantised kernels left as they are."""
+  import jax.numpy as jnp
+  cast = lambda x: (x.astype(jnp.float32) if not _is_quantized(x) and jnp.issubdtype(x.dtype, jnp.floating)
+                    else x)
+  return jax.tree.map(cast, tree, is_leaf=_is_quantized)
+
+
+def run_base(loaded: run_lib.Run) -> dict:
+  """The frozen base {"params": tree} of a LoRA run, as `run.load` gives it."""
+  base = getattr(loaded, "base_params", None)
+  if base is None:
+    raise NotFoundError(f"{loaded.workdir}: a LoRA run (model.lora.rank > 0) whose base run.load did "
+                        "not provide")
+  return base
+
+
+def merged_params(loaded: run_lib.Run, params: Any, lora_config) -> Any:
+  """A parameter set as the plain model's {"params": tree}: with LoRA, the adapters merged into the
+  run's base in float32 (`lora.merge` of the base cast to float32; a bfloat16 W + scale * A.B would
+  round away much of a small adapter), on the devices where the parameters are."""
   if lora_config is None:
     return params
   from qsft_jax.models import lora
-  return lora.merge({**loaded.base_params, **params}, loaded.model_config, lora_config)
+  return lora.merge({**_float32(run_base(loaded)), **params}, loaded.model_config, lora_config)
+
+
+def dense_base(loaded: run_lib.Run, lora_config) -> Any:
+  """The base {"params": tree} with every kernel a plain array (a quantised one dequantised by
+  `lora.merge` with zero adapters), in its stored dtype."""
+  base = run_base(loaded)
+  if not any(_is_quantized(x) for x in jax.tree.leaves(base, is_leaf=_is_quantized)):
+    return base
+  from qsft_jax.models import lora
+  import jax.numpy as jnp
+  zeros = jax.tree.map(jnp.zeros_like, loaded.behaviour_params)
+  return lora.merge({**base, **zeros}, loaded.model_config, lora_config)
+
+
+def _stored_dtype(tree: Any) -> str:
+  """The dtype name of a host tree's floating leaves ("float32" | "bfloat16")."""
+  import ml_dtypes
+  for x in jax.tree.leaves(tree):
+    if x.dtype == np.dtype(ml_dtypes.bfloat16):
+      return "bfloat16"
+    if np.issubdtype(x.dtype, np.floating):
+      return str(x.dtype)
+  return "float32"
 
 
 def export(loaded: run_lib.Run, out: str, *, phase: str = "qsft", step: int | None = None,
            max_shard_size: int | str | None = "2GB", dtype: str = "", base: bool = True) -> dict:
   """Writes OUT's folders and extraction.json (module docstring) for a loaded run; every process
-  calls it, process 0 writes. Returns the extraction record."""
+  calls it (the arrays are gathered leaf by leaf), process 0 writes. `dtype` "" keeps the stored
+  dtypes (merged LoRA weights: float32). Returns the extraction record."""
   lora_config = lora_config_of(loaded.config)
   theta, theta_step = theta_at(loaded, phase, step)
   if theta is None:
     raise NotFoundError(f"{loaded.workdir}: no {phase} checkpoint to export theta from")
   writer = jax.process_index() == 0
-  model_config = loaded.model_config
-  out_config = model_config.replace(param_dtype=dtype) if dtype else model_config
   tokenizer = hf_tokenizer(loaded.tokenizer)
-  sets = {"phi": loaded.behaviour_params, "theta": theta}
-  for name, params in sets.items():
-    full = cast_tree(to_host(_full_params(loaded, params, lora_config)), dtype)
+
+  def folder(tree: Any, name: str) -> None:
+    host = cast_tree(to_host(tree), dtype)
     if writer:
-      weights.export_hf_folder(full, out_config, os.path.join(out, name), tokenizer,
+      config = loaded.model_config.replace(param_dtype=_stored_dtype(host))
+      weights.export_hf_folder(host, config, os.path.join(out, name), tokenizer,
                                max_shard_size=max_shard_size)
-    del full
+
+  for name, params in {"phi": loaded.behaviour_params, "theta": theta}.items():
+    folder(merged_params(loaded, params, lora_config), name)
     if lora_config is not None:
       adapters = cast_tree(to_host(params), dtype)
       if writer:
-        export_adapter(adapters, model_config, lora_config, os.path.join(out, f"{name}_adapter"),
+        export_adapter(adapters, loaded.model_config, lora_config, os.path.join(out, f"{name}_adapter"),
                        base_model_name(loaded.config))
   if lora_config is not None and base:
-    base_tree = cast_tree(to_host(_full_params(loaded, {"lora": jax.tree.map(
-        np.zeros_like, to_host(loaded.behaviour_params["lora"]))}, lora_config)), dtype)
-    if writer:
-      weights.export_hf_folder(base_tree, out_config, os.path.join(out, "base"), tokenizer,
-                               max_shard_size=max_shard_size)
+    folder(dense_base(loaded, lora_config), "base")
   record = extraction_record(loaded, phase, theta_step, lora_config)
   if writer:
     run_lib.write_json_atomic(os.path.join(out, EXTRACTION_FILE), record)
