@@ -33,29 +33,34 @@ PROG = "python -m qsft_jax.export"
 RESULTS = {"env": "maze", "episodes": 8, "policies": {
     "bc": {"mean_return": -9.0, "beta": 0.0}, "qsft_beta1": {"mean_return": -7.0, "beta": 1.0},
     "qsft_beta4": {"mean_return": -5.0, "beta": 4.0}, "qsft_beta16": {"mean_return": -6.0, "beta": 16.0},
-    "ratio": {"mean_return": -8.0, "beta": None}}}
+    "ratio": {"mean_return": -8.0, "beta": None}, "control_beta1": {"mean_return": -6.5, "beta": 1.0},
+    "control_beta4": {"mean_return": -7.5, "beta": 4.0}, "control_ratio": {"mean_return": -8.5, "beta": None}}}
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """make_workdir's run, with a second Q-SFT checkpoint (step 2: another theta, and a phi2 read as
-  phi from it) as the final one, and evaluation results. phi2 and theta2 have larger weights than
-  an initialisation, so that their greedy actions vary."""
+  phi from it) as the final one, a control phase (step 2, its own theta) and evaluation results.
+  The step-2 sets have larger weights than an initialisation, so that they differ visibly."""
   path = str(tmp_path_factory.mktemp("run"))
   made = make_workdir(path, steps=2)
-  phi2, theta2 = ({"params": random_params(made["model_config"], seed)} for seed in (2, 3))
-  manager = checkpoints.make_manager(path, "qsft", made["config"])
-  checkpoints.save(manager, 2, {"step": 2, "params": theta2, "target_params": theta2,
-                                "behaviour_params": phi2})
-  manager.wait_until_finished()
-  manager.close()
-  checkpoints.mark_done(path, "qsft", 2)
+  made["config"].phases = ("bc", "qsft", "control")
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(made["config"].to_dict(), f)
+  phi2, theta2, control = ({"params": random_params(made["model_config"], seed)} for seed in (2, 3, 5))
+  for phase, theta in (("qsft", theta2), ("control", control)):
+    manager = checkpoints.make_manager(path, phase, made["config"])
+    checkpoints.save(manager, 2, {"step": 2, "params": theta, "target_params": theta,
+                                  "behaviour_params": phi2})
+    manager.wait_until_finished()
+    manager.close()
+    checkpoints.mark_done(path, phase, 2)
   os.rename(os.path.join(path, "bc", "checkpoints", "1"), os.path.join(path, "bc", "checkpoints", "2"))
   checkpoints.mark_done(path, "bc", 2)
   os.makedirs(os.path.join(path, "eval"))
   with open(os.path.join(path, "eval", "results.json"), "w") as f:
     json.dump(RESULTS, f)
-  return path, dict(made, phi2=phi2, theta2=theta2)
+  return path, dict(made, phi2=phi2, theta2=theta2, control=control)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +135,20 @@ def test_one_file_below_the_size_limit_and_an_older_step(workdir, tmp_path):
   assert json.load(open(os.path.join(out, "extraction.json")))["checkpoint_steps"] == {"phi": 2, "theta": 1}
 
 
+def test_the_controls_theta_and_beta(workdir, tmp_path):
+  path, made = workdir
+  out = str(tmp_path / "out")
+  assert export.main(["export", f"--workdir={path}", f"--out={out}", "--phase=control"]) == 0
+  record = json.load(open(os.path.join(out, "extraction.json")))
+  assert record["phase"] == "control" and record["beta"] == 1.0  # the control's best, not Q-SFT's 4
+  assert record["evaluation"] == {"bc": -9.0, "control_beta1": -6.5, "control_beta4": -7.5, "control_ratio": -8.5}
+  got = load_file(os.path.join(out, "theta", "model.safetensors"))
+  want = weights.hf_tensors(made["control"], made["model_config"])
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 # ------------------------------------------------------------------------------------------------
 # extraction.json
 
@@ -183,6 +202,11 @@ def test_bad_input_is_one_line(workdir, exported, tmp_path, capsys):
   unfinished = str(tmp_path / "unfinished")
   shutil.copytree(path, unfinished)
   os.remove(os.path.join(unfinished, "qsft", "DONE"))
+  no_control = str(tmp_path / "no_control")
+  shutil.copytree(path, no_control, ignore=shutil.ignore_patterns("control"))
+  config = json.load(open(os.path.join(no_control, "config.json")))
+  config["phases"] = ["bc", "qsft"]
+  json.dump(config, open(os.path.join(no_control, "config.json"), "w"))
   nonempty = tmp_path / "full"
   nonempty.mkdir()
   (nonempty / "notes.txt").write_text("mine")
@@ -192,7 +216,7 @@ def test_bad_input_is_one_line(workdir, exported, tmp_path, capsys):
       ([f"--workdir={path}", f"--out={nonempty}"], 2, "exists and is not empty", "--overwrite"),
       ([f"--workdir={path}", f"--out={tmp_path}/o2", "--step=7"], 2, "--step=7", "steps: 1, 2"),
       ([f"--workdir={path}", f"--out={tmp_path}/o3", "--max_shard_size=big"], 2, "--max_shard_size", ""),
-      ([f"--workdir={path}", f"--out={tmp_path}/o4", "--phase=control"], 1, "no 'control' phase", ""),
+      ([f"--workdir={no_control}", f"--out={tmp_path}/o4", "--phase=control"], 1, "no 'control' phase", ""),
       ([f"--workdir={unfinished}", f"--out={tmp_path}/o5"], 1, "unfinished phases: qsft",
        "--allow_unfinished"),
   ]
