@@ -106,11 +106,27 @@ def test_exported_folders_give_our_logits_in_transformers(workdir, exported, nam
   folder = os.path.join(exported, name)
   index = json.load(open(os.path.join(folder, weights.SAFETENSORS_INDEX)))
   assert len(set(index["weight_map"].values())) > 2  # 20KB shards: the index is what loads
+  sizes = {}
+  for file in set(index["weight_map"].values()):
+    tensors = load_file(os.path.join(folder, file))
+    assert all(index["weight_map"][k] == file for k in tensors)
+    sizes[file] = [t.nbytes for t in tensors.values()]
+  assert all(sum(s) <= 20_000 or len(s) == 1 for s in sizes.values()), sizes
+  assert index["metadata"]["total_size"] == sum(map(sum, sizes.values()))
   assert not os.path.exists(os.path.join(folder, "model.safetensors"))
   ids = token_ids(made["tokenizer"], TEXTS)
   ref = torch_logits(load_model(folder), ids)
   err = relative_error(our_logits(made["model_config"], params, ids), ref)
   assert err < MAX_REL_ERR, f"{name}: relative error {err:.2e}"
+
+
+def test_parse_size():
+  assert weights.parse_size("2GB") == 2 * 10**9 and weights.parse_size("1GiB") == 2**30
+  assert weights.parse_size("20KB") == 20_000 and weights.parse_size("1.5MB") == 1_500_000
+  assert weights.parse_size(123) == weights.parse_size("123") == 123
+  for bad in ("big", "-1GB", "0", "2 GBs"):
+    with pytest.raises(ValueError):
+      weights.parse_size(bad)
 
 
 def test_the_tokenizer_files_encode_as_the_runs_char_tokenizer(workdir, exported):
