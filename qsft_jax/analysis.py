@@ -34,10 +34,10 @@ from qsft_jax.models.transformer import Transformer
 from qsft_jax.sampler import next_power_of_two
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _real_log_probs(model_config: ModelConfig, params, tokens, positions, segment_ids):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _real_log_probs(model_config: ModelConfig, params, tokens, positions, segment_ids, lora=None):
   """[B, L] inputs -> log-probabilities over the real vocabulary [B, L, V_pad] (-inf on padding)."""
-  logits = Transformer(model_config).apply(params, tokens, positions, segment_ids)
+  logits = Transformer(model_config, lora=lora).apply(params, tokens, positions, segment_ids)
   return losses.real_log_softmax(logits, model_config.vocab_size)
 
 
@@ -58,6 +58,7 @@ class Analysis:
   targets: losses.TargetConfig = losses.TargetConfig()
   mesh: Any = None
   rules: Any = None
+  lora: Any = None  # the run's LoraConfig when the parameter sets are LoRA variables
 
   def __post_init__(self):
     self._sampler = None
@@ -68,9 +69,9 @@ class Analysis:
     turn index), token (id), text (decoded token), p_theta, pi_phi, ratio = p_theta / pi_phi, and
     return_to_go (the observed transformed return from this token, as the data layer computes it)."""
     batch = episodes_to_batch([episode], self.data_config, self.tokenizer, pack=False)
-    log_pi = diagnostics.taken_logprobs(self.model_config, self.behaviour_params, batch)[0]
+    log_pi = diagnostics.taken_logprobs(self.model_config, self.behaviour_params, batch, lora=self.lora)[0]
     log_p = (None if self.theta_params is None else
-             diagnostics.taken_logprobs(self.model_config, self.theta_params, batch)[0])
+             diagnostics.taken_logprobs(self.model_config, self.theta_params, batch, lora=self.lora)[0])
     out = []
     for i in np.flatnonzero(batch["action_mask"][0]):
       tok = int(batch["tokens"][0, i])
@@ -100,7 +101,8 @@ class Analysis:
     segments = (positions < n).astype(np.int32)  # right padding: causal attention never sees it
 
     def last_row(params):
-      return np.asarray(_real_log_probs(self.model_config, params, tokens, positions, segments))[0, n - 1]
+      return np.asarray(_real_log_probs(self.model_config, params, tokens, positions, segments,
+                                        self.lora))[0, n - 1]
 
     log_pi = last_row(self.behaviour_params)[:self.model_config.vocab_size]
     log_p = None if self.theta_params is None else last_row(self.theta_params)[:self.model_config.vocab_size]
@@ -171,7 +173,7 @@ class Analysis:
     kwargs = dict(self.env_kwargs or {}) if env_kwargs is None and env_name == self.env_name else dict(env_kwargs or {})
     if self._sampler is None:  # kept over calls (its compiled programs); evaluation grows its cache
       self._sampler = policy_sampler(self.model_config, self.tokenizer, self.data_config, max_new_tokens,
-                                     mesh=self.mesh, rules=self.rules)
+                                     mesh=self.mesh, rules=self.rules, lora=self.lora)
     record: dict = {}
     evaluate_policies(env_name, kwargs, self.model_config, self.tokenizer, self.behaviour_params, self.theta_params,
                       policies=[{"name": "play", "mode": mode, "beta": float(beta)}], episodes=1, seed=seed,
@@ -208,7 +210,7 @@ def from_loaded(loaded: run_lib.Run) -> Analysis:
       behaviour_params=loaded.behaviour_params, theta_params=loaded.theta_params,
       data_config=loaded.data_config, env_name=config.get("task", ""),
       env_kwargs=dict(config.get("env", {})), targets=loaded.targets, mesh=loaded.mesh,
-      rules=loaded.rules)
+      rules=loaded.rules, lora=loaded.lora)
 
 
 def load(workdir: str, allow_unfinished: bool = False) -> Analysis:

@@ -19,6 +19,7 @@ restores it raises `CheckpointError` and changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Sequence
 
@@ -30,14 +31,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qsft_jax import storage
-from qsft_jax.errors import UserError
+from qsft_jax.errors import ConfigError, UserError
 
-ITEMS = ("state", "data", "history")
+ITEMS = ("state", "data", "history", "base")
 BROKEN_SUFFIX = ".broken"
+BASE_KEY = "base"  # a LoRA state's frozen base: never saved (see `without_base`)
 
 
 class CheckpointError(UserError):
   """No checkpoint of a phase can be restored; the message lists each step and why."""
+
+
+def without_base(tree: dict) -> dict:
+  """A train state (or its shardings / abstract state) without a LoRA state's frozen "base": what a
+  checkpoint holds. The base is rebuilt from model.init and checked against the record saved beside."""
+  return {k: v for k, v in tree.items() if k != BASE_KEY}
 
 
 def phase_dir(workdir: str, phase: str) -> str:
@@ -59,15 +67,41 @@ def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict, data_iterator=None,
-         history: Any = None) -> None:
+         history: Any = None, base_record: dict | None = None) -> None:
   """Saves step `step` (asynchronously when the manager is async). `history`: a JSON-serialisable
-  object saved with the step (the trainer's metrics log up to this step), not to be mutated after."""
+  object saved with the step (the trainer's metrics log up to this step), not to be mutated after.
+  `base_record`: a LoRA run's record of its frozen base (`lora.base_record`; the state excludes it)."""
   items = {"state": ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
   if history is not None:
     items["history"] = ocp.args.JsonSave(history)
+  if base_record is not None:
+    items["base"] = ocp.args.JsonSave(dict(base_record))
   manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def read_base_record(directory: str, step: int) -> dict | None:
+  """The base record saved with checkpoint step `step` in `directory` (a phase's checkpoints/); None
+  when the step has none (a full fine-tuning checkpoint)."""
+  path = storage.path(os.path.join(str(directory), str(step), "base", "metadata"))  # orbax's JsonSave file
+  if not path.exists():
+    return None
+  with path.open() as f:
+    return json.load(f)
+
+
+def check_base_record(manager_or_dir: Any, step: int, expected: dict | None, *, label: str = "") -> None:
+  """ConfigError when checkpoint step `step` was trained over another base than `expected` (both named)."""
+  from qsft_jax.models.lora import describe_record
+  directory = getattr(manager_or_dir, "directory", manager_or_dir)
+  saved = read_base_record(directory, step)
+  if saved is None or expected is None or dict(saved) != dict(expected):
+    have = "no base record (not a LoRA checkpoint)" if saved is None else describe_record(saved)
+    want = "no LoRA base (model.lora.rank = 0)" if expected is None else describe_record(expected)
+    raise ConfigError(
+        f"{label}: the checkpoint of step {step} in {directory} was trained over {have}, but this run's "
+        f"base is {want}; config.model.lora (and model.init) must be those of the run that wrote it")
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,

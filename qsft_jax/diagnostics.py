@@ -33,21 +33,22 @@ if TYPE_CHECKING:
 ROWS_PER_CALL = 16  # held-out rows per forward pass
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _row_logits(model_config: ModelConfig, params, tokens, positions, segment_ids):
-  return Transformer(model_config).apply(params, tokens, positions, segment_ids)
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _row_logits(model_config: ModelConfig, params, tokens, positions, segment_ids, lora=None):
+  return Transformer(model_config, lora=lora).apply(params, tokens, positions, segment_ids)
 
 
 def taken_logprobs(model_config: ModelConfig, params: Any, batch: Mapping[str, np.ndarray],
-                   rows_per_call: int = ROWS_PER_CALL, bar: progress.Progress | None = None
-                   ) -> np.ndarray:
+                   rows_per_call: int = ROWS_PER_CALL, bar: progress.Progress | None = None,
+                   lora: Any = None) -> np.ndarray:
   """log p(x_i | x_<i) of every token i, read from row i - 1: [B, L] float32 (0 at i = 0).
-  bar: counts each forward pass of `rows_per_call` rows."""
+  bar: counts each forward pass of `rows_per_call` rows. lora: the run's LoraConfig when `params` are
+  LoRA variables {"params": base, "lora": adapters} (`qsft_jax.models.lora`)."""
   out = []
   for start in range(0, batch["tokens"].shape[0], rows_per_call):
     part = {k: jnp.asarray(batch[k][start:start + rows_per_call])
             for k in ("tokens", "positions", "segment_ids")}
-    logits = _row_logits(model_config, params, part["tokens"], part["positions"], part["segment_ids"])
+    logits = _row_logits(model_config, params, part["tokens"], part["positions"], part["segment_ids"], lora)
     logp = losses.real_log_softmax(logits, model_config.vocab_size)  # [b, L, V]
     labels = losses.to_rows(part["tokens"])  # row k predicts token k + 1
     row_logp = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
@@ -78,7 +79,7 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_params: Any,
                       batch: Mapping[str, np.ndarray], *, target_params: Any = None,
                       targets: losses.TargetConfig = losses.TargetConfig(),
-                      max_turns: int = 32, show_progress: bool = False) -> dict:
+                      max_turns: int = 32, show_progress: bool = False, lora: Any = None) -> dict:
   """Correlation of p_theta / pi_phi with the return-to-go at each turn's first action token.
 
   batch: the data layer's [B, L] arrays of held-out episodes. targets: the run's target settings,
@@ -87,16 +88,16 @@ def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_pa
   {"correlation", "first_turn_correlation", "count", "by_turn": [{"turn", "count", "correlation",
   "mean_ratio", "mean_return_to_go", ("mean_target", "clipped_fraction")}]}.
   show_progress: count the forward passes (ROWS_PER_CALL rows each, per parameter set) with their rate
-  and ETA on stderr (`qsft_jax.progress`).
+  and ETA on stderr (`qsft_jax.progress`). lora: the LoraConfig of LoRA parameter sets (`taken_logprobs`).
   """
   passes = -(-batch["tokens"].shape[0] // ROWS_PER_CALL) * (2 if target_params is None else 3)
   with progress.Progress(passes, "value diagnostics", "passes", enabled=show_progress) as bar:
-    logp_theta = taken_logprobs(model_config, theta_params, batch, bar=bar)
-    logp_phi = taken_logprobs(model_config, behaviour_params, batch, bar=bar)
+    logp_theta = taken_logprobs(model_config, theta_params, batch, bar=bar, lora=lora)
+    logp_phi = taken_logprobs(model_config, behaviour_params, batch, bar=bar, lora=lora)
     weights = clipped = None
     if target_params is not None:
       weights, clipped = _targets(model_config, target_params, behaviour_params, batch,
-                                  targets.bellman(), bar=bar)
+                                  targets.bellman(), bar=bar, lora=lora)
   first = first_action_tokens(batch)
   ratio = np.exp(np.minimum(logp_theta - logp_phi, losses.LOG_VALUE_CAP))[first]
   rtg = np.asarray(batch["returns_to_go"])[first]
@@ -119,7 +120,7 @@ def value_diagnostics(model_config: ModelConfig, behaviour_params: Any, theta_pa
 
 def _targets(model_config: ModelConfig, target_params: Any, behaviour_params: Any,
              batch: Mapping[str, np.ndarray], targets: losses.TargetConfig,
-             bar: progress.Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+             bar: progress.Progress | None = None, lora: Any = None) -> tuple[np.ndarray, np.ndarray]:
   """Bellman targets and clipped flags of every token [B, L] (numpy), from full logits; `bar` counts
   each part of ROWS_PER_CALL rows."""
   parts_t, parts_c = [], []
@@ -127,8 +128,8 @@ def _targets(model_config: ModelConfig, target_params: Any, behaviour_params: An
   for start in range(0, batch["tokens"].shape[0], rows):
     part = {k: jnp.asarray(v[start:start + rows]) for k, v in batch.items()}
     args = (part["tokens"], part["positions"], part["segment_ids"])
-    values = losses.bellman_values(_row_logits(model_config, target_params, *args),
-                                   _row_logits(model_config, behaviour_params, *args),
+    values = losses.bellman_values(_row_logits(model_config, target_params, *args, lora),
+                                   _row_logits(model_config, behaviour_params, *args, lora),
                                    model_config.vocab_size, targets.support_min,
                                    exclude_token=targets.dummy_token)
     t, c = losses.compute_targets(values, part, targets)
@@ -200,7 +201,8 @@ def heldout_value_diagnostics(run: Run, suffix: str = "") -> dict:
   if batch is None:
     raise FileNotFoundError(f"{os.path.join(run.workdir, 'data', 'heldout.jsonl')}: no held-out episodes")
   d = value_diagnostics(run.model_config, run.behaviour_params, run.theta_params, batch,
-                        target_params=run.target_params, targets=run.targets, show_progress=True)
+                        target_params=run.target_params, targets=run.targets, show_progress=True,
+                        lora=run.lora)
   if jax.process_index() == 0:
     out = os.path.join(run.workdir, "eval")
     storage.path(out).mkdir(parents=True, exist_ok=True)

@@ -194,7 +194,7 @@ def dataset_mean_return(paths, data_config: DataConfig | Mapping | None = None) 
 
 
 def policy_sampler(model_config, tokenizer, data_config: DataConfig, max_new_tokens: int, *, batch_size: int = 1,
-                   mesh=None, rules=None) -> Sampler:
+                   mesh=None, rules=None, lora=None) -> Sampler:
   """The sampler policies act through, in evaluation and in `analysis.Analysis.play`: a KV cache of
   min(max_position_embeddings, 2 * data_config.max_length) + max_new_tokens slots (a policy's episode may
   run longer than the training rows, e.g. more wall bumps), which `evaluate_policies` grows with
@@ -202,7 +202,7 @@ def policy_sampler(model_config, tokenizer, data_config: DataConfig, max_new_tok
   max_new_tokens); one batch bucket of batch_size rows, so episodes ending early recompile nothing."""
   cache_len = min(model_config.max_position_embeddings, 2 * data_config.max_length) + max_new_tokens
   return Sampler(model_config, mesh=mesh, rules=rules, pad_id=tokenizer.pad_id, cache_len=cache_len,
-                 min_batch_bucket=batch_size)
+                 min_batch_bucket=batch_size, lora=lora)
 
 
 def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, tokenizer, behaviour_params,
@@ -212,7 +212,8 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
                       targets: losses.TargetConfig = losses.TargetConfig(),
                       dataset_mean_return: float | None = None, mesh=None, rules=None,
                       sampler: Sampler | None = None, record: dict | None = None,
-                      control_params=None, interrupt: Callable[[str], None] | None = None) -> dict:
+                      control_params=None, interrupt: Callable[[str], None] | None = None,
+                      lora=None) -> dict:
   """Plays `episodes` episodes (seeds seed .. seed + episodes - 1) with every policy of `policies`
   ({"name", "mode", "beta"}, see `policy_specs`) and returns the results.json dict.
 
@@ -223,6 +224,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   and no policy emits targets.dummy_token or another id of `suppressed_token_ids`.
   interrupt: called with a description of where the evaluation is before every batch of actions;
     it raises to stop the evaluation (`StopOnSigterm.check`).
+  lora: the LoraConfig when the parameter sets are LoRA variables (`Sampler`).
   sampler: a `policy_sampler` to reuse (with its compiled programs) over several calls; default a new
     one. Its cache grows in place (`Sampler.fit`) before any batch of actions whose histories outgrow it.
   """
@@ -236,7 +238,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   suppress = suppressed_token_ids(tokenizer, targets.dummy_token)
   if sampler is None:
     sampler = policy_sampler(model_config, tokenizer, data_config, max_new_tokens, batch_size=len(envs),
-                             mesh=mesh, rules=rules)
+                             mesh=mesh, rules=rules, lora=lora)
   results = {"env": env_name, "episodes": episodes, "dataset_mean_return": dataset_mean_return, "policies": {}}
   try:
     for spec in policies:
@@ -420,7 +422,7 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
         data_config=loaded.data_config, batch_size=batch_size, max_new_tokens=max_new_tokens,
         temperature=temperature, targets=loaded.targets, dataset_mean_return=dataset_return,
         mesh=loaded.mesh, rules=loaded.rules, record=record, control_params=control_params,
-        interrupt=stop.check)
+        interrupt=stop.check, lora=loaded.lora)
     results["checkpoint_steps"] = steps
     results["unfinished_phases"] = [p.to_json() for p in unfinished]
     if value_diagnostics:

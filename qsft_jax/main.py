@@ -14,6 +14,7 @@ parameters are checked before a checkpoint is written (on_nonfinite, nonfinite.*
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -40,6 +41,7 @@ from qsft_jax import sharding as qsharding
 from qsft_jax import storage
 from qsft_jax.data import check as data_check
 from qsft_jax.models import config as model_config_lib
+from qsft_jax.models import lora as lora_lib
 from qsft_jax.models import sharded
 
 
@@ -384,9 +386,13 @@ def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data
   # theta_bar would give under them.
   targets = losses.TargetConfig.from_config(config, "qsft")
 
+  lora = lora_lib.LoraConfig.from_config(config.model.lora)
+  lora = lora if lora.enabled else None
+
   def diagnose(state):
-    d = diagnostics.value_diagnostics(model_config, state["behaviour_params"], state["params"], batch,
-                                      target_params=state["target_params"], targets=targets)
+    full = lambda key: {**state.get("base", {}), **state[key]}  # LoRA: the adapters over the base
+    d = diagnostics.value_diagnostics(model_config, full("behaviour_params"), full("params"), batch,
+                                      target_params=full("target_params"), targets=targets, lora=lora)
     turn0 = d["by_turn"][0] if d["by_turn"] else {}
     return {"value_corr": d["correlation"], "value_corr_turn0": d["first_turn_correlation"],
             "target_turn0": turn0.get("mean_target", float("nan")),
@@ -395,11 +401,16 @@ def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data
 
 
 def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, tokenizer, data_config,
-              initial_params: Callable[[], Any], preemption: Preemption) -> dict:
+              initial_params: Callable[[], Any], preemption: Preemption, base: dict | None = None,
+              base_record: dict | None = None) -> dict:
   """Trains one phase to config[phase].steps (resuming if possible) and returns its final state.
 
   `initial_params()` -> the params a fresh phase starts from: BC: theta_0; Q-SFT and the control:
   (theta_0, phi). The control is the Q-SFT phase with qsft.targets_mode = "ones".
+  LoRA (model.lora.rank > 0): `base` is the frozen base {"params": tree} as the state stores it (the
+  state takes these very arrays), `base_record` its `lora.base_record`; each parameter set of
+  `initial_params()` is the variables {"params": base, "lora": adapters}. Checkpoints hold the state
+  without the base, plus the record, and a restore over another base is refused.
   """
   from qsft_jax.data.sharded import ShardedBatchIterator
 
@@ -413,21 +424,27 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
       process_count=jax.process_count(), seed=config.seed + phases.DATA_SEED_OFFSET[phase])
   manager = checkpoints.make_manager(workdir, phase, config)
   restored = None
+  with_base = (lambda s: {**s, "base": base}) if program.lora is not None else (lambda s: s)
   if manager.all_steps():  # the newest checkpoint that restores (damaged newer ones moved aside)
-    abstract = program.abstract_state(sharded.param_shapes(program.model, model_config))
+    abstract = checkpoints.without_base(program.abstract_state(sharded.param_shapes(program.model, model_config)))
     try:
       restored = checkpoints.restore_latest(manager, abstract, iterator, label=phase)
+      if restored is not None and program.lora is not None:
+        checkpoints.check_base_record(manager, restored.step, base_record, label=phase)
     except BaseException:
       manager.close()
       raise
   if restored is not None:
-    state, latest = restored.state, restored.step
+    state, latest = with_base(restored.state), restored.step
     saved_log = restored.history if restored.history is not None else _saved_metrics(workdir, phase)
     if jax.process_index() == 0:
       print(f"{phase}: resumed from the checkpoint of step {latest}", flush=True)
   else:
     with jax.set_mesh(mesh):
-      state = jax.jit(program.init_state, out_shardings=program.state_shardings)(initial_params())
+      # With LoRA the base is left out (dead code under jit) and the run's own base arrays attached.
+      init = lambda params: checkpoints.without_base(program.init_state(params))
+      state = with_base(jax.jit(init, out_shardings=checkpoints.without_base(program.state_shardings))(
+          initial_params()))
     latest, saved_log = 0, None
 
   if latest >= p.steps:
@@ -472,7 +489,8 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
         snapshot = log.snapshot()
         if jax.process_index() == 0:  # readable while the run goes on; the checkpoint holds the same
           run_lib.write_json_atomic(metrics_path, snapshot["history"])
-        checkpoints.save(manager, step, state, iterator, history=snapshot)
+        checkpoints.save(manager, step, checkpoints.without_base(state), iterator, history=snapshot,
+                         base_record=base_record)
       if stop:
         manager.wait_until_finished()
         logging.warning("%s: saved step %d after SIGTERM; exiting", phase, step)
@@ -531,6 +549,51 @@ def initial_params(phase: str, theta_init: str, pretrained: Any, fresh_params: C
   raise ValueError(f"qsft.theta_init={theta_init!r} cannot start theta here (config_lib.check_config)")
 
 
+def check_lora_targets(model_config, lora: lora_lib.LoraConfig) -> None:
+  """ConfigError naming model.lora.targets when a pattern matches no adaptable projection."""
+  if not lora.enabled:
+    return
+  unmatched = lora_lib.unmatched_targets(model_config, lora)
+  if unmatched:
+    known = sorted({p.split("/", 1)[1] for p in lora_lib.adapter_paths(
+        model_config, dataclasses.replace(lora, targets=(".",)))})
+    raise config_lib.ConfigError(
+        f"config.model.lora.targets: {', '.join(repr(t) for t in unmatched)} match(es) no projection of the "
+        f"model; the adaptable module paths are layers_N/ (scanned: layers/) followed by {', '.join(known)}")
+
+
+def lora_base(config, lora: lora_lib.LoraConfig, pretrained: Any, fresh_params: Callable[[int], Any]) -> dict:
+  """The frozen base of a LoRA run, as its states store it: model.init's weights (the random
+  initialisation of `seed` for a random init) cast to lora.base_dtype."""
+  base = pretrained if pretrained is not None else fresh_params(0)
+  return jax.jit(lambda b: lora_lib.store_base(b, lora))({"params": base["params"]})
+
+
+def lora_adapters(config, model_config, lora: lora_lib.LoraConfig, offset: int, mesh, rules) -> dict:
+  """New adapters {"lora": ...} (A random, B = 0) drawn from seed + offset: 0 phi's start, 1 theta's with
+  qsft.theta_init = "fresh"."""
+  key = jax.random.fold_in(jax.random.key(config.seed + offset), 1)
+  return sharded.init_adapters_sharded(model_config, lora, key, mesh, rules)
+
+
+def initial_lora_params(phase: str, theta_init: str, base: dict, adapters: Callable[[int], Any],
+                        phi: Callable[[], Any]) -> Any:
+  """`initial_params` with LoRA: variables {"params": base, "lora": adapters}. BC: phi's new adapter
+  adapters(0). Q-SFT and the control: (theta, phi) with theta's adapter by qsft.theta_init: "phi" phi's
+  trained adapter; "phi_init" and "pretrained" the adapter phi started from (B = 0: the base model);
+  "fresh" adapters(1)."""
+  if phase == "bc":
+    return {**base, **adapters(0)}
+  behaviour = {**base, **phi()}
+  if theta_init == "phi":
+    return behaviour, behaviour
+  if theta_init in ("phi_init", "pretrained"):
+    return {**base, **adapters(0)}, behaviour
+  if theta_init == "fresh":
+    return {**base, **adapters(1)}, behaviour
+  raise ValueError(f"qsft.theta_init={theta_init!r} cannot start theta here (config_lib.check_config)")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) every configured phase, then evaluation. Returns the final states by phase.
 
@@ -549,6 +612,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = qsharding.make_mesh(mesh_shape)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   model_config, pretrained = build_model(config, tokenizer, mesh, rules)
+  lora = lora_lib.LoraConfig.from_config(config.model.lora)
+  check_lora_targets(model_config, lora)
   run_lib.check_workdir_config(workdir, config)  # refuses changes that would corrupt the workdir
   data_config = prepare_data(config, workdir)
   data_summary = data_check.preflight(data_config, tokenizer, echo=jax.process_index() == 0)
@@ -565,11 +630,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return sharded.init_params_sharded(model_config, jax.random.key(config.seed + offset), mesh, rules)
 
   states = {}
-  for phase in config.phases:
-    initial = functools.partial(initial_params, phase, config.qsft.theta_init, pretrained,
-                                fresh_params, lambda: states["bc"]["params"])
-    states[phase] = run_phase(phase, config, workdir, mesh, rules, model_config, tokenizer,
-                              data_config, initial, preemption)
+  if lora.enabled:
+    base = lora_base(config, lora, pretrained, fresh_params)
+    pretrained = None  # only the base (in base_dtype) is kept
+    base_record = lora_lib.base_record(base, config.model.init, lora)
+    for phase in config.phases:
+      initial = functools.partial(initial_lora_params, phase, config.qsft.theta_init, base,
+                                  lambda offset: lora_adapters(config, model_config, lora, offset, mesh, rules),
+                                  lambda: states["bc"]["params"])
+      states[phase] = run_phase(phase, config, workdir, mesh, rules, model_config, tokenizer,
+                                data_config, initial, preemption, base=base, base_record=base_record)
+      base = states[phase]["base"]  # each step donates the base and returns it: the next phase takes these
+  else:
+    for phase in config.phases:
+      initial = functools.partial(initial_params, phase, config.qsft.theta_init, pretrained,
+                                  fresh_params, lambda: states["bc"]["params"])
+      states[phase] = run_phase(phase, config, workdir, mesh, rules, model_config, tokenizer,
+                                data_config, initial, preemption)
 
   if config.task and config.eval.enabled:
     from qsft_jax import evaluate

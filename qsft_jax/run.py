@@ -57,8 +57,10 @@ from qsft_jax import sharding as qsharding
 from qsft_jax import storage
 from qsft_jax.data import DataConfig
 from qsft_jax.errors import UserError
+from qsft_jax.models import lora as lora_lib
 from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig, get_preset
+from qsft_jax.models.lora import LoraConfig
 
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
@@ -466,6 +468,9 @@ class Run:
     checkpoint. control_params: theta of the control phase, None without one.
   *_step: the checkpoint step each parameter set was read from (None where absent).
   mesh, rules: where the parameters are placed (the config's rule table).
+  lora: the run's LoraConfig (model.lora.rank > 0), else None. Each parameter set is then the variables
+    {"params": base, "lora": adapters} of `Transformer(model_config, lora=lora)`, all over the same
+    base arrays (rebuilt from model.init and checked against the checkpoints' base record).
   """
   workdir: str
   config: ml_collections.ConfigDict
@@ -482,6 +487,7 @@ class Run:
   control_step: int | None = None
   mesh: Any = None
   rules: Any = None
+  lora: Any = None
 
   @property
   def targets(self) -> losses.TargetConfig:
@@ -495,6 +501,19 @@ class Run:
     return dataclasses.replace(self, theta_params=theta_params, target_params=target_params,
                                theta_step=theta_step, target_step=target_step, control_params=None,
                                control_step=None)
+
+
+def lora_base(config: ml_collections.ConfigDict, model_config: ModelConfig, lora: LoraConfig, mesh,
+              rules) -> dict:
+  """The frozen base {"params": tree} of a LoRA run, as its states store it: model.init's weights (the
+  random initialisation of `seed` for a random init) in lora.base_dtype, placed on `mesh`."""
+  if config.model.init == "random":
+    params = sharded.init_params_sharded(model_config, jax.random.key(config.seed), mesh, rules)
+  else:
+    from qsft_jax.models.weights import load_params
+    _, params = load_params(config.model.init, mesh, rules, **config.model.overrides.to_dict())
+  params = params if "params" in params else {"params": params}
+  return jax.jit(lambda b: lora_lib.store_base(b, lora))({"params": params["params"]})
 
 
 def load(workdir: str, mesh=None, rules=None) -> Run:
@@ -514,11 +533,16 @@ def load(workdir: str, mesh=None, rules=None) -> Run:
   model_config = read_model_config(workdir)
   rules = tuple(tuple(r) for r in (rules or config.mesh.rules))
   mesh = mesh or qsharding.make_mesh(DEFAULT_MESH_SHAPE)
-  model = Transformer(model_config)
+  lora = LoraConfig.from_config(config.model.get("lora", {}))
+  lora = lora if lora.enabled else None
+  model = Transformer(model_config, lora=lora)
   shardings = sharded.param_shardings(model, model_config, mesh, rules)
   shapes = sharded.param_shapes(model, model_config)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
+  base = {}
+  if lora is not None:
+    abstract = {"lora": abstract["lora"]}  # the checkpoints hold the adapters only
 
   qsft = checkpoints.restore_latest_params(
       workdir, "qsft", ("params", "behaviour_params", "target_params"), abstract)
@@ -539,5 +563,14 @@ def load(workdir: str, mesh=None, rules=None) -> Run:
   control = checkpoints.restore_latest_params(workdir, "control", ("params",), abstract)
   if control is not None:
     sets.update(control_params=control[1]["params"], control_step=control[0])
-  return Run(workdir=workdir, config=config, model_config=model_config, tokenizer=tokenizer,
+  if lora is not None:
+    base = lora_base(config, model_config, lora, mesh, rules)
+    record = lora_lib.base_record(base, config.model.init, lora)
+    for phase, step in (("qsft", sets.get("theta_step")), ("bc", None if qsft else sets["behaviour_step"]),
+                        ("control", sets.get("control_step"))):
+      if step is not None:
+        checkpoints.check_base_record(os.path.join(checkpoints.phase_dir(workdir, phase), "checkpoints"),
+                                      step, record, label=f"{workdir}: {phase}")
+    sets = {k: ({**base, **v} if k.endswith("_params") and v is not None else v) for k, v in sets.items()}
+  return Run(lora=lora, workdir=workdir, config=config, model_config=model_config, tokenizer=tokenizer,
              data_config=data_config_from(config), mesh=mesh, rules=rules, **sets)

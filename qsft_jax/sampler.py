@@ -238,17 +238,21 @@ class Sampler:
     decode_attention: how decode steps attend over the cache, "auto" or a key of DECODE_ATTENTION
       (see choose_decode_attention); the choice made is `self.decode_attention`. Prefill always
       uses the model's einsums.
+    lora: a `qsft_jax.models.lora.LoraConfig` when the parameter sets are LoRA variables
+      {"params": base, "lora": adapters}: phi and theta are then two adapter sets over one base (pass
+      the same base arrays in both; nothing is copied).
   """
 
   def __init__(self, model_config: ModelConfig, mesh=None, rules=None, *, cache_len: int = 512,
                min_prompt_bucket: int = 16, min_batch_bucket: int = 1, pad_id: int = 0,
-               decode_attention: str = "auto"):
+               decode_attention: str = "auto", lora: Any = None):
     if cache_len < 2:
       raise ValueError(f"cache_len={cache_len} must be >= 2")
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
     self.decode_attention = choose_decode_attention(decode_attention, devices, model_config.dtype)
     self.config = model_config
-    self.model = Transformer(model_config, decode_attention=DECODE_ATTENTION[self.decode_attention])
+    self.model = Transformer(model_config, decode_attention=DECODE_ATTENTION[self.decode_attention],
+                             lora=lora)
     self.mesh = mesh
     self.rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
     self.cache_len = int(cache_len)

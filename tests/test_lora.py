@@ -231,3 +231,138 @@ def test_bc_step_trains_adapters_over_the_base():
     losses_seen.append(float(metrics["loss"]))
   assert losses_seen[-1] < losses_seen[0]
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["base"]), base)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA Q-SFT on the exact tabular MDPs of tests/test_qstar.py
+
+
+def _lora_table(base, adapters, lora):
+  """The tabular model's logits [S, V_pad]: `lora.merge` of a frozen base table and its adapter."""
+  return lora_lib.merge({"params": {"table": {"kernel": base}}, "lora": {"table": adapters}}, None,
+                        lora)["params"]["table"]["kernel"]
+
+
+@functools.partial(jax.jit, static_argnames=("lora", "vocab", "steps", "rounds", "bc"))
+def _train_lora_table(batch, one_hot, base, adapters, phi_table, lora, vocab, steps, rounds, bc):
+  """Adam on the adapter only (the base table frozen): BC when `bc`, else Q-SFT with theta_bar's
+  adapter hard-copied from theta's (`train_steps.update_target`) every `steps` steps, `rounds` times."""
+  import test_qstar
+  n = losses.action_token_count(batch["action_mask"])
+  opt = optax.adam(optax.cosine_decay_schedule(0.1, steps * rounds, alpha=0.01), b2=0.99)
+  targets = losses.TargetConfig(support_min=test_qstar.SUPPORT_MIN, dummy_token=test_qstar.DUMMY)
+
+  def loss_fn(ad, target_ad):
+    table = _lora_table(base, ad, lora)
+    if bc:
+      return losses.chunked_bc_loss(one_hot, table, losses.to_rows(batch["tokens"]),
+                                    losses.to_rows(batch["action_mask"], False), n, vocab_size=vocab,
+                                    chunk_size=3)[0]
+    return losses.qsft_loss(one_hot, table, one_hot, _lora_table(base, target_ad, lora), one_hot, phi_table,
+                            batch, n, vocab_size=vocab, chunk_size=4, targets=targets)[0]
+
+  update = train_steps.TargetUpdate(every=steps)
+
+  def step(carry, _):
+    ad, target_ad, opt_state, count = carry
+    grads = jax.grad(loss_fn)(ad, target_ad)
+    updates, opt_state = opt.update(grads, opt_state)
+    ad = optax.apply_updates(ad, updates)
+    return (ad, train_steps.update_target(target_ad, ad, count + 1, update), opt_state, count + 1), None
+
+  carry = (adapters, adapters, opt.init(adapters), jnp.zeros((), jnp.int32))
+  (adapters, _, _, _), _ = jax.lax.scan(step, carry, None, length=steps * rounds)
+  return adapters
+
+
+@pytest.mark.parametrize("mdp_name", ["one_turn", "two_turns"])
+def test_lora_qsft_reaches_the_exact_fixed_point(mdp_name):
+  """The tabular model of test_qstar with LoRA on: a frozen random base table [S, V_pad] plus A.B
+  (rank V_pad: any table), A and B trained; theta's adapter starts from phi's (theta_init "phi")."""
+  import test_qstar
+  mdp, dataset_kwargs = test_qstar.mdps()[mdp_name]
+  vocab, v_pad = test_qstar.VOCABS["vocab8"]
+  host, one_hot, index = test_qstar.build(mdp, dataset_kwargs)
+  batch = {k: jnp.asarray(v) for k, v in host.items()}
+  num_states = one_hot.shape[-1]
+  lora = lora_lib.LoraConfig(rank=v_pad, alpha=float(v_pad))
+  rng = np.random.default_rng(0)
+  base = jnp.asarray(rng.normal(0, 1, (num_states, v_pad)), jnp.float32)
+  start = {"lora_a": jnp.asarray(rng.normal(0, 1 / np.sqrt(num_states), (num_states, v_pad)), jnp.float32),
+           "lora_b": jnp.zeros((v_pad, v_pad), jnp.float32)}
+  rounds = 1 + int(host["action_mask"].sum(1).max())
+  phi_ad = _train_lora_table(batch, one_hot, base, start, None, lora, vocab, 600, 1, True)
+  phi_table = _lora_table(base, phi_ad, lora)
+  theta_ad = _train_lora_table(batch, one_hot, base, phi_ad, phi_table, lora, vocab, 250, rounds, False)
+  pi, theta = test_qstar.probs(phi_table, vocab), test_qstar.probs(_lora_table(base, theta_ad, lora), vocab)
+  states = mdp_utils.state_ids(host["tokens"], host["segment_ids"], dict(index))
+  visited = sorted({int(states[b, i - 1]) for b, i in zip(*np.nonzero(host["action_mask"]))})
+  want = test_qstar.numpy_fixed_point(host, states, pi, test_qstar.DUMMY, rounds)
+  np.testing.assert_allclose(theta[visited], want[visited], atol=3e-3)
+  assert np.abs(pi[visited] - want[visited]).max() > 0.1  # far from where theta started
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, config
+
+
+def test_lora_checkpoint_restores_onto_another_mesh_and_refuses_another_base(tmp_path):
+  import ml_collections
+  from qsft_jax import checkpoints
+  from qsft_jax.errors import ConfigError
+  config = model_config()
+  opt = optax.adam(1e-3)
+  model = Transformer(config, lora=LORA)
+  mesh8 = sharding.make_mesh({"data": 8})
+  state = lora_state(mesh8, "qsft", opt, config=config)
+  record = lora_lib.base_record(state["base"], "random", LORA)
+  c = ml_collections.ConfigDict({"checkpoint": {"keep": 2, "keep_every": 0, "async_save": False}})
+  manager = checkpoints.make_manager(str(tmp_path), "qsft", c)
+  checkpoints.save(manager, 3, checkpoints.without_base(state), base_record=record)
+  manager.wait_until_finished()
+  saved = jax.device_get(checkpoints.without_base(state))
+
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  shardings = checkpoints.without_base(train_steps.state_shardings(model, config, opt, mesh, RULES, "qsft"))
+  shapes = jax.eval_shape(lambda: checkpoints.without_base(jax.device_get(state)))
+  restored = checkpoints.restore(manager, 3, sharding.abstract_with_shardings(shapes, shardings))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
+  q_a = restored["params"]["lora"]["layers_0"]["attn"]["q"]["lora_a"]  # [D, r]: D over fsdp
+  assert q_a.sharding.spec[0] == "fsdp" and len(q_a.sharding.device_set) == 8
+  # the base's checksum does not depend on the mesh it is sharded over
+  base_other = jax.device_put(state["base"], train_steps.state_shardings(model, config, opt, mesh, RULES,
+                                                                         "qsft")["base"])
+  assert lora_lib.base_checksum(base_other) == record["checksum"]
+  checkpoints.check_base_record(manager, 3, record, label="qsft")
+  # another base (another seed) is refused, naming both records
+  other = lora_lib.base_record(lora_state(mesh, "qsft", opt, config=config, seed=5)["base"], "random", LORA)
+  assert other["checksum"] != record["checksum"]
+  with pytest.raises(ConfigError, match=f"{record['checksum']}.*{other['checksum']}"):
+    checkpoints.check_base_record(manager, 3, other, label="qsft")
+  with pytest.raises(ConfigError, match="base_dtype='float32'"):
+    checkpoints.check_base_record(manager, 3, {**record, "base_dtype": "float32"}, label="qsft")
+  manager.close()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rank", -1, "model.lora.rank: must be an integer >= 0"),
+    ("alpha", 0.0, "model.lora.alpha: must be a finite number > 0"),
+    ("targets", ("attn/(q",), "model.lora.targets: 'attn/\\(q' is not a regular expression"),
+    ("targets", (), "model.lora.targets: is empty"),
+    ("quantization", "int4", "model.lora.quantization: 'int4': expected one of"),
+    ("base_dtype", "int8", "model.lora.base_dtype: 'int8' is not a floating-point dtype"),
+])
+def test_check_config_rejects_bad_lora_fields(field, value, message):
+  config = config_lib.base_config()
+  config.task = "maze"
+  config.model.lora.rank = 4
+  config.model.lora[field] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.check_config(config, 8)
+
+
+def test_targets_matching_no_projection_are_an_error():
+  from qsft_jax import main
+  main.check_lora_targets(model_config(), LORA)
+  with pytest.raises(config_lib.ConfigError, match=r"model.lora.targets: 'mlp/fc\$'.*attn/q"):
+    main.check_lora_targets(model_config(), lora_lib.LoraConfig(rank=2, targets=("attn/q$", "mlp/fc$")))
