@@ -137,15 +137,6 @@ def hf_tokenizer(tokenizer) -> Any:
 # LoRA
 
 
-def lora_config_of(config: ml_collections.ConfigDict):
-  """The run's `LoraConfig` when model.lora is on, else None."""
-  section = config.model.get("lora") if hasattr(config.model, "get") else None
-  if section is None or not int(section.get("rank", 0)):
-    return None
-  from qsft_jax.models import lora
-  return lora.LoraConfig.from_config(section)
-
-
 def peft_target_modules(modules: Sequence[str]) -> list[str]:
   """PEFT's target_modules for the adapted module names (e.g. "model.layers.0.self_attn.q_proj"):
   their names inside a layer ("self_attn.q_proj") when every layer adapts the same ones, else the
@@ -221,8 +212,10 @@ def _best_beta(results: Mapping, prefix: str) -> tuple[float | None, dict]:
   return (max(candidates)[2] if candidates else None), figures
 
 
-def extraction_record(loaded: run_lib.Run, phase: str, theta_step: int | None, lora_config) -> dict:
-  """The contents of extraction.json (module docstring) for `loaded` with theta from `phase`."""
+def extraction_record(loaded: run_lib.Run, phase: str, theta_step: int | None, lora_config,
+                      base_folder: bool = False) -> dict:
+  """The contents of extraction.json (module docstring) for `loaded` with theta from `phase`;
+  base_folder: OUT/base was written (LoRA)."""
   from qsft_jax import evaluate, sampler
   from qsft_jax.envs.base import ACTION_STOP
   from qsft_jax.envs.registry import ENVS
@@ -279,7 +272,10 @@ def extraction_record(loaded: run_lib.Run, phase: str, theta_step: int | None, l
       "lora": None if lora_config is None else {
           "rank": lora_config.rank, "alpha": lora_config.alpha, "scale": lora_config.scale,
           "targets": list(lora_config.targets), "base": str(config.model.init),
-          "adapters": {"phi": "phi_adapter", "theta": "theta_adapter"}},
+          "base_dtype": lora_config.base_dtype, "quantization": lora_config.quantization,
+          "merged": "phi/ and theta/ hold W + scale * A.B (float32 unless --dtype)",
+          "adapters": {"phi": "phi_adapter", "theta": "theta_adapter"},
+          "base_folder": "base" if base_folder else None},
       "workdir": loaded.workdir,
   }
 
@@ -289,14 +285,23 @@ def extraction_record(loaded: run_lib.Run, phase: str, theta_step: int | None, l
 
 
 def theta_at(loaded: run_lib.Run, phase: str, step: int | None) -> tuple[Any, int | None]:
-  """(theta of `phase` at checkpoint `step`, its step); the loaded latest one for step None."""
+  """(theta of `phase` at checkpoint `step`, its step); the loaded latest one for step None. With
+  LoRA the checkpoint holds the adapters, read over the run's base (its base record checked)."""
   latest, latest_step = ((loaded.theta_params, loaded.theta_step) if phase == "qsft"
                          else (loaded.control_params, loaded.control_step))
   if step is None or step == latest_step:
     return latest, latest_step
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), latest)
-  restored = checkpoints.restore_params_at(loaded.workdir, phase, step, ("params",), abstract)
-  return restored["params"], step
+  saved = {"lora": latest["lora"]} if loaded.lora is not None else latest
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), saved)
+  restored = checkpoints.restore_params_at(loaded.workdir, phase, step, ("params",), abstract)["params"]
+  if loaded.lora is not None:
+    from qsft_jax.models import lora
+    base = {"params": latest["params"]}
+    record = lora.base_record(base, loaded.config.model.init, loaded.lora)
+    checkpoints.check_base_record(os.path.join(checkpoints.phase_dir(loaded.workdir, phase), "checkpoints"),
+                                  step, record, label=f"{loaded.workdir}: {phase}")
+    restored = {**base, **restored}
+  return restored, step
 
 
 def _is_quantized(x) -> bool:
@@ -311,35 +316,28 @@ def _float32(tree: Any) -> Any:
   return jax.tree.map(cast, tree, is_leaf=_is_quantized)
 
 
-def run_base(loaded: run_lib.Run) -> dict:
-  """The frozen base {"params": tree} of a LoRA run, as `run.load` gives it."""
-  base = getattr(loaded, "base_params", None)
-  if base is None:
-    raise NotFoundError(f"{loaded.workdir}: a LoRA run (model.lora.rank > 0) whose base run.load did "
-                        "not provide")
-  return base
-
-
-def merged_params(loaded: run_lib.Run, params: Any, lora_config) -> Any:
-  """A parameter set as the plain model's {"params": tree}: with LoRA, the adapters merged into the
-  run's base in float32 (`lora.merge` of the base cast to float32; a bfloat16 W + scale * A.B would
-  round away much of a small adapter), on the devices where the parameters are."""
-  if lora_config is None:
-    return params
+def merged_params(loaded: run_lib.Run, variables: Any) -> Any:
+  """A parameter set as the plain model's {"params": tree}: with LoRA ({"params": base, "lora":
+  adapters}), the adapters merged into the base in float32 (`lora.merge` of the base cast to float32:
+  a bfloat16 W + scale * A.B would round much of a small adapter away), on the devices where they are."""
+  if loaded.lora is None:
+    return variables
   from qsft_jax.models import lora
-  return lora.merge({**_float32(run_base(loaded)), **params}, loaded.model_config, lora_config)
+  return lora.merge({"params": _float32(variables["params"]), "lora": variables["lora"]},
+                    loaded.model_config, loaded.lora)
 
 
-def dense_base(loaded: run_lib.Run, lora_config) -> Any:
-  """The base {"params": tree} with every kernel a plain array (a quantised one dequantised by
-  `lora.merge` with zero adapters), in its stored dtype."""
-  base = run_base(loaded)
+def dense_base(loaded: run_lib.Run) -> Any:
+  """The LoRA run's base {"params": tree} with every kernel a plain array (a quantised one dequantised
+  by `lora.merge` with zero adapters), in its stored dtype."""
+  variables = loaded.behaviour_params
+  base = {"params": variables["params"]}
   if not any(_is_quantized(x) for x in jax.tree.leaves(base, is_leaf=_is_quantized)):
     return base
   from qsft_jax.models import lora
   import jax.numpy as jnp
-  zeros = jax.tree.map(jnp.zeros_like, loaded.behaviour_params)
-  return lora.merge({**base, **zeros}, loaded.model_config, lora_config)
+  zeros = jax.tree.map(jnp.zeros_like, variables["lora"])
+  return lora.merge({**base, "lora": zeros}, loaded.model_config, loaded.lora)
 
 
 def _stored_dtype(tree: Any) -> str:
@@ -358,7 +356,6 @@ def export(loaded: run_lib.Run, out: str, *, phase: str = "qsft", step: int | No
   """Writes OUT's folders and extraction.json (module docstring) for a loaded run; every process
   calls it (the arrays are gathered leaf by leaf), process 0 writes. `dtype` "" keeps the stored
   dtypes (merged LoRA weights: float32). Returns the extraction record."""
-  lora_config = lora_config_of(loaded.config)
   theta, theta_step = theta_at(loaded, phase, step)
   if theta is None:
     raise NotFoundError(f"{loaded.workdir}: no {phase} checkpoint to export theta from")
@@ -372,16 +369,16 @@ def export(loaded: run_lib.Run, out: str, *, phase: str = "qsft", step: int | No
       weights.export_hf_folder(host, config, os.path.join(out, name), tokenizer,
                                max_shard_size=max_shard_size)
 
-  for name, params in {"phi": loaded.behaviour_params, "theta": theta}.items():
-    folder(merged_params(loaded, params, lora_config), name)
-    if lora_config is not None:
-      adapters = cast_tree(to_host(params), dtype)
+  for name, variables in {"phi": loaded.behaviour_params, "theta": theta}.items():
+    folder(merged_params(loaded, variables), name)
+    if loaded.lora is not None:
+      adapters = cast_tree(to_host({"lora": variables["lora"]}), dtype)
       if writer:
-        export_adapter(adapters, loaded.model_config, lora_config, os.path.join(out, f"{name}_adapter"),
+        export_adapter(adapters, loaded.model_config, loaded.lora, os.path.join(out, f"{name}_adapter"),
                        base_model_name(loaded.config))
-  if lora_config is not None and base:
-    folder(dense_base(loaded, lora_config), "base")
-  record = extraction_record(loaded, phase, theta_step, lora_config)
+  if loaded.lora is not None and base:
+    folder(dense_base(loaded), "base")
+  record = extraction_record(loaded, phase, theta_step, loaded.lora, loaded.lora is not None and base)
   if writer:
     run_lib.write_json_atomic(os.path.join(out, EXTRACTION_FILE), record)
   return record
