@@ -71,7 +71,6 @@ from qsft_jax.models import weights
 OUTPUTS = ("phi", "theta", "phi_adapter", "theta_adapter", "base", "extraction.json")
 EXTRACTION_FILE = "extraction.json"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # The export's mesh: every parameter sharded over all devices (fsdp) as far as the rules allow, so
 # that no device holds a whole model.
 EXPORT_MESH_SHAPE = {"data": 1, "fsdp": -1, "tensor": 1}
@@ -84,7 +83,8 @@ EXPORT_MESH_SHAPE = {"data": 1, "fsdp": -1, "tensor": 1}
 def to_host(tree: Any) -> Any:
   """The tree with every array as numpy, gathered leaf by leaf: an array sharded over several
   processes through `multihost_utils.process_allgather` (every process must call this, in the same
-  order), others by `device_get`. Non-array leaves pass unchanged."""
+  order, and receives the whole array; one leaf is on the devices' hosts at a time beyond the tree
+  built here), others by `device_get`. Non-array leaves pass unchanged."""
   from jax.experimental import multihost_utils
 
   def get(x):
@@ -115,7 +115,8 @@ def hf_tokenizer(tokenizer) -> Any:
   """A transformers tokenizer that encodes as `tokenizer` does: an HFTokenizer's own; for a
   CharTokenizer, a fast tokenizer with one token per character (WordLevel over the alphabet, every
   character split off, tokens joined without spaces on decoding) and the same special ids (pad 0,
-  BOS 1, EOS 2, unk 3, as "<pad>", "<s>", "</s>", "<unk>"). It adds no special token itself: a
+  BOS 1, EOS 2, unk 3, as "<pad>", "<s>", "</s>", "<unk>"; a text that spells one of these is read
+  as that token, where the CharTokenizer reads its characters). It adds no special token itself: a
   prompt starts with the BOS the data layer puts in front (extraction.json "prompt")."""
   from qsft_jax.tokenizers import CharTokenizer
   if not isinstance(tokenizer, CharTokenizer):

@@ -327,8 +327,8 @@ def test_scanned_adapters_give_the_same_peft_tensors():
   assert plain["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"].shape == (2, config.d_model)
   assert plain["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (
       config.num_heads * config.head_dim, 2)
-  np.testing.assert_array_equal(  # lora_A = A^T: [r, in]
-      plain["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"], adapters["layers"]["mlp"]["down"]["lora_a"][1].T)
+  down_a = adapters["layers"]["mlp"]["down"]["lora_a"][1]  # layer 1's A [F, r]
+  np.testing.assert_array_equal(plain["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"], down_a.T)
 
 
 def test_target_modules():
