@@ -306,21 +306,23 @@ def theta_at(loaded: run_lib.Run, phase: str, step: int | None) -> tuple[Any, in
 
 
 def _is_quantized(x) -> bool:
-  return type(x).__name__ == "QuantizedArray"  # qsft_jax.models.quant's stored kernels (a pytree)
+  """A quantised base kernel (`qsft_jax.models.quant.QuantizedArray`, a pytree whose `astype`
+  dequantises)."""
+  return type(x).__name__ == "QuantizedArray"
 
 
 def _float32(tree: Any) -> Any:
-  """Floating arrays cast to float32 (where they are); quantised kernels left as they are."""
+  """Floating arrays cast to float32, quantised kernels dequantised to float32."""
   import jax.numpy as jnp
-  cast = lambda x: (x.astype(jnp.float32) if not _is_quantized(x) and jnp.issubdtype(x.dtype, jnp.floating)
+  cast = lambda x: (x.astype(jnp.float32) if _is_quantized(x) or jnp.issubdtype(x.dtype, jnp.floating)
                     else x)
   return jax.tree.map(cast, tree, is_leaf=_is_quantized)
 
 
 def merged_params(loaded: run_lib.Run, variables: Any) -> Any:
   """A parameter set as the plain model's {"params": tree}: with LoRA ({"params": base, "lora":
-  adapters}), the adapters merged into the base in float32 (`lora.merge` of the base cast to float32:
-  a bfloat16 W + scale * A.B would round much of a small adapter away), on the devices where they are."""
+  adapters}), the adapters merged into the base in float32 (`lora.merge` over the base in float32: a
+  bfloat16 W + scale * A.B would round much of a small adapter away), on the devices where they are."""
   if loaded.lora is None:
     return variables
   from qsft_jax.models import lora
@@ -329,16 +331,10 @@ def merged_params(loaded: run_lib.Run, variables: Any) -> Any:
 
 
 def dense_base(loaded: run_lib.Run) -> Any:
-  """The LoRA run's base {"params": tree} with every kernel a plain array (a quantised one dequantised
-  by `lora.merge` with zero adapters), in its stored dtype."""
-  variables = loaded.behaviour_params
-  base = {"params": variables["params"]}
-  if not any(_is_quantized(x) for x in jax.tree.leaves(base, is_leaf=_is_quantized)):
-    return base
-  from qsft_jax.models import lora
-  import jax.numpy as jnp
-  zeros = jax.tree.map(jnp.zeros_like, variables["lora"])
-  return lora.merge({**base, "lora": zeros}, loaded.model_config, loaded.lora)
+  """The LoRA run's base {"params": tree} as the model reads it: quantised kernels dequantised to
+  their dense dtype, every other array as stored."""
+  base = {"params": loaded.behaviour_params["params"]}
+  return jax.tree.map(lambda x: x.astype(x.dtype) if _is_quantized(x) else x, base, is_leaf=_is_quantized)
 
 
 def _stored_dtype(tree: Any) -> str:
