@@ -21,8 +21,8 @@ Reads the run through `qsft_jax.run.load` and writes under OUT:
 theta is the final Q-SFT checkpoint's (the latest one for an unfinished run, with
 --allow_unfinished); --step exports another checkpoint of the phase, --phase=control the control's
 theta (phase 2 with every target 1) instead. phi is phase 1's result (as evaluation reads it).
-Arrays keep their stored dtype (float32 for full fine-tuning; the base's base_dtype in base/) unless
---dtype is given.
+Arrays keep their stored dtype (float32 for full fine-tuning; the base's base_dtype in base/, float32
+for a quantised base, dequantised) unless --dtype is given.
 
 extraction.json:
 
@@ -331,10 +331,12 @@ def merged_params(loaded: run_lib.Run, variables: Any) -> Any:
 
 
 def dense_base(loaded: run_lib.Run) -> Any:
-  """The LoRA run's base {"params": tree} as the model reads it: quantised kernels dequantised to
-  their dense dtype, every other array as stored."""
+  """The LoRA run's base {"params": tree} as the model reads it: as stored, or, with quantised
+  kernels, all in float32 with those dequantised (their values are codebook entries times scales,
+  which bfloat16 would round)."""
   base = {"params": loaded.behaviour_params["params"]}
-  return jax.tree.map(lambda x: x.astype(x.dtype) if _is_quantized(x) else x, base, is_leaf=_is_quantized)
+  quantized = any(_is_quantized(x) for x in jax.tree.leaves(base, is_leaf=_is_quantized))
+  return _float32(base) if quantized else base
 
 
 def _stored_dtype(tree: Any) -> str:
