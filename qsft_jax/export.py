@@ -447,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if _inside(out, workdir) or _inside(workdir, out):
     cli.usage_error(prog, f"--out={fv.out} {'is inside' if _inside(out, workdir) else 'holds'} "
                           f"--workdir={fv.workdir}; export outside the run's directory")
+  if storage.path(out).exists() and not storage.path(out).is_dir():
+    cli.usage_error(prog, f"--out={fv.out} is a file; name a directory")
   if _nonempty(out) and not fv.overwrite:
     cli.usage_error(prog, f"--out={fv.out} exists and is not empty; choose another --out or pass "
                           "--overwrite to replace what this program writes there")

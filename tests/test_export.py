@@ -230,6 +230,7 @@ def test_bad_input_is_one_line(workdir, exported, tmp_path, capsys):
       ([f"--workdir={tmp_path}/none", f"--out={tmp_path}/o1"], 2, "--workdir=", "no such directory"),
       ([f"--workdir={path}", f"--out={path}/export"], 2, "is inside --workdir", ""),
       ([f"--workdir={path}", f"--out={nonempty}"], 2, "exists and is not empty", "--overwrite"),
+      ([f"--workdir={path}", f"--out={nonempty}/notes.txt", "--overwrite"], 2, "is a file", ""),
       ([f"--workdir={path}", f"--out={tmp_path}/o2", "--step=7"], 2, "--step=7", "steps: 1, 2"),
       ([f"--workdir={path}", f"--out={tmp_path}/o3", "--max_shard_size=big"], 2, "--max_shard_size", ""),
       ([f"--workdir={no_control}", f"--out={tmp_path}/o4", "--phase=control"], 1, "no 'control' phase", ""),
