@@ -53,6 +53,7 @@ def forward(config, lora=None):
   return jax.jit(Transformer(config, lora=lora).apply)
 
 
+@functools.lru_cache(maxsize=None)
 def init_variables(config, lora, seed=0):
   x = inputs(config)
   return jax.jit(lambda r: nn.unbox(Transformer(config, lora=lora).init(r, *x)))(jax.random.key(seed))
@@ -366,3 +367,41 @@ def test_targets_matching_no_projection_are_an_error():
   main.check_lora_targets(model_config(), LORA)
   with pytest.raises(config_lib.ConfigError, match=r"model.lora.targets: 'mlp/fc\$'.*attn/q"):
     main.check_lora_targets(model_config(), lora_lib.LoraConfig(rank=2, targets=("attn/q$", "mlp/fc$")))
+
+
+def test_sampler_runs_phi_and_theta_as_adapters_over_one_base():
+  from qsft_jax.sampler import Sampler
+  # a large init std, so that the logits compared are not dominated by float noise
+  config = get_preset("tiny-llama", vocab_size=40, init_std=0.4, **SMALL)
+  mesh = one_device_mesh()
+  base = sharded.init_params_sharded(config, jax.random.key(0), mesh, RULES)
+  adapters = [sharded.init_adapters_sharded(config, LORA, jax.random.key(s), mesh, RULES) for s in (1, 2)]
+  phi, theta = ({**base, "lora": randomise_adapters(a["lora"], seed=s, std=0.2)} for s, a in enumerate(adapters))
+  sampler = Sampler(config, mesh, RULES, cache_len=32, min_prompt_bucket=8, lora=LORA)
+  placed = [sampler._place(p) for p in (phi, theta)]
+  assert all(a is b for a, b in zip(jax.tree.leaves(placed[0]["params"]), jax.tree.leaves(placed[1]["params"])))
+  prompts = [[1, 5, 6, 7], [1, 9]]
+  out = sampler.decode(phi, theta, prompts, mode="extract", beta=2.0, max_new_tokens=4, greedy=True, record=True)
+  # reference: the merged plain model, one uncached forward over each whole sequence
+  for name, params, got in (("phi", phi, out.phi_logits), ("theta", theta, out.theta_logits)):
+    merged = lora_lib.merge(params, config, LORA)
+    for i, prompt in enumerate(prompts):
+      seq = np.asarray([prompt + out.sequences()[i]], np.int32)
+      ref = np.asarray(forward(config)(merged, seq, np.arange(seq.shape[1])[None], np.ones_like(seq)))[0]
+      for t in range(out.num_generated[i]):
+        np.testing.assert_allclose(got[i, t, :config.vocab_size], ref[len(prompt) - 1 + t, :config.vocab_size],
+                                   atol=2e-4, rtol=1e-4, err_msg=name)
+
+
+def test_theta_init_picks_thetas_adapter():
+  from qsft_jax import main
+  base = {"params": "BASE"}
+  adapters = lambda offset: {"lora": f"new{offset}"}
+  phi = lambda: {"lora": "phi_trained"}
+  start = functools.partial(main.initial_lora_params, base=base, adapters=adapters, phi=phi)
+  assert start("bc", "phi") == {"params": "BASE", "lora": "new0"}
+  behaviour = {"params": "BASE", "lora": "phi_trained"}
+  assert start("qsft", "phi") == (behaviour, behaviour)
+  for init in ("phi_init", "pretrained"):  # the adapter phi started from: B = 0, the base model
+    assert start("qsft", init) == ({"params": "BASE", "lora": "new0"}, behaviour)
+  assert start("control", "fresh") == ({"params": "BASE", "lora": "new1"}, behaviour)

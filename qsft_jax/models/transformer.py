@@ -33,6 +33,10 @@ Parameter tree (unboxed; the weights module fills exactly this):
 With config.scan_layers the layers_{i} subtrees are stacked under `layers/` with a leading
 num_layers axis (logical name "layers"); see stack_layers / unstack_layers.
 
+LoRA: `Transformer(config, lora=LoraConfig(rank > 0))` adds a variable collection "lora" beside
+"params": for each targeted projection at path P, P/lora_a [in..., r] and P/lora_b [r, out...]
+(qsft_jax.models.lora); every projection goes through `_project`, which adds the adapter's term.
+
 Decode attention: attention is computed with einsums (dots) everywhere. The optional module attribute
 `decode_attention` (of Transformer, handed down to Block and Attention; not part of ModelConfig, so
 never saved) replaces that computation for decode steps only, one new token per row with a cache:
