@@ -8,7 +8,7 @@ Reads the run through `qsft_jax.run.load` and writes under OUT:
   phi/, theta/          Hugging Face model folders (config.json, the tokenizer's files, safetensors:
                         model.safetensors, or model-0000i-of-0000n.safetensors with
                         model.safetensors.index.json above --max_shard_size), loadable by
-                        transformers' AutoModelForCausalLM (and so by vLLM and the like). With LoRA
+                        transformers' AutoModelForCausalLM (and the stacks that read such folders). With LoRA
                         (model.lora.rank > 0) the adapters are merged into the base: W + scale * A.B,
                         in float32 (a bfloat16 sum would round much of a small adapter away).
   phi_adapter/, theta_adapter/   with LoRA only: PEFT LoRA adapters (adapter_config.json,
