@@ -418,14 +418,14 @@ def define_flags() -> flags.FlagValues:
                       "sharded with model.safetensors.index.json (transformers' units: 2GB, 500MB, "
                       "1GiB, bytes).", flag_values=fv)
   flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "Storage dtype of the exported weights "
-                    "['': as stored in the checkpoints].", flag_values=fv)
+                    "['': as stored in the checkpoints; merged LoRA weights float32].", flag_values=fv)
   flags.DEFINE_bool("allow_unfinished", False, "Export the latest checkpoints of phases that have not "
                     "reached their configured steps (refused without it).", flag_values=fv)
   flags.DEFINE_bool("overwrite", False, "Write into a non-empty --out, replacing the entries this "
                     "program writes.", flag_values=fv)
   flags.DEFINE_bool("base", True, "With LoRA: also write the frozen base as OUT/base.", flag_values=fv)
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (also with "
-                    "QSFT_DISTRIBUTED=1), with the three flags below when set.", flag_values=fv)
+                    "QSFT_DISTRIBUTED=1), with --coordinator_address, --num_processes and --process_id when set.", flag_values=fv)
   flags.DEFINE_string("coordinator_address", "", "host:port of process 0.", flag_values=fv)
   flags.DEFINE_integer("num_processes", 0, "Number of processes.", flag_values=fv)
   flags.DEFINE_integer("process_id", -1, "This process's index.", flag_values=fv)
