@@ -335,8 +335,13 @@ def test_lora_checkpoint_restores_onto_another_mesh_and_refuses_another_base(tmp
                                                                          "qsft")["base"])
   assert lora_lib.base_checksum(base_other) == record["checksum"]
   checkpoints.check_base_record(manager, 3, record, label="qsft")
-  # another base (another seed) is refused, naming both records
-  other = lora_lib.base_record(lora_state(mesh, "qsft", opt, config=config, seed=5)["base"], "random", LORA)
+  # another base (one element of one kernel changed) is refused, naming both records
+  leaves, tree = jax.tree.flatten(state["base"])
+  changed = np.asarray(leaves[3]).copy()
+  changed.flat[5] = (changed.flat[5].astype(np.float32) * 1.01 + 1e-3).astype(changed.dtype)
+  assert changed.flat[5] != np.asarray(leaves[3]).flat[5]
+  leaves[3] = jax.device_put(changed, leaves[3].sharding)
+  other = lora_lib.base_record(jax.tree.unflatten(tree, leaves), "random", LORA)
   assert other["checksum"] != record["checksum"]
   with pytest.raises(ConfigError, match=f"{record['checksum']}.*{other['checksum']}"):
     checkpoints.check_base_record(manager, 3, other, label="qsft")
