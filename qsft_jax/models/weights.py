@@ -1,4 +1,5 @@
-"""Weights in and out: Hugging Face folders (safetensors), GGUF files, export back to an HF folder.
+"""Weights in and out: Hugging Face folders (safetensors), GGUF files, export back to an HF folder
+(sharded above a size), LoRA adapters as PEFT's tensors.
 
 No PyTorch: safetensors are read into numpy, GGUF files through the `gguf` package (dequantised).
 
