@@ -227,15 +227,7 @@ def restore_latest_params(workdir: str, phase: str, keys: Sequence[str], abstrac
   path = os.path.join(phase_dir(workdir, phase), "checkpoints")
   if not storage.path(path).is_dir():
     return None
-  # Nothing here saves or deletes, and create=False makes no directory. Not read_only=True: orbax
-  # then logs three warnings on every open (the options it overrides and "directory is read only").
-  manager = ocp.CheckpointManager(
-      path, options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
-      item_names=ITEMS)
-  abstract = {k: abstract_params for k in keys}
-  args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-      partial_restore=True))
+  manager, args = _params_reader(path, keys, abstract_params)
   failed = []
   try:
     for step in sorted(manager.all_steps(), reverse=True):
@@ -253,3 +245,33 @@ def restore_latest_params(workdir: str, phase: str, keys: Sequence[str], abstrac
     listing = "; ".join(f"step {s}: {r}" for s, r in failed)
     raise CheckpointError(f"{phase}: none of the checkpoints in {path} can be restored ({listing})")
   return None
+
+
+def _params_reader(path: str, keys: Sequence[str], abstract_params: Any):
+  """(a read-only manager of the checkpoints in `path`, the restore args of the parameter sets
+  `keys`, each onto `abstract_params`)."""
+  # Nothing here saves or deletes, and create=False makes no directory. Not read_only=True: orbax
+  # then logs three warnings on every open (the options it overrides and "directory is read only").
+  manager = ocp.CheckpointManager(
+      path, options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
+      item_names=ITEMS)
+  abstract = {k: abstract_params for k in keys}
+  args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True))
+  return manager, args
+
+
+def restore_params_at(workdir: str, phase: str, step: int, keys: Sequence[str], abstract_params: Any
+                      ) -> dict:
+  """{key: params} of the parameter sets `keys` of the phase's checkpoint of `step`, as
+  `restore_latest_params` reads them; CheckpointError when that step does not restore."""
+  path = os.path.join(phase_dir(workdir, phase), "checkpoints")
+  manager, args = _params_reader(path, keys, abstract_params)
+  try:
+    return manager.restore(step, args=args)["state"]
+  except Exception as e:  # pylint: disable=broad-except  # damage surfaces as many error types
+    raise CheckpointError(f"{phase}: the checkpoint of step {step} in {path} cannot be restored "
+                          f"({_reason(e)})") from None
+  finally:
+    manager.close()

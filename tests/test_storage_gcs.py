@@ -233,3 +233,33 @@ def test_train_kill_resume_evaluate_analyse_in_a_bucket(gcs, tmp_path):
   for key, value in theta:
     name = "['params']" + jax.tree_util.keystr(key)
     np.testing.assert_array_equal(np.asarray(value), saved[name], err_msg=name)
+
+
+def test_export_to_a_bucket(gcs, tmp_path):
+  """`python -m qsft_jax.export --out=gs://...`: the folders are staged locally and uploaded; the
+  theta folder read back from the bucket holds the run's final theta."""
+  from qsft_jax import export
+  from qsft_jax.models import weights
+  from test_analysis import make_workdir
+
+  workdir = str(tmp_path / "run")
+  made = make_workdir(workdir)
+  out = f"{BUCKET}/export/policy"
+  assert export.main(["export", f"--workdir={workdir}", f"--out={out}", "--max_shard_size=20KB"]) == 0
+  assert sorted(p.name for p in storage.path(out).iterdir()) == ["extraction.json", "phi", "theta"]
+  names = sorted(p.name for p in storage.path(f"{out}/theta").iterdir())
+  assert "model.safetensors.index.json" in names and "tokenizer.json" in names
+  config, params = weights.load_hf_folder(f"{out}/theta")
+  assert config.d_model == made["model_config"].d_model
+  want = weights.hf_tensors(made["theta"], made["model_config"])
+  got = weights.hf_tensors(params, config)
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  # a second export into the non-empty bucket folder needs --overwrite, then replaces the folders
+  with pytest.raises(SystemExit) as exit_:
+    export.main(["export", f"--workdir={workdir}", f"--out={out}"])
+  assert exit_.value.code == 2
+  assert export.main(["export", f"--workdir={workdir}", f"--out={out}", "--overwrite"]) == 0
+  assert sorted(p.name for p in storage.path(f"{out}/theta").iterdir()) == [
+      "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]

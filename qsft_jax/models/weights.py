@@ -1,4 +1,5 @@
-"""Weights in and out: Hugging Face folders (safetensors), GGUF files, export back to an HF folder.
+"""Weights in and out: Hugging Face folders (safetensors), GGUF files, export back to an HF folder
+(sharded above a size), LoRA adapters as PEFT's tensors.
 
 No PyTorch: safetensors are read into numpy, GGUF files through the `gguf` package (dequantised).
 
@@ -53,26 +54,31 @@ class _Entry:
   """One Hugging Face tensor `hf_name` of shape `hf_shape`, holding our parameters `paths`.
 
   split(hf_array) -> tuple of our arrays (one per path); join(*our_arrays) -> hf_array.
+  layout: for a kernel's weight, how the module stores it: "linear" (torch Linear, [out, in]) or
+    "conv1d" (GPT-2's Conv1D, [in, out]); "" for every other tensor. LoRA adapters of the kernel map
+    to PEFT's lora_A [r, in] / lora_B [out, r] through it (`hf_adapter_tensors`).
   """
   hf_name: str
   hf_shape: tuple[int, ...]
   paths: tuple[Path, ...]
   split: Callable[[np.ndarray], tuple[np.ndarray, ...]]
   join: Callable[..., np.ndarray]
+  layout: str = ""
 
 
-def _reshaped(hf_name: str, hf_shape, path: Path, our_shape) -> _Entry:
-  """Same element order, different shape (GPT-2 Conv1D weights [in, out], norms, biases)."""
+def _reshaped(hf_name: str, hf_shape, path: Path, our_shape, layout: str = "") -> _Entry:
+  """Same element order, different shape (GPT-2 Conv1D weights [in, out]: layout "conv1d"; norms,
+  biases)."""
   hf_shape, our_shape = tuple(hf_shape), tuple(our_shape)
   return _Entry(hf_name, hf_shape, (path,), lambda w: (w.reshape(our_shape),),
-                lambda x: x.reshape(hf_shape))
+                lambda x: x.reshape(hf_shape), layout)
 
 
 def _transposed(hf_name: str, hf_shape, path: Path, our_shape) -> _Entry:
   """torch Linear weight [out, in] <-> our kernel [in..., out...] (in/out axes possibly split)."""
   hf_shape, our_shape = tuple(hf_shape), tuple(our_shape)
   return _Entry(hf_name, hf_shape, (path,), lambda w: (w.T.reshape(our_shape),),
-                lambda x: x.reshape(hf_shape[1], hf_shape[0]).T)
+                lambda x: x.reshape(hf_shape[1], hf_shape[0]).T, "linear")
 
 
 def _embedding(hf_name: str, vocab: int, padded_vocab: int, d: int, path: Path, *,
@@ -99,7 +105,8 @@ def _fused_qkv(hf_name: str, d: int, heads: int, head_dim: int, layer: str, kind
   return _Entry(
       hf_name, lead + (3 * width,), paths,
       lambda w: tuple(part.reshape(lead + (heads, head_dim)) for part in np.split(w, 3, axis=-1)),
-      lambda q, k, v: np.concatenate([x.reshape(lead + (width,)) for x in (q, k, v)], axis=-1))
+      lambda q, k, v: np.concatenate([x.reshape(lead + (width,)) for x in (q, k, v)], axis=-1),
+      "conv1d" if kind == "kernel" else "")
 
 
 def _hf_entries(config: ModelConfig) -> list[_Entry]:
@@ -124,11 +131,13 @@ def _hf_entries(config: ModelConfig) -> list[_Entry]:
       entries.append(_fused_qkv(f"{hf}.attn.c_attn.weight", d, h, dh, ours, "kernel"))
       entries.append(_fused_qkv(f"{hf}.attn.c_attn.bias", d, h, dh, ours, "bias"))
       entries.append(_reshaped(f"{hf}.attn.c_proj.weight", (h * dh, d), (ours, "attn", "o", "kernel"),
-                               (h, dh, d)))
+                               (h, dh, d), "conv1d"))
       entries.append(_reshaped(f"{hf}.attn.c_proj.bias", (d,), (ours, "attn", "o", "bias"), (d,)))
-      entries.append(_reshaped(f"{hf}.mlp.c_fc.weight", (d, f), (ours, "mlp", "up", "kernel"), (d, f)))
+      entries.append(_reshaped(f"{hf}.mlp.c_fc.weight", (d, f), (ours, "mlp", "up", "kernel"), (d, f),
+                               "conv1d"))
       entries.append(_reshaped(f"{hf}.mlp.c_fc.bias", (f,), (ours, "mlp", "up", "bias"), (f,)))
-      entries.append(_reshaped(f"{hf}.mlp.c_proj.weight", (f, d), (ours, "mlp", "down", "kernel"), (f, d)))
+      entries.append(_reshaped(f"{hf}.mlp.c_proj.weight", (f, d), (ours, "mlp", "down", "kernel"), (f, d),
+                               "conv1d"))
       entries.append(_reshaped(f"{hf}.mlp.c_proj.bias", (d,), (ours, "mlp", "down", "bias"), (d,)))
     entries.append(_reshaped(f"{t}.ln_f.weight", (d,), ("final_norm", "scale"), (d,)))
     entries.append(_reshaped(f"{t}.ln_f.bias", (d,), ("final_norm", "bias"), (d,)))
@@ -648,46 +657,196 @@ def _unscanned_numpy_tree(params: Mapping[str, Any]) -> dict:
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+def _lookup(tree: Mapping[str, Any], path: Path, config: ModelConfig):
+  node = tree
+  for i, key in enumerate(path):
+    if not isinstance(node, Mapping) or key not in node:
+      raise ValueError(f"params lack {'/'.join(path[:i + 1])} (needed for config family "
+                       f"{config.family!r}, tie_embeddings={config.tie_embeddings})")
+    node = node[key]
+  return node
+
+
+def _hf_array(tree: Mapping[str, Any], entry: _Entry, config: ModelConfig) -> np.ndarray:
+  """The Hugging Face tensor of `entry` from our unscanned numpy tree."""
+  array = np.ascontiguousarray(entry.join(*[_lookup(tree, p, config) for p in entry.paths]))
+  if array.shape != entry.hf_shape:
+    raise ValueError(f"params {'/'.join(entry.paths[0])}: gives {entry.hf_name!r} of shape {array.shape}, "
+                     f"expected {entry.hf_shape}")
+  return array
+
+
 def hf_tensors(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
   """Our params (scanned or not, numpy or fully addressable jax arrays, variables dict or inner
   tree) -> Hugging Face tensors {name: array} (vocabulary padding dropped)."""
   tree = _unscanned_numpy_tree(params)
+  return {e.hf_name: _hf_array(tree, e, config) for e in _hf_entries(config)}
 
-  def lookup(path: Path):
-    node = tree
-    for i, key in enumerate(path):
-      if not isinstance(node, Mapping) or key not in node:
-        raise ValueError(f"params lack {'/'.join(path[:i + 1])} (needed for config family "
-                         f"{config.family!r}, tie_embeddings={config.tie_embeddings})")
-      node = node[key]
-    return node
 
-  out = {}
-  for e in _hf_entries(config):
-    array = np.ascontiguousarray(e.join(*[lookup(p) for p in e.paths]))
-    if array.shape != e.hf_shape:
-      raise ValueError(f"params {'/'.join(e.paths[0])}: gives {e.hf_name!r} of shape {array.shape}, "
-                       f"expected {e.hf_shape}")
-    out[e.hf_name] = array
-  return out
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+  """Bytes of a size as transformers' `max_shard_size` takes it: an int, or "2GB" (10^9), "500MB",
+  "1GiB" (2^30), ... ValueError for anything else."""
+  if isinstance(size, int) and not isinstance(size, bool):
+    value = size
+  else:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.I)
+    if not match:
+      raise ValueError(f"{size!r} is not a size (e.g. 2GB, 500MB, 1GiB or a number of bytes)")
+    value = int(float(match[1]) * _SIZE_UNITS[(match[2] or "").upper()])
+  if value <= 0:
+    raise ValueError(f"{size!r}: a size must be positive")
+  return value
+
+
+def _shard_groups(nbytes: Sequence[int], limit: int | None) -> list[list[int]]:
+  """Consecutive index groups of `nbytes` with sums <= limit (a larger item alone); one group
+  without a limit."""
+  groups: list[list[int]] = [[]]
+  total = 0
+  for i, n in enumerate(nbytes):
+    if limit is not None and groups[-1] and total + n > limit:
+      groups.append([])
+      total = 0
+    groups[-1].append(i)
+    total += n
+  return groups
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def write_safetensors(folder: pathlib.Path, names: Sequence[str], nbytes: Sequence[int],
+                      tensor: Callable[[int], np.ndarray], max_shard_size: int | str | None = None,
+                      basename: str = "model") -> list[str]:
+  """Writes tensors `names` (tensor(i) makes the i-th, called once, in order) into a local `folder`
+  as transformers lays them out: BASENAME.safetensors when they fit in `max_shard_size` bytes
+  (`parse_size`; None: no limit), else BASENAME-0000i-of-0000n.safetensors files of at most that size
+  each (consecutive tensors; a larger tensor alone in its file) and BASENAME.safetensors.index.json
+  {"metadata": {"total_size": bytes}, "weight_map": {name: file}}. `nbytes` plans the files before
+  any tensor is made, so one file's tensors are in memory at a time. Returns the files written."""
+  from safetensors.numpy import save_file
+
+  groups = _shard_groups(nbytes, None if max_shard_size is None else parse_size(max_shard_size))
+  if len(groups) == 1:
+    files = [f"{basename}.safetensors"]
+  else:
+    files = [f"{basename}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+  weight_map = {}
+  for file, group in zip(files, groups):
+    tensors = {}
+    for i in group:
+      tensors[names[i]] = tensor(i)
+      weight_map[names[i]] = file
+    save_file(tensors, str(folder / file), metadata={"format": "pt"})
+  if len(files) > 1:
+    index = {"metadata": {"total_size": int(sum(nbytes))}, "weight_map": weight_map}
+    (folder / f"{basename}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+  return files
 
 
 def export_hf_folder(params: Mapping[str, Any], config: ModelConfig, out_dir: str | pathlib.Path,
-                     tokenizer=None) -> pathlib.Path:
-  """Writes `out_dir`/config.json and model.safetensors (and the tokenizer's files when given a
+                     tokenizer=None, *, max_shard_size: int | str | None = None) -> pathlib.Path:
+  """Writes `out_dir`/config.json and the safetensors (and the tokenizer's files when given a
   transformers tokenizer), loadable by transformers' AutoModelForCausalLM. Arrays are stored in
-  their own dtype (float32 or bfloat16). Returns the folder. A URL `out_dir` (gs://...) is written
-  to a local temporary folder first, then uploaded; its `epath.Path` is returned."""
-  from safetensors.numpy import save_file
-
+  their own dtype (float32 or bfloat16). Without `max_shard_size` (bytes or "2GB": `parse_size`) one
+  model.safetensors; with it, sharded files and model.safetensors.index.json once the tensors exceed
+  it (`write_safetensors`). Returns the folder. A URL `out_dir` (gs://...) is written to a local
+  temporary folder first, then uploaded; its `epath.Path` is returned."""
+  tree = _unscanned_numpy_tree(params)
+  entries = _hf_entries(config)
+  nbytes = [int(np.prod(e.hf_shape)) * np.asarray(_lookup(tree, e.paths[0], config)).dtype.itemsize
+            for e in entries]
   with storage.staged_dir(out_dir) as local:  # safetensors writes local files
     out = pathlib.Path(local)
-    tensors = hf_tensors(params, config)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(out, [e.hf_name for e in entries], nbytes,
+                      lambda i: _hf_array(tree, entries[i], config), max_shard_size)
     (out / "config.json").write_text(json.dumps(hf_config_dict(config, tokenizer), indent=2) + "\n")
     if tokenizer is not None:
       tokenizer.save_pretrained(str(out))
   return storage.path(out_dir) if storage.is_url(out_dir) else out
+
+
+PEFT_PREFIX = "base_model.model."  # PEFT's prefix of a causal LM's module names in adapter files
+
+
+def hf_adapter_tensors(adapters: Mapping[str, Any], config: ModelConfig
+                       ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """LoRA adapters (scanned or not, numpy or fully addressable jax arrays; the "lora" collection or
+  its inner tree) -> PEFT's adapter tensors and the rank of each adapted Hugging Face module.
+
+  Ours, at an adapted kernel's module path P (kernel [in..., out...]): P/lora_a [in..., r] and
+  P/lora_b [r, out...], delta kernel = scale * A.B. PEFT's, for the module M holding that kernel in
+  `_hf_entries` (torch Linear weight [out, in], or GPT-2's Conv1D [in, out], which PEFT adapts with
+  fan_in_fan_out): base_model.model.M.lora_A.weight [r, in] = A^T and lora_B.weight [out, r] = B^T
+  (A, B flattened to [in, r], [r, out]), so that scaling * lora_B @ lora_A is the merged weight's
+  delta in torch's [out, in] order, scaling = lora_alpha / r = our scale.
+
+  GPT-2's c_attn holds q, k and v in one Conv1D: its adapter is the exact rank-n*r block adapter of
+  the n adapted ones: lora_A stacks their A^T [n*r, D], lora_B [3*H*Dh, n*r] is block diagonal (each
+  B^T in its kernel's rows and its own r columns; zero rows for an unadapted one), so lora_B @ lora_A
+  = [delta_q | delta_k | delta_v]^T. That module's rank is n*r; PEFT gets it (and lora_alpha n*alpha,
+  keeping the scale) through rank_pattern / alpha_pattern.
+
+  Returns ({PEFT tensor name: array}, {module name M: rank}), in checkpoint order.
+  """
+  import jax
+  inner = adapters["lora"] if set(adapters) == {"lora"} else adapters
+  if "layers" in inner:
+    from qsft_jax.models.transformer import unstack_layers
+    inner = unstack_layers(inner)
+  tree = jax.tree.map(np.asarray, jax.device_get(inner))
+
+  def find(module: Path):
+    node = tree
+    for key in module:
+      if not isinstance(node, Mapping) or key not in node:
+        return None
+      node = node[key]
+    return (node["lora_a"], node["lora_b"]) if isinstance(node, Mapping) and "lora_a" in node else None
+
+  tensors: dict[str, np.ndarray] = {}
+  ranks: dict[str, int] = {}
+  found = set()
+  for e in _hf_entries(config):
+    if not e.layout:
+      continue
+    pairs = [find(path[:-1]) for path in e.paths]
+    if all(p is None for p in pairs):
+      continue
+    found.update(path[:-1] for path, p in zip(e.paths, pairs) if p is not None)
+    out_dim, in_dim = e.hf_shape if e.layout == "linear" else e.hf_shape[::-1]
+    width = out_dim // len(e.paths)  # each kernel's rows of the module's output
+    blocks_a, blocks_b = [], []
+    for j, pair in enumerate(pairs):
+      if pair is None:
+        continue
+      a, b = pair
+      r = a.shape[-1]
+      blocks_a.append(a.reshape(in_dim, r).T)
+      col = np.zeros((out_dim, r), b.dtype)
+      col[j * width:(j + 1) * width] = b.reshape(r, width).T
+      blocks_b.append(col)
+    module = e.hf_name[:-len(".weight")]
+    tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(np.concatenate(blocks_a, 0))
+    tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(np.concatenate(blocks_b, 1))
+    ranks[module] = sum(block.shape[0] for block in blocks_a)
+  every = {tuple(p) for p in _module_paths(tree)}
+  unknown = sorted(every - found)
+  if unknown:
+    raise ValueError(f"adapters at {'/'.join(unknown[0])} adapt no kernel of a {config.family!r} "
+                     "Hugging Face checkpoint")
+  return tensors, ranks
+
+
+def _module_paths(tree: Mapping[str, Any], prefix: Path = ()) -> list[Path]:
+  """The module paths of an adapter tree (the nodes holding lora_a)."""
+  if "lora_a" in tree:
+    return [prefix]
+  return [p for k, v in tree.items() if isinstance(v, Mapping) for p in _module_paths(v, prefix + (k,))]
 
 
 # ------------------------------------------------------------------------------------------------
