@@ -306,9 +306,9 @@ def theta_at(loaded: run_lib.Run, phase: str, step: int | None) -> tuple[Any, in
 
 
 def _is_quantized(x) -> bool:
-  """A quantised base kernel (`qsft_jax.models.quant.QuantizedArray`, a pytree whose `astype`
-  dequantises)."""
-  return type(x).__name__ == "QuantizedArray"
+  """A quantised base kernel (a pytree whose `astype` dequantises)."""
+  from qsft_jax.models import quant
+  return isinstance(x, quant.QuantizedArray)
 
 
 def _float32(tree: Any) -> Any:
