@@ -475,7 +475,8 @@ def jnp_capped_wce(hidden, unembed, row_labels, row_weights, row_mask, n, cap, d
 def capped_driver_inputs(rng, length=23):
   batch, hidden, unembed, targets = make_driver_inputs(rng, length=length)
   unembed[:, VOCAB:] *= 1e3  # huge raw logits in the padded columns: they must stay out (and not give nan)
-  rows = (losses.to_rows(batch["tokens"]), losses.to_rows(targets), losses.to_rows(batch["action_mask"], False))
+  rows = (losses.to_rows(batch["tokens"]), losses.to_rows(targets),
+          losses.to_rows(batch["action_mask"], False))
   return batch, hidden, unembed, rows, losses.action_token_count(batch["action_mask"])
 
 
@@ -511,7 +512,8 @@ def test_chunked_wce_and_bc_with_softcap_match_jnp_reference(dummy):
   for got, want in zip(bc_grads, want_bc_grads):
     np.testing.assert_allclose(got, want, atol=1e-6)
   # the cap changes the loss (the test above would not see a dropped cap otherwise)
-  assert abs(float(jnp_capped_wce(hidden, unembed, labels, weights, mask, n, 1e6, dummy)) - float(loss)) > 1e-2
+  uncapped = jnp_capped_wce(hidden, unembed, labels, weights, mask, n, 1e6, dummy)
+  assert abs(float(uncapped) - float(loss)) > 1e-2
 
 
 def test_chunked_bellman_values_and_qsft_loss_with_softcap_match_reference():
