@@ -20,6 +20,11 @@ The WCE loss of one row with logits z, taken token x and target weight w is
 puts all of 1 - w on one designated token d: l = lse(z) - w z_x - (1 - w) z_d. BC is the case w = 1.
 Only lse(z), z_x and sum_real(z) (or z_d) are needed, so the chunked drivers never build a
 [B, L, V] array, in the forward or the backward pass.
+
+Soft-capped logits (ModelConfig.final_logit_softcap, Gemma 2): the chunked drivers take `softcap` and
+form z = cap * tanh(u / cap) from the raw logits u = hidden @ unembed, as the model's forward does
+(`logits_from_hidden`); every loss and value above is of z, and d l / d u = (d l / d z) (1 - (z / cap)^2)
+on the real columns.
 """
 from __future__ import annotations
 
@@ -467,6 +472,15 @@ def _unchunk(x: jax.Array, length: int) -> jax.Array:
   return x[:, :length]
 
 
+def _check_softcap(softcap: float | None) -> float | None:
+  """softcap as a Python float (a static argument), or None; it must be > 0."""
+  if softcap is None:
+    return None
+  if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+    raise ValueError(f"softcap={softcap!r} must be a number > 0 or None")
+  return float(softcap)
+
+
 def _check_chunk_size(chunk_size: int, length: int) -> int:
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -480,16 +494,18 @@ def _unembed_for_chunks(unembed: jax.Array, dtype: Any) -> jax.Array:
   return logical_constraint(unembed.astype(dtype), (None, "vocab"))
 
 
-def _wce_chunk_forward(h, unembed, labels, weights, mask, vocab_size, dummy_token):
-  """One chunk: logits [B, C, V_pad] f32, masked per-row losses [B, C], label log-probs [B, C]."""
-  logits = logits_from_hidden(h, unembed, vocab_size)
+def _wce_chunk_forward(h, unembed, labels, weights, mask, vocab_size, dummy_token, softcap):
+  """One chunk: logits [B, C, V_pad] f32 (soft-capped when softcap is set), masked per-row losses [B, C],
+  label log-probs [B, C]."""
+  logits = logits_from_hidden(h, unembed, vocab_size, softcap=softcap)
   lse, z_label, z_other = _row_terms(logits, labels, vocab_size, dummy_token)
   w = weights.astype(jnp.float32)
   rows = (lse - w * z_label - (1.0 - w) * z_other) * mask
   return logits, lse, rows, z_label - lse
 
 
-def _wce_primal(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size, dummy_token):
+def _wce_primal(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size, dummy_token,
+                softcap):
   """Forward only: (loss [], label log-probs [B, L])."""
   length = hidden.shape[1]
   xs = tuple(_chunk(a, chunk_size) for a in (hidden, labels, weights, mask))
@@ -497,17 +513,19 @@ def _wce_primal(hidden, unembed, labels, weights, mask, normaliser, vocab_size, 
 
   def body(total, x):
     h, lab, w, m = x
-    _, _, rows, logp = _wce_chunk_forward(h, unembed, lab, w, m, vocab_size, dummy_token)
+    _, _, rows, logp = _wce_chunk_forward(h, unembed, lab, w, m, vocab_size, dummy_token, softcap)
     return total + jnp.sum(rows), logp
 
   total, logp = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
   return total / normaliser, _unchunk(logp, length)
 
 
-def _wce_fwd(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size, dummy_token):
+def _wce_fwd(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size, dummy_token,
+             softcap):
   """Forward with the gradient computed alongside, chunk by chunk (fused cross-entropy).
 
-  d loss / d z = (softmax(z) - t) * mask / normaliser per row; from it the chunk's contribution to
+  d loss / d z = (softmax(z) - t) * mask / normaliser per row, times the soft-cap's derivative
+  1 - (z / cap)^2 on the real columns when softcap is set; from it the chunk's contribution to
   d hidden ([B, C, D]) and d unembed ([D, V_pad], accumulated) are formed at once, so no logits are
   kept or recomputed: the loss costs 3 unembedding matmuls in all, as a plain training pass would.
 
@@ -525,10 +543,16 @@ def _wce_fwd(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chu
   def body(carry, x):
     total, d_unembed = carry
     h, lab, w, m = x
-    logits, lse, rows, logp = _wce_chunk_forward(h, chunk_unembed, lab, w, m, vocab_size, dummy_token)
+    logits, lse, rows, logp = _wce_chunk_forward(h, chunk_unembed, lab, w, m, vocab_size, dummy_token,
+                                                 softcap)
     probs = jnp.exp(logits - lse[..., None])  # padded columns: exp(PAD_LOGIT - lse) = 0
     scale = m.astype(jnp.float32) / normaliser
     d_logits = (probs - soft_targets(lab, w, columns, vocab_size, dummy_token)) * scale[..., None]
+    if softcap is not None:
+      # d z / d u of z = cap * tanh(u / cap). Padded columns hold PAD_LOGIT, whose square overflows
+      # float32: they get 0 (their d_logits is 0, and the masked logits carry no gradient there).
+      d_cap = jnp.where(real_vocab_mask(columns, vocab_size), 1.0 - jnp.square(logits / softcap), 0.0)
+      d_logits = d_logits * d_cap
     d_h = jnp.einsum("bcv,dv->bcd", d_logits, chunk_unembed.astype(jnp.float32)).astype(hidden.dtype)
     d_unembed = d_unembed + jnp.einsum("bcd,bcv->dv", h.astype(jnp.float32), d_logits)
     return (total + jnp.sum(rows), d_unembed), (logp, d_h)
@@ -541,7 +565,7 @@ def _wce_fwd(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chu
   return out, (_unchunk(d_hidden, length), d_unembed, unembed_dtype, loss, normaliser)
 
 
-def _wce_bwd(vocab_size, chunk_size, dummy_token, residuals, cotangents):
+def _wce_bwd(vocab_size, chunk_size, dummy_token, softcap, residuals, cotangents):
   d_hidden, d_unembed, unembed_dtype, loss, normaliser = residuals
   g_loss, _ = cotangents  # the log-prob output is stop-gradient in the public wrapper
   g_loss = g_loss.astype(jnp.float32)
@@ -552,16 +576,17 @@ def _wce_bwd(vocab_size, chunk_size, dummy_token, residuals, cotangents):
   return d_hidden, d_unembed, None, None, None, -g_loss * loss / normaliser
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _wce_fused(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size, dummy_token):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _wce_fused(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size, dummy_token,
+               softcap):
   return _wce_primal(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size,
-                     dummy_token)
+                     dummy_token, softcap)
 
 
 def _wce_fused_fwd(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size,
-                   dummy_token):
+                   dummy_token, softcap):
   out, res = _wce_fwd(hidden, unembed, labels, weights, mask, normaliser, vocab_size, chunk_size,
-                      dummy_token)
+                      dummy_token, softcap)
   return out, res
 
 
@@ -570,8 +595,8 @@ _wce_fused.defvjp(_wce_fused_fwd, _wce_bwd)
 
 def chunked_wce_loss(hidden: jax.Array, unembed: jax.Array, row_labels: jax.Array,
                      row_weights: jax.Array, row_mask: jax.Array, normaliser: jax.Array, *,
-                     vocab_size: int, chunk_size: int = 128,
-                     dummy_token: int | None = None) -> tuple[jax.Array, jax.Array]:
+                     vocab_size: int, chunk_size: int = 128, dummy_token: int | None = None,
+                     softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
   """WCE summed over trained rows / normaliser, computed chunk by chunk along the sequence.
 
   Args:
@@ -584,6 +609,7 @@ def chunked_wce_loss(hidden: jax.Array, unembed: jax.Array, row_labels: jax.Arra
       and gradient accumulation leave the loss and gradient unchanged.
     vocab_size: real vocabulary size; chunk_size: rows per chunk (L is padded up to a multiple).
     dummy_token: the dummy-token variant's token id, or None for the even spread.
+    softcap: the model's final_logit_softcap (logits cap * tanh(logits / cap)), or None for none.
   Returns:
     loss [] float32, and log p(row_labels) [B, L] float32 (stop-gradient; for metrics).
 
@@ -599,36 +625,39 @@ def chunked_wce_loss(hidden: jax.Array, unembed: jax.Array, row_labels: jax.Arra
   loss, logp = _wce_fused(hidden, unembed, row_labels.astype(jnp.int32),
                           jax.lax.stop_gradient(row_weights.astype(jnp.float32)),
                           row_mask.astype(jnp.float32),
-                          jnp.asarray(normaliser, jnp.float32), vocab_size, chunk_size, dummy_token)
+                          jnp.asarray(normaliser, jnp.float32), vocab_size, chunk_size, dummy_token,
+                          _check_softcap(softcap))
   return loss, jax.lax.stop_gradient(logp)
 
 
 def chunked_bc_loss(hidden: jax.Array, unembed: jax.Array, row_labels: jax.Array,
                     row_mask: jax.Array, normaliser: jax.Array, *, vocab_size: int,
-                    chunk_size: int = 128) -> tuple[jax.Array, jax.Array]:
+                    chunk_size: int = 128, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
   """Cross-entropy on trained rows / normaliser: `chunked_wce_loss` with all weights 1.
 
-  Shapes as `chunked_wce_loss`; returns (loss [], log p(row_labels) [B, L])."""
+  Shapes and softcap as `chunked_wce_loss`; returns (loss [], log p(row_labels) [B, L])."""
   ones = jnp.ones(row_labels.shape, jnp.float32)
   return chunked_wce_loss(hidden, unembed, row_labels, ones, row_mask, normaliser,
-                          vocab_size=vocab_size, chunk_size=chunk_size)
+                          vocab_size=vocab_size, chunk_size=chunk_size, softcap=softcap)
 
 
 def chunked_bellman_values(target_hidden: jax.Array, target_unembed: jax.Array,
                            behaviour_hidden: jax.Array, behaviour_unembed: jax.Array,
                            row_labels: jax.Array, *, vocab_size: int, support_min: float,
-                           chunk_size: int = 128, exclude_token: int | None = None
-                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           chunk_size: int = 128, exclude_token: int | None = None,
+                           softcap: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-row Bellman values from theta_bar's and phi's hidden states, chunk by chunk (no gradient).
 
   Args:
     target_hidden, behaviour_hidden: [B, L, D]; target_unembed, behaviour_unembed: [D, V_pad].
     row_labels: [B, L] int, the token each row predicts (for the metrics below).
+    softcap: the model's final_logit_softcap, applied to both models' logits, or None for none.
   Returns (all float32 [B, L], stop-gradient):
     values V(k) (see `bellman_values`), log pi_phi(row_labels), log p_theta_bar(row_labels).
   """
   length = target_hidden.shape[1]
   chunk_size = _check_chunk_size(chunk_size, length)
+  softcap = _check_softcap(softcap)
   xs = tuple(_chunk(jax.lax.stop_gradient(a), chunk_size)
              for a in (target_hidden, behaviour_hidden, row_labels))
   target_unembed = _unembed_for_chunks(jax.lax.stop_gradient(target_unembed), target_hidden.dtype)
@@ -636,8 +665,8 @@ def chunked_bellman_values(target_hidden: jax.Array, target_unembed: jax.Array,
 
   def body(_, x):
     h_bar, h_phi, lab = x
-    z_bar = logits_from_hidden(h_bar, target_unembed, vocab_size)
-    z_phi = logits_from_hidden(h_phi, behaviour_unembed, vocab_size)
+    z_bar = logits_from_hidden(h_bar, target_unembed, vocab_size, softcap=softcap)
+    z_phi = logits_from_hidden(h_phi, behaviour_unembed, vocab_size, softcap=softcap)
     log_v, lse_bar, lse_phi = _bellman_terms(z_bar, z_phi, vocab_size, support_min, exclude_token)
     values = _ratio_from_log(log_v)
     lab = lab[..., None].astype(jnp.int32)
@@ -656,7 +685,8 @@ def chunked_bellman_values(target_hidden: jax.Array, target_unembed: jax.Array,
 def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: jax.Array,
               target_unembed: jax.Array, behaviour_hidden: jax.Array, behaviour_unembed: jax.Array,
               batch: Mapping[str, jax.Array], normaliser: jax.Array, *, vocab_size: int,
-              targets: TargetConfig, chunk_size: int = 128) -> tuple[jax.Array, dict[str, jax.Array]]:
+              targets: TargetConfig, chunk_size: int = 128,
+              softcap: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Q-SFT loss: values from theta_bar and phi -> Bellman targets -> WCE on theta.
 
   Args:
@@ -667,6 +697,7 @@ def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: 
     vocab_size: real vocabulary size; chunk_size: rows per chunk of the chunked drivers.
     targets: the Bellman-target settings (support_min and dummy_token shape the values and the
       WCE; mode, mc_mix and n_step how values propagate: `compute_targets`).
+    softcap: the model's final_logit_softcap (all three models' logits), or None for none.
   Returns:
     loss [] and aux: "targets", "clipped" (token space [B, L]); "values", "logp_theta",
     "logp_behaviour" (row space [B, L]: V(k) and the log-probs of the token row k predicts).
@@ -677,11 +708,12 @@ def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: 
   values, logp_behaviour, _ = chunked_bellman_values(
       target_hidden, target_unembed, behaviour_hidden, behaviour_unembed, row_labels,
       vocab_size=vocab_size, support_min=targets.support_min, chunk_size=chunk_size,
-      exclude_token=targets.dummy_token)
+      exclude_token=targets.dummy_token, softcap=softcap)
   weights, clipped = compute_targets(values, batch, targets)
   loss, logp_theta = chunked_wce_loss(
       theta_hidden, theta_unembed, row_labels, to_rows(weights), to_rows(batch["action_mask"], False),
-      normaliser, vocab_size=vocab_size, chunk_size=chunk_size, dummy_token=targets.dummy_token)
+      normaliser, vocab_size=vocab_size, chunk_size=chunk_size, dummy_token=targets.dummy_token,
+      softcap=softcap)
   aux = {"targets": weights, "clipped": clipped, "values": values, "logp_theta": logp_theta,
          "logp_behaviour": logp_behaviour}
   return loss, aux

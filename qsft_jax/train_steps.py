@@ -35,7 +35,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qsft_jax import losses
 from qsft_jax import sharding as qsharding
-from qsft_jax.errors import ConfigError
 from qsft_jax.models import sharded
 from qsft_jax.models import lora as lora_lib
 from qsft_jax.models import quant_base
@@ -286,10 +285,6 @@ def _count_metrics(batch):
 
 
 def _jit_step(step_fn, model, model_config, optimizer, mesh, rules, kind):
-  if model_config.final_logit_softcap is not None:
-    # The chunked losses form logits (and the fused gradient) from hidden states without the cap.
-    raise ConfigError(f"model final_logit_softcap={model_config.final_logit_softcap} (Gemma 2): training "
-                      "steps do not soft-cap the logits of their chunked losses yet")
   shardings = state_shardings(model, model_config, optimizer, mesh, rules, kind)
   rows = qsharding.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -320,7 +315,7 @@ def make_bc_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.G
         loss, logp = losses.chunked_bc_loss(
             hidden, unembedding(full(p), model_config), losses.to_rows(part["tokens"]),
             losses.to_rows(part["action_mask"], False), normaliser, vocab_size=vocab,
-            chunk_size=options.chunk_size)
+            chunk_size=options.chunk_size, softcap=model_config.final_logit_softcap)
         return loss, logp
       (loss, logp), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       row_mask = losses.to_rows(part["action_mask"], False)
@@ -377,7 +372,7 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
             _hidden(model, full(p), part), unembedding(full(p), model_config), target_hidden,
             unembedding(target_params, model_config), behaviour_hidden,
             unembedding(behaviour_params, model_config), part, normaliser, vocab_size=vocab,
-            targets=targets, chunk_size=options.chunk_size)
+            targets=targets, chunk_size=options.chunk_size, softcap=model_config.final_logit_softcap)
 
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       mask = part["action_mask"]

@@ -197,19 +197,6 @@ def test_gemma3_multimodal_config_reads_its_text_config():
   assert dict(config.rope_scaling) == {"rope_type": "linear", "factor": 8.0}
 
 
-def test_training_steps_refuse_final_logit_softcap():
-  """The chunked training losses do not soft-cap logits: building a step for Gemma 2 says so."""
-  import optax
-
-  from qsft_jax import sharding, train_steps
-  from qsft_jax.errors import ConfigError
-
-  config = from_hf_config(_gemma2().to_dict())
-  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  with pytest.raises(ConfigError, match="final_logit_softcap"):
-    train_steps.make_bc_step(Transformer(config), config, optax.sgd(0.1), mesh, sharding.DEFAULT_RULES)
-
-
 def test_sampler_decode_matches_full_forward(hf_model):
   """KV-cache decoding by the sampler: ragged prompts left-padded, prefill, then greedy steps past the
   window, each step's logits equal to the full forward's over prompt + generated tokens (final soft-cap

@@ -453,3 +453,107 @@ def test_qsft_loss_ones_and_turn_modes_match_numpy():
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=mode)
     np.testing.assert_allclose(grads[0], want_dh, atol=2e-6, err_msg=mode)
     np.testing.assert_allclose(grads[1], want_du, atol=2e-6, err_msg=mode)
+
+
+# ------------------------------------------------------------------ soft-capped logits (Gemma 2)
+
+
+CAP = 1.5  # raw logits here have std ~2: the cap bites
+
+
+def jnp_capped_wce(hidden, unembed, row_labels, row_weights, row_mask, n, cap, dummy=None):
+  """Reference: full logits hidden @ unembed, capped, log-softmax over the real vocabulary, soft-target CE."""
+  u = jnp.einsum("bld,dv->blv", hidden.astype(jnp.float32), unembed)[..., :VOCAB]
+  lp = jax.nn.log_softmax(cap * jnp.tanh(u / cap), axis=-1)
+  onehot = jax.nn.one_hot(row_labels, VOCAB)
+  w = row_weights[..., None]
+  rest = jax.nn.one_hot(dummy, VOCAB) if dummy is not None else (1.0 - onehot) / (VOCAB - 1)
+  t = w * onehot + (1.0 - w) * rest
+  return jnp.sum(-jnp.sum(t * lp, -1) * row_mask) / n
+
+
+def capped_driver_inputs(rng, length=23):
+  batch, hidden, unembed, targets = make_driver_inputs(rng, length=length)
+  unembed[:, VOCAB:] *= 1e3  # huge raw logits in the padded columns: they must stay out (and not give nan)
+  rows = (losses.to_rows(batch["tokens"]), losses.to_rows(targets),
+          losses.to_rows(batch["action_mask"], False))
+  return batch, hidden, unembed, rows, losses.action_token_count(batch["action_mask"])
+
+
+@pytest.mark.parametrize("dummy", [None, 12])
+def test_chunked_wce_and_bc_with_softcap_match_jnp_reference(dummy):
+  rng = np.random.default_rng(11)
+  batch, hidden, unembed, (labels, weights, mask), n = capped_driver_inputs(rng)
+
+  def ours(h, u):
+    return losses.chunked_wce_loss(h, u, labels, weights, mask, n, vocab_size=VOCAB, chunk_size=5,
+                                   dummy_token=dummy, softcap=CAP)
+
+  def ours_bc(h, u):
+    return losses.chunked_bc_loss(h, u, labels, mask, n, vocab_size=VOCAB, chunk_size=5, softcap=CAP)[0]
+
+  ref = lambda h, u, w: jnp_capped_wce(h, u, labels, w, mask.astype(jnp.float32), n, CAP, dummy)
+  (loss, logp), grads = jax.jit(jax.value_and_grad(ours, (0, 1), has_aux=True))(hidden, unembed)
+  want_loss, want_grads = jax.value_and_grad(ref, (0, 1))(hidden, unembed, weights)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for got, want in zip(grads, want_grads):
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+  assert np.all(np.asarray(grads[1])[:, VOCAB:] == 0)
+  z = CAP * np.tanh(hidden.astype(np.float64) @ unembed.astype(np.float64) / CAP)
+  want_logp = np.take_along_axis(np_log_softmax_real(z, VOCAB), np.asarray(labels)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(logp, want_logp, rtol=1e-5, atol=1e-5)
+  # the forward-only path (no custom VJP) gives the same loss; BC is the reference with w = 1
+  np.testing.assert_allclose(jax.jit(ours)(hidden, unembed)[0], loss, rtol=1e-6)
+  ones = jnp.ones(weights.shape)
+  bc_loss, bc_grads = jax.value_and_grad(ours_bc, (0, 1))(hidden, unembed)
+  want_bc, want_bc_grads = jax.value_and_grad(ref, (0, 1))(hidden, unembed, ones)
+  np.testing.assert_allclose(bc_loss, want_bc, rtol=1e-5)
+  for got, want in zip(bc_grads, want_bc_grads):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+  # the cap changes the loss (the test above would not see a dropped cap otherwise)
+  uncapped = jnp_capped_wce(hidden, unembed, labels, weights, mask, n, 1e6, dummy)
+  assert abs(float(uncapped) - float(loss)) > 1e-2
+
+
+def test_chunked_bellman_values_and_qsft_loss_with_softcap_match_reference():
+  rng = np.random.default_rng(12)
+  batch, h_theta, u_theta, (labels, _, mask), n = capped_driver_inputs(rng, length=19)
+  h_bar, h_phi = rng.normal(size=(2,) + h_theta.shape).astype(np.float32)
+  u_bar, u_phi = (rng.normal(size=(2,) + u_theta.shape) * 0.8).astype(np.float32)
+  u_bar[:, VOCAB:] = u_phi[:, VOCAB:] = 1e3
+  cap = lambda z: CAP * np.tanh(z.astype(np.float64) / CAP)
+  z_bar, z_phi = cap(h_bar @ u_bar), cap(h_phi @ u_phi)
+  want_v = np_values(z_bar, z_phi, VOCAB, 0.02)
+  assert not np.allclose(want_v, np_values(h_bar @ u_bar, h_phi @ u_phi, VOCAB, 0.02), rtol=1e-2)
+  v, lp_phi, lp_bar = losses.chunked_bellman_values(
+      h_bar, u_bar, h_phi, u_phi, labels, vocab_size=VOCAB, support_min=0.02, chunk_size=4, softcap=CAP)
+  np.testing.assert_allclose(v, want_v, rtol=3e-5)
+  for got, z in ((lp_phi, z_phi), (lp_bar, z_bar)):
+    want = np.take_along_axis(np_log_softmax_real(z, VOCAB), np.asarray(labels)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # the whole Q-SFT loss: capped values -> targets -> capped WCE on theta
+  jbatch = {k: jnp.asarray(x) for k, x in batch.items()}
+  targets_cfg = losses.TargetConfig(support_min=0.02)
+
+  def ours(h, u):
+    return losses.qsft_loss(h, u, h_bar, u_bar, h_phi, u_phi, jbatch, n, vocab_size=VOCAB,
+                            targets=targets_cfg, chunk_size=6, softcap=CAP)
+
+  (loss, aux), grads = jax.value_and_grad(ours, (0, 1), has_aux=True)(h_theta, u_theta)
+  targets, _ = np_targets(want_v, batch["rewards"], batch["discounts"], batch["next_action_row"],
+                          batch["action_mask"])
+  np.testing.assert_allclose(aux["targets"], targets, rtol=2e-5, atol=1e-6)
+  ref = lambda h, u: jnp_capped_wce(h, u, labels, losses.to_rows(jnp.asarray(targets, jnp.float32)),
+                                    mask.astype(jnp.float32), n, CAP)
+  want_loss, want_grads = jax.value_and_grad(ref, (0, 1))(h_theta, u_theta)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_softcap_must_be_positive():
+  h, u, rows = jnp.zeros((2, 5, 4)), jnp.zeros((4, V_PAD)), jnp.zeros((2, 5))
+  for bad in (0.0, -1.0, "30"):
+    with pytest.raises(ValueError, match="softcap"):
+      losses.chunked_bc_loss(h, u, rows.astype(int), rows, 1.0, vocab_size=VOCAB, softcap=bad)
