@@ -143,6 +143,15 @@ def test_compiled_flops_match_analytic(results, kind):
   assert r["analytic_flops_per_chip"] == (3 if kind == "bc" else 5) * forward * 32 * 128 / 4
 
 
+
+@pytest.mark.parametrize("kind, passes", [("bc", 2), ("qsft", 4)])
+def test_lora_analytic_flops_leave_out_the_base_weight_gradients(kind, passes):
+  # LoRA: forward (and theta_bar's and phi's forwards) plus the backward to activations; no [in, out]
+  # weight gradient of the frozen base. Forward per token by hand as in the test above.
+  mc = get_preset("tiny-llama", **MODEL)
+  forward = 2 * (2 * 7 * 512 * 1024 + 512 * 128) + 2 * 2 * 2 * 128 * 1024
+  assert costs.analytic_flops(kind, mc, 32, 128, lora=True) == passes * forward * 32 * 128
+
 def test_qsft_over_bc_flops_is_five_thirds(results):
   ratio = results["qsft"]["flops_per_chip"] / results["bc"]["flops_per_chip"]
   assert ratio == pytest.approx(5 / 3, rel=0.05)

@@ -359,12 +359,13 @@ def parse_oom(message: str) -> dict:
 
 
 
-def analytic_flops(kind: str, model_config: ModelConfig, rows: int, length: int) -> float:
+def analytic_flops(kind: str, model_config: ModelConfig, rows: int, length: int, lora: bool = False) -> float:
   """Model FLOPs of one step, all chips together (F = `flops_per_token` at length L):
   "bc" 3 F x rows x L (forward + backward of theta); "qsft" 5 F x rows x L (theta trained, theta_bar
   and phi forward only); "decode" 2 F(S) x rows (theta and phi, one token each, attention over
-  `length` = S cache slots)."""
+  `length` = S cache slots). With `lora` (adapters over a frozen base) the base's weight gradients
+  are not formed: "bc" 2 F, "qsft" 4 F (the adapters' own terms, O(rank / d_model), are left out)."""
   if kind == "decode":
     return 2 * flops_per_token(model_config, length) * rows
-  passes = {"bc": 3, "qsft": 5}[kind]
+  passes = ({"bc": 2, "qsft": 4} if lora else {"bc": 3, "qsft": 5})[kind]
   return passes * flops_per_token(model_config, length) * rows * length

@@ -221,7 +221,8 @@ def compile_step(kind: str, config: ml_collections.ConfigDict, target: Target, m
   compile_s_total = time.time() - t0
   chips = mesh.devices.size
   rows, length = step_shape(kind, config, target)
-  analytic = costs.analytic_flops(kind, mc, rows, length) / chips
+  lora = "lora" in config.model and config.model.lora.rank > 0
+  analytic = costs.analytic_flops(kind, mc, rows, length, lora=lora) / chips
   peak_bytes = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                 - mem.alias_size_in_bytes)
   compute_flops = max(cost["flops"], analytic) if looped and not target.probes else cost["flops"]
