@@ -38,7 +38,7 @@ Decode attention: the decode steps (one new token per row) attend over the cache
 qsft_jax.kernels that the sampler picks for its devices (`choose_decode_attention`; the C++ kernel on
 one float32 CPU device); prefill and every training or TPU program use the model's einsums.
 
-Sharding: with a mesh, params are placed by `models.sharded.param_shardings`, the caches are created
+Sharding: with a mesh, params are placed by `models.quant_base.variables_shardings`, the caches are created
 inside the program with `models.sharded.cache_shardings`, and the model's activation constraints
 apply (the program runs under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`).
 """
@@ -57,6 +57,7 @@ import numpy as np
 from qsft_jax import sharding
 from qsft_jax.kernels import cpu_decode_attention, xla_decode_attention
 from qsft_jax.losses import real_log_softmax
+from qsft_jax.models import quant_base
 from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer, init_cache, logits_from_hidden, unembedding
@@ -273,7 +274,7 @@ class Sampler:
     self._param_shardings = None
     self._batch_multiple = 1
     if mesh is not None:
-      self._param_shardings = sharded.param_shardings(self.model, model_config, mesh, self.rules)
+      self._param_shardings = quant_base.variables_shardings(self.model, model_config, mesh, self.rules)
       spec = sharding.logical_to_mesh_spec(("batch",), None, dict(mesh.shape), self.rules)
       axes = spec[0] if spec and spec[0] is not None else ()
       axes = (axes,) if isinstance(axes, str) else tuple(axes)

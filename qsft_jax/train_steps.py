@@ -134,13 +134,11 @@ def state_shardings(model: nn.Module, model_config: ModelConfig, optimizer: opta
   """
   if kind not in ("bc", "qsft"):
     raise ValueError(f"state kind {kind!r}: expected 'bc' or 'qsft'")
-  params = sharded.param_shardings(model, model_config, mesh, rules)
+  params = quant_base.variables_shardings(model, model_config, mesh, rules)
   shapes = sharded.param_shapes(model, model_config)
   base = None
   if lora_lib.COLLECTION in params:
-    base = {"params": params["params"]}
-    if model.lora.quantization != "none":  # QLoRA: the quantised base of phases.build's init_state
-      base = quant_base.base_shardings(model_config, model.lora, mesh, rules)
+    base = {"params": params["params"]}  # QLoRA: the quantised base of phases.build's init_state
     params, shapes = ({lora_lib.COLLECTION: t[lora_lib.COLLECTION]} for t in (params, shapes))
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(optimizer.init, shapes)

@@ -375,22 +375,30 @@ def test_targets_matching_no_projection_are_an_error():
     main.check_lora_targets(model_config(), lora_lib.LoraConfig(rank=2, targets=("attn/q$", "mlp/fc$")))
 
 
-def test_sampler_runs_phi_and_theta_as_adapters_over_one_base():
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_sampler_runs_phi_and_theta_as_adapters_over_one_base(quantization):
+  from qsft_jax.models import quant, quant_base
   from qsft_jax.sampler import Sampler
   # a large init std, so that the logits compared are not dominated by float noise
   config = get_preset("tiny-llama", vocab_size=40, init_std=0.4, **SMALL)
+  lora = dataclasses.replace(LORA, quantization=quantization)
   mesh = one_device_mesh()
   base = sharded.init_params_sharded(config, jax.random.key(0), mesh, RULES)
-  adapters = [sharded.init_adapters_sharded(config, LORA, jax.random.key(s), mesh, RULES) for s in (1, 2)]
+  if quantization != "none":  # the base as the trainer and run.load store it: kernels quantised
+    base = quant_base.quantized_base(base, config, lora, mesh, RULES)
+  adapters = [sharded.init_adapters_sharded(config, lora, jax.random.key(s), mesh, RULES) for s in (1, 2)]
   phi, theta = ({**base, "lora": randomise_adapters(a["lora"], seed=s, std=0.2)} for s, a in enumerate(adapters))
-  sampler = Sampler(config, mesh, RULES, cache_len=32, min_prompt_bucket=8, lora=LORA)
+  sampler = Sampler(config, mesh, RULES, cache_len=32, min_prompt_bucket=8, lora=lora)
   placed = [sampler._place(p) for p in (phi, theta)]
   assert all(a is b for a, b in zip(jax.tree.leaves(placed[0]["params"]), jax.tree.leaves(placed[1]["params"])))
   prompts = [[1, 5, 6, 7], [1, 9]]
   out = sampler.decode(phi, theta, prompts, mode="extract", beta=2.0, max_new_tokens=4, greedy=True, record=True)
   # reference: the merged plain model, one uncached forward over each whole sequence
   for name, params, got in (("phi", phi, out.phi_logits), ("theta", theta, out.theta_logits)):
-    merged = lora_lib.merge(params, config, LORA)
+    # a quantised base as the forward reads it (dequantised to the float32 compute dtype), merged in float32
+    dense = lambda x: quant.dense(x, jnp.float32) if isinstance(x, quant.QuantizedArray) else x
+    dense_base = jax.tree.map(dense, params["params"], is_leaf=lambda x: isinstance(x, quant.QuantizedArray))
+    merged = lora_lib.merge({**params, "params": dense_base}, config, lora)
     for i, prompt in enumerate(prompts):
       seq = np.asarray([prompt + out.sequences()[i]], np.int32)
       ref = np.asarray(forward(config)(merged, seq, np.arange(seq.shape[1])[None], np.ones_like(seq)))[0]

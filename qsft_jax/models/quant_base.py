@@ -108,6 +108,16 @@ def base_logical_specs(model_config: ModelConfig, lora_config) -> Any:
       specs, base_shapes(model_config, lora_config), is_leaf=_is_spec)
 
 
+def variables_shardings(model: Transformer, model_config: ModelConfig, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings of the model's variables: `sharded.param_shardings`, with the base's ("params")
+  those of `quantize_base`'s tree when the model's LoRA base is quantised (int8 / nf4)."""
+  shardings = sharded.param_shardings(model, model_config, mesh, rules)
+  lora_config = getattr(model, "lora", None)
+  if lora_config is not None and lora_config.enabled and lora_config.quantization != "none":
+    shardings = {**shardings, **base_shardings(model_config, lora_config, mesh, rules)}
+  return shardings
+
+
 def base_shardings(model_config: ModelConfig, lora_config, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings of quantize_base's tree ({"params": ...}) on `mesh` by the rule table."""
   return logical_to_sharding(base_logical_specs(model_config, lora_config), mesh, rules,
