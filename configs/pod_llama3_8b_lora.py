@@ -11,7 +11,7 @@ the tokenizer at an HF folder of Llama-3-8B (hf:PATH) to train it.
 Compile its steps for the slice on a CPU machine (row 8b-v5e8-lora of docs/scaling.md; with
 --topology=v4:2x2x1, row 8b-v4-4-lora):
 
-    python -m qsft_jax.aot --config=configs/pod_llama3_8b_lora.py --no-probes --steps=qsft
+    python -m qsft_jax.aot --config=configs/pod_llama3_8b_lora.py --no-probes --steps=qsft,bc
 
 Train on the slice (a workdir every worker sees at the same path, launch/README.md):
 

@@ -85,8 +85,8 @@ ROWS: dict[str, Row] = {
     "8b-v4-4": Row("configs/pod_llama3_8b.py", (Compile("qsft", False),), BATCH_8, topology="v4:2x2x1"),
     "70b-v6e64": Row("configs/pod_llama_70b.py", (Compile("qsft", False),), BATCH_64, topology="v6e:8x8"),
     # LoRA (one frozen base, adapters for phi, theta and theta_bar) and QLoRA (an nf4 base).
-    "8b-v5e8-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft", False),), full_ft="8b-v5e8"),
-    "8b-v4-4-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft", False),), topology="v4:2x2x1",
+    "8b-v5e8-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft,bc", False),), full_ft="8b-v5e8"),
+    "8b-v4-4-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft,bc", False),), topology="v4:2x2x1",
                         full_ft="8b-v4-4"),
     "70b-v6e64-qlora": Row("configs/pod_llama_70b_qlora.py", (Compile("qsft", False),), full_ft="70b-v6e64"),
 }
@@ -237,7 +237,8 @@ def summary_table(results: dict) -> list[str]:
     if q_ok and b_ok:
       x = qsft_bc_ratios(r, q_ok, b_ok)
       cells += [f"{x['peak']:.2f}", f"{x['comm']:.2f}",
-                f"{x['flops']:.2f}" + (" (analytic 5F/3F)" if x["analytic"] else ""),
+                f"{x['flops']:.2f}" + ((" (analytic 4F/2F)" if r.get("lora") else " (analytic 5F/3F)")
+                                       if x["analytic"] else ""),
                 f"{x['time']:.2f}" + (" (np)" if x["analytic"] else "")]
     else:
       cells += ["-"] * 4
