@@ -10,7 +10,7 @@ model.init at an HF folder (hf:PATH) to train real weights (they are quantised w
 
 Compile its steps for the slice on a CPU machine (row 70b-v6e64-qlora of docs/scaling.md):
 
-    python -m qsft_jax.aot --config=configs/pod_llama_70b_qlora.py --no-probes --steps=qsft
+    python -m qsft_jax.aot --config=configs/pod_llama_70b_qlora.py --no-probes --steps=qsft,bc
 
 Train on the slice (a workdir every worker sees at the same path, launch/README.md):
 

@@ -88,7 +88,7 @@ ROWS: dict[str, Row] = {
     "8b-v5e8-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft,bc", False),), full_ft="8b-v5e8"),
     "8b-v4-4-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft,bc", False),), topology="v4:2x2x1",
                         full_ft="8b-v4-4"),
-    "70b-v6e64-qlora": Row("configs/pod_llama_70b_qlora.py", (Compile("qsft", False),), full_ft="70b-v6e64"),
+    "70b-v6e64-qlora": Row("configs/pod_llama_70b_qlora.py", (Compile("qsft,bc", False),), full_ft="70b-v6e64"),
 }
 
 SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "collective-permute": "CP",
