@@ -238,13 +238,28 @@ def restore_latest_params(workdir: str, phase: str, keys: Sequence[str], abstrac
         logging.warning("%s: the checkpoint of step %d cannot be restored (%s); trying the previous "
                         "one", phase, step, failed[-1][1])
         continue
-      return step, restored["state"]
+      return step, _check_restored(restored["state"], phase, step, path)
   finally:
     manager.close()
   if failed:
     listing = "; ".join(f"step {s}: {r}" for s, r in failed)
     raise CheckpointError(f"{phase}: none of the checkpoints in {path} can be restored ({listing})")
   return None
+
+
+def _check_restored(restored: dict, phase: str, step: int, path: str) -> dict:
+  """`restored` (the {key: params} a partial restore read) when every leaf is an array; a checkpoint
+  that does not hold a leaf asked for (another model, a LoRA run's adapters against full fine-tuning's
+  parameters) comes back from orbax's partial restore as that leaf's ShapeDtypeStruct, which is a
+  CheckpointError naming the first such leaf."""
+  leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
+  missing = ["/".join(str(getattr(k, "key", k)) for k in keys) for keys, leaf in leaves
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if missing:
+    raise CheckpointError(f"{phase}: the checkpoint of step {step} in {path} holds no {missing[0]} (of "
+                          f"{len(leaves)} arrays asked for, {len(missing)} missing): it was written by a run "
+                          "with another model or LoRA setting")
+  return restored
 
 
 def _params_reader(path: str, keys: Sequence[str], abstract_params: Any):
@@ -269,9 +284,10 @@ def restore_params_at(workdir: str, phase: str, step: int, keys: Sequence[str], 
   path = os.path.join(phase_dir(workdir, phase), "checkpoints")
   manager, args = _params_reader(path, keys, abstract_params)
   try:
-    return manager.restore(step, args=args)["state"]
+    restored = manager.restore(step, args=args)["state"]
   except Exception as e:  # pylint: disable=broad-except  # damage surfaces as many error types
     raise CheckpointError(f"{phase}: the checkpoint of step {step} in {path} cannot be restored "
                           f"({_reason(e)})") from None
   finally:
     manager.close()
+  return _check_restored(restored, phase, step, path)

@@ -401,3 +401,16 @@ def test_metrics_log_resumes_from_its_snapshot():
   resumed.add(8, _metrics(loss=8.0))
   resumed.flush(record=False)  # a SIGTERM save at a step that is not a log step: no entry
   assert [h["step"] for h in resumed.history] == [2, 4, 6]
+
+
+def test_latest_params_reader_refuses_a_tree_the_checkpoint_does_not_hold(tmp_path):
+  # e.g. a LoRA run's adapters asked of a full fine-tuning checkpoint: orbax's partial restore would
+  # hand back the missing leaf as its ShapeDtypeStruct instead of an array
+  _save_steps(str(tmp_path))
+  abstract = _abstract()["params"]
+  abstract = {**abstract, "v": abstract["b"]}
+  for read in (lambda: checkpoints.restore_latest_params(str(tmp_path), "bc", ("params",), abstract),
+               lambda: checkpoints.restore_params_at(str(tmp_path), "bc", 4, ("params",), abstract)):
+    with pytest.raises(checkpoints.CheckpointError, match=r"^bc: the checkpoint of step \d in .* holds no "
+                       r"params/v \(of 3 arrays asked for, 1 missing\)"):
+      read()
