@@ -572,6 +572,13 @@ def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
     rope.update(dict(c.rope_scaling))
   layer_types = list(c.layer_types or ["full_attention"] * c.num_layers)
   sliding_window = c.sliding_window if c.layer_types is not None else None
+  # The fields every Llama-, Qwen- and Gemma-style config.json spells the same way.
+  shared = {"vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.num_layers,
+            "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+            "head_dim": c.head_dim, "intermediate_size": c.mlp_dim,
+            "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_eps,
+            "tie_word_embeddings": c.tie_embeddings, "attention_dropout": 0.0, "dtype": c.param_dtype,
+            **special}
 
   def refuse(field, value, why):
     raise ValueError(f"export: ModelConfig.{field}={value!r} cannot be expressed by {why}")
@@ -584,18 +591,14 @@ def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
       refuse("activation", c.activation, "Gemma's config (gelu_pytorch_tanh)")
     out = {
         "architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
-        "model_type": "gemma3_text" if gemma3 else "gemma2", "vocab_size": c.vocab_size,
-        "hidden_size": c.d_model, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim, "intermediate_size": c.mlp_dim, "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_eps,
-        "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+        "model_type": "gemma3_text" if gemma3 else "gemma2", **shared,
+        "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
         # transformers requires an int here (every released Gemma has one)
         "query_pre_attn_scalar": c.head_dim if c.query_pre_attn_scalar is None else (
             int(c.query_pre_attn_scalar) if float(c.query_pre_attn_scalar).is_integer()
             else c.query_pre_attn_scalar),
         "final_logit_softcapping": c.final_logit_softcap, "attn_logit_softcapping": c.attn_logit_softcap,
-        "layer_types": layer_types, "sliding_window": sliding_window, "dtype": c.param_dtype, **special}
+        "layer_types": layer_types, "sliding_window": sliding_window}
     if gemma3:
       if c.attn_logit_softcap is not None:
         refuse("attn_logit_softcap", c.attn_logit_softcap, "Gemma 3 (whose attention does not soft-cap)")
@@ -620,27 +623,16 @@ def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
     if c.rope_local_theta is not None:
       refuse("rope_local_theta", c.rope_local_theta, "Qwen3 (one rotary base for all layers)")
     return {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": c.vocab_size,
-        "hidden_size": c.d_model, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim, "intermediate_size": c.mlp_dim, "hidden_act": "silu",
-        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_eps,
-        "rope_parameters": rope, "tie_word_embeddings": c.tie_embeddings, "attention_bias": False,
-        "attention_dropout": 0.0, "use_sliding_window": sliding_window is not None,
-        "sliding_window": sliding_window, "max_window_layers": c.num_layers, "layer_types": layer_types,
-        "dtype": c.param_dtype, **special}
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **shared, "hidden_act": "silu",
+        "rope_parameters": rope, "attention_bias": False, "use_sliding_window": sliding_window is not None,
+        "sliding_window": sliding_window, "max_window_layers": c.num_layers, "layer_types": layer_types}
   if c.layer_types is not None:
     refuse("layer_types", c.layer_types, "a Llama or Qwen2 config (no sliding layers)")
   qwen2 = c.qkv_bias
   out = {
       "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-      "model_type": "qwen2" if qwen2 else "llama", "vocab_size": c.vocab_size,
-      "hidden_size": c.d_model, "num_hidden_layers": c.num_layers,
-      "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-      "head_dim": c.head_dim, "intermediate_size": c.mlp_dim, "hidden_act": "silu",
-      "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_eps,
-      "rope_theta": c.rope_theta, "rope_parameters": rope, "tie_word_embeddings": c.tie_embeddings,
-      "attention_dropout": 0.0, "dtype": c.param_dtype, **special}
+      "model_type": "qwen2" if qwen2 else "llama", **shared, "hidden_act": "silu",
+      "rope_theta": c.rope_theta, "rope_parameters": rope}
   if qwen2:
     out.update({"use_sliding_window": False, "sliding_window": None})
   else:
