@@ -20,6 +20,8 @@ def get_config():
   c.bc.steps = c.qsft.steps = 8
   c.bc.batch_size = c.qsft.batch_size = 8
   c.bc.warmup_steps = c.qsft.warmup_steps = 2
+  for phase in (c.mc, c.ilql):  # --config.phases="('bc','mc','ilql')": the value-head baselines
+    phase.steps, phase.batch_size, phase.warmup_steps = 8, 8, 2
   c.loss.chunk_size = 64
   c.checkpoint.every_steps = 4
   c.log.every_steps = 4

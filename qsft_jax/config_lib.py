@@ -20,7 +20,9 @@ import ml_collections
 from qsft_jax.errors import ConfigError
 from qsft_jax.sharding import DEFAULT_RULES
 
-PHASES = ("bc", "qsft", "control")
+PHASES = ("bc", "qsft", "control", "mc", "ilql")
+HEADS_PHASES = ("mc", "ilql")
+TRUNKS = ("phi", "train")
 TASKS = ("", "maze", "wordle", "chess", "twenty_questions")
 THETA_INITS = ("pretrained", "phi", "phi_init", "fresh")
 STORAGE_DTYPES = ("", "float32", "bfloat16")  # "": the parameters' own dtype
@@ -120,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   # passed to it when set.
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=0, process_id=-1))
-  # Phases to run, in order, from ("bc", "qsft", "control"). "control" is the targets-equal-1
+  # Phases to run, in order, from ("bc", "qsft", "control", "mc", "ilql"). "control" is the targets-equal-1
   # baseline (docs/algorithm.md section 7): phase 2 again with every target 1 (BC on theta), the same
   # qsft.* settings, initialisation and batches, saved in WORKDIR/control/ and evaluated beside Q-SFT.
   c.phases = ("bc", "qsft")
@@ -151,6 +153,23 @@ def base_config() -> ml_collections.ConfigDict:
       # (never updated) it rounds the weights once.
       target_dtype="",
       behaviour_dtype=""))
+  # Value-head baselines on the LM's final hidden state (docs/algorithm.md section 9), each a phase after
+  # bc: "mc" regresses a Q head over the vocabulary and a V head on the Monte Carlo return-to-go; "ilql"
+  # trains two Q heads against r + gamma V(s') with Polyak target copies, V by expectile regression
+  # against the smaller target Q, and a CQL term. Both act by log pi_phi + beta (Q - V). trunk: "phi"
+  # (the heads read the frozen phi's hidden states; only they train) or "train" (the trunk starts
+  # from phi and trains with the heads, as in the original ILQL; acting still uses phi's logits).
+  c.mc = _optim(steps=300, batch_size=16, learning_rate=1e-3)
+  c.mc.trunk = "phi"
+  c.ilql = _optim(steps=300, batch_size=16, learning_rate=1e-3)
+  c.ilql.update(dict(
+      trunk="phi",
+      expectile=0.7,   # tau of the V loss |tau - 1{u < 0}| u^2, in (0, 1): 0.5 = mean, -> 1 = max over data
+      # Weight of the CQL term sum_j [logsumexp Q_j(s, .) - Q_j(s, x)]. Its gradient on a Q value is at
+      # most alpha, against 2 |Q - target| of the TD term (targets in [0, 1], errors ~0.1-0.5): 0.01
+      # pushes the Q of actions outside the data down without pulling the data's Q off its target.
+      cql_alpha=0.01,
+      tau=0.005))      # Polyak rate of the target Q heads
   c.loss = ml_collections.ConfigDict(dict(chunk_size=128))  # rows per chunk of the chunked losses
   # A step whose loss, gradient norm or updated parameters are not finite: "stop" fails naming the step
   # and metric, before anything from that state is saved; "skip" leaves the state unchanged.
@@ -266,7 +285,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
   unknown = set(config.keys()) - known
   if unknown:
     _fail(sorted(unknown)[0], f"unknown field; known top-level fields: {', '.join(sorted(known))}")
-  for section in ("dataset", "data", "model", "mesh", "distributed", "bc", "qsft", "loss",
+  for section in ("dataset", "data", "model", "mesh", "distributed", "bc", "qsft", "mc", "ilql", "loss",
                   "nonfinite", "checkpoint", "log", "eval"):
     base = base_config()[section]
     extra = set(config[section].keys()) - set(base.keys())
@@ -288,6 +307,9 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
   for name in ("qsft", "control"):
     if name in phases and (phases[0] != "bc"):
       _fail("phases", f"the {name} phase needs phi from the bc phase: put 'bc' first")
+  for name in HEADS_PHASES:
+    if name in phases and ("bc" not in phases or phases.index("bc") > phases.index(name)):
+      _fail("phases", f"the {name} phase trains value heads on phi from the bc phase: put 'bc' before it")
   if not config.data.path and not (config.task and config.dataset.generate):
     _fail("data.path", "is empty and no bundled task generates data (set data.path or task)")
   _check_data_fields(config)
@@ -339,6 +361,18 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
     if q.theta_init == "pretrained" and config.model.init == "random":
       _fail("qsft.theta_init", "is 'pretrained' but model.init is 'random': use 'phi_init' (phi's own "
             "random initialisation), 'fresh' or load weights")
+  for name in (n for n in HEADS_PHASES if n in phases):
+    if config[name].trunk not in TRUNKS:
+      _fail(f"{name}.trunk", f"{config[name].trunk!r} is not one of {TRUNKS}")
+    rank = config.model.get("lora", {}).get("rank", 0)
+    if rank:
+      _fail("phases", f"the {name} phase does not run over LoRA adapters (model.lora.rank={rank}): its heads read phi's hidden states from full parameters; drop "
+            f"{name!r} from phases or set model.lora.rank=0")
+    from qsft_jax.train_steps import HeadsSettings
+    try:  # the step's own checks; their messages name the field
+      HeadsSettings.from_config(config, name)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
   if config.on_nonfinite not in ("stop", "skip"):
     _fail("on_nonfinite", f"must be 'stop' or 'skip'; got {config.on_nonfinite!r}")
   n = config.nonfinite

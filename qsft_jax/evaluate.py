@@ -23,7 +23,11 @@ Policies (names in results.json):
 - "qsft_beta{b}": log_softmax(z_phi) + b * softmax(z_theta), for each b > 0 of --betas;
 - "ratio": greedy argmax of p_theta / pi_phi over pi_phi's support (qsft.support_min);
 - "control_beta{b}" and "control_ratio": the same with theta from the control phase (every target 1,
-  docs/algorithm.md section 7), when the run has one.
+  docs/algorithm.md section 7), when the run has one;
+- "mc_beta{b}", "ilql_beta{b}": log_softmax(z_phi) + b * (Q - V) with the value heads of the mc / ilql
+  phase (ILQL: the smaller of its target Q heads) on the decode step's hidden state, when the run
+  has that phase (docs/algorithm.md section 9).
+`run(..., methods=...)` chooses among "bc", "qsft" (its betas and "ratio"), "control", "mc", "ilql".
 No policy emits qsft.dummy_token (it carries 1 - w of the training targets, not an action).
 Without theta (only phase 1 done) only "bc" is played. Decoding is greedy by default
 (--temperature > 0 samples instead; "ratio" is always greedy).
@@ -32,7 +36,7 @@ Writes DIR/eval/results.json:
 
     {"env": NAME, "episodes": N, "dataset_mean_return": x,
      "policies": {NAME: {"mean_return": x, "stderr": x, "success_rate": x, "beta": x}},
-     "checkpoint_steps": {"phi": n, "theta": n, "theta_bar": n, "control": n},
+     "checkpoint_steps": {"phi": n, "theta": n, "theta_bar": n, "control": n, "mc": n, "ilql": n},
      "unfinished_phases": [{"phase": NAME, "step": n, "steps": n}],
      "value_correlation": {"qsft" | "control": {"all_turns": x, "turn0": x}}}
 
@@ -79,6 +83,9 @@ from qsft_jax.envs import make_env, play_batch
 from qsft_jax.sampler import Sampler
 
 DEFAULT_BETAS = (0.0, 1.0, 4.0, 16.0)
+# The methods `run` can play, each from its phase's parameters.
+METHODS = ("bc", "qsft", "control", "mc", "ilql")
+HEADS_METHODS = ("mc", "ilql")
 SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, as the trainer exits on preemption
 
 
@@ -156,10 +163,11 @@ def suppressed_token_ids(tokenizer, dummy_token: int | None = None) -> list[int]
 
 
 def policy_specs(betas: Sequence[float], ratio: bool = True, have_theta: bool = True,
-                 have_control: bool = False) -> list[dict]:
+                 have_control: bool = False, heads: Sequence[str] = ()) -> list[dict]:
   """[{"name", "mode", "beta", "theta"}]: "bc" for beta 0, "qsft_beta{b}" for each b > 0, then
-  "ratio"; with the control, "control_beta{b}" and "control_ratio" after them. "theta" names the
-  parameters a policy reads ("theta" or "control"). Without theta only "bc"."""
+  "ratio"; with the control, "control_beta{b}" and "control_ratio" after them; then "{phase}_beta{b}"
+  (mode "heads") for each value-head phase of `heads` ("mc", "ilql"). "theta" names the parameters a
+  policy reads ("theta", "control", or the heads' phase). Without theta, control and heads only "bc"."""
   specs = [{"name": "bc", "mode": "extract", "beta": 0.0, "theta": "theta"}]
   for b in betas:
     if b < 0:
@@ -172,6 +180,9 @@ def policy_specs(betas: Sequence[float], ratio: bool = True, have_theta: bool = 
     if ratio:
       specs.append({"name": "ratio" if source == "theta" else "control_ratio", "mode": "ratio",
                     "beta": None, "theta": source})
+  for phase in heads:
+    specs += [{"name": f"{phase}_beta{b:g}", "mode": "heads", "beta": float(b), "theta": phase}
+              for b in betas if b > 0]
   return specs
 
 
@@ -213,13 +224,14 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
                       dataset_mean_return: float | None = None, mesh=None, rules=None,
                       sampler: Sampler | None = None, record: dict | None = None,
                       control_params=None, interrupt: Callable[[str], None] | None = None,
-                      lora=None) -> dict:
+                      lora=None, heads: Mapping[str, Mapping] | None = None) -> dict:
   """Plays `episodes` episodes (seeds seed .. seed + episodes - 1) with every policy of `policies`
   ({"name", "mode", "beta"}, see `policy_specs`) and returns the results.json dict.
 
   data_config: the training data config (templates, max_length); temperature 0 = greedy.
   `record`, when a dict, receives each policy's played episodes (name -> list of episode dicts).
   control_params: theta of the control phase, read by specs with "theta": "control".
+  heads: {phase: {"heads", "trunk"}} (`run.Run.heads`), read by specs of mode "heads" with "theta": phase.
   targets: the run's target settings: the "ratio" policy's support is pi_phi >= targets.support_min,
   and no policy emits targets.dummy_token or another id of `suppressed_token_ids`.
   interrupt: called with a description of where the evaluation is before every batch of actions;
@@ -245,11 +257,18 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
       calls = [0]
 
       theta = control_params if spec.get("theta", "theta") == "control" else theta_params
-      needs_theta = spec["mode"] != "extract" or (spec["beta"] or 0.0) > 0
+      value_heads = None
+      if spec["mode"] == "heads":
+        if spec["theta"] not in (heads or {}):
+          raise ValueError(f"policy {spec['name']!r} needs the value heads of phase {spec['theta']!r}")
+        theta, value_heads = heads[spec["theta"]].get("trunk"), heads[spec["theta"]]["heads"]
+      needs_theta = spec["mode"] in ("theta", "ratio") or (spec["mode"] == "extract"
+                                                            and (spec["beta"] or 0.0) > 0)
       if needs_theta and theta is None:
         raise ValueError(f"policy {spec['name']!r} needs {spec.get('theta', 'theta')} parameters")
+      options = {"heads": value_heads} if value_heads is not None else {}
 
-      def act(histories, spec=spec, calls=calls, theta=theta):
+      def act(histories, spec=spec, calls=calls, theta=theta, options=options):
         if interrupt is not None:
           interrupt(f"policy {spec['name']!r}")
         prompts = [history_tokens(h, tokenizer, data_config) for h in histories]
@@ -259,7 +278,7 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
             behaviour_params, theta, prompts, tokenizer, stop_strings=(stop,), mode=spec["mode"],
             beta=0.0 if spec["beta"] is None else spec["beta"], greedy=temperature <= 0,
             temperature=temperature if temperature > 0 else 1.0, support_min=targets.support_min,
-            max_new_tokens=max_new_tokens, suppress_token_ids=suppress, rng=rng)
+            max_new_tokens=max_new_tokens, suppress_token_ids=suppress, rng=rng, **options)
         # An action that decodes to nothing is an empty line: the same for the environment, and it still
         # tokenises (the data layer rejects actions without tokens).
         return [t if t else stop for t in texts]
@@ -294,6 +313,7 @@ def results_markdown(results: Mapping) -> str:
 
   def corr_cells(name):
     c = corr.get("control" if name.startswith("control") else "qsft") if name != "bc" else None
+    c = None if name.startswith(tuple(f"{h}_" for h in HEADS_METHODS)) else c
     return "- | -" if c is None else f"{fmt(c['all_turns'])} | {fmt(c['turn0'])}"
 
   lines = [f"# Evaluation: {results['env']}, {results['episodes']} episodes per policy", "",
@@ -334,9 +354,12 @@ def write_results(workdir: str, results: Mapping, record: Mapping | None = None)
 
 def checkpoint_step_of(policy: str, checkpoint_steps: Mapping[str, int | None]) -> int | None:
   """The checkpoint step of the parameters a policy of `policy_specs` acts with: phi's for "bc", the
-  control's for "control_*", theta's for the others."""
+  control's for "control_*", the value-head phase's for "mc_*" / "ilql_*", theta's for the others."""
   if policy == "bc":
     return checkpoint_steps.get("phi")
+  for phase in HEADS_METHODS:
+    if policy.startswith(f"{phase}_"):
+      return checkpoint_steps.get(phase)
   return checkpoint_steps.get("control" if policy.startswith("control") else "theta")
 
 
@@ -379,13 +402,16 @@ def training_data_paths(workdir: str, config) -> list[str]:
 def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = None,
         betas: Sequence[float] | None = None, ratio: bool = True, batch_size: int | None = None,
         max_new_tokens: int | None = None, temperature: float = 0.0,
-        dataset_return: float | None = None, control: bool = True, value_diagnostics: bool = True) -> dict:
+        dataset_return: float | None = None, control: bool = True, value_diagnostics: bool = True,
+        methods: Sequence[str] | None = None) -> dict:
   """Evaluates a loaded run (`qsft_jax.run.load(workdir)`) and writes the results into its workdir.
 
   Unset options come from the run's config (`eval.*`, `task`, `env`) and its target settings
   (`Run.targets`: the ratio policy's support_min, the dummy token never emitted).
   control: also play the control phase's policies when the run has one. value_diagnostics: add the
   held-out value correlations (and write their files) when WORKDIR/data/heldout.jsonl exists.
+  methods: the methods whose policies play, among METHODS ("qsft": its betas and "ratio"; "mc" and
+  "ilql": their heads at each beta > 0); None = every method whose phase the run has.
   The results (also in TensorBoard: `write_tensorboard`, unless log.tensorboard is off) record the
   checkpoint step of each parameter set and the configured phases that had not reached their steps
   (`evaluate_workdir` refuses those unless told otherwise). SIGTERM stops the evaluation before its
@@ -404,12 +430,21 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   if dataset_return is None:
     paths = training_data_paths(loaded.workdir, config)
     dataset_return = dataset_mean_return(paths, loaded.data_config) if paths else None
-  control_params = loaded.control_params if control else None
-  specs = policy_specs(betas, ratio=ratio, have_theta=loaded.theta_params is not None,
-                       have_control=control_params is not None)
+  unknown = sorted(set(methods or ()) - set(METHODS))
+  if unknown:
+    raise ValueError(f"methods: {unknown[0]!r} is not one of {METHODS}")
+  chosen = lambda method: methods is None or method in methods
+  control_params = loaded.control_params if control and chosen("control") else None
+  heads = {p: v for p, v in loaded.heads.items() if chosen(p)}
+  specs = [s for s in policy_specs(betas, ratio=ratio, have_theta=loaded.theta_params is not None and chosen("qsft"),
+                                   have_control=control_params is not None, heads=tuple(heads))
+           if s["name"] != "bc" or chosen("bc")]
+  if not specs:
+    raise ValueError(f"methods={list(methods or ())}: the run has none of these methods' parameters")
   unfinished = [p for p in run_lib.phase_progress(loaded.workdir, config) if not p.done]
   steps = {"phi": loaded.behaviour_step, "theta": loaded.theta_step, "theta_bar": loaded.target_step,
-           "control": loaded.control_step if control_params is not None else None}
+           "control": loaded.control_step if control_params is not None else None,
+           **{p: heads[p]["step"] if p in heads else None for p in HEADS_METHODS}}
   if jax.process_index() == 0:
     print(f"evaluate: {loaded.workdir}: {episodes} episodes per policy ("
           f"{', '.join(s['name'] for s in specs)}); checkpoint steps "
@@ -422,7 +457,7 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
         data_config=loaded.data_config, batch_size=batch_size, max_new_tokens=max_new_tokens,
         temperature=temperature, targets=loaded.targets, dataset_mean_return=dataset_return,
         mesh=loaded.mesh, rules=loaded.rules, record=record, control_params=control_params,
-        interrupt=stop.check, lora=loaded.lora)
+        interrupt=stop.check, lora=loaded.lora, heads=heads)
     results["checkpoint_steps"] = steps
     results["unfinished_phases"] = [p.to_json() for p in unfinished]
     if value_diagnostics:

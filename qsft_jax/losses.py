@@ -35,6 +35,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from qsft_jax.models import heads as heads_lib
 from qsft_jax.models.transformer import logits_from_hidden
 from qsft_jax.sharding import logical_constraint
 
@@ -717,3 +718,105 @@ def qsft_loss(theta_hidden: jax.Array, theta_unembed: jax.Array, target_hidden: 
   aux = {"targets": weights, "clipped": clipped, "values": values, "logp_theta": logp_theta,
          "logp_behaviour": logp_behaviour}
   return loss, aux
+
+
+# --------------------------------------------------------------------------------------------
+# Value heads: Monte Carlo returns and ILQL (docs/algorithm.md section 9)
+#
+# The heads (qsft_jax.models.heads) read the final hidden state h of row i - 1 for action token i,
+# as the WCE reads its logits. Every loss is summed over the action tokens of the (micro)batch and
+# divided by the GLOBAL action-token count, as the WCE.
+
+
+def _heads_rows(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(row labels [B, L] int32, row mask [B, L] float32): the token row k predicts, and whether it is
+  an action token."""
+  return to_rows(batch["tokens"]).astype(jnp.int32), to_rows(batch["action_mask"], False).astype(jnp.float32)
+
+
+def mc_heads_loss(hidden: jax.Array, heads: Mapping[str, Any], batch: Mapping[str, jax.Array],
+                  normaliser: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Monte Carlo regression of one Q head and the V head on the return-to-go G_i:
+
+      l_i = (Q(s_{i-1}, x_i) - G_i)^2 + (V(s_{i-1}) - G_i)^2
+
+  Args:
+    hidden: [B, L, D] final hidden states (carrying a gradient only when the trunk trains).
+    heads: the ValueHeads variables (one Q head).
+    batch: the [B, L] token-level MDP arrays (`returns_to_go`, `tokens`, `action_mask`).
+    normaliser: [] GLOBAL action-token count.
+  Returns:
+    loss [] and aux (sums over action tokens / normaliser: "q_loss", "v_loss"; masked sums "sum_q",
+    "sum_v" of Q(s_{i-1}, x_i) and V(s_{i-1})).
+  """
+  labels, mask = _heads_rows(batch)
+  returns = to_rows(batch["returns_to_go"]).astype(jnp.float32)
+  q = heads_lib.taken_q_values(heads, hidden, labels)[0]
+  v = heads_lib.state_values(heads, hidden)
+  q_loss = jnp.sum(mask * jnp.square(q - returns)) / normaliser
+  v_loss = jnp.sum(mask * jnp.square(v - returns)) / normaliser
+  aux = {"q_loss": q_loss, "v_loss": v_loss, "sum_q": jnp.sum(mask * q), "sum_v": jnp.sum(mask * v)}
+  return q_loss + v_loss, jax.tree.map(jax.lax.stop_gradient, aux)
+
+
+def chunked_q_logsumexp(hidden: jax.Array, heads: Mapping[str, Any], *, vocab_size: int,
+                        chunk_size: int = 128) -> jax.Array:
+  """logsumexp over the real vocabulary of every Q head's row: hidden [B, L, D] -> float32 [J, B, L].
+
+  Chunked along the sequence with a rematerialised body: neither pass holds more than one
+  [J, B, C, V] chunk of Q values (the backward pass recomputes each chunk's from its hidden states)."""
+  length = hidden.shape[1]
+  chunk_size = _check_chunk_size(chunk_size, length)
+  tree = heads_lib.inner(heads)
+  # Gathered once before the loop, laid out as the chunk matmuls need it (as `_unembed_for_chunks`).
+  kernel = logical_constraint(tree["q_kernel"].astype(hidden.dtype), (None, None, "vocab"))
+  chunk_heads = {"q_kernel": kernel, "q_bias": tree["q_bias"]}
+
+  @jax.checkpoint
+  def body(_, h):
+    q = heads_lib.q_values(chunk_heads, h, vocab_size)  # [J, B, C, V]; padded columns PAD_LOGIT
+    return None, jax.scipy.special.logsumexp(q, axis=-1)
+
+  _, lse = jax.lax.scan(body, None, _chunk(hidden, chunk_size))  # [N, J, B, C]
+  return jnp.moveaxis(_unchunk(jnp.moveaxis(lse, 1, -1), length), -1, 0)
+
+
+def ilql_loss(hidden: jax.Array, heads: Mapping[str, Any], target_q: Mapping[str, Any],
+              batch: Mapping[str, jax.Array], normaliser: jax.Array, *, vocab_size: int, expectile: float,
+              cql_alpha: float, chunk_size: int = 128) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ILQL on action token i (row i - 1 the state, n(i) - 1 the next state's row):
+
+      L_Q   = sum_j (Q_j(s_{i-1}, x_i) - [r_i + gamma_i V(s_{n(i)-1})])^2   V stop-gradient, 0 when done
+      L_V   = |expectile - 1{u < 0}| u^2,   u = min_j Qbar_j(s_{i-1}, x_i) - V(s_{i-1})
+      L_CQL = cql_alpha sum_j [logsumexp_{a real} Q_j(s_{i-1}, a) - Q_j(s_{i-1}, x_i)]
+
+  Args:
+    hidden: [B, L, D] final hidden states; heads: the ValueHeads variables (J Q heads and V);
+    target_q: the target Q heads {"params": {q_kernel, q_bias}} (Qbar_j; no gradient).
+    batch: the [B, L] token-level MDP arrays (`rewards`, `discounts`, `next_action_row`, ...).
+    normaliser: [] GLOBAL action-token count; vocab_size: real vocabulary size.
+    expectile: tau of the V loss, in (0, 1); cql_alpha: weight of L_CQL, >= 0 (0 skips its chunked pass).
+  Returns:
+    loss [] and aux: "q_loss", "v_loss", "cql_loss" (each summed over action tokens / normaliser),
+    "sum_q" (of the mean over heads of Q_j(s_{i-1}, x_i)), "sum_v", "sum_target" (masked sums).
+  """
+  labels, mask = _heads_rows(batch)
+  v = heads_lib.state_values(heads, hidden)  # [B, L] row space
+  bootstrap = gather_rows(jax.lax.stop_gradient(v), batch["next_action_row"])
+  targets = batch["rewards"].astype(jnp.float32) + jnp.where(
+      batch["next_action_row"] >= 0, batch["discounts"].astype(jnp.float32) * bootstrap, 0.0)
+  targets = to_rows(targets)  # token i's target on row i - 1
+  q = heads_lib.taken_q_values(heads, hidden, labels)  # [J, B, L]
+  q_bar = jax.lax.stop_gradient(heads_lib.taken_q_values(target_q, hidden, labels))
+  q_loss = jnp.sum(mask * jnp.sum(jnp.square(q - targets), axis=0)) / normaliser
+  u = jnp.min(q_bar, axis=0) - v
+  weight = jnp.abs(expectile - (u < 0).astype(jnp.float32))
+  v_loss = jnp.sum(mask * weight * jnp.square(u)) / normaliser
+  cql_loss = jnp.zeros((), jnp.float32)
+  if cql_alpha > 0:
+    lse = chunked_q_logsumexp(hidden, heads, vocab_size=vocab_size, chunk_size=chunk_size)
+    cql_loss = cql_alpha * jnp.sum(mask * jnp.sum(lse - q, axis=0)) / normaliser
+  aux = {"q_loss": q_loss, "v_loss": v_loss, "cql_loss": cql_loss,
+         "sum_q": jnp.sum(mask * jnp.mean(q, axis=0)), "sum_v": jnp.sum(mask * v),
+         "sum_target": jnp.sum(mask * targets)}
+  return q_loss + v_loss + cql_loss, jax.tree.map(jax.lax.stop_gradient, aux)

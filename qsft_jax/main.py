@@ -373,7 +373,7 @@ def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data
   phase 1, without WORKDIR/data/heldout.jsonl, or with several processes (the diagnostics read the
   parameters from one host; evaluation still computes them at the end)."""
   every = config.log.get("value_diagnostics_every", 0)
-  if phase == "bc" or every <= 0:
+  if phases.state_kind(phase) != "qsft" or every <= 0:
     return None
   if jax.process_count() > 1:
     logging.warning("log.value_diagnostics_every: not logged during training with %d processes",
@@ -407,7 +407,8 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
   """Trains one phase to config[phase].steps (resuming if possible) and returns its final state.
 
   `initial_params()` -> the params a fresh phase starts from: BC: theta_0; Q-SFT and the control:
-  (theta_0, phi). The control is the Q-SFT phase with qsft.targets_mode = "ones".
+  (theta_0, phi); the value-head phases (mc, ilql): phi. The control is the Q-SFT phase with
+  qsft.targets_mode = "ones".
   LoRA (model.lora.rank > 0): `base` is the frozen base {"params": tree} as the state stores it (the
   state takes these very arrays), `base_record` its `lora.base_record`; each parameter set of
   `initial_params()` is the variables {"params": base, "lora": adapters}. Checkpoints hold the state
@@ -458,7 +459,7 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
 
   tokens_per_step = p.batch_size * data_config.max_length
   forward = model_config_lib.flops_per_token(model_config, data_config.max_length) * tokens_per_step
-  step_flops = forward * (3 if phase == "bc" else 5)  # training pass = 3 forwards; Q-SFT adds 2
+  step_flops = forward * phases.forward_passes(config, phase)
   log = MetricsLog(config, workdir, phase, p.steps, latest, step_flops, schedule, restored=saved_log)
   diagnose = value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data_config)
   metrics_path = os.path.join(checkpoints.phase_dir(workdir, phase), "metrics.json")
@@ -534,10 +535,13 @@ def initial_params(phase: str, theta_init: str, pretrained: Any, fresh_params: C
   random initialisation from `seed`). Q-SFT and the control: (theta, phi) with theta by
   qsft.theta_init: "phi" the BC result phi(); "phi_init" theta_0 again (the paper's Algorithm 1:
   theta and phi start from the same model); "pretrained" the pretrained weights; "fresh"
-  fresh_params(1), another random initialisation."""
+  fresh_params(1), another random initialisation. mc and ilql: phi() (their heads start in
+  `phases.build`'s init_state)."""
   theta_0 = lambda: pretrained if pretrained is not None else fresh_params(0)
   if phase == "bc":
     return theta_0()
+  if phases.state_kind(phase) == "heads":
+    return phi()
   behaviour = phi()
   if theta_init == "phi":
     return behaviour, behaviour

@@ -6,7 +6,9 @@ compiles the very same ones for a pod slice, so what AOT reports is what the tra
 
 Phases: "bc" trains phi (the behaviour policy) with the cross-entropy on action tokens; "qsft"
 trains theta with the weighted cross-entropy against theta_bar and the frozen phi; "control" is the
-"qsft" phase with every target forced to 1 (the same settings, initialisation and batches).
+"qsft" phase with every target forced to 1 (the same settings, initialisation and batches); "mc" and
+"ilql" train value heads on the hidden states of phi (frozen) or of a trunk that starts from phi
+(`train_steps.make_heads_step`).
 """
 from __future__ import annotations
 
@@ -24,13 +26,16 @@ from qsft_jax import losses
 from qsft_jax import sharding as qsharding
 from qsft_jax import train_steps
 from qsft_jax.models.config import ModelConfig
+from qsft_jax.models import heads as heads_lib
 from qsft_jax.models import quant_base
 from qsft_jax.models.lora import LoraConfig
 from qsft_jax.models.transformer import Transformer
 
-PHASES = ("bc", "qsft", "control")
-# The control sees exactly the batches of Q-SFT (same data seed offset): only the targets differ.
-DATA_SEED_OFFSET = {"bc": 0, "qsft": 1, "control": 1}
+PHASES = ("bc", "qsft", "control", "mc", "ilql")
+# The control sees exactly the batches of Q-SFT (same data seed offset): only the targets differ. The
+# value-head baselines see them too, for comparability.
+DATA_SEED_OFFSET = {"bc": 0, "qsft": 1, "control": 1, "mc": 1, "ilql": 1}
+HEADS_PHASES = ("mc", "ilql")
 
 
 def optim_config(config: ml_collections.ConfigDict, phase: str) -> ml_collections.ConfigDict:
@@ -39,8 +44,20 @@ def optim_config(config: ml_collections.ConfigDict, phase: str) -> ml_collection
 
 
 def state_kind(phase: str) -> str:
-  """The train-state layout of a phase: "bc" (theta alone) or "qsft" (with theta_bar and phi)."""
+  """The train-state layout of a phase: "bc" (theta alone), "qsft" (with theta_bar and phi) or "heads"
+  (value heads over a trunk: `train_steps.init_heads_state`)."""
+  if phase in HEADS_PHASES:
+    return "heads"
   return "bc" if phase == "bc" else "qsft"
+
+
+def forward_passes(config: ml_collections.ConfigDict, phase: str) -> int:
+  """Model forwards per training token of a phase's step, for its FLOP count: a training pass is 3
+  (forward and backward), Q-SFT adds theta_bar's and phi's; a value-head phase over the frozen phi
+  runs one forward (the heads are not counted)."""
+  if state_kind(phase) == "heads":
+    return 3 if config[phase].trunk == "train" else 1
+  return 3 if state_kind(phase) == "bc" else 5
 
 
 def storage_dtype(name: str) -> jnp.dtype | None:
@@ -129,7 +146,8 @@ class PhaseProgram:
   """One phase's compiled pieces.
 
   step: the jitted (state, batch) -> (state, metrics) (`train_steps.StepFn`, also `.lower(...)`).
-  init_state: "bc": params -> state; "qsft"/"control": (theta, phi) -> state, theta_bar stored in
+  init_state: "bc": params -> state; "mc"/"ilql": phi -> state (`train_steps.init_heads_state`, new
+    heads drawn from seed + 2); "qsft"/"control": (theta, phi) -> state, theta_bar stored in
     qsft.target_dtype and phi in qsft.behaviour_dtype (theta in the parameters' dtype, AdamW's
     moments in mu_dtype / nu_dtype). Call under jit with out_shardings=state_shardings, or under
     jax.eval_shape for the abstract state. With LoRA each of params, theta, phi is the variables dict
@@ -150,7 +168,7 @@ class PhaseProgram:
   def abstract_state(self, param_shapes: Any) -> dict:
     """ShapeDtypeStructs (with shardings) of the state that starts from parameters of these shapes
     (`sharded.param_shapes(self.model)`: with LoRA the variables {"params", "lora"}, base included)."""
-    args = param_shapes if self.kind == "bc" else (param_shapes, param_shapes)
+    args = param_shapes if self.kind in ("bc", "heads") else (param_shapes, param_shapes)
     return qsharding.abstract_with_shardings(jax.eval_shape(self.init_state, args), self.state_shardings)
 
 
@@ -166,6 +184,18 @@ def build(config: ml_collections.ConfigDict, phase: str, model_config: ModelConf
   optimizer, schedule = make_optimizer(p)
   options = step_options(config, phase)
   kind = state_kind(phase)
+  if kind == "heads":
+    if lora is not None:
+      raise ValueError(f"phase {phase!r}: value heads over a LoRA run are not supported (config_lib.check_config)")
+    settings = train_steps.HeadsSettings.from_config(config, phase)
+    step = train_steps.make_heads_step(model, model_config, optimizer, mesh, rules, settings, options)
+    key = jax.random.key(config.seed + 2)
+    h = jnp.zeros((1, model_config.d_model), jnp.dtype(model_config.dtype))
+    init_state = lambda phi: train_steps.init_heads_state(
+        phi, nn.unbox(heads_lib.ValueHeads(model_config, settings.num_q).init(key, h)), optimizer, settings)
+    shardings = train_steps.heads_state_shardings(model, model_config, optimizer, mesh, rules, settings)
+    return PhaseProgram(phase=phase, kind=kind, model=model, optimizer=optimizer, schedule=schedule,
+                        step=step, init_state=init_state, state_shardings=shardings)
   if kind == "bc":
     step = train_steps.make_bc_step(model, model_config, optimizer, mesh, rules, options)
     init_state = lambda params: train_steps.init_bc_state(params, optimizer)

@@ -12,6 +12,8 @@ Workdir layout (what `qsft_jax.main` writes and everything else reads):
   WORKDIR/<phase>/checkpoints/N.broken  a step that could not be restored, set aside on resume
   WORKDIR/qsft/checkpoints/N/    phase 2: + target_params, behaviour_params
   WORKDIR/control/checkpoints/N/ the targets-equal-1 control of phase 2 (same layout), when run
+  WORKDIR/mc|ilql/checkpoints/N/ the value-head baselines: {step, params: {heads[, trunk]}, opt_state,
+                                 target_params (ILQL's target Q heads), trunk (phi, with trunk "phi")}
   WORKDIR/<phase>/DONE           written after the phase's final checkpoint is complete
   WORKDIR/<phase>/metrics.json   the logged metrics of the phase
   WORKDIR/<phase>/tensorboard/   tensorboardX scalars
@@ -207,9 +209,10 @@ class ChangeRule:
 
 
 # The config section holding each phase's optimizer settings and steps.
-PHASE_SECTION = {"bc": "bc", "qsft": "qsft", "control": "qsft"}
-# The phases that start from another phase's result: Q-SFT and the control take phi from bc.
-BUILDS_ON = {"bc": ("qsft", "control"), "qsft": (), "control": ()}
+PHASE_SECTION = {"bc": "bc", "qsft": "qsft", "control": "qsft", "mc": "mc", "ilql": "ilql"}
+# The phases that start from another phase's result: Q-SFT, the control and the value heads take phi
+# from bc.
+BUILDS_ON = {"bc": ("qsft", "control", "mc", "ilql"), "qsft": (), "control": (), "mc": (), "ilql": ()}
 
 CONFIG_CHANGE_RULES: tuple[ChangeRule, ...] = (
     ChangeRule(("log.*", "eval.*"), "safe", "read by logging and evaluation, never by a train step"),
@@ -219,11 +222,12 @@ CONFIG_CHANGE_RULES: tuple[ChangeRule, ...] = (
                "where the steps run: checkpoints restore onto any mesh and process count"),
     ChangeRule(("on_nonfinite", "nonfinite.*"), "safe",
                "what follows a non-finite step (none is ever saved) and how many skips are tolerated"),
-    ChangeRule(("loss.chunk_size", "bc.microbatches", "qsft.microbatches", "data.read_threads"), "safe",
+    ChangeRule(("loss.chunk_size", "bc.microbatches", "qsft.microbatches", "mc.microbatches",
+                "ilql.microbatches", "data.read_threads"), "safe",
                "how the same computation is cut (loss chunks, gradient accumulation, reader threads)"),
     ChangeRule(("data.num_workers",), "between_phases",
                "the batch order depends on it: a phase finishes with the workers it started with"),
-    ChangeRule(("bc.steps", "qsft.steps"), "steps",
+    ChangeRule(("bc.steps", "qsft.steps", "mc.steps", "ilql.steps"), "steps",
                "a phase may run longer, or stop earlier, until a later phase builds on it"),
     ChangeRule(("phases",), "phases", "the phases that started keep their order"),
     ChangeRule(("bc.*",), "frozen", "phase 1's optimizer and batches made its checkpoints and phi",
@@ -231,6 +235,10 @@ CONFIG_CHANGE_RULES: tuple[ChangeRule, ...] = (
     ChangeRule(("qsft.*",), "frozen",
                "phase 2's targets, optimizer and batches made its checkpoints (and the control's)",
                after=("qsft", "control")),
+    ChangeRule(("mc.*",), "frozen", "the MC phase's heads, optimizer and batches made its checkpoints",
+               after=("mc",)),
+    ChangeRule(("ilql.*",), "frozen", "the ILQL phase's heads, optimizer and batches made its checkpoints",
+               after=("ilql",)),
     ChangeRule(("task", "env.*", "dataset.*"), "frozen",
                "the generated data and the environment the run is evaluated on",
                after=("data",) + PHASES),
@@ -473,6 +481,10 @@ class Run:
   theta_params, target_params: theta and theta_bar of the qsft phase, None before its first
     checkpoint. control_params: theta of the control phase, None without one.
   *_step: the checkpoint step each parameter set was read from (None where absent).
+  heads: {"mc" | "ilql": {"heads", "trunk", "step"}} for each value-head phase with a checkpoint: the
+    heads acting reads (`models.heads` variables; ILQL's Q heads are its target copies, with its V
+    head), the trained trunk's params (None with trunk "phi": the heads read phi's hidden states)
+    and the checkpoint step.
   mesh, rules: where the parameters are placed (the config's rule table).
   lora: the run's LoraConfig (model.lora.rank > 0), else None. Each parameter set is then the variables
     {"params": base, "lora": adapters} of `Transformer(model_config, lora=lora)`, all over the same
@@ -491,6 +503,7 @@ class Run:
   theta_step: int | None = None
   target_step: int | None = None
   control_step: int | None = None
+  heads: dict[str, Any] = dataclasses.field(default_factory=dict)
   mesh: Any = None
   rules: Any = None
   lora: Any = None
@@ -506,7 +519,7 @@ class Run:
     for the value diagnostics."""
     return dataclasses.replace(self, theta_params=theta_params, target_params=target_params,
                                theta_step=theta_step, target_step=target_step, control_params=None,
-                               control_step=None)
+                               control_step=None, heads={})
 
 
 def lora_base(config: ml_collections.ConfigDict, model_config: ModelConfig, lora: LoraConfig, mesh,
@@ -581,5 +594,37 @@ def load(workdir: str, mesh=None, rules=None) -> Run:
         checkpoints.check_base_record(os.path.join(checkpoints.phase_dir(workdir, phase), "checkpoints"),
                                       step, record, label=f"{workdir}: {phase}")
     sets = {k: ({**base, **v} if k.endswith("_params") and v is not None else v) for k, v in sets.items()}
+  heads = {}
+  if lora is None:
+    heads = {phase: loaded for phase in ("mc", "ilql")
+             if (loaded := load_heads(workdir, config, phase, model, model_config, mesh, rules)) is not None}
   return Run(lora=lora, workdir=workdir, config=config, model_config=model_config, tokenizer=tokenizer,
-             data_config=data_config_from(config), mesh=mesh, rules=rules, **sets)
+             data_config=data_config_from(config), mesh=mesh, rules=rules, heads=heads, **sets)
+
+
+def load_heads(workdir: str, config: ml_collections.ConfigDict, phase: str, model, model_config: ModelConfig,
+               mesh, rules) -> dict | None:
+  """{"heads", "trunk", "step"} of a value-head phase's newest checkpoint (see `Run.heads`); None
+  without one."""
+  from qsft_jax.models import heads as heads_lib
+  from qsft_jax.train_steps import HeadsSettings
+  if not checkpoint_steps(workdir, phase):
+    return None
+  settings = HeadsSettings.from_config(config, phase)
+  place = lambda shapes, shardings: jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  abstract = {"heads": place(heads_lib.param_shapes(model_config, settings.num_q),
+                             heads_lib.param_shardings(model_config, settings.num_q, mesh, rules))}
+  if settings.trunk == "train":
+    abstract["trunk"] = place(sharded.param_shapes(model, model_config),
+                              sharded.param_shardings(model, model_config, mesh, rules))
+  restored = checkpoints.restore_latest_params(workdir, phase, ("params",), abstract)
+  if restored is None:
+    return None
+  step, params = restored
+  heads = params["params"]["heads"]
+  if settings.method == "ilql":  # acting reads the target Q heads (with the V head)
+    target = checkpoints.restore_params_at(workdir, phase, step, ("target_params",),
+                                           heads_lib.q_part(abstract["heads"]))["target_params"]
+    heads = {"params": {**heads["params"], **target["params"]}}
+  return {"heads": heads, "trunk": params["params"].get("trunk"), "step": step}

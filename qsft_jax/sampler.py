@@ -22,6 +22,10 @@ next token; log-softmaxes over the real vocabulary only, padded columns get -inf
                   max pi_phi over the emittable tokens) (the support rule of
                   `losses.bellman_log_values`, suppressed tokens not eligible), -inf elsewhere;
                   always greedy.
+  mode "heads":   log_softmax(z_phi) + beta * (min_j Q_j - V)      (docs/algorithm.md section 9)
+                  value heads (`models.heads`, the `heads` argument) on the final hidden state of the
+                  decode step: phi's (theta_params None: the heads were trained on the frozen phi) or
+                  the trunk model's in the theta slot ("heads_trunk" kind); theta's logits are not formed.
 
 Then greedy argmax, or scores / temperature, top-k (keep the k highest; ties with the k-th are kept),
 top-p (smallest set of the highest tokens whose probability after top-k reaches top_p), and a
@@ -57,12 +61,13 @@ import numpy as np
 from qsft_jax import sharding
 from qsft_jax.kernels import cpu_decode_attention, xla_decode_attention
 from qsft_jax.losses import real_log_softmax
+from qsft_jax.models import heads as heads_lib
 from qsft_jax.models import quant_base
 from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer, init_cache, logits_from_hidden, unembedding
 
-MODES = ("extract", "bc", "theta", "ratio")
+MODES = ("extract", "bc", "theta", "ratio", "heads")
 
 # How decode steps attend over the KV cache (qsft_jax.kernels): the model's einsums ("dot"), XLA
 # multiply-and-reduce, or the C++ CPU kernel; "auto" picks by device (choose_decode_attention).
@@ -83,7 +88,7 @@ class _Key:
   """What a compiled decode program is specialised on."""
   batch: int  # B
   prompt_len: int  # P
-  kind: str  # "bc" | "extract" | "theta" | "ratio"
+  kind: str  # "bc" | "extract" | "theta" | "ratio" | "heads" | "heads_trunk"
   sampling: str  # "greedy" | "sample" | "filter" (sample with top-k / top-p)
   record: bool  # also return per-step logits
 
@@ -97,12 +102,14 @@ class DecodeOutput:
   predicts generated token t): phi_logits / theta_logits float32 [n, T, V] (None for a model that did
   not run) and scores float32 [n, T, V] (the mode's token scores before temperature / filtering);
   entries at t >= num_generated are undefined. Scores are after suppression (suppressed tokens -inf).
+  Mode "heads" records advantages float32 [n, T, V] (min_j Q_j - V of the heads) instead of theta_logits.
   """
   tokens: np.ndarray
   num_generated: np.ndarray
   phi_logits: np.ndarray | None = None
   theta_logits: np.ndarray | None = None
   scores: np.ndarray | None = None
+  advantages: np.ndarray | None = None
 
   def sequences(self) -> list[list[int]]:
     """Generated tokens of each row as lists, stop token included."""
@@ -123,6 +130,8 @@ def token_scores(kind: str, z_phi: jax.Array | None, z_theta: jax.Array | None, 
   log_p = real_log_softmax(z_theta, vocab_size)
   if kind == "extract":
     return log_pi + beta * jnp.exp(log_p)
+  if kind == "heads":  # z_theta: the heads' min_j Q_j - V
+    return log_pi + beta * z_theta
   if kind == "ratio":
     # Support rule of losses.bellman_log_values, with a traced support_min.
     log_threshold = jnp.where(support_min > 0, jnp.log(jnp.maximum(support_min, 1e-38)), -jnp.inf)
@@ -133,13 +142,21 @@ def token_scores(kind: str, z_phi: jax.Array | None, z_theta: jax.Array | None, 
   raise ValueError(f"unknown score kind {kind!r}")
 
 
+def forward_last_hidden(model: Transformer, params, tokens: jax.Array, positions: jax.Array,
+                        segments: jax.Array, cache) -> tuple[jax.Array, Any]:
+  """One model over tokens [B, l] with its KV cache: the final hidden state [B, D] of the last column
+  (the row that predicts the next token) and the updated cache."""
+  hidden, cache = model.apply(params, tokens, positions, segments, cache, method=Transformer.hidden_states)
+  return hidden[:, -1], cache
+
+
 def forward_last(model: Transformer, params, tokens: jax.Array, positions: jax.Array, segments: jax.Array,
                  cache) -> tuple[jax.Array, Any]:
   """One model over tokens [B, l] with its KV cache: float32 logits [B, V] of the last column (the row
   that predicts the next token) and the updated cache."""
   c = model.config
-  hidden, cache = model.apply(params, tokens, positions, segments, cache, method=Transformer.hidden_states)
-  return logits_from_hidden(hidden[:, -1], unembedding(params, c), c.vocab_size,
+  hidden, cache = forward_last_hidden(model, params, tokens, positions, segments, cache)
+  return logits_from_hidden(hidden, unembedding(params, c), c.vocab_size,
                             softcap=c.final_logit_softcap), cache
 
 
@@ -148,12 +165,22 @@ def decode_step(model: Transformer, params: Sequence, caches: Sequence, tokens: 
   """One decode step of each model in `params` (pi_phi and / or p_theta), each with its own cache:
   tokens int32 [B] at positions int32 [B] -> (float32 logits [B, V] per model, updated caches).
 
-  The body of `Sampler.decode`'s loop, and the per-token program that `qsft_jax.aot` compiles.
+  The per-token program that `qsft_jax.aot` compiles (`Sampler.decode`'s loop runs
+  `decode_step_hidden` and forms the same logits).
   """
+  c = model.config
+  hiddens, caches = decode_step_hidden(model, params, caches, tokens, positions)
+  return [logits_from_hidden(h, unembedding(p, c), c.vocab_size, softcap=c.final_logit_softcap)
+          for h, p in zip(hiddens, params)], caches
+
+
+def decode_step_hidden(model: Transformer, params: Sequence, caches: Sequence, tokens: jax.Array,
+                       positions: jax.Array) -> tuple[list[jax.Array], list]:
+  """`decode_step` up to the final hidden states: ([B, D] per model, updated caches)."""
   segments = jnp.ones((tokens.shape[0], 1), jnp.int32)
-  out = [forward_last(model, p, tokens[:, None], positions[:, None], segments, c)
+  out = [forward_last_hidden(model, p, tokens[:, None], positions[:, None], segments, c)
          for p, c in zip(params, caches)]
-  return [z for z, _ in out], [c for _, c in out]
+  return [h for h, _ in out], [c for _, c in out]
 
 
 def filter_top_k_top_p(scores: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -320,11 +347,12 @@ class Sampler:
     c = self.config
     b, p, t_max = key.batch, key.prompt_len, self.cache_len - key.prompt_len
     use_phi = key.kind != "theta"
-    use_theta = key.kind != "bc"
+    use_theta = key.kind not in ("bc", "heads")
+    on_heads = key.kind in ("heads", "heads_trunk")
     v = c.padded_vocab_size
 
-    def run(phi_params, theta_params, tokens, lengths, active, stop_mask, suppress_mask, beta, temperature, top_k,
-            top_p, support_min, max_new, rng):
+    def run(phi_params, theta_params, heads_params, tokens, lengths, active, stop_mask, suppress_mask, beta,
+            temperature, top_k, top_p, support_min, max_new, rng):
       self.trace_count += 1  # python side effect: runs only while tracing
       columns = jnp.arange(p)
       pad_cols = (p - lengths)[:, None]  # [B, 1]
@@ -335,15 +363,26 @@ class Sampler:
         models.append(phi_params)
       if use_theta:
         models.append(theta_params)
-      caches, logits = [], []
+      def outputs(hiddens):
+        """The final hidden states of `models` -> the arrays the scores read: each model's logits;
+        for the heads kinds phi's logits and the heads' min_j Q_j - V on the last model's state."""
+        if on_heads:
+          return [logits_from_hidden(hiddens[0], unembedding(models[0], c), c.vocab_size,
+                                     softcap=c.final_logit_softcap),
+                  heads_lib.acting_values(heads_params, hiddens[-1], c.vocab_size)]
+        return [logits_from_hidden(h, unembedding(m, c), c.vocab_size, softcap=c.final_logit_softcap)
+                for h, m in zip(hiddens, models)]
+
+      caches, hiddens = [], []
       for params in models:
-        z, cache = forward_last(self.model, params, tokens, positions, segments, self._new_cache(b))
+        h, cache = forward_last_hidden(self.model, params, tokens, positions, segments, self._new_cache(b))
         caches.append(cache)
-        logits.append(z)
+        hiddens.append(h)
+      logits = outputs(hiddens)
 
       def select(logits, rng):
         z_phi = logits[0] if use_phi else None
-        z_theta = logits[-1] if use_theta else None
+        z_theta = logits[-1] if use_theta or on_heads else None
         scores = token_scores(key.kind, z_phi, z_theta, c.vocab_size, beta, support_min, suppress_mask)
         scores = jnp.where(suppress_mask, -jnp.inf, scores)
         if key.sampling == "greedy":
@@ -367,7 +406,7 @@ class Sampler:
       done = ~active | stop_mask[tok] | (max_new <= 1)
       out = jnp.full((b, t_max), self.pad_id, jnp.int32).at[:, 0].set(tok)
       count = active.astype(jnp.int32)
-      buffers = [jnp.zeros((b, t_max, v), jnp.float32) for _ in range(len(models) + 1)] if key.record else []
+      buffers = [jnp.zeros((b, t_max, v), jnp.float32) for _ in range(len(logits) + 1)] if key.record else []
       buffers = record(buffers, 0, logits, scores)
 
       def cond(state):
@@ -376,7 +415,8 @@ class Sampler:
 
       def body(state):
         t, tok, done, out, count, caches, rng, buffers = state
-        logits, new_caches = decode_step(self.model, models, caches, tok, lengths + t - 1)
+        hiddens, new_caches = decode_step_hidden(self.model, models, caches, tok, lengths + t - 1)
+        logits = outputs(hiddens)
         rng, sub = jax.random.split(rng)
         new_tok, scores = select(logits, sub)
         new_tok = jnp.where(done, self.pad_id, new_tok)
@@ -400,12 +440,21 @@ class Sampler:
       return params
     return jax.device_put(params, self._param_shardings)
 
+  def _place_heads(self, heads):
+    heads = nn.unbox(heads)
+    heads = heads if "params" in heads else {"params": heads}
+    if self.mesh is None:
+      return heads
+    num_q = heads["params"]["q_kernel"].shape[0]
+    return jax.device_put(heads, heads_lib.param_shardings(self.config, num_q, self.mesh, self.rules))
+
   # ------------------------------------------------------------------ public API
   def decode(self, behaviour_params, theta_params, prompts: Sequence[Sequence[int]], *, mode: str = "extract",
              beta: float = 1.0, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, support_min: float = 1e-4, max_new_tokens: int = 32,
              stop_token_ids: Sequence[int] = (), stop_mask: np.ndarray | None = None,
-             suppress_token_ids: Sequence[int] = (), rng=None, record: bool = False) -> DecodeOutput:
+             suppress_token_ids: Sequence[int] = (), rng=None, record: bool = False,
+             heads: Any = None) -> DecodeOutput:
     """Decodes every prompt (lists of token ids, BOS included, each non-empty) in one compiled call.
 
     mode: see the module docstring ("extract" with beta = 0 runs pi_phi alone). greedy: argmax instead
@@ -413,10 +462,16 @@ class Sampler:
     stop_token_ids and/or stop_mask (bool [V] or [V_real]) end a row; the stop token is kept.
     suppress_token_ids are never emitted (their score is -inf before greedy / filtering / sampling).
     rng: a jax key or an int seed (default 0). record: also return per-step logits (tests).
+    heads: mode "heads" only, the value heads' variables (`models.heads`); theta_params is then the
+    trunk they read (None: phi's hidden states).
     """
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-    kind = "bc" if (mode == "extract" and beta == 0) else mode
+    kind = "bc" if (mode in ("extract", "heads") and beta == 0) else mode
+    if kind == "heads":
+      if heads is None:
+        raise ValueError("mode 'heads' needs heads (the value heads' variables)")
+      kind = "heads" if theta_params is None else "heads_trunk"
     if kind in ("bc", "extract", "ratio") and behaviour_params is None:
       raise ValueError(f"mode {mode!r} needs behaviour_params (pi_phi)")
     if kind in ("extract", "theta", "ratio") and theta_params is None:
@@ -469,7 +524,8 @@ class Sampler:
       rng = jax.random.key(int(rng))
 
     args = (self._place(behaviour_params) if kind != "theta" else None,
-            self._place(theta_params) if kind != "bc" else None,
+            self._place(theta_params) if kind not in ("bc", "heads") else None,
+            self._place_heads(heads) if kind in ("heads", "heads_trunk") else None,
             tokens, lens, active, mask, suppress, np.float32(beta), np.float32(temperature), np.int32(top_k),
             np.float32(top_p), np.float32(support_min), np.int32(max_new_tokens), rng)
     if self.mesh is not None:
@@ -484,7 +540,9 @@ class Sampler:
       result.scores = arrays[-1]
       if kind != "theta":
         result.phi_logits = arrays[0]
-      if kind != "bc":
+      if kind in ("heads", "heads_trunk"):
+        result.advantages = arrays[-2]
+      elif kind != "bc":
         result.theta_logits = arrays[-2]
     return result
 

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qsft_jax import losses
 from qsft_jax import sharding as qsharding
+from qsft_jax.models import heads as heads_lib
 from qsft_jax.models import sharded
 from qsft_jax.models import lora as lora_lib
 from qsft_jax.models import quant_base
@@ -410,3 +411,157 @@ def make_qsft_step(model: nn.Module, model_config: ModelConfig, optimizer: optax
     return new_state, metrics
 
   return _jit_step(step, model, model_config, optimizer, mesh, rules, "qsft")
+
+
+# ----------------------------------------------------------------------------------------------
+# Value-head baselines: Monte Carlo returns and ILQL (docs/algorithm.md section 9)
+
+HEADS_METHODS = ("mc", "ilql")
+TRUNKS = ("phi", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsSettings:
+  """What a value-head phase trains (config sections mc.* and ilql.*).
+
+  method: "mc" (one Q head and V regressed on the return-to-go) or "ilql" (two Q heads with Polyak
+    target copies, V by expectile regression, the CQL term).
+  trunk: "phi" (the heads read the frozen phi's hidden states; only they train) or "train" (the
+    trunk starts from phi and trains with the heads).
+  expectile, cql_alpha, tau: ILQL's expectile of the V loss, weight of the CQL term and Polyak rate of
+    the target Q heads (unused by MC).
+  """
+  method: str = "mc"
+  trunk: str = "phi"
+  expectile: float = 0.7
+  cql_alpha: float = 0.01
+  tau: float = 0.005
+
+  def __post_init__(self):
+    if self.method not in HEADS_METHODS:
+      raise ValueError(f"method {self.method!r}: expected one of {HEADS_METHODS}")
+    if self.trunk not in TRUNKS:
+      raise ValueError(f"{self.method}.trunk: {self.trunk!r} is not one of {TRUNKS}")
+    if not 0.0 < self.expectile < 1.0:
+      raise ValueError(f"{self.method}.expectile: must be in (0, 1); got {self.expectile}")
+    if not self.cql_alpha >= 0.0:
+      raise ValueError(f"{self.method}.cql_alpha: must be >= 0; got {self.cql_alpha}")
+    if not 0.0 <= self.tau <= 1.0:
+      raise ValueError(f"{self.method}.tau: must be in [0, 1]; got {self.tau}")
+
+  @property
+  def num_q(self) -> int:
+    return 2 if self.method == "ilql" else 1
+
+  @classmethod
+  def from_config(cls, config: Any, phase: str) -> "HeadsSettings":
+    """The settings of phase "mc" or "ilql" from its config section."""
+    s = config[phase]
+    if phase == "mc":
+      return cls(method="mc", trunk=s.trunk)
+    return cls(method="ilql", trunk=s.trunk, expectile=s.expectile, cql_alpha=s.cql_alpha, tau=s.tau)
+
+
+def init_heads_state(phi: Any, heads: Any, optimizer: optax.GradientTransformation,
+                     settings: HeadsSettings) -> dict:
+  """A value-head phase's state from phi's variables and new heads ({"params": tree} of
+  `models.heads.ValueHeads`): {"step", "params": {"heads"[, "trunk"]}, "opt_state"} plus
+  "target_params" (ILQL: a copy of the Q heads) and, with trunk "phi", "trunk" (phi, frozen). The
+  trunk is copied, so that no buffer appears twice in the donated state."""
+  trunk = jax.tree.map(jnp.copy, phi)
+  params = {"heads": heads, **({"trunk": trunk} if settings.trunk == "train" else {})}
+  state = init_bc_state(params, optimizer)
+  if settings.method == "ilql":
+    state["target_params"] = jax.tree.map(jnp.copy, heads_lib.q_part(heads))
+  if settings.trunk == "phi":
+    state["trunk"] = trunk
+  return state
+
+
+def heads_state_shardings(model: nn.Module, model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                          mesh: Mesh, rules, settings: HeadsSettings) -> dict:
+  """NamedShardings of `init_heads_state`'s state from the rule table (optimizer leaves as their
+  parameter, the rest replicated)."""
+  heads = heads_lib.param_shardings(model_config, settings.num_q, mesh, rules)
+  trunk = sharded.param_shardings(model, model_config, mesh, rules)
+  params = {"heads": heads, **({"trunk": trunk} if settings.trunk == "train" else {})}
+  shapes = {"heads": heads_lib.param_shapes(model_config, settings.num_q)}
+  if settings.trunk == "train":
+    shapes["trunk"] = sharded.param_shapes(model, model_config)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, shapes), params,
+                              transform_non_params=lambda _: replicated,
+                              is_leaf=lambda x: isinstance(x, NamedSharding))
+  out = {"step": replicated, "params": params, "opt_state": opt}
+  if settings.method == "ilql":
+    out["target_params"] = heads_lib.q_part(heads)
+  if settings.trunk == "phi":
+    out["trunk"] = trunk
+  return out
+
+
+def make_heads_step(model: nn.Module, model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                    mesh: Mesh, rules, settings: HeadsSettings,
+                    options: StepOptions = StepOptions()) -> StepFn:
+  """Jitted MC or ILQL step: (state, batch) -> (state, metrics), state as `init_heads_state`.
+
+  The trunk's hidden states (phi's, frozen, or the trained trunk's) feed `losses.mc_heads_loss` or
+  `losses.ilql_loss`; the optimizer updates the heads (and the trunk with trunk "train"); ILQL then
+  moves the target Q heads by Polyak with settings.tau. With trunk "phi" the trunk is donated and
+  returned unchanged (aliased, never copied).
+
+  metrics (floats, replicated): loss, q_loss, v_loss (and ILQL's cql_loss, mean_target), mean_q and
+  mean_v (Q(s_{i-1}, x_i), averaged over ILQL's heads, and V(s_{i-1}) over the action tokens),
+  grad_norm, action_tokens, tokens, params_finite, skipped.
+  """
+  if not isinstance(settings, HeadsSettings):
+    raise TypeError(f"settings must be a HeadsSettings; got {type(settings).__name__}")
+  rows = qsharding.batch_sharding(mesh, rules)
+  vocab = model_config.vocab_size
+  ilql = settings.method == "ilql"
+
+  def step(state, batch):
+    normaliser = losses.action_token_count(batch["action_mask"])
+    frozen_trunk = jax.lax.stop_gradient(state["trunk"]) if settings.trunk == "phi" else None
+    target_q = jax.lax.stop_gradient(state["target_params"]) if ilql else None
+
+    def micro(params, part):
+      frozen_hidden = None if frozen_trunk is None else jax.lax.stop_gradient(
+          _hidden(model, frozen_trunk, part))
+
+      def loss_fn(p):
+        hidden = frozen_hidden if frozen_hidden is not None else _hidden(model, p["trunk"], part)
+        if ilql:
+          return losses.ilql_loss(hidden, p["heads"], target_q, part, normaliser, vocab_size=vocab,
+                                  expectile=settings.expectile, cql_alpha=settings.cql_alpha,
+                                  chunk_size=options.chunk_size)
+        return losses.mc_heads_loss(hidden, p["heads"], part, normaliser)
+
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return loss, grads, {**aux, **_count_metrics(part)}
+
+    loss, grads, sums = _accumulate(micro, batch, options.microbatches, rows, state["params"])
+    params, opt_state, grad_norm, params_finite, skipped = _apply_update(
+        state, grads, loss, optimizer, options.skip_nonfinite)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    if ilql:
+      target = polyak_update(state["target_params"], heads_lib.q_part(params["heads"]), settings.tau)
+      if options.skip_nonfinite:
+        target = jax.tree.map(lambda n, o: jnp.where(skipped, o, n), target, state["target_params"])
+      new_state["target_params"] = target
+    if settings.trunk == "phi":
+      new_state["trunk"] = state["trunk"]
+    count = jnp.maximum(sums["action_tokens"], 1.0)
+    metrics = {"loss": loss, "q_loss": sums["q_loss"], "v_loss": sums["v_loss"],
+               "mean_q": sums["sum_q"] / count, "mean_v": sums["sum_v"] / count,
+               "grad_norm": grad_norm, "action_tokens": sums["action_tokens"], "tokens": sums["tokens"],
+               "params_finite": params_finite.astype(jnp.float32), "skipped": skipped.astype(jnp.float32)}
+    if ilql:
+      metrics.update(cql_loss=sums["cql_loss"], mean_target=sums["sum_target"] / count)
+    return new_state, metrics
+
+  shardings = heads_state_shardings(model, model_config, optimizer, mesh, rules, settings)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(step, in_shardings=(shardings, rows), out_shardings=(shardings, replicated),
+                   donate_argnums=0)
+  return StepFn(jitted, mesh, rules)
