@@ -436,7 +436,8 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   chosen = lambda method: methods is None or method in methods
   control_params = loaded.control_params if control and chosen("control") else None
   heads = {p: v for p, v in loaded.heads.items() if chosen(p)}
-  specs = [s for s in policy_specs(betas, ratio=ratio, have_theta=loaded.theta_params is not None and chosen("qsft"),
+  have_theta = loaded.theta_params is not None and chosen("qsft")
+  specs = [s for s in policy_specs(betas, ratio=ratio, have_theta=have_theta,
                                    have_control=control_params is not None, heads=tuple(heads))
            if s["name"] != "bc" or chosen("bc")]
   if not specs:
@@ -531,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.usage_error(prog, f"--betas={','.join(fv.betas)}: not a comma-separated list of numbers")
   unknown = sorted(set(fv.methods or ()) - set(METHODS))
   if unknown:
-    cli.usage_error(prog, f"--methods={','.join(fv.methods)}: {unknown[0]!r} is not one of {','.join(METHODS)}")
+    cli.usage_error(prog, f"--methods={','.join(fv.methods)}: {unknown[0]!r} is not one of "
+                    f"{','.join(METHODS)}")
   results = evaluate_workdir(fv.workdir, episodes=fv.episodes, seed=fv.seed, betas=betas,
                 ratio=fv.ratio, batch_size=fv.batch_size, max_new_tokens=fv.max_new_tokens,
                 temperature=fv.temperature, dataset_return=fv.dataset_mean_return,
