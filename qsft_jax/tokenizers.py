@@ -11,6 +11,10 @@ Every tokenizer offers:
 Optional, for speed: ``encode_pieces(texts) -> (ids [sum n_j], lengths [J])`` encodes several texts
 separately in one call (the data layer falls back to ``encode`` per text).
 
+Optional, for the sampler's stop strings: ``token_bytes() -> list[bytes]``, what ``decode`` writes
+for each id (the sampler falls back to decoding each id alone, which cannot show a token that holds
+part of a UTF-8 character).
+
 Optional, for the data layer's character check: ``unknown_characters(text) -> str``, the characters
 of text the tokenizer can only encode as its unknown token, and ``unk_id``. Only ``CharTokenizer`` has
 them: byte-level BPE tokenizers (``HFTokenizer``) encode every string through byte fallback.
@@ -160,6 +164,7 @@ class HFTokenizer:
         self.eos_id = int(eos if eos is not None else bos)
         self.bos_id = int(bos if bos is not None else self.eos_id)
         self.pad_id = int(pad if pad is not None else self.eos_id)
+        self._token_bytes: list[bytes] | None = None
 
     @classmethod
     def from_folder(cls, path: str) -> "HFTokenizer":
@@ -194,8 +199,42 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes ``decode`` writes for each id [vocab_size]. A byte-level BPE token's string maps
+        back to its bytes (GPT-2's byte-to-character table); added and special tokens are their own
+        text; other decoders (SentencePiece) decode each id alone. Computed once."""
+        if self._token_bytes is None:
+            from tokenizers import decoders
+
+            ids = range(self.vocab_size)
+            added = {int(i) for i in self.hf.added_tokens_decoder}
+            if isinstance(self.hf.backend_tokenizer.decoder, decoders.ByteLevel):
+                to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+                pieces = self.hf.convert_ids_to_tokens(list(ids))
+                self._token_bytes = [
+                    piece.encode("utf-8") if i in added or any(c not in to_byte for c in piece)
+                    else bytes(to_byte[c] for c in piece)
+                    for i, piece in enumerate(pieces)]
+            else:
+                self._token_bytes = [self.decode([i]).encode("utf-8") for i in ids]
+        return self._token_bytes
+
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, by which byte-level BPE vocabularies spell bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
+        range(ord("\xae"), ord("\xff") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def smollm2_gguf_path() -> str:
