@@ -251,6 +251,45 @@ def smollm2_gguf_path() -> str:
     return path
 
 
+# Files a Hugging Face folder holds its tokenizer in (any one of them: transformers reads the folder).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# A CharTokenizer's special ids by name, as its Hugging Face export spells them (qsft_jax.export).
+CHAR_SPECIAL_NAMES = ("<pad>", "<s>", "</s>", "<unk>")
+
+
+def weights_tokenizer_spec(init: str) -> str | None:
+    """The tokenizer spec of the tokenizer pretrained weights carry (``model.init``): "smollm2" ->
+    "smollm2", "gguf:PATH" -> "gguf:PATH" (a GGUF file holds its vocabulary), "hf:PATH" -> "hf:PATH"
+    when the folder holds one of ``TOKENIZER_FILES``; None for "random" and for a folder of weights only."""
+    if init == "smollm2" or init.startswith("gguf:"):
+        return init
+    if init.startswith("hf:") and any(storage.path(init[3:]).joinpath(f).exists() for f in TOKENIZER_FILES):
+        return init
+    return None
+
+
+def vocabulary(tokenizer) -> list[str]:
+    """The token of each id [vocab_size] as its vocabulary spells it: an ``HFTokenizer``'s token strings
+    (byte-level BPE: "Ġcrane" for " crane"), a ``CharTokenizer``'s ``CHAR_SPECIAL_NAMES`` then its
+    alphabet's characters (its Hugging Face export's vocabulary); other tokenizers each id decoded."""
+    if isinstance(tokenizer, CharTokenizer):
+        return list(CHAR_SPECIAL_NAMES) + list(tokenizer.alphabet)
+    if isinstance(tokenizer, HFTokenizer):
+        return [str(t) for t in tokenizer.hf.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))]
+    return [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+
+
+def vocabulary_difference(a, b) -> str | None:
+    """None when tokenizers a and b have the same token at every id; otherwise what differs first: the
+    sizes ("100 tokens against 49152") or the first id whose tokens differ."""
+    if a.vocab_size != b.vocab_size:
+        return f"{a.vocab_size} tokens against {b.vocab_size}"
+    for i, (x, y) in enumerate(zip(vocabulary(a), vocabulary(b))):
+        if x != y:
+            return f"both have {a.vocab_size} tokens, but token {i} is {x!r} against {y!r}"
+    return None
+
+
 def load_tokenizer(spec: str):
     """Builds a tokenizer from a spec string.
 
