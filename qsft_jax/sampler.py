@@ -29,14 +29,15 @@ categorical draw.
 
 Stops. A row ends on device once the text it decoded since the prompt contains a stop string, however
 the tokens split it, or at a token of `stop_token_ids`. `stop_automaton` builds, on the host, an
-Aho-Corasick automaton over the bytes of the stop strings and runs every token's bytes (`token_bytes`:
-what `tokenizer.decode` writes for it) through it from every state: an int32 table [NS, V] of next
-states, with state 0 the empty text (where every action starts) and state 1 (`STOPPED`) absorbing.
-The table is a traced argument of the decode program and NS is a power of two fixed by the stop set
-(2 for no stop strings or one single-character string), so one compiled program serves every stop set
-of its size. `Sampler.generate_text` decodes each row and cuts the text right after the first stop
-string: a stop token whose text runs past the stop string (".\nThe" for "\n") is cut inside, and the
-environment receives the cut text, which the data layer then tokenises as any action text.
+Aho-Corasick automaton over the bytes of the stop strings and runs every token's bytes
+(`tokenizers.token_bytes`: what `tokenizer.decode` writes for it) through it from every state: an
+int32 table [NS, V] of next states, with state 0 the empty text (where every action starts) and state
+1 (`STOPPED`) absorbing. The table is a traced argument of the decode program and NS is a power of two
+fixed by the stop set (2 for no stop strings or single-character ones), so one compiled program
+serves every stop set of its size. `Sampler.generate_text` decodes each row and cuts the text right
+after the first stop string: a stop token whose text runs past the stop string ("\n   " for "\n", 119
+of SmolLM2's 129 newline tokens) is cut inside, and the environment receives the cut text, which the
+data layer then tokenises as any action text (so the next prompt holds "\n", not "\n   ").
 
 Decode attention: the decode steps (one new token per row) attend over the caches by a plug-in of
 qsft_jax.kernels that the sampler picks for its devices (`choose_decode_attention`; the C++ kernel on
@@ -65,6 +66,7 @@ from qsft_jax.models import quant_base
 from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer, init_cache, logits_from_hidden, unembedding
+from qsft_jax.tokenizers import token_bytes
 
 MODES = ("extract", "bc", "theta", "ratio")
 
@@ -234,16 +236,6 @@ def stop_token_mask(tokenizer, stop_strings: Sequence[str], num_columns: int | N
 
 
 STOPPED = 1  # the stop automaton's absorbing state: the decoded text holds a stop string
-
-
-def token_bytes(tokenizer) -> list[bytes]:
-  """The bytes `tokenizer.decode` writes for each token id [vocab_size]: the tokenizer's own
-  `token_bytes()` when it has one (`HFTokenizer`: exact for byte-level BPE, where a token may hold
-  part of a character), else each id decoded alone, as UTF-8."""
-  own = getattr(tokenizer, "token_bytes", None)
-  if own is not None:
-    return list(own())
-  return [tokenizer.decode([i]).encode("utf-8") for i in range(tokenizer.vocab_size)]
 
 
 def _byte_automaton(patterns: Sequence[bytes]) -> np.ndarray:

@@ -251,6 +251,16 @@ def smollm2_gguf_path() -> str:
     return path
 
 
+def token_bytes(tokenizer) -> list[bytes]:
+    """The bytes ``tokenizer.decode`` writes for each token id [vocab_size]: the tokenizer's own
+    ``token_bytes()`` when it has one (``HFTokenizer``: exact for byte-level BPE, where a token may hold
+    part of a character), else each id decoded alone, as UTF-8."""
+    own = getattr(tokenizer, "token_bytes", None)
+    if own is not None:
+        return list(own())
+    return [tokenizer.decode([i]).encode("utf-8") for i in range(tokenizer.vocab_size)]
+
+
 # Files a Hugging Face folder holds its tokenizer in (any one of them: transformers reads the folder).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # A CharTokenizer's special ids by name, as its Hugging Face export spells them (qsft_jax.export).
