@@ -33,11 +33,11 @@ Aho-Corasick automaton over the bytes of the stop strings and runs every token's
 (`tokenizers.token_bytes`: what `tokenizer.decode` writes for it) through it from every state: an
 int32 table [NS, V] of next states, with state 0 the empty text (where every action starts) and state
 1 (`STOPPED`) absorbing. The table is a traced argument of the decode program and NS is a power of two
-fixed by the stop set (2 for no stop strings or single-character ones), so one compiled program
-serves every stop set of its size. `Sampler.generate_text` decodes each row and cuts the text right
-after the first stop string: a stop token whose text runs past the stop string ("\n   " for "\n", 119
-of SmolLM2's 129 newline tokens) is cut inside, and the environment receives the cut text, which the
-data layer then tokenises as any action text (so the next prompt holds "\n", not "\n   ").
+fixed by the stop set (2 for no stop strings or single-byte ones such as "\\n"), so one compiled
+program serves every stop set of its size. `Sampler.generate_text` decodes each row and cuts the text
+right after the first stop string: a stop token whose text runs past the stop string ("\\n   " for
+"\\n", 119 of SmolLM2's 129 newline tokens) is cut inside, and the environment receives the cut text,
+which the data layer then tokenises as any action text (so the next prompt holds "\\n", not "\\n   ").
 
 Decode attention: the decode steps (one new token per row) attend over the caches by a plug-in of
 qsft_jax.kernels that the sampler picks for its devices (`choose_decode_attention`; the C++ kernel on
@@ -407,8 +407,8 @@ class Sampler:
     use_theta = key.kind != "bc"
     v = c.padded_vocab_size
 
-    def run(phi_params, theta_params, tokens, lengths, active, stop_table, suppress_mask, beta, temperature, top_k,
-            top_p, support_min, max_new, rng):
+    def run(phi_params, theta_params, tokens, lengths, active, stop_table, suppress_mask, beta, temperature,
+            top_k, top_p, support_min, max_new, rng):
       self.trace_count += 1  # python side effect: runs only while tracing
       columns = jnp.arange(p)
       pad_cols = (p - lengths)[:, None]  # [B, 1]
@@ -591,8 +591,8 @@ class Sampler:
     """Decoded continuations, each cut right after its first stop string (kept): decoding on device
     ends a row once its text holds a stop string, however the tokens split it (`stop_automaton`), or
     at `stop_token_ids`; keyword arguments as `decode`."""
-    seqs = self.generate(behaviour_params, theta_params, prompts, stop_strings=stop_strings, tokenizer=tokenizer,
-                         **kwargs)
+    seqs = self.generate(behaviour_params, theta_params, prompts, stop_strings=stop_strings,
+                         tokenizer=tokenizer, **kwargs)
     return [cut_at_stop(tokenizer.decode(s), stop_strings) for s in seqs]
 
   @functools.lru_cache(maxsize=8)

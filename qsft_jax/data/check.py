@@ -14,9 +14,9 @@ Outcomes:
 - no file, no episode, or no episode left after the length checks: ``DataError`` naming the field;
 - otherwise the ``Summary``, printed as one line (how many of how many episodes were truncated and
   dropped for ``data.max_length``, the first dropped episodes' ``FILE:LINE``, the episodes holding
-  characters encoded as unk, and as a warning the turn boundaries BPE may join, ``mdp.boundary_problems``,
-  with the first one's ``FILE:LINE: turns[j].text``) and, given ``tensorboard_dir``, written there as scalars under ``data/``
-  at step 0.
+  characters encoded as unk, and as a warning the turn boundaries BPE may join,
+  ``mdp.boundary_problems``, with the first one's ``FILE:LINE: turns[j].text``) and, given
+  ``tensorboard_dir``, written there as scalars under ``data/`` at step 0.
 """
 from __future__ import annotations
 

@@ -173,8 +173,9 @@ class Summary:
             self.unknown_chars += outcome.unknown_chars
             self.boundary_warnings += len(outcome.boundaries)
             self.boundary_episodes += bool(outcome.boundaries)
-            room = len(outcome.boundaries) if self.max_locations is None else self.max_locations - len(self.boundaries_at)
-            self.boundaries_at.extend(outcome.boundaries[:max(room, 0)])
+            room = (len(outcome.boundaries) if self.max_locations is None
+                    else max(self.max_locations - len(self.boundaries_at), 0))
+            self.boundaries_at.extend(outcome.boundaries[:room])
             if outcome.actions:
                 counts = self.actions_apart.setdefault(file, [0, 0])
                 counts[0] += outcome.actions
@@ -286,7 +287,8 @@ class EpisodeProcessor:
             outcome.boundaries = mdp.boundary_problems(episode, self.mdp_config)
         if self.measure_boundaries:
             outcome.actions = int(tokenized.turn_is_action.sum())
-            outcome.actions_apart = len(mdp.actions_encoded_apart(episode, tokenized, self.tokenizer, self.mdp_config))
+            apart = mdp.actions_encoded_apart(episode, tokenized, self.tokenizer, self.mdp_config)
+            outcome.actions_apart = len(apart)
         return outcome
 
 

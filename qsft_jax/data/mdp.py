@@ -3,25 +3,25 @@
 Tokenisation. Each turn's text (through ``observation_template`` / ``action_template``, default
 ``"{text}"``) is encoded on its own and the pieces are concatenated after one BOS token, so every turn
 boundary is a token boundary and token 0 (BOS) is always an observation token. An action turn that
-encodes to no tokens is an error.
+encodes to no tokens is an error. ``unknown_character_problems`` names the turns holding characters
+the tokenizer can only encode as its unknown token (a ``CharTokenizer``'s characters outside its
+alphabet); the data layer applies it to data files (``data.unknown_chars``, ``loading.py``), while
+acting tokenises whatever the policy emitted.
 
 Turn boundaries (the plain format's one rule, for training and acting alike: acting's prompts are
 tokenised by this module too). Because turns are encoded separately, an action's tokens never depend
 on the observation before it, and the tokens a policy generates are the action's own. A BPE tokenizer
-encoding the whole text at once could split a boundary differently: ``"Guess: "`` then ``"crane\n"``
+encoding the whole text at once could split a boundary differently: ``"Guess: "`` then ``"crane\\n"``
 gives a lone space token and ``cr`` ``ane`` here, where the whole text gives `` crane``. That is a
 property of the data, reported, not an error: ``boundary_problems`` names each boundary that a
 byte-level BPE pre-tokenizer (GPT-2's, Llama 3's) may join, on the templated texts before (a) and
-after (b) it. A boundary is clean when a ends in one "\n" or in a non-whitespace character, and b
-starts with no whitespace after a "\n" or with exactly one space (then a non-whitespace character);
-reported are a ending in other whitespace (``"Guess: "``, ``"\n\n"``, a tab), b starting with a
+after (b) it. A boundary is clean when a ends in one "\\n" or in a non-whitespace character, and b
+starts with no whitespace after a "\\n" or with exactly one space (then a non-whitespace character);
+reported are a ending in other whitespace (``"Guess: "``, ``"\\n\\n"``, a tab), b starting with a
 newline or a run of whitespace, and a and b meeting with no whitespace between them (a word split
 over two turns). ``actions_encoded_apart`` measures the effect: the action turns whose tokens differ
 from the whole text's tokens over the same bytes. Tokenizers with one token per character
-(``CharTokenizer``) have no such boundaries. ``unknown_character_problems`` names the turns holding characters
-the tokenizer can only encode as its unknown token (a ``CharTokenizer``'s characters outside its
-alphabet); the data layer applies it to data files (``data.unknown_chars``, ``loading.py``), while
-acting tokenises whatever the policy emitted.
+(``CharTokenizer``) have no such boundaries.
 
 Per episode of n tokens (token i; ``n(i)`` = the next action token after i in the same episode):
 
