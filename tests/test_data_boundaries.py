@@ -10,15 +10,15 @@ from qsft_jax.data import mdp
 from qsft_jax.data.check import preflight
 from qsft_jax.data.episodes import Episode, Turn
 from qsft_jax.data.loading import EpisodeProcessor
-from qsft_jax.tokenizers import CharTokenizer, load_tokenizer
+from qsft_jax.tokenizers import CharTokenizer
 
 ENDS = ["Guess:", "Guess", "Guess.", "Guess:\n", "5", "Guess: ", "Guess\n\n", "Guess\t", "Guess \n", "\n", "ok:)", "\u00e9"]
 STARTS = ["crane\n", " crane\n", "  crane", "\ncrane", "\tcrane", ".\n", "6 tries", "!", " 6", " .", "'s", " \n"]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_tokenizer("smollm2")
+@pytest.fixture
+def smollm2(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def _episode(*texts, line=1):

@@ -64,9 +64,9 @@ def _gpt2_byte_decoder():
     return chars
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_tokenizer("smollm2")
+@pytest.fixture
+def smollm2(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_smollm2_gguf_tokenizer_matches_gguf_vocabulary(smollm2):

@@ -248,10 +248,9 @@ def test_stop_string_split_over_tokens_ends_decoding_on_device(params, sampler):
   assert stopped_split >= 4, "the test should see stop strings split over tokens"
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-  from qsft_jax.tokenizers import load_tokenizer
-  return load_tokenizer("smollm2")
+@pytest.fixture
+def smollm2(smollm2_tokenizer):
+  return smollm2_tokenizer
 
 
 def test_smollm2_newline_tokens_stop_and_the_text_after_the_newline_is_cut(smollm2):

@@ -12,7 +12,7 @@ from qsft_jax import cli
 from qsft_jax import config_lib
 from qsft_jax import main as main_lib
 from qsft_jax.export import hf_tokenizer
-from qsft_jax.tokenizers import CharTokenizer, DEFAULT_ALPHABET, load_tokenizer
+from qsft_jax.tokenizers import CharTokenizer, DEFAULT_ALPHABET
 
 import trainer_utils as tu
 
@@ -23,7 +23,12 @@ def _config(init: str, tokenizer: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"model": {"init": init}, "tokenizer": tokenizer})
 
 
-def test_smollm2_weights_with_the_default_char_tokenizer_fail_before_any_write(tmp_path, capsys):
+def test_smollm2_weights_with_the_default_char_tokenizer_fail_before_any_write(tmp_path, capsys, monkeypatch,
+                                                                              smollm2_tokenizer):
+  from qsft_jax import tokenizers
+  load = tokenizers.load_tokenizer  # the weights' tokenizer: the session's copy, not a second load
+  monkeypatch.setattr(tokenizers, "load_tokenizer",
+                      lambda spec: smollm2_tokenizer if spec == "smollm2" else load(spec))
   workdir = str(tmp_path / "w")
   with pytest.raises(SystemExit) as exit_:
     cli.run(main_lib.main, [PROG, f"--config={tu.TINY}", f"--workdir={workdir}", "--config.model.init=smollm2"])
@@ -56,8 +61,8 @@ def test_weights_without_a_tokenizer_refuse_a_char_tokenizer_only(tmp_path):
   main_lib.check_vocabulary(_config("random", "char"), CharTokenizer())
 
 
-def test_smollm2_weights_accept_their_tokenizer_from_the_gguf_or_a_folder(tmp_path):
-  smollm2 = load_tokenizer("smollm2")
+def test_smollm2_weights_accept_their_tokenizer_from_the_gguf_or_a_folder(tmp_path, smollm2_tokenizer):
+  smollm2 = smollm2_tokenizer
   main_lib.check_vocabulary(_config("smollm2", "smollm2"), smollm2)
   smollm2.hf.save_pretrained(str(tmp_path))  # the same vocabulary, as an HF folder's tokenizer files
   main_lib.check_vocabulary(_config(f"hf:{tmp_path}", "smollm2"), smollm2)
