@@ -27,12 +27,15 @@ Figures and targets:
 - ctx512_over_ctx64_fixed_cache: the same with one sampler whose cache_len (1024) serves both; every
   decode step attends over the whole fixed cache (masked), so this ratio shows only the prompt's effect.
 - sampled_extraction_over_greedy: the extraction with temperature sampling instead of greedy.
+- stop_strings_over_extraction: the extraction with three stop strings that never occur ("\n", "\n\n",
+  "Answer:"; a 16-state stop table, `qsft_jax.sampler.stop_automaton`) over the extraction without
+  stop strings: the per-token cost of following the decoded text on device.
 - same_weights_extraction_over_greedy: a control, the extraction with theta given phi's own weight
   buffers (the same work, half the distinct weight bytes). Where it is well below the extraction, the
   two models' extra cost is their weights outgrowing a CPU cache that holds one model's, which no
   sampler can change.
 
-Prints a table, then as the LAST line one JSON object with the five figures above,
+Prints a table, then as the LAST line one JSON object with the six figures above,
 greedy_ms_per_token, extraction_ms_per_token, and median_extraction_over_greedy and
 median_ctx512_over_ctx64 (the same ratios from medians). Measured figures:
 docs/results/benchmarks.md.
@@ -64,6 +67,19 @@ def timed(sampler: Sampler, phi, theta, prompts, kwargs: dict, n: int) -> float:
   out = sampler.decode(phi, theta, prompts, max_new_tokens=n, rng=0, **kwargs)
   assert (out.num_generated == n).all()
   return time.perf_counter() - start
+
+
+class _Pieces:
+  """A stand-in tokenizer for the stop-string setting: token i is the text "<i>" (no stop string)."""
+
+  def __init__(self, vocab_size: int):
+    self.vocab_size = vocab_size
+
+  def token_bytes(self) -> list[bytes]:
+    return [f"<{i}>".encode() for i in range(self.vocab_size)]
+
+
+STOP_STRINGS = ("\n", "\n\n", "Answer:")
 
 
 def define_flags() -> flags.FlagValues:
@@ -111,6 +127,7 @@ def main(argv=None) -> dict:
   extract = dict(mode="extract", beta=4.0, greedy=True)
   extract_sampled = dict(mode="extract", beta=4.0, temperature=1.0)
   greedy = dict(mode="extract", beta=0.0, greedy=True)  # pi_phi alone; theta never runs
+  extract_stops = dict(extract, stop_strings=STOP_STRINGS, tokenizer=_Pieces(config.vocab_size))
   settings = {  # name -> (label, prompt length, cache length, sampler kwargs)
       "greedy64": ("greedy, pi_phi alone", 64, 64 + args.long, greedy),
       "extract64": ("extraction, greedy", 64, 64 + args.long, extract),
@@ -119,6 +136,7 @@ def main(argv=None) -> dict:
       # Where it runs well under "extraction, greedy", the extra cost of two models is their weights
       # outgrowing a CPU cache, not the sampler.
       "same64": ("extraction, same weights", 64, 64 + args.long, extract),
+      "stops64": ("extraction, stop strings", 64, 64 + args.long, extract_stops),
       "extract512": ("extraction, greedy", 512, 512 + args.long, extract),
       "fixed64": ("extraction, fixed cache", 64, 1024, extract),
       "fixed512": ("extraction, fixed cache", 512, 1024, extract),
@@ -147,8 +165,9 @@ def main(argv=None) -> dict:
 
   per_token, per_token_median = per_token_by(np.min), per_token_by(np.median)
   rows = [(label, p, c, per_token[name], first[name]) for name, (label, p, c, _) in settings.items()]
-  g64, e64, s64, same64, e512, f64, f512 = (per_token[k] for k in ("greedy64", "extract64", "sampled64", "same64",
-                                                                    "extract512", "fixed64", "fixed512"))
+  g64, e64, s64, same64, stops64, e512, f64, f512 = (
+      per_token[k] for k in ("greedy64", "extract64", "sampled64", "same64", "stops64", "extract512", "fixed64",
+                             "fixed512"))
 
   print(f"sampler benchmark: {param_count(config) / 1e6:.1f}M-parameter {args.preset} "
         f"({config.dtype}), batch {args.batch}, "
@@ -163,6 +182,7 @@ def main(argv=None) -> dict:
       "ctx512_over_ctx64_fixed_cache": round(f512 / f64, 3),
       "sampled_extraction_over_greedy": round(s64 / g64, 3),
       "same_weights_extraction_over_greedy": round(same64 / g64, 3),
+      "stop_strings_over_extraction": round(stops64 / e64, 3),
       "greedy_ms_per_token": round(g64 * 1e3, 4),
       "extraction_ms_per_token": round(e64 * 1e3, 4),
       "median_extraction_over_greedy": round(per_token_median["extract64"] / per_token_median["greedy64"], 3),
@@ -173,6 +193,7 @@ def main(argv=None) -> dict:
         f"fixed cache: {figures['ctx512_over_ctx64_fixed_cache']:.2f}; "
         f"sampled extraction / greedy: {figures['sampled_extraction_over_greedy']:.2f}; "
         f"same-weights control / greedy: {figures['same_weights_extraction_over_greedy']:.2f}; "
+        f"stop strings / extraction: {figures['stop_strings_over_extraction']:.2f}; "
         f"from medians: {figures['median_extraction_over_greedy']:.2f} and {figures['median_ctx512_over_ctx64']:.2f}")
   print(json.dumps(figures))
   return figures

@@ -87,6 +87,14 @@ def base_config() -> ml_collections.ConfigDict:
       # logged); terminal_return keeps the order (gamma = 1).
       reward_transform="none",
       gamma=1.0, gamma_token=1.0,
+      # Plain format: format strings around each turn's text ("{text}" is the turn's text), e.g.
+      # observation_template="Board:\n{text}", action_template="{text}". BOS, then each templated turn
+      # encoded on its own, so a turn boundary is always a token boundary, in training and in acting's
+      # prompts alike (`qsft_jax.data.mdp.tokenize_episode`); text that byte-level BPE would join
+      # across a boundary (a turn ending in a space, a word split over two turns) is reported by
+      # `python -m qsft_jax.data validate` and counted by the trainer's data check (README, Data format).
+      observation_template="{text}",
+      action_template="{text}",
       num_workers=0))
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny-llama",   # `qsft_jax.models.config.get_preset` name

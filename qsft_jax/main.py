@@ -108,6 +108,39 @@ def load_tokenizer(config, workdir):
     raise config_lib.ConfigError(f"config.tokenizer: {spec!r} does not load: {e}") from e
 
 
+def check_vocabulary(config, tokenizer) -> None:
+  """A pretrained model.init is refused (ConfigError naming both specs and what differs) unless
+  config.tokenizer has, id for id, the vocabulary of the tokenizer its weights carry (a GGUF file's, or
+  an HF folder's tokenizer files; `tokenizers.vocabulary_difference`), so that no run trains pretrained
+  weights on another tokenizer's ids. Weights without a tokenizer (an HF folder of weights only) are
+  compared by size in `build_model`, except that a char tokenizer is refused: no pretrained vocabulary
+  is ours."""
+  from qsft_jax import tokenizers
+  init = config.model.init
+  if init == "random":
+    return
+  own = tokenizers.weights_tokenizer_spec(init)
+  if own is None:
+    if isinstance(tokenizer, tokenizers.CharTokenizer):
+      raise config_lib.ConfigError(
+          f"config.tokenizer: {config.tokenizer!r} (a char tokenizer, {tokenizer.vocab_size} tokens) cannot "
+          f"drive the pretrained weights of config.model.init={init!r}, which carry no tokenizer to compare "
+          f"with; set config.tokenizer to the tokenizer they were trained with (hf:PATH or gguf:PATH)")
+    return
+  if own == config.tokenizer:
+    return
+  try:
+    theirs = tokenizers.load_tokenizer(own)
+  except (ValueError, OSError) as e:
+    raise config_lib.ConfigError(f"config.model.init: {init!r}: its tokenizer does not load: {e}") from e
+  difference = tokenizers.vocabulary_difference(tokenizer, theirs)
+  if difference is not None:
+    raise config_lib.ConfigError(
+        f"config.tokenizer: {config.tokenizer!r} is not the vocabulary of config.model.init={init!r} "
+        f"({difference}, tokenizer {config.tokenizer!r} against the weights' {own!r}); set "
+        f"config.tokenizer={own!r}")
+
+
 def build_model(config, tokenizer, mesh, rules):
   """(ModelConfig, initial params or None). Pretrained weights are loaded straight into shards."""
   if config.model.init == "random":
@@ -614,6 +647,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.check_data_files(config)
   workdir = storage.normalize(workdir)
   tokenizer = load_tokenizer(config, workdir)
+  check_vocabulary(config, tokenizer)
   mesh = qsharding.make_mesh(mesh_shape)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   model_config, pretrained = build_model(config, tokenizer, mesh, rules)

@@ -8,7 +8,7 @@ bucket (real tokens at positions 0..n-1, padding with segment id 0 so no cache s
 both models prefill their caches, then a `lax.while_loop` decodes token by token with both caches in
 lockstep until every row has emitted a stop token or `max_new_tokens` tokens. B and P are powers of two
 (B also a multiple of the mesh's batch axes), S is fixed per sampler until `Sampler.fit` grows it, and
-everything else (beta, temperature, top-k, top-p, support_min, max_new_tokens, the stop-token mask, the
+everything else (beta, temperature, top-k, top-p, support_min, max_new_tokens, the stop table, the
 rng) is a traced argument, so a second call with the same (B, P, mode, sampling kind) bucket never retraces.
 
 Token scores per decode step (z_phi, z_theta: the two models' logits of the row that predicts the
@@ -31,12 +31,17 @@ Then greedy argmax, or scores / temperature, top-k (keep the k highest; ties wit
 top-p (smallest set of the highest tokens whose probability after top-k reaches top_p), and a
 categorical draw.
 
-Stops. `stop_token_ids` end a row on device. For tokenizers whose tokens carry several characters,
-`stop_token_mask(tokenizer, stop_strings)` marks every token whose own text contains a stop string (a
-char tokenizer emits "\\n" as one token; a BPE token may be ".\\n"), and `Sampler.generate_text` cuts
-the decoded text right after the first stop string. A stop string split over two tokens is found by
-that cut but does not end decoding early (the environments' stop string "\\n" is one character, which
-byte-level BPE never splits).
+Stops. A row ends on device once the text it decoded since the prompt contains a stop string, however
+the tokens split it, or at a token of `stop_token_ids`. `stop_automaton` builds, on the host, an
+Aho-Corasick automaton over the bytes of the stop strings and runs every token's bytes
+(`tokenizers.token_bytes`: what `tokenizer.decode` writes for it) through it from every state: an
+int32 table [NS, V] of next states, with state 0 the empty text (where every action starts) and state
+1 (`STOPPED`) absorbing. The table is a traced argument of the decode program and NS is a power of two
+fixed by the stop set (2 for no stop strings or single-byte ones such as "\\n"), so one compiled
+program serves every stop set of its size. `Sampler.generate_text` decodes each row and cuts the text
+right after the first stop string: a stop token whose text runs past the stop string ("\\n   " for
+"\\n", 119 of SmolLM2's 129 newline tokens) is cut inside, and the environment receives the cut text,
+which the data layer then tokenises as any action text (so the next prompt holds "\\n", not "\\n   ").
 
 Decode attention: the decode steps (one new token per row) attend over the caches by a plug-in of
 qsft_jax.kernels that the sampler picks for its devices (`choose_decode_attention`; the C++ kernel on
@@ -66,6 +71,7 @@ from qsft_jax.models import quant_base
 from qsft_jax.models import sharded
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer, init_cache, logits_from_hidden, unembedding
+from qsft_jax.tokenizers import token_bytes
 
 MODES = ("extract", "bc", "theta", "ratio", "heads")
 
@@ -256,6 +262,84 @@ def stop_token_mask(tokenizer, stop_strings: Sequence[str], num_columns: int | N
   return mask
 
 
+STOPPED = 1  # the stop automaton's absorbing state: the decoded text holds a stop string
+
+
+def _byte_automaton(patterns: Sequence[bytes]) -> np.ndarray:
+  """Aho-Corasick over byte patterns: int32 [NS, 256] next state per (state, byte), with state 0 the
+  empty text, STOPPED (1) absorbing and reached as soon as the text read holds a pattern."""
+  children: list[dict[int, int]] = [{}]
+  end = [False]
+  for pattern in patterns:
+    node = 0
+    for b in pattern:
+      if end[node]:
+        break  # a shorter pattern already stops here
+      if b not in children[node]:
+        children[node][b] = len(children)
+        children.append({})
+        end.append(False)
+      node = children[node][b]
+    end[node] = True
+  n = len(children)
+  goto = np.zeros((n, 256), np.int64)
+  fail = np.zeros(n, np.int64)
+  stops = np.array(end)
+  order, queue = [], list(children[0].values())
+  for b, child in children[0].items():
+    goto[0, b] = child
+  while queue:  # breadth first: a node's failure state is shallower, so already complete
+    node = queue.pop(0)
+    order.append(node)
+    stops[node] |= stops[fail[node]]
+    goto[node] = goto[fail[node]]
+    for b, child in children[node].items():
+      fail[child] = goto[fail[node], b]
+      goto[node, b] = child
+      queue.append(child)
+  # Renumber: 0 the root, 1 every node that holds a pattern (merged, absorbing), 2... the others.
+  state = np.full(n, STOPPED, np.int64)
+  state[0] = 0
+  live = [u for u in order if not stops[u]]
+  state[live] = np.arange(2, 2 + len(live))
+  table = np.full((2 + len(live), 256), STOPPED, np.int32)
+  table[0] = state[goto[0]]
+  table[2:] = state[goto[live]]
+  return table
+
+
+def stop_automaton(pieces: Sequence[bytes], stop_strings: Sequence[str], num_columns: int,
+                   stop_token_ids: Sequence[int] = ()) -> np.ndarray:
+  """The stop table of the decode loop: int32 [NS, num_columns], the state after reading a token's
+  bytes `pieces[i]` from each state (module docstring). NS is the automaton's state count rounded up
+  to a power of two (unused rows STOPPED); columns without a piece (padded vocabulary) keep the
+  state; tokens of `stop_token_ids` go to STOPPED from every state. Vectorised over tokens: one numpy
+  gather per byte position."""
+  table = _byte_automaton([s.encode("utf-8") for s in stop_strings if s])
+  pieces = pieces[:num_columns]
+  ns = table.shape[0]
+  out = np.full((next_power_of_two(ns), num_columns), STOPPED, np.int32)
+  current = np.broadcast_to(np.arange(ns, dtype=np.int32)[:, None], (ns, num_columns)).copy()
+  if ns > 2:
+    lengths = np.array([len(p) for p in pieces], np.int64)
+    longest = int(lengths.max(initial=0))
+    data = np.zeros((len(pieces), max(longest, 1)), np.uint8)
+    for i, p in enumerate(pieces):
+      data[i, :len(p)] = np.frombuffer(p, np.uint8)
+    for j in range(longest):
+      ids = np.flatnonzero(lengths > j)
+      current[:, ids] = table[current[:, ids], data[ids, j][None, :]]
+  else:  # single-byte stop strings (or none): a token stops iff it holds one of those bytes
+    stop_bytes = [bytes([b]) for b in np.flatnonzero(table[0] == STOPPED)]
+    if stop_bytes:
+      current[0, [i for i, p in enumerate(pieces) if any(b in p for b in stop_bytes)]] = STOPPED
+  current[STOPPED] = STOPPED
+  out[:ns] = current
+  for i in stop_token_ids:
+    out[:, int(i)] = STOPPED
+  return out
+
+
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
   """text up to and including the earliest occurrence of any stop string (text itself if none)."""
   ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
@@ -351,7 +435,7 @@ class Sampler:
     on_heads = key.kind in ("heads", "heads_trunk")
     v = c.padded_vocab_size
 
-    def run(phi_params, theta_params, heads_params, tokens, lengths, active, stop_mask, suppress_mask, beta,
+    def run(phi_params, theta_params, heads_params, tokens, lengths, active, stop_table, suppress_mask, beta,
             temperature, top_k, top_p, support_min, max_new, rng):
       self.trace_count += 1  # python side effect: runs only while tracing
       columns = jnp.arange(p)
@@ -404,7 +488,8 @@ class Sampler:
 
       rng, sub = jax.random.split(rng)
       tok, scores = select(logits, sub)
-      done = ~active | stop_mask[tok] | (max_new <= 1)
+      stop_state = stop_table[0, tok]  # [B] each row's stop automaton after its first token
+      done = ~active | (stop_state == STOPPED) | (max_new <= 1)
       out = jnp.full((b, t_max), self.pad_id, jnp.int32).at[:, 0].set(tok)
       count = active.astype(jnp.int32)
       buffers = [jnp.zeros((b, t_max, v), jnp.float32) for _ in range(len(logits) + 1)] if key.record else []
@@ -415,7 +500,7 @@ class Sampler:
         return (t < max_new) & ~jnp.all(done)
 
       def body(state):
-        t, tok, done, out, count, caches, rng, buffers = state
+        t, tok, done, stop_state, out, count, caches, rng, buffers = state
         hiddens, new_caches = decode_step_hidden(self.model, models, caches, tok, lengths + t - 1)
         logits = outputs(hiddens)
         rng, sub = jax.random.split(rng)
@@ -424,11 +509,12 @@ class Sampler:
         out = jax.lax.dynamic_update_slice(out, new_tok[:, None], (0, t))
         count = count + (~done).astype(jnp.int32)
         buffers = record(buffers, t, logits, scores)
-        done = done | stop_mask[new_tok]
-        return t + 1, new_tok, done, out, count, new_caches, rng, buffers
+        stop_state = jnp.where(done, stop_state, stop_table[stop_state, new_tok])
+        done = done | (stop_state == STOPPED)
+        return t + 1, new_tok, done, stop_state, out, count, new_caches, rng, buffers
 
-      state = (jnp.int32(1), tok, done, out, count, caches, rng, buffers)
-      _, _, _, out, count, _, _, buffers = jax.lax.while_loop(cond, body, state)
+      state = (jnp.int32(1), tok, done, stop_state, out, count, caches, rng, buffers)
+      _, _, _, _, out, count, _, _, buffers = jax.lax.while_loop(cond, body, state)
       return out, count, buffers
 
     return jax.jit(run)
@@ -454,13 +540,15 @@ class Sampler:
              beta: float = 1.0, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, support_min: float = 1e-4, max_new_tokens: int = 32,
              stop_token_ids: Sequence[int] = (), stop_mask: np.ndarray | None = None,
-             suppress_token_ids: Sequence[int] = (), rng=None, record: bool = False,
-             heads: Any = None) -> DecodeOutput:
+             stop_strings: Sequence[str] = (), tokenizer=None, suppress_token_ids: Sequence[int] = (),
+             rng=None, record: bool = False, heads: Any = None) -> DecodeOutput:
     """Decodes every prompt (lists of token ids, BOS included, each non-empty) in one compiled call.
 
     mode: see the module docstring ("extract" with beta = 0 runs pi_phi alone). greedy: argmax instead
     of sampling (mode "ratio" is always greedy). top_k = 0 and top_p = 1 disable those filters.
-    stop_token_ids and/or stop_mask (bool [V] or [V_real]) end a row; the stop token is kept.
+    A row ends (its stop token kept) once the text it generated holds one of `stop_strings` (over any
+    split into tokens; `tokenizer` gives the tokens' bytes), or at a token of `stop_token_ids` or of
+    `stop_mask` (bool [V] or [V_real]).
     suppress_token_ids are never emitted (their score is -inf before greedy / filtering / sampling).
     rng: a jax key or an int seed (default 0). record: also return per-step logits (tests).
     heads: mode "heads" only, the value heads' variables (`models.heads`); theta_params is then the
@@ -506,14 +594,19 @@ class Sampler:
     lens = np.ones(b, np.int32)
     lens[:len(prompts)] = lengths
     active = np.arange(b) < len(prompts)
-    mask = np.zeros(self.config.padded_vocab_size, bool)
-    if stop_mask is not None:
-      stop_mask = np.asarray(stop_mask, bool)
-      mask[:len(stop_mask)] = stop_mask
-    for i in stop_token_ids:
-      if not 0 <= int(i) < vocab:
+    stop_ids = [int(i) for i in stop_token_ids]
+    for i in stop_ids:
+      if not 0 <= i < vocab:
         raise ValueError(f"stop token id {i} outside [0, {vocab})")
-      mask[int(i)] = True
+    if stop_mask is not None:
+      stop_ids += np.flatnonzero(np.asarray(stop_mask, bool)).tolist()
+    stop_strings = tuple(s for s in stop_strings if s)
+    if stop_strings and tokenizer is None:
+      raise ValueError(f"stop_strings={stop_strings!r} need the tokenizer (tokenizer=...)")
+    table = self._stop_table(tokenizer if stop_strings else None, stop_strings)
+    if stop_ids:
+      table = table.copy()
+      table[:, stop_ids] = STOPPED
     suppress = np.zeros(self.config.padded_vocab_size, bool)
     for i in suppress_token_ids:
       if not 0 <= int(i) < vocab:
@@ -527,7 +620,7 @@ class Sampler:
     args = (self._place(behaviour_params) if kind != "theta" else None,
             self._place(theta_params) if kind not in ("bc", "heads") else None,
             self._place_heads(heads) if kind in ("heads", "heads_trunk") else None,
-            tokens, lens, active, mask, suppress, np.float32(beta), np.float32(temperature), np.int32(top_k),
+            tokens, lens, active, table, suppress, np.float32(beta), np.float32(temperature), np.int32(top_k),
             np.float32(top_p), np.float32(support_min), np.int32(max_new_tokens), rng)
     if self.mesh is not None:
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -553,12 +646,17 @@ class Sampler:
 
   def generate_text(self, behaviour_params, theta_params, prompts: Sequence[Sequence[int]], tokenizer, *,
                     stop_strings: Sequence[str] = ("\n",), **kwargs) -> list[str]:
-    """Decoded continuations, each cut right after its first stop string (kept). Decoding on device
-    stops at tokens that contain a stop string (`stop_token_mask`) and at `stop_token_ids`."""
-    mask = self._stop_mask(tokenizer, tuple(stop_strings))
-    seqs = self.generate(behaviour_params, theta_params, prompts, stop_mask=mask, **kwargs)
+    """Decoded continuations, each cut right after its first stop string (kept): decoding on device
+    ends a row once its text holds a stop string, however the tokens split it (`stop_automaton`), or
+    at `stop_token_ids`; keyword arguments as `decode`."""
+    seqs = self.generate(behaviour_params, theta_params, prompts, stop_strings=stop_strings,
+                         tokenizer=tokenizer, **kwargs)
     return [cut_at_stop(tokenizer.decode(s), stop_strings) for s in seqs]
 
   @functools.lru_cache(maxsize=8)
-  def _stop_mask(self, tokenizer, stop_strings: tuple[str, ...]) -> np.ndarray:
-    return stop_token_mask(tokenizer, stop_strings, self.config.padded_vocab_size)
+  def _stop_table(self, tokenizer, stop_strings: tuple[str, ...]) -> np.ndarray:
+    """The stop table [NS, V] of stop_strings (read only: `decode` copies it to add stop token ids)."""
+    pieces = token_bytes(tokenizer) if stop_strings else []
+    table = stop_automaton(pieces, stop_strings, self.config.padded_vocab_size)
+    table.flags.writeable = False
+    return table

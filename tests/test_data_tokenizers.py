@@ -64,9 +64,9 @@ def _gpt2_byte_decoder():
     return chars
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_tokenizer("smollm2")
+@pytest.fixture
+def smollm2(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_smollm2_gguf_tokenizer_matches_gguf_vocabulary(smollm2):
@@ -120,3 +120,13 @@ def test_smollm2_action_tokens_decode_to_the_action_texts(smollm2):
     real = batch["segment_ids"][0] > 0
     assert smollm2.decode(tokens[real & ~mask][1:]) == "Wordle. Guess the word.\nb y b b g\n"
     assert (tokens[~real] == smollm2.pad_id).all()
+
+
+def test_token_bytes_concatenate_to_what_decode_writes(smollm2):
+    pieces = smollm2.token_bytes()
+    assert len(pieces) == smollm2.vocab_size
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # random ids split characters across tokens: only the whole sequence decodes
+        ids = rng.integers(0, smollm2.vocab_size, size=rng.integers(1, 8)).tolist()
+        assert b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace") == smollm2.decode(ids)
+    assert pieces[smollm2.encode(" crane")[0]] == b" crane" and pieces[smollm2.eos_id] == b"<|im_end|>"

@@ -6,7 +6,7 @@ import pytest
 
 from qsft_jax import sharding
 from qsft_jax.models import Transformer, get_preset, sharded
-from qsft_jax.sampler import Sampler, cut_at_stop, filter_top_k_top_p, stop_token_mask
+from qsft_jax.sampler import STOPPED, Sampler, cut_at_stop, filter_top_k_top_p, stop_automaton, stop_token_mask
 from qsft_jax.tokenizers import CharTokenizer
 
 # Real vocabulary 40 of 128 padded columns; a large init std so that distributions are peaked (greedy
@@ -194,6 +194,100 @@ def test_stop_strings_end_sequences(params, sampler):
   char = CharTokenizer()
   char_mask = stop_token_mask(char, ["\n"])
   assert np.flatnonzero(char_mask).tolist() == char.encode("\n")
+
+
+def test_stop_automaton_matches_a_search_of_the_decoded_bytes():
+  e_acute = "\u00e9".encode()  # two bytes: tokens may hold half of it
+  pieces = [b"", b"a", b"b", b"ab", b"ba", b"\n", b"a\n", b"\nb", b"aab", b"x", e_acute[:1], e_acute[1:], e_acute,
+            b"b\n\n", b"zz"]
+  stops = ["ab", "\n\n", "aab", "b\u00e9", "b\nb", "zzz"]
+  table = stop_automaton(pieces, stops, num_columns=len(pieces) + 3, stop_token_ids=[9])
+  assert table.shape[0] & (table.shape[0] - 1) == 0 and table.shape[1] == len(pieces) + 3
+  assert (table[STOPPED] == STOPPED).all()
+  padded = table[:, len(pieces):]  # columns beyond the vocabulary keep the state (rows past NS are STOPPED)
+  assert ((padded == np.arange(table.shape[0])[:, None]) | (padded == STOPPED)).all() and (padded[0] == 0).all()
+  rng = np.random.default_rng(0)
+  for _ in range(3000):
+    seq = rng.integers(0, len(pieces), size=rng.integers(1, 9)).tolist()
+    state, got = 0, None
+    for t, tok in enumerate(seq):
+      state = table[state, tok]
+      if state == STOPPED:
+        got = t
+        break
+    # Reference: the first token after which the bytes decoded so far hold a stop string (or a stop token).
+    want = next((t for t in range(len(seq)) if seq[t] == 9 or any(
+        s.encode() in b"".join(pieces[i] for i in seq[:t + 1]) for s in stops)), None)
+    assert got == want, (seq, got, want)
+  # No stop strings: two states, and only stop tokens stop.
+  plain = stop_automaton(pieces, [], num_columns=len(pieces), stop_token_ids=[3])
+  assert plain.shape == (2, len(pieces)) and np.flatnonzero(plain[0] == STOPPED).tolist() == [3]
+
+
+def test_stop_string_split_over_tokens_ends_decoding_on_device(params, sampler):
+  phi, theta = params
+  pieces = ["", "<s>", "a", "b", "\n", "ba", "b\n", "xa", "\nq"] + [chr(ord("c") + i) for i in range(V - 9)]
+  tok = _PieceTokenizer(pieces)
+  stops = ["aa", "b\n"]  # split as a|a, xa|a, b|\n, b|\nq, or inside b\n
+  many = [[1, 2 + i % 9] for i in range(16)]
+  kwargs = dict(beta=1.0, temperature=5.0, max_new_tokens=12, rng=1,
+                suppress_token_ids=list(range(9, V)))  # only the pieces that can build the stop strings
+  seqs = sampler.generate(phi, theta, many, stop_strings=stops, tokenizer=tok, **kwargs)
+  texts = sampler.generate_text(phi, theta, many, tok, stop_strings=stops, **kwargs)
+  stopped_split = 0
+  for seq, text in zip(seqs, texts):
+    full = tok.decode(seq)
+    held = lambda t: any(s in t for s in stops)
+    assert not held(tok.decode(seq[:-1])), "decoding went on past a stop string"
+    if held(full):
+      stopped_split += not held(pieces[seq[-1]])
+      first = min(full.find(s) + len(s) for s in stops if s in full)
+      assert text == full[:first] and held(text) and not held(text[:-1])
+    else:
+      assert len(seq) == 12 and text == full, "a row stopped without a stop string"
+  assert stopped_split >= 4, "the test should see stop strings split over tokens"
+
+
+@pytest.fixture
+def smollm2(smollm2_tokenizer):
+  return smollm2_tokenizer
+
+
+def test_smollm2_newline_tokens_stop_and_the_text_after_the_newline_is_cut(smollm2):
+  from qsft_jax.data import DataConfig, mdp
+  from qsft_jax.data.episodes import Episode, Turn
+  from qsft_jax.evaluate import history_tokens
+
+  pieces = smollm2.token_bytes()
+  newline = [i for i in range(smollm2.vocab_size) if "\n" in smollm2.decode([i])]  # reference: decoded alone
+  table = stop_automaton(pieces, ["\n"], smollm2.vocab_size)
+  assert np.flatnonzero(table[0] == STOPPED).tolist() == newline and len(newline) == 129
+  config = get_preset("tiny-llama", vocab_size=smollm2.vocab_size, d_model=16, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=8, mlp_dim=32, init_std=0.4)
+  d = np.zeros((1, 1), np.int32)
+  phi = nn.unbox(jax.jit(Transformer(config).init)(jax.random.key(0), d, d, d + 1))
+  crane, lone_space, after = smollm2.encode("cr") + smollm2.encode("ane"), 3805, 1004  # "\n ", "\n\n   "
+  assert smollm2.decode([lone_space]) == "\n " and smollm2.decode([after]) == "\n\n   "
+  allowed = set(crane + [lone_space, after])
+  small = Sampler(config, cache_len=32, min_prompt_bucket=8)
+  prompt = [smollm2.bos_id] + smollm2.encode("Guess:\n")
+  texts = small.generate_text(phi, None, [prompt] * 8, smollm2, stop_strings=["\n"], beta=0.0, temperature=3.0,
+                              max_new_tokens=6, rng=0, suppress_token_ids=sorted(set(range(smollm2.vocab_size)) - allowed))
+  data = DataConfig(max_length=64)
+  cut = [t for t in texts if t.endswith("\n")]
+  assert len(cut) >= 4
+  for text in cut:
+    assert text.count("\n") == 1 and " " not in text, "the text after the newline is cut"
+    # The environment echoes the cut text; the next prompt holds it as training tokenises that action.
+    history = [{"text": "Guess:\n", "action": False}, {"text": text, "action": True},
+               {"text": "bybbg\n", "action": False}]
+    episode = Episode(tuple(Turn(h["text"], h["action"]) for h in history), done=False)
+    tokenized, _ = mdp.tokenize_episode(episode, np.zeros(3), smollm2, data.mdp)
+    start = 1 + tokenized.turn_lengths[0]
+    action = tokenized.tokens[start:start + tokenized.turn_lengths[1]].tolist()
+    assert action == smollm2.encode(text) and action[-1] == smollm2.encode("\n")[0]
+    assert history_tokens(history, smollm2, data) == tokenized.tokens.tolist()
+    assert history_tokens(history[:1], smollm2, data) == prompt
 
 
 def test_no_retrace_within_a_bucket(params, sampler):

@@ -9,7 +9,10 @@ as ``FILE:LINE: field: message`` and every dropped episode as ``FILE:LINE: dropp
 summary; exit status 1 when any episode is invalid or when no episode is kept (truncated or dropped
 over-long episodes are reported and counted, not errors). Episodes are tokenised (``--tokenizer``,
 default char): characters outside a char tokenizer's alphabet are an error unless
-``--unknown-chars unk``; with --max-length their lengths are checked too.
+``--unknown-chars unk``; with --max-length their lengths are checked too. With a BPE tokenizer, each
+turn boundary that BPE may join (``qsft_jax.data.mdp``: a turn ending in a space, a word split over
+two turns) prints as ``FILE:LINE: turns[j].text: message``, a warning, and the summary gives, per
+file, how many actions encode differently alone than inside their episode's whole text.
 
 build prepares a TFDS dataset as array_record without TensorFlow and prints its directory.
 
@@ -31,7 +34,9 @@ VALIDATE_DOC = """Checks JSONL episode files (files, globs or directories of *.j
 Prints every problem as FILE:LINE: field: message and every dropped episode as FILE:LINE: dropped:
 reason, then a summary; exit status 1 when any episode is invalid or when no episode is kept.
 Episodes are tokenised (--tokenizer): characters outside a char tokenizer's alphabet are an error
-unless --unknown-chars unk. With --max-length their lengths are checked too."""
+unless --unknown-chars unk. With --max-length their lengths are checked too. With a BPE tokenizer,
+turn boundaries that BPE may join print as FILE:LINE: turns[j].text: message (warnings), and the
+summary counts per file the actions that encode differently alone than inside the whole text."""
 
 NO_LENGTH_LIMIT = 2**31 - 1  # the row length when --max-length is not given: nothing is cut
 
@@ -97,6 +102,8 @@ def validate(fv: flags.FlagValues, paths: list[str]) -> int:
     print(p)
   for d in summary.dropped_at:
     print(d)
+  for b in summary.boundaries_at:
+    print(b)
   print(summary.format())
   if summary.kept == 0:
     print("error: no episode is left to train on", file=sys.stderr)

@@ -14,8 +14,9 @@ Outcomes:
 - no file, no episode, or no episode left after the length checks: ``DataError`` naming the field;
 - otherwise the ``Summary``, printed as one line (how many of how many episodes were truncated and
   dropped for ``data.max_length``, the first dropped episodes' ``FILE:LINE``, the episodes holding
-  characters encoded as unk) and, given ``tensorboard_dir``, written there as scalars under ``data/``
-  at step 0.
+  characters encoded as unk, and as a warning the turn boundaries BPE may join,
+  ``mdp.boundary_problems``, with the first one's ``FILE:LINE: turns[j].text``) and, given
+  ``tensorboard_dir``, written there as scalars under ``data/`` at step 0.
 """
 from __future__ import annotations
 
@@ -73,6 +74,12 @@ def summary_line(summary: Summary, config: DataConfig) -> str:
     if summary.unknown_chars:
         line += (f"; {summary.unknown_chars} hold characters outside the tokenizer's alphabet, encoded "
                  "as unk (data.unknown_chars='unk')")
+    if summary.boundary_warnings:
+        first = summary.boundaries_at[0]
+        line += (f"; warning: {summary.boundary_warnings} turn boundaries in {summary.boundary_episodes} "
+                 f"episodes may be joined by BPE in the whole text, where each turn is encoded on its own "
+                 f"(first: {first.file}:{first.line}: {first.field}; python -m qsft_jax.data validate "
+                 "lists every one)")
     return line
 
 

@@ -129,6 +129,9 @@ class Outcome:
     problems: list[Problem] = dataclasses.field(default_factory=list)
     reason: str = ""  # why it was dropped
     unknown_chars: bool = False  # kept with characters encoded as unk (data.unknown_chars = "unk")
+    boundaries: list[Problem] = dataclasses.field(default_factory=list)  # turn boundaries BPE may join
+    actions: int = 0  # action turns, when measured (EpisodeProcessor(measure_boundaries=True))
+    actions_apart: int = 0  # of which encoded differently alone than inside the whole text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +157,13 @@ class Summary:
     invalid: int = 0
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # reason -> count
     unknown_chars: int = 0  # kept episodes holding characters encoded as unk
+    boundary_warnings: int = 0  # turn boundaries BPE may join (mdp.boundary_problems), in kept episodes
+    boundary_episodes: int = 0  # kept episodes holding any
+    # file -> [action turns, of which encoded differently alone than in the whole text] (when measured)
+    actions_apart: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     max_locations: int | None = 5
     dropped_at: list[Dropped] = dataclasses.field(default_factory=list)
+    boundaries_at: list[Problem] = dataclasses.field(default_factory=list)  # the first max_locations
 
     def add(self, outcome: Outcome, file: str = "<memory>", line: int = 0) -> None:
         self.read += 1
@@ -163,6 +171,15 @@ class Summary:
             self.kept += 1
             self.truncated += outcome.status == "truncated"
             self.unknown_chars += outcome.unknown_chars
+            self.boundary_warnings += len(outcome.boundaries)
+            self.boundary_episodes += bool(outcome.boundaries)
+            room = (len(outcome.boundaries) if self.max_locations is None
+                    else max(self.max_locations - len(self.boundaries_at), 0))
+            self.boundaries_at.extend(outcome.boundaries[:room])
+            if outcome.actions:
+                counts = self.actions_apart.setdefault(file, [0, 0])
+                counts[0] += outcome.actions
+                counts[1] += outcome.actions_apart
         elif outcome.status == "dropped":
             self.dropped[outcome.reason] += 1
             if self.max_locations is None or len(self.dropped_at) < self.max_locations:
@@ -188,6 +205,12 @@ class Summary:
         lines.append(f"invalid: {self.invalid}")
         if self.unknown_chars:
             lines.append(f"kept with characters encoded as unk: {self.unknown_chars}")
+        if self.boundary_warnings:
+            lines.append(f"turn boundaries BPE may join (warnings, not errors): {self.boundary_warnings} in "
+                         f"{self.boundary_episodes} episodes")
+        for file, (actions, apart) in self.actions_apart.items():
+            lines.append(f"{file}: {apart} of {actions} actions encode differently alone than inside their "
+                         "episode's whole text")
         return "\n".join(lines)
 
     def scalars(self) -> dict[str, float]:
@@ -201,19 +224,26 @@ class Summary:
             "data/truncated_fraction": self.truncated / read,
             "data/dropped_fraction": self.num_dropped / read,
             "data/unknown_chars": float(self.unknown_chars),
+            "data/boundary_warnings": float(self.boundary_warnings),
         }
 
 
 class EpisodeProcessor:
     """Runs one record through every check and, with a tokenizer, into arrays.
 
-    Without a tokenizer only the format and reward checks run (no length checks, no arrays).
+    Without a tokenizer only the format and reward checks run (no length checks, no arrays). With a
+    tokenizer that joins characters across turns (BPE), a kept episode's turn boundaries that BPE may
+    join are listed as warnings (``Outcome.boundaries``), and with ``measure_boundaries`` its action
+    turns encoded differently alone than inside the whole text are counted (it encodes the episode
+    twice: ``validate_paths`` measures, the trainer's check does not).
     """
 
-    def __init__(self, config: DataConfig, tokenizer=None):
+    def __init__(self, config: DataConfig, tokenizer=None, *, measure_boundaries: bool = False):
         self.config = config
         self.mdp_config = config.mdp
         self.tokenizer = tokenizer
+        self.boundaries = tokenizer is not None and mdp.joins_across_turns(tokenizer)
+        self.measure_boundaries = measure_boundaries and self.boundaries
         self.length_warning = AffineLengthWarning(config.reward_transform)
 
     def __call__(self, record: bytes | str | dict | Episode, file: str = "<memory>", line: int = 0) -> Outcome:
@@ -252,13 +282,21 @@ class EpisodeProcessor:
                                   f"(action turn {arrays['turn_index'][i]}) outside [0, 1] with gamma_token="
                                   f"{self.mdp_config.gamma_token:g}")],
             )
-        return Outcome(status, arrays=arrays, episode=episode, unknown_chars=unknown)
+        outcome = Outcome(status, arrays=arrays, episode=episode, unknown_chars=unknown)
+        if self.boundaries:
+            outcome.boundaries = mdp.boundary_problems(episode, self.mdp_config)
+        if self.measure_boundaries:
+            outcome.actions = int(tokenized.turn_is_action.sum())
+            apart = mdp.actions_encoded_apart(episode, tokenized, self.tokenizer, self.mdp_config)
+            outcome.actions_apart = len(apart)
+        return outcome
 
 
 def validate_paths(paths: str | Sequence[str], config: DataConfig, tokenizer=None) -> tuple[list[Problem], Summary]:
     """Checks every episode of the files; returns all problems and the summary (which lists every
-    dropped episode in ``dropped_at``). Never raises on bad data."""
-    processor = EpisodeProcessor(config, tokenizer)
+    dropped episode in ``dropped_at``, every turn boundary BPE may join in ``boundaries_at``, and per
+    file the action turns encoded differently alone than in the whole text). Never raises on bad data."""
+    processor = EpisodeProcessor(config, tokenizer, measure_boundaries=True)
     problems: list[Problem] = []
     summary = Summary(max_locations=None)
     for file, line, raw in episodes_lib.iter_lines(paths):

@@ -8,6 +8,21 @@ the tokenizer can only encode as its unknown token (a ``CharTokenizer``'s charac
 alphabet); the data layer applies it to data files (``data.unknown_chars``, ``loading.py``), while
 acting tokenises whatever the policy emitted.
 
+Turn boundaries (the plain format's one rule, for training and acting alike: acting's prompts are
+tokenised by this module too). Because turns are encoded separately, an action's tokens never depend
+on the observation before it, and the tokens a policy generates are the action's own. A BPE tokenizer
+encoding the whole text at once could split a boundary differently: ``"Guess: "`` then ``"crane\\n"``
+gives a lone space token and ``cr`` ``ane`` here, where the whole text gives `` crane``. That is a
+property of the data, reported, not an error: ``boundary_problems`` names each boundary that a
+byte-level BPE pre-tokenizer (GPT-2's, Llama 3's) may join, on the templated texts before (a) and
+after (b) it. A boundary is clean when a ends in one "\\n" or in a non-whitespace character, and b
+starts with no whitespace after a "\\n" or with exactly one space (then a non-whitespace character);
+reported are a ending in other whitespace (``"Guess: "``, ``"\\n\\n"``, a tab), b starting with a
+newline or a run of whitespace, and a and b meeting with no whitespace between them (a word split
+over two turns). ``actions_encoded_apart`` measures the effect: the action turns whose tokens differ
+from the whole text's tokens over the same bytes. Tokenizers with one token per character
+(``CharTokenizer``) have no such boundaries.
+
 Per episode of n tokens (token i; ``n(i)`` = the next action token after i in the same episode):
 
 - ``next_action_row[i] = n(i) - 1`` for an action token with a next action (= i inside an utterance);
@@ -38,10 +53,12 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Sequence
+import weakref
 
 import numpy as np
 
 from qsft_jax.data.episodes import Episode, Problem
+from qsft_jax.tokenizers import CharTokenizer, token_bytes
 
 # key -> (dtype, padding value). The order is the order of docs/architecture.md.
 ARRAY_SPECS: dict[str, tuple[type, float | int | bool]] = {
@@ -117,8 +134,7 @@ def tokenize_episode(
     episode: Episode, turn_rewards: np.ndarray, tokenizer, config: MDPConfig
 ) -> tuple[TokenizedEpisode | None, list[Problem]]:
     """Encodes each turn separately behind one BOS. turn_rewards: float [T] (already transformed)."""
-    texts = [(config.action_template if t.action else config.observation_template).format(text=t.text) for t in episode.turns]
-    ids, lengths = encode_turns(tokenizer, texts)
+    ids, lengths = encode_turns(tokenizer, templated_texts(episode, config))
     is_action = np.array([t.action for t in episode.turns], dtype=bool)
     problems = [
         Problem(episode.file, episode.line, f"turns[{j}].text", "action text encodes to no tokens")
@@ -136,6 +152,96 @@ def tokenize_episode(
         ),
         [],
     )
+
+
+def templated_texts(episode: Episode, config: MDPConfig) -> list[str]:
+    """Each turn's text through its template [T], as ``tokenize_episode`` encodes it."""
+    return [(config.action_template if t.action else config.observation_template).format(text=t.text)
+            for t in episode.turns]
+
+
+def joins_across_turns(tokenizer) -> bool:
+    """Whether the tokenizer's tokens may span characters of two turns (BPE), i.e. whether the turn
+    boundary rule (module docstring) concerns it; a ``CharTokenizer`` has one token per character."""
+    return not isinstance(tokenizer, CharTokenizer)
+
+
+def _whitespace_tail(text: str) -> str:
+    return text[len(text.rstrip()):]
+
+
+def _whitespace_head(text: str) -> str:
+    return text[:len(text) - len(text.lstrip())]
+
+
+def boundary_problems(episode: Episode, config: MDPConfig) -> list[Problem]:
+    """One problem per turn boundary that byte-level BPE may join (module docstring), named on the turn
+    whose text should change: ``FILE:LINE: turns[j].text: ...``. Turns whose templated text is empty
+    encode to nothing and are skipped (the boundary is then between their neighbours)."""
+    texts = templated_texts(episode, config)
+    kept = [(j, t) for j, t in enumerate(texts) if t]
+    problems = []
+    for (i, a), (j, b) in zip(kept, kept[1:]):
+        tail, head = _whitespace_tail(a), _whitespace_head(b)
+        where = f"turns[{j}]" + (" (after its template)" if texts[j] != episode.turns[j].text else "")
+        if tail not in ("", "\n"):
+            field, message = f"turns[{i}].text", (
+                f"ends in {tail!r} before turns[{j}]: byte-level BPE joins trailing whitespace to what follows "
+                f"(\"Guess: \" + \"crane\" is \" crane\" in the whole text, but a lone space and \"cr\" \"ane\" "
+                "with each turn encoded on its own); end the turn in one newline or in no whitespace, and start "
+                "the next turn with the one space it needs")
+        elif head and head != " " or b == " ":
+            field, message = f"turns[{j}].text", (
+                f"starts with {head!r} after turns[{i}] ends in {a[-1]!r}: byte-level BPE joins runs of "
+                f"whitespace and newlines across the boundary in the whole text; start {where} with at most "
+                "one space, and end the turn before it in one newline")
+        elif not tail and not head:
+            field, message = f"turns[{j}].text", (
+                f"starts with {b[0]!r} right after turns[{i}] ends in {a[-1]!r}, with no whitespace between "
+                "them: BPE may join the two turns' characters into one token in the whole text; end "
+                f"turns[{i}] in a newline or start {where} with one space")
+        else:
+            continue
+        problems.append(Problem(episode.file, episode.line, field, message))
+    return problems
+
+
+_BYTE_LENGTHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _byte_lengths(tokenizer) -> np.ndarray:
+    """int64 [vocab_size]: bytes each token decodes to (cached per tokenizer)."""
+    lengths = _BYTE_LENGTHS.get(tokenizer)
+    if lengths is None:
+        lengths = np.array([len(p) for p in token_bytes(tokenizer)], np.int64)
+        _BYTE_LENGTHS[tokenizer] = lengths
+    return lengths
+
+
+def actions_encoded_apart(episode: Episode, tokenized: TokenizedEpisode, tokenizer, config: MDPConfig) -> list[int]:
+    """Indices j of the action turns whose tokens (each turn encoded on its own, ``tokenize_episode``)
+    are not the tokens the whole templated text, encoded at once, has over the same bytes: the
+    measured size of the boundary effect. Empty for a tokenizer that does not join across turns."""
+    if not joins_across_turns(tokenizer):
+        return []
+    lengths = _byte_lengths(tokenizer)
+    apart_ids = tokenized.tokens[1:]
+    whole = np.asarray(tokenizer.encode("".join(templated_texts(episode, config))), np.int64)
+    whole_ends = np.cumsum(lengths[whole])
+    whole_starts = whole_ends - lengths[whole]
+    apart_ends = np.concatenate([[0], np.cumsum(lengths[apart_ids])])  # byte offset after each token
+    turn_starts = np.concatenate([[0], np.cumsum(tokenized.turn_lengths)])  # token offset of each turn
+    differ = []
+    for j in np.flatnonzero(tokenized.turn_is_action):
+        t0, t1 = turn_starts[j], turn_starts[j + 1]
+        b0, b1 = apart_ends[t0], apart_ends[t1]
+        k0 = np.flatnonzero(whole_starts == b0)
+        k1 = np.flatnonzero(whole_ends == b1)
+        same = (len(k0) and len(k1) and k1[0] + 1 - k0[0] == t1 - t0
+                and np.array_equal(whole[k0[0]:k1[0] + 1], apart_ids[t0:t1]))
+        if not same:
+            differ.append(int(j))
+    return differ
 
 
 def _quote_chars(chars: str, limit: int = 10) -> str:
