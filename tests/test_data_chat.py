@@ -164,3 +164,82 @@ def test_action_text_rules():
     assert mdp.action_text("crane\nmore", chat, "\n") == "crane\n"
     assert mdp.action_text("", chat, "\n") == "\n"
     assert chat_lib.message_content("crane\n") == "crane" and chat_lib.message_content("a\n\n") == "a\n"
+
+
+def bigram_params(config, transitions, rng):
+    """Parameters of a model that greedily continues token t with u for each (t, u) of transitions: every
+    layer's weights zero (the residual stream is the embedding), an untied unembedding whose column u is
+    the direction of embedding t. [V_pad, d] embedding, [d, V_pad] lm_head."""
+    v, d = config.padded_vocab_size, config.d_model
+    embed = rng.normal(size=(v, d)).astype(np.float32)
+    head = np.zeros((d, v), np.float32)
+    for t, u in transitions:
+        head[:, u] += 8.0 * embed[t] / np.linalg.norm(embed[t])
+    return embed, head
+
+
+def test_sampler_generates_the_training_action_tokens(smollm2):
+    """The real acting path (`evaluate.generate_actions`: prompt, `Sampler.generate` to the end-of-turn
+    token, which is SmolLM2's EOS and still emitted, `mdp.action_text`) of a model made to emit each
+    training action's tokens generates exactly the mask's span and hands the environment the episode's
+    action text, turn after turn."""
+    import flax.linen as nn
+    import jax
+
+    from qsft_jax.evaluate import generate_actions, suppressed_token_ids
+    from qsft_jax.models import Transformer, get_preset
+    from qsft_jax.sampler import Sampler
+
+    data_config = DataConfig(max_length=1024, format="chat", system_prompt="Play Wordle.",
+                             reward_transform="terminal_return:-6,0")
+    config = get_preset("tiny-llama", vocab_size=smollm2.vocab_size, d_model=32, num_heads=2, num_kv_heads=1,
+                        head_dim=16, mlp_dim=32, num_layers=1, tie_embeddings=False)
+    zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), nn.unbox(jax.eval_shape(
+        Transformer(config).init, jax.random.key(0), *[np.zeros((1, 1), np.int32)] * 2, np.ones((1, 1), np.int32))))
+    sampler = Sampler(config, cache_len=256, min_prompt_bucket=128, pad_id=smollm2.pad_id)
+    stops = mdp.action_stops(smollm2, data_config.mdp, "\n")
+    suppress = suppressed_token_ids(smollm2, None, keep=stops.token_ids)
+    assert stops.token_ids == (smollm2.eos_id,) and smollm2.eos_id not in suppress
+    rng = np.random.default_rng(0)
+    for raw in generate_episodes("wordle", 2, seed=3):
+        batch = episodes_to_batch([raw], data_config, smollm2, pack=False)
+        tokens, mask = batch["tokens"][0], batch["action_mask"][0]
+        history = []
+        for turn in raw["turns"]:
+            if not turn["action"]:
+                history.append({"text": turn["text"], "action": False})
+                continue
+            prompt = mdp.prompt_tokens(history, smollm2, data_config.mdp)
+            start = len(prompt)
+            span = tokens[start:start + int(np.argmin(mask[start:]))].tolist()
+            assert tokens[:start].tolist() == prompt and span[-1] == smollm2.eos_id
+            chain = [prompt[-1]] + span
+            embed, head = bigram_params(config, zip(chain[:-1], chain[1:]), rng)
+            params = {"params": {**zeros["params"], "embed": {"embedding": embed}, "lm_head": {"kernel": head},
+                                 "final_norm": {"scale": np.ones(config.d_model, np.float32)}}}
+            generated = sampler.generate(params, None, [prompt], beta=0.0, greedy=True, max_new_tokens=16,
+                                         stop_token_ids=stops.token_ids, suppress_token_ids=suppress)[0]
+            assert generated == span
+            [action] = generate_actions(sampler, params, None, [prompt], smollm2, data_config, "\n", beta=0.0,
+                                        greedy=True, max_new_tokens=16, suppress_token_ids=suppress)
+            assert action == turn["text"]
+            history.append({"text": action, "action": True})
+
+
+def test_validate_in_chat_format(smollm2, tmp_path):
+    """validate_paths (what `python -m qsft_jax.data validate --format chat` runs) tokenises chat data;
+    the command refuses a character tokenizer in chat format, naming the field."""
+    import json
+    import subprocess
+    import sys
+
+    from qsft_jax.data.loading import validate_paths
+
+    path = tmp_path / "wordle.jsonl"
+    path.write_text("".join(json.dumps(ep) + "\n" for ep in generate_episodes("wordle", 4, seed=1)))
+    config = DataConfig(max_length=100, format="chat", system_prompt="Play.", reward_transform="terminal_return:-6,0")
+    problems, summary = validate_paths(str(path), config, smollm2)
+    assert problems == [] and summary.read == 4 and summary.kept == 4 and summary.truncated >= 1
+    result = subprocess.run([sys.executable, "-m", "qsft_jax.data", "validate", str(path), "--format", "chat",
+                             "--reward-transform", "terminal_return:-6,0"], capture_output=True, text=True)
+    assert result.returncode == 1 and "data.format='chat'" in result.stderr and "character" in result.stderr
