@@ -32,8 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from qsft_jax.data import mdp
-from qsft_jax.data.episodes import Episode, Problem
+from qsft_jax.data.episodes import Episode
 from qsft_jax.errors import ConfigError
 
 PROBE_CONTENT = "probe"
@@ -249,10 +248,13 @@ def turn_structure(chat: ChatTokens) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tokenize_chat_episode(
-    episode: Episode, turn_rewards: np.ndarray, tokenizer, config: mdp.MDPConfig
-) -> tuple[mdp.TokenizedEpisode | None, list[Problem]]:
-    """``mdp.tokenize_episode`` in chat format. turn_rewards: float [T] (transformed) of the episode's turns;
-    the result's turns are ``turn_structure``'s, each action turn carrying its message's reward."""
+    episode: Episode, turn_rewards: np.ndarray, tokenizer, config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The chat-format fields of ``mdp.tokenize_episode``'s ``TokenizedEpisode`` (which wraps them, with
+    the episode's done flag): (tokens int32 [n], turn_lengths int64 [T'], turn_is_action bool [T'],
+    turn_rewards float64 [T']). config: the ``mdp.MDPConfig`` (its chat_template and system_prompt);
+    turn_rewards: float [T] (transformed) of the episode's turns. The turns are ``turn_structure``'s,
+    each action turn carrying its message's reward."""
     r = renderer(tokenizer, config.chat_template, config.system_prompt)
     turns = [(t.text, t.action) for t in episode.turns]
     try:
@@ -262,4 +264,4 @@ def tokenize_chat_episode(
     lengths, is_action = turn_structure(chat)
     rewards = np.zeros(len(lengths), np.float64)
     rewards[is_action] = np.asarray(turn_rewards, np.float64)[[t.action for t in episode.turns]]
-    return mdp.TokenizedEpisode(chat.tokens, lengths, is_action, rewards, episode.done), []
+    return chat.tokens, lengths, is_action, rewards

@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from qsft_jax.data import chat
 from qsft_jax.data.episodes import Episode, Problem, Turn
 
 # key -> (dtype, padding value). The order is the order of docs/architecture.md.
@@ -137,9 +138,8 @@ def tokenize_episode(
     rendered by the chat template (``chat.tokenize_chat_episode``). turn_rewards: float [T] (already
     transformed)."""
     if config.format == "chat":
-        from qsft_jax.data import chat
-
-        return chat.tokenize_chat_episode(episode, turn_rewards, tokenizer, config)
+        tokens, lengths, is_action, rewards = chat.tokenize_chat_episode(episode, turn_rewards, tokenizer, config)
+        return TokenizedEpisode(tokens, lengths, is_action, rewards, episode.done), []
     texts = [(config.action_template if t.action else config.observation_template).format(text=t.text) for t in episode.turns]
     ids, lengths = encode_turns(tokenizer, texts)
     is_action = np.array([t.action for t in episode.turns], dtype=bool)
@@ -164,8 +164,6 @@ def tokenize_episode(
 def check_format(tokenizer, config: MDPConfig) -> None:
     """Raises ConfigError when the tokenizer cannot tokenise this format (chat: no chat template)."""
     if config.format == "chat":
-        from qsft_jax.data import chat
-
         chat.renderer(tokenizer, config.chat_template, config.system_prompt)
 
 
@@ -176,8 +174,6 @@ def prompt_tokens(history: Sequence[Mapping[str, Any]], tokenizer, config: MDPCo
     prompt, which is the training conversation's tokens up to the next action."""
     turns = [(str(t["text"]), bool(t["action"])) for t in history]
     if config.format == "chat":
-        from qsft_jax.data import chat
-
         return chat.prompt_tokens(turns, chat.renderer(tokenizer, config.chat_template, config.system_prompt))
     episode = Episode(turns=tuple(Turn(text, action) for text, action in turns), done=False)
     tokenized, problems = tokenize_episode(episode, np.zeros(len(turns)), tokenizer, config)
@@ -197,8 +193,6 @@ class ActionStops:
 def action_stops(tokenizer, config: MDPConfig, env_stop: str) -> ActionStops:
     """Plain: the environment's stop string; chat: the template's end-of-turn token."""
     if config.format == "chat":
-        from qsft_jax.data import chat
-
         return ActionStops((chat.renderer(tokenizer, config.chat_template, config.system_prompt).eot_id,), ())
     return ActionStops((), (env_stop,))
 
@@ -209,8 +203,6 @@ def action_text(generated_text: str, config: MDPConfig, env_stop: str) -> str:
     message content (the decoded tokens before the end-of-turn token); it is cut before its first
     env_stop and env_stop is appended, so the environment sees what the same action is in plain format."""
     if config.format == "chat":
-        from qsft_jax.data import chat
-
         return chat.action_text(generated_text, env_stop)
     if env_stop and env_stop in generated_text:
         generated_text = generated_text[:generated_text.index(env_stop) + len(env_stop)]
