@@ -243,3 +243,21 @@ def test_validate_in_chat_format(smollm2, tmp_path):
     result = subprocess.run([sys.executable, "-m", "qsft_jax.data", "validate", str(path), "--format", "chat",
                              "--reward-transform", "terminal_return:-6,0"], capture_output=True, text=True)
     assert result.returncode == 1 and "data.format='chat'" in result.stderr and "character" in result.stderr
+
+
+def test_template_from_a_file(llama3, tmp_path):
+    path = tmp_path / "llama3.jinja"
+    path.write_text(LLAMA3_TEMPLATE)
+    inline = mdp.MDPConfig(max_length=512, format="chat", chat_template=LLAMA3_TEMPLATE)
+    from_file = mdp.MDPConfig(max_length=512, format="chat", chat_template=f"file:{path}")
+    history = [{"text": "Wordle.\n", "action": False}, {"text": "crane\n", "action": True},
+               {"text": "b y b b g\n", "action": False}]
+    tokens = mdp.prompt_tokens(history, llama3, from_file)
+    assert tokens == mdp.prompt_tokens(history, llama3, inline)
+    assert llama3.decode(tokens) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWordle.<|eot_id|>"
+                                     "<|start_header_id|>assistant<|end_header_id|>\n\ncrane<|eot_id|>"
+                                     "<|start_header_id|>user<|end_header_id|>\n\nb y b b g<|eot_id|>"
+                                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    missing = mdp.MDPConfig(max_length=512, format="chat", chat_template=f"file:{tmp_path}/none.jinja")
+    with pytest.raises(ConfigError, match="data.chat_template: cannot read"):
+        mdp.prompt_tokens(history, llama3, missing)

@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from qsft_jax import storage
 from qsft_jax.data.episodes import Episode
 from qsft_jax.errors import ConfigError
 
@@ -77,8 +78,6 @@ def resolve_template(tokenizer, chat_template: str) -> str:
             "tokenizer); use a Hugging Face tokenizer (tokenizer=smollm2, hf:PATH or gguf:PATH) or "
             "data.format='plain'")
     if chat_template.startswith("file:"):
-        from qsft_jax import storage
-
         path = chat_template[len("file:"):]
         try:
             return storage.path(path).read_text()
