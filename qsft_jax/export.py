@@ -263,7 +263,8 @@ def extraction_record(loaded: run_lib.Run, phase: str, theta_step: int | None, l
                      "chat_template": chat.resolve_template(tokenizer, data.chat_template),
                      "rule": "the chat template's rendering of the history (observations user messages, "
                              "actions assistant messages, each turn's text without one trailing newline) "
-                             "with the generation prompt, encoded at once"}
+                             "with the generation prompt, its text cut at the start and end of each assistant "
+                             "content and the pieces encoded separately"}
   return {
       "policy": "pi(a | s) proportional to pi_phi(a | s) * exp(beta * p_theta(a | s))",
       "scores": "log_softmax(z_phi) + beta * softmax(z_theta), over the real vocabulary (ids < vocab_size); "
