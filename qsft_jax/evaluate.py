@@ -2,7 +2,7 @@
 
     python -m qsft_jax.evaluate --workdir=DIR [--episodes N] [--seed S] [--betas 0,1,4,16]
         [--batch_size B] [--max_new_tokens T] [--temperature 0] [--no_ratio] [--dataset_mean_return X]
-        [--allow_unfinished]
+        [--methods bc,qsft,control,filtered_bc,mc,ilql] [--allow_unfinished]
 
 A run whose phases have not all reached their configured steps (no DONE marker) is refused, naming
 each such phase, its checkpoint step and its steps; --allow_unfinished evaluates its latest
@@ -38,8 +38,8 @@ Writes DIR/eval/results.json:
 
     {"env": NAME, "episodes": N, "dataset_mean_return": x,
      "policies": {NAME: {"mean_return": x, "stderr": x, "success_rate": x, "beta": x}},
-     "checkpoint_steps": {"phi": n, "theta": n, "theta_bar": n, "control": n, "filtered_bc": n, "mc": n,
-                          "ilql": n},
+     "checkpoint_steps": {"phi": n, "theta": n, "theta_bar": n, "control": n[, "filtered_bc": n]
+                          [, "mc": n, "ilql": n]},
      "unfinished_phases": [{"phase": NAME, "step": n, "steps": n}],
      "value_correlation": {"qsft" | "control": {"all_turns": x, "turn0": x}}}
 
@@ -467,8 +467,8 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   unfinished = [p for p in run_lib.phase_progress(loaded.workdir, config) if not p.done]
   steps = {"phi": loaded.behaviour_step, "theta": loaded.theta_step, "theta_bar": loaded.target_step,
            "control": loaded.control_step if control_params is not None else None,
-           "filtered_bc": loaded.filtered_bc_step if filtered_bc_params is not None else None,
-           **{p: heads[p]["step"] if p in heads else None for p in HEADS_METHODS}}
+           **({"filtered_bc": loaded.filtered_bc_step} if filtered_bc_params is not None else {}),
+           **{p: heads[p]["step"] for p in heads}}
   if jax.process_index() == 0:
     print(f"evaluate: {loaded.workdir}: {episodes} episodes per policy ("
           f"{', '.join(s['name'] for s in specs)}); checkpoint steps "
@@ -537,6 +537,8 @@ def define_flags() -> flags.FlagValues:
                     flag_values=fv)
   flags.DEFINE_float("dataset_mean_return", None, "The dataset's mean return [read from the run's "
                      "training data].", flag_values=fv)
+  flags.DEFINE_list("methods", None, f"Comma-separated methods to play, among {','.join(METHODS)} "
+                    "[every method whose phase the run has].", flag_values=fv)
   flags.DEFINE_bool("allow_unfinished", False, "Evaluate the latest checkpoints of phases that have "
                     "not reached their configured steps (refused without it).", flag_values=fv)
   return fv
@@ -551,10 +553,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     betas = None if fv.betas is None else [float(b) for b in fv.betas if b.strip()]
   except ValueError:
     cli.usage_error(prog, f"--betas={','.join(fv.betas)}: not a comma-separated list of numbers")
+  unknown = sorted(set(fv.methods or ()) - set(METHODS))
+  if unknown:
+    cli.usage_error(prog, f"--methods={','.join(fv.methods)}: {unknown[0]!r} is not one of {','.join(METHODS)}")
   results = evaluate_workdir(fv.workdir, episodes=fv.episodes, seed=fv.seed, betas=betas,
                 ratio=fv.ratio, batch_size=fv.batch_size, max_new_tokens=fv.max_new_tokens,
                 temperature=fv.temperature, dataset_return=fv.dataset_mean_return,
-                allow_unfinished=fv.allow_unfinished)
+                allow_unfinished=fv.allow_unfinished, methods=fv.methods)
   print(results_markdown(results))
   print(f"wrote {os.path.join(fv.workdir, 'eval', 'results.json')}")
   return 0

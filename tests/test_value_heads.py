@@ -113,7 +113,7 @@ def test_losses_match_numpy_on_random_batches(random_case):
   n = losses.action_token_count(jb["action_mask"])
   one_head = {"params": {k: v[:1] if k.startswith("q") else v for k, v in heads["params"].items()}}
   want_mc, _ = np_losses(h, one_head, heads_lib.q_part(one_head), batch, VOCAB, 0.7, 0.3)
-  mc, _ = losses.mc_heads_loss(jnp.asarray(h), one_head, jb, n)
+  mc, _ = losses.mc_heads_loss(jnp.asarray(h), one_head, jb, n, vocab_size=VOCAB, chunk_size=7)
   np.testing.assert_allclose(float(mc), want_mc, rtol=1e-5)
   _, want_ilql = np_losses(h, heads, target, batch, VOCAB, 0.7, 0.3)
   for chunk in (4, 7, 64):  # chunks that do not divide L = 29, and one chunk
@@ -191,7 +191,8 @@ def train_mc(batch, one_hot):
 
   def step(carry, _):
     heads, opt_state = carry
-    grads = jax.grad(lambda p: losses.mc_heads_loss(one_hot, p, batch, n)[0])(heads)
+    loss = lambda p: losses.mc_heads_loss(one_hot, p, batch, n, vocab_size=VOCAB, chunk_size=3)[0]
+    grads = jax.grad(loss)(heads)
     updates, opt_state = opt.update(grads, opt_state)
     return (optax.apply_updates(heads, updates), opt_state), None
 
