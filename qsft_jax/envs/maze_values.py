@@ -140,7 +140,8 @@ def exact_values(env: MazeEnv, policy: Any, gamma_turn: float, reward_transform:
     if not 0.0 <= gamma_turn <= 1.0:
         raise ValueError(f"gamma_turn must be in [0, 1], got {gamma_turn}")
     terminal = transform.kind == "terminal_return"
-    scale = (transform.high - transform.low) * transform.horizon(gamma_turn) if transform.kind == "affine" else 1.0
+    affine = transform.kind == "affine"
+    scale = (transform.high - transform.low) * transform.horizon(gamma_turn) if affine else 1.0
     behaviour = {cell: np.array([policy.move_probabilities(env, cell).get(m, 0.0) for m in MOVES])
                  for cell in env.free - {env.goal}}
     for cell, p in behaviour.items():
