@@ -165,3 +165,18 @@ def test_config_checks_name_the_field():
             config_lib.check_config(config, 8)
     config.filtered_bc.top_fraction = 0.1
     config_lib.check_config(config, 8)
+
+
+def test_a_selection_smaller_than_the_data_shards_is_a_config_error(tmp_path):
+    from qsft_jax import config_lib
+    from qsft_jax import main as main_lib
+    from qsft_jax.errors import ConfigError
+
+    config = config_lib.load_config_file(tu.TINY)
+    config.phases = ("bc", "filtered_bc")
+    config.data_shards = 8
+    config.filtered_bc.top_fraction = 0.01
+    with pytest.raises(ConfigError, match=r"config.filtered_bc.top_fraction: 0.01 keeps \d episodes, fewer than "
+                                          r"the 8 data shards"):
+        main_lib.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "config.json")  # refused before the run's writes
