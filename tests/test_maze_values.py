@@ -215,3 +215,12 @@ def test_stitching_task_data_cover_the_short_route_and_filtered_bc_sees_no_start
     assert selection.kept == 235 and selection.threshold == 1.0
     kept_cells = {cell for i in selection.indices for cell in cells_of[int(i)]}
     assert kept_cells == {(0, 4), (2, 4)}
+
+
+def test_command_line_prints_the_values(capsys):
+    from qsft_jax.envs import maze_values
+
+    assert maze_values.main(["maze_values", f"--config={os.path.join(REPO, 'configs', 'maze_stitch_cpu.py')}"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy Q^beta: -10.500 (transformed 0.0280)" in out
+    assert "start 0,1: optimal -4.00, greedy Q^beta -12.00, behaviour -16.41; argmax Q* r, argmax Q^beta l" in out

@@ -275,10 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     cli.parse(fv, argv, prog="python -m qsft_jax.envs.maze_values", doc=main.__doc__, required=["config"])
     values = config_values(fv.config)
     print(values.summary())
-    for d in values.start_disagreements():
-        cell = d.state[0]
-        print(f"start {cell[0]},{cell[1]}: optimal {'/'.join(d.optimal_moves)}, greedy Q^beta "
-              f"{'/'.join(d.q_beta_moves)}")
+    disagree = {d.state[0]: d for d in values.start_disagreements()}
+    for cell, returns in values.by_start.items():
+        line = (f"start {cell[0]},{cell[1]}: optimal {returns['optimal'].original:.2f}, greedy Q^beta "
+                f"{returns['greedy_q_beta'].original:.2f}, behaviour {returns['behaviour'].original:.2f}")
+        if cell in disagree:
+            d = disagree[cell]
+            line += f"; argmax Q* {'/'.join(d.optimal_moves)}, argmax Q^beta {'/'.join(d.q_beta_moves)}"
+        print(line)
     return 0
 
 
