@@ -68,6 +68,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -222,12 +223,18 @@ def trainer_config(argv: Sequence[str]):
     raise UserError(f"trainer command {' '.join(argv[1:])}: {e}") from None
 
 
+def shell_command(argv: Sequence[str]) -> str:
+  """argv (the program first, as one string such as "python -m qsft_jax.main") as a shell would take it."""
+  return " ".join([argv[0], *(shlex.quote(a) for a in argv[1:])])
+
+
 def budget_parity(config) -> list[str]:
   """The baselines' steps and batch: filtered_bc as bc (both from theta_0), mc and ilql as qsft."""
   out = [f"--config.filtered_bc.steps={config.bc.steps}",
          f"--config.filtered_bc.batch_size={config.bc.batch_size}"]
   for phase in ("mc", "ilql"):
-    out += [f"--config.{phase}.steps={config.qsft.steps}", f"--config.{phase}.batch_size={config.qsft.batch_size}"]
+    out += [f"--config.{phase}.steps={config.qsft.steps}",
+            f"--config.{phase}.batch_size={config.qsft.batch_size}"]
   return out
 
 
@@ -252,7 +259,7 @@ def train(config_path: str, training: Training, workdir: str, seed: int, sets: S
     if checkpoints.is_done(workdir, phase):
       continue
     argv = [*base, phases(i + 1), *extra]
-    print(f"{PROG}: train {workdir} {phase}: {' '.join(argv)}", flush=True)
+    print(f"{PROG}: train {workdir} {phase}: {shell_command(argv)}", flush=True)
     start = time.time()
     trainer.run(trainer_config(argv), workdir)
     timings.record(f"train/{training.name}/{phase}", time.time() - start)
@@ -308,7 +315,7 @@ def evaluate_method(loaded: run_lib.Run, m: Method, settings: dict, dataset_retu
     theta, target, suffix = ((loaded.control_params, None, "_control") if m.method == "control"
                              else (loaded.theta_params, loaded.target_params, ""))
     d = diagnostics.heldout_value_diagnostics(loaded.with_theta(theta, target), suffix)
-    out["diagnostics"] = {"correlation": d["correlation"], "first_turn_correlation": d["first_turn_correlation"]}
+    out["diagnostics"] = {k: d[k] for k in ("correlation", "first_turn_correlation")}
   return out
 
 
@@ -366,6 +373,22 @@ def fmt_betas(betas: Sequence[float | None]) -> str:
   return "-" if betas[0] is None else ", ".join(f"{b:g}" for b in betas)
 
 
+def phase2_settings(config) -> str:
+  """The phase-2 settings of a workdir's config, in one line."""
+  q = config.qsft
+  update = f"target copy every {q.target_update_every} steps" if q.target_update_every else f"Polyak tau {q.tau}"
+  return (f"{q.steps} steps, targets_mode {q.targets_mode}, {update}, mc_mix {q.mc_mix}, n_step {q.n_step}, "
+          f"support_min {q.support_min}, dummy_token {q.dummy_token}, theta_init {q.theta_init}")
+
+
+def baseline_settings(config) -> str:
+  """The baselines' settings of the main workdir's config, in one line."""
+  fb, mc, il = config.filtered_bc, config.mc, config.ilql
+  return (f"filtered BC: top_fraction {fb.top_fraction}, {fb.steps} steps; MC: trunk {mc.trunk}, {mc.steps} "
+          f"steps; ILQL: trunk {il.trunk}, expectile {il.expectile}, cql_alpha {il.cql_alpha}, tau {il.tau}, "
+          f"{il.steps} steps; batch {config.qsft.batch_size} x {config.data.max_length} tokens")
+
+
 def column_markdown(data: dict) -> str:
   rows, exact = data["rows"], data["exact"]
   ev = data["evaluation"]
@@ -378,14 +401,18 @@ def column_markdown(data: dict) -> str:
   if exact:
     lines += [f"Exact (dynamic programming): optimal return {exact['optimal']:.2f}, the policy greedy in "
               f"Q^beta {exact['greedy_q_beta']:.2f}.", ""]
-  lines += ["| method | mean return | per seed | beta per seed | value corr. (all turns) | value corr. (turn 0) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+  labels = {"main": ROW_LABELS["qsft"] + " and the control", "qsft_paper": ROW_LABELS["qsft_paper"],
+            "qsft_mc1": ROW_LABELS["qsft_mc1"], "baselines": "Baselines"}
+  lines += [f"- {labels[w]}: {text}" for w, text in data["phase2_settings"].items()] + [""]
+  lines += ["| method | mean return | per seed | beta per seed | value corr. (all turns) | "
+            "value corr. (turn 0) |", "| --- | --- | --- | --- | --- | --- |"]
   for key in ROW_ORDER:
     r = rows[key]
     corr = [f"{r[k][0]:.2f}" + ("" if math.isnan(r[k][1]) else f" +- {r[k][1]:.2f}") if k in r else "-"
             for k in ("all_turns", "turn0")]
     seeds = ", ".join(f"{v:.2f}" for v in r["returns"])
-    lines.append(f"| {ROW_LABELS[key]} | {fmt_mean(r)} | [{seeds}] | {fmt_betas(r['betas'])} | {' | '.join(corr)} |")
+    lines.append(f"| {ROW_LABELS[key]} | {fmt_mean(r)} | [{seeds}] | {fmt_betas(r['betas'])} | "
+                 f"{' | '.join(corr)} |")
   lines += ["", "Wall time (minutes) per seed: " + "; ".join(
       f"seed {s}: training {t['train'] / 60:.1f}, evaluation {t['eval'] / 60:.1f}"
       for s, t in data["minutes_by_seed"].items()) + " (`timings.json` in each seed's folder).", ""]
@@ -395,14 +422,18 @@ def column_markdown(data: dict) -> str:
 def run_column(column: Column, config_path: str, seeds: Sequence[int], root: str, out: str,
                settings: dict, sets: Sequence[str], command: str) -> dict:
   """Trains and evaluates every method of `column` for each seed, then writes OUT/table_COLUMN.{md,json}."""
-  per_seed, commands, minutes = {}, {}, {}
+  per_seed, commands, minutes, settings_by_workdir = {}, {}, {}, {}
   for seed in seeds:
     seed_dir = os.path.join(root, column.name, f"seed{seed}")
     timings = Timings(os.path.join(seed_dir, "timings.json"))
     workdirs = {t.name: os.path.join(seed_dir, t.name) for t in TRAININGS}
-    commands[seed] = [" ".join(train(config_path, t, workdirs[t.name], seed, sets, timings, workdirs["main"]))
-                      for t in TRAININGS]
+    commands[seed] = [shell_command(train(config_path, t, workdirs[t.name], seed, sets, timings,
+                                          workdirs["main"])) for t in TRAININGS]
     config = run_lib.read_config(workdirs["main"])
+    if not settings_by_workdir:
+      settings_by_workdir.update({t.name: phase2_settings(run_lib.read_config(workdirs[t.name]))
+                                  for t in TRAININGS})
+      settings_by_workdir["baselines"] = baseline_settings(config)
     eval_settings = {**settings, "seed": int(config.eval.seed)}
     paths = evaluate.training_data_paths(workdirs["main"], config)
     dataset_return = evaluate.dataset_mean_return(paths, run_lib.data_config_from(config))
@@ -424,7 +455,7 @@ def run_column(column: Column, config_path: str, seeds: Sequence[int], root: str
   data = {"column": column.name, "title": column.title, "config": column.config, "command": command,
           "seeds": list(seeds), "evaluation": {k: v for k, v in settings.items()},
           "trainer_commands": commands, "exact": exact, "rows": summarize_rows(per_seed),
-          "per_seed": per_seed, "minutes_by_seed": minutes}
+          "per_seed": per_seed, "minutes_by_seed": minutes, "phase2_settings": settings_by_workdir}
   os.makedirs(out, exist_ok=True)
   text = column_markdown(data)
   with open(os.path.join(out, f"table_{column.name}.md"), "w") as f:
@@ -438,7 +469,7 @@ def run_column(column: Column, config_path: str, seeds: Sequence[int], root: str
 # The one table: every column
 
 
-BEGIN = "<!-- results-table:begin (python scripts/results.py --assemble writes this part; reruns replace it) -->"
+BEGIN = "<!-- results-table:begin (scripts/results.py --assemble writes this part; reruns replace it) -->"
 END = "<!-- results-table:end -->"
 
 
@@ -466,7 +497,8 @@ def statements(columns: Sequence[dict]) -> list[str]:
       lines.append(f"- {data['title']}: {comparison(data, q, 'ilql')}")
   stitch = [d for d in columns if d["column"] == "maze_stitch"]
   if stitch:
-    lines += ["", "Stitching task, bootstrapped Q-SFT against return weighting and imitation of the best episodes:"]
+    lines += ["", "Stitching task, bootstrapped Q-SFT against return weighting and imitation of the best "
+              "episodes:"]
     for q in ("qsft_paper", "qsft"):
       for other in ("qsft_mc1", "mc", "filtered_bc"):
         lines.append(f"- {comparison(stitch[0], q, other)}")
@@ -602,12 +634,13 @@ def main(argv: list[str] | None = None) -> int:
       raise UserError(f"{config_path}: no such config file (column {column.name})")
     present = lambda name: args[name].present
     settings = {"episodes": args.episodes if present("episodes") else column.episodes,
-                "select_episodes": args.select_episodes if present("select_episodes") else column.select_episodes,
+                "select_episodes": (args.select_episodes if present("select_episodes")
+                                    else column.select_episodes),
                 "betas": parse_betas(args.betas) if present("betas") else list(COLUMN_BETAS)}
     if any(b <= 0 for b in settings["betas"]):
       cli.usage_error(PROG, "--betas: every beta must be > 0 (BC is its own row)")
     run_column(column, config_path, seeds, args.root, args.out, settings, sets,
-               " ".join([PROG, *argv[1:]]))
+               shell_command([PROG, *argv[1:]]))
     return 0
   return single_run(args)
 

@@ -61,7 +61,8 @@ def test_column_runs_every_row_writes_the_table_and_a_rerun_recomputes_nothing(t
   assert set(timings) == {f"train/{w}/{p}" for w, ps in trained.items() for p in ps} | {
       f"eval/{m.key}" for m in results.METHODS}
   configs = {w: json.loads((seed_dir / w / "config.json").read_text()) for w in trained}
-  assert (configs["qsft_paper"]["qsft"]["mc_mix"], configs["qsft_paper"]["qsft"]["theta_init"]) == (0.0, "phi_init")
+  paper = configs["qsft_paper"]["qsft"]
+  assert (paper["mc_mix"], paper["theta_init"], paper["targets_mode"]) == (0.0, "phi_init", "token")
   assert (configs["qsft_mc1"]["qsft"]["mc_mix"], configs["main"]["qsft"]["mc_mix"]) == (1.0, 0.5)
   assert [configs["main"][p]["steps"] for p in ("filtered_bc", "mc", "ilql")] == [4, 4, 4]
   assert not (seed_dir / "qsft_paper" / "filtered_bc").exists()
