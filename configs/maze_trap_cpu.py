@@ -14,6 +14,12 @@ evaluation episodes per policy and the held-out value diagnostics; settings from
 -20 (success 6%), the control at best -16.5 (beta 64), Q-SFT -8.3 +- 0.8 at beta 64 (success 95%),
 value correlation at the first turn about 0.9 for Q-SFT and about 0 for the control. The paper's
 phase-2 setting: `--config=configs/maze_trap_cpu.py:paper`.
+
+Exact values (`python -m qsft_jax.envs.maze_values --config=configs/maze_trap_cpu.py`, as maze_cpu.py):
+optimal -6.30 (transformed 0.2168), greedy in Q^beta -6.30 (0.2168), the behaviour -12.91 (0.1057); the
+argmax of Q^beta is optimal in every state. One step of policy improvement over this behaviour is already
+optimal, so Monte Carlo returns (return-weighted regression, qsft.mc_mix=1) can reach the optimum here
+without bootstrapping; configs/maze_stitch_cpu.py is the task where they cannot.
 """
 import os
 

@@ -22,6 +22,8 @@ def get_config():
   c.bc.warmup_steps = c.qsft.warmup_steps = 2
   for phase in (c.mc, c.ilql):  # --config.phases="('bc','mc','ilql')": the value-head baselines
     phase.steps, phase.batch_size, phase.warmup_steps = 8, 8, 2
+  # --config.phases="('bc','filtered_bc')": BC on the top 10% of episodes by return
+  c.filtered_bc.steps, c.filtered_bc.batch_size, c.filtered_bc.warmup_steps = 8, 8, 2
   c.loss.chunk_size = 64
   c.checkpoint.every_steps = 4
   c.log.every_steps = 4

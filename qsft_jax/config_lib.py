@@ -20,7 +20,7 @@ import ml_collections
 from qsft_jax.errors import ConfigError
 from qsft_jax.sharding import DEFAULT_RULES
 
-PHASES = ("bc", "qsft", "control", "mc", "ilql")
+PHASES = ("bc", "qsft", "control", "filtered_bc", "mc", "ilql")
 HEADS_PHASES = ("mc", "ilql")
 TRUNKS = ("phi", "train")
 TASKS = ("", "maze", "wordle", "chess", "twenty_questions")
@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   # passed to it when set.
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=0, process_id=-1))
-  # Phases to run, in order, from ("bc", "qsft", "control", "mc", "ilql"). "control" is the targets-equal-1
+  # Phases to run, in order, from ("bc", "qsft", "control", "filtered_bc", "mc", "ilql"). "control" is the targets-equal-1
   # baseline (docs/algorithm.md section 7): phase 2 again with every target 1 (BC on theta), the same
   # qsft.* settings, initialisation and batches, saved in WORKDIR/control/ and evaluated beside Q-SFT.
   c.phases = ("bc", "qsft")
@@ -153,6 +153,13 @@ def base_config() -> ml_collections.ConfigDict:
       # (never updated) it rounds the weights once.
       target_dtype="",
       behaviour_dtype=""))
+  # Filtered BC (LMRL-Gym's "%BC"; docs/algorithm.md section 9): phase 1's BC from the same initialisation
+  # (the pretrained weights or the random init of `seed`; with LoRA a new adapter over the same base) on
+  # the training episodes whose transformed first-action return (returns_to_go at the first action
+  # token) is at or above the (1 - top_fraction) quantile of all of them, ties kept. The selection is
+  # printed at start-up; evaluated as policy "filtered_bc" (its own parameters at beta 0, as BC acts).
+  c.filtered_bc = _optim(steps=300, batch_size=16, learning_rate=1e-3)
+  c.filtered_bc.top_fraction = 0.1  # in (0, 1]: 1 keeps every episode (plain BC on a new seed's batches)
   # Value-head baselines on the LM's final hidden state (docs/algorithm.md section 9), each a phase after
   # bc: "mc" regresses a Q head over the vocabulary and a V head on the Monte Carlo return-to-go; "ilql"
   # trains two Q heads against r + gamma V(s') with Polyak target copies, V by expectile regression
@@ -285,8 +292,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
   unknown = set(config.keys()) - known
   if unknown:
     _fail(sorted(unknown)[0], f"unknown field; known top-level fields: {', '.join(sorted(known))}")
-  for section in ("dataset", "data", "model", "mesh", "distributed", "bc", "qsft", "mc", "ilql", "loss",
-                  "nonfinite", "checkpoint", "log", "eval"):
+  for section in ("dataset", "data", "model", "mesh", "distributed", "bc", "qsft", "filtered_bc", "mc", "ilql",
+                  "loss", "nonfinite", "checkpoint", "log", "eval"):
     base = base_config()[section]
     extra = set(config[section].keys()) - set(base.keys())
     if section in ("data",):  # data fields are checked by DataConfig itself, which knows them all
@@ -310,6 +317,12 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
   for name in HEADS_PHASES:
     if name in phases and ("bc" not in phases or phases.index("bc") > phases.index(name)):
       _fail("phases", f"the {name} phase trains value heads on phi from the bc phase: put 'bc' before it")
+  if "filtered_bc" in phases:
+    if "bc" not in phases:
+      _fail("phases", "the filtered_bc phase is evaluated beside phase 1's BC (a run is read from its bc "
+            "phase): put 'bc' in phases too")
+    if not 0.0 < config.filtered_bc.top_fraction <= 1.0:
+      _fail("filtered_bc.top_fraction", f"must be in (0, 1]; got {config.filtered_bc.top_fraction}")
   if not config.data.path and not (config.task and config.dataset.generate):
     _fail("data.path", "is empty and no bundled task generates data (set data.path or task)")
   _check_data_fields(config)

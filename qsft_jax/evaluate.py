@@ -2,7 +2,7 @@
 
     python -m qsft_jax.evaluate --workdir=DIR [--episodes N] [--seed S] [--betas 0,1,4,16]
         [--batch_size B] [--max_new_tokens T] [--temperature 0] [--no_ratio] [--dataset_mean_return X]
-        [--allow_unfinished]
+        [--methods bc,qsft,control,filtered_bc,mc,ilql] [--allow_unfinished]
 
 A run whose phases have not all reached their configured steps (no DONE marker) is refused, naming
 each such phase, its checkpoint step and its steps; --allow_unfinished evaluates its latest
@@ -20,6 +20,7 @@ is sent as an empty line (the stop string).
 
 Policies (names in results.json):
 - "bc": extraction with beta = 0, i.e. pi_phi alone (theta never runs);
+- "filtered_bc": the same with the filtered_bc phase's parameters in phi's place, when the run has one;
 - "qsft_beta{b}": log_softmax(z_phi) + b * softmax(z_theta), for each b > 0 of --betas;
 - "ratio": greedy argmax of p_theta / pi_phi over pi_phi's support (qsft.support_min);
 - "control_beta{b}" and "control_ratio": the same with theta from the control phase (every target 1,
@@ -27,7 +28,8 @@ Policies (names in results.json):
 - "mc_beta{b}", "ilql_beta{b}": log_softmax(z_phi) + b * (Q - V) with the value heads of the mc / ilql
   phase (ILQL: the smaller of its target Q heads) on the decode step's hidden state, when the run
   has that phase (docs/algorithm.md section 9).
-`run(..., methods=...)` chooses among "bc", "qsft" (its betas and "ratio"), "control", "mc", "ilql".
+`run(..., methods=...)` chooses among "bc", "qsft" (its betas and "ratio"), "control", "filtered_bc",
+"mc", "ilql".
 No policy emits qsft.dummy_token (it carries 1 - w of the training targets, not an action).
 Without theta (only phase 1 done) only "bc" is played. Decoding is greedy by default
 (--temperature > 0 samples instead; "ratio" is always greedy).
@@ -36,7 +38,8 @@ Writes DIR/eval/results.json:
 
     {"env": NAME, "episodes": N, "dataset_mean_return": x,
      "policies": {NAME: {"mean_return": x, "stderr": x, "success_rate": x, "beta": x}},
-     "checkpoint_steps": {"phi": n, "theta": n, "theta_bar": n, "control": n, "mc": n, "ilql": n},
+     "checkpoint_steps": {"phi": n, "theta": n, "theta_bar": n, "control": n[, "filtered_bc": n]
+                          [, "mc": n, "ilql": n]},
      "unfinished_phases": [{"phase": NAME, "step": n, "steps": n}],
      "value_correlation": {"qsft" | "control": {"all_turns": x, "turn0": x}}}
 
@@ -84,7 +87,7 @@ from qsft_jax.sampler import Sampler
 
 DEFAULT_BETAS = (0.0, 1.0, 4.0, 16.0)
 # The methods `run` can play, each from its phase's parameters.
-METHODS = ("bc", "qsft", "control", "mc", "ilql")
+METHODS = ("bc", "qsft", "control", "filtered_bc", "mc", "ilql")
 HEADS_METHODS = ("mc", "ilql")
 SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, as the trainer exits on preemption
 
@@ -163,12 +166,18 @@ def suppressed_token_ids(tokenizer, dummy_token: int | None = None) -> list[int]
 
 
 def policy_specs(betas: Sequence[float], ratio: bool = True, have_theta: bool = True,
-                 have_control: bool = False, heads: Sequence[str] = ()) -> list[dict]:
+                 have_control: bool = False, heads: Sequence[str] = (), have_filtered_bc: bool = False
+                 ) -> list[dict]:
   """[{"name", "mode", "beta", "theta"}]: "bc" for beta 0, "qsft_beta{b}" for each b > 0, then
   "ratio"; with the control, "control_beta{b}" and "control_ratio" after them; then "{phase}_beta{b}"
   (mode "heads") for each value-head phase of `heads` ("mc", "ilql"). "theta" names the parameters a
-  policy reads ("theta", "control", or the heads' phase). Without theta, control and heads only "bc"."""
+  policy reads ("theta", "control", or the heads' phase). Without theta, control and heads only "bc".
+  have_filtered_bc: "filtered_bc" after "bc", acting as BC does with "behaviour": "filtered_bc" (the
+  filtered_bc phase's parameters in phi's place)."""
   specs = [{"name": "bc", "mode": "extract", "beta": 0.0, "theta": "theta"}]
+  if have_filtered_bc:
+    specs.append({"name": "filtered_bc", "mode": "extract", "beta": 0.0, "theta": "theta",
+                  "behaviour": "filtered_bc"})
   for b in betas:
     if b < 0:
       raise ValueError(f"beta={b} must be >= 0")
@@ -224,13 +233,16 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
                       dataset_mean_return: float | None = None, mesh=None, rules=None,
                       sampler: Sampler | None = None, record: dict | None = None,
                       control_params=None, interrupt: Callable[[str], None] | None = None,
-                      lora=None, heads: Mapping[str, Mapping] | None = None) -> dict:
+                      lora=None, heads: Mapping[str, Mapping] | None = None,
+                      filtered_bc_params=None) -> dict:
   """Plays `episodes` episodes (seeds seed .. seed + episodes - 1) with every policy of `policies`
   ({"name", "mode", "beta"}, see `policy_specs`) and returns the results.json dict.
 
   data_config: the training data config (templates, max_length); temperature 0 = greedy.
   `record`, when a dict, receives each policy's played episodes (name -> list of episode dicts).
   control_params: theta of the control phase, read by specs with "theta": "control".
+  filtered_bc_params: the filtered_bc phase's parameters, read in phi's place by specs with
+    "behaviour": "filtered_bc".
   heads: {phase: {"heads", "trunk"}} (`run.Run.heads`), read by specs of mode "heads" with "theta": phase.
   targets: the run's target settings: the "ratio" policy's support is pi_phi >= targets.support_min,
   and no policy emits targets.dummy_token or another id of `suppressed_token_ids`.
@@ -267,15 +279,20 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
       if needs_theta and theta is None:
         raise ValueError(f"policy {spec['name']!r} needs {spec.get('theta', 'theta')} parameters")
       options = {"heads": value_heads} if value_heads is not None else {}
+      behaviour = behaviour_params
+      if spec.get("behaviour") == "filtered_bc":
+        if filtered_bc_params is None:
+          raise ValueError(f"policy {spec['name']!r} needs the filtered_bc phase's parameters")
+        behaviour = filtered_bc_params
 
-      def act(histories, spec=spec, calls=calls, theta=theta, options=options):
+      def act(histories, spec=spec, calls=calls, theta=theta, options=options, behaviour=behaviour):
         if interrupt is not None:
           interrupt(f"policy {spec['name']!r}")
         prompts = [history_tokens(h, tokenizer, data_config) for h in histories]
         rng = jax.random.fold_in(jax.random.key(seed), calls[0])
         calls[0] += 1
         texts = sampler.fit(max(map(len, prompts)), max_new_tokens).generate_text(
-            behaviour_params, theta, prompts, tokenizer, stop_strings=(stop,), mode=spec["mode"],
+            behaviour, theta, prompts, tokenizer, stop_strings=(stop,), mode=spec["mode"],
             beta=0.0 if spec["beta"] is None else spec["beta"], greedy=temperature <= 0,
             temperature=temperature if temperature > 0 else 1.0, support_min=targets.support_min,
             max_new_tokens=max_new_tokens, suppress_token_ids=suppress, rng=rng, **options)
@@ -313,6 +330,7 @@ def results_markdown(results: Mapping) -> str:
 
   def corr_cells(name):
     c = corr.get("control" if name.startswith("control") else "qsft") if name != "bc" else None
+    c = None if name == "filtered_bc" else c  # its own phi-like parameters: no theta
     c = None if name.startswith(tuple(f"{h}_" for h in HEADS_METHODS)) else c
     return "- | -" if c is None else f"{fmt(c['all_turns'])} | {fmt(c['turn0'])}"
 
@@ -357,6 +375,8 @@ def checkpoint_step_of(policy: str, checkpoint_steps: Mapping[str, int | None]) 
   control's for "control_*", the value-head phase's for "mc_*" / "ilql_*", theta's for the others."""
   if policy == "bc":
     return checkpoint_steps.get("phi")
+  if policy == "filtered_bc":
+    return checkpoint_steps.get("filtered_bc")
   for phase in HEADS_METHODS:
     if policy.startswith(f"{phase}_"):
       return checkpoint_steps.get(phase)
@@ -411,7 +431,8 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   control: also play the control phase's policies when the run has one. value_diagnostics: add the
   held-out value correlations (and write their files) when WORKDIR/data/heldout.jsonl exists.
   methods: the methods whose policies play, among METHODS ("qsft": its betas and "ratio"; "mc" and
-  "ilql": their heads at each beta > 0); None = every method whose phase the run has.
+  "ilql": their heads at each beta > 0; "filtered_bc": its parameters at beta 0); None = every method
+  whose phase the run has.
   The results (also in TensorBoard: `write_tensorboard`, unless log.tensorboard is off) record the
   checkpoint step of each parameter set and the configured phases that had not reached their steps
   (`evaluate_workdir` refuses those unless told otherwise). SIGTERM stops the evaluation before its
@@ -436,15 +457,18 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   chosen = lambda method: methods is None or method in methods
   control_params = loaded.control_params if control and chosen("control") else None
   heads = {p: v for p, v in loaded.heads.items() if chosen(p)}
+  filtered_bc_params = loaded.filtered_bc_params if chosen("filtered_bc") else None
   specs = [s for s in policy_specs(betas, ratio=ratio, have_theta=loaded.theta_params is not None and chosen("qsft"),
-                                   have_control=control_params is not None, heads=tuple(heads))
+                                   have_control=control_params is not None, heads=tuple(heads),
+                                   have_filtered_bc=filtered_bc_params is not None)
            if s["name"] != "bc" or chosen("bc")]
   if not specs:
     raise ValueError(f"methods={list(methods or ())}: the run has none of these methods' parameters")
   unfinished = [p for p in run_lib.phase_progress(loaded.workdir, config) if not p.done]
   steps = {"phi": loaded.behaviour_step, "theta": loaded.theta_step, "theta_bar": loaded.target_step,
            "control": loaded.control_step if control_params is not None else None,
-           **{p: heads[p]["step"] if p in heads else None for p in HEADS_METHODS}}
+           **({"filtered_bc": loaded.filtered_bc_step} if filtered_bc_params is not None else {}),
+           **{p: heads[p]["step"] for p in heads}}
   if jax.process_index() == 0:
     print(f"evaluate: {loaded.workdir}: {episodes} episodes per policy ("
           f"{', '.join(s['name'] for s in specs)}); checkpoint steps "
@@ -457,7 +481,7 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
         data_config=loaded.data_config, batch_size=batch_size, max_new_tokens=max_new_tokens,
         temperature=temperature, targets=loaded.targets, dataset_mean_return=dataset_return,
         mesh=loaded.mesh, rules=loaded.rules, record=record, control_params=control_params,
-        interrupt=stop.check, lora=loaded.lora, heads=heads)
+        interrupt=stop.check, lora=loaded.lora, heads=heads, filtered_bc_params=filtered_bc_params)
     results["checkpoint_steps"] = steps
     results["unfinished_phases"] = [p.to_json() for p in unfinished]
     if value_diagnostics:
@@ -513,6 +537,8 @@ def define_flags() -> flags.FlagValues:
                     flag_values=fv)
   flags.DEFINE_float("dataset_mean_return", None, "The dataset's mean return [read from the run's "
                      "training data].", flag_values=fv)
+  flags.DEFINE_list("methods", None, f"Comma-separated methods to play, among {','.join(METHODS)} "
+                    "[every method whose phase the run has].", flag_values=fv)
   flags.DEFINE_bool("allow_unfinished", False, "Evaluate the latest checkpoints of phases that have "
                     "not reached their configured steps (refused without it).", flag_values=fv)
   return fv
@@ -527,10 +553,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     betas = None if fv.betas is None else [float(b) for b in fv.betas if b.strip()]
   except ValueError:
     cli.usage_error(prog, f"--betas={','.join(fv.betas)}: not a comma-separated list of numbers")
+  unknown = sorted(set(fv.methods or ()) - set(METHODS))
+  if unknown:
+    cli.usage_error(prog, f"--methods={','.join(fv.methods)}: {unknown[0]!r} is not one of {','.join(METHODS)}")
   results = evaluate_workdir(fv.workdir, episodes=fv.episodes, seed=fv.seed, betas=betas,
                 ratio=fv.ratio, batch_size=fv.batch_size, max_new_tokens=fv.max_new_tokens,
                 temperature=fv.temperature, dataset_return=fv.dataset_mean_return,
-                allow_unfinished=fv.allow_unfinished)
+                allow_unfinished=fv.allow_unfinished, methods=fv.methods)
   print(results_markdown(results))
   print(f"wrote {os.path.join(fv.workdir, 'eval', 'results.json')}")
   return 0

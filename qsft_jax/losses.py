@@ -735,7 +735,8 @@ def _heads_rows(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
 
 
 def mc_heads_loss(hidden: jax.Array, heads: Mapping[str, Any], batch: Mapping[str, jax.Array],
-                  normaliser: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  normaliser: jax.Array, *, vocab_size: int,
+                  chunk_size: int = 128) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Monte Carlo regression of one Q head and the V head on the return-to-go G_i:
 
       l_i = (Q(s_{i-1}, x_i) - G_i)^2 + (V(s_{i-1}) - G_i)^2
@@ -744,14 +745,15 @@ def mc_heads_loss(hidden: jax.Array, heads: Mapping[str, Any], batch: Mapping[st
     hidden: [B, L, D] final hidden states (carrying a gradient only when the trunk trains).
     heads: the ValueHeads variables (one Q head).
     batch: the [B, L] token-level MDP arrays (`returns_to_go`, `tokens`, `action_mask`).
-    normaliser: [] GLOBAL action-token count.
+    normaliser: [] GLOBAL action-token count; vocab_size: real vocabulary size; chunk_size: rows per
+      chunk of `chunked_q_terms`.
   Returns:
     loss [] and aux (sums over action tokens / normaliser: "q_loss", "v_loss"; masked sums "sum_q",
     "sum_v" of Q(s_{i-1}, x_i) and V(s_{i-1})).
   """
   labels, mask = _heads_rows(batch)
   returns = to_rows(batch["returns_to_go"]).astype(jnp.float32)
-  q = heads_lib.taken_q_values(heads, hidden, labels)[0]
+  q = chunked_q_terms(hidden, heads, labels, vocab_size=vocab_size, chunk_size=chunk_size)[0][0]
   v = heads_lib.state_values(heads, hidden)
   q_loss = jnp.sum(mask * jnp.square(q - returns)) / normaliser
   v_loss = jnp.sum(mask * jnp.square(v - returns)) / normaliser
@@ -759,26 +761,67 @@ def mc_heads_loss(hidden: jax.Array, heads: Mapping[str, Any], batch: Mapping[st
   return q_loss + v_loss, jax.tree.map(jax.lax.stop_gradient, aux)
 
 
-def chunked_q_logsumexp(hidden: jax.Array, heads: Mapping[str, Any], *, vocab_size: int,
-                        chunk_size: int = 128) -> jax.Array:
-  """logsumexp over the real vocabulary of every Q head's row: hidden [B, L, D] -> float32 [J, B, L].
+@jax.custom_vjp
+def _grad_in_kernel_layout(kernel: jax.Array) -> jax.Array:
+  """Identity on a gathered Q kernel [J, D, V] whose cotangent is laid out as the parameter (the rule
+  table's "embed", "vocab"): inside the chunk loop each trip's kernel gradient is then reduced into
+  the sharded layout, instead of accumulating a whole float32 [J, D, V] per device across the loop."""
+  return kernel
 
-  Chunked along the sequence with a rematerialised body: neither pass holds more than one
-  [J, B, C, V] chunk of Q values (the backward pass recomputes each chunk's from its hidden states)."""
+
+def _grad_in_kernel_layout_fwd(kernel):
+  return kernel, None
+
+
+def _grad_in_kernel_layout_bwd(_, g):
+  return (logical_constraint(g, (None, "embed", "vocab")),)
+
+
+_grad_in_kernel_layout.defvjp(_grad_in_kernel_layout_fwd, _grad_in_kernel_layout_bwd)
+
+
+def chunked_q_terms(hidden: jax.Array, heads: Mapping[str, Any], row_labels: jax.Array, *, vocab_size: int,
+                    chunk_size: int = 128, target_q: Mapping[str, Any] | None = None,
+                    logsumexp: bool = False) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+  """Q values of the labelled tokens, chunk by chunk along the sequence.
+
+  Args:
+    hidden: [B, L, D] final hidden states; heads: ValueHeads variables (J Q heads);
+    row_labels: [B, L] int, the token each row's Q is read at.
+    target_q: target Q heads {"params": {q_kernel, q_bias}} read at the same tokens (no gradient), or None.
+    logsumexp: also return logsumexp over the real vocabulary of every head's row.
+  Returns (float32):
+    Q_j(s_k, label_k) [J, B, L]; the target heads' [J, B, L] or None; the logsumexps [J, B, L] or None.
+
+  The body is rematerialised: neither pass holds more than one [J, B, C, V] chunk of Q values (the
+  backward pass recomputes each chunk's from its hidden states). The kernels are gathered once before
+  the loop in the hidden states' dtype (as `_unembed_for_chunks`); the online kernel's gradient is
+  reduced into its parameter layout in every trip (`_grad_in_kernel_layout`).
+  """
   length = hidden.shape[1]
   chunk_size = _check_chunk_size(chunk_size, length)
-  tree = heads_lib.inner(heads)
-  # Gathered once before the loop, laid out as the chunk matmuls need it (as `_unembed_for_chunks`).
-  kernel = logical_constraint(tree["q_kernel"].astype(hidden.dtype), (None, None, "vocab"))
-  chunk_heads = {"q_kernel": kernel, "q_bias": tree["q_bias"]}
+  gathered = lambda t: {"q_kernel": logical_constraint(t["q_kernel"].astype(hidden.dtype), (None, None, "vocab")),
+                        "q_bias": t["q_bias"]}
+  online = gathered(heads_lib.inner(heads))
+  target = None if target_q is None else gathered(jax.lax.stop_gradient(heads_lib.inner(target_q)))
 
   @jax.checkpoint
-  def body(_, h):
-    q = heads_lib.q_values(chunk_heads, h, vocab_size)  # [J, B, C, V]; padded columns PAD_LOGIT
-    return None, jax.scipy.special.logsumexp(q, axis=-1)
+  def body(_, x):
+    h, lab = x
+    kernels = {"q_kernel": _grad_in_kernel_layout(online["q_kernel"]), "q_bias": online["q_bias"]}
+    q = heads_lib.q_values(kernels, h, vocab_size)  # [J, B, C, V]; padded columns PAD_LOGIT
+    take = lambda z: jnp.take_along_axis(z, lab[None, ..., None].astype(jnp.int32), axis=-1)[..., 0]
+    out = {"q": take(q)}
+    if logsumexp:
+      out["lse"] = jax.scipy.special.logsumexp(q, axis=-1)
+    if target is not None:
+      out["q_bar"] = take(heads_lib.q_values(target, jax.lax.stop_gradient(h), vocab_size))
+    return None, out
 
-  _, lse = jax.lax.scan(body, None, _chunk(hidden, chunk_size))  # [N, J, B, C]
-  return jnp.moveaxis(_unchunk(jnp.moveaxis(lse, 1, -1), length), -1, 0)
+  _, out = jax.lax.scan(body, None, (_chunk(hidden, chunk_size), _chunk(row_labels, chunk_size)))
+  # [N, J, B, C] -> [J, B, L]
+  out = {k: jnp.moveaxis(_unchunk(jnp.moveaxis(v, 1, -1), length), -1, 0) for k, v in out.items()}
+  return out["q"], out.get("q_bar"), out.get("lse")
 
 
 def ilql_loss(hidden: jax.Array, heads: Mapping[str, Any], target_q: Mapping[str, Any],
@@ -795,7 +838,8 @@ def ilql_loss(hidden: jax.Array, heads: Mapping[str, Any], target_q: Mapping[str
     target_q: the target Q heads {"params": {q_kernel, q_bias}} (Qbar_j; no gradient).
     batch: the [B, L] token-level MDP arrays (`rewards`, `discounts`, `next_action_row`, ...).
     normaliser: [] GLOBAL action-token count; vocab_size: real vocabulary size.
-    expectile: tau of the V loss, in (0, 1); cql_alpha: weight of L_CQL, >= 0 (0 skips its chunked pass).
+    expectile: tau of the V loss, in (0, 1); cql_alpha: weight of L_CQL, >= 0 (0: no logsumexp);
+    chunk_size: rows per chunk of `chunked_q_terms`.
   Returns:
     loss [] and aux: "q_loss", "v_loss", "cql_loss" (each summed over action tokens / normaliser),
     "sum_q" (of the mean over heads of Q_j(s_{i-1}, x_i)), "sum_v", "sum_target" (masked sums).
@@ -806,15 +850,14 @@ def ilql_loss(hidden: jax.Array, heads: Mapping[str, Any], target_q: Mapping[str
   targets = batch["rewards"].astype(jnp.float32) + jnp.where(
       batch["next_action_row"] >= 0, batch["discounts"].astype(jnp.float32) * bootstrap, 0.0)
   targets = to_rows(targets)  # token i's target on row i - 1
-  q = heads_lib.taken_q_values(heads, hidden, labels)  # [J, B, L]
-  q_bar = jax.lax.stop_gradient(heads_lib.taken_q_values(target_q, hidden, labels))
+  q, q_bar, lse = chunked_q_terms(hidden, heads, labels, vocab_size=vocab_size, chunk_size=chunk_size,
+                                  target_q=target_q, logsumexp=cql_alpha > 0)  # each [J, B, L]
   q_loss = jnp.sum(mask * jnp.sum(jnp.square(q - targets), axis=0)) / normaliser
   u = jnp.min(q_bar, axis=0) - v
   weight = jnp.abs(expectile - (u < 0).astype(jnp.float32))
   v_loss = jnp.sum(mask * weight * jnp.square(u)) / normaliser
   cql_loss = jnp.zeros((), jnp.float32)
   if cql_alpha > 0:
-    lse = chunked_q_logsumexp(hidden, heads, vocab_size=vocab_size, chunk_size=chunk_size)
     cql_loss = cql_alpha * jnp.sum(mask * jnp.sum(lse - q, axis=0)) / normaliser
   aux = {"q_loss": q_loss, "v_loss": v_loss, "cql_loss": cql_loss,
          "sum_q": jnp.sum(mask * jnp.mean(q, axis=0)), "sum_v": jnp.sum(mask * v),

@@ -403,7 +403,7 @@ def value_diagnostics_hook(config, workdir, phase, model_config, tokenizer, data
 
 def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, tokenizer, data_config,
               initial_params: Callable[[], Any], preemption: Preemption, base: dict | None = None,
-              base_record: dict | None = None) -> dict:
+              base_record: dict | None = None, source: Any = None) -> dict:
   """Trains one phase to config[phase].steps (resuming if possible) and returns its final state.
 
   `initial_params()` -> the params a fresh phase starts from: BC: theta_0; Q-SFT and the control:
@@ -413,6 +413,7 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
   state takes these very arrays), `base_record` its `lora.base_record`; each parameter set of
   `initial_params()` is the variables {"params": base, "lora": adapters}. Checkpoints hold the state
   without the base, plus the record, and a restore over another base is refused.
+  `source`: the records the phase trains on (default data_config's; filtered BC: its selection).
   """
   from qsft_jax.data.sharded import ShardedBatchIterator
 
@@ -423,7 +424,7 @@ def run_phase(phase: str, config, workdir: str, mesh, rules, model_config, token
   iterator = ShardedBatchIterator(
       data_config, tokenizer, global_batch_size=p.batch_size,
       num_shards=config.data_shards or jax.process_count(), process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=config.seed + phases.DATA_SEED_OFFSET[phase])
+      process_count=jax.process_count(), seed=config.seed + phases.DATA_SEED_OFFSET[phase], source=source)
   manager = checkpoints.make_manager(workdir, phase, config)
   restored = None
   with_base = (lambda s: {**s, "base": base}) if program.lora is not None else (lambda s: s)
@@ -538,7 +539,7 @@ def initial_params(phase: str, theta_init: str, pretrained: Any, fresh_params: C
   fresh_params(1), another random initialisation. mc and ilql: phi() (their heads start in
   `phases.build`'s init_state)."""
   theta_0 = lambda: pretrained if pretrained is not None else fresh_params(0)
-  if phase == "bc":
+  if phases.state_kind(phase) == "bc":  # bc and filtered_bc: theta_0
     return theta_0()
   if phases.state_kind(phase) == "heads":
     return phi()
@@ -587,7 +588,7 @@ def initial_lora_params(phase: str, theta_init: str, base: dict, adapters: Calla
   adapters(0). Q-SFT and the control: (theta, phi) with theta's adapter by qsft.theta_init: "phi" phi's
   trained adapter; "phi_init" and "pretrained" the adapter phi started from (B = 0: the base model);
   "fresh" adapters(1)."""
-  if phase == "bc":
+  if phases.state_kind(phase) == "bc":  # bc and filtered_bc: a new adapter drawn as phi's was
     return {**base, **adapters(0)}
   behaviour = {**base, **phi()}
   if theta_init == "phi":
@@ -622,6 +623,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_lib.check_workdir_config(workdir, config)  # refuses changes that would corrupt the workdir
   data_config = prepare_data(config, workdir)
   data_summary = data_check.preflight(data_config, tokenizer, echo=jax.process_index() == 0)
+  sources = {}
+  if "filtered_bc" in config.phases:  # the top-return episodes (every process selects the same ones)
+    from qsft_jax.data.pipeline import top_return_source
+    sources["filtered_bc"], selection = top_return_source(data_config, tokenizer,
+                                                          config.filtered_bc.top_fraction)
+    if jax.process_index() == 0:
+      print(selection.format(), flush=True)
   # Writes
   storage.path(workdir).mkdir(parents=True, exist_ok=True)
   run_lib.write_config(workdir, config)
@@ -646,14 +654,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   lambda offset: lora_adapters(config, model_config, lora, offset, mesh, rules),
                                   lambda: states["bc"]["params"])
       states[phase] = run_phase(phase, config, workdir, mesh, rules, model_config, tokenizer,
-                                data_config, initial, preemption, base=base, base_record=base_record)
+                                data_config, initial, preemption, base=base, base_record=base_record,
+                                source=sources.get(phase))
       base = states[phase]["base"]  # each step donates the base and returns it: the next phase takes these
   else:
     for phase in config.phases:
       initial = functools.partial(initial_params, phase, config.qsft.theta_init, pretrained,
                                   fresh_params, lambda: states["bc"]["params"])
       states[phase] = run_phase(phase, config, workdir, mesh, rules, model_config, tokenizer,
-                                data_config, initial, preemption)
+                                data_config, initial, preemption, source=sources.get(phase))
 
   if config.task and config.eval.enabled:
     from qsft_jax import evaluate

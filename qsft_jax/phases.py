@@ -8,7 +8,8 @@ Phases: "bc" trains phi (the behaviour policy) with the cross-entropy on action 
 trains theta with the weighted cross-entropy against theta_bar and the frozen phi; "control" is the
 "qsft" phase with every target forced to 1 (the same settings, initialisation and batches); "mc" and
 "ilql" train value heads on the hidden states of phi (frozen) or of a trunk that starts from phi
-(`train_steps.make_heads_step`).
+(`train_steps.make_heads_step`); "filtered_bc" is "bc" (the same step, state and initialisation) on the
+episodes with the top returns (`data.pipeline.top_return_source`).
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ from qsft_jax.models import quant_base
 from qsft_jax.models.lora import LoraConfig
 from qsft_jax.models.transformer import Transformer
 
-PHASES = ("bc", "qsft", "control", "mc", "ilql")
+PHASES = ("bc", "qsft", "control", "filtered_bc", "mc", "ilql")
 # The control sees exactly the batches of Q-SFT (same data seed offset): only the targets differ. The
-# value-head baselines see them too, for comparability.
-DATA_SEED_OFFSET = {"bc": 0, "qsft": 1, "control": 1, "mc": 1, "ilql": 1}
+# value-head baselines see them too, for comparability. Filtered BC shuffles its subset with BC's seed.
+DATA_SEED_OFFSET = {"bc": 0, "qsft": 1, "control": 1, "filtered_bc": 0, "mc": 1, "ilql": 1}
 HEADS_PHASES = ("mc", "ilql")
 
 
@@ -44,11 +45,11 @@ def optim_config(config: ml_collections.ConfigDict, phase: str) -> ml_collection
 
 
 def state_kind(phase: str) -> str:
-  """The train-state layout of a phase: "bc" (theta alone), "qsft" (with theta_bar and phi) or "heads"
-  (value heads over a trunk: `train_steps.init_heads_state`)."""
+  """The train-state layout of a phase: "bc" (theta alone: bc, filtered_bc), "qsft" (with theta_bar and
+  phi) or "heads" (value heads over a trunk: `train_steps.init_heads_state`)."""
   if phase in HEADS_PHASES:
     return "heads"
-  return "bc" if phase == "bc" else "qsft"
+  return "bc" if phase in ("bc", "filtered_bc") else "qsft"
 
 
 def forward_passes(config: ml_collections.ConfigDict, phase: str) -> int:

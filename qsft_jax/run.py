@@ -12,6 +12,7 @@ Workdir layout (what `qsft_jax.main` writes and everything else reads):
   WORKDIR/<phase>/checkpoints/N.broken  a step that could not be restored, set aside on resume
   WORKDIR/qsft/checkpoints/N/    phase 2: + target_params, behaviour_params
   WORKDIR/control/checkpoints/N/ the targets-equal-1 control of phase 2 (same layout), when run
+  WORKDIR/filtered_bc/checkpoints/N/  filtered BC (phase 1's layout), when run
   WORKDIR/mc|ilql/checkpoints/N/ the value-head baselines: {step, params: {heads[, trunk]}, opt_state,
                                  target_params (ILQL's target Q heads), trunk (phi, with trunk "phi")}
   WORKDIR/<phase>/DONE           written after the phase's final checkpoint is complete
@@ -209,10 +210,12 @@ class ChangeRule:
 
 
 # The config section holding each phase's optimizer settings and steps.
-PHASE_SECTION = {"bc": "bc", "qsft": "qsft", "control": "qsft", "mc": "mc", "ilql": "ilql"}
+PHASE_SECTION = {"bc": "bc", "qsft": "qsft", "control": "qsft", "filtered_bc": "filtered_bc", "mc": "mc",
+                 "ilql": "ilql"}
 # The phases that start from another phase's result: Q-SFT, the control and the value heads take phi
 # from bc.
-BUILDS_ON = {"bc": ("qsft", "control", "mc", "ilql"), "qsft": (), "control": (), "mc": (), "ilql": ()}
+BUILDS_ON = {"bc": ("qsft", "control", "mc", "ilql"), "qsft": (), "control": (), "filtered_bc": (), "mc": (),
+             "ilql": ()}
 
 CONFIG_CHANGE_RULES: tuple[ChangeRule, ...] = (
     ChangeRule(("log.*", "eval.*"), "safe", "read by logging and evaluation, never by a train step"),
@@ -223,11 +226,11 @@ CONFIG_CHANGE_RULES: tuple[ChangeRule, ...] = (
     ChangeRule(("on_nonfinite", "nonfinite.*"), "safe",
                "what follows a non-finite step (none is ever saved) and how many skips are tolerated"),
     ChangeRule(("loss.chunk_size", "bc.microbatches", "qsft.microbatches", "mc.microbatches",
-                "ilql.microbatches", "data.read_threads"), "safe",
+                "ilql.microbatches", "filtered_bc.microbatches", "data.read_threads"), "safe",
                "how the same computation is cut (loss chunks, gradient accumulation, reader threads)"),
     ChangeRule(("data.num_workers",), "between_phases",
                "the batch order depends on it: a phase finishes with the workers it started with"),
-    ChangeRule(("bc.steps", "qsft.steps", "mc.steps", "ilql.steps"), "steps",
+    ChangeRule(("bc.steps", "qsft.steps", "mc.steps", "ilql.steps", "filtered_bc.steps"), "steps",
                "a phase may run longer, or stop earlier, until a later phase builds on it"),
     ChangeRule(("phases",), "phases", "the phases that started keep their order"),
     ChangeRule(("bc.*",), "frozen", "phase 1's optimizer and batches made its checkpoints and phi",
@@ -235,6 +238,8 @@ CONFIG_CHANGE_RULES: tuple[ChangeRule, ...] = (
     ChangeRule(("qsft.*",), "frozen",
                "phase 2's targets, optimizer and batches made its checkpoints (and the control's)",
                after=("qsft", "control")),
+    ChangeRule(("filtered_bc.*",), "frozen",
+               "filtered BC's selection, optimizer and batches made its checkpoints", after=("filtered_bc",)),
     ChangeRule(("mc.*",), "frozen", "the MC phase's heads, optimizer and batches made its checkpoints",
                after=("mc",)),
     ChangeRule(("ilql.*",), "frozen", "the ILQL phase's heads, optimizer and batches made its checkpoints",
@@ -480,6 +485,7 @@ class Run:
   behaviour_params: phi (from the qsft checkpoint when there is one, else from bc's).
   theta_params, target_params: theta and theta_bar of the qsft phase, None before its first
     checkpoint. control_params: theta of the control phase, None without one.
+  filtered_bc_params: the filtered_bc phase's parameters (a behaviour policy of its own), None without one.
   *_step: the checkpoint step each parameter set was read from (None where absent).
   heads: {"mc" | "ilql": {"heads", "trunk", "step"}} for each value-head phase with a checkpoint: the
     heads acting reads (`models.heads` variables; ILQL's Q heads are its target copies, with its V
@@ -503,6 +509,8 @@ class Run:
   theta_step: int | None = None
   target_step: int | None = None
   control_step: int | None = None
+  filtered_bc_params: Any = None
+  filtered_bc_step: int | None = None
   heads: dict[str, Any] = dataclasses.field(default_factory=dict)
   mesh: Any = None
   rules: Any = None
@@ -585,11 +593,14 @@ def load(workdir: str, mesh=None, rules=None) -> Run:
   control = checkpoints.restore_latest_params(workdir, "control", ("params",), abstract)
   if control is not None:
     sets.update(control_params=control[1]["params"], control_step=control[0])
+  filtered = checkpoints.restore_latest_params(workdir, "filtered_bc", ("params",), abstract)
+  if filtered is not None:
+    sets.update(filtered_bc_params=filtered[1]["params"], filtered_bc_step=filtered[0])
   if lora is not None:
     base = lora_base(config, model_config, lora, mesh, rules)
     record = lora_lib.base_record(base, config.model.init, lora)
     for phase, step in (("qsft", sets.get("theta_step")), ("bc", None if qsft else sets["behaviour_step"]),
-                        ("control", sets.get("control_step"))):
+                        ("control", sets.get("control_step")), ("filtered_bc", sets.get("filtered_bc_step"))):
       if step is not None:
         checkpoints.check_base_record(os.path.join(checkpoints.phase_dir(workdir, phase), "checkpoints"),
                                       step, record, label=f"{workdir}: {phase}")

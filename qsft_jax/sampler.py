@@ -383,7 +383,8 @@ class Sampler:
       def select(logits, rng):
         z_phi = logits[0] if use_phi else None
         z_theta = logits[-1] if use_theta or on_heads else None
-        scores = token_scores(key.kind, z_phi, z_theta, c.vocab_size, beta, support_min, suppress_mask)
+        scores = token_scores("heads" if on_heads else key.kind, z_phi, z_theta, c.vocab_size, beta,
+                              support_min, suppress_mask)
         scores = jnp.where(suppress_mask, -jnp.inf, scores)
         if key.sampling == "greedy":
           tok = jnp.argmax(scores, axis=-1)

@@ -535,7 +535,8 @@ def make_heads_step(model: nn.Module, model_config: ModelConfig, optimizer: opta
           return losses.ilql_loss(hidden, p["heads"], target_q, part, normaliser, vocab_size=vocab,
                                   expectile=settings.expectile, cql_alpha=settings.cql_alpha,
                                   chunk_size=options.chunk_size)
-        return losses.mc_heads_loss(hidden, p["heads"], part, normaliser)
+        return losses.mc_heads_loss(hidden, p["heads"], part, normaliser, vocab_size=vocab,
+                                    chunk_size=options.chunk_size)
 
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       return loss, grads, {**aux, **_count_metrics(part)}

@@ -152,6 +152,25 @@ def test_lora_analytic_flops_leave_out_the_base_weight_gradients(kind, passes):
   forward = 2 * (2 * 7 * 512 * 1024 + 512 * 128) + 2 * 2 * 2 * 128 * 1024
   assert costs.analytic_flops(kind, mc, 32, 128, lora=True) == passes * forward * 32 * 128
 
+def test_ilql_step_holds_phi_and_the_heads_state(mesh, chip):
+  # The ILQL step with its heads on the frozen phi, at Q-SFT's batch: its arguments are phi, the heads
+  # with their two Adam moments and the target Q heads, and the batch; FLOPs one forward of phi plus
+  # the two Q heads' [D, V] logits forward and backward.
+  r = driver.compile_step("ilql", CONFIG, TARGET, mesh, chip)
+  params = param_count(get_preset("tiny-llama", **MODEL))
+  d, v = 512, 128  # d_model and tiny-llama's padded vocabulary
+  # q_kernel [2, D, V] and v_kernel [D] split over fsdp=4 along `embed`; q_bias [2, V] (`vocab` ->
+  # tensor, size 1) and v_bias whole on every chip
+  q_part = 2 * d * v * 4 // 4 + 2 * v * 4
+  heads = q_part + d * 4 // 4 + 4
+  state = params * 4 // 4 + 3 * heads + q_part + 3 * 4
+  batch = (32 // 4) * 128 * (10 * 4 + 2 * 1)
+  assert r["argument_bytes"] == pytest.approx(state + batch, rel=0.02)
+  forward = 2 * (2 * 7 * 512 * 1024 + 512 * 128) + 2 * 2 * 2 * 128 * 1024
+  assert r["analytic_flops_per_chip"] == (forward + 12 * d * v) * 32 * 128 / 4
+  assert 0.9 <= r["flops_ratio"] <= 1.1, r
+
+
 def test_qsft_over_bc_flops_is_five_thirds(results):
   ratio = results["qsft"]["flops_per_chip"] / results["bc"]["flops_per_chip"]
   assert ratio == pytest.approx(5 / 3, rel=0.05)

@@ -35,7 +35,9 @@ def define_flags(argv: Sequence[str]) -> tuple[flags.FlagValues, flags.FlagHolde
                       "default: the config file's AOT_TOPOLOGY.", flag_values=fv)
   flags.DEFINE_integer("num_slices", None, "Slices joined over the DCN (on the mesh's data axis); "
                        "default: the config file's AOT_NUM_SLICES, else 1.", lower_bound=1, flag_values=fv)
-  flags.DEFINE_list("steps", list(driver.STEPS), f"Steps to compile, a subset of {driver.STEPS}.",
+  flags.DEFINE_list("steps", list(driver.DEFAULT_STEPS), f"Steps to compile, a subset of {driver.STEPS} "
+                    "(ilql: the ILQL step with its heads on the frozen phi; ilql_train: with the trunk "
+                    "trained, both at qsft's batch size).",
                     flag_values=fv)
   flags.DEFINE_bool("probes", True, "Compile the 1- and 2-layer cost probes of looped programs "
                     "(--no-probes: memory and collectives from the real program only, FLOPs and HBM "

@@ -364,8 +364,16 @@ def analytic_flops(kind: str, model_config: ModelConfig, rows: int, length: int,
   "bc" 3 F x rows x L (forward + backward of theta); "qsft" 5 F x rows x L (theta trained, theta_bar
   and phi forward only); "decode" 2 F(S) x rows (theta and phi, one token each, attention over
   `length` = S cache slots). With `lora` (adapters over a frozen base) the base's weight gradients
-  are not formed: "bc" 2 F, "qsft" 4 F (the adapters' own terms, O(rank / d_model), are left out)."""
+  are not formed: "bc" 2 F, "qsft" 4 F (the adapters' own terms, O(rank / d_model), are left out).
+  "ilql" F + 12 D V and "ilql_train" 3 F + 12 D V: the trunk's forward (frozen phi) or training pass
+  and the two Q heads' [D, V] logits forward and backward."""
   if kind == "decode":
     return 2 * flops_per_token(model_config, length) * rows
+  if kind in ("ilql", "ilql_train"):
+    # phi's forward (ilql) or the trunk's training pass (ilql_train), plus the two Q heads' logits
+    # [D, V] forward and backward (the CQL term's logsumexp; 3 x 2 D V each per token).
+    heads = 2 * 3 * 2 * model_config.d_model * model_config.padded_vocab_size
+    passes = 1 if kind == "ilql" else 3
+    return (passes * flops_per_token(model_config, length) + heads) * rows * length
   passes = ({"bc": 2, "qsft": 4} if lora else {"bc": 3, "qsft": 5})[kind]
   return passes * flops_per_token(model_config, length) * rows * length

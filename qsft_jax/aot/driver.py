@@ -55,7 +55,11 @@ from qsft_jax.models import sharded
 from qsft_jax.models.config import param_count
 from qsft_jax.models.transformer import Transformer, init_cache
 
-STEPS = ("bc", "qsft", "decode")
+STEPS = ("bc", "qsft", "decode", "ilql", "ilql_train")
+DEFAULT_STEPS = ("bc", "qsft", "decode")
+# The ILQL baseline's step (docs/algorithm.md section 9) with its heads on the frozen phi ("ilql") or on
+# a trained trunk ("ilql_train"), at Q-SFT's rows, microbatches and optimizer storage dtypes.
+ILQL_TRUNK = {"ilql": "phi", "ilql_train": "train"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +67,13 @@ class Target:
   """The hardware and the measurement of an AOT job (all else is the trainer's config).
 
   topology: one slice, "GEN:AxB[xC]" (e.g. "v5p:4x4x8"); num_slices: slices joined over the DCN.
-  steps: a subset of STEPS. probes: compile the cost probes of looped programs.
+  steps: a subset of STEPS (default DEFAULT_STEPS). probes: compile the cost probes of looped programs.
   decode_batch / cache_len: rows and KV-cache slots of the decode step (0: qsft.batch_size /
   data.max_length). hlo_dir: folder that receives each step's compiled HLO text ("": none).
   """
   topology: str
   num_slices: int = 1
-  steps: tuple[str, ...] = STEPS
+  steps: tuple[str, ...] = DEFAULT_STEPS
   probes: bool = True
   decode_batch: int = 0
   cache_len: int = 0
@@ -93,8 +97,22 @@ def abstract_batch(rows: int, length: int, mesh: Mesh, rules) -> dict:
           for k, (dtype, _) in ARRAY_SPECS.items()}
 
 
+def ilql_config(config: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+  """The config of an ILQL step kind: ilql.trunk by ILQL_TRUNK, and qsft's batch size, microbatches and
+  moment dtypes, so that the step compares with Q-SFT's on the same rows."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.ilql.trunk = ILQL_TRUNK[kind]
+    for field in ("batch_size", "microbatches", "mu_dtype", "nu_dtype"):
+      c.ilql[field] = c.qsft[field]
+  return c
+
+
 def lower_train(config: ml_collections.ConfigDict, phase: str, mesh: Mesh):
-  """The trainer's step of `phase` ("bc", "qsft"), lowered on its abstract state and batch."""
+  """The trainer's step of `phase` ("bc", "qsft", or "ilql" / "ilql_train": `ilql_config`), lowered on
+  its abstract state and batch."""
+  if phase in ILQL_TRUNK:
+    config, phase = ilql_config(config, phase), "ilql"
   mc, rules = run_lib.model_config_from(config), rules_of(config)
   program = phases.build(config, phase, mc, mesh, rules)
   state = program.abstract_state(sharded.param_shapes(program.model, mc))
@@ -130,10 +148,10 @@ def lower_decode(config: ml_collections.ConfigDict, mesh: Mesh, rows: int, slots
 
 
 def lower(kind: str, config: ml_collections.ConfigDict, target: Target, mesh: Mesh):
-  """The lowered program of one step kind ("bc", "qsft", "decode")."""
+  """The lowered program of one step kind (`STEPS`)."""
   if kind == "decode":
     return lower_decode(config, mesh, *decode_shape(config, target))
-  if kind in ("bc", "qsft"):
+  if kind in ("bc", "qsft") or kind in ILQL_TRUNK:
     return lower_train(config, kind, mesh)
   raise ValueError(f"unknown step {kind!r}: expected one of {STEPS}")
 
@@ -143,7 +161,7 @@ def probe_config(config: ml_collections.ConfigDict, layers: int) -> ml_collectio
   c = copy.deepcopy(config)
   with c.unlocked():
     c.model.overrides = {**dict(c.model.overrides), "num_layers": layers, "scan_layers": False}
-    c.bc.microbatches = c.qsft.microbatches = 1
+    c.bc.microbatches = c.qsft.microbatches = c.ilql.microbatches = 1
     c.loss.chunk_size = max(c.loss.chunk_size, c.data.max_length)
   return c
 
@@ -152,6 +170,8 @@ def step_shape(kind: str, config: ml_collections.ConfigDict, target: Target) -> 
   """(rows, length) of a step: the batch rows and row length, or the decode rows and cache slots."""
   if kind == "decode":
     return decode_shape(config, target)
+  if kind in ILQL_TRUNK:
+    return ilql_config(config, kind).ilql.batch_size, config.data.max_length
   return phases.optim_config(config, kind).batch_size, config.data.max_length
 
 

@@ -50,6 +50,7 @@ class Row:
   num_slices: int = 0  # 0: the config file's AOT_NUM_SLICES
   same_bc: str = ""
   full_ft: str = ""  # LoRA rows: the row of full fine-tuning on the same slice, batch and length
+  qsft_of: str = ""  # ILQL rows: the row whose Q-SFT step (same slice, batch and length) they are set against
 
   def args(self, run: Compile) -> list[str]:
     """The flags of `python -m qsft_jax.aot` for one compile of the row."""
@@ -89,6 +90,10 @@ ROWS: dict[str, Row] = {
     "8b-v4-4-lora": Row("configs/pod_llama3_8b_lora.py", (Compile("qsft,bc", False),), topology="v4:2x2x1",
                         full_ft="8b-v4-4"),
     "70b-v6e64-qlora": Row("configs/pod_llama_70b_qlora.py", (Compile("qsft,bc", False),), full_ft="70b-v6e64"),
+    # The ILQL baseline's step (one LM and value heads) beside Q-SFT's (three LMs): heads on the frozen
+    # phi, and with the trunk trained.
+    "8b-v5e16-ilql": Row("configs/pod_llama3_8b.py", (Compile("ilql,ilql_train", False),), BATCH_16,
+                         topology="v5e:4x4", qsft_of="8b-v5e16"),
 }
 
 SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "collective-permute": "CP",
@@ -210,6 +215,8 @@ def summary_table(results: dict) -> list[str]:
          "| Q-SFT / BC FLOPs | Q-SFT / BC roofline time | bound | compile s |",
          "|" + "---|" * 16]
   for name, row in ROWS.items():
+    if row.qsft_of:  # no BC or Q-SFT step of its own: `ilql_table`
+      continue
     r = results.get(name)
     if r is None or "error" in r:
       why = "not compiled" if r is None else r["error"][:300]
@@ -340,9 +347,39 @@ def lora_table(results: dict) -> list[str]:
   return out
 
 
+def ilql_table(results: dict) -> list[str]:
+  """ILQL's steps against Q-SFT's on the same slice, batch and length: memory, FLOPs, collectives."""
+  out = ["| row | step (trunk) | ILQL GiB/chip (args + temp) | Q-SFT GiB/chip (row) | ILQL / Q-SFT peak "
+         "| FLOPs/chip ILQL / Q-SFT (analytic) | collectives GB/chip ILQL -> Q-SFT | compile s |",
+         "|" + "---|" * 8]
+  for name, row in ROWS.items():
+    if not row.qsft_of:
+      continue
+    r = results.get(name)
+    if r is None or "error" in r:
+      out.append(_line([name, "not compiled" if r is None else r["error"][:300]] + [""] * 6))
+      continue
+    q = _built(((results.get(row.qsft_of) or {}).get("steps") or {}).get("qsft"))
+    for kind, s in r["steps"].items():
+      trunk = {"ilql": "phi, frozen", "ilql_train": "trained"}.get(kind, kind)
+      if not _built(s):
+        out.append(_line([name, f"{kind} ({trunk})", _memory_cell(s)] + ["-"] * 5))
+        continue
+      comm = (s["ici_bytes_per_chip"] + s["dcn_bytes_per_chip"]) / 1e9
+      q_comm = (q["ici_bytes_per_chip"] + q["dcn_bytes_per_chip"]) / 1e9 if q else None
+      out.append(_line([
+          name, f"{kind} ({trunk})", _memory_cell(s),
+          f"{_memory_cell(q)} ({row.qsft_of})" if q else "-",
+          f"{s['peak_bytes'] / q['peak_bytes']:.2f}" if q else "-",
+          f"{s['analytic_flops_per_chip']:.3g} / {q['analytic_flops_per_chip']:.3g} = "
+          f"{s['analytic_flops_per_chip'] / q['analytic_flops_per_chip']:.2f}" if q else "-",
+          f"{_gb(comm)} -> {_gb(q_comm)}" if q else _gb(comm), f"{s['compile_s']}"]))
+  return out
+
+
 TABLES: dict[str, Callable[[dict], list[str]]] = {
     "summary": summary_table, "commands": commands_list, "steps": steps_table,
-    "qsft_over_bc": qsft_over_bc_table, "lora": lora_table}
+    "qsft_over_bc": qsft_over_bc_table, "lora": lora_table, "ilql": ilql_table}
 
 
 def render(doc: str, results: dict) -> str:

@@ -10,10 +10,12 @@ Public API (see each module for details):
   first step (``check.py``); raises ``EpisodeError`` / ``DataError`` (both ``UserError``s);
 - ``episodes_to_batch(episodes, config, tokenizer) -> dict[str, np.ndarray [B, L]]``;
 - ``make_train_iterator(config, tokenizer, *, process_index, process_count, batch_size_per_process, seed)``
-  and ``iterator_state(it)`` / ``restore_iterator(it, state)`` (``pipeline.py``).
+  and ``iterator_state(it)`` / ``restore_iterator(it, state)`` (``pipeline.py``);
+- ``pipeline.top_return_source(config, tokenizer, top_fraction) -> (source, ReturnSelection)``: the records whose
+  first-action return is in the top fraction (filtered BC; ``pipeline.py``, ``loading.select_top_returns``).
 """
 from qsft_jax.data.episodes import DataError, Episode, EpisodeError, Problem, Turn, parse_episode, parse_line, resolve_paths, write_jsonl
-from qsft_jax.data.loading import DataConfig, Dropped, EpisodeProcessor, LoadedEpisodes, Summary, episodes_to_batch, load_episodes, validate_paths
+from qsft_jax.data.loading import DataConfig, Dropped, EpisodeProcessor, LoadedEpisodes, ReturnSelection, Summary, episodes_to_batch, load_episodes, validate_paths
 from qsft_jax.data.mdp import ARRAY_SPECS, MDPConfig
 from qsft_jax.data.rewards import RewardTransform
 from qsft_jax.data.check import preflight

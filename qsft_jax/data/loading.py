@@ -294,6 +294,79 @@ def load_episodes(paths: str | Sequence[str], config: DataConfig | Mapping | Non
     return LoadedEpisodes(kept, arrays, summary)
 
 
+def first_action_return(arrays: Mapping[str, np.ndarray]) -> float:
+    """The transformed, discounted return of an episode's first action: ``returns_to_go`` [n] at its first
+    action token (what the token-level MDP arrays define; a truncated episode's return stops at the
+    cut). 0.0 for an episode without action tokens."""
+    actions = np.flatnonzero(arrays["action_mask"])
+    return float(arrays["returns_to_go"][actions[0]]) if len(actions) else 0.0
+
+
+def top_fraction_threshold(returns: np.ndarray, top_fraction: float) -> float:
+    """The (1 - top_fraction) quantile of ``returns`` [N] (numpy's default, linear interpolation): the
+    lowest return filtered BC keeps (``returns >= threshold``, so ties at the threshold are all kept)."""
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"top_fraction: must be in (0, 1], got {top_fraction}")
+    if len(returns) == 0:
+        raise ValueError("top_fraction: no episodes to select from")
+    return float(np.quantile(np.asarray(returns, np.float64), 1.0 - top_fraction))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReturnSelection:
+    """The episodes of a data source whose first-action return is at or above the (1 - top_fraction)
+    quantile of the returns of every episode the pipeline trains on (dropped ones excluded).
+
+    indices: int64 [K], ascending record indices into the source (the pipeline's record order);
+    returns: float64 [N], the first-action return of each trained-on episode (record order);
+    threshold: the quantile; top_fraction as given.
+    """
+
+    indices: np.ndarray
+    returns: np.ndarray
+    threshold: float
+    top_fraction: float
+
+    @property
+    def total(self) -> int:
+        return len(self.returns)
+
+    @property
+    def kept(self) -> int:
+        return len(self.indices)
+
+    def format(self) -> str:
+        return (f"filtered_bc: {self.kept} of {self.total} episodes kept (transformed first-action return >= "
+                f"{self.threshold:.6g}, the {1.0 - self.top_fraction:g} quantile; top_fraction="
+                f"{self.top_fraction:g}, ties kept)")
+
+
+def select_top_returns(
+    records: Iterable[tuple[str, int, bytes | str]],
+    config: DataConfig | Mapping,
+    tokenizer,
+    top_fraction: float,
+) -> ReturnSelection:
+    """Runs every record (file, line, raw) through ``EpisodeProcessor`` (the pipeline's per-episode path)
+    and selects the top ``top_fraction`` by first-action return (``ReturnSelection``). Raises
+    ``EpisodeError`` on invalid episodes."""
+    config = DataConfig.from_config(config)
+    processor = EpisodeProcessor(config, tokenizer)
+    indices, returns, problems = [], [], []
+    for index, (file, line, raw) in enumerate(records):
+        outcome = processor(raw, file, line)
+        problems.extend(outcome.problems)
+        if outcome.status in ("kept", "truncated"):
+            indices.append(index)
+            returns.append(first_action_return(outcome.arrays))
+    if problems:
+        raise EpisodeError(problems)
+    returns = np.asarray(returns, np.float64)
+    threshold = top_fraction_threshold(returns, top_fraction)
+    keep = np.asarray(indices, np.int64)[returns >= threshold]
+    return ReturnSelection(indices=keep, returns=returns, threshold=threshold, top_fraction=top_fraction)
+
+
 def episodes_to_batch(
     episodes: Iterable[dict | Episode], config: DataConfig | Mapping, tokenizer, *, pack: bool | None = None
 ) -> dict[str, np.ndarray]:

@@ -45,7 +45,7 @@ import numpy as np
 
 from qsft_jax.data import episodes as episodes_lib
 from qsft_jax.data import mdp
-from qsft_jax.data.loading import DataConfig, EpisodeProcessor
+from qsft_jax.data.loading import DataConfig, EpisodeProcessor, select_top_returns
 from qsft_jax.data.episodes import EpisodeError
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,33 @@ class RecordSource:
         if isinstance(record, dict):
             record = record[self._field]
         return self._name, int(index) + 1, record
+
+
+class SubsetSource:
+    """The records of ``source`` at ``indices`` (int [K], ascending), as a random-access source: what
+    filtered BC trains on (``top_return_source``). Sharding, shuffling and packing apply to it as to any
+    source."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        self._source, self._indices = source, np.asarray(indices, np.int64)
+        if len(self._indices) and not 0 <= int(self._indices.min()) <= int(self._indices.max()) < len(source):
+            raise ValueError(f"subset indices outside [0, {len(source)})")
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int):
+        return self._source[int(self._indices[index])]
+
+
+def top_return_source(config: DataConfig, tokenizer, top_fraction: float, source=None):
+    """(SubsetSource, ``loading.ReturnSelection``): the records of the config's source (or ``source``)
+    whose episode's first-action return is at or above the (1 - top_fraction) quantile of all returns
+    the pipeline would train on, ties kept (``loading.select_top_returns``; one pass over the source).
+    Deterministic, so every process selects the same records before taking its shard."""
+    source = make_source(config) if source is None else source
+    selection = select_top_returns((source[i] for i in range(len(source))), config, tokenizer, top_fraction)
+    return SubsetSource(source, selection.indices), selection
 
 
 @dataclasses.dataclass
@@ -244,8 +271,10 @@ def make_train_iterator(
     batch_size_per_process: int,
     seed: int | None = None,
     stats: PipelineStats | None = None,
+    source=None,
 ) -> grain.DatasetIterator:
-    """Iterator of dict[str, np.ndarray [b, L]] batches (keys of ``mdp.ARRAY_SPECS``); checkpointable."""
+    """Iterator of dict[str, np.ndarray [b, L]] batches (keys of ``mdp.ARRAY_SPECS``); checkpointable.
+    ``source`` overrides the config's record source (e.g. ``top_return_source``'s subset)."""
     config = DataConfig.from_config(config)
     return iter(
         make_dataset(
@@ -255,6 +284,7 @@ def make_train_iterator(
             process_count=process_count,
             batch_size_per_process=batch_size_per_process,
             seed=seed,
+            source=source,
             stats=stats,
         )
     )

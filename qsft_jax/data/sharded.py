@@ -25,16 +25,18 @@ def owned_shards(num_shards: int, process_index: int, process_count: int) -> ran
 
 class ShardedBatchIterator:
   """Iterator of this process's rows {key: np.ndarray [B / P, L]}; checkpointable by grain's handler
-  (get_state -> bytes, set_state(bytes), start_prefetch)."""
+  (get_state -> bytes, set_state(bytes), start_prefetch). `source`: the records every shard is cut
+  from (default the config's source; filtered BC passes `pipeline.top_return_source`'s subset)."""
 
   def __init__(self, data_config: Any, tokenizer, *, global_batch_size: int, num_shards: int,
-               process_index: int, process_count: int, seed: int):
+               process_index: int, process_count: int, seed: int, source=None):
     if global_batch_size % num_shards:
       raise ValueError(f"batch size {global_batch_size} does not divide into {num_shards} data shards")
     self.shards = owned_shards(num_shards, process_index, process_count)
     self.iterators = [
         make_train_iterator(data_config, tokenizer, process_index=s, process_count=num_shards,
-                            batch_size_per_process=global_batch_size // num_shards, seed=seed)
+                            batch_size_per_process=global_batch_size // num_shards, seed=seed,
+                            source=source)
         for s in self.shards]
 
   def __iter__(self):

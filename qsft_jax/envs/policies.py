@@ -20,7 +20,7 @@ import functools
 import random
 
 from qsft_jax.envs.chess_env import ChessEnv, engine_move, open_stockfish
-from qsft_jax.envs.maze import MOVES, Cell, MazeEnv
+from qsft_jax.envs.maze import MOVES, Cell, MazeEnv, bfs_distances
 from qsft_jax.envs.twenty_questions import (ATTRIBUTE_KEYS, TwentyQuestionsEnv, guess_text, object_attributes,
                                             question_text)
 from qsft_jax.envs.wordle import INVALID_FEEDBACK, WordleEnv, allowed_words, feedback
@@ -71,6 +71,15 @@ class MazePaperPolicy(BehaviourPolicy):
     def act(self, env: MazeEnv, rng: random.Random) -> str:
         self._check_env(env, MazeEnv)
         return env.action_texts[self._noisy_optimal_move(env, rng)] + env.action_stop
+
+    def move_probabilities(self, env: MazeEnv, cell: Cell) -> dict[str, float]:
+        """The probability of each move of ``MOVES`` at ``cell`` (what ``act`` draws from there; it
+        depends on the cell only). Exact dynamic programming over the policy (``maze_values``) reads it."""
+        best = env.shortest_path_moves(cell)
+        probs = {m: (1.0 - self.optimal_prob if best else 1.0) / len(MOVES) for m in MOVES}
+        for m in best:
+            probs[m] += self.optimal_prob / len(best)
+        return probs
 
 
 def default_trap_moves(env: MazeEnv) -> dict[Cell, str]:
@@ -131,6 +140,73 @@ class MazeTrapPolicy(MazePaperPolicy):
         if trap is not None and rng.random() < self.trap_prob:
             return env.action_texts[trap] + env.action_stop
         return env.action_texts[self._noisy_optimal_move(env, rng)] + env.action_stop
+
+    def move_probabilities(self, env: MazeEnv, cell: Cell) -> dict[str, float]:
+        probs = super().move_probabilities(env, cell)
+        trap = self.trap_moves(env).get(cell)
+        if trap is None:
+            return probs
+        probs = {m: (1.0 - self.trap_prob) * p for m, p in probs.items()}
+        probs[trap] += self.trap_prob
+        return probs
+
+
+class MazeDetourPolicy(MazePaperPolicy):
+    """A behaviour that plans as if the cells ``avoid`` were walls: it knows a longer route than the
+    shortest and keeps to it, while its random moves still cross the avoided cells.
+
+    Per move: with probability ``optimal_prob`` (default 0.8) a move on a shortest path to G of the
+    layout with the ``avoid`` cells ("r,c" strings or (r, c) pairs) walled up (uniform among them; in
+    an avoided cell itself, a shortest-path move of the real layout), otherwise a uniformly random
+    move. Where the shortest route runs through an avoided cell, the data hold that route only as
+    random moves followed by good play from the cells past the avoided one (which the policy walks
+    straight to G): the good parts of different episodes must be stitched to find it, while the
+    policy's own continuation from the cells before it (back to the long route) makes the first move
+    of the short route look poor to its Monte Carlo returns (the stitching task,
+    configs/maze_stitch_cpu.py).
+    """
+
+    task, name = "maze", "detour"
+
+    def __init__(self, avoid: tuple = (), optimal_prob: float = 0.8):
+        super().__init__(optimal_prob)
+        self.avoid_option = avoid
+        self._planned: tuple[MazeEnv, dict[Cell, int]] | None = None
+
+    def planned_distances(self, env: MazeEnv) -> dict[Cell, int]:
+        """Distances to G with the avoided cells walled up (computed once per environment); a cell that
+        can only reach G through an avoided cell keeps its real distance."""
+        if self._planned is None or self._planned[0] is not env:
+            avoid = set()
+            for key in self.avoid_option:
+                cell = tuple(int(x) for x in (key.split(",") if isinstance(key, str) else key))
+                if cell not in env.free or cell == env.goal:
+                    raise ValueError(f"maze detour: avoid {key!r} must be a free cell other than G")
+                avoid.add(cell)
+            planned = bfs_distances(env.free - avoid, env.goal)
+            self._planned = (env, {c: planned.get(c, env.distances[c]) for c in env.free - avoid})
+        return self._planned[1]
+
+    def planned_moves(self, env: MazeEnv, cell: Cell) -> list[str]:
+        """The moves the policy plans at ``cell`` (empty at G)."""
+        planned = self.planned_distances(env)
+        if cell not in planned:  # an avoided cell: the real shortest path
+            return env.shortest_path_moves(cell)
+        d = planned[cell]
+        return [m for m in MOVES if d > 0 and planned.get(env.next_cell(cell, m), d) == d - 1]
+
+    def act(self, env: MazeEnv, rng: random.Random) -> str:
+        self._check_env(env, MazeEnv)
+        best = self.planned_moves(env, env.position)
+        move = rng.choice(best) if best and rng.random() < self.optimal_prob else rng.choice(MOVES)
+        return env.action_texts[move] + env.action_stop
+
+    def move_probabilities(self, env: MazeEnv, cell: Cell) -> dict[str, float]:
+        best = self.planned_moves(env, cell)
+        probs = {m: (1.0 - self.optimal_prob if best else 1.0) / len(MOVES) for m in MOVES}
+        for m in best:
+            probs[m] += self.optimal_prob / len(best)
+        return probs
 
 
 # -------------------------------------------------------------------------------------------- wordle
@@ -401,6 +477,6 @@ class ChessPaperPolicy(BehaviourPolicy):
 
 POLICIES: dict[tuple[str, str], type[BehaviourPolicy]] = {
     (cls.task, cls.name): cls
-    for cls in (MazePaperPolicy, MazeTrapPolicy, WordlePaperPolicy, WordleBiasedPolicy, WordleTrapPolicy,
-                TwentyQuestionsPaperPolicy, TwentyQuestionsTrapPolicy, ChessPaperPolicy)
+    for cls in (MazePaperPolicy, MazeTrapPolicy, MazeDetourPolicy, WordlePaperPolicy, WordleBiasedPolicy,
+                WordleTrapPolicy, TwentyQuestionsPaperPolicy, TwentyQuestionsTrapPolicy, ChessPaperPolicy)
 }

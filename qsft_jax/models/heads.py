@@ -73,17 +73,6 @@ def q_values(heads: Mapping[str, Any], h: jax.Array, vocab_size: int) -> jax.Arr
   return jnp.stack(out)
 
 
-def taken_q_values(heads: Mapping[str, Any], h: jax.Array, labels: jax.Array) -> jax.Array:
-  """Q_j(s, a) of one token per row: h [B, L, D], labels [B, L] int -> float32 [J, B, L], without the
-  [B, L, V] logits (the labels' kernel columns are gathered)."""
-  t = inner(heads)
-  kernel, bias = t["q_kernel"], t["q_bias"]
-  labels = labels.astype(jnp.int32)
-  columns = jnp.take(jnp.swapaxes(kernel, 1, 2), labels, axis=1)  # [J, B, L, D]
-  q = jnp.einsum("bld,jbld->jbl", h, columns.astype(h.dtype), preferred_element_type=jnp.float32)
-  return q + jnp.take(bias, labels, axis=1).astype(jnp.float32)
-
-
 def state_values(heads: Mapping[str, Any], h: jax.Array) -> jax.Array:
   """V(s): h [..., D] -> float32 [...]."""
   t = inner(heads)

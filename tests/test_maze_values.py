@@ -1,0 +1,178 @@
+"""Exact maze values (qsft_jax/envs/maze_values.py) against brute force: every move sequence of a tiny
+maze enumerated through the environment's own step, weighted by the behaviour's probabilities, with
+returns transformed by the data layer; the behaviour probabilities against the policies' own sampling
+(Monte Carlo over generated episodes); the optimal returns against the environment's BFS; and the
+stitching property of configs/maze_stitch_cpu.py."""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from qsft_jax import config_lib
+from qsft_jax.data.episodes import Episode, Turn
+from qsft_jax.data.rewards import RewardTransform, transform_rewards
+from qsft_jax.envs import generate_episodes
+from qsft_jax.envs.maze import MOVES, MazeEnv
+from qsft_jax.envs.maze_values import config_values, exact_values
+from qsft_jax.envs.policies import MazeDetourPolicy, MazePaperPolicy, MazeTrapPolicy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ("..G", ".#.", "...")
+MAX_STEPS = 4
+POLICIES = {"paper": MazePaperPolicy(0.3), "trap": MazeTrapPolicy(trap_prob=0.7, traps={"1,0": "d"}),
+            "detour": MazeDetourPolicy(avoid=("0,1",), optimal_prob=0.8)}
+TRANSFORMS = (("terminal_return:-8,-1", 0.7), ("affine:-2,-1,4", 0.9), ("none", 1.0))
+
+
+def transformed_return(rewards: list[float], transform: str, gamma: float) -> float:
+    """The discounted return of the first action of an episode with these action rewards, through the data
+    layer's reward transform (every action one turn; "none" passes the negative maze rewards as they are,
+    which the data layer would reject as returns outside [0, 1])."""
+    if transform == "none":
+        return float(sum(gamma ** j * r for j, r in enumerate(rewards)))
+    turns = []
+    for r in rewards:
+        turns += [Turn("x", False), Turn("a", True, r)]
+    per_turn, problems = transform_rewards(Episode(turns=tuple(turns), done=True),
+                                           RewardTransform.from_config(transform), gamma)
+    assert not problems
+    action_rewards = per_turn[1::2]
+    return float(sum(gamma ** j * r for j, r in enumerate(action_rewards)))
+
+
+def trajectories(env: MazeEnv, start):
+    """Every (moves, rewards, cells acted in) of an episode from `start`, played by env.step."""
+    env = copy.deepcopy(env)
+    env.starts = (start,)
+    out = []
+
+    def walk(e, moves, rewards, cells):
+        for m in MOVES:
+            child = copy.deepcopy(e)
+            cell = child.position
+            result = child.step(m + "\n")
+            if result.done:
+                out.append((moves + [m], rewards + [result.reward], cells + [cell]))
+            else:
+                walk(child, moves + [m], rewards + [result.reward], cells + [cell])
+    env.reset(0)
+    walk(env, [], [], [])
+    return out
+
+
+def check_against_brute_force(env: MazeEnv, policy, transform: str, gamma: float):
+    """Asserts every figure of exact_values at the start states (and every visit probability) equals
+    the enumeration's; returns the values."""
+    values = exact_values(env, policy, gamma, transform)
+    terminal = transform.startswith("terminal")
+    probs = {c: policy.move_probabilities(env, c) for c in env.free - {env.goal}}
+    visits: dict = {}
+    starts = list(env.starts)
+    optimal, behaviour = [], []
+    for start in starts:
+        paths = trajectories(env, start)
+        g = {i: transformed_return(rw, transform, gamma) for i, (_, rw, _) in enumerate(paths)}
+        p_beh = {i: float(np.prod([probs[c][m] for m, c in zip(mv, cells)])) for i, (mv, _, cells) in enumerate(paths)}
+        assert np.isclose(sum(p_beh.values()), 1.0)
+
+        def state_at(path, k):
+            moves, rewards, cells = path
+            return (cells[k], env.max_steps - k, float(sum(rewards[:k])) if terminal else 0.0)
+
+        # Q* and Q^beta at the start: max / behaviour-weighted mean over the paths that begin with each move.
+        q_star = np.array([max(g[i] for i, p in enumerate(paths) if p[0][0] == m) for m in MOVES])
+        q_beta = np.array([sum(p_beh[i] / probs[start][m] * g[i] for i, p in enumerate(paths) if p[0][0] == m)
+                           for m in MOVES])
+        s0 = (start, env.max_steps, 0.0)
+        np.testing.assert_allclose(values.q_star[s0], q_star, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(values.q_beta[s0], q_beta, rtol=1e-12, atol=1e-15)
+        by = values.by_start[start]
+        np.testing.assert_allclose(by["optimal"].transformed, q_star.max(), rtol=1e-12)
+        np.testing.assert_allclose(by["behaviour"].transformed, sum(p_beh[i] * g[i] for i in g), rtol=1e-12)
+        np.testing.assert_allclose(by["behaviour"].original, sum(p_beh[i] * sum(p[1]) for i, p in enumerate(paths)),
+                                   rtol=1e-12)
+        for i, path in enumerate(paths):  # the behaviour's probability of acting in each state
+            for k in range(len(path[0])):
+                visits[state_at(path, k)] = visits.get(state_at(path, k), 0.0) + p_beh[i] / len(starts)
+        # The greedy-in-Q^beta policy (ties split evenly) replayed on the paths: its probability of each path.
+        greedy = {}
+        for i, path in enumerate(paths):
+            p = 1.0
+            for k, m in enumerate(path[0]):
+                q = values.q_beta[state_at(path, k)]
+                best = np.flatnonzero(np.isclose(q, q.max(), rtol=1e-9, atol=0.0))
+                p *= (MOVES.index(m) in best) / len(best)
+            greedy[i] = p
+        np.testing.assert_allclose(by["greedy_q_beta"].transformed, sum(greedy[i] * g[i] for i in g), rtol=1e-12)
+        np.testing.assert_allclose(by["greedy_q_beta"].original,
+                                   sum(greedy[i] * sum(p[1]) for i, p in enumerate(paths)), rtol=1e-12)
+        star_set = set(np.flatnonzero(np.isclose(q_star, q_star.max(), rtol=1e-9, atol=0.0)))
+        beta_set = set(np.flatnonzero(np.isclose(q_beta, q_beta.max(), rtol=1e-9, atol=0.0)))
+        assert (s0 in {d.state for d in values.start_disagreements()}) == (not beta_set <= star_set)
+        optimal.append(q_star.max())
+        behaviour.append(by["behaviour"].transformed)
+    assert values.visit_probability.keys() >= visits.keys()
+    for state, p in visits.items():
+        np.testing.assert_allclose(values.visit_probability[state], p, rtol=1e-12, err_msg=str(state))
+    assert values.optimal_return == pytest.approx(np.mean(optimal), rel=1e-12)
+    assert values.behaviour_return == pytest.approx(np.mean(behaviour), rel=1e-12)
+    return values
+
+
+@pytest.mark.parametrize("transform,gamma", TRANSFORMS)
+@pytest.mark.parametrize("policy_name", sorted(POLICIES))
+def test_values_equal_brute_force_enumeration(policy_name, transform, gamma):
+    check_against_brute_force(MazeEnv(layout=TINY, max_steps=MAX_STEPS), POLICIES[policy_name], transform, gamma)
+
+
+@pytest.mark.parametrize("transform,gamma", (("terminal_return:-12,-1", 0.7), ("none", 1.0)))
+def test_brute_force_on_a_start_where_greedy_q_beta_is_not_optimal(transform, gamma):
+    """From (1, 0) of the tiny ring with 6 moves, the detour policy (planning around (0, 1)) goes the long
+    way: greedy Q^beta follows it (a start disagreement), while the optimal path is u, r, r."""
+    env = MazeEnv(layout=TINY, max_steps=6, starts=((1, 0),))
+    values = check_against_brute_force(env, MazeDetourPolicy(avoid=("0,1",), optimal_prob=0.8), transform, gamma)
+    (d,) = values.start_disagreements()
+    assert d.optimal_moves == ("u",) and d.q_beta_moves == ("d",)
+    assert values.optimal.original == -3.0 and values.greedy_q_beta.original < -3.0
+    assert any(len(np.flatnonzero(q == q.max())) > 1 for q in values.q_star.values())  # ties occur
+
+
+def test_optimal_returns_are_the_bfs_distances():
+    env = MazeEnv()
+    for transform, gamma in (("none", 1.0), ("terminal_return:-40,-1", 0.7)):
+        values = exact_values(env, MazeTrapPolicy(), gamma, transform)
+        for start, want in env.optimal_returns().items():
+            assert values.by_start[start]["optimal"].original == pytest.approx(want, abs=1e-12)
+            if transform == "none":
+                assert values.q_star[(start, env.max_steps, 0.0)].max() == pytest.approx(want, abs=1e-12)
+        assert values.optimal.original == pytest.approx(env.expected_optimal_return(), abs=1e-12)
+
+
+@pytest.mark.parametrize("config_name", ["maze_cpu", "maze_trap_cpu", "maze_stitch_cpu"])
+def test_behaviour_return_matches_the_policy_sampled(config_name):
+    """The DP's behaviour return equals the mean return of episodes the generator samples with the policy's
+    own `act` (within 4 standard errors): move_probabilities is what act draws from."""
+    config = config_lib.load_config_file(os.path.join(REPO, "configs", f"{config_name}.py"), "")
+    values = config_values(config)
+    options = {**config.env.to_dict(), **config.dataset.options.to_dict()}
+    options["starts"] = tuple(config.env.get("starts", ())) or None
+    episodes = list(generate_episodes("maze", 3000, 123, policy=config.dataset.policy, **options))
+    returns = np.array([ep["meta"]["return"] for ep in episodes])
+    stderr = returns.std(ddof=1) / np.sqrt(len(returns))
+    assert abs(returns.mean() - values.behaviour.original) < 4 * stderr, (returns.mean(), values.behaviour.original)
+
+
+def test_stitching_task_property():
+    """configs/maze_stitch_cpu.py: at every start cell the evaluation plays from, greedy Q^beta picks a move
+    that is not optimal, and its expected return is below the optimal one by the docstring's margin."""
+    config = config_lib.load_config_file(os.path.join(REPO, "configs", "maze_stitch_cpu.py"), "")
+    values = config_values(config)
+    assert {d.state[0] for d in values.start_disagreements()} == set(map(tuple, config.env.starts))
+    assert values.optimal.original == pytest.approx(-5.5, abs=1e-9)
+    assert values.greedy_q_beta.original == pytest.approx(-10.5, abs=1e-9)
+    assert values.optimal.original - values.greedy_q_beta.original >= 5.0 - 1e-9
+    assert values.behaviour.original == pytest.approx(-14.40, abs=0.005)
