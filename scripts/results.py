@@ -22,11 +22,13 @@ reported at the chosen beta; BC and filtered BC have no beta. Q-SFT's variants a
 held-out value correlations (`qsft_jax.diagnostics`). Re-running continues where it stopped: a phase with
 its DONE marker is not started again (an unfinished one resumes from its checkpoint), and each method's
 evaluation is cached in WORKDIR/table/METHOD.json (recomputed only when episodes, seeds or betas
-change). The wall time of every phase and evaluation is kept in ROOT/COLUMN/seed{s}/timings.json.
+change). The wall time of every phase and evaluation is kept in ROOT/COLUMN/seed{s}/timings.json;
+compiled programs in ROOT/jax_cache (JAX's persistent cache, unless JAX_COMPILATION_CACHE_DIR is set), so
+the workdirs, seeds and columns of one shape compile each step and sampler once.
 Writes OUT/table_COLUMN.{md,json}: per method the mean over seeds +- the standard error across seeds
 (sample standard deviation / sqrt(seeds)), each seed's return and chosen beta, and beside them the
 column's exact optimal return and the return of the policy greedy in Q^beta (the behaviour policy's
-Q; maze columns, `qsft_jax.envs.maze_values.config_values`).
+Q; maze columns, `qsft_jax.envs.maze_values.config_values`; "-" for Wordle).
 
 The four columns in one table (rows = methods, columns = tasks), written between marker comments at
 the top of docs/results.md (a rerun replaces it), with the command of each column and the comparisons
@@ -42,12 +44,12 @@ docs/results.md, 7 minutes in all: 16 x 256-token steps at 6.2 steps/s for BC, 4
 control; a maze evaluation batch of up to 64 episodes ~11 s, a Wordle one ~3 s). Per seed:
 - maze, maze_trap, maze_stitch (400 BC steps, 400 phase-2 steps): training ~1.2 min each for bc and
   filtered_bc, ~0.7 for mc and ilql (the frozen phi's forward only), ~1.5 each for qsft, the control
-  and the two variants, plus ~0.3 of set-up per trainer start (9 starts): ~12 minutes; evaluation with
-  100 episodes (2 batches) per method, 50 selection episodes (1 batch) per beta, betas 4, 16, 64, 256:
+  and the two variants, plus ~0.3 of set-up per trainer start (8 starts): ~12 minutes; evaluation with
+  128 episodes (2 batches) per method, 64 selection episodes (1 batch) per beta, betas 4, 16, 64, 256:
   4 + 6 x (4 + 2) = 40 batches, ~7.5 minutes, plus 4 value diagnostics (~0.5): ~20 minutes a seed,
   ~60 minutes a column.
-- wordle_trap (600 BC steps, 400 phase-2 steps): training ~15 minutes; 200 evaluation episodes
-  (4 batches), 100 selection episodes (2 batches) per beta: 8 + 6 x (8 + 4) = 80 batches, ~4 minutes:
+- wordle_trap (600 BC steps, 400 phase-2 steps): training ~15 minutes; 256 evaluation episodes
+  (4 batches), 128 selection episodes (2 batches) per beta: 8 + 6 x (8 + 4) = 80 batches, ~4 minutes:
   ~19 minutes a seed, ~57 a column.
 The whole table: ~4 hours of idle CPU (on a shared machine, 2-3 times that), under the 6 hours this
 project has across two or three sessions; one column and seed at a time can be run with --seeds.
@@ -125,15 +127,17 @@ class Column:
   name: str
   title: str
   config: str
-  episodes: int         # evaluation episodes per method and seed
-  select_episodes: int  # selection episodes per beta and seed
+  # Evaluation episodes per method and seed, and selection episodes per beta and seed: multiples of the
+  # configs' eval.batch_size (64), so that every batch has one shape (one compiled sampler) and is full.
+  episodes: int
+  select_episodes: int
 
 
 COLUMNS = {c.name: c for c in (
-    Column("maze", "maze, paper-like behaviour", "configs/maze_cpu.py", 100, 50),
-    Column("maze_trap", "maze, trap", "configs/maze_trap_cpu.py", 100, 50),
-    Column("wordle_trap", "Wordle, trap", "configs/wordle_trap_cpu.py", 200, 100),
-    Column("maze_stitch", "maze, stitching", "configs/maze_stitch_cpu.py", 100, 50))}
+    Column("maze", "maze, paper-like behaviour", "configs/maze_cpu.py", 128, 64),
+    Column("maze_trap", "maze, trap", "configs/maze_trap_cpu.py", 128, 64),
+    Column("wordle_trap", "Wordle, trap", "configs/wordle_trap_cpu.py", 256, 128),
+    Column("maze_stitch", "maze, stitching", "configs/maze_stitch_cpu.py", 128, 64))}
 COLUMN_BETAS = (4.0, 16.0, 64.0, 256.0)
 
 
@@ -251,7 +255,7 @@ def train(config_path: str, training: Training, workdir: str, seed: int, sets: S
   if training.name == "main":
     extra = budget_parity(trainer_config([*base, *sets])) + extra
   extra += [*sets, "--config.eval.enabled=False"]
-  phases = lambda n: f"--config.phases={tuple(training.phases[:n])!r}".replace(" ", "")
+  phases = lambda n: "--config.phases=(" + "".join(f'"{p}",' for p in training.phases[:n]) + ")"
   command = [*base, phases(len(training.phases)), *extra]
   if training.shares_phase1 and not checkpoints.is_done(workdir, "bc"):
     copy_phase1(main_workdir, workdir)
@@ -485,7 +489,7 @@ def comparison(data: dict, a: str, b: str) -> str:
   passes = not math.isnan(se) and mean > 2 * se
   seeds = len(data["per_seed"])
   err = "" if math.isnan(se) else f" +- {se:.2f}"
-  return (f"{ROW_LABELS[a]} - {ROW_LABELS[b]} = {mean:.2f}{err} ({seeds} seeds, paired by seed): "
+  return (f"{ROW_LABELS[a]} - {ROW_LABELS[b]} = {mean:.2f}{err} (seeds: {seeds}, paired by seed): "
           + ("**more than two standard errors**" if passes else "not more than two standard errors"))
 
 
@@ -502,12 +506,12 @@ def statements(columns: Sequence[dict]) -> list[str]:
     for q in ("qsft_paper", "qsft"):
       for other in ("qsft_mc1", "mc", "filtered_bc"):
         lines.append(f"- {comparison(stitch[0], q, other)}")
-  lines += ["", "Where a comparison is not more than two standard errors, the measured reason is written "
-            "below this table by hand."]
+  lines += ["", "Where a comparison is not more than two standard errors, its measured reason is written by "
+            "hand after the end of this generated part."]
   return lines
 
 
-def assembled_markdown(columns: Sequence[dict]) -> str:
+def assembled_markdown(columns: Sequence[dict], out: str) -> str:
   cell = lambda r: fmt_mean(r) + ("" if r["betas"][0] is None else f" (beta {fmt_betas(r['betas'])})")
   exact = lambda d, k: "-" if not d["exact"] else f"{d['exact'][k]:.2f}"
   lines = [BEGIN, "", "| method | " + " | ".join(d["title"] for d in columns) + " |",
@@ -518,8 +522,9 @@ def assembled_markdown(columns: Sequence[dict]) -> str:
     lines.append(f"| {ROW_LABELS[key]} | " + " | ".join(cell(d["rows"][key]) for d in columns) + " |")
   lines += ["", "Mean return over seeds +- standard error across seeds (data, held-out set and "
             "initialisation change with the seed), each beta-extracting method at the beta chosen on "
-            "separate selection episodes (per seed in brackets); per column: "
-            + ", ".join(f"`docs/results/table_{d['column']}.md`" for d in columns) + ". Commands:", ""]
+            "separate selection episodes (the betas of the seeds in brackets); per column: "
+            + ", ".join(f"`{os.path.join(out, 'table_' + d['column'] + '.md')}`" for d in columns)
+            + ". Commands:", ""]
   lines += [f"- {d['title']}: `{d['command']}`" for d in columns]
   lines += [""] + statements(columns) + ["", END]
   return "\n".join(lines) + "\n"
@@ -534,7 +539,7 @@ def write_assembled(results_md: str, text: str) -> None:
     doc = head + text.rstrip("\n") + rest.split(END, 1)[1]
   else:
     first, _, rest = doc.partition("\n")
-    doc = first + "\n\n" + text + rest.lstrip("\n") if first.startswith("# ") else text + "\n" + doc
+    doc = first + "\n\n" + text + "\n" + rest.lstrip("\n") if first.startswith("# ") else text + "\n" + doc
   with open(results_md, "w") as f:
     f.write(doc)
 
@@ -544,7 +549,7 @@ def assemble(out: str, results_md: str) -> str:
   columns = [read_json(p) for p in paths if os.path.exists(p)]
   if not columns:
     raise UserError(f"{out}: no table_COLUMN.json; run `{PROG} --column=NAME ...` first")
-  text = assembled_markdown(columns)
+  text = assembled_markdown(columns, out)
   write_assembled(results_md, text)
   missing = [name for name, p in zip(COLUMNS, paths) if not os.path.exists(p)]
   print(text + (f"\nColumns not yet run: {', '.join(missing)}\n" if missing else ""), flush=True)
