@@ -42,7 +42,7 @@ def test_column_runs_every_row_writes_the_table_and_a_rerun_recomputes_nothing(t
   doc.write_text("# Results\n\nThe text below the table.\n")
   out, root = tmp_path / "out", tmp_path / "root"
   argv = ["scripts/results.py", "--column=maze_trap", f"--config_file={config}", "--seeds=0", f"--root={root}",
-          f"--out={out}", "--episodes=4", "--select_episodes=2", "--betas=4"]
+          f"--out={out}", "--episodes=4", "--select_episodes=4", "--betas=4"]
   done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=subprocess_env(device_count=1),
                         capture_output=True, text=True)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
