@@ -122,9 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
   # passed to it when set.
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=0, process_id=-1))
-  # Phases to run, in order, from ("bc", "qsft", "control", "filtered_bc", "mc", "ilql"). "control" is the targets-equal-1
-  # baseline (docs/algorithm.md section 7): phase 2 again with every target 1 (BC on theta), the same
-  # qsft.* settings, initialisation and batches, saved in WORKDIR/control/ and evaluated beside Q-SFT.
+  # Phases to run, in order, from ("bc", "qsft", "control", "filtered_bc", "mc", "ilql"). "control" is the
+  # targets-equal-1 baseline (docs/algorithm.md section 7): phase 2 again with every target 1 (BC on
+  # theta), the same qsft.* settings, initialisation and batches, saved in WORKDIR/control/ and evaluated
+  # beside Q-SFT.
   c.phases = ("bc", "qsft")
   c.bc = _optim(steps=300, batch_size=16, learning_rate=1e-3)
   c.qsft = _optim(steps=300, batch_size=16, learning_rate=1e-3)
@@ -153,7 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
       # (never updated) it rounds the weights once.
       target_dtype="",
       behaviour_dtype=""))
-  # Filtered BC (LMRL-Gym's "%BC"; docs/algorithm.md section 9): phase 1's BC from the same initialisation
+  # Filtered BC (LMRL-Gym's "%BC"; docs/algorithm.md section 10): phase 1's BC from the same initialisation
   # (the pretrained weights or the random init of `seed`; with LoRA a new adapter over the same base) on
   # the training episodes whose transformed first-action return (returns_to_go at the first action
   # token) is at or above the (1 - top_fraction) quantile of all of them, ties kept. The selection is

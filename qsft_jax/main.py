@@ -630,6 +630,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                           config.filtered_bc.top_fraction)
     if jax.process_index() == 0:
       print(selection.format(), flush=True)
+    shards = config.data_shards or jax.process_count()
+    if selection.kept < shards:
+      raise config_lib.ConfigError(
+          f"config.filtered_bc.top_fraction: {config.filtered_bc.top_fraction} keeps {selection.kept} "
+          f"episodes, fewer than the {shards} data shards that each need one; raise it")
   # Writes
   storage.path(workdir).mkdir(parents=True, exist_ok=True)
   run_lib.write_config(workdir, config)

@@ -148,3 +148,35 @@ def test_filtered_bc_phase_starts_as_bc_resumes_and_is_evaluated(tmp_path):
     evaluate.evaluate_policies(behaviour_params=other, policies=evaluate.policy_specs((), have_theta=False),
                                record=record_b, **kwargs)
     assert json.dumps(record_a["filtered_bc"]) == json.dumps(record_b["bc"])
+
+
+def test_config_checks_name_the_field():
+    from qsft_jax import config_lib
+    from qsft_jax.errors import ConfigError
+
+    config = config_lib.load_config_file(tu.TINY)
+    config.phases = ("filtered_bc",)
+    with pytest.raises(ConfigError, match=r"config.phases: the filtered_bc phase .* put 'bc' in phases"):
+        config_lib.check_config(config, 8)
+    config.phases = ("bc", "filtered_bc")
+    for bad in (0.0, 1.5):
+        config.filtered_bc.top_fraction = bad
+        with pytest.raises(ConfigError, match=r"config.filtered_bc.top_fraction: must be in \(0, 1\]"):
+            config_lib.check_config(config, 8)
+    config.filtered_bc.top_fraction = 0.1
+    config_lib.check_config(config, 8)
+
+
+def test_a_selection_smaller_than_the_data_shards_is_a_config_error(tmp_path):
+    from qsft_jax import config_lib
+    from qsft_jax import main as main_lib
+    from qsft_jax.errors import ConfigError
+
+    config = config_lib.load_config_file(tu.TINY)
+    config.phases = ("bc", "filtered_bc")
+    config.data_shards = 8
+    config.filtered_bc.top_fraction = 0.01
+    with pytest.raises(ConfigError, match=r"config.filtered_bc.top_fraction: 0.01 keeps \d episodes, fewer than "
+                                          r"the 8 data shards"):
+        main_lib.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "config.json")  # refused before the run's writes

@@ -6,7 +6,6 @@ stitching property of configs/maze_stitch_cpu.py."""
 from __future__ import annotations
 
 import copy
-import itertools
 import os
 
 import numpy as np
@@ -76,7 +75,8 @@ def check_against_brute_force(env: MazeEnv, policy, transform: str, gamma: float
     for start in starts:
         paths = trajectories(env, start)
         g = {i: transformed_return(rw, transform, gamma) for i, (_, rw, _) in enumerate(paths)}
-        p_beh = {i: float(np.prod([probs[c][m] for m, c in zip(mv, cells)])) for i, (mv, _, cells) in enumerate(paths)}
+        p_beh = {i: float(np.prod([probs[c][m] for m, c in zip(mv, cells)]))
+                 for i, (mv, _, cells) in enumerate(paths)}
         assert np.isclose(sum(p_beh.values()), 1.0)
 
         def state_at(path, k):
@@ -93,8 +93,8 @@ def check_against_brute_force(env: MazeEnv, policy, transform: str, gamma: float
         by = values.by_start[start]
         np.testing.assert_allclose(by["optimal"].transformed, q_star.max(), rtol=1e-12)
         np.testing.assert_allclose(by["behaviour"].transformed, sum(p_beh[i] * g[i] for i in g), rtol=1e-12)
-        np.testing.assert_allclose(by["behaviour"].original, sum(p_beh[i] * sum(p[1]) for i, p in enumerate(paths)),
-                                   rtol=1e-12)
+        behaviour_original = sum(p_beh[i] * sum(p[1]) for i, p in enumerate(paths))
+        np.testing.assert_allclose(by["behaviour"].original, behaviour_original, rtol=1e-12)
         for i, path in enumerate(paths):  # the behaviour's probability of acting in each state
             for k in range(len(path[0])):
                 visits[state_at(path, k)] = visits.get(state_at(path, k), 0.0) + p_beh[i] / len(starts)
@@ -107,7 +107,8 @@ def check_against_brute_force(env: MazeEnv, policy, transform: str, gamma: float
                 best = np.flatnonzero(np.isclose(q, q.max(), rtol=1e-9, atol=0.0))
                 p *= (MOVES.index(m) in best) / len(best)
             greedy[i] = p
-        np.testing.assert_allclose(by["greedy_q_beta"].transformed, sum(greedy[i] * g[i] for i in g), rtol=1e-12)
+        np.testing.assert_allclose(by["greedy_q_beta"].transformed, sum(greedy[i] * g[i] for i in g),
+                                   rtol=1e-12)
         np.testing.assert_allclose(by["greedy_q_beta"].original,
                                    sum(greedy[i] * sum(p[1]) for i, p in enumerate(paths)), rtol=1e-12)
         star_set = set(np.flatnonzero(np.isclose(q_star, q_star.max(), rtol=1e-9, atol=0.0)))
@@ -126,7 +127,8 @@ def check_against_brute_force(env: MazeEnv, policy, transform: str, gamma: float
 @pytest.mark.parametrize("transform,gamma", TRANSFORMS)
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
 def test_values_equal_brute_force_enumeration(policy_name, transform, gamma):
-    check_against_brute_force(MazeEnv(layout=TINY, max_steps=MAX_STEPS), POLICIES[policy_name], transform, gamma)
+    env = MazeEnv(layout=TINY, max_steps=MAX_STEPS)
+    check_against_brute_force(env, POLICIES[policy_name], transform, gamma)
 
 
 @pytest.mark.parametrize("transform,gamma", (("terminal_return:-12,-1", 0.7), ("none", 1.0)))
@@ -134,7 +136,8 @@ def test_brute_force_on_a_start_where_greedy_q_beta_is_not_optimal(transform, ga
     """From (1, 0) of the tiny ring with 6 moves, the detour policy (planning around (0, 1)) goes the long
     way: greedy Q^beta follows it (a start disagreement), while the optimal path is u, r, r."""
     env = MazeEnv(layout=TINY, max_steps=6, starts=((1, 0),))
-    values = check_against_brute_force(env, MazeDetourPolicy(avoid=("0,1",), optimal_prob=0.8), transform, gamma)
+    policy = MazeDetourPolicy(avoid=("0,1",), optimal_prob=0.8)
+    values = check_against_brute_force(env, policy, transform, gamma)
     (d,) = values.start_disagreements()
     assert d.optimal_moves == ("u",) and d.q_beta_moves == ("d",)
     assert values.optimal.original == -3.0 and values.greedy_q_beta.original < -3.0
@@ -163,7 +166,8 @@ def test_behaviour_return_matches_the_policy_sampled(config_name):
     episodes = list(generate_episodes("maze", 3000, 123, policy=config.dataset.policy, **options))
     returns = np.array([ep["meta"]["return"] for ep in episodes])
     stderr = returns.std(ddof=1) / np.sqrt(len(returns))
-    assert abs(returns.mean() - values.behaviour.original) < 4 * stderr, (returns.mean(), values.behaviour.original)
+    assert abs(returns.mean() - values.behaviour.original) < 4 * stderr, (returns.mean(),
+                                                                          values.behaviour.original)
 
 
 def test_stitching_task_property():
@@ -176,3 +180,47 @@ def test_stitching_task_property():
     assert values.greedy_q_beta.original == pytest.approx(-10.5, abs=1e-9)
     assert values.optimal.original - values.greedy_q_beta.original >= 5.0 - 1e-9
     assert values.behaviour.original == pytest.approx(-14.40, abs=0.005)
+
+
+def test_stitching_task_data_cover_the_short_route_and_filtered_bc_sees_no_start_cell(tmp_path):
+    """The generated training data of configs/maze_stitch_cpu.py hold every move of the short route (as the
+    docstring counts them), and filtered BC's selection (the data layer's, top_fraction 0.1) holds only the
+    one-move episodes from (0,4) and (2,4): no state of the evaluation's start cells."""
+    from qsft_jax import run as run_lib
+    from qsft_jax.data import DataConfig, write_jsonl
+    from qsft_jax.data.pipeline import top_return_source
+    from qsft_jax.tokenizers import CharTokenizer
+
+    config = config_lib.load_config_file(os.path.join(REPO, "configs", "maze_stitch_cpu.py"), "")
+    d = config.dataset
+    episodes = list(generate_episodes("maze", d.num_episodes, d.seed, policy=d.policy,
+                                      **{**config.env.to_dict(), **d.options.to_dict()}))
+    counts: dict = {}
+    cells_of = []
+    for ep in episodes:
+        texts = [t["text"] for t in ep["turns"]]
+        cells = [tuple(int(x) for x in texts[0].strip().split("\n")[-1].split(","))]
+        cells += [tuple(int(x) for x in t.strip().split(",")) for t in texts[2::2]]
+        for cell, move in zip(cells, texts[1::2]):
+            counts[(cell, move.strip())] = counts.get((cell, move.strip()), 0) + 1
+        cells_of.append(cells)
+    route = {((0, 0), "r"): 44, ((0, 1), "r"): 27, ((0, 2), "r"): 24, ((0, 3), "r"): 12, ((0, 4), "d"): 143,
+             ((1, 0), "u"): 44, ((2, 0), "u"): 49}
+    assert {k: counts.get(k, 0) for k in route} == route
+    assert np.mean([ep["meta"]["return"] for ep in episodes]) == pytest.approx(-9.58, abs=0.005)
+    path = str(tmp_path / "train.jsonl")
+    write_jsonl(path, episodes)
+    data_config = DataConfig.from_config(run_lib.data_config_from(config), path=path)
+    _, selection = top_return_source(data_config, CharTokenizer(), config.filtered_bc.top_fraction)
+    assert selection.kept == 235 and selection.threshold == 1.0
+    kept_cells = {cell for i in selection.indices for cell in cells_of[int(i)]}
+    assert kept_cells == {(0, 4), (2, 4)}
+
+
+def test_command_line_prints_the_values(capsys):
+    from qsft_jax.envs import maze_values
+
+    assert maze_values.main(["maze_values", f"--config={os.path.join(REPO, 'configs', 'maze_stitch_cpu.py')}"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy Q^beta: -10.500 (transformed 0.0280)" in out
+    assert "start 0,1: optimal -4.00, greedy Q^beta -12.00, behaviour -16.41; argmax Q* r, argmax Q^beta l" in out

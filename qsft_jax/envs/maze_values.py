@@ -140,7 +140,8 @@ def exact_values(env: MazeEnv, policy: Any, gamma_turn: float, reward_transform:
     if not 0.0 <= gamma_turn <= 1.0:
         raise ValueError(f"gamma_turn must be in [0, 1], got {gamma_turn}")
     terminal = transform.kind == "terminal_return"
-    scale = (transform.high - transform.low) * transform.horizon(gamma_turn) if transform.kind == "affine" else 1.0
+    affine = transform.kind == "affine"
+    scale = (transform.high - transform.low) * transform.horizon(gamma_turn) if affine else 1.0
     behaviour = {cell: np.array([policy.move_probabilities(env, cell).get(m, 0.0) for m in MOVES])
                  for cell in env.free - {env.goal}}
     for cell, p in behaviour.items():
@@ -274,10 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     cli.parse(fv, argv, prog="python -m qsft_jax.envs.maze_values", doc=main.__doc__, required=["config"])
     values = config_values(fv.config)
     print(values.summary())
-    for d in values.start_disagreements():
-        cell = d.state[0]
-        print(f"start {cell[0]},{cell[1]}: optimal {'/'.join(d.optimal_moves)}, greedy Q^beta "
-              f"{'/'.join(d.q_beta_moves)}")
+    disagree = {d.state[0]: d for d in values.start_disagreements()}
+    for cell, returns in values.by_start.items():
+        line = (f"start {cell[0]},{cell[1]}: optimal {returns['optimal'].original:.2f}, greedy Q^beta "
+                f"{returns['greedy_q_beta'].original:.2f}, behaviour {returns['behaviour'].original:.2f}")
+        if cell in disagree:
+            d = disagree[cell]
+            line += f"; argmax Q* {'/'.join(d.optimal_moves)}, argmax Q^beta {'/'.join(d.q_beta_moves)}"
+        print(line)
     return 0
 
 
