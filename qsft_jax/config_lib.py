@@ -380,7 +380,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
       _fail(f"{name}.trunk", f"{config[name].trunk!r} is not one of {TRUNKS}")
     rank = config.model.get("lora", {}).get("rank", 0)
     if rank:
-      _fail("phases", f"the {name} phase does not run over LoRA adapters (model.lora.rank={rank}): its heads read phi's hidden states from full parameters; drop "
+      _fail("phases", f"the {name} phase does not run over LoRA adapters (model.lora.rank={rank}): its "
+            "heads read phi's hidden states from full parameters; drop "
             f"{name!r} from phases or set model.lora.rank=0")
     from qsft_jax.train_steps import HeadsSettings
     try:  # the step's own checks; their messages name the field

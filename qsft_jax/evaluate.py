@@ -458,7 +458,8 @@ def run(loaded: run_lib.Run, *, episodes: int | None = None, seed: int | None = 
   control_params = loaded.control_params if control and chosen("control") else None
   heads = {p: v for p, v in loaded.heads.items() if chosen(p)}
   filtered_bc_params = loaded.filtered_bc_params if chosen("filtered_bc") else None
-  specs = [s for s in policy_specs(betas, ratio=ratio, have_theta=loaded.theta_params is not None and chosen("qsft"),
+  have_theta = loaded.theta_params is not None and chosen("qsft")
+  specs = [s for s in policy_specs(betas, ratio=ratio, have_theta=have_theta,
                                    have_control=control_params is not None, heads=tuple(heads),
                                    have_filtered_bc=filtered_bc_params is not None)
            if s["name"] != "bc" or chosen("bc")]
@@ -555,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.usage_error(prog, f"--betas={','.join(fv.betas)}: not a comma-separated list of numbers")
   unknown = sorted(set(fv.methods or ()) - set(METHODS))
   if unknown:
-    cli.usage_error(prog, f"--methods={','.join(fv.methods)}: {unknown[0]!r} is not one of {','.join(METHODS)}")
+    cli.usage_error(prog, f"--methods={','.join(fv.methods)}: {unknown[0]!r} is not one of "
+                    f"{','.join(METHODS)}")
   results = evaluate_workdir(fv.workdir, episodes=fv.episodes, seed=fv.seed, betas=betas,
                 ratio=fv.ratio, batch_size=fv.batch_size, max_new_tokens=fv.max_new_tokens,
                 temperature=fv.temperature, dataset_return=fv.dataset_mean_return,

@@ -800,8 +800,9 @@ def chunked_q_terms(hidden: jax.Array, heads: Mapping[str, Any], row_labels: jax
   """
   length = hidden.shape[1]
   chunk_size = _check_chunk_size(chunk_size, length)
-  gathered = lambda t: {"q_kernel": logical_constraint(t["q_kernel"].astype(hidden.dtype), (None, None, "vocab")),
-                        "q_bias": t["q_bias"]}
+  gathered = lambda t: {
+      "q_kernel": logical_constraint(t["q_kernel"].astype(hidden.dtype), (None, None, "vocab")),
+      "q_bias": t["q_bias"]}
   online = gathered(heads_lib.inner(heads))
   target = None if target_q is None else gathered(jax.lax.stop_gradient(heads_lib.inner(target_q)))
 

@@ -187,7 +187,8 @@ def build(config: ml_collections.ConfigDict, phase: str, model_config: ModelConf
   kind = state_kind(phase)
   if kind == "heads":
     if lora is not None:
-      raise ValueError(f"phase {phase!r}: value heads over a LoRA run are not supported (config_lib.check_config)")
+      raise ValueError(f"phase {phase!r}: value heads over LoRA adapters are not supported "
+                       "(config_lib.check_config)")
     settings = train_steps.HeadsSettings.from_config(config, phase)
     step = train_steps.make_heads_step(model, model_config, optimizer, mesh, rules, settings, options)
     key = jax.random.key(config.seed + 2)

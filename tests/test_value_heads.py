@@ -339,9 +339,9 @@ def test_ilql_step_updates_heads_targets_and_trunk_as_configured(lm, trunk):
   step = train_steps.make_heads_step(model, CONFIG, opt, mesh, rules, settings)
   new, metrics = step(state, batch)
   hidden = model.apply(phi, batch["tokens"], batch["positions"], batch["segment_ids"], method="hidden_states")
-  want_loss, _ = losses.ilql_loss(hidden, heads, heads_lib.q_part(heads), batch,
-                                  losses.action_token_count(batch["action_mask"]), vocab_size=CONFIG.vocab_size,
-                                  expectile=0.7, cql_alpha=0.05, chunk_size=128)
+  normaliser = losses.action_token_count(batch["action_mask"])
+  want_loss, _ = losses.ilql_loss(hidden, heads, heads_lib.q_part(heads), batch, normaliser,
+                                  vocab_size=CONFIG.vocab_size, expectile=0.7, cql_alpha=0.05, chunk_size=128)
   np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-5)
   new_heads = jax.tree.map(np.asarray, new["params"]["heads"])
   moved = heads_lib.q_part(new_heads)["params"]
@@ -395,5 +395,37 @@ def test_sampler_heads_scores_equal_a_full_forward(lm, trunk):
       log_pi = z - z.max() - np.log(np.exp(z - z.max()).sum())
       q = (np.einsum("d,jdv->jv", h_heads[row], p["q_kernel"].astype(np.float64)) + p["q_bias"])[:, :v]
       value = h_heads[row] @ p["v_kernel"] + p["v_bias"]
-      np.testing.assert_allclose(out.scores[i, t, :v], log_pi + beta * (q.min(0) - value), atol=5e-4, rtol=1e-4)
+      np.testing.assert_allclose(out.scores[i, t, :v], log_pi + beta * (q.min(0) - value), atol=5e-4,
+                                 rtol=1e-4)
       np.testing.assert_allclose(out.advantages[i, t, :v], q.min(0) - value, atol=5e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Config checks
+
+
+@pytest.mark.parametrize("phases, field, value, message", [
+    (("mc", "bc"), None, None, "config.phases: the mc phase trains value heads on phi from the bc phase"),
+    (("bc", "ilql"), "trunk", "frozen", "config.ilql.trunk: 'frozen' is not one of"),
+    (("bc", "ilql"), "expectile", 1.0, r"config.ilql.expectile: must be in \(0, 1\)"),
+    (("bc", "ilql"), "cql_alpha", -0.1, "config.ilql.cql_alpha: must be >= 0"),
+])
+def test_config_refuses_bad_value_head_settings(phases, field, value, message):
+  from qsft_jax import config_lib
+  from qsft_jax.errors import ConfigError
+  c = config_lib.base_config()
+  c.phases = phases
+  if field is not None:
+    c.ilql[field] = value
+  with pytest.raises(ConfigError, match=message):
+    config_lib.check_config(c, 1)
+
+
+def test_config_refuses_value_heads_over_lora():
+  from qsft_jax import config_lib
+  from qsft_jax.errors import ConfigError
+  c = config_lib.base_config()
+  c.phases = ("bc", "qsft", "mc")
+  c.model.lora.rank = 4
+  with pytest.raises(ConfigError, match="the mc phase does not run over LoRA adapters"):
+    config_lib.check_config(c, 1)

@@ -61,6 +61,7 @@ class ValueHeads(nn.Module):
 
 
 def inner(heads: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The heads' parameter tree from their variables {"params": tree} (or the tree itself)."""
   return heads["params"] if "params" in heads and "q_kernel" not in heads else heads
 
 
@@ -68,9 +69,9 @@ def q_values(heads: Mapping[str, Any], h: jax.Array, vocab_size: int) -> jax.Arr
   """Q_j(s, .) of every head: h [..., D] -> float32 [J, ..., V] (padded columns PAD_LOGIT)."""
   t = inner(heads)
   kernel, bias = t["q_kernel"], t["q_bias"]
-  out = [logits_from_hidden(h, kernel[j], vocab_size) + jnp.where(
-      jnp.arange(bias.shape[-1]) < vocab_size, bias[j].astype(jnp.float32), 0.0) for j in range(kernel.shape[0])]
-  return jnp.stack(out)
+  real = jnp.arange(bias.shape[-1]) < vocab_size
+  bias = jnp.where(real, bias.astype(jnp.float32), 0.0)
+  return jnp.stack([logits_from_hidden(h, kernel[j], vocab_size) + bias[j] for j in range(kernel.shape[0])])
 
 
 def state_values(heads: Mapping[str, Any], h: jax.Array) -> jax.Array:
