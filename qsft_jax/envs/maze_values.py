@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qsft_jax import cli
 from qsft_jax.data.rewards import RewardTransform
 from qsft_jax.envs.maze import MOVES, Cell, MazeEnv
 
@@ -267,7 +268,6 @@ def config_values(config: Any) -> MazeValues:
 def main(argv: list[str] | None = None) -> int:
     """``python -m qsft_jax.envs.maze_values --config=configs/NAME.py``: prints ``MazeValues.summary``."""
     import sys
-    from qsft_jax import cli
 
     argv = list(sys.argv if argv is None else argv)
     fv = cli.new_flags()
@@ -287,5 +287,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from qsft_jax import cli as _cli
-    _cli.run(main)
+    cli.run(main)
