@@ -27,7 +27,8 @@ import numpy as np
 from qsft_jax import diagnostics, losses
 from qsft_jax import run as run_lib
 from qsft_jax import storage
-from qsft_jax.data import DataConfig, episodes_to_batch
+from qsft_jax.data import DataConfig, episodes_to_batch, mdp
+from qsft_jax.envs.base import ACTION_STOP
 from qsft_jax.evaluate import evaluate_policies, history_tokens, policy_sampler, suppressed_token_ids
 from qsft_jax.models.config import ModelConfig
 from qsft_jax.models.transformer import Transformer
@@ -108,7 +109,8 @@ class Analysis:
     log_p = None if self.theta_params is None else last_row(self.theta_params)[:self.model_config.vocab_size]
     key = {"phi": log_pi, "theta": log_p, "ratio": None if log_p is None else log_p - log_pi}[by]
     allowed = np.ones(len(key), bool)
-    allowed[[i for i in suppressed_token_ids(self.tokenizer, self.targets.dummy_token) if i < len(key)]] = False
+    keep = mdp.action_stops(self.tokenizer, self.data_config.mdp, ACTION_STOP).token_ids
+    allowed[[i for i in suppressed_token_ids(self.tokenizer, self.targets.dummy_token, keep) if i < len(key)]] = False
     candidates = np.flatnonzero(allowed)
     order = candidates[np.argsort(-key[candidates], kind="stable")][:top_k]
     return [{"token": int(t), "text": self.tokenizer.decode([int(t)]),

@@ -85,6 +85,13 @@ def base_config() -> ml_collections.ConfigDict:
       # logged); terminal_return keeps the order (gamma = 1).
       reward_transform="none",
       gamma=1.0, gamma_token=1.0,
+      # "plain": each turn's text encoded on its own behind one BOS; "chat": the episode as a conversation
+      # (observations user messages, actions assistant messages) rendered by a chat template, the action
+      # mask on each assistant message's content and end-of-turn token (qsft_jax/data/chat.py). Chat needs
+      # a Hugging Face tokenizer (tokenizer=smollm2, hf:PATH, gguf:PATH).
+      format="plain",
+      system_prompt="",          # chat: a system message first when non-empty
+      chat_template="",          # chat: "" = the tokenizer's own; a Jinja template string; or "file:PATH"
       num_workers=0))
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny-llama",   # `qsft_jax.models.config.get_preset` name

@@ -11,12 +11,15 @@ before its next batch of actions: exit status 143, one line on stderr, and no re
 
 Every policy plays the same N episodes: episode i resets its environment with seed S + i. A policy acts
 through `qsft_jax.sampler.Sampler`: each history (the episode's turns so far, ending with an
-observation) becomes prompt tokens exactly as the data layer tokenises training episodes (BOS, then
-each turn's text through the data config's templates, encoded separately and concatenated:
-`qsft_jax.data.mdp.tokenize_episode`), and the continuation is cut after the environment's action stop
-string ("\\n"). The tokens of `suppressed_token_ids` are never emitted (the tokenizer's pad, BOS and
-EOS, which no training action holds, and the Q-SFT dummy token), and an action that decodes to no text
-is sent as an empty line (the stop string).
+observation) becomes prompt tokens exactly as the data layer tokenises training episodes
+(`qsft_jax.data.mdp.prompt_tokens`; plain format: BOS, then each turn's text through the data config's
+templates, encoded separately and concatenated; chat format: the chat template's rendering with the
+generation prompt), and the continuation ends at the format's stop (`mdp.action_stops`; plain: cut
+after the environment's action stop string "\\n"; chat: the end-of-turn token, the message content
+then sent with the stop string, `mdp.action_text`). The tokens of `suppressed_token_ids` are never
+emitted (the tokenizer's pad, BOS and EOS, which no plain-format training action holds, other than a
+chat end-of-turn token, and the Q-SFT dummy token), and an action that decodes to no text is sent as
+an empty line (the stop string).
 
 Policies (names in results.json):
 - "bc": extraction with beta = 0, i.e. pi_phi alone (theta never runs);
@@ -73,8 +76,7 @@ from qsft_jax import progress
 from qsft_jax import run as run_lib
 from qsft_jax import storage
 from qsft_jax.data import DataConfig, load_episodes
-from qsft_jax.data.episodes import Episode, Turn
-from qsft_jax.data.mdp import tokenize_episode
+from qsft_jax.data import mdp
 from qsft_jax.envs import make_env, play_batch
 from qsft_jax.sampler import Sampler
 
@@ -132,27 +134,39 @@ class StopOnSigterm:
 
 
 def history_tokens(history: Sequence[Mapping[str, Any]], tokenizer, data_config: DataConfig) -> list[int]:
-  """Prompt token ids of a history (turn dicts of the episode format), tokenised by the data layer's
-  own path (`mdp.tokenize_episode`: BOS + each templated turn encoded separately), so acting sees the
-  token sequences training saw."""
-  episode = Episode(turns=tuple(Turn(str(t["text"]), bool(t["action"])) for t in history), done=False)
-  tokenized, problems = tokenize_episode(episode, np.zeros(len(history)), tokenizer, data_config.mdp)
-  if problems:
-    raise ValueError("cannot tokenise history: " + "; ".join(str(p) for p in problems))
-  return tokenized.tokens.tolist()
+  """Prompt token ids of a history (turn dicts of the episode format): `mdp.prompt_tokens`, the data
+  layer's own path, so acting sees the token sequences training saw (plain: BOS + each templated turn
+  encoded separately; chat: the template's rendering with the generation prompt)."""
+  return mdp.prompt_tokens(history, tokenizer, data_config.mdp)
 
 
-def suppressed_token_ids(tokenizer, dummy_token: int | None = None) -> list[int]:
+def suppressed_token_ids(tokenizer, dummy_token: int | None = None, keep: Sequence[int] = ()) -> list[int]:
   """Sorted token ids no policy may emit and no next-action ranking may list: the tokenizer's pad, BOS
-  and EOS (training actions never hold them: the data layer adds only a BOS, in front) and the
-  Q-SFT dummy token when there is one (`TargetConfig.dummy_token`: all of 1 - w of every training
+  and EOS (plain-format training actions never hold them: the data layer adds only a BOS, in front) and
+  the Q-SFT dummy token when there is one (`TargetConfig.dummy_token`: all of 1 - w of every training
   target goes there, so p_theta puts much of its mass on it, but it is no action; docs/algorithm.md
-  section 3). Evaluation,
-  `qsft_jax.analysis.Analysis.play` and `Analysis.next_token_values` all use this one rule."""
+  section 3), except the ids of `keep`: the format's stop token ids (`mdp.action_stops`; in chat format
+  the end-of-turn token, which ends every training action and is often the tokenizer's EOS).
+  Evaluation, `qsft_jax.analysis.Analysis.play` and `Analysis.next_token_values` all use this one rule."""
   ids = {int(tokenizer.pad_id), int(tokenizer.bos_id), int(tokenizer.eos_id)}
   if dummy_token is not None:
     ids.add(int(dummy_token))
-  return sorted(i for i in ids if i >= 0)
+  return sorted(i for i in ids if i >= 0 and i not in set(keep))
+
+
+def generate_actions(sampler: Sampler, behaviour_params, theta_params, prompts: Sequence[Sequence[int]], tokenizer,
+                     data_config: DataConfig, env_stop: str, **kwargs) -> list[str]:
+  """The action text the environment receives for each prompt (`mdp.action_text`), generated until the
+  format's stops (`mdp.action_stops`): plain, the env's stop string; chat, the end-of-turn token, whose
+  message content (the tokens before it, decoded) is the action. kwargs: `Sampler.decode`'s."""
+  stops = mdp.action_stops(tokenizer, data_config.mdp, env_stop)
+  if stops.token_ids:
+    seqs = sampler.generate(behaviour_params, theta_params, prompts, stop_token_ids=stops.token_ids, **kwargs)
+    texts = [tokenizer.decode(s[:-1] if s and s[-1] in stops.token_ids else s) for s in seqs]
+  else:
+    texts = sampler.generate_text(behaviour_params, theta_params, prompts, tokenizer,
+                                  stop_strings=stops.strings, **kwargs)
+  return [mdp.action_text(t, data_config.mdp, env_stop) for t in texts]
 
 
 def policy_specs(betas: Sequence[float], ratio: bool = True, have_theta: bool = True,
@@ -235,7 +249,8 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
   seeds = [seed + i for i in range(episodes)]
   envs = [make_env(env_name, **env_kwargs) for _ in range(min(batch_size, episodes))]
   stop = envs[0].action_stop
-  suppress = suppressed_token_ids(tokenizer, targets.dummy_token)
+  suppress = suppressed_token_ids(tokenizer, targets.dummy_token,
+                                  keep=mdp.action_stops(tokenizer, data_config.mdp, stop).token_ids)
   if sampler is None:
     sampler = policy_sampler(model_config, tokenizer, data_config, max_new_tokens, batch_size=len(envs),
                              mesh=mesh, rules=rules, lora=lora)
@@ -255,14 +270,14 @@ def evaluate_policies(env_name: str, env_kwargs: Mapping | None, model_config, t
         prompts = [history_tokens(h, tokenizer, data_config) for h in histories]
         rng = jax.random.fold_in(jax.random.key(seed), calls[0])
         calls[0] += 1
-        texts = sampler.fit(max(map(len, prompts)), max_new_tokens).generate_text(
-            behaviour_params, theta, prompts, tokenizer, stop_strings=(stop,), mode=spec["mode"],
-            beta=0.0 if spec["beta"] is None else spec["beta"], greedy=temperature <= 0,
-            temperature=temperature if temperature > 0 else 1.0, support_min=targets.support_min,
-            max_new_tokens=max_new_tokens, suppress_token_ids=suppress, rng=rng)
-        # An action that decodes to nothing is an empty line: the same for the environment, and it still
-        # tokenises (the data layer rejects actions without tokens).
-        return [t if t else stop for t in texts]
+        # An action that decodes to nothing is an empty line (`mdp.action_text`): the same for the
+        # environment, and it still tokenises (the data layer rejects actions without tokens).
+        return generate_actions(
+            sampler.fit(max(map(len, prompts)), max_new_tokens), behaviour_params, theta, prompts, tokenizer,
+            data_config, stop, mode=spec["mode"], beta=0.0 if spec["beta"] is None else spec["beta"],
+            greedy=temperature <= 0, temperature=temperature if temperature > 0 else 1.0,
+            support_min=targets.support_min, max_new_tokens=max_new_tokens, suppress_token_ids=suppress,
+            rng=rng)
 
       played = []
       with progress.Progress(episodes, f"evaluate {spec['name']}", "episodes") as bar:

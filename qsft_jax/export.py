@@ -34,7 +34,8 @@ extraction.json:
    "support_min", "bellman_support": the support rule of the Bellman max and of the ratio policy,
    "dummy_token", "suppressed_token_ids": tokens no policy emits (pad, BOS, EOS, the dummy token),
    "stop": {"strings", "token_ids", "rule"}, "max_new_tokens", "temperature": 0 (greedy),
-   "prompt": how a history becomes prompt tokens (BOS, the data templates), "tokenizer": its spec and
+   "prompt": how a history becomes prompt tokens (plain: BOS, the data templates; chat: the chat template,
+   system prompt and rule), "tokenizer": its spec and
    special ids, "vocab_size", "phase", "checkpoint_steps": {"phi", "theta"}, "lora": the adapter
    settings or null, "workdir"}
 
@@ -218,6 +219,7 @@ def extraction_record(loaded: run_lib.Run, phase: str, theta_step: int | None, l
   """The contents of extraction.json (module docstring) for `loaded` with theta from `phase`;
   base_folder: OUT/base was written (LoRA)."""
   from qsft_jax import evaluate, sampler
+  from qsft_jax.data import chat, mdp
   from qsft_jax.envs.base import ACTION_STOP
   from qsft_jax.envs.registry import ENVS
 
@@ -243,6 +245,25 @@ def extraction_record(loaded: run_lib.Run, phase: str, theta_step: int | None, l
                       "eos_id": int(tokenizer.eos_id), "pad_id": int(tokenizer.pad_id)}
   if spec.startswith("char:"):
     tokenizer_record["alphabet"] = tokenizer.alphabet
+  stops = mdp.action_stops(tokenizer, data.mdp, stop)
+  stop_record = {"strings": [stop], "token_ids": [int(i) for i in np.flatnonzero(mask)],
+                 "rule": "a row ends after the first token whose own text holds a stop string (the token "
+                         "is kept) or after max_new_tokens tokens; the action's text is cut right after "
+                         "the first stop string"}
+  prompt_record = {"bos": True, "observation_template": data.observation_template,
+                   "action_template": data.action_template,
+                   "rule": "BOS, then each turn's text through its template, encoded separately and "
+                           "concatenated; the history ends with an observation"}
+  if data.format == "chat":
+    stop_record = {"strings": [], "token_ids": list(stops.token_ids),
+                   "rule": "a row ends after the end-of-turn token or after max_new_tokens tokens; the "
+                           "action is the decoded tokens before it (the message content), cut before the "
+                           f"first {stop!r}, with {stop!r} appended for the environment"}
+    prompt_record = {"format": "chat", "system_prompt": data.system_prompt,
+                     "chat_template": chat.resolve_template(tokenizer, data.chat_template),
+                     "rule": "the chat template's rendering of the history (observations user messages, "
+                             "actions assistant messages, each turn's text without one trailing newline) "
+                             "with the generation prompt, encoded at once"}
   return {
       "policy": "pi(a | s) proportional to pi_phi(a | s) * exp(beta * p_theta(a | s))",
       "scores": "log_softmax(z_phi) + beta * softmax(z_theta), over the real vocabulary (ids < vocab_size); "
@@ -255,17 +276,11 @@ def extraction_record(loaded: run_lib.Run, phase: str, theta_step: int | None, l
                          "the largest such pi_phi); the ratio policy (greedy p_theta / pi_phi) ranks "
                          "them without the suppressed tokens",
       "dummy_token": targets.dummy_token,
-      "suppressed_token_ids": evaluate.suppressed_token_ids(tokenizer, targets.dummy_token),
-      "stop": {"strings": [stop], "token_ids": [int(i) for i in np.flatnonzero(mask)],
-               "rule": "a row ends after the first token whose own text holds a stop string (the token "
-                       "is kept) or after max_new_tokens tokens; the action's text is cut right after "
-                       "the first stop string"},
+      "suppressed_token_ids": evaluate.suppressed_token_ids(tokenizer, targets.dummy_token, keep=stops.token_ids),
+      "stop": stop_record,
       "max_new_tokens": int(ev.get("max_new_tokens", 16)),
       "temperature": 0.0,
-      "prompt": {"bos": True, "observation_template": data.observation_template,
-                 "action_template": data.action_template,
-                 "rule": "BOS, then each turn's text through its template, encoded separately and "
-                         "concatenated; the history ends with an observation"},
+      "prompt": prompt_record,
       "tokenizer": tokenizer_record,
       "vocab_size": int(loaded.model_config.vocab_size),
       "phase": phase,

@@ -57,6 +57,11 @@ def validate_flags() -> flags.FlagValues:
   flags.DEFINE_string("observation_template", "{text}", "Format string around observation texts.",
                       flag_values=fv)
   flags.DEFINE_string("action_template", "{text}", "Format string around action texts.", flag_values=fv)
+  flags.DEFINE_enum("format", "plain", ["plain", "chat"], "plain: each turn encoded on its own behind BOS; "
+                    "chat: the episode as a conversation through a chat template.", flag_values=fv)
+  flags.DEFINE_string("system_prompt", "", "Chat format: a system message first when non-empty.", flag_values=fv)
+  flags.DEFINE_string("chat_template", "", "Chat format: '' = the tokenizer's own, a Jinja template, or "
+                      "file:PATH.", flag_values=fv)
   return fv
 
 
@@ -87,6 +92,9 @@ def validate(fv: flags.FlagValues, paths: list[str]) -> int:
         gamma_token=fv.gamma_token,
         observation_template=fv.observation_template,
         action_template=fv.action_template,
+        format=fv.format,
+        system_prompt=fv.system_prompt,
+        chat_template=fv.chat_template,
     )
     tokenizer = load_tokenizer(fv.tokenizer)
     problems, summary = validate_paths(paths, config, tokenizer)

@@ -22,6 +22,10 @@ Data config fields (``DataConfig``; a dict or ``ml_collections.ConfigDict`` with
   lengths (logged once as a warning; see rewards.py);
 - ``gamma`` (across turns), ``gamma_token`` (inside an utterance);
 - ``observation_template``, ``action_template``: format strings with ``{text}``;
+- ``format``: "plain" (each turn's text encoded on its own behind one BOS) or "chat" (the episode as a
+  conversation of user / assistant messages rendered by a chat template: ``qsft_jax/data/chat.py``);
+  ``system_prompt`` (chat: a system message first when non-empty); ``chat_template`` (chat: "" = the
+  tokenizer's own, else a Jinja template string or "file:PATH");
 - ``shuffle_seed``; ``num_epochs`` (None = repeat forever); ``num_workers`` (grain worker processes, 0 =
   in-process); ``read_threads`` (grain reader threads per process: 0 for in-memory JSONL, where threads
   only contend for the GIL; a few for array_record files on slow disks).
@@ -59,6 +63,9 @@ class DataConfig:
     gamma_token: float = 1.0
     observation_template: str = "{text}"
     action_template: str = "{text}"
+    format: str = "plain"
+    system_prompt: str = ""
+    chat_template: str = ""
     unknown_chars: str = "error"
     shuffle_seed: int = 0
     num_epochs: int | None = 1
@@ -94,6 +101,9 @@ class DataConfig:
             overlong=self.overlong,
             observation_template=self.observation_template,
             action_template=self.action_template,
+            format=self.format,
+            system_prompt=self.system_prompt,
+            chat_template=self.chat_template,
         )
 
     @classmethod
@@ -214,6 +224,8 @@ class EpisodeProcessor:
         self.config = config
         self.mdp_config = config.mdp
         self.tokenizer = tokenizer
+        if tokenizer is not None:
+            mdp.check_format(tokenizer, self.mdp_config)
         self.length_warning = AffineLengthWarning(config.reward_transform)
 
     def __call__(self, record: bytes | str | dict | Episode, file: str = "<memory>", line: int = 0) -> Outcome:

@@ -1,12 +1,15 @@
 """Tokenisation into the token-level MDP arrays of docs/architecture.md, truncation, packing and padding.
 
-Tokenisation. Each turn's text (through ``observation_template`` / ``action_template``, default
-``"{text}"``) is encoded on its own and the pieces are concatenated after one BOS token, so every turn
+Tokenisation (``format="plain"``). Each turn's text (through ``observation_template`` /
+``action_template``, default ``"{text}"``) is encoded on its own and the pieces are concatenated after one BOS token, so every turn
 boundary is a token boundary and token 0 (BOS) is always an observation token. An action turn that
 encodes to no tokens is an error. ``unknown_character_problems`` names the turns holding characters
 the tokenizer can only encode as its unknown token (a ``CharTokenizer``'s characters outside its
 alphabet); the data layer applies it to data files (``data.unknown_chars``, ``loading.py``), while
-acting tokenises whatever the policy emitted.
+acting tokenises whatever the policy emitted. ``format="chat"`` renders the whole episode as a
+conversation instead (``qsft_jax/data/chat.py``); its turns below are the assistant messages' spans
+(content + end-of-turn token) and the tokens between them, token 0 the conversation's first.
+``prompt_tokens``, ``action_stops`` and ``action_text`` are acting's side of either format.
 
 Per episode of n tokens (token i; ``n(i)`` = the next action token after i in the same episode):
 
@@ -37,11 +40,11 @@ offset, so they never leave their segment. Padding mode puts one episode per row
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qsft_jax.data.episodes import Episode, Problem
+from qsft_jax.data.episodes import Episode, Problem, Turn
 
 # key -> (dtype, padding value). The order is the order of docs/architecture.md.
 ARRAY_SPECS: dict[str, tuple[type, float | int | bool]] = {
@@ -60,6 +63,7 @@ ARRAY_SPECS: dict[str, tuple[type, float | int | bool]] = {
 }
 ROW_INDEX_KEYS = ("next_action_row", "next_turn_row")  # shifted by the segment offset when packing
 OVERLONG_MODES = ("truncate", "drop")
+FORMATS = ("plain", "chat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +76,23 @@ class MDPConfig:
     overlong: str = "truncate"
     observation_template: str = "{text}"
     action_template: str = "{text}"
+    format: str = "plain"
+    system_prompt: str = ""
+    chat_template: str = ""
 
     def __post_init__(self):
         if self.max_length < 2:
             raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format: expected one of {FORMATS}, got {self.format!r}")
+        if self.format == "plain" and (self.system_prompt or self.chat_template):
+            field = "system_prompt" if self.system_prompt else "chat_template"
+            raise ValueError(f"{field}: only read in chat format; set data.format='chat' or leave it empty")
+        if self.format == "chat":
+            for name in ("observation_template", "action_template"):
+                if getattr(self, name) != "{text}":
+                    raise ValueError(f"{name}: only read in plain format (chat format writes each turn's text "
+                                     "as its message content); leave it '{text}' or use data.format='plain'")
         if self.overlong not in OVERLONG_MODES:
             raise ValueError(f"overlong: expected one of {OVERLONG_MODES}, got {self.overlong!r}")
         for name in ("gamma", "gamma_token"):
@@ -116,7 +133,13 @@ def encode_turns(tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarra
 def tokenize_episode(
     episode: Episode, turn_rewards: np.ndarray, tokenizer, config: MDPConfig
 ) -> tuple[TokenizedEpisode | None, list[Problem]]:
-    """Encodes each turn separately behind one BOS. turn_rewards: float [T] (already transformed)."""
+    """Plain format: encodes each turn separately behind one BOS; chat format: the whole conversation
+    rendered by the chat template (``chat.tokenize_chat_episode``). turn_rewards: float [T] (already
+    transformed)."""
+    if config.format == "chat":
+        from qsft_jax.data import chat
+
+        return chat.tokenize_chat_episode(episode, turn_rewards, tokenizer, config)
     texts = [(config.action_template if t.action else config.observation_template).format(text=t.text) for t in episode.turns]
     ids, lengths = encode_turns(tokenizer, texts)
     is_action = np.array([t.action for t in episode.turns], dtype=bool)
@@ -136,6 +159,62 @@ def tokenize_episode(
         ),
         [],
     )
+
+
+def check_format(tokenizer, config: MDPConfig) -> None:
+    """Raises ConfigError when the tokenizer cannot tokenise this format (chat: no chat template)."""
+    if config.format == "chat":
+        from qsft_jax.data import chat
+
+        chat.renderer(tokenizer, config.chat_template, config.system_prompt)
+
+
+def prompt_tokens(history: Sequence[Mapping[str, Any]], tokenizer, config: MDPConfig) -> list[int]:
+    """The token ids the policy conditions on before its next action. history: turn dicts of the episode
+    format ({"text", "action"}), ending with an observation. Plain: BOS + each templated turn encoded
+    separately (``tokenize_episode``); chat: the template's rendering of the history with the generation
+    prompt, which is the training conversation's tokens up to the next action."""
+    turns = [(str(t["text"]), bool(t["action"])) for t in history]
+    if config.format == "chat":
+        from qsft_jax.data import chat
+
+        return chat.prompt_tokens(turns, chat.renderer(tokenizer, config.chat_template, config.system_prompt))
+    episode = Episode(turns=tuple(Turn(text, action) for text, action in turns), done=False)
+    tokenized, problems = tokenize_episode(episode, np.zeros(len(turns)), tokenizer, config)
+    if problems:
+        raise ValueError("cannot tokenise history: " + "; ".join(str(p) for p in problems))
+    return tokenized.tokens.tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class ActionStops:
+    """What ends a generated action: token ids (ended on device) and stop strings (matched on the text)."""
+
+    token_ids: tuple[int, ...]
+    strings: tuple[str, ...]
+
+
+def action_stops(tokenizer, config: MDPConfig, env_stop: str) -> ActionStops:
+    """Plain: the environment's stop string; chat: the template's end-of-turn token."""
+    if config.format == "chat":
+        from qsft_jax.data import chat
+
+        return ActionStops((chat.renderer(tokenizer, config.chat_template, config.system_prompt).eot_id,), ())
+    return ActionStops((), (env_stop,))
+
+
+def action_text(generated_text: str, config: MDPConfig, env_stop: str) -> str:
+    """What the environment receives for a generated action. Plain: generated_text cut right after its
+    first env_stop (env_stop alone when that leaves nothing: an empty line). Chat: generated_text is the
+    message content (the decoded tokens before the end-of-turn token); it is cut before its first
+    env_stop and env_stop is appended, so the environment sees what the same action is in plain format."""
+    if config.format == "chat":
+        from qsft_jax.data import chat
+
+        return chat.action_text(generated_text, env_stop)
+    if env_stop and env_stop in generated_text:
+        generated_text = generated_text[:generated_text.index(env_stop) + len(env_stop)]
+    return generated_text or env_stop
 
 
 def _quote_chars(chars: str, limit: int = 10) -> str:
