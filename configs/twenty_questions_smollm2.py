@@ -39,13 +39,14 @@ Value learning: config_lib.cpu_value_learning, except the dummy token: its defau
 tokenizer's unk, id 3) would be a real token of SmolLM2's vocabulary ("<repo_name>"); with 49152 tokens
 the even spread of 1 - w (`qsft.dummy_token=-1`) biases a ratio by at most (1 - w) / (49151 * 0.01)
 < 0.003 over the support (pi_phi >= qsft.support_min = 0.01), so no dummy is needed. A hard target copy
-every 20 steps (6 copies in 120 steps).
+every 15 steps (4 copies in 60 steps).
 
 Budget (one idle 2-core CPU, about 3 hours in all; the experiment records the measured wall time of
-every phase): BC 160 steps (~19 min), Q-SFT 120 steps (~19 min), the control 120 steps (~19 min),
+every phase; batches of 8 rows of 384 tokens, about 16 episodes): BC 80 steps (~19 min), Q-SFT 60
+steps (~19 min), the control 60 steps (~19 min),
 scripts/results.py (beta among 4, 16, 64 on 32 separate episodes each, 64 evaluation episodes per
 policy, held-out value diagnostics on 200 episodes; ~40 min), the character model for the same
-training wall time (~57 min) and its results (~10 min). A checkpoint every 30 steps: an interrupted
+training wall time (~57 min) and its results (~10 min). A checkpoint every 15 steps: an interrupted
 phase loses at most ~5 minutes.
 
 setting "char" (`--config=configs/twenty_questions_smollm2.py:char`): the ~0.4M-parameter character
@@ -102,14 +103,14 @@ def get_config(setting: str = ""):
   c.data.system_prompt = SYSTEM_PROMPT
   # Every episode fits in 205 tokens: mean 170, so most rows hold two packed episodes.
   c.data.max_length = 384
-  c.bc.steps = 160
-  c.qsft.steps = 120
-  c.bc.batch_size = c.qsft.batch_size = 4
+  c.bc.steps = 80
+  c.qsft.steps = 60
+  c.bc.batch_size = c.qsft.batch_size = 8
   c.bc.learning_rate = c.qsft.learning_rate = 5e-4
   c.bc.warmup_steps = c.qsft.warmup_steps = 10
   c.qsft.dummy_token = -1
-  c.qsft.target_update_every = 20
-  c.checkpoint.every_steps = 30
+  c.qsft.target_update_every = 15
+  c.checkpoint.every_steps = 15
   c.log.every_steps = 10
   # The longest question of the knowledge base is 8 tokens ("Is it bigger than a breadbox?"), then <|im_end|>.
   c.eval.max_new_tokens = 16
