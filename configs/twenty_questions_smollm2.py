@@ -33,7 +33,8 @@ format (`data.format="chat"`: observations are user messages, questions assistan
 action ends at <|im_end|>), LoRA rank 8 (alpha 16) on every attention and MLP projection over a float32
 base with float32 compute: on this 2-core CPU a [4, 384] LoRA step took 6.9 s (BC) and 9.5 s (Q-SFT)
 with float32 base and compute, 7.0 s / 16-18 s with a bfloat16 base, 8.5-9.8 s / 11-15 s with bfloat16
-compute (measured with the machine lightly but unevenly loaded; see the experiment's README entry).
+compute (load average of the 2 cores about 1.5 during the float32 runs, 1.4-2.6 and 2.2-3.7 during the
+others, so part of the gap is load; float32 was never slower, and the base's 540 MB fit easily).
 
 Value learning: config_lib.cpu_value_learning, except the dummy token: its default (the character
 tokenizer's unk, id 3) would be a real token of SmolLM2's vocabulary ("<repo_name>"); with 49152 tokens
@@ -42,12 +43,14 @@ the even spread of 1 - w (`qsft.dummy_token=-1`) biases a ratio by at most (1 - 
 every 15 steps (4 copies in 60 steps).
 
 Budget (one idle 2-core CPU, about 3 hours in all; the experiment records the measured wall time of
-every phase; batches of 8 rows of 384 tokens, about 16 episodes): BC 80 steps (~19 min), Q-SFT 60
-steps (~19 min), the control 60 steps (~19 min),
-scripts/results.py (beta among 4, 16, 64 on 32 separate episodes each, 64 evaluation episodes per
-policy, held-out value diagnostics on 200 episodes; ~40 min), the character model for the same
-training wall time (~57 min) and its results (~10 min). A checkpoint every 15 steps: an interrupted
-phase loses at most ~5 minutes.
+every phase). Batches of 8 rows of 384 tokens (about 16 episodes; a step ~14 s for BC, ~19 s for Q-SFT
+and the control, from the [4, 384] step times above): BC 80 steps (~19 min), Q-SFT 60 steps (~19 min),
+the control 60 steps (~19 min). scripts/results.py: beta among 4, 16, 64 on 32 separate episodes
+each, 64 evaluation episodes per policy, held-out value diagnostics on 200 episodes, ~45 min (up to
+~60 if every policy but Q-SFT stays in the trap: each question re-reads the whole history, ~1900
+prompt tokens per row over a 10-question game). The character model for the same training wall time
+(~57 min) and its results (~10 min). A checkpoint every 15 steps: an interrupted phase loses at most
+~5 minutes.
 
 setting "char" (`--config=configs/twenty_questions_smollm2.py:char`): the ~0.4M-parameter character
 model of configs/twenty_questions_cpu.py on the same game and the same data (same task, env, dataset
