@@ -225,6 +225,10 @@ def margin(a: dict, b: dict) -> float:
   return diff / se if se > 0 else (math.inf if diff > 0 else -math.inf if diff < 0 else 0.0)
 
 
+def mean_se(r: dict) -> str:
+  return f"{r['mean_return']:.2f} +- {r['stderr'] or 0.0:.2f}"
+
+
 def write_summary(root: str, runs: dict, timings: dict) -> None:
   """ROOT/summary.{md,json}: dataset, BC, control, Q-SFT per model, margins, correlations, times."""
   rows, record = [], {}
@@ -239,9 +243,8 @@ def write_summary(root: str, runs: dict, timings: dict) -> None:
         "correlation": {"qsft": qd["correlation"], "control": cd["correlation"]}}
     m = record[label]
     rows.append(
-        f"| {label} | {m['dataset']:.2f} | {bc['mean_return']:.2f} +- {bc['stderr']:.2f} | "
-        f"{control['mean_return']:.2f} +- {control['stderr']:.2f} (beta {m['control_beta']:g}) | "
-        f"**{qsft['mean_return']:.2f} +- {qsft['stderr']:.2f}** (beta {m['qsft_beta']:g}) | "
+        f"| {label} | {m['dataset']:.2f} | {mean_se(bc)} | {mean_se(control)} (beta {m['control_beta']:g}) | "
+        f"**{mean_se(qsft)}** (beta {m['qsft_beta']:g}) | "
         f"{m['qsft_minus_bc_se']:.1f} / {m['qsft_minus_control_se']:.1f} | "
         f"{qd['first_turn_correlation']:.2f} / {cd['first_turn_correlation']:.2f} | "
         f"{qd['correlation']:.2f} / {cd['correlation']:.2f} |")
