@@ -60,3 +60,21 @@ def test_cpu_task_configs_default_and_paper_settings(name):
       k: v for k, v in paper.to_dict().items() if k != "qsft"}
   with pytest.raises(config_lib.ConfigError, match="'papr' is not one of"):
     config_lib.load_config_file(path, "papr")
+
+
+def test_twenty_questions_smollm2_and_its_char_setting_share_game_and_data():
+  path = os.path.join(CONFIG_DIR, "twenty_questions_smollm2.py")
+  pretrained, char = config_lib.load_config_file(path), config_lib.load_config_file(path, "char")
+  p, c = pretrained.to_dict(), char.to_dict()
+  for field in ("task", "env", "dataset", "seed"):
+    assert p[field] == c[field], field
+  for field in ("reward_transform", "gamma", "gamma_token"):
+    assert pretrained.data[field] == char.data[field], field
+  assert (pretrained.model.init, pretrained.tokenizer, pretrained.data.format) == ("smollm2", "smollm2", "chat")
+  assert pretrained.model.lora.rank > 0
+  assert pretrained.qsft.dummy_token == -1  # the char tokenizer's unk id is a real SmolLM2 token
+  assert (char.model.init, char.tokenizer, char.data.format) == ("random", "char", "plain")
+  assert tuple(pretrained.phases) == tuple(char.phases) == ("bc", "qsft", "control")
+  config_lib.check_config(char, 8)
+  with pytest.raises(config_lib.ConfigError, match="'chr' is not one of"):
+    config_lib.load_config_file(path, "chr")
