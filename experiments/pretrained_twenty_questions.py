@@ -26,8 +26,7 @@ ROOT/wall_times.json records the wall time of every step (seconds, summed over t
 completed it; a call killed part way is not counted, the call that resumes it is) as it goes.
 --set FIELD=VALUE (repeatable) overrides a field of the pretrained run's config (a smoke run:
 --set bc.steps=2 --set qsft.steps=2 --episodes 4 --select_episodes 2); --char_set the character
-model's. Evaluation runs with XLA's constant folding off: SmolLM2's 30 unrolled layers make the
-sampler's prefill over a freshly zeroed KV cache fold for about a minute per layer.
+model's.
 SIGTERM or Ctrl-C stops the running step (a training phase saves a checkpoint) and the driver.
 """
 from __future__ import annotations
@@ -52,7 +51,6 @@ from qsft_jax import cli  # noqa: E402
 PROG = "python experiments/pretrained_twenty_questions.py"
 CONFIG = os.path.join(REPO, "configs", "twenty_questions_smollm2.py")
 PHASES = ("bc", "qsft", "control")
-NO_FOLDING = "--xla_disable_hlo_passes=constant_folding"
 
 
 def define_flags() -> flags.FlagValues:
@@ -96,11 +94,9 @@ class Driver:
     entry["calls"] += 1
     self.save_timings()
 
-  def call(self, argv: list[str], group: str, step: str, no_folding: bool = False) -> None:
+  def call(self, argv: list[str], group: str, step: str) -> None:
     """Runs argv (a python program of this repository) to completion and records its wall time."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if no_folding:
-      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + NO_FOLDING).strip()
     print(f"[{time.strftime('%H:%M:%S')}] {group}/{step}: {' '.join(argv)}", flush=True)
     start = time.time()
     # Its own session: a terminal's Ctrl-C reaches the driver only, which stops the child with SIGTERM.
@@ -137,7 +133,7 @@ class Driver:
       a = self.args
       self.call(["scripts/results.py", f"--name={name}", f"--run={os.path.join(self.root, group)}",
                  f"--episodes={a.episodes}", f"--select_episodes={a.select_episodes}",
-                 f"--betas={','.join(a.betas)}", f"--out={out}"], group, "results", no_folding=True)
+                 f"--betas={','.join(a.betas)}", f"--out={out}"], group, "results")
     with open(out.replace(".md", ".json")) as f:
       return json.load(f)
 
