@@ -1,6 +1,6 @@
 """Q-SFT from a pretrained model: SmolLM2-135M-Instruct with LoRA, in chat format, on Twenty Questions.
 
-    python experiments/pretrained_twenty_questions.py --root /work/exp/pretrained
+    python experiments/pretrained_twenty_questions.py --root /tmp/qsft_pretrained
 
 runs everything (experiments/README.md): the three phases of this config, scripts/results.py on them,
 then the character model (`--config=configs/twenty_questions_smollm2.py:char`) on the same data for the

@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct with LoRA, in chat format, on Twenty Questions with the tr
 (configs/twenty_questions_smollm2.py explains the task, the model and the budget), beside the
 ~0.4M-parameter character model trained from scratch on the same data for the same wall time:
 
-    python experiments/pretrained_twenty_questions.py [--root /work/exp/pretrained] [--episodes 64]
+    python experiments/pretrained_twenty_questions.py [--root /tmp/qsft_pretrained] [--episodes 64]
         [--select_episodes 32] [--betas 4,16,64] [--set FIELD=VALUE ...] [--char_set FIELD=VALUE ...]
 
 Steps, each skipped when its output exists, so running the same command again continues where an
@@ -55,7 +55,7 @@ PHASES = ("bc", "qsft", "control")
 
 def define_flags() -> flags.FlagValues:
   fv = cli.new_flags()
-  flags.DEFINE_string("root", "/work/exp/pretrained", "Directory of every output.", flag_values=fv)
+  flags.DEFINE_string("root", "/tmp/qsft_pretrained", "Directory of every output.", flag_values=fv)
   flags.DEFINE_integer("episodes", 64, "Evaluation episodes per policy.", flag_values=fv)
   flags.DEFINE_integer("select_episodes", 32, "Episodes per beta on the selection seeds.", flag_values=fv)
   flags.DEFINE_list("betas", ["4", "16", "64"], "Betas the selection episodes choose from.", flag_values=fv)

@@ -3,7 +3,7 @@ that opens docs/results.md, or one finished run's table.
 
 A column (one task, every method, several seeds: data, held-out set and initialisation):
 
-    python scripts/results.py --column=maze_trap --seeds=0,1,2 --root=/work/exp/table --out=docs/results/
+    python scripts/results.py --column=maze_trap --seeds=0,1,2 --root=/tmp/qsft_table --out=docs/results/
 
 For each seed s it trains, with `--config.seed=s --config.dataset.seed=100*s` (s = 0 is the config's own
 data), three workdirs under ROOT/COLUMN/seed{s}/ (the trainer, `qsft_jax.main`, in this process):
