@@ -290,6 +290,19 @@ class TokenMDP:
     return episodes
 
 
+def example_behaviour(history):
+  """A stochastic behaviour over three actions: a permutation of (1/2, 1/4, 1/4) chosen by the history
+  (the tabular fixed-point tests' behaviour policy)."""
+  probs = [0.25, 0.25, 0.25]
+  probs[sum(history) % 3] = 0.5
+  return probs
+
+
+def example_obs_probs(history):
+  """The environment's probabilities of its two observation tokens, chosen by the last two tokens."""
+  return [(0.25, 0.75), (0.5, 0.5), (0.75, 0.25)][(3 * history[-1] + history[-2]) % 3]
+
+
 def state_ids(tokens: np.ndarray, segment_ids: np.ndarray, index: dict) -> np.ndarray:
   """[B, L] id of the state each row's output describes: the segment's prefix up to that row.
 

@@ -35,15 +35,8 @@ ACTIONS, OBS = (A, B, C), (X, Y)
 SUPPORT_MIN = 0.05
 
 
-def behaviour(history):
-  """Stochastic behaviour over (a, b, c): a permutation of (1/2, 1/4, 1/4) chosen by the history."""
-  probs = [0.25, 0.25, 0.25]
-  probs[sum(history) % 3] = 0.5
-  return probs
-
-
-def obs_probs(history):
-  return [(0.25, 0.75), (0.5, 0.5), (0.75, 0.25)][(3 * history[-1] + history[-2]) % 3]
+behaviour = mdp_utils.example_behaviour
+obs_probs = mdp_utils.example_obs_probs
 
 
 def reward_table(max_reward, salt):

@@ -142,14 +142,8 @@ def test_ilql_gradients_match_the_unchunked_formula(random_case):
 # 2. Tabular fixed points
 
 
-def behaviour(history):
-  probs = [0.25, 0.25, 0.25]
-  probs[sum(history) % 3] = 0.5
-  return probs
-
-
-def obs_probs(history):
-  return [(0.25, 0.75), (0.5, 0.5), (0.75, 0.25)][(3 * history[-1] + history[-2]) % 3]
+behaviour = mdp_utils.example_behaviour
+obs_probs = mdp_utils.example_obs_probs
 
 
 def reward(history):
