@@ -69,16 +69,12 @@ SYSTEM_PROMPT = ("You are playing Twenty Questions. Find the hidden object: ask 
 
 
 def _game(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The game, data and rewards both models share (the char model's file is twenty_questions_cpu.py)."""
-  c.env.num_objects = 16
+  """The game, data and rewards both models share: twenty_questions_cpu.py's (16 objects, the trap
+  behaviour, 5000 episodes, gamma 0.7 per question) with at most 10 questions."""
   c.env.max_questions = 10
-  c.dataset.policy = "trap"
-  c.dataset.num_episodes = 5000
   c.dataset.heldout_episodes = 200
-  c.dataset.seed = 0
   # The normalised return on the final question, discounted by 0.7 per question.
   c.data.reward_transform = "terminal_return:-10,0"
-  c.data.gamma = 0.7
   c.log.value_diagnostics_every = 0  # held-out diagnostics once, by scripts/results.py
   c.eval.betas = (4.0, 16.0, 64.0)
   c.eval.episodes = 64
