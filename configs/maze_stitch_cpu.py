@@ -1,45 +1,47 @@
-"""Maze stitching task: the behaviour's returns point away from the shortest route; only stitching finds it.
+"""Maze stitching task: the behaviour's own returns rank the shortest route's first move below a detour;
+values backed up through other episodes' continuations rank it first.
 
     python -m qsft_jax.main --config=configs/maze_stitch_cpu.py --workdir=/tmp/qsft_stitch
     python -m qsft_jax.envs.maze_values --config=configs/maze_stitch_cpu.py   # the exact values below
+    python scripts/results.py --column=maze_stitch --seeds=0,1,2 --root=/tmp/qsft_table --out=docs/results/
 
-The maze (5x5 ring around a wall, G on the right side) and the "detour" behaviour policy
-(qsft_jax/envs/policies.py, `MazeDetourPolicy`): 80% of its moves follow a shortest path of the maze
-with the cell (0,4) walled up, 20% are uniformly random. So from the top-left it goes the long way
-(down, along the bottom, up the right side), and from (0,1)-(0,3) it turns back left, while the short
-route along the top row through (0,4) appears only as random moves, each followed by good play from the
-next cells: from (0,4) (real shortest path: d into G) and from cells whose own episodes start past the
-detour. The data (2000 episodes, starting uniformly in every free cell) cover the short route's moves
-(counts in the generated train.jsonl: r at (0,0) 44 times, at (0,1) 27, at (0,2) 24, at (0,3) 12; d at
-(0,4) 143; u at (1,0) 44, at (2,0) 49) but no episode from the evaluation's start cells follows it.
+The maze (a 5x7 ring around a wall, G on the right side) and the "detour" behaviour policy
+(qsft_jax/envs/policies.py, `MazeDetourPolicy`): per move, 50% a move of its plan, which treats the cell
+(0,6) above G as a wall, 30% a move on the real shortest path, 20% a uniformly random move. So along the
+top row it turns back left (plan) more often than it goes on right (shortest path): the top route to G
+is in the data as frequent single moves, but an episode that takes it from the left end rarely keeps to
+it, and its return after the route's first move is poor. The data: 2000 episodes, starting uniformly in
+every free cell.
 
-    .....     evaluation starts (0,0) (0,1) (1,0) (2,0); shortest routes 5, 4, 6, 7 moves
-    .###G     along the top; the behaviour's detour 11, 12, 10, 9 moves
-    .###.
-    .###.
-    .....
+    .......   evaluation starts (0,0) (1,0) (2,0): shortest routes 7, 8, 9 moves along the top
+    .#####G
+    .#####.
+    .#####.
+    .......
 
 Exact values (`qsft_jax.envs.maze_values`, dynamic programming over (cell, moves left, return so far)
-with data.gamma 0.7 and the terminal_return transform; evaluation units, mean over the four starts):
-optimal -5.50 (transformed 0.1945), greedy in Q^beta -10.50 (0.0280), the behaviour -14.40 (0.0136).
-At every evaluation start the argmax of Q^beta (d, l, d, d) is not the argmax of Q* (r, r, u, u): a
-policy that improves on the behaviour by its own Monte Carlo returns (return-weighted regression, MC value
-heads, Q-SFT with qsft.mc_mix=1) takes the detour, and only a method that bootstraps through the other
-episodes' continuations can reach -5.5. BC's most frequent moves give the detour too (-10.5). The
-training data's mean return (all start cells) is -9.58, success rate 98%.
+with data.gamma 0.7 and the terminal_return transform; evaluation units, mean over the three starts):
+optimal -8.00, greedy in Q^beta -12.00 (the detour from every start), the behaviour -19.06. At each start
+the argmax of Q^beta (d, d, d) is not the argmax of Q* (r, u, u).
 
-Filtered BC (top_fraction 0.1) keeps the 235 episodes with the highest first-action return, the
-one-move episodes from (2,4) (u) and (0,4) (d) (threshold 1.0: ties kept): no state of the evaluation's
-start cells or of the top row left of (0,4) is in its data, so it cannot have learnt the stitched path
-(its moves there are extrapolation; u and d alone never reach G from them).
+What each method can reach, from the exact fixed points (the policy argmax_a pi_beta(a|s) Q(s, a) that
+Q-SFT's extraction approaches as beta grows, p_theta ~ pi_beta Q; evaluation units, over the starts):
+- Q = Q* (Q-SFT bootstrapping with mc_mix 0): -8.00, the shortest route. Along it pi_beta Q* ranks the
+  route's move first with a margin of at least 1.38x.
+- mc_mix 0.25: -8.67; mc_mix 0.5 (the CPU setting): -10.00; mc_mix 1 (Q^beta, return-weighted
+  regression): -12.00, the detour.
+- MC value heads at large beta (greedy in Q^beta): -12.00. BC's most frequent moves: -12.00.
+So the task separates bootstrapping from Monte Carlo returns by 4 moves, and a method beats -12 only by
+backing values up through r + gamma V(s') from other episodes. The generated data (seed 0) hold the
+route's moves often (r at (0,0)-(0,5): 536, 503, 436, 392, 302, 160 times; u at (1,0) 503, at (2,0) 369)
+but the turn back more often (l at (0,1)-(0,5): 826, 725, 584, 460, 267); mean return -11.66, success
+77%. Filtered BC's top 10% (290 episodes, ties kept) start at (0,5), (0,6), (2,6) and (3,6), next to G:
+no state of the evaluation's start cells is in its data.
 
-Measured once (seed 0, 2 shared CPU cores, about 25 minutes of training; `--config.phases=
-"('bc','qsft','control','filtered_bc')"`, then `python -m qsft_jax.evaluate --workdir=DIR --episodes 12
---betas 0,64 --no_ratio --methods bc,filtered_bc,qsft`, whose 12 episodes start at (1,0) 5 times, (2,0) 3
-times, (0,1) 4 times: optimal -5.58, greedy Q^beta -10.42 for that mix): BC -10.42 (the detour, success
-100%), filtered BC -27.1 +- 2.8 (success 0%), Q-SFT with the CPU setting at beta 64 -10.42 (the detour
-too; value correlation 0.90, at turn 0 0.97). Whether a bootstrapped setting stitches here is what the
-task measures.
+configs/maze_stitch_rare_cpu.py is the same idea with the route's moves rare in the data (random moves
+only, pi_beta 0.05 at the starts): there Q* and Q^beta differ as well, but no setting of Q-SFT's
+extraction can act on it (pi_beta Q* ranks the detour first at every start), and the measured table
+(docs/results/table_maze_stitch_rare.md) shows every method at BC's return but MC.
 
 Phases as maze_cpu.py (BC, Q-SFT, the control); the baselines with
 `--config.phases="('bc','qsft','control','filtered_bc','mc','ilql')"`; the paper's phase-2 setting with
@@ -51,13 +53,13 @@ import os
 from qsft_jax import config_lib
 
 LAYOUT = (
-    ".....",
-    ".###G",
-    ".###.",
-    ".###.",
-    ".....",
+    ".......",
+    ".#####G",
+    ".#####.",
+    ".#####.",
+    ".......",
 )
-EVAL_STARTS = ((0, 0), (0, 1), (1, 0), (2, 0))  # every cell where greedy Q^beta is not optimal at the start
+EVAL_STARTS = ((0, 0), (1, 0), (2, 0))  # the cells where greedy Q^beta is not optimal at the start
 
 
 def get_config(setting: str = ""):
@@ -67,5 +69,5 @@ def get_config(setting: str = ""):
   c.env.starts = EVAL_STARTS  # evaluation; the data start anywhere (dataset.options.starts)
   c.dataset.policy = "detour"
   data_starts = tuple((r, col) for r, row in enumerate(LAYOUT) for col, ch in enumerate(row) if ch == ".")
-  c.dataset.options = {"starts": data_starts, "avoid": ("0,4",), "optimal_prob": 0.8}
+  c.dataset.options = {"starts": data_starts, "avoid": ("0,6",), "optimal_prob": 0.5, "shortcut_prob": 0.3}
   return c

@@ -6,13 +6,15 @@ A column (one task, every method, several seeds: data, held-out set and initiali
     python scripts/results.py --column=maze_trap --seeds=0,1,2 --root=/tmp/qsft_table --out=docs/results/
 
 For each seed s it trains, with `--config.seed=s --config.dataset.seed=100*s` (s = 0 is the config's own
-data), three workdirs under ROOT/COLUMN/seed{s}/ (the trainer, `qsft_jax.main`, in this process):
+data), these workdirs under ROOT/COLUMN/seed{s}/ (the trainer, `qsft_jax.main`, in this process):
 - main/: phases bc, filtered_bc, mc, ilql, qsft, control with the column config's CPU setting
   (config_lib.cpu_value_learning), one phase at a time so that each one's wall time is recorded;
 - qsft_paper/: Q-SFT with the config's `:paper` setting (per-token bootstrap, Polyak tau, mc_mix 0,
-  theta from phi's initialisation), and qsft_mc1/: the CPU setting with qsft.mc_mix=1.0 (every target
-  the Monte Carlo return); both share main's phase 1 (its bc/, data/ and tokenizer.json are copied in
-  first, so that only phase 2 trains).
+  theta from phi's initialisation); qsft_mc1/: the CPU setting with qsft.mc_mix=1.0 (every target
+  the Monte Carlo return); ilql_tuned/: ILQL with the settings ILQL_TUNED chose for this scale; and, on
+  the stitching task only, qsft_mc0/ and qsft_mc025/: the CPU setting with qsft.mc_mix 0 and 0.25. They
+  share main's phase 1 (its bc/, data/ and tokenizer.json are copied in first, so that only their own
+  phase trains).
 The baselines get the same budget as the method they stand beside: filtered_bc the steps and batch of
 bc (both train from the same initialisation), mc and ilql those of qsft (the same batches); `--set
 FIELD=VALUE` overrides any config field in every workdir of the column, after these.
@@ -37,7 +39,8 @@ computed from the numbers (differences paired by seed, mean +- standard error ac
     python scripts/results.py --assemble --out=docs/results/ [--results_md=docs/results.md]
 
 Columns (`--column`): maze (configs/maze_cpu.py), maze_trap (configs/maze_trap_cpu.py), wordle_trap
-(configs/wordle_trap_cpu.py), maze_stitch (configs/maze_stitch_cpu.py).
+(configs/wordle_trap_cpu.py), maze_stitch (configs/maze_stitch_cpu.py); and maze_stitch_rare
+(configs/maze_stitch_rare_cpu.py), a column of its own that --assemble leaves out of the one table.
 
 Budget, three seeds, measured figures on the idle 2-core CPU (the maze trap's `:paper` run of
 docs/results.md, 7 minutes in all: 16 x 256-token steps at 6.2 steps/s for BC, 4.9 for Q-SFT and the
@@ -131,13 +134,20 @@ class Column:
   # configs' eval.batch_size (64), so that every batch has one shape (one compiled sampler) and is full.
   episodes: int
   select_episodes: int
+  # Rows this column adds to every column's (keys of OPTIONAL_ROWS), and whether --assemble puts it in
+  # the one table (a column kept for a finding of its own is not).
+  extra: tuple[str, ...] = ()
+  in_table: bool = True
 
 
 COLUMNS = {c.name: c for c in (
     Column("maze", "maze, paper-like behaviour", "configs/maze_cpu.py", 128, 64),
     Column("maze_trap", "maze, trap", "configs/maze_trap_cpu.py", 128, 64),
     Column("wordle_trap", "Wordle, trap", "configs/wordle_trap_cpu.py", 256, 128),
-    Column("maze_stitch", "maze, stitching", "configs/maze_stitch_cpu.py", 128, 64))}
+    Column("maze_stitch", "maze, stitching", "configs/maze_stitch_cpu.py", 128, 64,
+           extra=("qsft_mc0", "qsft_mc025")),
+    Column("maze_stitch_rare", "maze, stitching with a rare shortcut", "configs/maze_stitch_rare_cpu.py",
+           128, 64, in_table=False))}
 COLUMN_BETAS = (4.0, 16.0, 64.0, 256.0)
 
 
@@ -152,10 +162,18 @@ class Training:
   shares_phase1: bool = False
 
 
+# ILQL's settings for this scale, chosen on the maze trap's selection episodes (seed 0) among five with
+# the same steps and batch (docs/results.md, "ILQL's settings"): the original's Polyak tau 0.005 moves
+# the target heads by 2 updates' worth in 400 steps, too few for values to travel back over 20 turns.
+ILQL_TUNED = ("--config.ilql.tau=0.05",)
 TRAININGS = (
     Training("main", "", ("bc", "filtered_bc", "mc", "ilql", "qsft", "control")),
     Training("qsft_paper", "paper", ("bc", "qsft"), shares_phase1=True),
-    Training("qsft_mc1", "", ("bc", "qsft"), ("--config.qsft.mc_mix=1.0",), shares_phase1=True))
+    Training("qsft_mc1", "", ("bc", "qsft"), ("--config.qsft.mc_mix=1.0",), shares_phase1=True),
+    Training("ilql_tuned", "", ("bc", "ilql"), ILQL_TUNED, shares_phase1=True),
+    # Rows of the columns that list them (Column.extra): Q-SFT's CPU setting with less Monte Carlo mixing.
+    Training("qsft_mc0", "", ("bc", "qsft"), ("--config.qsft.mc_mix=0.0",), shares_phase1=True),
+    Training("qsft_mc025", "", ("bc", "qsft"), ("--config.qsft.mc_mix=0.25",), shares_phase1=True))
 # Files of the main workdir that hold phase 1 and the data, copied into a workdir that shares them.
 PHASE1_FILES = ("bc", "data", run_lib.TOKENIZER_FILE)
 
@@ -180,10 +198,23 @@ METHODS = (
     Method("ilql", "ILQL", "main", "ilql", beta=True),
     Method("control", "control (targets 1)", "main", "control", beta=True, values=True),
     Method("qsft_paper", "Q-SFT, paper setting", "qsft_paper", "qsft", beta=True, values=True),
+    Method("ilql_tuned", "ILQL, tuned", "ilql_tuned", "ilql", beta=True),
     Method("qsft", "Q-SFT, CPU setting", "main", "qsft", beta=True, values=True),
+    Method("qsft_mc0", "Q-SFT, mc_mix 0", "qsft_mc0", "qsft", beta=True, values=True),
+    Method("qsft_mc025", "Q-SFT, mc_mix 0.25", "qsft_mc025", "qsft", beta=True, values=True),
     Method("qsft_mc1", "Q-SFT, mc_mix 1", "qsft_mc1", "qsft", beta=True, values=True))
+# Rows (and their workdirs, of the same name) that only the columns listing them in Column.extra have.
+OPTIONAL_ROWS = ("qsft_mc0", "qsft_mc025")
 ROW_ORDER = ("dataset",) + tuple(m.key for m in METHODS)
 ROW_LABELS = {"dataset": "dataset", **{m.key: m.label for m in METHODS}}
+
+
+def column_trainings(column: Column) -> tuple[Training, ...]:
+  return tuple(t for t in TRAININGS if t.name not in OPTIONAL_ROWS or t.name in column.extra)
+
+
+def column_methods(column: Column) -> tuple[Method, ...]:
+  return tuple(m for m in METHODS if m.key not in OPTIONAL_ROWS or m.key in column.extra)
 
 
 def seed_overrides(seed: int) -> list[str]:
@@ -252,7 +283,7 @@ def train(config_path: str, training: Training, workdir: str, seed: int, sets: S
   arg = f"--config={config_path}" + (f":{training.setting}" if training.setting else "")
   base = ["python -m qsft_jax.main", arg, f"--workdir={workdir}", *seed_overrides(seed)]
   extra = list(training.overrides)
-  if training.name == "main":
+  if set(training.phases) & {"filtered_bc", "mc", "ilql"}:
     extra = budget_parity(trainer_config([*base, *sets])) + extra
   extra += [*sets, "--config.eval.enabled=False"]
   phases = lambda n: "--config.phases=(" + "".join(f'"{p}",' for p in training.phases[:n]) + ")"
@@ -357,7 +388,7 @@ def summarize_rows(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
   """{row key: {"mean", "se", "returns", "betas", "turn0", "all_turns"}} over the seeds (in seed order)."""
   seeds = sorted(per_seed)
   rows = {}
-  for key in ROW_ORDER:
+  for key in (k for k in ROW_ORDER if k in per_seed[seeds[0]]):
     entries = [per_seed[s][key] for s in seeds]
     returns = [e["result"]["mean_return"] for e in entries]
     mean, se = mean_se(returns)
@@ -385,12 +416,23 @@ def phase2_settings(config) -> str:
           f"support_min {q.support_min}, dummy_token {q.dummy_token}, theta_init {q.theta_init}")
 
 
+def ilql_settings(config) -> str:
+  il = config.ilql
+  return (f"trunk {il.trunk}, expectile {il.expectile}, cql_alpha {il.cql_alpha}, tau {il.tau}, "
+          f"{il.steps} steps")
+
+
+def workdir_settings(training: Training, config) -> str:
+  """The settings that make a workdir's row what it is, in one line."""
+  return phase2_settings(config) if "qsft" in training.phases else "ILQL: " + ilql_settings(config)
+
+
 def baseline_settings(config) -> str:
   """The baselines' settings of the main workdir's config, in one line."""
   fb, mc, il = config.filtered_bc, config.mc, config.ilql
   return (f"filtered BC: top_fraction {fb.top_fraction}, {fb.steps} steps; MC: trunk {mc.trunk}, {mc.steps} "
-          f"steps; ILQL: trunk {il.trunk}, expectile {il.expectile}, cql_alpha {il.cql_alpha}, tau {il.tau}, "
-          f"{il.steps} steps; batch {config.qsft.batch_size} x {config.data.max_length} tokens")
+          f"steps; ILQL: {ilql_settings(config)}; batch {config.qsft.batch_size} x {config.data.max_length} "
+          "tokens")
 
 
 def column_markdown(data: dict) -> str:
@@ -405,12 +447,11 @@ def column_markdown(data: dict) -> str:
   if exact:
     lines += [f"Exact (dynamic programming): optimal return {exact['optimal']:.2f}, the policy greedy in "
               f"Q^beta {exact['greedy_q_beta']:.2f}.", ""]
-  labels = {"main": ROW_LABELS["qsft"] + " and the control", "qsft_paper": ROW_LABELS["qsft_paper"],
-            "qsft_mc1": ROW_LABELS["qsft_mc1"], "baselines": "Baselines"}
+  labels = {**ROW_LABELS, "main": ROW_LABELS["qsft"] + " and the control", "baselines": "Baselines"}
   lines += [f"- {labels[w]}: {text}" for w, text in data["phase2_settings"].items()] + [""]
   lines += ["| method | mean return | per seed | beta per seed | value corr. (all turns) | "
             "value corr. (turn 0) |", "| --- | --- | --- | --- | --- | --- |"]
-  for key in ROW_ORDER:
+  for key in (k for k in ROW_ORDER if k in rows):
     r = rows[key]
     corr = [f"{r[k][0]:.2f}" + ("" if math.isnan(r[k][1]) else f" +- {r[k][1]:.2f}") if k in r else "-"
             for k in ("all_turns", "turn0")]
@@ -427,16 +468,17 @@ def run_column(column: Column, config_path: str, seeds: Sequence[int], root: str
                settings: dict, sets: Sequence[str], command: str) -> dict:
   """Trains and evaluates every method of `column` for each seed, then writes OUT/table_COLUMN.{md,json}."""
   per_seed, commands, minutes, settings_by_workdir = {}, {}, {}, {}
+  trainings = column_trainings(column)
   for seed in seeds:
     seed_dir = os.path.join(root, column.name, f"seed{seed}")
     timings = Timings(os.path.join(seed_dir, "timings.json"))
-    workdirs = {t.name: os.path.join(seed_dir, t.name) for t in TRAININGS}
+    workdirs = {t.name: os.path.join(seed_dir, t.name) for t in trainings}
     commands[seed] = [shell_command(train(config_path, t, workdirs[t.name], seed, sets, timings,
-                                          workdirs["main"])) for t in TRAININGS]
+                                          workdirs["main"])) for t in trainings]
     config = run_lib.read_config(workdirs["main"])
     if not settings_by_workdir:
-      settings_by_workdir.update({t.name: phase2_settings(run_lib.read_config(workdirs[t.name]))
-                                  for t in TRAININGS})
+      settings_by_workdir.update({t.name: workdir_settings(t, run_lib.read_config(workdirs[t.name]))
+                                  for t in trainings})
       settings_by_workdir["baselines"] = baseline_settings(config)
     eval_settings = {**settings, "seed": int(config.eval.seed)}
     paths = evaluate.training_data_paths(workdirs["main"], config)
@@ -449,7 +491,7 @@ def run_column(column: Column, config_path: str, seeds: Sequence[int], root: str
         loaded[w] = run_lib.load(workdirs[w])
       return loaded[w]
 
-    for m in METHODS:
+    for m in column_methods(column):
       per_seed[seed][m.key] = cached_evaluation(workdirs[m.workdir], m, eval_settings,
                                                 lambda w=m.workdir: load(w), dataset_return, timings)
     loaded.clear()
@@ -484,6 +526,10 @@ def paired(data: dict, a: str, b: str) -> tuple[float, float]:
                   for s in per_seed])
 
 
+def has_row(data: dict, key: str) -> bool:
+  return key in data["rows"]
+
+
 def comparison(data: dict, a: str, b: str) -> str:
   mean, se = paired(data, a, b)
   passes = not math.isnan(se) and mean > 2 * se
@@ -498,12 +544,13 @@ def statements(columns: Sequence[dict]) -> list[str]:
   lines = ["Q-SFT against ILQL:"]
   for data in columns:
     for q in ("qsft", "qsft_paper"):
-      lines.append(f"- {data['title']}: {comparison(data, q, 'ilql')}")
+      for ilql in (k for k in ("ilql", "ilql_tuned") if has_row(data, k)):
+        lines.append(f"- {data['title']}: {comparison(data, q, ilql)}")
   stitch = [d for d in columns if d["column"] == "maze_stitch"]
   if stitch:
     lines += ["", "Stitching task, bootstrapped Q-SFT against return weighting and imitation of the best "
               "episodes:"]
-    for q in ("qsft_paper", "qsft"):
+    for q in (k for k in ("qsft_paper", "qsft_mc0", "qsft_mc025", "qsft") if has_row(stitch[0], k)):
       for other in ("qsft_mc1", "mc", "filtered_bc"):
         lines.append(f"- {comparison(stitch[0], q, other)}")
   lines += ["", "Where a comparison is not more than two standard errors, its measured reason is written by "
@@ -518,8 +565,9 @@ def assembled_markdown(columns: Sequence[dict], out: str) -> str:
            "| --- |" + " --- |" * len(columns),
            "| optimal (exact) | " + " | ".join(exact(d, "optimal") for d in columns) + " |",
            "| greedy in Q^beta (exact) | " + " | ".join(exact(d, "greedy_q_beta") for d in columns) + " |"]
-  for key in ROW_ORDER:
-    lines.append(f"| {ROW_LABELS[key]} | " + " | ".join(cell(d["rows"][key]) for d in columns) + " |")
+  for key in (k for k in ROW_ORDER if any(has_row(d, k) for d in columns)):
+    lines.append(f"| {ROW_LABELS[key]} | " + " | ".join(cell(d["rows"][key]) if has_row(d, key) else "-"
+                                                         for d in columns) + " |")
   lines += ["", "Mean return over seeds +- standard error across seeds (data, held-out set and "
             "initialisation change with the seed), each beta-extracting method at the beta chosen on "
             "separate selection episodes (the betas of the seeds in brackets); per column: "
@@ -545,13 +593,14 @@ def write_assembled(results_md: str, text: str) -> None:
 
 
 def assemble(out: str, results_md: str) -> str:
-  paths = [os.path.join(out, f"table_{name}.json") for name in COLUMNS]
+  names = [name for name, c in COLUMNS.items() if c.in_table]
+  paths = [os.path.join(out, f"table_{name}.json") for name in names]
   columns = [read_json(p) for p in paths if os.path.exists(p)]
   if not columns:
     raise UserError(f"{out}: no table_COLUMN.json; run `{PROG} --column=NAME ...` first")
   text = assembled_markdown(columns, out)
   write_assembled(results_md, text)
-  missing = [name for name, p in zip(COLUMNS, paths) if not os.path.exists(p)]
+  missing = [name for name, p in zip(names, paths) if not os.path.exists(p)]
   print(text + (f"\nColumns not yet run: {', '.join(missing)}\n" if missing else ""), flush=True)
   return text
 

@@ -47,9 +47,10 @@ def test_column_runs_every_row_writes_the_table_and_a_rerun_recomputes_nothing(t
                         capture_output=True, text=True)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   data = json.loads((out / "table_maze_trap.json").read_text())
-  assert list(data["rows"]) == list(results.ROW_ORDER)
+  column_rows = [k for k in results.ROW_ORDER if k not in results.OPTIONAL_ROWS]  # maze_trap adds none
+  assert list(data["rows"]) == column_rows
   seed = data["per_seed"]["0"]
-  for m in results.METHODS:
+  for m in results.column_methods(results.COLUMNS["maze_trap"]):
     assert seed[m.key]["settings"]["episodes"] == 4
     assert (seed[m.key]["beta"] == 4.0) == m.beta
     assert (seed[m.key]["diagnostics"] is not None) == m.values
@@ -57,14 +58,18 @@ def test_column_runs_every_row_writes_the_table_and_a_rerun_recomputes_nothing(t
   seed_dir = root / "maze_trap" / "seed0"
   timings = json.loads((seed_dir / "timings.json").read_text())
   trained = {"main": ("bc", "filtered_bc", "mc", "ilql", "qsft", "control"), "qsft_paper": ("qsft",),
-             "qsft_mc1": ("qsft",)}
+             "qsft_mc1": ("qsft",), "ilql_tuned": ("ilql",)}
   assert set(timings) == {f"train/{w}/{p}" for w, ps in trained.items() for p in ps} | {
-      f"eval/{m.key}" for m in results.METHODS}
+      f"eval/{k}" for k in column_rows if k != "dataset"}
   configs = {w: json.loads((seed_dir / w / "config.json").read_text()) for w in trained}
   paper = configs["qsft_paper"]["qsft"]
   assert (paper["mc_mix"], paper["theta_init"], paper["targets_mode"]) == (0.0, "phi_init", "token")
   assert (configs["qsft_mc1"]["qsft"]["mc_mix"], configs["main"]["qsft"]["mc_mix"]) == (1.0, 0.5)
   assert [configs["main"][p]["steps"] for p in ("filtered_bc", "mc", "ilql")] == [4, 4, 4]
+  assert configs["ilql_tuned"]["ilql"]["steps"] == 4
+  tuned = dict(item.removeprefix("--config.ilql.").split("=") for item in results.ILQL_TUNED)
+  assert {k: str(configs["ilql_tuned"]["ilql"][k]) for k in tuned} == tuned
+  assert configs["ilql_tuned"]["ilql"] != configs["main"]["ilql"]
   assert not (seed_dir / "qsft_paper" / "filtered_bc").exists()
 
   # The second run: nothing trains, loads or is evaluated; the table is rewritten from the caches.
@@ -83,8 +88,8 @@ def test_column_runs_every_row_writes_the_table_and_a_rerun_recomputes_nothing(t
   text = doc.read_text()
   assert text.startswith("# Results\n\n" + results.BEGIN) and text.count(results.BEGIN) == 1
   assert text.rstrip().endswith("The text below the table.")
-  for label in results.ROW_LABELS.values():
-    assert f"| {label} | " in text
+  for key in column_rows:
+    assert f"| {results.ROW_LABELS[key]} | " in text
   assert "Q-SFT, CPU setting - ILQL = " in text
 
 
@@ -99,7 +104,7 @@ def fake_column(name: str, returns: dict[str, list[float]]) -> dict:
 
 def test_rows_and_paired_comparisons_match_numpy():
   rng = np.random.default_rng(0)
-  returns = {k: list(rng.normal(size=3)) for k in results.ROW_ORDER}
+  returns = {k: list(rng.normal(size=3)) for k in results.ROW_ORDER}  # the stitching task has every row
   returns["qsft"] = [r + 10.0 for r in returns["ilql"]]  # beats ILQL on every seed
   returns["qsft_paper"] = [returns["ilql"][0] + 1.0, returns["ilql"][1] - 1.0, returns["ilql"][2] + 0.5]
   data = fake_column("maze_stitch", returns)
@@ -113,4 +118,16 @@ def test_rows_and_paired_comparisons_match_numpy():
              l.endswith("**more than two standard errors**") for l in lines)
   assert any(f"Q-SFT, paper setting - ILQL = {d.mean():.2f} +- {d.std(ddof=1) / math.sqrt(3):.2f}" in l and
              l.endswith("not more than two standard errors") for l in lines)
-  assert sum("- Q-SFT, " in l and " - MC = " in l for l in lines) == 2  # the stitching task's comparisons
+  # The stitching task's comparisons: the paper setting, mc_mix 0 and 0.25, and the CPU setting.
+  assert sum("- Q-SFT, " in l and " - MC = " in l for l in lines) == 4
+
+
+def test_a_row_only_one_column_has_is_a_dash_in_the_others():
+  rng = np.random.default_rng(1)
+  stitch = fake_column("maze_stitch", {k: list(rng.normal(size=2)) for k in results.ROW_ORDER})
+  trap = fake_column("maze_trap", {k: list(rng.normal(size=2)) for k in results.ROW_ORDER
+                                   if k not in results.OPTIONAL_ROWS})
+  text = results.assembled_markdown([trap, stitch], "out")
+  row = next(l for l in text.splitlines() if l.startswith("| Q-SFT, mc_mix 0 | "))
+  assert row.split(" | ")[1] == "-" and row.split(" | ")[2] != "-"
+  assert sum("Q-SFT, mc_mix 0 - " in l for l in results.statements([trap, stitch])) == 3  # stitching only

@@ -15,7 +15,13 @@ data define:
   environment's rewards, what evaluation reports);
 - the states where the greedy choice of Q^beta is not optimal under Q*, with the probability that the
   behaviour visits each: where only stitching (bootstrapping through other episodes' continuations) can
-  find the better move.
+  find the better move;
+- Q-SFT's fixed point with Monte Carlo mixing lam (``mc_mixes``; per-turn bootstrap, n_step 1, the max
+  over every move: docs/algorithm.md section 4), Q_lam(s, a) = (1 - lam) E[r + gamma max Q_lam(s')] +
+  lam Q^beta(s, a), which is Q* at lam 0 and Q^beta at lam 1;
+- the extraction limit of each Q (Q*, each Q_lam, Q^beta): the expected return of the policy
+  argmax_a pi_beta(a | s) Q(s, a), which pi_phi * exp(beta p_theta) approaches as beta grows when
+  p_theta = pi_beta Q (docs/algorithm.md section 10).
 
 State. ``(cell, moves_left, past)``: the agent's cell, the moves it may still make (``max_steps`` at the
 start), and the original return collected so far. ``past`` matters only for ``terminal_return``, whose
@@ -72,9 +78,13 @@ class MazeValues:
     q_star, q_beta: state -> float64 [4] (``MOVES`` order), over every state reachable from a start.
     start_states: the state (start, max_steps, 0.0) of each start cell, in ``env.starts`` order.
     optimal, greedy_q_beta, behaviour: PolicyReturns averaged over the start cells (uniform);
-    by_start: start cell -> {"optimal", "greedy_q_beta", "behaviour"} PolicyReturns from that cell.
+    by_start: start cell -> {"optimal", "greedy_q_beta", "behaviour", "limit/NAME" for each extraction
+      limit} PolicyReturns from that cell.
     disagreements: sorted by visit probability, highest first.
     visit_probability: state -> probability that a behaviour episode acts there.
+    q_mc_mix: lam -> Q_lam (state -> float64 [4]) for each of ``mc_mixes``.
+    extraction_limit: "q_star", "mc_mix {lam:g}", "q_beta" -> PolicyReturns of argmax pi_beta Q over
+      the start cells.
     """
 
     q_star: dict[State, np.ndarray]
@@ -86,6 +96,8 @@ class MazeValues:
     by_start: dict[Cell, dict[str, PolicyReturns]]
     disagreements: tuple[Disagreement, ...]
     visit_probability: dict[State, float]
+    q_mc_mix: dict[float, dict[State, np.ndarray]] = dataclasses.field(default_factory=dict)
+    extraction_limit: dict[str, PolicyReturns] = dataclasses.field(default_factory=dict)
 
     @property
     def optimal_return(self) -> float:
@@ -133,10 +145,12 @@ def _argmax_set(q: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.flatnonzero(np.isclose(q, best, rtol=TIE_RTOL, atol=0.0) | (q == best)))
 
 
-def exact_values(env: MazeEnv, policy: Any, gamma_turn: float, reward_transform: Any = None) -> MazeValues:
-    """Q*, Q^beta, the optimal, greedy-in-Q^beta and behaviour returns and the disagreeing states of
-    ``env`` under the behaviour ``policy`` (see the module docstring). ``reward_transform``: a
-    ``RewardTransform`` or its spec string (``data.reward_transform``); None = "none"."""
+def exact_values(env: MazeEnv, policy: Any, gamma_turn: float, reward_transform: Any = None,
+                 mc_mixes: tuple[float, ...] = (0.25, 0.5)) -> MazeValues:
+    """Q*, Q^beta, the optimal, greedy-in-Q^beta and behaviour returns, the disagreeing states, and the
+    mc_mix fixed points and extraction limits of ``env`` under the behaviour ``policy`` (see the module
+    docstring). ``reward_transform``: a ``RewardTransform`` or its spec string (``data.reward_transform``);
+    None = "none"."""
     transform = RewardTransform.from_config(reward_transform)
     if not 0.0 <= gamma_turn <= 1.0:
         raise ValueError(f"gamma_turn must be in [0, 1], got {gamma_turn}")
@@ -199,6 +213,20 @@ def exact_values(env: MazeEnv, policy: Any, gamma_turn: float, reward_transform:
     backward(None, 3, gamma_turn, q_star)
     backward(beta_probs, 3, gamma_turn, q_beta)
 
+    def mixed(lam: float) -> dict[State, np.ndarray]:
+        """Q_lam, latest states first: (1 - lam) (r + gamma max Q_lam(s')) + lam Q^beta (r alone at the end)."""
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"mc_mix must be in [0, 1], got {lam}")
+        q_lam: dict[State, np.ndarray] = {}
+        for level in reversed(levels):
+            for state in level:
+                boot = np.array([e[3] + (gamma_turn * q_lam[e[1]].max() if e[1] is not None else 0.0)
+                                 for e in edges[state]])
+                q_lam[state] = (1.0 - lam) * boot + lam * q_beta[state]
+        return q_lam
+
+    q_mc_mix = {float(lam): mixed(float(lam)) for lam in mc_mixes}
+
     def uniform_over(argmax_of: dict[State, np.ndarray]):
         def choose(state, q):
             p = np.zeros(len(MOVES))
@@ -208,6 +236,9 @@ def exact_values(env: MazeEnv, policy: Any, gamma_turn: float, reward_transform:
         return choose
 
     policies = {"optimal": uniform_over(q_star), "greedy_q_beta": uniform_over(q_beta), "behaviour": beta_probs}
+    limits = {"q_star": q_star, **{f"mc_mix {lam:g}": q for lam, q in q_mc_mix.items()}, "q_beta": q_beta}
+    for name, q in limits.items():
+        policies[f"limit/{name}"] = uniform_over({s: behaviour[s[0]] * row for s, row in q.items()})
     by_start: dict[Cell, dict[str, PolicyReturns]] = {s[0]: {} for s in start_states}
     means = {}
     for name, choose in policies.items():
@@ -242,7 +273,9 @@ def exact_values(env: MazeEnv, policy: Any, gamma_turn: float, reward_transform:
     disagreements.sort(key=lambda d: (-d.visit_probability, d.state))
     return MazeValues(q_star=q_star, q_beta=q_beta, start_states=start_states, optimal=means["optimal"],
                       greedy_q_beta=means["greedy_q_beta"], behaviour=means["behaviour"], by_start=by_start,
-                      disagreements=tuple(disagreements), visit_probability=visit)
+                      disagreements=tuple(disagreements), visit_probability=visit, q_mc_mix=q_mc_mix,
+                      extraction_limit={k.removeprefix("limit/"): v for k, v in means.items()
+                                        if k.startswith("limit/")})
 
 
 def config_values(config: Any) -> MazeValues:
@@ -275,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.parse(fv, argv, prog="python -m qsft_jax.envs.maze_values", doc=main.__doc__, required=["config"])
     values = config_values(fv.config)
     print(values.summary())
+    print("extraction limit, argmax pi_beta Q: " + ", ".join(
+        f"{name.replace('q_star', 'Q*').replace('q_beta', 'Q^beta')} {r.original:.2f}"
+        for name, r in values.extraction_limit.items()))
     disagree = {d.state[0]: d for d in values.start_disagreements()}
     for cell, returns in values.by_start.items():
         line = (f"start {cell[0]},{cell[1]}: optimal {returns['optimal'].original:.2f}, greedy Q^beta "

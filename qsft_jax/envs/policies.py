@@ -157,8 +157,10 @@ class MazeDetourPolicy(MazePaperPolicy):
 
     Per move: with probability ``optimal_prob`` (default 0.8) a move on a shortest path to G of the
     layout with the ``avoid`` cells ("r,c" strings or (r, c) pairs) walled up (uniform among them; in
-    an avoided cell itself, a shortest-path move of the real layout), otherwise a uniformly random
-    move. Where the shortest route runs through an avoided cell, the data hold that route only as
+    an avoided cell itself, a shortest-path move of the real layout), with probability
+    ``shortcut_prob`` (default 0) a move on a shortest path of the real layout, otherwise a uniformly
+    random move. With ``shortcut_prob`` > 0 the short route is in the data as a frequent move in every
+    cell before the avoided one, each followed, more often than not, by the policy turning back. Where the shortest route runs through an avoided cell, the data hold that route only as
     random moves followed by good play from the cells past the avoided one (which the policy walks
     straight to G): the good parts of different episodes must be stitched to find it, while the
     policy's own continuation from the cells before it (back to the long route) makes the first move
@@ -168,8 +170,12 @@ class MazeDetourPolicy(MazePaperPolicy):
 
     task, name = "maze", "detour"
 
-    def __init__(self, avoid: tuple = (), optimal_prob: float = 0.8):
+    def __init__(self, avoid: tuple = (), optimal_prob: float = 0.8, shortcut_prob: float = 0.0):
         super().__init__(optimal_prob)
+        self.shortcut_prob = _check_probability("shortcut_prob", shortcut_prob)
+        if self.optimal_prob + self.shortcut_prob > 1.0:
+            raise ValueError(f"maze detour: optimal_prob {optimal_prob} + shortcut_prob {shortcut_prob} "
+                             "must be at most 1")
         self.avoid_option = avoid
         self._planned: tuple[MazeEnv, dict[Cell, int]] | None = None
 
@@ -198,14 +204,28 @@ class MazeDetourPolicy(MazePaperPolicy):
     def act(self, env: MazeEnv, rng: random.Random) -> str:
         self._check_env(env, MazeEnv)
         best = self.planned_moves(env, env.position)
-        move = rng.choice(best) if best and rng.random() < self.optimal_prob else rng.choice(MOVES)
+        if not best:
+            return env.action_texts[rng.choice(MOVES)] + env.action_stop
+        u = rng.random()
+        if u < self.optimal_prob:
+            move = rng.choice(best)
+        elif u < self.optimal_prob + self.shortcut_prob:
+            move = rng.choice(env.shortest_path_moves(env.position))
+        else:
+            move = rng.choice(MOVES)
         return env.action_texts[move] + env.action_stop
 
     def move_probabilities(self, env: MazeEnv, cell: Cell) -> dict[str, float]:
         best = self.planned_moves(env, cell)
-        probs = {m: (1.0 - self.optimal_prob if best else 1.0) / len(MOVES) for m in MOVES}
+        if not best:
+            return {m: 1.0 / len(MOVES) for m in MOVES}
+        rest = 1.0 - self.optimal_prob - self.shortcut_prob
+        probs = {m: rest / len(MOVES) for m in MOVES}
         for m in best:
             probs[m] += self.optimal_prob / len(best)
+        shortest = env.shortest_path_moves(cell)
+        for m in shortest:
+            probs[m] += self.shortcut_prob / len(shortest)
         return probs
 
 
