@@ -42,20 +42,15 @@ Columns (`--column`): maze (configs/maze_cpu.py), maze_trap (configs/maze_trap_c
 (configs/wordle_trap_cpu.py), maze_stitch (configs/maze_stitch_cpu.py); and maze_stitch_rare
 (configs/maze_stitch_rare_cpu.py), a column of its own that --assemble leaves out of the one table.
 
-Budget, three seeds, measured figures on the idle 2-core CPU (the maze trap's `:paper` run of
-docs/results.md, 7 minutes in all: 16 x 256-token steps at 6.2 steps/s for BC, 4.9 for Q-SFT and the
-control; a maze evaluation batch of up to 64 episodes ~11 s, a Wordle one ~3 s). Per seed:
-- maze, maze_trap, maze_stitch (400 BC steps, 400 phase-2 steps): training ~1.2 min each for bc and
-  filtered_bc, ~0.7 for mc and ilql (the frozen phi's forward only), ~1.5 each for qsft, the control
-  and the two variants, plus ~0.3 of set-up per trainer start (8 starts): ~12 minutes; evaluation with
-  128 episodes (2 batches) per method, 64 selection episodes (1 batch) per beta, betas 4, 16, 64, 256:
-  4 + 6 x (4 + 2) = 40 batches, ~7.5 minutes, plus 4 value diagnostics (~0.5): ~20 minutes a seed,
-  ~60 minutes a column.
-- wordle_trap (600 BC steps, 400 phase-2 steps): training ~15 minutes; 256 evaluation episodes
-  (4 batches), 128 selection episodes (2 batches) per beta: 8 + 6 x (8 + 4) = 80 batches, ~4 minutes:
-  ~19 minutes a seed, ~57 a column.
-The whole table: ~4 hours of idle CPU (on a shared machine, 2-3 times that), under the 6 hours this
-project has across two or three sessions; one column and seed at a time can be run with --seeds.
+Budget, measured on the idle 2-core CPU (2026-11-30; each column's table_COLUMN.md gives its own
+minutes per seed). Per seed of a maze column (400 BC steps, 400 phase-2 steps, batch 16 x 256):
+training ~8.5 minutes (bc and filtered_bc ~1 each, mc and ilql ~0.35 each: the frozen phi's forward
+only, each Q-SFT variant and the control ~1.5), evaluation ~5.5-6.5 (128 episodes per method at the
+chosen beta after 64 selection episodes for each of betas 4, 16, 64, 256; 15-45 s per method, plus the
+value diagnostics): ~15 minutes a seed, ~45 a column; the stitching column's three more workdirs add
+~4 minutes a seed. The Wordle trap (600 BC steps, 256 evaluation and 128 selection episodes) is in the
+same range. The whole table: ~3.5 hours of idle CPU; one column and seed at a time can be run with
+--seeds, and an interrupted column continues where it stopped.
 
 One finished run (the phases bc, qsft and control; the CPU configs' default), with more Q-SFT runs that
 share its phase 1 added with `--qsft LABEL=WORKDIR`:
