@@ -11,8 +11,8 @@ data), these workdirs under ROOT/COLUMN/seed{s}/ (the trainer, `qsft_jax.main`, 
   (config_lib.cpu_value_learning), one phase at a time so that each one's wall time is recorded;
 - qsft_paper/: Q-SFT with the config's `:paper` setting (per-token bootstrap, Polyak tau, mc_mix 0,
   theta from phi's initialisation); qsft_mc1/: the CPU setting with qsft.mc_mix=1.0 (every target
-  the Monte Carlo return); ilql_tuned/: ILQL with the settings ILQL_TUNED chose for this scale; and, on
-  the stitching task only, qsft_mc0/ and qsft_mc025/: the CPU setting with qsft.mc_mix 0 and 0.25. They
+  the Monte Carlo return); and, on the stitching task only, qsft_mc0/ and qsft_mc025/: the CPU setting
+  with qsft.mc_mix 0 and 0.25. They
   share main's phase 1 (its bc/, data/ and tokenizer.json are copied in first, so that only their own
   phase trains).
 The baselines get the same budget as the method they stand beside: filtered_bc the steps and batch of
@@ -48,7 +48,7 @@ training ~8.5 minutes (bc and filtered_bc ~1 each, mc and ilql ~0.35 each: the f
 only, each Q-SFT variant and the control ~1.5), evaluation ~5.5-6.5 (128 episodes per method at the
 chosen beta after 64 selection episodes for each of betas 4, 16, 64, 256; 15-45 s per method, plus the
 value diagnostics): ~15 minutes a seed, ~45 a column; the stitching column's three more workdirs add
-~4 minutes a seed. The Wordle trap (600 BC steps, 256 evaluation and 128 selection episodes) is in the
+~3 minutes a seed. The Wordle trap (600 BC steps, 256 evaluation and 128 selection episodes) is in the
 same range. The whole table: ~3.5 hours of idle CPU; one column and seed at a time can be run with
 --seeds, and an interrupted column continues where it stopped.
 
@@ -157,15 +157,10 @@ class Training:
   shares_phase1: bool = False
 
 
-# ILQL's settings for this scale, chosen on the maze trap's selection episodes (seed 0) among five with
-# the same steps and batch (docs/results.md, "ILQL's settings"): the original's Polyak tau 0.005 moves
-# the target heads by 2 updates' worth in 400 steps, too few for values to travel back over 20 turns.
-ILQL_TUNED = ("--config.ilql.tau=0.05",)
 TRAININGS = (
     Training("main", "", ("bc", "filtered_bc", "mc", "ilql", "qsft", "control")),
     Training("qsft_paper", "paper", ("bc", "qsft"), shares_phase1=True),
     Training("qsft_mc1", "", ("bc", "qsft"), ("--config.qsft.mc_mix=1.0",), shares_phase1=True),
-    Training("ilql_tuned", "", ("bc", "ilql"), ILQL_TUNED, shares_phase1=True),
     # Rows of the columns that list them (Column.extra): Q-SFT's CPU setting with less Monte Carlo mixing.
     Training("qsft_mc0", "", ("bc", "qsft"), ("--config.qsft.mc_mix=0.0",), shares_phase1=True),
     Training("qsft_mc025", "", ("bc", "qsft"), ("--config.qsft.mc_mix=0.25",), shares_phase1=True))
@@ -193,7 +188,6 @@ METHODS = (
     Method("ilql", "ILQL", "main", "ilql", beta=True),
     Method("control", "control (targets 1)", "main", "control", beta=True, values=True),
     Method("qsft_paper", "Q-SFT, paper setting", "qsft_paper", "qsft", beta=True, values=True),
-    Method("ilql_tuned", "ILQL, tuned", "ilql_tuned", "ilql", beta=True),
     Method("qsft", "Q-SFT, CPU setting", "main", "qsft", beta=True, values=True),
     Method("qsft_mc0", "Q-SFT, mc_mix 0", "qsft_mc0", "qsft", beta=True, values=True),
     Method("qsft_mc025", "Q-SFT, mc_mix 0.25", "qsft_mc025", "qsft", beta=True, values=True),
@@ -417,11 +411,6 @@ def ilql_settings(config) -> str:
           f"{il.steps} steps")
 
 
-def workdir_settings(training: Training, config) -> str:
-  """The settings that make a workdir's row what it is, in one line."""
-  return phase2_settings(config) if "qsft" in training.phases else "ILQL: " + ilql_settings(config)
-
-
 def baseline_settings(config) -> str:
   """The baselines' settings of the main workdir's config, in one line."""
   fb, mc, il = config.filtered_bc, config.mc, config.ilql
@@ -472,7 +461,7 @@ def run_column(column: Column, config_path: str, seeds: Sequence[int], root: str
                                           workdirs["main"])) for t in trainings]
     config = run_lib.read_config(workdirs["main"])
     if not settings_by_workdir:
-      settings_by_workdir.update({t.name: workdir_settings(t, run_lib.read_config(workdirs[t.name]))
+      settings_by_workdir.update({t.name: phase2_settings(run_lib.read_config(workdirs[t.name]))
                                   for t in trainings})
       settings_by_workdir["baselines"] = baseline_settings(config)
     eval_settings = {**settings, "seed": int(config.eval.seed)}
@@ -539,8 +528,7 @@ def statements(columns: Sequence[dict]) -> list[str]:
   lines = ["Q-SFT against ILQL:"]
   for data in columns:
     for q in ("qsft", "qsft_paper"):
-      for ilql in (k for k in ("ilql", "ilql_tuned") if has_row(data, k)):
-        lines.append(f"- {data['title']}: {comparison(data, q, ilql)}")
+      lines.append(f"- {data['title']}: {comparison(data, q, 'ilql')}")
   stitch = [d for d in columns if d["column"] == "maze_stitch"]
   if stitch:
     lines += ["", "Stitching task, bootstrapped Q-SFT against return weighting and imitation of the best "
