@@ -405,18 +405,12 @@ def phase2_settings(config) -> str:
           f"support_min {q.support_min}, dummy_token {q.dummy_token}, theta_init {q.theta_init}")
 
 
-def ilql_settings(config) -> str:
-  il = config.ilql
-  return (f"trunk {il.trunk}, expectile {il.expectile}, cql_alpha {il.cql_alpha}, tau {il.tau}, "
-          f"{il.steps} steps")
-
-
 def baseline_settings(config) -> str:
   """The baselines' settings of the main workdir's config, in one line."""
   fb, mc, il = config.filtered_bc, config.mc, config.ilql
   return (f"filtered BC: top_fraction {fb.top_fraction}, {fb.steps} steps; MC: trunk {mc.trunk}, {mc.steps} "
-          f"steps; ILQL: {ilql_settings(config)}; batch {config.qsft.batch_size} x {config.data.max_length} "
-          "tokens")
+          f"steps; ILQL: trunk {il.trunk}, expectile {il.expectile}, cql_alpha {il.cql_alpha}, tau {il.tau}, "
+          f"{il.steps} steps; batch {config.qsft.batch_size} x {config.data.max_length} tokens")
 
 
 def column_markdown(data: dict) -> str:
