@@ -22,8 +22,10 @@ interruption stopped it (the trainer resumes an unfinished phase from its newest
 6. ROOT/summary.{md,json}: both models side by side, with each method's margin over BC and over the
    control in standard errors, and the wall time of every phase.
 
-ROOT/wall_times.json records the wall time of every step (seconds, summed over the calls that
-completed it; a call killed part way is not counted, the call that resumes it is) as it goes.
+ROOT/wall_times.json records the wall time of every step as it goes: seconds summed over its calls,
+a training call stopped by SIGTERM or Ctrl-C included (the trainer checkpoints before it exits, so
+its work is kept and the time was spent; "stopped" counts those calls). Other stopped calls, whose
+work is redone, and calls killed outright (SIGKILL, power) are not counted.
 --set FIELD=VALUE (repeatable) overrides a field of the pretrained run's config (a smoke run:
 --set bc.steps=2 --set qsft.steps=2 --episodes 4 --select_episodes 2); --char_set the character
 model's.
@@ -80,6 +82,7 @@ class Driver:
       with open(self.timings_path) as f:
         self.timings = json.load(f)
     self.child: subprocess.Popen | None = None
+    self.stopped_by: int | None = None  # the signal that stops the driver
 
   # -------------------------------------------------------------------- bookkeeping
   def save_timings(self) -> None:
@@ -88,14 +91,17 @@ class Driver:
       json.dump(self.timings, f, indent=1, sort_keys=True)
     os.replace(tmp, self.timings_path)
 
-  def record(self, group: str, step: str, seconds: float) -> None:
+  def record(self, group: str, step: str, seconds: float, stopped: bool = False) -> None:
     entry = self.timings.setdefault(group, {}).setdefault(step, {"wall_s": 0.0, "calls": 0})
     entry["wall_s"] += seconds
     entry["calls"] += 1
+    if stopped:
+      entry["stopped"] = entry.get("stopped", 0) + 1
     self.save_timings()
 
-  def call(self, argv: list[str], group: str, step: str) -> None:
-    """Runs argv (a python program of this repository) to completion and records its wall time."""
+  def call(self, argv: list[str], group: str, step: str, resumable: bool = False) -> None:
+    """Runs argv (a python program of this repository) to completion and records its wall time; a
+    resumable call (a trainer phase) stopped part way records its time too."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     print(f"[{time.strftime('%H:%M:%S')}] {group}/{step}: {' '.join(argv)}", flush=True)
     start = time.time()
@@ -103,15 +109,23 @@ class Driver:
     self.child = subprocess.Popen([sys.executable] + argv, cwd=REPO, env=env, start_new_session=True)
     rc = self.child.wait()
     self.child = None
+    if self.stopped_by is not None:
+      if resumable:
+        self.record(group, step, time.time() - start, stopped=True)
+      print(f"{PROG}: stopped; rerun the same command to continue", file=sys.stderr)
+      raise SystemExit(128 + self.stopped_by)
     if rc != 0:
       raise SystemExit(f"{PROG}: {group}/{step} failed (exit status {rc}); rerun to continue")
     self.record(group, step, time.time() - start)
 
   def stop(self, signum, frame) -> None:
-    """SIGTERM / SIGINT: the running step gets SIGTERM (a trainer saves a checkpoint), then exit."""
+    """SIGTERM / SIGINT: the running step gets SIGTERM (a trainer saves a checkpoint) and call()
+    exits when it has; between steps, exit at once. (No wait() here: the handler runs inside call()'s
+    wait(), which holds the lock a second wait() would take.)"""
+    self.stopped_by = signum
     if self.child is not None:
       self.child.send_signal(signal.SIGTERM)
-      self.child.wait()
+      return
     print(f"{PROG}: stopped; rerun the same command to continue", file=sys.stderr)
     raise SystemExit(128 + signum)
 
@@ -124,7 +138,8 @@ class Driver:
         continue
       phases = "(" + ",".join(f"'{p}'" for p in PHASES[:i + 1]) + ",)"
       self.call(["-m", "qsft_jax.main", f"--config={config}", f"--workdir={workdir}",
-                 "--config.eval.enabled=False", f"--config.phases={phases}"] + overrides, group, phase)
+                 "--config.eval.enabled=False", f"--config.phases={phases}"] + overrides, group, phase,
+                resumable=True)
 
   def results(self, group: str, name: str) -> dict:
     out = os.path.join(self.root, "results", f"{group}.md")
@@ -249,7 +264,8 @@ def write_summary(root: str, runs: dict, timings: dict) -> None:
            "| --- | --- | --- | --- | --- | --- | --- | --- |"] + rows + ["", "Wall time (minutes):", ""]
   for group in ("pretrained", "char_calibration", "char"):
     for step, t in timings.get(group, {}).items():
-      lines.append(f"- {group}/{step}: {t['wall_s'] / 60:.1f} ({t['calls']} call(s))")
+      stopped = f", {t['stopped']} stopped and resumed" if t.get("stopped") else ""
+      lines.append(f"- {group}/{step}: {t['wall_s'] / 60:.1f} ({t['calls']} call(s){stopped})")
   if "char_steps" in timings:
     s = timings["char_steps"]
     lines.append(f"- character model steps: BC {s['bc']}, Q-SFT and control {s['qsft']} each "
