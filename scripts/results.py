@@ -88,9 +88,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def evaluate_theta(loaded: run_lib.Run, theta_params, target_params, suffix: str, betas,
-                   select_episodes: int, episodes: int) -> dict:
-  """Best-beta extraction and the ratio policy of one theta, plus its held-out value diagnostics."""
-  view = loaded.with_theta(theta_params, target_params)
+                   select_episodes: int, episodes: int, *, theta_step: int | None,
+                   target_step: int | None = None) -> dict:
+  """Best-beta extraction and the ratio policy of one theta (read from its phase's checkpoint of
+  theta_step, recorded in the results), plus its held-out value diagnostics."""
+  view = loaded.with_theta(theta_params, target_params, theta_step=theta_step, target_step=target_step)
   workdir = loaded.workdir
   seed = loaded.config.eval.seed
   common = dict(ratio=False, control=False, value_diagnostics=False, methods=("bc", "qsft"))
@@ -690,12 +692,16 @@ def single_run(args) -> int:
     raise SystemExit(f"{args.run}: needs finished qsft and control phases "
                      "(--config.phases='(\"bc\",\"qsft\",\"control\")')")
   opts = dict(betas=betas, select_episodes=args.select_episodes, episodes=args.episodes)
-  runs = {"control": evaluate_theta(loaded, loaded.control_params, None, "_control", **opts),
-          "Q-SFT": evaluate_theta(loaded, loaded.theta_params, loaded.target_params, "", **opts)}
+  runs = {"control": evaluate_theta(loaded, loaded.control_params, None, "_control",
+                                    theta_step=loaded.control_step, **opts),
+          "Q-SFT": evaluate_theta(loaded, loaded.theta_params, loaded.target_params, "",
+                                  theta_step=loaded.theta_step, target_step=loaded.target_step, **opts)}
   for item in args.qsft:
     label, workdir = item.split("=", 1)
     other = run_lib.load(workdir)
-    runs[f"Q-SFT [{label}]"] = evaluate_theta(other, other.theta_params, other.target_params, "", **opts)
+    runs[f"Q-SFT [{label}]"] = evaluate_theta(other, other.theta_params, other.target_params, "",
+                                              theta_step=other.theta_step, target_step=other.target_step,
+                                              **opts)
   bc = runs["control"]["bc"]  # pi_phi alone on the evaluation seeds (the same for every row)
   dataset_return = runs["control"]["dataset_mean_return"]
   elapsed = time.time() - start
