@@ -50,8 +50,7 @@ each, 64 evaluation episodes per policy, held-out value diagnostics on 200 episo
 ~60 if every policy but Q-SFT stays in the trap: each question re-reads the whole history, ~1900
 prompt tokens per row over a 10-question game). The character model for the same training wall time
 (~57 min) and its results (~10 min). A checkpoint every 15 steps: an interrupted phase loses at most
-~5 minutes. Measured on 2026-12-01 (idle): BC 22.2 min, Q-SFT 23.2, the control 20.1, the evaluation
-62.6.
+~5 minutes. The measured wall time of each phase is in docs/results.md.
 
 Result (docs/results.md, "Twenty Questions from a pretrained model"): at this budget Q-SFT does not
 leave the trap: BC, the control and Q-SFT all score -10 (dataset -7.52). 60 LoRA steps leave p_theta /
